@@ -1,0 +1,39 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lock layers clean-workspace
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --no-deps -r requirements/lock.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## Set up, initialise the embedded workspace, add the demo subject and fine-tune it end to end.
+demo: $(STAMP)
+	$(BIN)/atelier demo
+
+## Set up and run the whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## The quick part of the suite (no whole-flow runs).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+layers:
+	$(PY) ../shared/checks/layers.py
+
+## Re-resolve requirements/base.in into requirements/lock.txt.
+lock:
+	rm -rf /tmp/atelier-lock && $(PY) -m venv /tmp/atelier-lock
+	/tmp/atelier-lock/bin/pip install -q -r requirements/base.in
+	/tmp/atelier-lock/bin/pip install -q --no-deps open-clip-torch==3.3.0
+	/tmp/atelier-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements/lock.txt
+
+clean-workspace:
+	rm -rf workspace

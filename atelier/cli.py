@@ -1,0 +1,231 @@
+"""The `atelier` command line. It sits above every layer: it reads settings, then calls flows."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from atelier.errors import AtelierError, GateRefused
+from atelier.settings import Settings, load_settings
+
+app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
+                  no_args_is_help=True, add_completion=False)
+subject_app = typer.Typer(help="Manage customers' subject photo sets (DVC-tracked).", no_args_is_help=True)
+app.add_typer(subject_app, name="subject")
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    settings.apply_environment()
+    return settings
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn Atelier's typed errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AtelierError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def init() -> None:
+    """Create the workspace: git + DVC repo with a local remote, MLflow and Prefect stores, tiny base model."""
+    settings = _settings()
+    from atelier.workspace import init_workspace
+    from models.dreambooth.tiny import write_tiny_model
+
+    done = init_workspace(settings)
+    if settings.base_model is None and not (settings.tiny_model_dir / "model_index.json").is_file():
+        typer.echo("building the embedded tiny Stable Diffusion model (random weights, fixed seed)...")
+        write_tiny_model(settings.tiny_model_dir)
+        done.append(f"tiny base model in {settings.tiny_model_dir}")
+    typer.echo(f"workspace {settings.workspace}: " + (", ".join(done) if done else "already initialised"))
+
+
+@app.command()
+@friendly
+def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Print where everything lives: workspace, MLflow tracking URI and artifacts, Prefect, DVC remote."""
+    described = _settings().describe()
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    width = max(map(len, described))
+    for key, value in described.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@subject_app.command("add")
+@friendly
+def subject_add(
+    customer: str = typer.Argument(..., help="customer id (slug: a-z, 0-9, '-', '_')"),
+    subject: str = typer.Argument(..., help="subject id (slug)"),
+    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject", exists=True, dir_okay=False, readable=True),
+    class_noun: str = typer.Option(..., "--class", help="what the subject is, e.g. dog, toy, person"),
+    replace: bool = typer.Option(False, "--replace", help="replace an existing photo set (history is kept)"),
+) -> None:
+    """Validate photos, copy them into data/subjects/CUSTOMER/SUBJECT/, track with DVC and commit."""
+    import tempfile
+
+    from atelier.errors import DataValidationError
+    from atelier.storage import check_slug
+    from atelier.workspace import add_subject, require_workspace
+    from models.validation.subject_suite import validate_subject_images
+
+    settings = _settings()
+    require_workspace(settings)
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = validate_subject_images(Path(tmp), settings.images, None, files=[p.resolve() for p in photos])
+    if not report.success:
+        raise DataValidationError(f"photos for {customer}/{subject}", report.failures)
+    rev = add_subject(settings, customer, subject, class_noun, [p.resolve() for p in photos], replace=replace)
+    typer.echo(f"added {len(photos)} photos as {customer}/{subject} (class {class_noun}) at data revision {rev[:12]}")
+
+
+@subject_app.command("list")
+@friendly
+def subject_list() -> None:
+    """List the workspace's subjects as CUSTOMER/SUBJECT."""
+    from atelier.workspace import list_subjects
+
+    for name in list_subjects(_settings()):
+        typer.echo(name)
+
+
+def _run_finetune(customer: str, subject: str, base_model: Optional[Path], config: Optional[Path], rev: Optional[str]) -> dict:
+    from flows.subject_finetune import subject_finetune
+
+    return subject_finetune(customer, subject, str(base_model) if base_model else None, str(config) if config else None, rev)
+
+
+def _print_result(result: dict) -> None:
+    gate = result["gate"]
+    typer.echo(f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
+               f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f}")
+    if gate["passed"]:
+        typer.secho(f"gate passed: models:/{result['model']}@champion is version {result['version']}", fg=typer.colors.GREEN)
+    else:
+        typer.secho(f"gate refused version {result['version']}: {'; '.join(gate['reasons'])}. "
+                    f"Champion unchanged ({gate['champion'] or 'none'}).", fg=typer.colors.YELLOW)
+
+
+@app.command()
+@friendly
+def finetune(
+    customer: str = typer.Argument(..., help="customer id"),
+    subject: str = typer.Argument(..., help="subject id"),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="diffusers SD 1.x/2.x directory (default: settings.base_model or the embedded tiny model)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="training YAML (see configs/dreambooth/sd15.yaml)"),
+    rev: Optional[str] = typer.Option(None, "--rev", help="workspace git revision of the photos (default: newest)"),
+    refresh: bool = typer.Option(False, "--refresh", help="ignore cached task results and recompute"),
+) -> None:
+    """Run the subject-finetune flow: pull -> validate -> class priors -> train -> samples -> register -> gate."""
+    import os
+
+    settings = _settings()
+    from atelier.workspace import require_workspace
+
+    require_workspace(settings)
+    if refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    result = _run_finetune(customer, subject, base_model, config, rev)
+    _print_result(result)
+    if not result["gate"]["passed"]:
+        raise GateRefused(result["model"], "the promotion gate refused the new version", "see the reasons above")
+
+
+@app.command()
+@friendly
+def priors(
+    class_prompt: str = typer.Option(..., help="prompt for the class, e.g. 'a photo of dog'"),
+    out: Path = typer.Option(..., help="output folder (replaced atomically)"),
+    count: int = typer.Option(100), resolution: int = typer.Option(512), seed: int = typer.Option(0),
+    sampler: str = typer.Option("dpmsolver++"), steps: int = typer.Option(25), guidance: float = typer.Option(7.5),
+    base_model: Optional[Path] = typer.Option(None, "--base-model"),
+) -> None:
+    """Generate class-prior images into OUT (the dvc.yaml class_priors stage calls this)."""
+    from models.dreambooth.base import check_sd_directory, model_hash
+    from models.dreambooth.priors import PriorSpec, write_class_priors
+
+    settings = _settings()
+    base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
+    spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
+    write_class_priors(out, spec, base, on_progress=lambda d, t: typer.echo(f"  {d}/{t}") if d % max(1, t // 10) == 0 else None,
+                       replace=True)
+    typer.echo(f"{count} class images for '{class_prompt}' in {out} (key {spec.key})")
+
+
+@app.command()
+@friendly
+def generate(
+    model: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. dreambooth-acme-robot@champion"),
+    prompt: list[str] = typer.Option(..., "--prompt", help="prompt (repeatable)"),
+    out: Path = typer.Option(Path("generated"), help="folder for the PNGs"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate images with a registered model through MLflow's pyfunc interface."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from registry.pyfunc import decode_png
+
+    settings = _settings()
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    uri = f"models:/{model}"
+    loaded = mlflow.pyfunc.load_model(uri)
+    frame = loaded.predict(pd.DataFrame({"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(frame["image_png_base64"]):
+        decode_png(text).save(out / f"{i:03d}.png")
+    typer.echo(f"{len(frame)} image(s) from {uri} in {out}")
+
+
+@app.command()
+@friendly
+def demo() -> None:
+    """The embedded default end to end: init, demo photos for customer 'acme', fine-tune, register, promote."""
+    import tempfile
+    import time
+
+    from atelier.demo_data import DEMO_CLASS, DEMO_CUSTOMER, DEMO_SUBJECT, write_demo_photos
+    from atelier.workspace import list_subjects
+
+    t0 = time.perf_counter()
+    init()
+    settings = _settings()
+    if f"{DEMO_CUSTOMER}/{DEMO_SUBJECT}" not in list_subjects(settings):
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = write_demo_photos(Path(tmp), count=5)
+            subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
+    result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
+    _print_result(result)
+    typer.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s. Next:")
+    env = f"ATELIER_WORKSPACE={settings.workspace}"
+    typer.echo(f"  MLflow UI:   {sys.prefix}/bin/mlflow ui --backend-store-uri {settings.resolved_tracking_uri} "
+               f"--default-artifact-root {settings.resolved_artifact_root}   (then open http://127.0.0.1:5000)")
+    typer.echo(f"  Prefect UI:  PREFECT_HOME={settings.prefect_home} {sys.prefix}/bin/prefect server start   (then open http://127.0.0.1:4200)")
+    typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
+    typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Typed errors. Each names the item at fault and how to fix it, so the CLI can print one line."""
+
+from __future__ import annotations
+
+
+class AtelierError(Exception):
+    """Base of every error Atelier raises on purpose; `item` is what is wrong, `fix` what to do."""
+
+    exit_code = 2
+
+    def __init__(self, item: str, problem: str, fix: str) -> None:
+        self.item = item
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{item}: {problem}. Fix: {fix}")
+
+
+class InvalidIdentifier(AtelierError):
+    """A customer or subject id that is not a slug."""
+
+
+class ConfigError(AtelierError):
+    """Settings or a training config that does not validate."""
+
+
+class DataValidationError(AtelierError):
+    """A data set failed its Great Expectations suite. `failures` lists (file, rule, detail)."""
+
+    def __init__(self, item: str, failures: list[tuple[str, str, str]], report_dir: str | None = None) -> None:
+        self.failures = failures
+        self.report_dir = report_dir
+        lines = "; ".join(f"{f} fails {rule} ({detail})" for f, rule, detail in failures)
+        where = f" Report: {report_dir}." if report_dir else ""
+        super().__init__(item, f"{len(failures)} problem(s): {lines}.{where}",
+                         "replace or remove the named files, then add the subject again")
+
+
+class ModelFormatError(AtelierError):
+    """A directory that is not the kind of model it was given as."""
+
+
+class NotFound(AtelierError):
+    """A customer, subject, model or file that does not exist."""
+
+
+class WorkspaceError(AtelierError):
+    """The workspace is missing or not initialised."""
+
+
+class GateRefused(AtelierError):
+    """The promotion gate refused a candidate; the champion was left alone."""
+
+    exit_code = 3

@@ -1,0 +1,179 @@
+"""One settings object: environment (`ATELIER_*`) over a YAML file over defaults, validated at start.
+
+The YAML file is `$ATELIER_CONFIG` when set, else `atelier.yaml` in the current directory when it
+exists. Nested values use `__` in the environment: `ATELIER_GATE__MIN_SAMPLE_STD=0.05`.
+Every path and URI the platform uses comes from here.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from atelier.errors import ConfigError
+
+
+class ImageRules(BaseModel):
+    """What a subject image set must satisfy (checked by the Great Expectations suite)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_count: int = Field(3, ge=1)
+    max_count: int = Field(20, ge=1)
+    min_side: int = Field(256, ge=8, description="shortest side in pixels, after EXIF orientation")
+    formats: list[str] = ["JPEG", "PNG", "WEBP"]
+    near_duplicate_bits: int = Field(4, ge=0, le=64, description="dHash Hamming distance at or under which two images are near duplicates")
+
+
+class GateRules(BaseModel):
+    """Promotion gate: a candidate becomes champion only when every rule passes."""
+
+    model_config = ConfigDict(extra="forbid")
+    require_finite_loss: bool = True
+    max_final_loss: float = Field(10.0, gt=0, description="mean loss of the last 10% of steps")
+    min_sample_std: float = Field(0.02, ge=0, description="pixel std (0-1 scale) under which a sample counts as blank")
+    min_distinct_samples: float = Field(0.5, ge=0, le=1, description="share of samples that must differ from each other")
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get("ATELIER_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"ATELIER_CONFIG={explicit}", "names no file", "point it at an existing YAML file or unset it")
+        return path
+    local = Path("atelier.yaml")
+    return local if local.is_file() else None
+
+
+def _default_workspace() -> Path:
+    here = Path.cwd()
+    return here if (here / ".atelier" / "workspace.json").is_file() else here / "workspace"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", env_nested_delimiter="__", extra="forbid")
+
+    workspace: Path = Field(default_factory=lambda: _default_workspace(),
+                            description="git + DVC repo holding data/ and the local stores; default: the current directory when it is a workspace, else ./workspace")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in the workspace")
+    artifact_root: str | None = Field(None, description="MLflow artifact root; default: a folder in the workspace")
+    prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
+    dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
+    base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
+    experiment: str = "atelier-dreambooth"
+    images: ImageRules = ImageRules()
+    gate: GateRules = GateRules()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _config_file()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @field_validator("workspace", "base_model")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    # Derived locations -------------------------------------------------------------------------
+    @cached_property
+    def state_dir(self) -> Path:
+        """Local stores of the embedded default (MLflow DB, artifacts, Prefect, caches)."""
+        return self.workspace / ".atelier"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_artifact_root(self) -> str:
+        return self.artifact_root or (self.state_dir / "mlartifacts").as_uri()
+
+    @property
+    def resolved_dvc_remote(self) -> str:
+        return self.dvc_remote or str(self.state_dir / "dvc-remote")
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state_dir / "prefect"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.state_dir / "models" / "tiny-sd"
+
+    @property
+    def resolved_base_model(self) -> Path:
+        return self.base_model or self.tiny_model_dir
+
+    @property
+    def priors_cache(self) -> Path:
+        return self.state_dir / "cache" / "class-priors"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Training outputs and checkpoints, one folder per training key."""
+        return self.state_dir / "runs"
+
+    def subject_dir(self, customer: str, subject: str) -> Path:
+        return self.workspace / "data" / "subjects" / customer / subject
+
+    def prefect_environment(self) -> dict[str, str]:
+        env = {
+            "PREFECT_HOME": str(self.prefect_home),
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.prefect_home / "results"),
+            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+        }
+        if self.prefect_api_url:
+            env["PREFECT_API_URL"] = self.prefect_api_url
+        return env
+
+    def apply_environment(self) -> None:
+        """Export what the libraries read from the environment. Call before importing Prefect."""
+        os.environ.update(self.prefect_environment())
+        os.environ["MLFLOW_TRACKING_URI"] = self.resolved_tracking_uri
+        # Never reach a hub at run time: models are local paths or packages.
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "DVC_NO_ANALYTICS", "DO_NOT_TRACK"):
+            os.environ[key] = "1"
+        os.environ["GX_ANALYTICS_ENABLED"] = "false"
+        for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(key, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "workspace": str(self.workspace),
+            "config file": str(_config_file() or "(none: defaults and ATELIER_* environment)"),
+            "MLflow tracking URI": self.resolved_tracking_uri,
+            "MLflow artifact root": self.resolved_artifact_root,
+            "Prefect API": self.prefect_api_url or f"local SQLite in {self.prefect_home} (temporary server per run)",
+            "DVC remote": self.resolved_dvc_remote,
+            "base model": str(self.resolved_base_model),
+            "class-prior cache": str(self.priors_cache),
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; a bad value becomes a ConfigError naming the key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"setting {key!r}", first["msg"], "correct it in atelier.yaml or the ATELIER_* environment (see `atelier info`)") from None

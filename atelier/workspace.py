@@ -1,0 +1,190 @@
+"""The workspace: a git + DVC repository that holds customers' data, plus the embedded local stores.
+
+    workspace/
+      data/subjects/<customer>/<subject>/      photos (DVC-tracked; the .dvc file is in git)
+      data/subjects/<customer>/<subject>.yaml  subject metadata (class noun), in git
+      data/class-priors/                       outputs of the dvc.yaml class_priors stage
+      dvc.yaml, params.yaml                     the DVC pipeline (copied from Atelier's source root)
+      .atelier/                                 embedded stores (git-ignored): MLflow, Prefect, caches
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from atelier.errors import NotFound, WorkspaceError
+from atelier.gitinfo import SOURCE_ROOT
+from atelier.hashing import file_hashes
+from atelier.settings import Settings
+from atelier.storage import atomic_dir, check_slug, write_json_atomic, write_text_atomic
+
+MARKER = Path(".atelier") / "workspace.json"
+TEMPLATES = ("dvc.yaml", "params.yaml")
+
+
+@dataclass(frozen=True)
+class SubjectSnapshot:
+    customer: str
+    subject: str
+    class_noun: str
+    rev: str  # git commit of the workspace whose .dvc file pins the images
+    dvc_md5: str  # DVC's content hash of the image directory
+    path: Path  # local copy of the images at `rev`
+    files: dict[str, str]  # file name -> sha256
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    try:
+        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise WorkspaceError(" ".join(args[:3]), f"failed: {(exc.stderr or exc.stdout).strip()[-400:]}",
+                             f"check the workspace at {cwd}") from None
+    return done.stdout.strip()
+
+
+def git(ws: Path, *args: str) -> str:
+    return _run(["git", *args], ws)
+
+
+def is_workspace(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def require_workspace(settings: Settings) -> Path:
+    if not is_workspace(settings.workspace):
+        raise WorkspaceError(str(settings.workspace), "is not an initialised Atelier workspace",
+                             "run `atelier init` (or set ATELIER_WORKSPACE to an existing workspace)")
+    return settings.workspace
+
+
+def init_workspace(settings: Settings) -> list[str]:
+    """Create (or complete) the workspace; safe to run again. Returns what it did."""
+    from dvc.repo import Repo
+
+    ws = settings.workspace
+    done: list[str] = []
+    ws.mkdir(parents=True, exist_ok=True)
+    if not (ws / ".git").exists():
+        git(ws, "init", "-q", "-b", "main")
+        done.append("git repository")
+    if not _git_config(ws, "user.email"):
+        git(ws, "config", "user.email", "atelier@localhost")
+        git(ws, "config", "user.name", "Atelier")
+    if not (ws / ".dvc").exists():
+        Repo.init(str(ws))
+        done.append("DVC repository")
+    with Repo(str(ws)) as repo:
+        with repo.config.edit() as conf:
+            if conf["core"].get("remote") != "workspace":
+                conf["remote"]["workspace"] = {"url": settings.resolved_dvc_remote}
+                conf["core"]["remote"] = "workspace"
+                conf["core"]["autostage"] = True
+                done.append(f"DVC remote {settings.resolved_dvc_remote}")
+    if settings.dvc_remote is None:
+        Path(settings.resolved_dvc_remote).mkdir(parents=True, exist_ok=True)
+    for name in TEMPLATES:
+        if not (ws / name).exists():
+            shutil.copyfile(SOURCE_ROOT / name, ws / name)
+            done.append(name)
+    ignore = ws / ".gitignore"
+    if ".atelier/" not in (ignore.read_text() if ignore.exists() else ""):
+        with open(ignore, "a") as fh:
+            fh.write(".atelier/\n")
+    for sub in ("data/subjects", "data/class-priors"):
+        (ws / sub).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ws / MARKER, {"version": 1})
+    git(ws, "add", ".gitignore", ".dvc", *[n for n in (".dvcignore", *TEMPLATES) if (ws / n).exists()])
+    if git(ws, "diff", "--cached", "--name-only"):
+        git(ws, "commit", "-q", "-m", "atelier init")
+    return done
+
+
+def _git_config(ws: Path, key: str) -> str:
+    done = subprocess.run(["git", "config", key], cwd=ws, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path],
+                replace: bool = False) -> str:
+    """Copy validated photos into data/subjects/, track them with DVC, push, commit. Returns the rev."""
+    from dvc.repo import Repo
+
+    ws = require_workspace(settings)
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    dest = settings.subject_dir(customer, subject)
+    rel = dest.relative_to(ws).as_posix()
+    tracked = dest.with_suffix(".dvc").is_file()
+    if tracked and not replace:
+        raise WorkspaceError(f"subject {customer}/{subject}", "already exists", "pass --replace to swap in a new photo set (the old one stays in git/DVC history)")
+    names = [p.name for p in photos]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise WorkspaceError(", ".join(dupes), "more than one photo has this file name", "rename the photos so each name is unique")
+    try:
+        with atomic_dir(dest, replace=True) as tmp:
+            for photo in photos:
+                shutil.copy2(photo, tmp / photo.name)
+        write_text_atomic(dest.with_suffix(".yaml"), yaml.safe_dump({"class_noun": class_noun, "customer": customer, "subject": subject}))
+        with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
+            repo.add(rel)
+            repo.push()
+        git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"))
+        git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}")
+    except BaseException:
+        if tracked:  # put the committed state back: photos from DVC's cache, metadata from git
+            git(ws, "checkout", "--", f"{rel}.dvc", f"{rel}.yaml")
+            with contextlib.chdir(ws), Repo(str(ws)) as repo:
+                repo.checkout(rel, force=True)
+        else:  # nothing was stored before: leave nothing behind
+            shutil.rmtree(dest, ignore_errors=True)
+            for suffix in (".yaml", ".dvc"):
+                dest.with_suffix(suffix).unlink(missing_ok=True)
+        raise
+    return subject_revision(settings, customer, subject)
+
+
+def subject_revision(settings: Settings, customer: str, subject: str) -> str:
+    ws = require_workspace(settings)
+    rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
+    rev = git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")
+    if not rev:
+        known = ", ".join(list_subjects(settings)) or "none yet"
+        raise NotFound(f"subject {customer}/{subject}", f"is not in the workspace (known: {known})",
+                       f"add it first: atelier subject add {customer} {subject} --class NOUN PHOTOS...")
+    return rev
+
+
+def list_subjects(settings: Settings) -> list[str]:
+    root = settings.workspace / "data" / "subjects"
+    return sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.dvc")) if root.is_dir() else []
+
+
+def checkout_subject(settings: Settings, customer: str, subject: str, rev: str | None, dest: Path) -> SubjectSnapshot:
+    """Materialise the subject's photos as they were at `rev` (default: the newest) into `dest`."""
+    from dvc.api import DVCFileSystem
+
+    ws = require_workspace(settings)
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    rev = rev or subject_revision(settings, customer, subject)
+    rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
+    fs = DVCFileSystem(str(ws), rev=rev)
+    if not fs.exists(rel):
+        raise NotFound(f"subject {customer}/{subject} at {rev[:12]}", "has no photos at that revision", "pass a revision after `atelier subject add`")
+    meta = yaml.safe_load(fs.read_text(f"{rel}.yaml"))
+    dvc_md5 = yaml.safe_load(fs.read_text(f"{rel}.dvc"))["outs"][0]["md5"]
+    with atomic_dir(Path(dest), replace=True) as tmp:
+        fs.get(rel, str(tmp / "images"), recursive=True)
+        for item in (tmp / "images").iterdir():
+            os.replace(item, tmp / item.name)
+        (tmp / "images").rmdir()
+    return SubjectSnapshot(customer, subject, meta["class_noun"], rev, dvc_md5, Path(dest), file_hashes(Path(dest)))
+

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. Parameters in, tasks chained, no ML code."""

@@ -1,0 +1,77 @@
+"""subject-finetune: one customer's subject, from DVC-tracked photos to a promoted MLflow model.
+
+pull photos @ DVC rev -> validate (GX) -> class priors (cached) -> DreamBooth -> samples
+-> register with lineage (alias candidate) -> promotion gate (alias champion)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from atelier.errors import ConfigError
+from atelier.gitinfo import code_version
+from atelier.hashing import stat_signature
+from atelier.settings import load_settings
+from atelier.storage import check_slug
+from tasks import data as data_tasks
+from tasks import dreambooth as db_tasks
+from tasks import registry as reg_tasks
+from tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
+from tasks.data import pull_subject, validate_subject
+from tasks.registry import promotion_gate, register_model
+
+FLOW_VERSION = "1"
+EMBEDDED_BASE_ID = "atelier/tiny-sd-v1 (embedded, random weights)"
+
+
+def task_versions() -> dict[str, str]:
+    return {
+        "pull-subject": data_tasks.PULL_VERSION, "validate-subject": data_tasks.VALIDATE_VERSION,
+        **db_tasks.VERSIONS, **reg_tasks.VERSIONS,
+    }
+
+
+@flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True)
+def subject_finetune(customer: str, subject: str, base_model: str | None = None, config_path: str | None = None,
+                     data_rev: str | None = None) -> dict:
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    settings = load_settings()
+    base = Path(base_model).resolve() if base_model else settings.resolved_base_model
+    embedded = base == settings.tiny_model_dir
+    if not base.exists():
+        raise ConfigError(f"base model {base}", "does not exist",
+                          "pass --base-model DIR with a diffusers Stable Diffusion directory, or run `atelier init` for the embedded one")
+    config = resolve_config(config_path, embedded)
+
+    snapshot = pull_subject(customer, subject, data_rev)
+    validation = validate_subject(snapshot)
+    base_hash = fingerprint_base_model(str(base), stat_signature(base))
+    priors = None
+    if config["with_prior_preservation"]:
+        class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot["class_noun"])
+        priors = class_priors(str(base), base_hash, class_prompt, config)
+    training = train_dreambooth(str(base), base_hash, snapshot, priors, config)
+    samples = sample_images(training["output_dir"], snapshot["class_noun"], config, training["losses"])
+
+    code = code_version()
+    lineage = {
+        "customer": customer, "subject": subject,
+        "data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
+        "data.validation_report": validation["report_dir"],
+        "base_model.id": EMBEDDED_BASE_ID if embedded else str(base), "base_model.sha256": base_hash,
+        "class_priors.key": priors["key"] if priors else "none",
+        "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
+        "flow.name": "subject-finetune", "flow.version": FLOW_VERSION, "task_versions": task_versions(),
+        "params": config, "training.key": training["key"],
+        "prefect.flow_run_id": str(flow_run.id), "eval.summary": samples["health"],
+    }
+    registered = register_model(customer, subject, training, samples, lineage, config)
+    gate = promotion_gate(registered, samples["health"])
+    return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
+            "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
+            "priors_reused": bool(priors and priors["reused"]), "flow_run_id": str(flow_run.id),
+            "steps": training["steps"], "final_loss": samples["health"]["final_loss"]}

@@ -1,0 +1,1 @@
+"""Pure ML: trainers, pipelines, validation suites. No Prefect, no MLflow."""

@@ -1,0 +1,1 @@
+"""DreamBooth subject fine-tuning of Stable Diffusion (diffusers + accelerate)."""

@@ -1,0 +1,108 @@
+"""Training configuration. Defaults follow the DreamBooth paper and diffusers' train_dreambooth.py
+for real Stable Diffusion 1.x/2.x models at 512 px; `configs/dreambooth/tiny.yaml` shrinks them for
+the embedded CPU model. Unknown keys are an error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from atelier.errors import ConfigError
+
+Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
+
+
+class SamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sampler: Sampler = "dpmsolver++"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    batch_size: int = Field(4, ge=1)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # prompts: {identifier} and {class_noun} are filled in per subject
+    identifier: str = Field("sks", description="rare token that names the subject")
+    instance_prompt: str = "a photo of {identifier} {class_noun}"
+    class_prompt: str = "a photo of {class_noun}"
+    resolution: int = Field(512, ge=16)
+    center_crop: bool = True
+    # prior preservation (paper section 3.3): class images from the frozen base model
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    class_prior_seed: int = 0
+    class_sampling: SamplingConfig = SamplingConfig()
+    # optimisation (diffusers example: lr 5e-6, constant schedule, 400-800 steps with priors)
+    train_text_encoder: bool = True
+    learning_rate: float = Field(5e-6, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_train_steps: int = Field(800, ge=1)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, none on CPU")
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # checkpoints and validation samples
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int = Field(2, ge=1)
+    validation_steps: int = Field(200, ge=1)
+    validation_prompts: list[str] = ["a {identifier} {class_noun} in the jungle"]
+    sampling: SamplingConfig = SamplingConfig()
+    # final samples, the promotion gate's evidence
+    sample_prompts: list[str] = [
+        "a photo of {identifier} {class_noun}",
+        "a {identifier} {class_noun} on the beach",
+        "a {identifier} {class_noun} in the snow",
+        "a photo of {class_noun}",
+    ]
+    samples_per_prompt: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if "{identifier}" not in self.instance_prompt:
+            raise ValueError("instance_prompt must contain {identifier}")
+        return self
+
+    def fill(self, text: str, class_noun: str) -> str:
+        return text.format(identifier=self.identifier, class_noun=class_noun)
+
+    def resolved_precision(self, cuda: bool) -> str:
+        if self.mixed_precision == "auto":
+            return "fp16" if cuda else "no"
+        return self.mixed_precision
+
+
+def load_train_config(path: Path | None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config; errors name the file, the key and the fix."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(str(path), "no such config file", "pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), f"is not valid YAML ({exc.__class__.__name__})", "fix the YAML syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(str(path), "must be a mapping of keys to values", "write `key: value` lines")
+    data.update(overrides or {})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        fix = "remove it or check its spelling against configs/dreambooth/sd15.yaml" if err["type"] == "extra_forbidden" else "correct its value"
+        raise ConfigError(f"{path or 'config'}: key {key!r}", err["msg"].lower(), fix) from None

@@ -1,0 +1,80 @@
+"""Class-prior images for prior preservation, content-addressed and cached.
+
+The cache key is (base model hash, class prompt, count, resolution, seed, sampler, steps, guidance):
+a second subject of the same class on the same base model reuses the set instead of regenerating it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from atelier.hashing import value_hash
+from atelier.storage import atomic_dir, write_json_atomic
+from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    base_model_hash: str
+    class_prompt: str
+    count: int
+    resolution: int
+    seed: int
+    sampler: str
+    steps: int
+    guidance_scale: float
+
+    @property
+    def key(self) -> str:
+        return value_hash(asdict(self))[:24]
+
+
+@dataclass(frozen=True)
+class PriorSet:
+    path: Path
+    key: str
+    reused: bool
+    count: int
+
+
+def prior_seed(base_seed: int, index: int) -> int:
+    return base_seed * 1_000_003 + index
+
+
+def ensure_class_priors(cache_root: Path, spec: PriorSpec, base_model_dir: Path, batch_size: int = 4,
+                        on_progress: Callable[[int, int], None] | None = None) -> PriorSet:
+    """Return the cached set for `spec`, generating it (atomically) when it is missing."""
+    final = Path(cache_root) / spec.key
+    if (final / MANIFEST).is_file():
+        return PriorSet(final, spec.key, True, spec.count)
+    write_class_priors(final, spec, base_model_dir, batch_size, on_progress)
+    return PriorSet(final, spec.key, False, spec.count)
+
+
+def write_class_priors(out_dir: Path, spec: PriorSpec, base_model_dir: Path, batch_size: int = 4,
+                       on_progress: Callable[[int, int], None] | None = None, replace: bool = False) -> Path:
+    pipe = load_pipeline(base_model_dir, spec.sampler)
+    requests = [GenerationRequest(spec.class_prompt, prior_seed(spec.seed, i), spec.steps, spec.guidance_scale,
+                                  spec.resolution, spec.resolution) for i in range(spec.count)]
+    with atomic_dir(Path(out_dir), replace=replace) as tmp:
+        done = 0
+
+        def save(i: int, img) -> None:
+            nonlocal done
+            img.save(tmp / f"class-{i:04d}.png")
+            done += 1
+            if on_progress:
+                on_progress(done, spec.count)
+
+        generate(pipe, requests, batch_size=batch_size, on_image=save)
+        write_json_atomic(tmp / MANIFEST, {"key": spec.key, "spec": asdict(spec)})
+    return Path(out_dir)
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())

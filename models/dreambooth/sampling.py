@@ -1,0 +1,101 @@
+"""Image generation with classifier-free guidance: class priors, validation samples, serving.
+
+diffusers' StableDiffusionPipeline runs the conditional and unconditional branches of
+classifier-free guidance as one batch (negative and positive embeddings concatenated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+
+# Long work reports progress through Atelier's callbacks; library bars would only clutter logs.
+diffusers_logging.disable_progress_bar()
+
+SAMPLERS = {
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "pndm": (PNDMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    seed: int
+    steps: int = 25
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    use_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device())
+
+
+def use_sampler(pipe: StableDiffusionPipeline, sampler: str) -> None:
+    cls, extra = SAMPLERS[sampler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, requests: list[GenerationRequest], batch_size: int = 4,
+             on_image: Callable[[int, Image.Image], None] | None = None) -> list[Image.Image]:
+    """Generate one image per request, batching requests that share steps, guidance and size.
+
+    Each image's noise comes from its own seeded generator, so an image does not depend on which
+    batch it landed in.
+    """
+    out: list[Image.Image | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r.steps, r.guidance_scale, r.height, r.width), []).append(i)
+    dev = pipe.device
+    for (steps, guidance, height, width), idxs in groups.items():
+        for chunk in _batches(idxs, batch_size):
+            reqs = [requests[i] for i in chunk]
+            gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in reqs]
+            negatives = [r.negative_prompt or "" for r in reqs]
+            h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            latents = torch.stack([
+                torch.randn((pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor), generator=g)
+                for g in gens
+            ]).to(dev, pipe.unet.dtype)
+            images = pipe([r.prompt for r in reqs], negative_prompt=negatives, num_inference_steps=steps,
+                          guidance_scale=guidance, height=h, width=w, latents=latents).images
+            for i, img in zip(chunk, images):
+                out[i] = img
+                if on_image:
+                    on_image(i, img)
+    return [img for img in out if img is not None]

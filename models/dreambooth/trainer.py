@@ -1,0 +1,270 @@
+"""The DreamBooth trainer: prior-preservation fine-tuning of a Stable Diffusion pipeline.
+
+Semantics follow diffusers' examples/dreambooth/train_dreambooth.py (instance and class images in
+one batch, loss = instance MSE + prior_loss_weight * prior MSE, VAE frozen, text encoder optional).
+All randomness of the loop comes from one seeded generator whose state is checkpointed with the
+weights, optimizer, LR scheduler and step, so a resumed run continues the uninterrupted loss curve.
+Because the VAE is frozen, each image's latent distribution is encoded once and sampled per step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from atelier.storage import atomic_dir, write_json_atomic
+from models.dreambooth.base import check_sd_directory
+from models.dreambooth.config import TrainConfig
+from models.dreambooth.images import stack_folder
+from models.dreambooth.sampling import GenerationRequest, generate, use_sampler
+
+ProgressFn = Callable[[int, int, float, float], None]  # step, total, loss, learning rate
+CKPT_PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    base_model: Path
+    instance_dir: Path
+    class_noun: str
+    work_dir: Path  # checkpoints and validation samples
+    output_dir: Path  # the fine-tuned pipeline (diffusers directory, safetensors)
+    class_dir: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    finished: bool
+    step: int
+    losses: list[float]
+    output_dir: Path | None
+    resumed_from: int | None
+    seconds: float
+    validation_dirs: list[Path] = field(default_factory=list)
+
+
+class LoopState:
+    """What the loop needs besides weights and optimizer to continue exactly: step, losses, RNG."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": list(self.losses), "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        self.generator.set_state(state["rng"])
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    root = Path(work_dir) / "checkpoints"
+    found = sorted(root.glob(f"{CKPT_PREFIX}*")) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+class _Encoded:
+    """Latent distributions (mean, std) of a folder of images under the frozen VAE."""
+
+    def __init__(self, vae: AutoencoderKL, folder: Path, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+        pixels = stack_folder(folder, cfg.resolution, cfg.center_crop)
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels.split(8):
+                dist = vae.encode(chunk.to(device, dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.scaling = vae.config.scaling_factor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self), (batch,), generator=gen)
+        eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean.device)
+        return (self.mean[idx] + self.std[idx] * eps) * self.scaling
+
+
+def _ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None = None,
+          step_budget: int | None = None) -> TrainResult:
+    """Train, resuming from the newest checkpoint in `inputs.work_dir` when there is one.
+
+    `step_budget` caps the optimizer steps taken by this call (for preemptible machines and tests):
+    the run then checkpoints and returns `finished=False`; calling again continues it.
+    """
+    t0 = time.perf_counter()
+    base = check_sd_directory(inputs.base_model)
+    if cfg.with_prior_preservation and inputs.class_dir is None:
+        raise ValueError("with_prior_preservation needs class_dir")
+    work = Path(inputs.work_dir)
+    precision = cfg.resolved_precision(torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                 num_training_steps=cfg.max_train_steps * acc.num_processes)
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = acc.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        text_encoder.to(acc.device, dtype=weight_dtype)
+    vae.to(acc.device) if weight_dtype == torch.float32 else vae.to(acc.device, dtype=weight_dtype)
+
+    instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
+    prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
+    ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
+    class_ids = _ids(tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
+    bs = cfg.train_batch_size
+    batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
+    frozen_embeddings = None
+    if not cfg.train_text_encoder:
+        with torch.no_grad():
+            frozen_embeddings = text_encoder(batch_ids)[0]
+
+    state = LoopState(cfg.seed)
+    acc.register_for_checkpointing(state)
+    resumed_from = None
+    ckpt = latest_checkpoint(work)
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        resumed_from = state.step
+
+    models = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
+    for m in models:
+        m.train()
+    taken, micro = 0, []
+    validation_dirs: list[Path] = []
+    while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
+        with acc.accumulate(*models):
+            latents = instance.sample(bs, state.generator)
+            if prior is not None:
+                latents = torch.cat([latents, prior.sample(bs, state.generator)])
+            noise = torch.randn(latents.shape, generator=state.generator).to(latents.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=state.generator).to(latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
+            pred = unet(noisy, timesteps, embeddings).sample
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            if prior is not None:
+                pred, pred_prior = pred.chunk(2)
+                target, target_prior = target.chunk(2)
+                loss = F.mse_loss(pred.float(), target.float()) + cfg.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
+            else:
+                loss = F.mse_loss(pred.float(), target.float())
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro.append(float(loss.detach().item()))
+        if not acc.sync_gradients:
+            continue
+        state.step += 1
+        taken += 1
+        state.losses.append(sum(micro) / len(micro))
+        micro = []
+        if on_progress:
+            on_progress(state.step, cfg.max_train_steps, state.losses[-1], lr_scheduler.get_last_lr()[0])
+        budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
+        if state.step % cfg.checkpointing_steps == 0 or budget_hit:
+            _save_checkpoint(acc, work, state.step, cfg.checkpoints_total_limit)
+        if state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
+            validation_dirs.append(_validation_samples(cfg, inputs, acc, unet, text_encoder, vae, tokenizer, base, state.step))
+
+    finished = state.step >= cfg.max_train_steps
+    output = None
+    if finished and acc.is_main_process:
+        output = _save_pipeline(acc, base, unet, text_encoder, inputs.output_dir)
+        write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from})
+    acc.wait_for_everyone()
+    return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs)
+
+
+def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path:
+    root = work / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step:07d}"
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob(f"{CKPT_PREFIX}*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _pipeline(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:
+    extra = {"vae": vae, "tokenizer": tokenizer} if vae is not None else {}
+    return StableDiffusionPipeline.from_pretrained(
+        str(base), unet=acc.unwrap_model(unet), text_encoder=acc.unwrap_model(text_encoder), safety_checker=None,
+        requires_safety_checker=False, local_files_only=True, **extra)
+
+
+def _validation_samples(cfg: TrainConfig, inputs: TrainInputs, acc: Accelerator, unet, text_encoder, vae, tokenizer,
+                        base: Path, step: int) -> Path:
+    out = Path(inputs.work_dir) / "validation" / f"step-{step:07d}"
+    with torch.random.fork_rng(devices=[]):
+        pipe = _pipeline(acc, base, unet, text_encoder, vae, tokenizer)
+        use_sampler(pipe, cfg.sampling.sampler)
+        pipe.set_progress_bar_config(disable=True)
+        requests = [GenerationRequest(cfg.fill(p, inputs.class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
+                    for i, p in enumerate(cfg.validation_prompts)]
+        with atomic_dir(out, replace=True) as tmp:
+            for i, img in enumerate(generate(pipe, requests, cfg.sampling.batch_size)):
+                img.save(tmp / f"{i:02d}.png")
+    for m in (unet, text_encoder):
+        m.train() if any(p.requires_grad for p in m.parameters()) else None
+    return out
+
+
+def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path) -> Path:
+    pipe = _pipeline(acc, base, unet, text_encoder)
+    with atomic_dir(Path(output_dir), replace=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(output_dir)

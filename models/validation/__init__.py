@@ -1,0 +1,1 @@
+"""Data validation: facts about data sets, checked by Great Expectations suites."""

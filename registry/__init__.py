@@ -1,0 +1,1 @@
+"""MLflow registry: pyfunc packaging, lineage tags, promotion policy. No Prefect."""

@@ -1,0 +1,116 @@
+"""Log a fine-tuned pipeline to MLflow, register it with its lineage, and alias it `candidate`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from PIL import Image
+
+from atelier.settings import Settings
+from registry.gate import CANDIDATE
+from registry.pyfunc import SIGNATURE, DreamBoothModel
+
+PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
+                    "pandas", "pillow", "mlflow==3.17.2"]
+CODE_DIRS = ("atelier", "models", "registry")
+TAG_VALUE_LIMIT = 5000
+
+
+def model_name(customer: str, subject: str) -> str:
+    return f"dreambooth-{customer}-{subject}"
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """Point MLflow at the settings' tracking URI and make sure the experiment exists."""
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    client = MlflowClient(settings.resolved_tracking_uri)
+    if client.get_experiment_by_name(settings.experiment) is None:
+        client.create_experiment(settings.experiment, artifact_location=settings.resolved_artifact_root)
+    mlflow.set_experiment(settings.experiment)
+    return client
+
+
+def _tags(lineage: dict) -> dict[str, str]:
+    """Lineage as MLflow tags: scalars as they are, structures as JSON (long ones in lineage.json)."""
+    tags = {}
+    for key, value in lineage.items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        tags[f"atelier.{key}"] = text if len(text) <= TAG_VALUE_LIMIT else f"(see lineage.json; {len(text)} chars)"
+    return tags
+
+
+def register_dreambooth(settings: Settings, customer: str, subject: str, pipeline_dir: Path, lineage: dict,
+                        params: dict, losses: list[float], metrics: dict[str, float], samples: list[Path],
+                        grid: Path, sampler: str, steps: int, guidance: float) -> Registered:
+    """One MLflow run with params, loss curve, samples and the pyfunc model; then a registered version.
+
+    Registration comes last: if anything before it fails, no version exists.
+    """
+    client = configure(settings)
+    name = model_name(customer, subject)
+    tags = _tags(lineage)
+    with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        client.log_batch(run.info.run_id, metrics=[
+            mlflow.entities.Metric("train_loss", loss, 0, step) for step, loss in enumerate(losses, start=1)
+        ])
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(lineage, "lineage.json")
+        for path in samples:
+            mlflow.log_artifact(str(path), "samples")
+        mlflow.log_image(Image.open(grid), "sample_grid.png")
+        mlflow.log_figure(_loss_figure(losses), "loss_curve.png")
+        with warnings.catch_warnings():
+            # The pipeline is large: no input example (it would run generation while logging), and
+            # the pyfunc class is pickled by reference to this importable module.
+            warnings.filterwarnings("ignore", message=".*input example.*")
+            warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=DreamBoothModel(sampler, steps, guidance),
+                artifacts={"pipeline": str(pipeline_dir)}, signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS],
+            )
+    if _missing(client, name):
+        client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"})
+    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def _missing(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return False
+    except MlflowException:
+        return True
+
+
+def _loss_figure(losses: list[float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (instance + prior)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,70 @@
+"""Promotion policy: which checks a candidate must pass before it becomes `champion`.
+
+The gate decides from evidence already computed (training health now; VLM scores later) and never
+touches a champion when it refuses. Its result is stored on the model version so the reason stays
+next to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from mlflow import MlflowClient
+
+from atelier.settings import GateRules
+from models.dreambooth.health import Health
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    value: float | bool
+    threshold: float | bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    checks: list[Check]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.passed]
+
+    def as_json(self) -> str:
+        return json.dumps({"passed": self.passed, "checks": [asdict(c) for c in self.checks]}, sort_keys=True)
+
+
+def evaluate_training_health(health: Health, rules: GateRules) -> GateResult:
+    checks = [
+        Check("finite_loss", health.loss_finite or not rules.require_finite_loss, health.loss_finite, rules.require_finite_loss,
+              "training loss went NaN or infinite" if not health.loss_finite else "loss finite at every step"),
+        Check("final_loss", math.isfinite(health.final_loss) and health.final_loss <= rules.max_final_loss, health.final_loss,
+              rules.max_final_loss, f"final loss {health.final_loss:.4g} (limit {rules.max_final_loss})"),
+        Check("blank_samples", health.blank_samples == 0, health.min_sample_std, rules.min_sample_std,
+              f"{health.blank_samples} of {health.sample_count} samples are blank (pixel std under {rules.min_sample_std})"),
+        Check("distinct_samples", health.distinct_share >= rules.min_distinct_samples, health.distinct_share,
+              rules.min_distinct_samples, f"{health.distinct_share:.0%} of sample pairs differ (need {rules.min_distinct_samples:.0%})"),
+    ]
+    return GateResult(all(c.passed for c in checks), checks)
+
+
+def apply_gate(client: MlflowClient, name: str, version: str, result: GateResult) -> str | None:
+    """Record the gate result on the version; move `champion` to it only if it passed.
+
+    Returns the version that is champion afterwards (None if there is none).
+    """
+    client.set_model_version_tag(name, version, "atelier.gate", result.as_json())
+    if result.passed:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return version
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION).version
+    except Exception:  # no champion yet
+        return None

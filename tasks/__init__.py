@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, versioned adapters over models/ and registry/ returning small results."""

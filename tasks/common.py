@@ -1,0 +1,36 @@
+"""What every task shares: settings from the environment, a logger, cache policies."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+
+from atelier.settings import Settings, load_settings
+
+# Inputs and the task's own code: a rerun with the same inputs and code reuses the result.
+BY_INPUTS = INPUTS + TASK_SOURCE
+UNCACHED = NO_CACHE
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def logger():
+    return get_run_logger()
+
+
+def progress_logger(label: str, total: int, every: float = 0.1):
+    """A callback that logs `label` progress about every 10%, with a Prefect progress artifact."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    log = logger()
+    artifact_id = create_progress_artifact(progress=0.0, description=label)
+    stride = max(1, int(total * every))
+
+    def report(done: int, extra: str = "") -> None:
+        if done % stride == 0 or done == total:
+            log.info("%s: %d/%d %s", label, done, total, extra)
+            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / total)
+
+    return report

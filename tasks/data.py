@@ -1,0 +1,45 @@
+"""Data tasks: pull a subject's photos at their DVC revision, validate them with Great Expectations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from atelier.errors import DataValidationError
+from atelier.workspace import checkout_subject
+from models.validation.subject_suite import validate_subject_images
+from tasks.common import BY_INPUTS, UNCACHED, logger, settings
+
+PULL_VERSION = "1"
+VALIDATE_VERSION = "1"
+
+
+@task(name="pull-subject", version=PULL_VERSION, cache_policy=UNCACHED, retries=2, retry_delay_seconds=3)
+def pull_subject(customer: str, subject: str, rev: str | None = None) -> dict:
+    s = settings()
+    dest = s.state_dir / "snapshots" / customer / subject / (rev or "latest")
+    snap = checkout_subject(s, customer, subject, rev, dest)
+    logger().info("pulled %d photos of %s/%s at data revision %s", len(snap.files), customer, subject, snap.rev[:12])
+    out = asdict(snap)
+    out["path"] = str(snap.path)
+    return out
+
+
+@task(name="validate-subject", version=VALIDATE_VERSION, cache_policy=BY_INPUTS)
+def validate_subject(snapshot: dict) -> dict:
+    s = settings()
+    report_dir = s.state_dir / "reports" / "validation" / snapshot["customer"] / snapshot["subject"] / snapshot["rev"][:12]
+    report = validate_subject_images(snapshot["path"], s.images, report_dir)
+    rows = [{"file": f["file"], "format": f["format"], "size": f"{f['width']}x{f['height']}", "ok": all(x[0] != f["file"] for x in report.failures)}
+            for f in report.facts]
+    create_table_artifact(rows, key=f"validation-{snapshot['customer']}-{snapshot['subject']}",
+                          description=f"Photos of {snapshot['customer']}/{snapshot['subject']} (data docs: {report.data_docs})")
+    if not report.success:
+        create_markdown_artifact("\n".join(["| file | rule | detail |", "|---|---|---|"] +
+                                           [f"| {f} | {r} | {d} |" for f, r, d in report.failures]),
+                                 description="validation failures")
+        raise DataValidationError(f"subject {snapshot['customer']}/{snapshot['subject']}", report.failures, str(report_dir))
+    logger().info("validation passed: %d photos; report %s", len(report.facts), report.data_docs)
+    return {"success": True, "report_dir": str(report_dir), "data_docs": report.data_docs, "count": len(report.facts)}

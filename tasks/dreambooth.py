@@ -1,0 +1,101 @@
+"""DreamBooth tasks: base-model fingerprint, class priors, training, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from atelier.gitinfo import SOURCE_ROOT
+from atelier.hashing import value_hash
+from models.dreambooth.base import check_sd_directory, model_hash
+from models.dreambooth.config import TrainConfig, load_train_config
+from models.dreambooth.health import assess, sample_grid
+from models.dreambooth.priors import PriorSpec, ensure_class_priors
+from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, settings
+
+TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
+VERSIONS = {"fingerprint-base-model": "1", "class-priors": "1", "train-dreambooth": "1", "sample-images": "1"}
+
+
+def resolve_config(config_path: str | None, embedded_base: bool) -> dict:
+    """--config wins; else the tiny profile for the embedded model, the paper's defaults for real ones."""
+    path = Path(config_path) if config_path else (TINY_CONFIG if embedded_base else None)
+    return load_train_config(path).model_dump()
+
+
+@task(name="fingerprint-base-model", version=VERSIONS["fingerprint-base-model"], cache_policy=BY_INPUTS)
+def fingerprint_base_model(path: str, stat_signature: str) -> str:
+    """Content hash of the base model; cached by (path, sizes, mtimes) so big models hash once."""
+    check_sd_directory(Path(path))
+    digest = model_hash(Path(path))
+    logger().info("base model %s: sha256 %s", path, digest[:16])
+    return digest
+
+
+@task(name="class-priors", version=VERSIONS["class-priors"], cache_policy=UNCACHED, retries=1)
+def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dict) -> dict:
+    cfg = TrainConfig(**config)
+    spec = PriorSpec(base_hash, class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed,
+                     cfg.class_sampling.sampler, cfg.class_sampling.steps, cfg.class_sampling.guidance_scale)
+    report = progress_logger(f"class priors '{class_prompt}'", spec.count)
+    prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
+                                on_progress=lambda done, total: report(done))
+    logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
+    return {"path": str(prior.path), "key": prior.key, "reused": prior.reused, "count": prior.count}
+
+
+def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict) -> str:
+    return value_hash({"base": base_hash, "files": snapshot["files"], "class": snapshot["class_noun"],
+                       "priors": prior_key, "config": config, "task": VERSIONS["train-dreambooth"]})[:24]
+
+
+@task(name="train-dreambooth", version=VERSIONS["train-dreambooth"], cache_policy=BY_INPUTS)
+def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: dict | None, config: dict) -> dict:
+    """Train (or resume an interrupted run of) the subject model; the output folder is keyed by inputs."""
+    from models.dreambooth.trainer import TrainInputs, train
+
+    cfg = TrainConfig(**config)
+    key = training_key(base_hash, snapshot, priors["key"] if priors else None, config)
+    work = settings().runs_dir / key
+    inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",
+                         Path(priors["path"]) if priors else None)
+    done_file = work / "training.json"
+    if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():
+        record = json.loads(done_file.read_text())
+        logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
+        return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
+                "seconds": 0.0, "resumed_from": record.get("resumed_from"), "reused": True}
+    report = progress_logger("DreamBooth training", cfg.max_train_steps)
+    result = train(cfg, inputs, on_progress=lambda step, total, loss, lr: report(step, f"loss {loss:.4f} lr {lr:.2e}"))
+    if result.resumed_from:
+        logger().info("resumed from checkpoint at step %d", result.resumed_from)
+    logger().info("trained %d steps in %.1f s (%.2f steps/s)", result.step, result.seconds, result.step / max(result.seconds, 1e-9))
+    return {"key": key, "output_dir": str(result.output_dir), "losses": result.losses, "steps": result.step,
+            "seconds": result.seconds, "resumed_from": result.resumed_from, "reused": False}
+
+
+@task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)
+def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list[float]) -> dict:
+    """Generate the gate's evidence: samples_per_prompt images for each sample prompt, and a grid."""
+    from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+    from atelier.storage import atomic_dir
+
+    cfg = TrainConfig(**config)
+    pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler)
+    requests = [GenerationRequest(cfg.fill(p, class_noun), cfg.seed + j, cfg.sampling.steps, cfg.sampling.guidance_scale,
+                                  cfg.resolution, cfg.resolution)
+                for p in cfg.sample_prompts for j in range(cfg.samples_per_prompt)]
+    images = generate(pipe, requests, cfg.sampling.batch_size)
+    out = Path(pipeline_dir).parent / "samples"
+    with atomic_dir(out, replace=True) as tmp:
+        paths = []
+        for i, (req, img) in enumerate(zip(requests, images)):
+            img.save(tmp / f"{i:03d}.png")
+            paths.append(f"{i:03d}.png")
+        sample_grid(images, cfg.samples_per_prompt).save(tmp / "grid.png")
+        (tmp / "prompts.json").write_text(json.dumps([{"file": p, "prompt": r.prompt, "seed": r.seed} for p, r in zip(paths, requests)], indent=1))
+    health = assess(losses, images, settings().gate.min_sample_std)
+    logger().info("%d samples written to %s", len(images), out)
+    return {"dir": str(out), "files": [str(out / p) for p in paths], "grid": str(out / "grid.png"), "health": health.as_dict()}

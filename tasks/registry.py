@@ -1,0 +1,47 @@
+"""Registry tasks: register the trained pipeline with its lineage, then apply the promotion gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from models.dreambooth.config import TrainConfig
+from models.dreambooth.health import Health
+from registry.dreambooth import configure, register_dreambooth
+from registry.gate import apply_gate, evaluate_training_health
+from tasks.common import BY_INPUTS, UNCACHED, logger, settings
+
+VERSIONS = {"register-model": "1", "promotion-gate": "1"}
+
+
+@task(name="register-model", version=VERSIONS["register-model"], cache_policy=BY_INPUTS, retries=2, retry_delay_seconds=5)
+def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
+    cfg = TrainConfig(**config)
+    metrics = {f"health_{k}": float(v) for k, v in samples["health"].items()}
+    metrics.update({"train_seconds": float(training["seconds"]), "train_steps": float(training["steps"])})
+    reg = register_dreambooth(settings(), customer, subject, Path(training["output_dir"]), lineage, config,
+                              training["losses"], metrics, [Path(p) for p in samples["files"]], Path(samples["grid"]),
+                              cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.guidance_scale)
+    logger().info("registered %s version %s (run %s) as candidate", reg.name, reg.version, reg.run_id)
+    create_link_artifact(f"models:/{reg.name}/{reg.version}", link_text=f"{reg.name} v{reg.version}",
+                         description="registered model version")
+    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri}
+
+
+@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2, retry_delay_seconds=5)
+def promotion_gate(registered: dict, health: dict) -> dict:
+    s = settings()
+    client = configure(s)
+    result = evaluate_training_health(Health(**health), s.gate)
+    champion = apply_gate(client, registered["name"], registered["version"], result)
+    lines = [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in result.checks]
+    create_markdown_artifact("\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
+                             description=f"promotion gate for {registered['name']} v{registered['version']}")
+    if result.passed:
+        logger().info("gate passed: %s v%s is champion", registered["name"], registered["version"])
+    else:
+        logger().warning("gate refused %s v%s: %s; champion stays %s", registered["name"], registered["version"],
+                         "; ".join(result.reasons), champion or "(none)")
+    return {"passed": result.passed, "reasons": result.reasons, "champion": champion}
