@@ -138,9 +138,19 @@ def finetune(
     import os
 
     settings = _settings()
-    from atelier.workspace import require_workspace
+    from atelier.storage import check_slug
+    from atelier.workspace import require_workspace, subject_revision
+    from models.dreambooth.base import check_sd_directory
+    from models.dreambooth.config import load_train_config
 
+    # Pre-flight: bad input is refused in a second, before a Prefect run starts.
     require_workspace(settings)
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    if config is not None:
+        load_train_config(config)
+    check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
+    subject_revision(settings, customer, subject)
     if refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     result = _run_finetune(customer, subject, base_model, config, rev)

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
 
     def apply_environment(self) -> None:
         """Export what the libraries read from the environment. Call before importing Prefect."""
+        if self.workspace.is_dir():
+            self.prefect_home.mkdir(parents=True, exist_ok=True)
         os.environ.update(self.prefect_environment())
         os.environ["MLFLOW_TRACKING_URI"] = self.resolved_tracking_uri
         # Never reach a hub at run time: models are local paths or packages.

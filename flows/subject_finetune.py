@@ -73,5 +73,5 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     gate = promotion_gate(registered, samples["health"])
     return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
             "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
-            "priors_reused": bool(priors and priors["reused"]), "flow_run_id": str(flow_run.id),
+            "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),
             "steps": training["steps"], "final_loss": samples["health"]["final_loss"]}

@@ -31,6 +31,7 @@ class Registered:
     version: str
     run_id: str
     model_uri: str
+    reused: bool = False
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -62,6 +63,9 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     client = configure(settings)
     name = model_name(customer, subject)
     tags = _tags(lineage)
+    existing = find_version(client, name, "atelier.training.key", lineage.get("training.key"))
+    if existing is not None:  # the same training outputs are registered once, however often the flow reruns
+        return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
     with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         client.log_batch(run.info.run_id, metrics=[
@@ -88,6 +92,15 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def find_version(client: MlflowClient, name: str, tag: str, value: str | None):
+    """The newest version of `name` whose tag `tag` equals `value`, or None."""
+    if value is None or _missing(client, name):
+        return None
+    versions = client.search_model_versions(f"name = '{name}'")
+    hits = [v for v in versions if v.tags.get(tag) == value]
+    return max(hits, key=lambda v: int(v.version)) if hits else None
 
 
 def _missing(client: MlflowClient, name: str) -> bool:

@@ -65,6 +65,6 @@ def apply_gate(client: MlflowClient, name: str, version: str, result: GateResult
         client.set_registered_model_alias(name, CHAMPION, version)
         return version
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except Exception:  # no champion yet
         return None

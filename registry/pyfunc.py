@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+
+# The pyfunc validates input against SIGNATURE; type-hint-based validation is not used.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 DEFAULTS = {"seed": 0, "steps": 25, "guidance_scale": 7.5}
 

@@ -5,11 +5,23 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
+from atelier.errors import AtelierError
 from atelier.settings import Settings, load_settings
 
 # Inputs and the task's own code: a rerun with the same inputs and code reuses the result.
 BY_INPUTS = INPUTS + TASK_SOURCE
 UNCACHED = NO_CACHE
+
+
+def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's signature)
+    """Retry only what may pass on a second try: Atelier's own errors (bad input) never do."""
+    try:
+        state.result()
+    except AtelierError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return True
 
 
 def settings() -> Settings:

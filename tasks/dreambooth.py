@@ -13,7 +13,7 @@ from models.dreambooth.base import check_sd_directory, model_hash
 from models.dreambooth.config import TrainConfig, load_train_config
 from models.dreambooth.health import assess, sample_grid
 from models.dreambooth.priors import PriorSpec, ensure_class_priors
-from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, settings
+from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
 
 TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
 VERSIONS = {"fingerprint-base-model": "1", "class-priors": "1", "train-dreambooth": "1", "sample-images": "1"}
@@ -34,7 +34,7 @@ def fingerprint_base_model(path: str, stat_signature: str) -> str:
     return digest
 
 
-@task(name="class-priors", version=VERSIONS["class-priors"], cache_policy=UNCACHED, retries=1)
+@task(name="class-priors", version=VERSIONS["class-priors"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient)
 def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dict) -> dict:
     cfg = TrainConfig(**config)
     spec = PriorSpec(base_hash, class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed,
@@ -43,7 +43,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done))
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
-    return {"path": str(prior.path), "key": prior.key, "reused": prior.reused, "count": prior.count}
+    return {"path": str(prior.path), "key": prior.key, "count": prior.count}
 
 
 def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict) -> str:
@@ -66,7 +66,7 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         record = json.loads(done_file.read_text())
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
         return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
-                "seconds": 0.0, "resumed_from": record.get("resumed_from"), "reused": True}
+                "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True}
     report = progress_logger("DreamBooth training", cfg.max_train_steps)
     result = train(cfg, inputs, on_progress=lambda step, total, loss, lr: report(step, f"loss {loss:.4f} lr {lr:.2e}"))
     if result.resumed_from:

@@ -11,12 +11,12 @@ from models.dreambooth.config import TrainConfig
 from models.dreambooth.health import Health
 from registry.dreambooth import configure, register_dreambooth
 from registry.gate import apply_gate, evaluate_training_health
-from tasks.common import BY_INPUTS, UNCACHED, logger, settings
+from tasks.common import UNCACHED, logger, retry_transient, settings
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1"}
 
 
-@task(name="register-model", version=VERSIONS["register-model"], cache_policy=BY_INPUTS, retries=2, retry_delay_seconds=5)
+@task(name="register-model", version=VERSIONS["register-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
     cfg = TrainConfig(**config)
     metrics = {f"health_{k}": float(v) for k, v in samples["health"].items()}
@@ -24,13 +24,16 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
     reg = register_dreambooth(settings(), customer, subject, Path(training["output_dir"]), lineage, config,
                               training["losses"], metrics, [Path(p) for p in samples["files"]], Path(samples["grid"]),
                               cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.guidance_scale)
-    logger().info("registered %s version %s (run %s) as candidate", reg.name, reg.version, reg.run_id)
+    if reg.reused:
+        logger().info("these training outputs are already registered as %s version %s; not registering again", reg.name, reg.version)
+    else:
+        logger().info("registered %s version %s (run %s) as candidate", reg.name, reg.version, reg.run_id)
     create_link_artifact(f"models:/{reg.name}/{reg.version}", link_text=f"{reg.name} v{reg.version}",
                          description="registered model version")
-    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri}
+    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
 
 
-@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2, retry_delay_seconds=5)
+@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def promotion_gate(registered: dict, health: dict) -> dict:
     s = settings()
     client = configure(s)

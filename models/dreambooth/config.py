@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     # prior preservation (paper section 3.3): class images from the frozen base model
     with_prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(100, ge=1)
+    num_class_images: int = Field(200, ge=1)
     class_prior_seed: int = 0
     class_sampling: SamplingConfig = SamplingConfig()
     # optimisation (diffusers example: lr 5e-6, constant schedule, 400-800 steps with priors)
@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = 1.0
     seed: int = 0
     # checkpoints and validation samples
-    checkpointing_steps: int = Field(500, ge=1)
+    checkpointing_steps: int = Field(200, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
     validation_steps: int = Field(200, ge=1)
     validation_prompts: list[str] = ["a {identifier} {class_noun} in the jungle"]

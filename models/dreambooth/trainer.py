@@ -216,7 +216,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     output = None
     if finished and acc.is_main_process:
         output = _save_pipeline(acc, base, unet, text_encoder, inputs.output_dir)
-        write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from})
+        write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from,
+                                                   "seconds": time.perf_counter() - t0})
     acc.wait_for_everyone()
     return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs)
 

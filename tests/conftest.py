@@ -1,0 +1,73 @@
+"""Test set-up. One Atelier workspace and one Prefect test harness per session: a temporary Prefect
+server costs seconds to start, and the tiny base model seconds to build.
+
+The environment is set before anything imports Prefect, which reads its settings at import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="atelier-tests-"))
+os.environ["ATELIER_WORKSPACE"] = str(SESSION_ROOT / "workspace")
+(SESSION_ROOT / "workspace").mkdir()
+os.environ.pop("ATELIER_CONFIG", None)
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+from atelier.settings import load_settings  # noqa: E402
+
+load_settings().apply_environment()
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings():
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def workspace(settings):
+    """The session's initialised workspace, with the tiny base model built once."""
+    from atelier.workspace import init_workspace
+    from models.dreambooth.tiny import write_tiny_model
+
+    init_workspace(settings)
+    write_tiny_model(settings.tiny_model_dir)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def tiny_model(workspace) -> Path:
+    return workspace.tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    from atelier.demo_data import write_demo_photos
+
+    return write_demo_photos(tmp_path / "photos", count=5)
+
+
+@pytest.fixture
+def tiny_config():
+    from models.dreambooth.config import load_train_config
+    from tasks.dreambooth import TINY_CONFIG
+
+    return load_train_config(TINY_CONFIG)

@@ -1,0 +1,139 @@
+"""The whole subject-finetune flow on the tiny model, under one Prefect test harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from atelier.demo_data import write_demo_photos
+from atelier.errors import DataValidationError, ModelFormatError
+from atelier.hashing import sha256_file
+from atelier.workspace import add_subject, subject_revision
+from models.dreambooth.base import model_hash
+
+pytestmark = pytest.mark.slow
+NAME = "dreambooth-acme-robot"
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    return MlflowClient(workspace.resolved_tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def robot_photos(workspace, tmp_path_factory):
+    photos = write_demo_photos(tmp_path_factory.mktemp("robot"), count=5)
+    add_subject(workspace, "acme", "robot", "toy", photos)
+    return photos
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, robot_photos):
+    from flows.subject_finetune import subject_finetune
+
+    return subject_finetune("acme", "robot")
+
+
+def test_flow_registers_promotes_and_records_lineage(first_run, workspace, client, robot_photos, tiny_model):
+    assert first_run["gate"]["passed"] and first_run["model"] == NAME
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert str(champion.version) == first_run["version"]
+    assert client.get_model_version_by_alias(NAME, "candidate").version == champion.version
+    tags = champion.tags
+    assert tags["atelier.data.rev"] == subject_revision(workspace, "acme", "robot")
+    assert json.loads(tags["atelier.data.files"]) == {p.name: sha256_file(p) for p in robot_photos}
+    assert tags["atelier.base_model.sha256"] == model_hash(tiny_model)
+    assert len(tags["atelier.code.git_sha"]) in (40, 7) or tags["atelier.code.git_sha"] == "unknown"
+    assert tags["atelier.prefect.flow_run_id"] == first_run["flow_run_id"]
+    assert json.loads(tags["atelier.task_versions"])["train-dreambooth"] == "1"
+    assert json.loads(tags["atelier.params"])["max_train_steps"] == 60
+    assert json.loads(tags["atelier.gate"])["passed"] is True
+    run = client.get_run(champion.run_id)
+    assert run.data.params["learning_rate"] == "0.0001"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 60
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"sample_grid.png", "loss_curve.png", "lineage.json", "samples"} <= artifacts
+
+
+def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspace, tmp_path):
+    code = (
+        "import base64, io, mlflow.pyfunc, pandas as pd\n"
+        "from PIL import Image\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "out = m.predict(pd.DataFrame({'prompt': ['a sks toy on the beach'], 'seed': [3]}))\n"
+        "img = Image.open(io.BytesIO(base64.b64decode(out['image_png_base64'][0])))\n"
+        "print('IMAGE', img.size, img.mode)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": workspace.resolved_tracking_uri}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "IMAGE (64, 64) RGB" in done.stdout
+
+
+def test_rerun_with_same_inputs_registers_nothing_new(first_run):
+    from flows.subject_finetune import subject_finetune
+
+    again = subject_finetune("acme", "robot")
+    assert again["version"] == first_run["version"] and again["registered_before"]
+
+
+def test_second_subject_of_the_same_class_reuses_class_priors(first_run, workspace, client, tmp_path):
+    from atelier.demo_data import draw_robot
+    from flows.subject_finetune import subject_finetune
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    photos = []
+    for i in range(4):
+        photos.append(folder / f"other-{i}.png")
+        draw_robot(5000 + i).save(photos[-1])
+    add_subject(workspace, "acme", "robot2", "toy", photos)
+    result = subject_finetune("acme", "robot2")
+    first = client.get_model_version(NAME, first_run["version"]).tags["atelier.class_priors.key"]
+    second = client.get_model_version(result["model"], result["version"]).tags["atelier.class_priors.key"]
+    assert first == second
+    assert [p.name for p in workspace.priors_cache.iterdir()] == [first]
+    assert result["training_key"] != first_run["training_key"]
+
+
+def test_failed_gate_leaves_the_champion_alone(first_run, client, monkeypatch, tmp_path):
+    from flows.subject_finetune import subject_finetune
+    from tasks.dreambooth import TINY_CONFIG
+
+    config = tmp_path / "short.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("max_train_steps: 60", "max_train_steps: 6"))
+    monkeypatch.setenv("ATELIER_GATE__MAX_FINAL_LOSS", "0.0001")
+    result = subject_finetune("acme", "robot", config_path=str(config))
+    assert not result["gate"]["passed"] and "final loss" in result["gate"]["reasons"][0]
+    assert result["version"] != first_run["version"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == first_run["version"]
+    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == result["version"]
+    assert json.loads(client.get_model_version(NAME, result["version"]).tags["atelier.gate"])["passed"] is False
+
+
+def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, client, robot_photos, tmp_path):
+    from flows.subject_finetune import subject_finetune
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not an image")
+    add_subject(workspace, "acme", "broken", "toy", [*robot_photos[:3], corrupt])  # bypasses the CLI's check
+    runs_before = set(workspace.runs_dir.iterdir())
+    with pytest.raises(DataValidationError) as err:
+        subject_finetune("acme", "broken")
+    assert "corrupt.jpg" in str(err.value) and "decodable" in str(err.value)
+    assert set(workspace.runs_dir.iterdir()) == runs_before  # no training started
+    assert not client.search_registered_models("name = 'dreambooth-acme-broken'")
+    assert list((workspace.state_dir / "reports" / "validation" / "acme" / "broken").glob("*/validation.json"))
+
+
+def test_a_base_model_that_is_not_sd_is_refused(prefect_harness, robot_photos, tmp_path):
+    from flows.subject_finetune import subject_finetune
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelFormatError, match="FluxPipeline"):
+        subject_finetune("acme", "robot", base_model=str(tmp_path))

@@ -1,0 +1,37 @@
+"""The training-health gate refuses broken models and explains why."""
+
+from PIL import Image
+
+from atelier.settings import GateRules
+from models.dreambooth.health import assess
+from registry.gate import evaluate_training_health
+
+
+def _noise(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+def test_healthy_model_passes():
+    result = evaluate_training_health(assess([1.0, 0.8, 0.5], [_noise(i) for i in range(4)]), GateRules())
+    assert result.passed and result.reasons == []
+
+
+def test_nan_loss_fails():
+    result = evaluate_training_health(assess([1.0, float("nan")], [_noise(i) for i in range(4)]), GateRules())
+    assert not result.passed and any("NaN" in r for r in result.reasons)
+
+
+def test_blank_and_identical_samples_fail():
+    blank = [Image.new("RGB", (32, 32), (10, 10, 10)) for _ in range(4)]
+    result = evaluate_training_health(assess([0.5], blank), GateRules())
+    names = {c.name for c in result.checks if not c.passed}
+    assert names == {"blank_samples", "distinct_samples"}
+
+
+def test_loss_threshold_is_configurable():
+    health = assess([0.9] * 10, [_noise(i) for i in range(2)])
+    assert evaluate_training_health(health, GateRules(max_final_loss=1.0)).passed
+    assert not evaluate_training_health(health, GateRules(max_final_loss=0.5)).passed

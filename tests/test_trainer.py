@@ -1,0 +1,58 @@
+"""DreamBooth trainer on the tiny model: resume continues the uninterrupted run exactly."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.dreambooth.priors import PriorSpec, ensure_class_priors
+from models.dreambooth.base import model_hash
+from models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tiny_model, tmp_path_factory):
+    spec = PriorSpec(model_hash(tiny_model), "a photo of toy", 4, 64, 0, "dpmsolver++", 4, 5.0)
+    return ensure_class_priors(tmp_path_factory.mktemp("priors"), spec, tiny_model).path
+
+
+def _inputs(tiny_model, photos, prior_dir, work):
+    return TrainInputs(tiny_model, photos[0].parent, "toy", work, work / "pipeline", prior_dir)
+
+
+def _weights(path):
+    return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_continues_the_loss_curve_exactly(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    cfg = tiny_config.model_copy(update={"max_train_steps": 12, "gradient_accumulation_steps": 2,
+                                          "checkpointing_steps": 100, "validation_steps": 100,
+                                          "lr_scheduler": "linear", "lr_warmup_steps": 2})
+    straight = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "a"))
+    first = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "b"), step_budget=5)
+    assert not first.finished and first.step == 5 and first.output_dir is None
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-0000005"
+    resumed = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "b"))
+    assert resumed.resumed_from == 5 and resumed.finished
+    assert resumed.losses == straight.losses  # same RNG stream, optimizer, LR schedule
+    a, b = _weights(straight.output_dir), _weights(resumed.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_changes_weights_and_frozen_text_encoder_stays(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    cfg = tiny_config.model_copy(update={"max_train_steps": 4, "train_text_encoder": False, "validation_steps": 2,
+                                          "checkpointing_steps": 1, "checkpoints_total_limit": 2})
+    result = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "w"))
+    base_unet, new_unet = _weights(tiny_model), _weights(result.output_dir)
+    assert any(not torch.equal(base_unet[k], new_unet[k]) for k in base_unet)
+    te = "text_encoder/model.safetensors"
+    assert (tiny_model / te).read_bytes() == (result.output_dir / te).read_bytes() or all(
+        torch.equal(load_file(str(tiny_model / te))[k], v) for k, v in load_file(str(result.output_dir / te)).items())
+    assert len(list((tmp_path / "w" / "checkpoints").iterdir())) == 2  # total limit honoured
+    assert [p.name for p in result.validation_dirs] == ["step-0000002"]  # every N steps, not at the end
+    assert len(list(result.validation_dirs[0].glob("*.png"))) == len(cfg.validation_prompts)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_prior_preservation_needs_class_images(tiny_model, photos, tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="class_dir"):
+        train(tiny_config, TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path, tmp_path / "o", None))

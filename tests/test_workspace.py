@@ -1,0 +1,66 @@
+"""Workspace: git + DVC tracking of subject photos, checkout at a revision, clear errors."""
+
+import pytest
+
+from atelier.errors import NotFound, WorkspaceError
+from atelier.hashing import sha256_file
+from atelier.settings import Settings
+from atelier.workspace import add_subject, checkout_subject, init_workspace, list_subjects, subject_revision
+
+
+@pytest.fixture
+def ws(tmp_path):
+    s = Settings(workspace=tmp_path / "ws")
+    init_workspace(s)
+    return s
+
+
+def test_init_is_idempotent(ws):
+    assert init_workspace(ws) == []
+    assert (ws.workspace / ".dvc").is_dir() and (ws.workspace / "dvc.yaml").is_file()
+
+
+def test_add_then_checkout_at_each_revision(ws, photos, tmp_path):
+    rev1 = add_subject(ws, "acme", "robot", "toy", photos[:4])
+    assert list_subjects(ws) == ["acme/robot"]
+    assert (ws.workspace / "data/subjects/acme/robot.dvc").is_file()
+    rev2 = add_subject(ws, "acme", "robot", "toy", photos[1:], replace=True)
+    assert rev1 != rev2 and subject_revision(ws, "acme", "robot") == rev2
+    old = checkout_subject(ws, "acme", "robot", rev1, tmp_path / "old")
+    new = checkout_subject(ws, "acme", "robot", None, tmp_path / "new")
+    assert sorted(old.files) == sorted(p.name for p in photos[:4])
+    assert sorted(new.files) == sorted(p.name for p in photos[1:])
+    assert old.files[photos[0].name] == sha256_file(photos[0])
+    assert old.class_noun == "toy" and old.dvc_md5 != new.dvc_md5
+    # the photos are in the DVC remote, so they come back even when the working copy is gone
+    import shutil
+
+    shutil.rmtree(ws.workspace / ".dvc" / "cache")
+    again = checkout_subject(ws, "acme", "robot", rev1, tmp_path / "again")
+    assert again.files == old.files
+
+
+def test_existing_subject_needs_replace(ws, photos):
+    add_subject(ws, "acme", "robot", "toy", photos)
+    with pytest.raises(WorkspaceError, match="--replace"):
+        add_subject(ws, "acme", "robot", "toy", photos)
+
+
+def test_unknown_subject_says_how_to_add_it(ws):
+    with pytest.raises(NotFound) as err:
+        subject_revision(ws, "nobody", "nothing")
+    assert "atelier subject add nobody nothing" in str(err.value)
+
+
+def test_duplicate_names_refused_and_nothing_left_behind(ws, photos, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / photos[0].name).write_bytes(photos[1].read_bytes())
+    with pytest.raises(WorkspaceError, match="file name"):
+        add_subject(ws, "acme", "dupes", "toy", [photos[0], other / photos[0].name])
+    assert not (ws.workspace / "data/subjects/acme/dupes").exists()
+
+
+def test_uninitialised_workspace(tmp_path):
+    with pytest.raises(WorkspaceError, match="atelier init"):
+        subject_revision(Settings(workspace=tmp_path / "none"), "a", "b")
