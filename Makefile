@@ -10,7 +10,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-deps -r requirements/lock.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 ## Set up, initialise the embedded workspace, add the demo subject and fine-tune it end to end.

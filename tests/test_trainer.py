@@ -56,3 +56,18 @@ def test_training_changes_weights_and_frozen_text_encoder_stays(tiny_model, phot
 def test_prior_preservation_needs_class_images(tiny_model, photos, tmp_path, tiny_config):
     with pytest.raises(ValueError, match="class_dir"):
         train(tiny_config, TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path, tmp_path / "o", None))
+
+
+def test_gradient_checkpointing_keeps_the_numbers(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    """Recomputing activations trades time for memory; the losses must not change."""
+    cfg = tiny_config.model_copy(update={"max_train_steps": 3, "validation_steps": 100, "checkpointing_steps": 100})
+    plain = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "plain"))
+    ckpt = train(cfg.model_copy(update={"gradient_checkpointing": True}), _inputs(tiny_model, photos, prior_dir, tmp_path / "gc"))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    cfg = tiny_config.model_copy(update={"max_train_steps": 2, "mixed_precision": "bf16", "validation_steps": 100})
+    result = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "bf16"))
+    assert result.finished and all(torch.isfinite(torch.tensor(result.losses)))
+    assert load_file(str(result.output_dir / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"].dtype == torch.float32

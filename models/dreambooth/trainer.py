@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         raise ValueError("with_prior_preservation needs class_dir")
     work = Path(inputs.work_dir)
     precision = cfg.resolved_precision(torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    acc = _fresh_accelerator(precision, cfg.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
@@ -220,6 +220,16 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
                                                    "seconds": time.perf_counter() - t0})
     acc.wait_for_everyone()
     return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs)
+
+
+def _fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
+    """accelerate keeps one process-wide state; a long-lived worker trains many models with different
+    precision and accumulation, so each run starts from a clean state (the process group is kept)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation)
 
 
 def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path:
