@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from atelier.errors import DataValidationError
-from atelier.workspace import checkout_subject
+from atelier.workspace import checkout_subject, subject_revision
 from models.validation.subject_suite import validate_subject_images
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
@@ -19,8 +19,8 @@ VALIDATE_VERSION = "1"
 @task(name="pull-subject", version=PULL_VERSION, cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=3)
 def pull_subject(customer: str, subject: str, rev: str | None = None) -> dict:
     s = settings()
-    dest = s.state_dir / "snapshots" / customer / subject / (rev or "latest")
-    snap = checkout_subject(s, customer, subject, rev, dest)
+    rev = rev or subject_revision(s, customer, subject)
+    snap = checkout_subject(s, customer, subject, rev, s.state_dir / "snapshots" / customer / subject / rev[:12])
     logger().info("pulled %d photos of %s/%s at data revision %s", len(snap.files), customer, subject, snap.rev[:12])
     out = asdict(snap)
     out["path"] = str(snap.path)
