@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from atelier.errors import AtelierError, GateRefused
-from atelier.settings import Settings, load_settings
+from atelier import cli_registry
+from atelier.cli_common import cli_settings, friendly
+from atelier.errors import GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
                   no_args_is_help=True, add_completion=False)
@@ -19,31 +19,11 @@ subject_app = typer.Typer(help="Manage customers' subject photo sets (DVC-tracke
 app.add_typer(subject_app, name="subject")
 
 
-def _settings() -> Settings:
-    settings = load_settings()
-    settings.apply_environment()
-    return settings
-
-
-def friendly(fn: Callable) -> Callable:
-    """Turn Atelier's typed errors into one line on stderr and a non-zero exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AtelierError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
-
 @app.command()
 @friendly
 def init() -> None:
     """Create the workspace: git + DVC repo with a local remote, MLflow and Prefect stores, tiny base model."""
-    settings = _settings()
+    settings = cli_settings()
     from atelier.workspace import init_workspace
     from models.dreambooth.tiny import write_tiny_model
 
@@ -59,7 +39,7 @@ def init() -> None:
 @friendly
 def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Print where everything lives: workspace, MLflow tracking URI and artifacts, Prefect, DVC remote."""
-    described = _settings().describe()
+    described = cli_settings().describe()
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
@@ -85,7 +65,7 @@ def subject_add(
     from atelier.workspace import add_subject, require_workspace
     from models.validation.subject_suite import validate_subject_images
 
-    settings = _settings()
+    settings = cli_settings()
     require_workspace(settings)
     check_slug(customer, "customer")
     check_slug(subject, "subject")
@@ -103,7 +83,7 @@ def subject_list() -> None:
     """List the workspace's subjects as CUSTOMER/SUBJECT."""
     from atelier.workspace import list_subjects
 
-    for name in list_subjects(_settings()):
+    for name in list_subjects(cli_settings()):
         typer.echo(name)
 
 
@@ -137,7 +117,7 @@ def finetune(
     """Run the subject-finetune flow: pull -> validate -> class priors -> train -> samples -> register -> gate."""
     import os
 
-    settings = _settings()
+    settings = cli_settings()
     from atelier.storage import check_slug
     from atelier.workspace import require_workspace, subject_revision
     from models.dreambooth.base import check_sd_directory
@@ -172,7 +152,7 @@ def priors(
     from models.dreambooth.base import check_sd_directory, model_hash
     from models.dreambooth.priors import PriorSpec, write_class_priors
 
-    settings = _settings()
+    settings = cli_settings()
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
     write_class_priors(out, spec, base, on_progress=lambda d, t: typer.echo(f"  {d}/{t}") if d % max(1, t // 10) == 0 else None,
@@ -194,7 +174,7 @@ def generate(
 
     from registry.pyfunc import decode_png
 
-    settings = _settings()
+    settings = cli_settings()
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     uri = f"models:/{model}"
     loaded = mlflow.pyfunc.load_model(uri)
@@ -217,7 +197,7 @@ def demo() -> None:
 
     t0 = time.perf_counter()
     init()
-    settings = _settings()
+    settings = cli_settings()
     if f"{DEMO_CUSTOMER}/{DEMO_SUBJECT}" not in list_subjects(settings):
         with tempfile.TemporaryDirectory() as tmp:
             photos = write_demo_photos(Path(tmp), count=5)
@@ -231,6 +211,9 @@ def demo() -> None:
     typer.echo(f"  Prefect UI:  PREFECT_HOME={settings.prefect_home} {sys.prefix}/bin/prefect server start   (then open http://127.0.0.1:4200)")
     typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
     typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")
+
+
+cli_registry.install(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

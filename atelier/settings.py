@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from atelier.errors import ConfigError
@@ -65,7 +65,11 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
     dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
     base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
-    experiment: str = "atelier-dreambooth"
+    experiment: str = Field("atelier", description="MLflow experiment prefix: one experiment per customer, <prefix>-<customer>")
+    ledger_url: str | None = Field(None, description="SQLAlchemy URL of the promotion ledger; default: SQLite in the workspace")
+    actor: str = Field(default_factory=lambda: os.environ.get("USER") or "unknown", description="who promotes, for the ledger")
+    tracking_username: str | None = Field(None, description="MLflow basic-auth user (the operations user)")
+    tracking_password: SecretStr | None = Field(None, description="MLflow basic-auth password")
     images: ImageRules = ImageRules()
     gate: GateRules = GateRules()
 
@@ -104,6 +108,17 @@ class Settings(BaseSettings):
         return self.artifact_root or (self.state_dir / "mlartifacts").as_uri()
 
     @property
+    def resolved_ledger_url(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.state_dir / 'ledger.db'}"
+
+    def experiment_for(self, customer: str) -> str:
+        return f"{self.experiment}-{customer}"
+
+    def artifact_root_for(self, customer: str) -> str:
+        """Each customer's artifacts under their own prefix (a folder locally, a key prefix on S3)."""
+        return f"{self.resolved_artifact_root.rstrip('/')}/{customer}"
+
+    @property
     def resolved_dvc_remote(self) -> str:
         return self.dvc_remote or str(self.state_dir / "dvc-remote")
 
@@ -125,7 +140,7 @@ class Settings(BaseSettings):
 
     @property
     def runs_dir(self) -> Path:
-        """Training outputs and checkpoints, one folder per training key."""
+        """Training outputs and checkpoints: runs/<customer>/<training key>."""
         return self.state_dir / "runs"
 
     def subject_dir(self, customer: str, subject: str) -> Path:
@@ -149,6 +164,9 @@ class Settings(BaseSettings):
             self.prefect_home.mkdir(parents=True, exist_ok=True)
         os.environ.update(self.prefect_environment())
         os.environ["MLFLOW_TRACKING_URI"] = self.resolved_tracking_uri
+        if self.tracking_username and self.tracking_password:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = self.tracking_username
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = self.tracking_password.get_secret_value()
         # Never reach a hub at run time: models are local paths or packages.
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "DVC_NO_ANALYTICS", "DO_NOT_TRACK"):
             os.environ[key] = "1"
@@ -164,6 +182,7 @@ class Settings(BaseSettings):
             "config file": str(_config_file() or "(none: defaults and ATELIER_* environment)"),
             "MLflow tracking URI": self.resolved_tracking_uri,
             "MLflow artifact root": self.resolved_artifact_root,
+            "promotion ledger": self.resolved_ledger_url,
             "Prefect API": self.prefect_api_url or f"local SQLite in {self.prefect_home} (temporary server per run)",
             "DVC remote": self.resolved_dvc_remote,
             "base model": str(self.resolved_base_model),

@@ -63,14 +63,14 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
         "data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
         "data.validation_report": validation["report_dir"],
         "base_model.id": EMBEDDED_BASE_ID if embedded else str(base), "base_model.sha256": base_hash,
-        "class_priors.key": priors["key"] if priors else "none",
+        "class_priors.key": priors["key"] if priors else "none", "class_priors.sha256": priors["sha256"] if priors else "none",
         "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
         "flow.name": "subject-finetune", "flow.version": FLOW_VERSION, "task_versions": task_versions(),
         "params": config, "training.key": training["key"],
         "prefect.flow_run_id": str(flow_run.id), "eval.summary": samples["health"],
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
-    gate = promotion_gate(registered, samples["health"])
+    gate = promotion_gate(registered, str(flow_run.id))
     return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
             "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
             "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),

@@ -11,8 +11,10 @@ import mlflow
 from mlflow import MlflowClient
 from PIL import Image
 
+from atelier.hashing import tree_hash
 from atelier.settings import Settings
 from registry.gate import CANDIDATE
+from registry.isolation import grant_customer_read, require_owner
 from registry.pyfunc import SIGNATURE, DreamBoothModel
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
@@ -34,13 +36,19 @@ class Registered:
     reused: bool = False
 
 
-def configure(settings: Settings) -> MlflowClient:
-    """Point MLflow at the settings' tracking URI and make sure the experiment exists."""
+def client_for(settings: Settings) -> MlflowClient:
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    client = MlflowClient(settings.resolved_tracking_uri)
-    if client.get_experiment_by_name(settings.experiment) is None:
-        client.create_experiment(settings.experiment, artifact_location=settings.resolved_artifact_root)
-    mlflow.set_experiment(settings.experiment)
+    return MlflowClient(settings.resolved_tracking_uri)
+
+
+def configure(settings: Settings, customer: str) -> MlflowClient:
+    """Point MLflow at the tracking URI and use the customer's experiment (own artifact prefix)."""
+    client = client_for(settings)
+    name = settings.experiment_for(customer)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=settings.artifact_root_for(customer),
+                                 tags={"atelier.customer": customer})
+    mlflow.set_experiment(name)
     return client
 
 
@@ -60,8 +68,10 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
 
     Registration comes last: if anything before it fails, no version exists.
     """
-    client = configure(settings)
+    client = configure(settings, customer)
     name = model_name(customer, subject)
+    require_owner(client, name, customer)
+    lineage = {**lineage, "model.sha256": tree_hash(Path(pipeline_dir))}
     tags = _tags(lineage)
     existing = find_version(client, name, "atelier.training.key", lineage.get("training.key"))
     if existing is not None:  # the same training outputs are registered once, however often the flow reruns
@@ -89,6 +99,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
             )
     if _missing(client, name):
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"})
+        grant_customer_read(settings, name, customer)
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)

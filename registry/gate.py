@@ -11,8 +11,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from mlflow import MlflowClient
-
 from atelier.settings import GateRules
 from models.dreambooth.health import Health
 
@@ -53,18 +51,3 @@ def evaluate_training_health(health: Health, rules: GateRules) -> GateResult:
               rules.min_distinct_samples, f"{health.distinct_share:.0%} of sample pairs differ (need {rules.min_distinct_samples:.0%})"),
     ]
     return GateResult(all(c.passed for c in checks), checks)
-
-
-def apply_gate(client: MlflowClient, name: str, version: str, result: GateResult) -> str | None:
-    """Record the gate result on the version; move `champion` to it only if it passed.
-
-    Returns the version that is champion afterwards (None if there is none).
-    """
-    client.set_model_version_tag(name, version, "atelier.gate", result.as_json())
-    if result.passed:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return version
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:  # no champion yet
-        return None

@@ -12,7 +12,7 @@ from atelier.hashing import value_hash
 from models.dreambooth.base import check_sd_directory, model_hash
 from models.dreambooth.config import TrainConfig, load_train_config
 from models.dreambooth.health import assess, sample_grid
-from models.dreambooth.priors import PriorSpec, ensure_class_priors
+from models.dreambooth.priors import PriorSpec, ensure_class_priors, prior_images_hash
 from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
 
 TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
@@ -43,7 +43,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done))
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
-    return {"path": str(prior.path), "key": prior.key, "count": prior.count}
+    return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior_images_hash(prior.path)}
 
 
 def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict) -> str:
@@ -58,7 +58,7 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
 
     cfg = TrainConfig(**config)
     key = training_key(base_hash, snapshot, priors["key"] if priors else None, config)
-    work = settings().runs_dir / key
+    work = settings().runs_dir / snapshot["customer"] / key
     inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",
                          Path(priors["path"]) if priors else None)
     done_file = work / "training.json"

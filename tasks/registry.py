@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from models.dreambooth.config import TrainConfig
-from models.dreambooth.health import Health
-from registry.dreambooth import configure, register_dreambooth
-from registry.gate import apply_gate, evaluate_training_health
+from registry.dreambooth import client_for, register_dreambooth
+from registry.ledger import Ledger
+from registry.promotion import promote
 from tasks.common import UNCACHED, logger, retry_transient, settings
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1"}
@@ -33,18 +34,21 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
     return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
 
 
-@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def promotion_gate(registered: dict, health: dict) -> dict:
+@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2,
+      retry_condition_fn=retry_transient, retry_delay_seconds=5)
+def promotion_gate(registered: dict, flow_run_id: str | None = None) -> dict:
+    """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
-    client = configure(s)
-    result = evaluate_training_health(Health(**health), s.gate)
-    champion = apply_gate(client, registered["name"], registered["version"], result)
-    lines = [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in result.checks]
+    result = promote(client_for(s), Ledger(s.resolved_ledger_url), registered["name"], registered["version"],
+                     actor=f"{s.actor} via subject-finetune", reason="new version from the subject-finetune flow",
+                     rules=s.gate, flow_run_id=flow_run_id)
+    checks = json.loads(result.row.gate)["checks"]
+    lines = [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in checks]
     create_markdown_artifact("\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
                              description=f"promotion gate for {registered['name']} v{registered['version']}")
     if result.passed:
-        logger().info("gate passed: %s v%s is champion", registered["name"], registered["version"])
+        logger().info("gate passed: %s v%s is champion (ledger row %d)", result.model, result.version, result.row.seq)
     else:
-        logger().warning("gate refused %s v%s: %s; champion stays %s", registered["name"], registered["version"],
-                         "; ".join(result.reasons), champion or "(none)")
-    return {"passed": result.passed, "reasons": result.reasons, "champion": champion}
+        logger().warning("gate refused %s v%s: %s; champion stays %s", result.model, result.version,
+                         "; ".join(result.reasons), result.champion or "(none)")
+    return {"passed": result.passed, "reasons": result.reasons, "champion": result.champion, "ledger_seq": result.row.seq}

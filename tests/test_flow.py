@@ -122,11 +122,11 @@ def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, cl
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff not an image")
     add_subject(workspace, "acme", "broken", "toy", [*robot_photos[:3], corrupt])  # bypasses the CLI's check
-    runs_before = set(workspace.runs_dir.iterdir())
+    runs_before = set((workspace.runs_dir / "acme").iterdir())
     with pytest.raises(DataValidationError) as err:
         subject_finetune("acme", "broken")
     assert "corrupt.jpg" in str(err.value) and "decodable" in str(err.value)
-    assert set(workspace.runs_dir.iterdir()) == runs_before  # no training started
+    assert set((workspace.runs_dir / "acme").iterdir()) == runs_before  # no training started
     assert not client.search_registered_models("name = 'dreambooth-acme-broken'")
     assert list((workspace.state_dir / "reports" / "validation" / "acme" / "broken").glob("*/validation.json"))
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from atelier.hashing import value_hash
+from atelier.hashing import file_hashes, value_hash
 from atelier.storage import atomic_dir, write_json_atomic
 from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
@@ -74,6 +74,11 @@ def write_class_priors(out_dir: Path, spec: PriorSpec, base_model_dir: Path, bat
         generate(pipe, requests, batch_size=batch_size, on_image=save)
         write_json_atomic(tmp / MANIFEST, {"key": spec.key, "spec": asdict(spec)})
     return Path(out_dir)
+
+
+def prior_images_hash(folder: Path) -> str:
+    """Hash of a class-prior set's images (the manifest is metadata, not content)."""
+    return value_hash({k: v for k, v in file_hashes(Path(folder)).items() if k.endswith(".png")})
 
 
 def read_manifest(path: Path) -> dict:

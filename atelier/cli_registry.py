@@ -1,0 +1,143 @@
+"""Registry commands: lineage, promotion, rollback, the ledger, customers."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from atelier.cli_common import cli_settings, friendly
+from atelier.errors import GateRefused
+
+ledger_app = typer.Typer(help="The tamper-evident promotion ledger.", no_args_is_help=True)
+customer_app = typer.Typer(help="Customers and their access to the registry.", no_args_is_help=True)
+
+
+def _registry():
+    from registry.dreambooth import client_for
+    from registry.ledger import Ledger
+
+    settings = cli_settings()
+    return settings, client_for(settings), Ledger(settings.resolved_ledger_url)
+
+
+@friendly
+def lineage_cmd(
+    ref: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    verify: bool = typer.Option(False, "--verify", help="re-hash model artifacts and input data; exit 4 on drift"),
+) -> None:
+    """Walk a registered version back to its run, flow run, data files, base model, priors, code and promotions."""
+    from registry.lineage import lineage, verify as verify_lineage
+
+    settings, client, ledger = _registry()
+    report = lineage(client, ledger, ref)
+    if verify:
+        report["drift"] = verify_lineage(settings, report)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _print_lineage(report)
+    if verify and report["drift"] and any("not checked" not in d for d in report["drift"]):
+        raise typer.Exit(4)
+
+
+def _print_lineage(r: dict) -> None:
+    typer.echo(f"{r['model']} version {r['version']}  aliases: {', '.join(r['aliases']) or '-'}  customer: {r['customer']}")
+    typer.echo(f"  model sha256     {r['model_sha256']}")
+    typer.echo(f"  MLflow run       {r['run']['id']} ({r['run']['status']}), artifacts {r['run']['artifact_uri']}")
+    typer.echo(f"  Prefect run      {r['prefect_flow_run']['id']} ({r['prefect_flow_run']['flow']} v{r['prefect_flow_run']['flow_version']})")
+    typer.echo(f"  data             {r['customer']}/{r['subject']} at workspace commit {r['data']['rev']} (DVC md5 {r['data']['dvc_md5']})")
+    for name, digest in sorted((r["data"]["files"] or {}).items()):
+        typer.echo(f"                     {name}  sha256 {digest}")
+    typer.echo(f"  base model       {r['base_model']['id']}  sha256 {r['base_model']['sha256']}")
+    typer.echo(f"  class priors     {r['class_priors']['key']}  sha256 {r['class_priors']['sha256']}")
+    typer.echo(f"  code             git {r['code']['git_sha']} (dirty: {r['code']['dirty']}), atelier {r['code']['version']}")
+    summary = r["evaluation"]["summary"] or {}
+    typer.echo(f"  evaluation       final loss {summary.get('final_loss')}, {summary.get('sample_count')} samples; "
+               f"gate passed: {(r['evaluation']['gate'] or {}).get('passed')}")
+    typer.echo("  promotions")
+    for row in r["promotions"]:
+        typer.echo(f"    #{row['seq']} {row['created_at'][:19]} {row['action']:<8} v{row['version']} "
+                   f"(was v{row['replaced_version'] or '-'}) by {row['actor']}: {row['reason']}")
+    for line in r.get("drift", []) or (["  verify: everything matches"] if "drift" in r else []):
+        typer.echo(f"  drift: {line}" if not line.startswith("  verify") else line)
+
+
+@friendly
+def promote_cmd(
+    model: str = typer.Argument(..., help="registered model name"),
+    version: str = typer.Argument(..., help="version to make champion"),
+    reason: str = typer.Option(..., "--reason", help="why (kept in the ledger)"),
+) -> None:
+    """Make VERSION the champion, if it passes the gate; the ledger records the outcome."""
+    from registry.promotion import promote
+
+    settings, client, ledger = _registry()
+    done = promote(client, ledger, model, version, actor=settings.actor, reason=reason, rules=settings.gate)
+    if not done.passed:
+        raise GateRefused(f"{model} version {version}", "; ".join(done.reasons), "champion unchanged; see `atelier lineage`")
+    typer.echo(f"{model}@champion is version {version} (ledger row {done.row.seq})")
+
+
+@friendly
+def rollback_cmd(
+    model: str = typer.Argument(..., help="registered model name"),
+    reason: str = typer.Option("rollback", "--reason", help="why (kept in the ledger)"),
+) -> None:
+    """Move champion back to the version it replaced, through the gate and the ledger."""
+    from registry.promotion import rollback
+
+    settings, client, ledger = _registry()
+    done = rollback(client, ledger, model, actor=settings.actor, reason=reason, rules=settings.gate)
+    typer.echo(f"{model}@champion is back to version {done.version} (ledger row {done.row.seq})")
+
+
+@ledger_app.command("verify")
+@friendly
+def ledger_verify() -> None:
+    """Check the hash chain and each model's anchor in the registry; exit 5 if anything was tampered with."""
+    from registry.promotion import anchors
+
+    _, client, ledger = _registry()
+    rows = ledger.rows()
+    problems = ledger.verify(anchors(client, sorted({r.model for r in rows})))
+    for p in problems:
+        typer.secho(f"TAMPERED: {p.detail}", fg=typer.colors.RED, err=True)
+    if problems:
+        raise typer.Exit(5)
+    typer.echo(f"ledger intact: {len(rows)} rows, chain and anchors verified")
+
+
+@ledger_app.command("show")
+@friendly
+def ledger_show(model: str = typer.Argument(None, help="only this model")) -> None:
+    """List promotions, refusals and rollbacks, oldest first."""
+    _, _, ledger = _registry()
+    for row in ledger.rows(model):
+        typer.echo(f"#{row.seq} {row.created_at[:19]} {row.model} v{row.version} {row.action} "
+                   f"(replaced v{row.replaced_version or '-'}) by {row.actor}: {row.reason}")
+
+
+@customer_app.command("add")
+@friendly
+def customer_add(
+    name: str = typer.Argument(..., help="customer id (slug)"),
+    password: str = typer.Option(None, "--password", help="default: a random one, printed once"),
+) -> None:
+    """Create the customer's MLflow user with READ on its own registered models only (basic-auth server)."""
+    from registry.isolation import add_customer
+
+    settings = cli_settings()
+    secret, models = add_customer(settings, name, password)
+    typer.echo(f"customer {name}: MLflow user created with READ on {len(models)} model(s): {', '.join(models) or '-'}")
+    if password is None:
+        typer.echo(f"password (shown once): {secret}")
+
+
+def install(app: typer.Typer) -> None:
+    app.command("lineage")(lineage_cmd)
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.add_typer(ledger_app, name="ledger")
+    app.add_typer(customer_app, name="customer")

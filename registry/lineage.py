@@ -1,0 +1,98 @@
+"""Lineage: from a registered version back to its run, flow run, data, base model, priors and code,
+with every promotion and rollback of the model; `verify` re-hashes what can be reached."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from atelier.errors import NotFound
+from atelier.hashing import tree_hash
+from atelier.settings import Settings
+from atelier.workspace import checkout_subject
+from models.dreambooth.priors import prior_images_hash
+from registry.ledger import Ledger
+
+
+def resolve(client: MlflowClient, ref: str):
+    """NAME@ALIAS or NAME/VERSION -> the model version."""
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return client.get_model_version(name, version)
+    except MlflowException:
+        raise NotFound(f"model {ref}", "is not in the registry", "check the name, alias or version (`atelier ledger show` lists promotions)") from None
+    raise NotFound(f"model reference {ref!r}", "is neither NAME@ALIAS nor NAME/VERSION", "write e.g. dreambooth-acme-robot@champion or dreambooth-acme-robot/3")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
+    mv = resolve(client, ref)
+    tags = {k.removeprefix("atelier."): _value(v) for k, v in mv.tags.items() if k.startswith("atelier.")}
+    run = client.get_run(mv.run_id)
+    return {
+        "model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []), "source": mv.source,
+        "customer": tags.get("customer"), "subject": tags.get("subject"),
+        "model_sha256": tags.get("model.sha256"),
+        "run": {"id": run.info.run_id, "status": run.info.status, "experiment_id": run.info.experiment_id,
+                "start_time": run.info.start_time, "end_time": run.info.end_time, "artifact_uri": run.info.artifact_uri,
+                "params": dict(run.data.params), "metrics": dict(run.data.metrics)},
+        "prefect_flow_run": {"id": tags.get("prefect.flow_run_id"), "flow": tags.get("flow.name"), "flow_version": tags.get("flow.version"),
+                             "task_versions": tags.get("task_versions")},
+        "data": {"rev": tags.get("data.rev"), "dvc_md5": tags.get("data.dvc_md5"), "files": tags.get("data.files"),
+                 "validation_report": tags.get("data.validation_report")},
+        "base_model": {"id": tags.get("base_model.id"), "sha256": tags.get("base_model.sha256")},
+        "class_priors": {"key": tags.get("class_priors.key"), "sha256": tags.get("class_priors.sha256")},
+        "code": {"git_sha": tags.get("code.git_sha"), "dirty": tags.get("code.dirty"), "version": tags.get("code.version")},
+        "evaluation": {"summary": tags.get("eval.summary"), "gate": tags.get("gate")},
+        "training_key": tags.get("training.key"),
+        "promotions": [r.as_dict() for r in ledger.rows(mv.name)],
+    }
+
+
+def verify(settings: Settings, report: dict) -> list[str]:
+    """Re-hash the model artifacts, the input photos at their revision, the base model and the class
+    priors; return one line per drift (empty: everything matches)."""
+    drift: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=report["source"], dst_path=str(Path(tmp) / "model")))
+        got = tree_hash(local / "artifacts" / "pipeline")
+        if got != report["model_sha256"]:
+            drift.append(f"model artifacts: sha256 {got[:16]} differs from the registered {str(report['model_sha256'])[:16]}")
+        data = report["data"]
+        if data.get("rev"):
+            snap = checkout_subject(settings, report["customer"], report["subject"], data["rev"], Path(tmp) / "data")
+            for name in sorted(set(snap.files) | set(data["files"] or {})):
+                want, have = (data["files"] or {}).get(name), snap.files.get(name)
+                if want != have:
+                    drift.append(f"input {name}: " + ("missing" if have is None else "not in the lineage" if want is None else "content changed"))
+    base = report["base_model"]
+    base_dir = settings.tiny_model_dir if str(base.get("id", "")).startswith("atelier/tiny-sd") else Path(str(base.get("id")))
+    if base_dir.is_dir():
+        if tree_hash(base_dir) != base.get("sha256"):
+            drift.append(f"base model {base_dir}: content changed since training")
+    else:
+        drift.append(f"base model {base_dir}: not reachable here, not checked")
+    priors = report["class_priors"]
+    if priors.get("key") and priors["key"] != "none":
+        folder = settings.priors_cache / priors["key"]
+        if not folder.is_dir():
+            drift.append(f"class priors {priors['key']}: not in this machine's cache, not checked")
+        elif prior_images_hash(folder) != priors.get("sha256"):
+            drift.append(f"class priors {priors['key']}: content changed since training")
+    return drift
+
