@@ -167,6 +167,7 @@ def generate(
     prompt: list[str] = typer.Option(..., "--prompt", help="prompt (repeatable)"),
     out: Path = typer.Option(Path("generated"), help="folder for the PNGs"),
     seed: int = typer.Option(0),
+    customer: Optional[str] = typer.Option(None, "--customer", help="refuse unless the model belongs to this customer"),
 ) -> None:
     """Generate images with a registered model through MLflow's pyfunc interface."""
     import mlflow.pyfunc
@@ -177,6 +178,12 @@ def generate(
     settings = cli_settings()
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     uri = f"models:/{model}"
+    if customer:
+        from mlflow import MlflowClient
+
+        from registry.isolation import require_owner
+
+        require_owner(MlflowClient(settings.resolved_tracking_uri), model.split("@")[0].split("/")[0], customer)
     loaded = mlflow.pyfunc.load_model(uri)
     frame = loaded.predict(pd.DataFrame({"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}))
     out.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     if _missing(client, name):
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"})
         grant_customer_read(settings, name, customer)
-    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags)
+    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
 

@@ -54,14 +54,22 @@ def _user_exists(auth, username: str) -> bool:
 
 
 def grant_customer_read(settings: Settings, name: str, customer: str) -> bool:
-    """With basic auth on, give the customer's user READ on `name` (if the user exists)."""
+    """With basic auth on, give the customer's user READ on `name` and on its experiment (where the
+    model's artifacts live), if the user exists."""
     if not auth_enabled(settings):
         return False
     auth = auth_client(settings)
     if not _user_exists(auth, customer):
         return False
     auth.grant_user_permission(customer, "registered_model", name, "READ")
+    _grant_experiment(settings, auth, customer)
     return True
+
+
+def _grant_experiment(settings: Settings, auth, customer: str) -> None:
+    experiment = MlflowClient(settings.resolved_tracking_uri).get_experiment_by_name(settings.experiment_for(customer))
+    if experiment is not None:
+        auth.grant_user_permission(customer, "experiment", experiment.experiment_id, "READ")
 
 
 def add_customer(settings: Settings, customer: str, password: str | None = None) -> tuple[str, list[str]]:
@@ -80,4 +88,5 @@ def add_customer(settings: Settings, customer: str, password: str | None = None)
     models = [m.name for m in client.search_registered_models(f"tags.`{CUSTOMER_TAG}` = '{customer}'")]
     for name in models:
         auth.grant_user_permission(customer, "registered_model", name, "READ")
+    _grant_experiment(settings, auth, customer)
     return password, models

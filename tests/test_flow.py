@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -137,3 +138,66 @@ def test_a_base_model_that_is_not_sd_is_refused(prefect_harness, robot_photos, t
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ModelFormatError, match="FluxPipeline"):
         subject_finetune("acme", "robot", base_model=str(tmp_path))
+
+
+def test_lineage_of_the_champion_reaches_every_input_file(first_run, workspace, client, robot_photos):
+    from registry.ledger import Ledger
+    from registry.lineage import lineage, verify
+
+    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}@champion")
+    assert report["version"] == first_run["version"]
+    assert report["data"]["files"] == {p.name: sha256_file(p) for p in robot_photos}
+    assert report["data"]["rev"] == first_run["data_rev"]
+    assert report["prefect_flow_run"]["id"] == first_run["flow_run_id"]
+    assert report["run"]["params"]["max_train_steps"] == "60"
+    assert report["class_priors"]["key"] != "none" and report["base_model"]["sha256"]
+    assert any(r["action"] == "promote" and r["version"] == first_run["version"] for r in report["promotions"])
+    assert verify(workspace, report) == []
+
+
+def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, client):
+    from sqlalchemy import create_engine, text
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    runner = CliRunner()
+    refused = [r for r in client.search_model_versions(f"name = '{NAME}'") if r.tags.get("atelier.gate") and
+               not json.loads(r.tags["atelier.gate"])["passed"]]
+    other = str(refused[0].version)  # refused under a strict gate earlier; passes the default rules
+    out = runner.invoke(app, ["promote", NAME, other, "--reason", "reviewed the samples by hand"])
+    assert out.exit_code == 0, out.output
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == other
+    out = runner.invoke(app, ["rollback", NAME, "--reason", "customer preferred the old one"])
+    assert out.exit_code == 0, out.output
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == first_run["version"]
+    shown = runner.invoke(app, ["ledger", "show", NAME]).output
+    assert "rollback" in shown and "reviewed the samples by hand" in shown and "refuse" in shown
+    out = runner.invoke(app, ["lineage", f"{NAME}@champion"])
+    assert out.exit_code == 0 and "rollback" in out.output and "sha256" in out.output
+    assert runner.invoke(app, ["ledger", "verify"]).exit_code == 0
+    engine = create_engine(workspace.resolved_ledger_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE promotion_ledger SET actor = 'someone else' WHERE seq = 1"))
+    out = runner.invoke(app, ["ledger", "verify"])
+    assert out.exit_code == 5 and "edited" in out.output
+    with engine.begin() as conn:  # put it back for the tests after this one
+        conn.execute(text("UPDATE promotion_ledger SET actor = :a WHERE seq = 1"), {"a": f"{workspace.actor} via subject-finetune"})
+    assert runner.invoke(app, ["ledger", "verify"]).exit_code == 0
+
+
+def test_lineage_verify_reports_tampered_model_artifacts(first_run, workspace, client):
+    from registry.ledger import Ledger
+    from registry.lineage import lineage, verify
+
+    versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+    victim = versions[-1]
+    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}/{victim.version}")
+    from urllib.parse import urlparse
+
+    model_id = victim.source.removeprefix("models:/")
+    stored = Path(urlparse(client.get_logged_model(model_id).artifact_location).path)
+    config = stored / "artifacts" / "pipeline" / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 33'))
+    drift = verify(workspace, report)
+    assert any(d.startswith("model artifacts") for d in drift)

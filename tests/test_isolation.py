@@ -1,0 +1,126 @@
+"""Per-customer isolation against a real MLflow tracking server with its basic-auth app."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from atelier.settings import Settings
+from registry.dreambooth import register_dreambooth
+from registry.isolation import AccessDenied, add_customer, require_owner
+
+pytestmark = pytest.mark.slow
+OPS, OPS_PW = "ops", "ops-Secret-pw-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    ini = root / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root}/auth.db\n"
+                   f"admin_username = {OPS}\nadmin_password = {OPS_PW}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": OPS_PW,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("MLflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _as(monkeypatch, url: str, user: str, password: str) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    return MlflowClient(url)
+
+
+@pytest.fixture(scope="module")
+def registered(server, workspace, tiny_model, tmp_path_factory):
+    """Two customers' models, registered by the operations user through Atelier's own code."""
+    folder = tmp_path_factory.mktemp("samples")
+    sample = folder / "000.png"
+    Image.new("RGB", (8, 8), "red").save(sample)
+    settings = Settings(workspace=workspace.workspace, tracking_uri=server, tracking_username=OPS, tracking_password=OPS_PW)
+    with pytest.MonkeyPatch.context() as mp:
+        _as(mp, server, OPS, OPS_PW)
+        for customer in ("acme", "globex"):
+            register_dreambooth(settings, customer, "robot", tiny_model, {"training.key": customer, "customer": customer},
+                                {"lr": 1}, [1.0, 0.5], {"m": 1.0}, [sample], sample, "dpmsolver++", 2, 2.0)
+        passwords = {c: add_customer(settings, c, f"{c}-Password-123")[0] for c in ("acme", "globex")}
+    return settings, passwords
+
+
+def test_customer_reads_and_loads_only_its_own_model(server, registered, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    _, passwords = registered
+    client = _as(monkeypatch, server, "acme", passwords["acme"])
+    assert client.get_registered_model("dreambooth-acme-robot").tags["atelier.customer"] == "acme"
+    model = mlflow.pyfunc.load_model("models:/dreambooth-acme-robot@candidate")
+    out = model.predict(pd.DataFrame({"prompt": ["a sks toy"], "seed": [1], "steps": [2]}))
+    assert len(out) == 1
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+        client.get_registered_model("dreambooth-globex-robot")
+    with pytest.raises(MlflowException):
+        mlflow.pyfunc.load_model("models:/dreambooth-globex-robot@candidate")
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+        client.set_registered_model_alias("dreambooth-acme-robot", "champion", "1")  # READ only, even on its own
+
+
+def test_other_customer_is_refused_everything(server, registered, monkeypatch):
+    _, passwords = registered
+    client = _as(monkeypatch, server, "globex", passwords["globex"])
+    for call in (lambda: client.get_registered_model("dreambooth-acme-robot"),
+                 lambda: client.get_model_version_by_alias("dreambooth-acme-robot", "candidate"),
+                 lambda: client.set_registered_model_alias("dreambooth-acme-robot", "champion", "1")):
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+            call()
+
+
+def test_operations_user_manages_all(server, registered, monkeypatch):
+    client = _as(monkeypatch, server, OPS, OPS_PW)
+    client.set_registered_model_alias("dreambooth-globex-robot", "champion", "1")
+    assert str(client.get_model_version_by_alias("dreambooth-globex-robot", "champion").version) == "1"
+    with pytest.raises(AccessDenied, match="belongs to customer 'acme'"):
+        require_owner(client, "dreambooth-acme-robot", "globex")
+
+
+def test_wrong_password_is_refused(server, registered):
+    resp = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"},
+                        auth=("acme", "not-the-password"), timeout=10)
+    assert resp.status_code == 401
+    anonymous = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"}, timeout=10)
+    assert anonymous.status_code == 401
