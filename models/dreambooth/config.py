@@ -49,6 +49,10 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, none on CPU")
+    # speed levers that keep the training semantics (benchmarks/dreambooth_gpu.py measures them)
+    fused_adam: bool = Field(True, description="fused AdamW kernel on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="UNet in channels_last memory format on CUDA")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; pays a compile on the first steps)")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2

@@ -133,9 +133,16 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         if cfg.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
+    cuda = acc.device.type == "cuda"
+    if cuda and cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    unet.to(acc.device)
+    if cfg.train_text_encoder:
+        text_encoder.to(acc.device)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                  **({"fused": True} if cuda and cfg.fused_adam else {}))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
                                  num_training_steps=cfg.max_train_steps * acc.num_processes)
@@ -146,6 +153,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         text_encoder.to(acc.device, dtype=weight_dtype)
     vae.to(acc.device) if weight_dtype == torch.float32 else vae.to(acc.device, dtype=weight_dtype)
 
+    if cuda and cfg.compile_unet:
+        unet = torch.compile(unet)
     instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
     prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)

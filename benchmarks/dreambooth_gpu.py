@@ -1,0 +1,254 @@
+"""DreamBooth training and class-image generation: Atelier against diffusers' example, same run.
+
+    python benchmarks/dreambooth_gpu.py                 # SD 1.5 architecture, random weights, 512 px (needs CUDA)
+    python benchmarks/dreambooth_gpu.py --tiny --steps 6  # the tiny model on CPU: checks the script runs
+
+Training: 1 instance + 1 prior image per step, text encoder trained, prior preservation, constant LR.
+The baseline follows examples/dreambooth/train_dreambooth.py (fp16 autocast with a GradScaler, VAE
+encode and text encoder inside the loop, AdamW with its default foreach kernel). Atelier's trainer is
+called as the flow calls it. Steps/s is measured after warm-up steps; memory is the allocator's peak
+reserved bytes per phase. Class images: StableDiffusionPipeline as the example calls it (fp16, the
+model's PNDM scheduler, 50 steps, batch 4) against Atelier's generation (DPM-Solver++ 25 steps,
+larger batches, batched classifier-free guidance), the same count and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atelier.demo_data import draw_robot  # noqa: E402
+from models.dreambooth.config import TrainConfig  # noqa: E402
+from models.dreambooth.trainer import TrainInputs, train  # noqa: E402
+
+
+def build_sd15(out: Path, bpe: Path | None) -> Path:
+    """Stable Diffusion 1.5's exact architecture with random weights, saved as a diffusers directory."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from models.dreambooth.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"))
+    tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp()), bpe)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)), unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"SD1.5-shape model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+          f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M parameters", flush=True)
+    return out
+
+
+def write_images(folder: Path, count: int, size: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        draw_robot(seed + i, size).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _reset_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else float("nan")
+
+
+def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str) -> dict:
+    """The loop of diffusers' train_dreambooth.py, reduced to what runs per step."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from models.dreambooth.images import stack_folder
+
+    _reset_memory(device)
+    fp16 = device == "cuda"
+    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    text = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder").to(device)
+    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae").to(device, torch.float16 if fp16 else torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").to(device)
+    sched = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
+    vae.requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    scaler = torch.amp.GradScaler(device, enabled=fp16)
+    inst = stack_folder(instance, cfg.resolution)
+    cls = stack_folder(klass, cfg.resolution)
+    ids = tok([cfg.fill(cfg.instance_prompt, "toy"), cfg.fill(cfg.class_prompt, "toy")], padding="max_length",
+              max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    unet.train()
+    text.train()
+    times = []
+    for step in range(warmup + steps):
+        pixels = torch.stack([inst[step % len(inst)], cls[step % len(cls)]]).to(device)
+        with torch.autocast(device, dtype=torch.float16, enabled=fp16):
+            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
+            noisy = sched.add_noise(latents, noise, t)
+            hidden = text(ids)[0]
+            pred = unet(noisy, t, hidden).sample
+            p, pp = pred.float().chunk(2)
+            n, nn_ = noise.float().chunk(2)
+            loss = F.mse_loss(p, n) + cfg.prior_loss_weight * F.mse_loss(pp, nn_)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        loss.detach().item()  # the example logs the loss every step
+        times.append(time.perf_counter())
+    timed = times[-1] - times[warmup - 1]
+    out = {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib(device)}
+    del text, vae, unet, opt, scaler
+    return out
+
+
+def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str,
+                     work: Path) -> dict:
+    _reset_memory(device)
+    stamps: dict[int, float] = {}
+    total = cfg.max_train_steps
+
+    def progress(step, _total, _loss, _lr):
+        stamps[step] = time.perf_counter()
+
+    shutil.rmtree(work, ignore_errors=True)
+    train(cfg.model_copy(update={"max_train_steps": total}), TrainInputs(base, instance, "toy", work, work / "out", klass),
+          on_progress=progress, step_budget=warmup + steps)
+    timed = stamps[warmup + steps] - stamps[warmup]
+    return {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib(device)}
+
+
+def class_images(base: Path, count: int, size: int, device: str, baseline: bool, compile_unet: bool = False) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+
+    _reset_memory(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if baseline:
+        pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda n: [pipe(["a photo of toy"] * min(4, n - i), num_inference_steps=50, height=size, width=size).images  # noqa: E731
+                         for i in range(0, n, 4)]
+    else:
+        pipe = load_pipeline(base, "dpmsolver++")
+        if compile_unet and device == "cuda":
+            pipe.unet = torch.compile(pipe.unet)
+        reqs = lambda n: [GenerationRequest("a photo of toy", i, 25, 7.5, size, size) for i in range(n)]  # noqa: E731
+        run = lambda n: generate(pipe, reqs(n), batch_size=16)  # noqa: E731
+    run(min(count, 4 if baseline else 16))  # warm-up (and compile)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run(count)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del pipe
+    return {"images_per_s": count / seconds, "seconds": seconds, "peak_gib": _peak_gib(device)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the embedded tiny model at 64 px (CPU smoke run)")
+    ap.add_argument("--steps", type=int, default=40, help="timed training steps per variant")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--images", type=int, default=32, help="class images per generation variant")
+    ap.add_argument("--bpe", type=Path, default=None, help="CLIP BPE file (default: the one open_clip_torch ships)")
+    ap.add_argument("--only", default="", help="comma list of variants to run (default all)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    if args.tiny:
+        from models.dreambooth.tiny import write_tiny_model
+
+        base, size = write_tiny_model(tmp / "tiny"), 64
+    else:
+        base, size = build_sd15(tmp / "sd15", args.bpe), 512
+    instance = write_images(tmp / "instance", 5, size, 1000)
+    klass = write_images(tmp / "class", 10, size, 2000)
+    cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
+                      learning_rate=5e-6)
+    variants = {
+        "baseline (diffusers example: fp16 + GradScaler, foreach AdamW)":
+            lambda: baseline_training(base, instance, klass, cfg, args.steps, args.warmup, device),
+        "atelier fp16 (cached latents, fused AdamW, channels_last)":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "fp16" if device == "cuda" else "no"}),
+                                     args.steps, args.warmup, device, tmp / "w1"),
+        "atelier bf16":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}),
+                                     args.steps, args.warmup, device, tmp / "w2"),
+        "atelier bf16 + torch.compile":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
+                                     args.steps, args.warmup, device, tmp / "w3"),
+        "atelier bf16, text encoder frozen":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "train_text_encoder": False}),
+                                     args.steps, args.warmup, device, tmp / "w4"),
+        "class images baseline (PNDM 50 steps, batch 4)": lambda: class_images(base, args.images, size, device, True),
+        "class images atelier (DPM-Solver++ 25, batch 16)": lambda: class_images(base, args.images, size, device, False),
+        "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, True),
+    }
+    only = [o.strip() for o in args.only.split(",") if o.strip()]
+    results = {}
+    for name, run in variants.items():
+        if only and not any(o in name for o in only):
+            continue
+        if args.tiny and "compile" in name:
+            continue
+        try:
+            results[name] = run()
+        except Exception as exc:  # noqa: BLE001 - one failed variant should not hide the others
+            results[name] = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    base_train = results.get("baseline (diffusers example: fp16 + GradScaler, foreach AdamW)", {})
+    base_gen = results.get("class images baseline (PNDM 50 steps, batch 4)", {})
+    print(f"\n{'variant':<66} {'steps/s':>8} {'ms/step':>8} {'img/s':>7} {'peak GiB':>9} {'ratio':>6}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<66} {r['error']}")
+            continue
+        if "steps_per_s" in r:
+            ratio = r["steps_per_s"] / base_train["steps_per_s"] if "steps_per_s" in base_train else float("nan")
+            print(f"{name:<66} {r['steps_per_s']:>8.2f} {r['ms_per_step']:>8.1f} {'':>7} {r['peak_gib']:>9.1f} {ratio:>5.2f}x")
+        else:
+            ratio = r["images_per_s"] / base_gen["images_per_s"] if "images_per_s" in base_gen else float("nan")
+            print(f"{name:<66} {'':>8} {'':>8} {r['images_per_s']:>7.2f} {r['peak_gib']:>9.1f} {ratio:>5.2f}x")
+    print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
