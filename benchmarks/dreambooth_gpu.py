@@ -188,6 +188,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of variants to run (default all)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    from models.dreambooth.trainer import LOSS_READBACK_STEPS
+
+    if args.warmup % LOSS_READBACK_STEPS or args.steps % LOSS_READBACK_STEPS:
+        ap.error(f"--warmup and --steps must be multiples of {LOSS_READBACK_STEPS}: the trainer reads losses back in bursts")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
     if args.tiny:
@@ -212,6 +216,10 @@ def main() -> None:
         "atelier bf16 + torch.compile":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
                                      args.steps, args.warmup, device, tmp / "w3"),
+        "atelier bf16 + torch.compile, text encoder frozen":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
+                                                                                  "train_text_encoder": False}),
+                                     args.steps, args.warmup, device, tmp / "w5"),
         "atelier bf16, text encoder frozen":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "train_text_encoder": False}),
                                      args.steps, args.warmup, device, tmp / "w4"),

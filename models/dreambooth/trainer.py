@@ -31,6 +31,7 @@ from models.dreambooth.sampling import GenerationRequest, generate, use_sampler
 
 ProgressFn = Callable[[int, int, float, float], None]  # step, total, loss, learning rate
 CKPT_PREFIX = "checkpoint-"
+LOSS_READBACK_STEPS = 10  # losses stay on the device between read-backs, so the host never waits per step
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ class TrainResult:
 class LoopState:
     """What the loop needs besides weights and optimizer to continue exactly: step, losses, RNG."""
 
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        # on the training device: drawing noise there needs no host-to-device copy (each copy from
+        # pageable memory would synchronise the stream and stall the GPU every step)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.step = 0
         self.losses: list[float] = []
 
@@ -95,8 +98,8 @@ class _Encoded:
         return len(self.mean)
 
     def sample(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(self), (batch,), generator=gen)
-        eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean.device)
+        idx = torch.randint(len(self), (batch,), generator=gen, device=gen.device)
+        eps = torch.randn(self.mean[idx].shape, generator=gen, device=gen.device)
         return (self.mean[idx] + self.std[idx] * eps) * self.scaling
 
 
@@ -166,7 +169,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         with torch.no_grad():
             frozen_embeddings = text_encoder(batch_ids)[0]
 
-    state = LoopState(cfg.seed)
+    state = LoopState(cfg.seed, acc.device)
     acc.register_for_checkpointing(state)
     resumed_from = None
     ckpt = latest_checkpoint(work)
@@ -178,15 +181,29 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     for m in models:
         m.train()
     taken, micro = 0, []
+    pending: list[tuple[torch.Tensor, float]] = []  # (step loss on the device, lr), read back in bursts
     validation_dirs: list[Path] = []
+
+    def flush() -> None:
+        """Read pending losses back from the device (one sync) and report them."""
+        if not pending:
+            return
+        values = torch.stack([loss for loss, _ in pending]).tolist()
+        first = state.step - len(pending) + 1
+        for i, (value, (_, lr)) in enumerate(zip(values, pending)):
+            state.losses.append(value)
+            if on_progress:
+                on_progress(first + i, cfg.max_train_steps, value, lr)
+        pending.clear()
+
     while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
         with acc.accumulate(*models):
             latents = instance.sample(bs, state.generator)
             if prior is not None:
                 latents = torch.cat([latents, prior.sample(bs, state.generator)])
-            noise = torch.randn(latents.shape, generator=state.generator).to(latents.device)
+            noise = torch.randn(latents.shape, generator=state.generator, device=latents.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=state.generator).to(latents.device)
+                                      generator=state.generator, device=latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
             pred = unet(noisy, timesteps, embeddings).sample
@@ -206,20 +223,23 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        micro.append(float(loss.detach().item()))
+        micro.append(loss.detach().float())
         if not acc.sync_gradients:
             continue
         state.step += 1
         taken += 1
-        state.losses.append(sum(micro) / len(micro))
+        pending.append((torch.stack(micro).mean(), lr_scheduler.get_last_lr()[0]))
         micro = []
-        if on_progress:
-            on_progress(state.step, cfg.max_train_steps, state.losses[-1], lr_scheduler.get_last_lr()[0])
         budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
-        if state.step % cfg.checkpointing_steps == 0 or budget_hit:
+        checkpoint = state.step % cfg.checkpointing_steps == 0 or budget_hit
+        validate = state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps
+        if checkpoint or validate or state.step % LOSS_READBACK_STEPS == 0:
+            flush()
+        if checkpoint:
             _save_checkpoint(acc, work, state.step, cfg.checkpoints_total_limit)
-        if state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
+        if validate:
             validation_dirs.append(_validation_samples(cfg, inputs, acc, unet, text_encoder, vae, tokenizer, base, state.step))
+    flush()
 
     finished = state.step >= cfg.max_train_steps
     output = None
