@@ -147,6 +147,18 @@ def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, 
     return {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib(device)}
 
 
+def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, work: Path, out: Path) -> None:
+    """Where a training step's GPU time goes: the top kernels by self CUDA time over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train(cfg, TrainInputs(base, instance, "toy", work, work / "out", klass), step_budget=10)  # warm-up, loads, caches
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train(cfg, TrainInputs(base, instance, "toy", work, work / "out", klass), step_budget=steps)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+    out.write_text(table)
+    print(table, flush=True)
+
+
 def class_images(base: Path, count: int, size: int, device: str, baseline: bool, compile_unet: bool = False) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -187,6 +199,8 @@ def main() -> None:
     ap.add_argument("--bpe", type=Path, default=None, help="CLIP BPE file (default: the one open_clip_torch ships)")
     ap.add_argument("--only", default="", help="comma list of variants to run (default all)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here")
     args = ap.parse_args()
     from models.dreambooth.trainer import LOSS_READBACK_STEPS
 
@@ -204,6 +218,9 @@ def main() -> None:
     klass = write_images(tmp / "class", 10, size, 2000)
     cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
                       learning_rate=5e-6)
+    if args.profile:
+        profile_trainer(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}), args.steps, tmp / "prof", args.profile)
+        return
     variants = {
         "baseline (diffusers example: fp16 + GradScaler, foreach AdamW)":
             lambda: baseline_training(base, instance, klass, cfg, args.steps, args.warmup, device),
