@@ -233,6 +233,10 @@ def main() -> None:
         "atelier bf16 + torch.compile":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
                                      args.steps, args.warmup, device, tmp / "w3"),
+        "atelier bf16 + torch.compile reduce-overhead (CUDA graphs)":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
+                                                                                  "compile_mode": "reduce-overhead"}),
+                                     args.steps, args.warmup, device, tmp / "w6"),
         "atelier bf16 + torch.compile, text encoder frozen":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
                                                                                   "train_text_encoder": False}),

@@ -52,7 +52,9 @@ class TrainConfig(BaseModel):
     # speed levers that keep the training semantics (benchmarks/dreambooth_gpu.py measures them)
     fused_adam: bool = Field(True, description="fused AdamW kernel on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="UNet in channels_last memory format on CUDA")
-    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; pays a compile on the first steps)")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (and a trained text encoder) on CUDA; pays a compile on the first steps")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (removes per-kernel launch cost)")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2

@@ -156,8 +156,11 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         text_encoder.to(acc.device, dtype=weight_dtype)
     vae.to(acc.device) if weight_dtype == torch.float32 else vae.to(acc.device, dtype=weight_dtype)
 
+    graphs = cuda and cfg.compile_unet and cfg.compile_mode != "default"
     if cuda and cfg.compile_unet:
-        unet = torch.compile(unet)
+        unet = torch.compile(unet, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        if cfg.train_text_encoder:
+            text_encoder = torch.compile(text_encoder, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
     prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
@@ -197,6 +200,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         pending.clear()
 
     while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with acc.accumulate(*models):
             latents = instance.sample(bs, state.generator)
             if prior is not None:
@@ -282,7 +287,8 @@ def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path
 def _pipeline(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:
     extra = {"vae": vae, "tokenizer": tokenizer} if vae is not None else {}
     return StableDiffusionPipeline.from_pretrained(
-        str(base), unet=acc.unwrap_model(unet), text_encoder=acc.unwrap_model(text_encoder), safety_checker=None,
+        str(base), unet=acc.unwrap_model(unet, keep_torch_compile=False),
+        text_encoder=acc.unwrap_model(text_encoder, keep_torch_compile=False), safety_checker=None,
         requires_safety_checker=False, local_files_only=True, **extra)
 
 
