@@ -249,9 +249,12 @@ def main() -> None:
         "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, True),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
+    opt_in = {"reduce-overhead"}  # not yet measured to completion: run it with --only reduce-overhead
     results = {}
     for name, run in variants.items():
         if only and not any(o in name for o in only):
+            continue
+        if not only and any(o in name for o in opt_in):
             continue
         if args.tiny and "compile" in name:
             continue

@@ -158,9 +158,11 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
 
     graphs = cuda and cfg.compile_unet and cfg.compile_mode != "default"
     if cuda and cfg.compile_unet:
-        unet = torch.compile(unet, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        # shapes never change during training: a dynamic-shape recompile would only cost minutes
+        unet = torch.compile(unet, mode=mode, dynamic=False)
         if cfg.train_text_encoder:
-            text_encoder = torch.compile(text_encoder, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+            text_encoder = torch.compile(text_encoder, mode=mode, dynamic=False)
     instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
     prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
