@@ -5,6 +5,11 @@ one batch, loss = instance MSE + prior_loss_weight * prior MSE, VAE frozen, text
 All randomness of the loop comes from one seeded generator whose state is checkpointed with the
 weights, optimizer, LR scheduler and step, so a resumed run continues the uninterrupted loss curve.
 Because the VAE is frozen, each image's latent distribution is encoded once and sampled per step.
+
+Under `accelerate launch` (DDP, one process per device) every process draws the whole global batch
+from the shared generator and trains on its slice, so N processes with batch b train exactly as one
+process with batch N*b (gradients are averaged); checkpoints are written once and resume with any
+number of processes. The LR schedule counts optimizer steps, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -97,10 +102,12 @@ class _Encoded:
     def __len__(self) -> int:
         return len(self.mean)
 
-    def sample(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(self), (batch,), generator=gen, device=gen.device)
+    def sample(self, batch: int, gen: torch.Generator, world: int = 1, rank: int = 0) -> torch.Tensor:
+        """Draw the global batch (every process draws the same), return this process's slice."""
+        idx = torch.randint(len(self), (batch * world,), generator=gen, device=gen.device)
         eps = torch.randn(self.mean[idx].shape, generator=gen, device=gen.device)
-        return (self.mean[idx] + self.std[idx] * eps) * self.scaling
+        mine = slice(rank * batch, (rank + 1) * batch)
+        return (self.mean[idx][mine] + self.std[idx][mine] * eps[mine]) * self.scaling
 
 
 def _ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.Tensor:
@@ -146,9 +153,10 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
                                   **({"fused": True} if cuda and cfg.fused_adam else {}))
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-                                 num_training_steps=cfg.max_train_steps * acc.num_processes)
+    # stepped once per optimizer step by the loop (not once per process by accelerate), so its
+    # state means the same whatever the number of processes that saved or resume it
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = acc.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
@@ -167,7 +175,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
     class_ids = _ids(tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
-    bs = cfg.train_batch_size
+    bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
+    world, rank = acc.num_processes, acc.process_index
     batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
     frozen_embeddings = None
     if not cfg.train_text_encoder:
@@ -193,7 +202,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         """Read pending losses back from the device (one sync) and report them."""
         if not pending:
             return
-        values = torch.stack([loss for loss, _ in pending]).tolist()
+        values = acc.reduce(torch.stack([loss for loss, _ in pending]), reduction="mean").tolist()
         first = state.step - len(pending) + 1
         for i, (value, (_, lr)) in enumerate(zip(values, pending)):
             state.losses.append(value)
@@ -205,12 +214,15 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with acc.accumulate(*models):
-            latents = instance.sample(bs, state.generator)
+            latents = instance.sample(bs, state.generator, world, rank)
             if prior is not None:
-                latents = torch.cat([latents, prior.sample(bs, state.generator)])
-            noise = torch.randn(latents.shape, generator=state.generator, device=latents.device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                latents = torch.cat([latents, prior.sample(bs, state.generator, world, rank)])
+            kinds = 2 if prior is not None else 1
+            noise = torch.randn((kinds, world * bs, *latents.shape[1:]), generator=state.generator, device=latents.device)
+            noise = noise[:, rank * bs:(rank + 1) * bs].reshape(latents.shape)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs),
                                       generator=state.generator, device=latents.device)
+            timesteps = timesteps[:, rank * bs:(rank + 1) * bs].reshape(-1)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
             pred = unet(noisy, timesteps, embeddings).sample
@@ -228,7 +240,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
             if acc.sync_gradients:
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            if acc.sync_gradients:
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         micro.append(loss.detach().float())
         if not acc.sync_gradients:
@@ -244,7 +257,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
             flush()
         if checkpoint:
             _save_checkpoint(acc, work, state.step, cfg.checkpoints_total_limit)
-        if validate:
+        if validate and acc.is_main_process:
             validation_dirs.append(_validation_samples(cfg, inputs, acc, unet, text_encoder, vae, tokenizer, base, state.step))
     flush()
 
@@ -265,15 +278,16 @@ def _fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
 
 
 def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path:
     root = work / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step:07d}"
+    tmp = root / f".tmp-{step:07d}"
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
