@@ -190,6 +190,40 @@ def class_images(base: Path, count: int, size: int, device: str, baseline: bool,
     return {"images_per_s": count / seconds, "seconds": seconds, "peak_gib": _peak_gib(device)}
 
 
+def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int, steps: int, warmup: int, tmp: Path) -> dict:
+    """Steps/s and images/s of Atelier's trainer on 1 and on `gpus` GPUs (torchrun, DDP), batch 1 + 1 per GPU."""
+    import os
+    import subprocess
+
+    import yaml
+
+    config = tmp / "scaling.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump()))
+    out = {}
+    for n in sorted({1, gpus}):
+        result = tmp / f"scaling-{n}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "models.dreambooth.launch", "--config", str(config), "--base", str(base), "--instance", str(instance),
+               "--class-dir", str(klass), "--class-noun", "toy", "--work", str(tmp / f"scaling-work-{n}"),
+               "--step-budget", str(warmup + steps), "--result", str(result)]
+        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            out[n] = {"error": (done.stderr or done.stdout)[-1500:]}
+            print(f"{n} GPU(s): failed\n{out[n]['error']}", flush=True)
+            continue
+        stamps = {int(k): v for k, v in json.loads(result.read_text())["stamps"].items()}
+        rate = steps / (stamps[warmup + steps] - stamps[warmup])
+        per_step = 2 * cfg.train_batch_size * n  # instance + prior images per optimizer step
+        out[n] = {"steps_per_s": rate, "images_per_s": rate * per_step, "processes": n}
+        print(f"{n} GPU(s): {rate:.2f} steps/s, {rate * per_step:.2f} images/s", flush=True)
+    if all("images_per_s" in out.get(n, {}) for n in (1, gpus)):
+        speedup = out[gpus]["images_per_s"] / out[1]["images_per_s"]
+        print(f"scaling {gpus} GPUs vs 1: {speedup:.2f}x images/s (efficiency {speedup / gpus:.0%}); "
+              f"effective batch {gpus}x larger, same LR (see README: multi-GPU)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the embedded tiny model at 64 px (CPU smoke run)")
@@ -199,6 +233,7 @@ def main() -> None:
     ap.add_argument("--bpe", type=Path, default=None, help="CLIP BPE file (default: the one open_clip_torch ships)")
     ap.add_argument("--only", default="", help="comma list of variants to run (default all)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--gpus", type=int, default=0, help="instead of the table: Atelier's trainer on 1 and on N GPUs (DDP)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here")
     args = ap.parse_args()
@@ -218,6 +253,11 @@ def main() -> None:
     klass = write_images(tmp / "class", 10, size, 2000)
     cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
                       learning_rate=5e-6)
+    if args.gpus:
+        result = scaling(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}), args.gpus, args.steps, args.warmup, tmp)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     if args.profile:
         profile_trainer(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}), args.steps, tmp / "prof", args.profile)
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from atelier.storage import write_json_atomic
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_train_config(args.config, json.loads(args.overrides))
     inputs = TrainInputs(args.base, args.instance, args.class_noun, args.work, args.work / "pipeline", args.class_dir)
-    result = train(cfg, inputs, step_budget=args.step_budget)
+    stamps: dict[int, float] = {}  # step -> time its loss was read back (for throughput)
+    result = train(cfg, inputs, step_budget=args.step_budget, on_progress=lambda step, *_: stamps.__setitem__(step, time.time()))
     from accelerate import PartialState
 
     if args.result and PartialState().is_main_process:
         write_json_atomic(args.result, {"finished": result.finished, "step": result.step, "losses": result.losses,
                                         "output_dir": str(result.output_dir) if result.output_dir else None,
-                                        "processes": PartialState().num_processes})
+                                        "processes": PartialState().num_processes, "stamps": stamps})
 
 
 if __name__ == "__main__":
