@@ -18,6 +18,10 @@ def _registry():
     from registry.ledger import Ledger
 
     settings = cli_settings()
+    if settings.tracking_uri is None or settings.ledger_url is None:  # embedded stores live in the workspace
+        from atelier.workspace import require_workspace
+
+        require_workspace(settings)
     return settings, client_for(settings), Ledger(settings.resolved_ledger_url)
 
 

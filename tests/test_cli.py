@@ -61,3 +61,10 @@ def test_finetune_bad_config_key_exits_non_zero(workspace, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "max_steps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_registry_commands_need_a_workspace_and_leave_no_stray_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path / "none"))
+    result = runner.invoke(app, ["ledger", "verify"])
+    assert result.exit_code == 2 and "atelier init" in result.output
+    assert not (tmp_path / "none").exists()
