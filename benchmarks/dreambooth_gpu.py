@@ -224,6 +224,18 @@ def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int
     return out
 
 
+def check_graphs(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, tmp: Path) -> dict:
+    """Same seed, same steps: the CUDA-graph trainer must follow the eager one's loss curve."""
+    eager = train(cfg.model_copy(update={"mixed_precision": "bf16"}),
+                  TrainInputs(base, instance, "toy", tmp / "eager", tmp / "eager" / "out", klass), step_budget=steps)
+    graphs = train(cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True, "compile_mode": "reduce-overhead"}),
+                   TrainInputs(base, instance, "toy", tmp / "graphs", tmp / "graphs" / "out", klass), step_budget=steps)
+    rel = max(abs(a - b) / abs(a) for a, b in zip(eager.losses, graphs.losses))
+    print(f"eager  {[round(x, 4) for x in eager.losses]}\ngraphs {[round(x, 4) for x in graphs.losses]}\n"
+          f"max relative loss difference over {steps} steps: {rel:.4f}", flush=True)
+    return {"eager": eager.losses, "graphs": graphs.losses, "max_rel_diff": rel}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the embedded tiny model at 64 px (CPU smoke run)")
@@ -233,6 +245,7 @@ def main() -> None:
     ap.add_argument("--bpe", type=Path, default=None, help="CLIP BPE file (default: the one open_clip_torch ships)")
     ap.add_argument("--only", default="", help="comma list of variants to run (default all)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--check-graphs", action="store_true", help="instead of the table: eager vs CUDA-graph loss curves")
     ap.add_argument("--gpus", type=int, default=0, help="instead of the table: Atelier's trainer on 1 and on N GPUs (DDP)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here")
@@ -253,6 +266,11 @@ def main() -> None:
     klass = write_images(tmp / "class", 10, size, 2000)
     cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
                       learning_rate=5e-6)
+    if args.check_graphs:
+        result = check_graphs(base, instance, klass, cfg, args.steps, tmp)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     if args.gpus:
         result = scaling(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}), args.gpus, args.steps, args.warmup, tmp)
         if args.json:
