@@ -307,7 +307,7 @@ def main() -> None:
         "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, True),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
-    opt_in = {"reduce-overhead"}  # not yet measured to completion: run it with --only reduce-overhead
+    opt_in = {"reduce-overhead"}  # minutes of compiling: run it with --only reduce-overhead
     results = {}
     for name, run in variants.items():
         if only and not any(o in name for o in only):
