@@ -182,8 +182,10 @@ def generate(
         from mlflow import MlflowClient
 
         from registry.isolation import require_owner
+        from registry.lineage import resolve
 
-        require_owner(MlflowClient(settings.resolved_tracking_uri), model.split("@")[0].split("/")[0], customer)
+        client = MlflowClient(settings.resolved_tracking_uri)
+        require_owner(client, resolve(client, model).name, customer)
     loaded = mlflow.pyfunc.load_model(uri)
     frame = loaded.predict(pd.DataFrame({"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}))
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from atelier.errors import NotFound
 from atelier.hashing import tree_hash
 from atelier.settings import Settings
 from atelier.workspace import checkout_subject
+from models.dreambooth.base import model_hash
 from models.dreambooth.priors import prior_images_hash
 from registry.ledger import Ledger
 
@@ -83,7 +84,7 @@ def verify(settings: Settings, report: dict) -> list[str]:
     base = report["base_model"]
     base_dir = settings.tiny_model_dir if str(base.get("id", "")).startswith("atelier/tiny-sd") else Path(str(base.get("id")))
     if base_dir.is_dir():
-        if tree_hash(base_dir) != base.get("sha256"):
+        if model_hash(base_dir) != base.get("sha256"):
             drift.append(f"base model {base_dir}: content changed since training")
     else:
         drift.append(f"base model {base_dir}: not reachable here, not checked")

@@ -12,7 +12,7 @@ from atelier.hashing import value_hash
 from models.dreambooth.base import check_sd_directory, model_hash
 from models.dreambooth.config import TrainConfig, load_train_config
 from models.dreambooth.health import assess, sample_grid
-from models.dreambooth.priors import PriorSpec, ensure_class_priors, prior_images_hash
+from models.dreambooth.priors import PriorSpec, ensure_class_priors
 from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
 
 TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
@@ -43,7 +43,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done))
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
-    return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior_images_hash(prior.path)}
+    return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
 
 
 def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict) -> str:

@@ -40,6 +40,7 @@ class PriorSet:
     key: str
     reused: bool
     count: int
+    sha256: str  # hash of the images, recorded when the set was written
 
 
 def prior_seed(base_seed: int, index: int) -> int:
@@ -50,10 +51,10 @@ def ensure_class_priors(cache_root: Path, spec: PriorSpec, base_model_dir: Path,
                         on_progress: Callable[[int, int], None] | None = None) -> PriorSet:
     """Return the cached set for `spec`, generating it (atomically) when it is missing."""
     final = Path(cache_root) / spec.key
-    if (final / MANIFEST).is_file():
-        return PriorSet(final, spec.key, True, spec.count)
-    write_class_priors(final, spec, base_model_dir, batch_size, on_progress)
-    return PriorSet(final, spec.key, False, spec.count)
+    reused = (final / MANIFEST).is_file()
+    if not reused:
+        write_class_priors(final, spec, base_model_dir, batch_size, on_progress)
+    return PriorSet(final, spec.key, reused, spec.count, read_manifest(final)["images_sha256"])
 
 
 def write_class_priors(out_dir: Path, spec: PriorSpec, base_model_dir: Path, batch_size: int = 4,
@@ -72,7 +73,7 @@ def write_class_priors(out_dir: Path, spec: PriorSpec, base_model_dir: Path, bat
                 on_progress(done, spec.count)
 
         generate(pipe, requests, batch_size=batch_size, on_image=save)
-        write_json_atomic(tmp / MANIFEST, {"key": spec.key, "spec": asdict(spec)})
+        write_json_atomic(tmp / MANIFEST, {"key": spec.key, "spec": asdict(spec), "images_sha256": prior_images_hash(tmp)})
     return Path(out_dir)
 
 

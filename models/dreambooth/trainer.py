@@ -321,7 +321,8 @@ def _validation_samples(cfg: TrainConfig, inputs: TrainInputs, acc: Accelerator,
             for i, img in enumerate(generate(pipe, requests, cfg.sampling.batch_size)):
                 img.save(tmp / f"{i:02d}.png")
     for m in (unet, text_encoder):
-        m.train() if any(p.requires_grad for p in m.parameters()) else None
+        if any(p.requires_grad for p in m.parameters()):  # back to training mode after sampling
+            m.train()
     return out
 
 
