@@ -8,8 +8,9 @@ The baseline follows examples/dreambooth/train_dreambooth.py (fp16 autocast with
 encode and text encoder inside the loop, AdamW with its default foreach kernel). Atelier's trainer is
 called as the flow calls it. Steps/s is measured after warm-up steps; memory is the allocator's peak
 reserved bytes per phase. Class images: StableDiffusionPipeline as the example calls it (fp16, the
-model's PNDM scheduler, 50 steps, batch 4) against Atelier's generation (DPM-Solver++ 25 steps,
-larger batches, batched classifier-free guidance), the same count and size.
+model's PNDM scheduler, 50 steps, batch 4) against Atelier's generation (DPM-Solver++, larger
+batches, batched classifier-free guidance, optionally compiled with CUDA graphs), the same count and
+size; warmup_s is the first batch's time, compile included. LoRA rows train rank-4 adapters (peft).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atelier.demo_data import draw_robot  # noqa: E402
-from models.dreambooth.config import TrainConfig  # noqa: E402
+from models.dreambooth.config import LoraConfig, TrainConfig  # noqa: E402
 from models.dreambooth.trainer import TrainInputs, train  # noqa: E402
 
 
@@ -159,7 +160,8 @@ def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, s
     print(table, flush=True)
 
 
-def class_images(base: Path, count: int, size: int, device: str, baseline: bool, compile_unet: bool = False) -> dict:
+def class_images(base: Path, count: int, size: int, device: str, baseline: bool, compile_mode: str = "none",
+                 steps: int = 25, batch: int = 16) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
@@ -173,12 +175,12 @@ def class_images(base: Path, count: int, size: int, device: str, baseline: bool,
         run = lambda n: [pipe(["a photo of toy"] * min(4, n - i), num_inference_steps=50, height=size, width=size).images  # noqa: E731
                          for i in range(0, n, 4)]
     else:
-        pipe = load_pipeline(base, "dpmsolver++")
-        if compile_unet and device == "cuda":
-            pipe.unet = torch.compile(pipe.unet)
-        reqs = lambda n: [GenerationRequest("a photo of toy", i, 25, 7.5, size, size) for i in range(n)]  # noqa: E731
-        run = lambda n: generate(pipe, reqs(n), batch_size=16)  # noqa: E731
-    run(min(count, 4 if baseline else 16))  # warm-up (and compile)
+        pipe = load_pipeline(base, "dpmsolver++", compile_mode=compile_mode)
+        reqs = lambda n: [GenerationRequest("a photo of toy", i, steps, 7.5, size, size) for i in range(n)]  # noqa: E731
+        run = lambda n: generate(pipe, reqs(n), batch_size=batch)  # noqa: E731
+    w0 = time.perf_counter()
+    run(min(count, 4 if baseline else batch))  # warm-up (and compile)
+    warmup = time.perf_counter() - w0
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -187,7 +189,7 @@ def class_images(base: Path, count: int, size: int, device: str, baseline: bool,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     del pipe
-    return {"images_per_s": count / seconds, "seconds": seconds, "peak_gib": _peak_gib(device)}
+    return {"images_per_s": count / seconds, "seconds": seconds, "warmup_s": warmup, "peak_gib": _peak_gib(device)}
 
 
 def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int, steps: int, warmup: int, tmp: Path) -> dict:
@@ -299,15 +301,29 @@ def main() -> None:
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
                                                                                   "train_text_encoder": False}),
                                      args.steps, args.warmup, device, tmp / "w5"),
+        "atelier LoRA r4 bf16":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4),
+                                                                                  "learning_rate": 1e-4}),
+                                     args.steps, args.warmup, device, tmp / "w7"),
+        "atelier LoRA r4 bf16 + torch.compile":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4),
+                                                                                  "learning_rate": 1e-4, "compile_unet": True}),
+                                     args.steps, args.warmup, device, tmp / "w8"),
         "atelier bf16, text encoder frozen":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "train_text_encoder": False}),
                                      args.steps, args.warmup, device, tmp / "w4"),
         "class images baseline (PNDM 50 steps, batch 4)": lambda: class_images(base, args.images, size, device, True),
         "class images atelier (DPM-Solver++ 25, batch 16)": lambda: class_images(base, args.images, size, device, False),
-        "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, True),
+        "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, "default"),
+        "class images atelier + CUDA graphs (reduce-overhead)":
+            lambda: class_images(base, args.images, size, device, False, "reduce-overhead"),
+        "class images atelier + CUDA graphs, DPM-Solver++ 20 steps":
+            lambda: class_images(base, args.images, size, device, False, "reduce-overhead", steps=20),
+        "class images atelier + CUDA graphs, batch 32":
+            lambda: class_images(base, args.images, size, device, False, "reduce-overhead", batch=32),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
-    opt_in = {"reduce-overhead"}  # minutes of compiling: run it with --only reduce-overhead
+    opt_in = {"atelier bf16 + torch.compile reduce-overhead"}  # minutes of compiling: run it with --only reduce-overhead
     results = {}
     for name, run in variants.items():
         if only and not any(o in name for o in only):

@@ -41,7 +41,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
                      cfg.class_sampling.sampler, cfg.class_sampling.steps, cfg.class_sampling.guidance_scale)
     report = progress_logger(f"class priors '{class_prompt}'", spec.count)
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
-                                on_progress=lambda done, total: report(done))
+                                on_progress=lambda done, total: report(done), compile_mode=cfg.class_sampling.compile_mode)
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
     return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
 
@@ -83,7 +83,7 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
     from atelier.storage import atomic_dir
 
     cfg = TrainConfig(**config)
-    pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler)
+    pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler, compile_mode=cfg.sampling.compile_mode)
     requests = [GenerationRequest(cfg.fill(p, class_noun), cfg.seed + j, cfg.sampling.steps, cfg.sampling.guidance_scale,
                                   cfg.resolution, cfg.resolution)
                 for p in cfg.sample_prompts for j in range(cfg.samples_per_prompt)]

@@ -71,3 +71,27 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_model, photos, prior_dir, tmp_pat
     result = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "bf16"))
     assert result.finished and all(torch.isfinite(torch.tensor(result.losses)))
     assert load_file(str(result.output_dir / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"].dtype == torch.float32
+
+
+def test_lora_trains_adapters_only_and_fuses_them_into_the_output(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    from diffusers import StableDiffusionPipeline
+
+    from models.dreambooth.config import LoraConfig
+
+    cfg = tiny_config.model_copy(update={"max_train_steps": 6, "lora": LoraConfig(rank=4), "validation_steps": 3,
+                                          "checkpointing_steps": 100, "learning_rate": 1e-2})
+    straight = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "a"))
+    out = straight.output_dir
+    adapters = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("unet.") and "lora" in k for k in adapters)
+    assert any(k.startswith("text_encoder.") for k in adapters)  # train_text_encoder: adapters there too
+    base, fused = _weights(tiny_model), _weights(out)
+    changed = {k for k in base if not torch.equal(base[k], fused[k])}
+    assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)  # only targets
+    # the output is a plain pipeline: it loads without peft and without the adapter file
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == sum(v.numel() for v in base.values())
+    # a LoRA run resumes exactly like a full one
+    train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "b"), step_budget=4)
+    resumed = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "b"))
+    assert resumed.resumed_from == 4 and resumed.losses == straight.losses

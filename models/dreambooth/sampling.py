@@ -49,13 +49,39 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def load_pipeline(path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None,
+                  compile_mode: str = "none") -> StableDiffusionPipeline:
     dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
     pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device())
+    return speed_up(pipe.to(device()), compile_mode)
+
+
+def speed_up(pipe: StableDiffusionPipeline, compile_mode: str) -> StableDiffusionPipeline:
+    """On CUDA: fused QKV projections, channels_last, and torch.compile of the UNet and the VAE decoder.
+
+    `compile_mode` "none" leaves the pipeline eager; "reduce-overhead" adds CUDA graphs (one graph per
+    batch shape: a smaller last batch compiles once more). Shapes are pinned (dynamic=False), so a
+    compile happens per distinct batch size and resolution, never per call. Images match the eager
+    pipeline's up to floating-point rounding. On the CPU this does nothing: compiling costs more than
+    it gains on the tiny models run there.
+    """
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
+    if compile_mode == "none" or pipe.device.type != "cuda":
+        return pipe
+    pipe.fuse_qkv_projections()
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    mode = None if compile_mode == "default" else compile_mode
+    pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, dynamic=False)
+    return pipe
 
 
 def use_sampler(pipe: StableDiffusionPipeline, sampler: str) -> None:

@@ -5,6 +5,8 @@ one batch, loss = instance MSE + prior_loss_weight * prior MSE, VAE frozen, text
 All randomness of the loop comes from one seeded generator whose state is checkpointed with the
 weights, optimizer, LR scheduler and step, so a resumed run continues the uninterrupted loss curve.
 Because the VAE is frozen, each image's latent distribution is encoded once and sampled per step.
+With `lora` set, the base weights are frozen and only peft LoRA adapters train; the output is the
+same kind of whole pipeline (adapters fused), plus the adapters alone under `lora/`.
 
 Under `accelerate launch` (DDP, one process per device) every process draws the whole global batch
 from the shared generator and trains on its slice, so N processes with batch b train exactly as one
@@ -138,6 +140,10 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     noise_scheduler = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.lora is not None:
+        with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
+            torch.manual_seed(cfg.seed)
+            _add_lora(cfg, unet, text_encoder, weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -146,7 +152,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     cuda = acc.device.type == "cuda"
     if cuda and cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     unet.to(acc.device)
     if cfg.train_text_encoder:
         text_encoder.to(acc.device)
@@ -264,11 +270,35 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     finished = state.step >= cfg.max_train_steps
     output = None
     if finished and acc.is_main_process:
-        output = _save_pipeline(acc, base, unet, text_encoder, inputs.output_dir)
+        output = _save_pipeline(acc, base, unet, text_encoder, inputs.output_dir,
+                                lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
         write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from,
                                                    "seconds": time.perf_counter() - t0})
     acc.wait_for_everyone()
     return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs)
+
+
+def _add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) -> None:
+    """Freeze the base weights (kept in the mixed-precision dtype: half the memory) and add trainable
+    LoRA adapters, kept in fp32 so that small updates are not rounded away."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    rank = cfg.lora.rank
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=cfg.lora.unet_target_modules))
+    models = [unet]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(False)
+        text_encoder.to(dtype=weight_dtype)
+        text_encoder.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                target_modules=cfg.lora.text_encoder_target_modules))
+        models.append(text_encoder)
+    for m in models:
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
 
 
 def _fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
@@ -318,7 +348,9 @@ def _validation_samples(cfg: TrainConfig, inputs: TrainInputs, acc: Accelerator,
         requests = [GenerationRequest(cfg.fill(p, inputs.class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
                     for i, p in enumerate(cfg.validation_prompts)]
         with atomic_dir(out, replace=True) as tmp:
-            for i, img in enumerate(generate(pipe, requests, cfg.sampling.batch_size)):
+            with acc.autocast():  # trained weights in fp32, frozen ones in the mixed-precision dtype
+                images = generate(pipe, requests, cfg.sampling.batch_size)
+            for i, img in enumerate(images):
                 img.save(tmp / f"{i:02d}.png")
     for m in (unet, text_encoder):
         if any(p.requires_grad for p in m.parameters()):  # back to training mode after sampling
@@ -326,8 +358,29 @@ def _validation_samples(cfg: TrainConfig, inputs: TrainInputs, acc: Accelerator,
     return out
 
 
-def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path) -> Path:
-    pipe = _pipeline(acc, base, unet, text_encoder)
+def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path,
+                   lora_text_encoder: bool | None = None) -> Path:
+    """Write the fine-tuned pipeline. A LoRA run (`lora_text_encoder` not None) writes its adapters
+    under `lora/` and the whole pipeline with them fused into the fp32 base weights, so serving and
+    lineage treat both kinds of run alike."""
     with atomic_dir(Path(output_dir), replace=True) as tmp:
+        if lora_text_encoder is None:
+            _pipeline(acc, base, unet, text_encoder).save_pretrained(tmp, safe_serialization=True)
+            return Path(output_dir)
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        def adapters(model):
+            return convert_state_dict_to_diffusers(get_peft_model_state_dict(acc.unwrap_model(model, keep_torch_compile=False),
+                                                                    save_embedding_layers=False))
+
+        StableDiffusionPipeline.save_lora_weights(tmp / "lora", unet_lora_layers=adapters(unet),
+                                                  text_encoder_lora_layers=adapters(text_encoder) if lora_text_encoder else None,
+                                                  safe_serialization=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
+        pipe.load_lora_weights(str(tmp / "lora"))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(output_dir)
