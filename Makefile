@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lock layers clean-workspace
+.PHONY: demo test test-fast lock layers clean-workspace ocr-system-deps
+OCR_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng tesseract-ocr-fra tesseract-ocr-spa \
+	tesseract-ocr-rus tesseract-ocr-deu tesseract-ocr-jpn tesseract-ocr-kor fonts-noto-cjk fonts-dejavu-core
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -13,12 +15,18 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+## Debian packages for OCR: Tesseract 5 with its 8 language packs, and the fonts the document sets are rendered with.
+ocr-system-deps:
+	@dpkg -s $(OCR_DEBS) >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(OCR_DEBS); } \
+	  || echo "warning: could not install $(OCR_DEBS); OCR tests that need them will skip"
+
 ## Set up, initialise the embedded workspace, add the demo subject and fine-tune it end to end.
-demo: $(STAMP)
+demo: $(STAMP) ocr-system-deps
 	$(BIN)/atelier demo
 
 ## Set up and run the whole test suite.
-test: $(STAMP)
+test: $(STAMP) ocr-system-deps
 	$(BIN)/python -m pytest -q
 
 ## The quick part of the suite (no whole-flow runs).

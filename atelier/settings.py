@@ -29,6 +29,15 @@ class ImageRules(BaseModel):
     near_duplicate_bits: int = Field(4, ge=0, le=64, description="dHash Hamming distance at or under which two images are near duplicates")
 
 
+class OcrGateRules(BaseModel):
+    """Gate of the OCR calibration flow: what the int8 model may lose against fp32, and must gain."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_cer_increase: float = Field(0.005, ge=0, description="overall CER, int8 minus fp32 (0.005 = half a point)")
+    max_cer_increase_per_language: float = Field(0.01, ge=0, description="on each language the recogniser is routed for")
+    min_speedup: float = Field(1.3, ge=0, description="int8 recognition lines/s over fp32, measured in the same run")
+
+
 class GateRules(BaseModel):
     """Promotion gate: a candidate becomes champion only when every rule passes."""
 
@@ -37,6 +46,7 @@ class GateRules(BaseModel):
     max_final_loss: float = Field(10.0, gt=0, description="mean loss of the last 10% of steps")
     min_sample_std: float = Field(0.02, ge=0, description="pixel std (0-1 scale) under which a sample counts as blank")
     min_distinct_samples: float = Field(0.5, ge=0, le=1, description="share of samples that must differ from each other")
+    ocr: OcrGateRules = OcrGateRules()
 
 
 def _config_file() -> Path | None:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from atelier.settings import GateRules
+from atelier.settings import GateRules, OcrGateRules
 from models.dreambooth.health import Health
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -50,4 +50,25 @@ def evaluate_training_health(health: Health, rules: GateRules) -> GateResult:
         Check("distinct_samples", health.distinct_share >= rules.min_distinct_samples, health.distinct_share,
               rules.min_distinct_samples, f"{health.distinct_share:.0%} of sample pairs differ (need {rules.min_distinct_samples:.0%})"),
     ]
+    return GateResult(all(c.passed for c in checks), checks)
+
+
+def evaluate_ocr(summary: dict, rules: OcrGateRules) -> GateResult:
+    """int8 against fp32 on the evaluation split: overall and per routed language CER, and speed.
+
+    `summary`: cer_fp32 / cer_int8 (language -> CER, with "overall"), speed_fp32 / speed_int8
+    (recognition lines/s), langs (the languages the int8 recogniser is routed for).
+    """
+    fp32, int8 = summary["cer_fp32"], summary["cer_int8"]
+    overall = int8["overall"] - fp32["overall"]
+    checks = [Check("cer_overall", overall <= rules.max_cer_increase, overall, rules.max_cer_increase,
+                    f"overall CER {fp32['overall']:.2%} -> {int8['overall']:.2%} ({overall * 100:+.2f} points, limit +{rules.max_cer_increase * 100:.2f})")]
+    for lang in summary.get("langs", []):
+        delta = int8[lang] - fp32[lang]
+        checks.append(Check(f"cer_{lang}", delta <= rules.max_cer_increase_per_language, delta, rules.max_cer_increase_per_language,
+                            f"{lang} CER {fp32[lang]:.2%} -> {int8[lang]:.2%} ({delta * 100:+.2f} points, "
+                            f"limit +{rules.max_cer_increase_per_language * 100:.2f})"))
+    speedup = summary["speed_int8"] / summary["speed_fp32"] if summary["speed_fp32"] else 0.0
+    checks.append(Check("speedup", speedup >= rules.min_speedup, speedup, rules.min_speedup,
+                        f"int8 recognition {speedup:.2f}x fp32 (need {rules.min_speedup:.2f}x)"))
     return GateResult(all(c.passed for c in checks), checks)

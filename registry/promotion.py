@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from atelier.errors import GateRefused, NotFound
 from atelier.settings import GateRules
 from models.dreambooth.health import Health
-from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_training_health
+from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_ocr, evaluate_training_health
 from registry.ledger import Ledger, LedgerRow
 
 ANCHOR_TAG = "atelier.ledger.head"
@@ -52,6 +52,8 @@ def gate_for(mv, rules: GateRules) -> tuple[GateResult, dict]:
     if not summary:
         raise NotFound(f"model {mv.name} version {mv.version}", "has no evaluation summary (atelier.eval.summary tag)",
                        "register it through the subject-finetune flow so the gate has evidence")
+    if mv.tags.get("atelier.kind") == "ocr":
+        return evaluate_ocr(summary, rules.ocr), summary
     return evaluate_training_health(Health(**summary), rules), summary
 
 

@@ -35,3 +35,17 @@ def test_loss_threshold_is_configurable():
     health = assess([0.9] * 10, [_noise(i) for i in range(2)])
     assert evaluate_training_health(health, GateRules(max_final_loss=1.0)).passed
     assert not evaluate_training_health(health, GateRules(max_final_loss=0.5)).passed
+
+
+def test_ocr_gate_weighs_int8_against_fp32():
+    from atelier.settings import OcrGateRules
+    from registry.gate import evaluate_ocr
+
+    summary = {"cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01}, "cer_int8": {"overall": 0.024, "zh": 0.004, "en": 0.012},
+               "speed_fp32": 10.0, "speed_int8": 20.0, "langs": ["zh", "en"]}
+    assert evaluate_ocr(summary, OcrGateRules()).passed
+    worse = {**summary, "cer_int8": {"overall": 0.03, "zh": 0.03, "en": 0.012}}
+    result = evaluate_ocr(worse, OcrGateRules())
+    assert not result.passed and {c.name for c in result.checks if not c.passed} == {"cer_overall", "cer_zh"}
+    slow = {**summary, "speed_int8": 11.0}
+    assert [c.name for c in evaluate_ocr(slow, OcrGateRules()).checks if not c.passed] == ["speedup"]

@@ -1,0 +1,1 @@
+"""OCR: backends behind one interface, synthetic multilingual data, metrics, int8 quantization."""
