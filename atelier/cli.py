@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from atelier import cli_registry
+from atelier import cli_ocr, cli_registry
 from atelier.cli_common import cli_settings, friendly
 from atelier.errors import GateRefused
 
@@ -223,6 +223,8 @@ def demo() -> None:
 
 
 cli_registry.install(app)
+app.command("ocr-calibrate")(cli_ocr.ocr_calibrate_cmd)
+app.command("ocr")(cli_ocr.ocr_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -188,3 +188,23 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
         (tmp / "images").rmdir()
     return SubjectSnapshot(customer, subject, meta["class_noun"], rev, dvc_md5, Path(dest), file_hashes(Path(dest)))
 
+
+
+def documents_dir(settings: Settings) -> Path:
+    return settings.workspace / "data" / "documents"
+
+
+def track_folder(settings: Settings, folder: Path, message: str) -> str:
+    """Track a data folder of the workspace with DVC (cache + remote) and commit its .dvc file; returns
+    the commit. Used for document sets; subjects go through add_subject's checks."""
+    from dvc.repo import Repo
+
+    ws = require_workspace(settings)
+    rel = Path(folder).resolve().relative_to(ws.resolve()).as_posix()
+    with contextlib.chdir(ws), Repo(str(ws)) as repo:
+        repo.add(rel)
+        repo.push()
+    git(ws, "add", f"{rel}.dvc", str(Path(rel).parent / ".gitignore"))
+    if git(ws, "status", "--porcelain", "--", f"{rel}.dvc"):
+        git(ws, "commit", "-q", "-m", message)
+    return git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")

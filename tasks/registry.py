@@ -36,11 +36,11 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
 
 @task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2,
       retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def promotion_gate(registered: dict, flow_run_id: str | None = None) -> dict:
+def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> dict:
     """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
     result = promote(client_for(s), Ledger(s.resolved_ledger_url), registered["name"], registered["version"],
-                     actor=f"{s.actor} via subject-finetune", reason="new version from the subject-finetune flow",
+                     actor=f"{s.actor} via {flow_name}", reason=f"new version from the {flow_name} flow",
                      rules=s.gate, flow_run_id=flow_run_id)
     checks = json.loads(result.row.gate)["checks"]
     lines = [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in checks]

@@ -3,7 +3,7 @@
 The routing table is computed by the calibration flow from the evaluation split and registered with
 the model. When a document's language is not given, the router looks at the script: PP-OCR reads
 the line first (it is the fastest); a confident Han reading settles it as Chinese, anything else is
-read again by Tesseract with the English, Russian, Korean and Japanese packs, whose output script
+read again by Tesseract with the English, Russian, Korean, Japanese and Chinese packs, whose output script
 decides (PP-OCR reads Cyrillic as Latin look-alikes, so its Latin readings are not trusted). Latin-script text is assigned a language by its
 diacritics (ñ/¿/¡: es, ß/ä/ö/ü: de, other French accents: fr, none: en).
 """
@@ -120,7 +120,7 @@ class RoutedOCR:
         tess = self.backends.get("tesseract")
         if tess is None:
             return guess_language(first.text) if first else None
-        packs = ("en", "ru", "ko", "ja")
+        packs = ("en", "ru", "ko", "ja", "zh")
         lines = tess.read_page(image, None, packs=packs) if page else tess.read_lines([image], None, packs=packs)
         return guess_language(" ".join(x.text for x in lines)) or (guess_language(first.text) if first else None)
 

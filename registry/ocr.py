@@ -1,0 +1,105 @@
+"""The OCR engine as an MLflow pyfunc model, registered with its routing table, confidence map and
+lineage, once per calibration key.
+
+Artifacts: det.onnx, rec.onnx (int8), rec_fp32.onnx, cls.onnx, routing.json, confidence.json.
+Input: a DataFrame with `path` (a document image) and optionally `lang` and `kind` ("line" for a
+pre-cropped line, "page" otherwise). Output: text, language, backend, confidence, flagged, lines
+(JSON: text, confidence, box). Load it with plain `mlflow.pyfunc.load_model("models:/ocr@champion")`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from atelier.hashing import sha256_file
+from atelier.settings import Settings
+from registry.dreambooth import CODE_DIRS, Registered, _missing, _tags, client_for, find_version
+from registry.gate import CANDIDATE
+
+MODEL_NAME = "ocr"
+EXPERIMENT = "ocr"
+PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "rapidocr-onnxruntime==1.4.4", "pandas", "pillow", "mlflow==3.17.2", "pydantic-settings"]
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "path"), ColSpec("string", "lang", required=False), ColSpec("string", "kind", required=False)]),
+    outputs=Schema([ColSpec("string", "path"), ColSpec("string", "text"), ColSpec("string", "language"), ColSpec("string", "backend"),
+                    ColSpec("double", "confidence"), ColSpec("boolean", "flagged"), ColSpec("string", "lines"),
+                    ColSpec("string", "error")]),
+)
+
+
+class OCRModel(mlflow.pyfunc.PythonModel):
+    _skip_type_hint_validation = True
+
+    def __init__(self, review_below: float = 0.5) -> None:
+        self.review_below = review_below
+
+    def load_context(self, context) -> None:
+        from models.ocr.engine import load_engine
+
+        a = context.artifacts
+        self.engine = load_engine(Path(a["det"]), Path(a["rec"]), Path(a["cls"]), json.loads(Path(a["routing"]).read_text()),
+                                  json.loads(Path(a["confidence"]).read_text()), self.review_below)
+
+    def predict(self, context, model_input, params=None):
+        from models.ocr.engine import read_documents
+
+        frame = pd.DataFrame(model_input)
+        if "path" not in frame.columns or frame.empty:
+            raise ValueError("model input needs a non-empty `path` column")
+        rows = [{"path": str(r["path"]), "lang": _opt(r.get("lang")), "kind": _opt(r.get("kind")) or "page"} for _, r in frame.iterrows()]
+        return pd.DataFrame(read_documents(self.engine, rows))
+
+
+def _opt(value):
+    return None if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else str(value)
+
+
+def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, confidence: dict, lineage: dict,
+                 metrics: dict[str, float], tables: dict[str, list[dict]], review_below: float) -> Registered:
+    """One MLflow run (experiment `<prefix>-ocr`) with metrics and per-language tables; then a version of `ocr`
+    aliased candidate. The same calibration key is registered once."""
+    client = client_for(settings)
+    experiment = settings.experiment_for(EXPERIMENT)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=settings.artifact_root_for(EXPERIMENT))
+    mlflow.set_experiment(experiment)
+    lineage = {**lineage, "kind": "ocr", "model.sha256": file_hashes_of(models)}
+    tags = _tags(lineage)
+    existing = find_version(client, MODEL_NAME, "atelier.calibration.key", lineage.get("calibration.key"))
+    if existing is not None:
+        return Registered(MODEL_NAME, str(existing.version), existing.run_id, existing.source, reused=True)
+    with mlflow.start_run(run_name="ocr-calibrate", tags=tags) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(lineage, "lineage.json")
+        mlflow.log_dict(routing, "routing.json")
+        for name, rows in tables.items():
+            mlflow.log_table(pd.DataFrame(rows), f"tables/{name}.json")
+        work = Path(settings.state_dir) / "ocr-artifacts" / lineage.get("calibration.key", "latest")
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "routing.json").write_text(json.dumps(routing, indent=1))
+        (work / "confidence.json").write_text(json.dumps(confidence, indent=1))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example.*")
+            warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=OCRModel(review_below), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                artifacts={**{k: str(v) for k, v in models.items()}, "routing": str(work / "routing.json"),
+                           "confidence": str(work / "confidence.json")},
+                code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS])
+    if _missing(client, MODEL_NAME):
+        client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
+    version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
+    client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version.version)
+    return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
+
+
+def file_hashes_of(models: dict[str, Path]) -> dict[str, str]:
+    return {k: sha256_file(Path(v)) for k, v in models.items()}

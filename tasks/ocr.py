@@ -1,0 +1,121 @@
+"""OCR tasks: document sets, validation, evaluation, int8 quantization, confidence map, registration."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from atelier.errors import DataValidationError
+from atelier.hashing import tree_hash
+from atelier.workspace import documents_dir, track_folder
+from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
+
+VERSIONS = {"document-sets": "1", "validate-documents": "1", "evaluate-ocr": "1", "quantize-recogniser": "1",
+            "fit-confidence": "1", "register-ocr": "1"}
+DEFAULT_SETS = {"calibration": {"lines_per_lang": 12, "pages_per_lang": 0, "seed": 1},
+                "evaluation": {"lines_per_lang": 10, "pages_per_lang": 1, "seed": 2}}
+
+
+@task(name="document-sets", version=VERSIONS["document-sets"], cache_policy=UNCACHED)
+def document_sets() -> dict:
+    """The workspace's calibration and evaluation sets; rendered (synthetic) and DVC-tracked if missing."""
+    from models.ocr.render import RenderSpec, render_splits
+
+    s = settings()
+    root = documents_dir(s)
+    if not all((root / name / "labels.jsonl").is_file() for name in DEFAULT_SETS):
+        logger().info("no document sets in %s: rendering the synthetic multilingual ones", root)
+        render_splits(root, RenderSpec(**DEFAULT_SETS["calibration"]), RenderSpec(**DEFAULT_SETS["evaluation"]), replace=True)
+    out = {}
+    for name in DEFAULT_SETS:
+        rev = track_folder(s, root / name, f"document set {name}")
+        out[name] = {"path": str(root / name), "rev": rev, "sha256": tree_hash(root / name)}
+    return out
+
+
+@task(name="validate-documents", version=VERSIONS["validate-documents"], cache_policy=BY_INPUTS)
+def validate_documents(name: str, document_set: dict) -> dict:
+    from models.validation.document_suite import validate_document_set
+
+    report_dir = settings().state_dir / "reports" / "documents" / name / document_set["sha256"][:12]
+    report = validate_document_set(Path(document_set["path"]), report_dir)
+    if not report.success:
+        raise DataValidationError(f"document set {name}", report.failures, str(report_dir))
+    logger().info("document set %s: %d labelled images pass the suite", name, report.rows)
+    return {"report_dir": str(report_dir), "rows": report.rows}
+
+
+def _backend(kind: str, rec: str | None):
+    from models.ocr.backends import PPOCR, Tesseract
+
+    return Tesseract() if kind == "tesseract" else PPOCR(rec=Path(rec) if rec else None)
+
+
+@task(name="evaluate-ocr", version=VERSIONS["evaluate-ocr"], cache_policy=BY_INPUTS)
+def evaluate(backend: str, document_set: dict, rec: str | None = None, rec_sha256: str | None = None) -> dict:  # noqa: ARG001 (cache key)
+    """CER per language (language given) and lines/s of one backend on a set's lines."""
+    from models.ocr.evaluate import evaluate_lines, load_set
+
+    records, images = load_set(Path(document_set["path"]))
+    result = evaluate_lines(_backend(backend, rec).read_lines, records, images)
+    label = f"{backend}{' ' + Path(rec).name if rec else ''}"
+    logger().info("%s: overall CER %.2f%% at %.1f lines/s", label, 100 * result.summary["overall"]["cer"], result.lines_per_s)
+    create_table_artifact([{"language": k, "cer_percent": round(100 * v["cer"], 2), "lines": v["lines"], "exact": round(v["exact"], 3)}
+                           for k, v in result.summary.items()], description=f"CER per language: {label}")
+    return {"summary": result.summary, "lines_per_s": result.lines_per_s,
+            "rows": [{k: r[k] for k in ("file", "lang", "confidence", "exact")} for r in result.rows]}
+
+
+@task(name="quantize-recogniser", version=VERSIONS["quantize-recogniser"], cache_policy=BY_INPUTS, retries=0)
+def quantize(calibration: dict, langs: list[str], config: dict) -> dict:
+    import numpy as np
+
+    from models.ocr.backends import PPOCR, shipped_ppocr_models
+    from models.ocr.evaluate import load_set
+    from models.ocr.quantize import QuantizeConfig, quantize_model
+
+    cfg = QuantizeConfig(**config)
+    fp32 = PPOCR()
+    _, images = load_set(Path(calibration["path"]), langs=tuple(langs))
+
+    def preprocess(img, ratio):
+        return fp32.recognizer.resize_norm_img(np.ascontiguousarray(img[:, :, ::-1]), max(320 / 48, ratio))
+
+    out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}.onnx"
+    quantize_model(shipped_ppocr_models()["rec"], out, cfg, images, preprocess)
+    from atelier.hashing import sha256_file
+
+    logger().info("int8 recogniser written to %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
+
+
+@task(name="fit-confidence", version=VERSIONS["fit-confidence"], cache_policy=BY_INPUTS)
+def fit_confidence(calibration_eval: dict, evaluation_eval: dict) -> dict:
+    """Isotonic map fitted on the calibration split, judged by ECE on the evaluation split."""
+    from models.ocr.confidence import expected_calibration_error, fit_isotonic
+
+    cal, ev = calibration_eval["rows"], evaluation_eval["rows"]
+    mapping = fit_isotonic([r["confidence"] for r in cal], [r["exact"] for r in cal])
+    raw = [r["confidence"] for r in ev]
+    hits = [r["exact"] for r in ev]
+    before, after = expected_calibration_error(raw, hits), expected_calibration_error([mapping(c) for c in raw], hits)
+    logger().info("confidence calibration: ECE %.3f -> %.3f on the evaluation split", before, after)
+    return {"map": mapping.to_dict(), "ece_before": before, "ece_after": after}
+
+
+@task(name="register-ocr", version=VERSIONS["register-ocr"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+def register(models: dict, routing: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
+    from registry.ocr import register_ocr
+
+    reg = register_ocr(settings(), {k: Path(v) for k, v in models.items()}, routing, confidence, lineage, metrics, tables, review_below)
+    logger().info("%s %s as %s version %s", "already registered" if reg.reused else "registered", "the OCR engine", reg.name, reg.version)
+    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
+
+
+def summary_json(value) -> str:
+    return json.dumps(value, sort_keys=True)

@@ -1,0 +1,58 @@
+"""The ocr-calibrate flow end to end (real Prefect, MLflow, DVC, GX, ONNX Runtime, Tesseract), and
+`atelier ocr` reading with the registered model in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract (make ocr-system-deps)")]
+
+
+@pytest.fixture(scope="module")
+def calibrated(prefect_harness, workspace):
+    from flows.ocr_calibrate import ocr_calibrate
+
+    return ocr_calibrate(method="MinMax", calibration_lines=24)
+
+
+def test_flow_registers_routes_and_gates_the_int8_engine(calibrated, workspace):
+    client = MlflowClient(workspace.resolved_tracking_uri)
+    mv = client.get_model_version("ocr", calibrated["version"])
+    assert mv.tags["atelier.kind"] == "ocr" and "candidate" in mv.aliases
+    summary = json.loads(mv.tags["atelier.eval.summary"])
+    assert set(summary["cer_int8"]) >= {"zh", "en", "ru", "ko", "overall"}
+    routes = calibrated["routes"]
+    assert routes["ru"] == "tesseract" and routes["ko"] == "tesseract"  # PP-OCR's Chinese model cannot read them
+    gate = json.loads(mv.tags["atelier.gate"])
+    assert gate["passed"] == calibrated["gate"]["passed"]
+    assert {c["name"] for c in gate["checks"]} >= {"cer_overall", "speedup"}
+    assert (workspace.workspace / "data" / "documents" / "evaluation.dvc").is_file()  # DVC-tracked
+
+
+def test_rerun_registers_nothing_new(calibrated, workspace):
+    from flows.ocr_calibrate import ocr_calibrate
+
+    again = ocr_calibrate(method="MinMax", calibration_lines=24)
+    assert again["registered_before"] and again["version"] == calibrated["version"]
+
+
+def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrated, workspace, tmp_path):
+    ev = workspace.workspace / "data" / "documents" / "evaluation"
+    labels = [json.loads(x) for x in (ev / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
+                           "--lines", "--lang", "zh", "--model", f"ocr/{calibrated['version']}", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["language"] == "zh" and rows[0]["text"] and rows[0]["model"] == f"ocr/{calibrated['version']}"
+    assert "not a readable image" in rows[1]["error"]
