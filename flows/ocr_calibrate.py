@@ -11,16 +11,11 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
-from models.ocr.backends import shipped_ppocr_models
-from models.ocr.router import choose_routes
 from tasks import ocr as ocr_tasks
+from tasks.ocr import cer_of as _cer
 from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
 
 FLOW_VERSION = "1"
-
-
-def _cer(evaluation: dict) -> dict[str, float]:
-    return {lang: v["cer"] for lang, v in evaluation["summary"].items()}
 
 
 @flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True)
@@ -31,18 +26,18 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     baselines = {"ppocr": fp32}
     if shutil.which("tesseract"):
         baselines["tesseract"] = ocr_tasks.evaluate("tesseract", sets["evaluation"])
-    first = choose_routes({k: _cer(v) for k, v in baselines.items()}, {k: v["lines_per_s"] for k, v in baselines.items()})
-    pp_langs = sorted(lang for lang, b in first.routes.items() if b == "ppocr")
+    first = ocr_tasks.routes(baselines)
+    pp_langs = sorted(lang for lang, b in first["routes"].items() if b == "ppocr")
     quantized = ocr_tasks.quantize(sets["calibration"], pp_langs, {"method": method, "calibration_lines": calibration_lines})
     int8 = ocr_tasks.evaluate("ppocr", sets["evaluation"], quantized["path"], quantized["sha256"])
     int8_cal = ocr_tasks.evaluate("ppocr", sets["calibration"], quantized["path"], quantized["sha256"])
     confidence = ocr_tasks.fit_confidence(int8_cal, int8)
     deployed = {**baselines, "ppocr": int8}
-    routing = choose_routes({k: _cer(v) for k, v in deployed.items()}, {k: v["lines_per_s"] for k, v in deployed.items()})
+    routing = ocr_tasks.routes(deployed)
 
     summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": fp32["lines_per_s"], "speed_int8": int8["lines_per_s"],
                "langs": pp_langs, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
-    shipped = shipped_ppocr_models()
+    shipped = ocr_tasks.shipped_models()
     code = code_version()
     lineage = {
         "data.calibration": {k: sets["calibration"][k] for k in ("rev", "sha256")},
@@ -52,7 +47,7 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
         "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
         "flow.name": "ocr-calibrate", "flow.version": FLOW_VERSION, "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
         "calibration.key": f"{sets['calibration']['sha256'][:16]}-{sets['evaluation']['sha256'][:16]}-{quantized['sha256'][:16]}",
-        "prefect.flow_run_id": str(flow_run.id), "eval.summary": summary, "routing": routing.to_dict()["routes"],
+        "prefect.flow_run_id": str(flow_run.id), "eval.summary": summary, "routing": routing["routes"],
     }
     metrics = {f"cer_{tag}_{lang}": v for tag, ev in (("fp32", fp32), ("int8", int8)) for lang, v in _cer(ev).items()}
     metrics.update({"lines_per_s_fp32": fp32["lines_per_s"], "lines_per_s_int8": int8["lines_per_s"],
@@ -63,9 +58,9 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
         metrics["lines_per_s_tesseract"] = baselines["tesseract"]["lines_per_s"]
     tables = {"cer_per_language": [{"language": lang, **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in
                                                           {"fp32": fp32, "int8": int8, **{k: v for k, v in baselines.items() if k != "ppocr"}}.items()},
-                                    "route": routing.routes.get(lang, "")} for lang in sorted(_cer(fp32))]}
-    models = {"det": str(shipped["det"]), "rec": quantized["path"], "rec_fp32": str(shipped["rec"]), "cls": str(shipped["cls"])}
-    registered = ocr_tasks.register(models, routing.to_dict(), {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
+                                    "route": routing["routes"].get(lang, "")} for lang in sorted(_cer(fp32))]}
+    models = {"det": shipped["det"], "rec": quantized["path"], "rec_fp32": shipped["rec"], "cls": shipped["cls"]}
+    registered = ocr_tasks.register(models, routing, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
-    return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing.routes,
+    return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
             "summary": summary, "registered_before": registered["reused"], "int8_model": str(Path(quantized["path"]))}

@@ -119,3 +119,20 @@ def register(models: dict, routing: dict, confidence: dict, lineage: dict, metri
 
 def summary_json(value) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def cer_of(evaluation: dict) -> dict[str, float]:
+    return {lang: v["cer"] for lang, v in evaluation["summary"].items()}
+
+
+def routes(evaluations: dict[str, dict]) -> dict:
+    """The routing table (as a dict) from backend -> evaluation results."""
+    from models.ocr.router import choose_routes
+
+    return choose_routes({k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()}).to_dict()
+
+
+def shipped_models() -> dict[str, str]:
+    from models.ocr.backends import shipped_ppocr_models
+
+    return {k: str(v) for k, v in shipped_ppocr_models().items()}
