@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,10 @@ from models.ocr.metrics import edit_distance, summarise
 from models.ocr.render import RenderSpec, read_labels, render_splits
 from models.ocr.router import choose_routes, guess_language
 
+from models.ocr.render import FONT_FILES  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not all(Path(f).is_file() for fonts in FONT_FILES.values() for f in fonts[:1]),
+                                reason="needs Debian's fonts-noto-cjk and fonts-dejavu-core (make ocr-system-deps)")
 needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs Debian's tesseract-ocr (make ocr-system-deps)")
 
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract (make ocr-system-deps)")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is None or not os.path.isfile("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
+                                                    reason="needs tesseract and fonts (make ocr-system-deps)")]
 
 
 @pytest.fixture(scope="module")
