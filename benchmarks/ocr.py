@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,8 +42,7 @@ def main() -> None:
     pp_langs = ("zh", "en", "fr", "es", "de")
     _, cal = load_set(sets["calibration"], langs=pp_langs)
     cfg = QuantizeConfig(method=args.method, op_types=() if args.all_ops else ("Conv", "MatMul"))
-    int8_path = quantize_model(shipped_ppocr_models()["rec"], tmp / "rec-int8.onnx", cfg, cal,
-                               lambda img, ratio: fp32.recognizer.resize_norm_img(np.ascontiguousarray(img[:, :, ::-1]), max(320 / 48, ratio)))
+    int8_path = quantize_model(shipped_ppocr_models()["rec"], tmp / "rec-int8.onnx", cfg, cal, fp32.preprocess_line)
     int8 = PPOCR(rec=int8_path, threads=args.threads)
     sub = [i for i, r in enumerate(records) if r["lang"] in pp_langs]
     pp_records, pp_images = [records[i] for i in sub], [images[i] for i in sub]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from atelier.errors import DataValidationError
-from atelier.hashing import tree_hash
+from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
@@ -72,8 +71,6 @@ def evaluate(backend: str, document_set: dict, rec: str | None = None, rec_sha25
 
 @task(name="quantize-recogniser", version=VERSIONS["quantize-recogniser"], cache_policy=BY_INPUTS, retries=0)
 def quantize(calibration: dict, langs: list[str], config: dict) -> dict:
-    import numpy as np
-
     from models.ocr.backends import PPOCR, shipped_ppocr_models
     from models.ocr.evaluate import load_set
     from models.ocr.quantize import QuantizeConfig, quantize_model
@@ -82,13 +79,8 @@ def quantize(calibration: dict, langs: list[str], config: dict) -> dict:
     fp32 = PPOCR()
     _, images = load_set(Path(calibration["path"]), langs=tuple(langs))
 
-    def preprocess(img, ratio):
-        return fp32.recognizer.resize_norm_img(np.ascontiguousarray(img[:, :, ::-1]), max(320 / 48, ratio))
-
     out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}.onnx"
-    quantize_model(shipped_ppocr_models()["rec"], out, cfg, images, preprocess)
-    from atelier.hashing import sha256_file
-
+    quantize_model(shipped_ppocr_models()["rec"], out, cfg, images, fp32.preprocess_line)
     logger().info("int8 recogniser written to %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
 
@@ -117,8 +109,6 @@ def register(models: dict, routing: dict, confidence: dict, lineage: dict, metri
     return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
 
 
-def summary_json(value) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def cer_of(evaluation: dict) -> dict[str, float]:

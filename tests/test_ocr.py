@@ -139,9 +139,8 @@ def test_static_int8_recogniser_keeps_metadata_and_reads(sets, tmp_path):
 
     fp32 = PPOCR(threads=2)
     records, images = load_set(sets["calibration"], langs=("zh", "en"))
-    pre = lambda img, ratio: fp32.recognizer.resize_norm_img(np.ascontiguousarray(img[:, :, ::-1]), max(320 / 48, ratio))  # noqa: E731
     out = quantize_model(shipped_ppocr_models()["rec"], tmp_path / "rec-int8.onnx",
-                         QuantizeConfig(method="MinMax", calibration_lines=8), images, pre)
+                         QuantizeConfig(method="MinMax", calibration_lines=8), images, fp32.preprocess_line)
     model = onnx.load(str(out))
     source = onnx.load(str(shipped_ppocr_models()["rec"]))
     assert {p.key for p in model.metadata_props} == {p.key for p in source.metadata_props}  # the character list

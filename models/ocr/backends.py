@@ -25,7 +25,13 @@ import numpy as np
 from PIL import Image
 
 from atelier.errors import AtelierError, NotFound
+from models.ocr.corpus import NO_SPACES
 from models.ocr.langs import language
+
+
+def joiner(lang: str | None) -> str:
+    """How words of `lang` join into a line: no spaces in Chinese and Japanese."""
+    return "" if lang in NO_SPACES else " "
 
 
 @dataclass
@@ -73,10 +79,12 @@ class PPOCR:
                                cls_model_path=str(self.paths["cls"]), intra_op_num_threads=threads)
         self.engine.text_rec.rec_batch_num = batch_size
 
-    @property
-    def recognizer(self):
-        """rapidocr's TextRecognizer: its `resize_norm_img` is the recogniser's exact preprocessing."""
-        return self.engine.text_rec
+    def preprocess_line(self, image: np.ndarray, wh_ratio: float) -> np.ndarray:
+        """The recogniser's exact input for an RGB line padded to `wh_ratio` (width over height), as a
+        batch pads its lines to its widest: what int8 calibration must see."""
+        rec = self.engine.text_rec
+        _, height, width = rec.rec_image_shape
+        return rec.resize_norm_img(_bgr(image), max(width / height, wh_ratio))
 
     def read_lines(self, images: list[np.ndarray], lang: str | None = None) -> list[Line]:
         bgr = [_bgr(img) for img in images]
@@ -128,7 +136,6 @@ class Tesseract:
         groups: dict[tuple, list[dict]] = {}
         for w in words:
             groups.setdefault((w["block_num"], w["par_num"], w["line_num"]), []).append(w)
-        joiner = "" if lang in ("zh", "ja") else " "
         lines = []
         for ws in groups.values():
             conf = float(np.mean([max(float(w["conf"]), 0.0) for w in ws])) / 100.0
@@ -139,7 +146,7 @@ class Tesseract:
                 x1 = max(int(w["left"]) + int(w["width"]) for w in ws)
                 y1 = max(int(w["top"]) + int(w["height"]) for w in ws)
                 box = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-            lines.append(Line(joiner.join(w["text"] for w in ws), conf, box, self.name, lang))
+            lines.append(Line(joiner(lang).join(w["text"] for w in ws), conf, box, self.name, lang))
         return lines
 
     def read_lines(self, images: list[np.ndarray], lang: str | None = None, packs: tuple[str, ...] | None = None) -> list[Line]:
@@ -150,8 +157,7 @@ class Tesseract:
             lines = self._lines(self._run(img, packs, 7), lang, False)
             if not lines:
                 return Line("", 0.0, None, self.name, lang)
-            joiner = "" if lang in ("zh", "ja") else " "
-            return Line(joiner.join(x.text for x in lines), float(np.mean([x.confidence for x in lines])), None, self.name, lang)
+            return Line(joiner(lang).join(x.text for x in lines), float(np.mean([x.confidence for x in lines])), None, self.name, lang)
 
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(one, images))

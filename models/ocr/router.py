@@ -15,9 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from models.ocr.backends import Line
+from models.ocr.backends import Line, joiner
 from models.ocr.confidence import IsotonicMap
-from models.ocr.langs import LANGUAGES, language, script_of
+from models.ocr.langs import LANGUAGES, script_of
 
 SCRIPT_LANG = {"han": "zh", "cyrillic": "ru", "hangul": "ko", "kana": "ja"}
 CONFIDENT = 0.9
@@ -37,10 +37,6 @@ class RoutingTable:
     routes: dict[str, str]
     cer: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> lang -> CER
     speed: dict[str, float] = field(default_factory=dict)  # backend -> lines/s
-
-    def backend_for(self, lang: str) -> str:
-        language(lang)
-        return self.routes[lang]
 
     def to_dict(self) -> dict:
         return {"routes": self.routes, "cer": self.cer, "speed": self.speed}
@@ -106,8 +102,7 @@ class RoutedOCR:
         return self.confidence.get(backend, IsotonicMap.identity())(raw)
 
     def _reading(self, lines: list[Line], lang: str | None, backend: str) -> Reading:
-        joiner = "" if lang in ("zh", "ja") else " "
-        text = "\n".join(x.text.strip() for x in lines) if any(x.box for x in lines) else joiner.join(x.text.strip() for x in lines)
+        text = "\n".join(x.text.strip() for x in lines) if any(x.box for x in lines) else joiner(lang).join(x.text.strip() for x in lines)
         raw = float(np.mean([x.confidence for x in lines])) if lines else 0.0
         conf = self._calibrated(backend, raw)
         return Reading(text, lang, backend, conf, raw, conf < self.review_below, lines)
