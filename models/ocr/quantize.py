@@ -20,6 +20,7 @@ import onnx
 from onnx import version_converter
 
 from atelier.storage import write_bytes_atomic
+from models.ocr.graph import simplify
 
 Method = Literal["MinMax", "Entropy", "Percentile"]
 
@@ -31,9 +32,12 @@ class QuantizeConfig:
     per_channel: bool = True
     percentile: float = 99.999
     min_opset: int = 13
-    calibration_lines: int = 64  # at most this many calibration lines are fed
+    # At most this many calibration lines are fed. ORT's calibrators keep every line's activations in
+    # memory: 200 lines of about 340 px took over 20 GB when Add/Mul were quantized too.
+    calibration_lines: int = 64
     op_types: tuple[str, ...] = ("Conv", "MatMul")  # where the time goes; element-wise ops stay fp32
     exclude_nodes: tuple[str, ...] = ()  # kept in fp32 by name
+    simplify: bool = True  # exact fp32 graph rewrites first (models/ocr/graph.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -58,6 +62,17 @@ def with_min_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return model if current >= opset else version_converter.convert_version(model, opset)
 
 
+def write_simplified(src: Path, dst: Path) -> dict[str, int]:
+    """The exact fp32 rewrite of `src` (models/ocr/graph.py) written atomically to `dst`, metadata kept;
+    returns how many of each rewrite applied."""
+    source = onnx.load(str(src))
+    model, counts = simplify(source)
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)
+    write_bytes_atomic(Path(dst), model.SerializeToString())
+    return counts
+
+
 def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[np.ndarray] | None = None,
                    preprocess: Callable[[np.ndarray, float], np.ndarray] | None = None) -> Path:
     """Write the int8 model to `dst` (atomically), keeping the source's metadata (PP-OCR stores the
@@ -67,7 +82,8 @@ def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[
     source = onnx.load(str(src))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "fp32.onnx"
-        onnx.save(with_min_opset(source, cfg.min_opset), str(staged))
+        prepared = simplify(source)[0] if cfg.simplify else source
+        onnx.save(with_min_opset(prepared, cfg.min_opset), str(staged))
         out = Path(tmp) / "int8.onnx"
         if cfg.mode == "dynamic":
             quantize_dynamic(str(staged), str(out), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
