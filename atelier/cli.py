@@ -197,7 +197,8 @@ def generate(
 @app.command()
 @friendly
 def demo() -> None:
-    """The embedded default end to end: init, demo photos for customer 'acme', fine-tune, register, promote."""
+    """The embedded default end to end: init, demo photos for customer 'acme', fine-tune, register,
+    promote; then OCR: render and track document sets, quantize, evaluate, register, gate."""
     import tempfile
     import time
 
@@ -213,18 +214,28 @@ def demo() -> None:
             subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
     result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
     _print_result(result)
+    missing = cli_ocr.ocr_dependencies_missing()
+    if missing:
+        typer.echo(f"\nOCR part skipped: {missing} is missing (make ocr-system-deps installs it)")
+    else:
+        from flows.ocr_calibrate import ocr_calibrate
+
+        typer.echo("\nOCR: calibrating and quantizing the recogniser (ocr-calibrate flow)")
+        cli_ocr.report_calibration(ocr_calibrate())
     typer.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s. Next:")
     env = f"ATELIER_WORKSPACE={settings.workspace}"
     typer.echo(f"  MLflow UI:   {sys.prefix}/bin/mlflow ui --backend-store-uri {settings.resolved_tracking_uri} "
                f"--default-artifact-root {settings.resolved_artifact_root}   (then open http://127.0.0.1:5000)")
     typer.echo(f"  Prefect UI:  PREFECT_HOME={settings.prefect_home} {sys.prefix}/bin/prefect server start   (then open http://127.0.0.1:4200)")
     typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
+    typer.echo(f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/evaluation --out ocr.jsonl")
     typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")
 
 
 cli_registry.install(app)
 app.command("ocr-calibrate")(cli_ocr.ocr_calibrate_cmd)
 app.command("ocr")(cli_ocr.ocr_cmd)
+app.command("documents-render")(cli_ocr.documents_render_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -27,13 +27,53 @@ def ocr_calibrate_cmd(
         raise typer.BadParameter("use MinMax, Entropy or Percentile", param_hint="--method")
     require_workspace(cli_settings())
     result = ocr_calibrate(method=method, calibration_lines=calibration_lines)
-    s = result["summary"]
-    typer.echo(f"{result['model']} version {result['version']}: CER fp32 {s['cer_fp32']['overall']:.2%} -> int8 "
-               f"{s['cer_int8']['overall']:.2%}, {s['speed_int8'] / s['speed_fp32']:.2f}x lines/s; routes {result['routes']}")
+    report_calibration(result)
     if not result["gate"]["passed"]:
         raise GateRefused(f"{result['model']} version {result['version']}", "; ".join(result["gate"]["reasons"]),
                           "keep the current champion, or loosen gate.ocr in the settings if the loss is acceptable")
-    typer.echo(f"promoted: {result['model']}@champion is version {result['version']}")
+
+
+def report_calibration(result: dict) -> None:
+    s = result["summary"]
+    typer.echo(f"{result['model']} version {result['version']}: CER fp32 {s['cer_fp32']['overall']:.2%} -> int8 "
+               f"{s['cer_int8']['overall']:.2%}, {s['speed_int8'] / s['speed_fp32']:.2f}x lines/s; routes {result['routes']}")
+    if result["gate"]["passed"]:
+        typer.echo(f"promoted: {result['model']}@champion is version {result['version']}")
+    else:
+        typer.echo(f"gate refused {result['model']} version {result['version']}: {'; '.join(result['gate']['reasons'])}")
+
+
+def ocr_dependencies_missing() -> str | None:
+    """What the OCR flow lacks on this machine (Tesseract, the fonts its sets are rendered with), or None."""
+    import shutil
+
+    from models.ocr.render import FONT_FILES
+
+    if shutil.which("tesseract") is None:
+        return "tesseract"
+    missing = sorted({f for fonts in FONT_FILES.values() for f in fonts[:1] if not Path(f).is_file()})
+    return missing[0] if missing else None
+
+
+@friendly
+def documents_render_cmd(
+    out: Path = typer.Option(..., help="folder for the calibration/ and evaluation/ sets (replaced atomically)"),
+    params: Path = typer.Option(Path("params.yaml"), help="YAML file with a `documents` block (calibration, evaluation)"),
+) -> None:
+    """Render the synthetic multilingual document sets (the dvc.yaml documents stage calls this)."""
+    import yaml
+
+    from atelier.errors import ConfigError
+    from models.ocr.render import RenderSpec, render_splits
+
+    try:
+        block = yaml.safe_load(params.read_text())["documents"]
+        specs = {name: RenderSpec(**block[name]) for name in ("calibration", "evaluation")}
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(str(params), f"has no usable `documents` block ({exc})",
+                          "give documents.calibration and documents.evaluation with lines_per_lang, pages_per_lang, seed") from None
+    sets = render_splits(out, specs["calibration"], specs["evaluation"], replace=True)
+    typer.echo("; ".join(f"{name}: {sum(1 for _ in open(path / 'labels.jsonl'))} images in {path}" for name, path in sets.items()))
 
 
 def _inputs(paths: list[Path]) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from atelier.errors import NotFound, WorkspaceError
+from atelier.errors import ConfigError, NotFound, WorkspaceError
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import file_hashes
 from atelier.settings import Settings
@@ -192,6 +192,25 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
 
 def documents_dir(settings: Settings) -> Path:
     return settings.workspace / "data" / "documents"
+
+
+def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
+    """`dvc repro STAGE` in the workspace, its outputs pushed to the remote and dvc.lock committed;
+    returns the commit that pins them. A workspace made before the stage existed gets a clear error."""
+    import yaml
+    from dvc.repo import Repo
+
+    ws = require_workspace(settings)
+    if stage not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {}):
+        raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
+                          f"copy dvc.yaml and params.yaml from {SOURCE_ROOT} into the workspace and commit them")
+    with contextlib.chdir(ws), Repo(str(ws)) as repo:
+        repo.reproduce(stage)
+        repo.push()
+    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/.gitignore", ".gitignore") if (ws / p).exists()])
+    if git(ws, "diff", "--cached", "--name-only"):
+        git(ws, "commit", "-q", "-m", message)
+    return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")
 
 
 def track_folder(settings: Settings, folder: Path, message: str) -> str:

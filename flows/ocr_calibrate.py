@@ -1,6 +1,7 @@
-"""ocr-calibrate: document sets -> validate (GX) -> fp32 and Tesseract baselines -> routing table
--> int8 quantization of the recogniser -> int8 evaluation -> confidence map -> register (alias
-candidate) -> gate (int8 accuracy loss, speed-up) -> alias champion."""
+"""ocr-calibrate: document sets -> validate (GX) -> exact fp32 rewrite of the recogniser -> fp32 and
+Tesseract baselines -> routing table -> int8 quantization -> int8 evaluation -> confidence map ->
+register (alias candidate) -> gate (int8 accuracy loss, speed-up over the fp32 rewrite) -> alias
+champion."""
 
 from __future__ import annotations
 
@@ -22,28 +23,35 @@ FLOW_VERSION = "1"
 def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, review_below: float = 0.5) -> dict:
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}
-    fp32 = ocr_tasks.evaluate("ppocr", sets["evaluation"])
+    shipped = ocr_tasks.shipped_models()
+    rec_fp32 = ocr_tasks.prepare_recogniser(shipped["rec"], ocr_tasks.file_sha256(shipped["rec"]))
+    fp32 = ocr_tasks.evaluate("ppocr", sets["evaluation"], rec_fp32["path"], rec_fp32["sha256"])
     baselines = {"ppocr": fp32}
     if shutil.which("tesseract"):
         baselines["tesseract"] = ocr_tasks.evaluate("tesseract", sets["evaluation"])
+    glm = ocr_tasks.glm_weights()
+    if glm is not None:
+        baselines["glm"] = ocr_tasks.evaluate("glm", sets["evaluation"], *glm)
     first = ocr_tasks.routes(baselines)
     pp_langs = sorted(lang for lang, b in first["routes"].items() if b == "ppocr")
-    quantized = ocr_tasks.quantize(sets["calibration"], pp_langs, {"method": method, "calibration_lines": calibration_lines})
+    quantized = ocr_tasks.quantize(sets["calibration"], rec_fp32, pp_langs, {"method": method, "calibration_lines": calibration_lines})
     int8 = ocr_tasks.evaluate("ppocr", sets["evaluation"], quantized["path"], quantized["sha256"])
     int8_cal = ocr_tasks.evaluate("ppocr", sets["calibration"], quantized["path"], quantized["sha256"])
     confidence = ocr_tasks.fit_confidence(int8_cal, int8)
     deployed = {**baselines, "ppocr": int8}
     routing = ocr_tasks.routes(deployed)
+    if glm is not None:
+        routing["glm_weights"] = glm[0]
 
     summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": fp32["lines_per_s"], "speed_int8": int8["lines_per_s"],
                "langs": pp_langs, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
-    shipped = ocr_tasks.shipped_models()
     code = code_version()
     lineage = {
         "data.calibration": {k: sets["calibration"][k] for k in ("rev", "sha256")},
         "data.evaluation": {k: sets["evaluation"][k] for k in ("rev", "sha256")},
         "data.validation_reports": {k: v["report_dir"] for k, v in reports.items()},
-        "base_model.id": "PP-OCRv4 (rapidocr-onnxruntime 1.4.4)", "quantize.config": quantized["config"],
+        "base_model.id": "PP-OCRv4 (rapidocr-onnxruntime 1.4.4)", "base_model.rewrites": rec_fp32["rewrites"],
+        "quantize.config": quantized["config"],
         "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
         "flow.name": "ocr-calibrate", "flow.version": FLOW_VERSION, "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
         "calibration.key": f"{sets['calibration']['sha256'][:16]}-{sets['evaluation']['sha256'][:16]}-{quantized['sha256'][:16]}",
@@ -59,7 +67,7 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     tables = {"cer_per_language": [{"language": lang, **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in
                                                           {"fp32": fp32, "int8": int8, **{k: v for k, v in baselines.items() if k != "ppocr"}}.items()},
                                     "route": routing["routes"].get(lang, "")} for lang in sorted(_cer(fp32))]}
-    models = {"det": shipped["det"], "rec": quantized["path"], "rec_fp32": shipped["rec"], "cls": shipped["cls"]}
+    models = {"det": shipped["det"], "rec": quantized["path"], "rec_fp32": rec_fp32["path"], "cls": shipped["cls"]}
     registered = ocr_tasks.register(models, routing, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
     return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],

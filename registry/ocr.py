@@ -10,6 +10,7 @@ pre-cropped line, "page" otherwise). Output: text, language, backend, confidence
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -45,8 +46,9 @@ class OCRModel(mlflow.pyfunc.PythonModel):
         from models.ocr.engine import load_engine
 
         a = context.artifacts
+        glm = os.environ.get("ATELIER_GLM_OCR_WEIGHTS")  # where this machine keeps GLM-OCR, if routed to
         self.engine = load_engine(Path(a["det"]), Path(a["rec"]), Path(a["cls"]), json.loads(Path(a["routing"]).read_text()),
-                                  json.loads(Path(a["confidence"]).read_text()), self.review_below)
+                                  json.loads(Path(a["confidence"]).read_text()), self.review_below, glm_weights=Path(glm) if glm else None)
 
     def predict(self, context, model_input, params=None):
         from models.ocr.engine import read_documents

@@ -13,27 +13,26 @@ from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
-VERSIONS = {"document-sets": "1", "validate-documents": "1", "evaluate-ocr": "1", "quantize-recogniser": "1",
+VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2",
             "fit-confidence": "1", "register-ocr": "1"}
-DEFAULT_SETS = {"calibration": {"lines_per_lang": 12, "pages_per_lang": 0, "seed": 1},
-                "evaluation": {"lines_per_lang": 10, "pages_per_lang": 1, "seed": 2}}
+SETS = ("calibration", "evaluation")
 
 
 @task(name="document-sets", version=VERSIONS["document-sets"], cache_policy=UNCACHED)
 def document_sets() -> dict:
-    """The workspace's calibration and evaluation sets; rendered (synthetic) and DVC-tracked if missing."""
-    from models.ocr.render import RenderSpec, render_splits
+    """The workspace's own sets in data/documents/{calibration,evaluation} (tracked with `dvc add`), or
+    else the synthetic ones of dvc.yaml's `documents` stage (`dvc repro documents`, dvc.lock committed)."""
+    from atelier.workspace import reproduce_stage
 
     s = settings()
     root = documents_dir(s)
-    if not all((root / name / "labels.jsonl").is_file() for name in DEFAULT_SETS):
-        logger().info("no document sets in %s: rendering the synthetic multilingual ones", root)
-        render_splits(root, RenderSpec(**DEFAULT_SETS["calibration"]), RenderSpec(**DEFAULT_SETS["evaluation"]), replace=True)
-    out = {}
-    for name in DEFAULT_SETS:
-        rev = track_folder(s, root / name, f"document set {name}")
-        out[name] = {"path": str(root / name), "rev": rev, "sha256": tree_hash(root / name)}
-    return out
+    if all((root / name / "labels.jsonl").is_file() for name in SETS):
+        return {name: {"path": str(root / name), "rev": track_folder(s, root / name, f"document set {name}"),
+                       "sha256": tree_hash(root / name)} for name in SETS}
+    logger().info("no document sets of the workspace's own in %s: the synthetic ones of the documents stage", root)
+    rev = reproduce_stage(s, "documents", "synthetic OCR document sets (dvc repro documents)")
+    synthetic = root / "synthetic"
+    return {name: {"path": str(synthetic / name), "rev": rev, "sha256": tree_hash(synthetic / name)} for name in SETS}
 
 
 @task(name="validate-documents", version=VERSIONS["validate-documents"], cache_policy=BY_INPUTS)
@@ -49,8 +48,13 @@ def validate_documents(name: str, document_set: dict) -> dict:
 
 
 def _backend(kind: str, rec: str | None):
+    """`rec`: the recogniser file for PP-OCR, the weights directory for GLM-OCR."""
     from models.ocr.backends import PPOCR, Tesseract
 
+    if kind == "glm":
+        from models.ocr.glm import GlmOcr
+
+        return GlmOcr(Path(rec))
     return Tesseract() if kind == "tesseract" else PPOCR(rec=Path(rec) if rec else None)
 
 
@@ -69,19 +73,29 @@ def evaluate(backend: str, document_set: dict, rec: str | None = None, rec_sha25
             "rows": [{k: r[k] for k in ("file", "lang", "confidence", "exact")} for r in result.rows]}
 
 
+@task(name="prepare-recogniser", version=VERSIONS["prepare-recogniser"], cache_policy=BY_INPUTS)
+def prepare_recogniser(source: str, source_sha256: str) -> dict:
+    """The shipped recogniser rewritten exactly (models/ocr/graph.py): the fp32 baseline and the
+    quantization source."""
+    from models.ocr.quantize import write_simplified
+
+    out = settings().state_dir / "ocr" / "fp32" / f"rec-{source_sha256[:12]}.onnx"
+    counts = write_simplified(Path(source), out)
+    logger().info("fp32 recogniser rewritten (%s) to %s", ", ".join(f"{v} {k}" for k, v in counts.items()), out)
+    return {"path": str(out), "sha256": sha256_file(out), "rewrites": counts}
+
+
 @task(name="quantize-recogniser", version=VERSIONS["quantize-recogniser"], cache_policy=BY_INPUTS, retries=0)
-def quantize(calibration: dict, langs: list[str], config: dict) -> dict:
-    from models.ocr.backends import PPOCR, shipped_ppocr_models
+def quantize(calibration: dict, fp32: dict, langs: list[str], config: dict) -> dict:
+    from models.ocr.backends import PPOCR
     from models.ocr.evaluate import load_set
     from models.ocr.quantize import QuantizeConfig, quantize_model
 
     cfg = QuantizeConfig(**config)
-    fp32 = PPOCR()
     _, images = load_set(Path(calibration["path"]), langs=tuple(langs))
-
-    out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}.onnx"
-    quantize_model(shipped_ppocr_models()["rec"], out, cfg, images, fp32.preprocess_line)
-    logger().info("int8 recogniser written to %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}-{fp32['sha256'][:12]}.onnx"
+    quantize_model(Path(fp32["path"]), out, cfg, images, PPOCR(rec=Path(fp32["path"])).preprocess_line)
+    logger().info("int8 recogniser written to %s (%.1f MB, fp32 %.1f MB)", out, out.stat().st_size / 1e6, Path(fp32["path"]).stat().st_size / 1e6)
     return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
 
 
@@ -109,8 +123,6 @@ def register(models: dict, routing: dict, confidence: dict, lineage: dict, metri
     return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
 
 
-
-
 def cer_of(evaluation: dict) -> dict[str, float]:
     return {lang: v["cer"] for lang, v in evaluation["summary"].items()}
 
@@ -126,3 +138,19 @@ def shipped_models() -> dict[str, str]:
     from models.ocr.backends import shipped_ppocr_models
 
     return {k: str(v) for k, v in shipped_ppocr_models().items()}
+
+
+def file_sha256(path: str) -> str:
+    return sha256_file(Path(path))
+
+
+def glm_weights() -> tuple[str, str] | None:
+    """The configured GLM-OCR directory and its content hash, or None."""
+    weights = settings().glm_ocr_weights
+    if weights is None:
+        return None
+    if not weights.is_dir():
+        from atelier.errors import NotFound
+
+        raise NotFound(str(weights), "ATELIER_GLM_OCR_WEIGHTS names no directory", "point it at a local GLM-OCR directory or unset it")
+    return str(weights), tree_hash(weights)

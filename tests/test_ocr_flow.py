@@ -8,8 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import mlflow
+import yaml
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is None or not os.path.isfile("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
@@ -17,10 +20,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is 
 
 
 @pytest.fixture(scope="module")
-def calibrated(prefect_harness, workspace):
+def calibrated(prefect_harness, workspace, tmp_path_factory):
     from flows.ocr_calibrate import ocr_calibrate
+    from tests.tiny_glm import build_tiny_glm_ocr
 
-    return ocr_calibrate(method="MinMax", calibration_lines=24)
+    glm = build_tiny_glm_ocr(tmp_path_factory.mktemp("glm-ocr"))
+    with pytest.MonkeyPatch.context() as mp:  # GLM-OCR configured: the flow measures it beside PP-OCR and Tesseract
+        mp.setenv("ATELIER_GLM_OCR_WEIGHTS", str(glm))
+        return ocr_calibrate(method="MinMax", calibration_lines=24)
 
 
 def test_flow_registers_routes_and_gates_the_int8_engine(calibrated, workspace):
@@ -31,10 +38,16 @@ def test_flow_registers_routes_and_gates_the_int8_engine(calibrated, workspace):
     assert set(summary["cer_int8"]) >= {"zh", "en", "ru", "ko", "overall"}
     routes = calibrated["routes"]
     assert routes["ru"] == "tesseract" and routes["ko"] == "tesseract"  # PP-OCR's Chinese model cannot read them
+    routing = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="routing.json", tracking_uri=workspace.resolved_tracking_uri)).read_text())
+    assert routing["cer"]["glm"]["overall"] > 0.5 and "glm" not in routes.values()  # measured; random weights never win
+    assert routing["glm_weights"]
     gate = json.loads(mv.tags["atelier.gate"])
     assert gate["passed"] == calibrated["gate"]["passed"]
     assert {c["name"] for c in gate["checks"]} >= {"cer_overall", "speedup"}
-    assert (workspace.workspace / "data" / "documents" / "evaluation.dvc").is_file()  # DVC-tracked
+    lock = yaml.safe_load((workspace.workspace / "dvc.lock").read_text())  # the documents stage made and pinned the sets
+    assert {o["path"] for o in lock["stages"]["documents"]["outs"]} == {"data/documents/synthetic"}
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "documents"], cwd=workspace.workspace, capture_output=True, text=True)
+    assert "changed" not in status.stdout, status.stdout
 
 
 def test_rerun_registers_nothing_new(calibrated, workspace):
@@ -45,7 +58,7 @@ def test_rerun_registers_nothing_new(calibrated, workspace):
 
 
 def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrated, workspace, tmp_path):
-    ev = workspace.workspace / "data" / "documents" / "evaluation"
+    ev = workspace.workspace / "data" / "documents" / "synthetic" / "evaluation"
     labels = [json.loads(x) for x in (ev / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
     zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
     (tmp_path / "broken.png").write_bytes(b"nope")

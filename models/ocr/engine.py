@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from atelier.errors import AtelierError
+from atelier.errors import AtelierError, NotFound
 from models.ocr.backends import PPOCR, Tesseract
 from models.ocr.confidence import IsotonicMap
 from models.ocr.images import load_document
@@ -18,11 +18,22 @@ from models.ocr.router import Reading, RoutedOCR, RoutingTable
 
 
 def load_engine(det: Path, rec: Path, cls: Path, routing: dict, confidence: dict, review_below: float = 0.5,
-                threads: int | None = None) -> RoutedOCR:
+                threads: int | None = None, glm_weights: Path | None = None) -> RoutedOCR:
+    """`glm_weights`: the local GLM-OCR directory, needed when the routing table routes a language to
+    it (the weights stay where they are; the routing table records the path they were measured at)."""
     table = RoutingTable.from_dict(routing)
     backends = {"ppocr": PPOCR(det, rec, cls, threads=threads)}
     if "tesseract" in table.routes.values():
         backends["tesseract"] = Tesseract()
+    if "glm" in table.routes.values():
+        from models.ocr.glm import GlmOcr
+
+        weights = glm_weights or routing.get("glm_weights")
+        if not weights:
+            langs = sorted(lang for lang, b in table.routes.items() if b == "glm")
+            raise NotFound("GLM-OCR weights", f"the routing table sends {', '.join(langs)} to GLM-OCR but names no weights",
+                           "set ATELIER_GLM_OCR_WEIGHTS to the local GLM-OCR directory")
+        backends["glm"] = GlmOcr(Path(weights))
     maps = {name: IsotonicMap.from_dict(m) for name, m in confidence.items()}
     return RoutedOCR(backends, table, maps, review_below)
 
