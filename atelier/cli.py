@@ -228,7 +228,7 @@ def demo() -> None:
                f"--default-artifact-root {settings.resolved_artifact_root}   (then open http://127.0.0.1:5000)")
     typer.echo(f"  Prefect UI:  PREFECT_HOME={settings.prefect_home} {sys.prefix}/bin/prefect server start   (then open http://127.0.0.1:4200)")
     typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
-    typer.echo(f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/evaluation --out ocr.jsonl")
+    typer.echo(f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/synthetic/evaluation --out ocr.jsonl")
     typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")
 
 

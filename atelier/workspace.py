@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,20 @@ def documents_dir(settings: Settings) -> Path:
     return settings.workspace / "data" / "documents"
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     """`dvc repro STAGE` in the workspace, its outputs pushed to the remote and dvc.lock committed;
     returns the commit that pins them. A workspace made before the stage existed gets a clear error."""
@@ -204,7 +219,10 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     if stage not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {}):
         raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
                           f"copy dvc.yaml and params.yaml from {SOURCE_ROOT} into the workspace and commit them")
-    with contextlib.chdir(ws), Repo(str(ws)) as repo:
+    # the stage's command is `atelier ...`: the interpreter's own bin directory goes first on PATH, so it
+    # is found when Atelier runs from a virtual environment that is not activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
         repo.reproduce(stage)
         repo.push()
     git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/.gitignore", ".gitignore") if (ws / p).exists()])
