@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     artifact_root: str | None = Field(None, description="MLflow artifact root; default: a folder in the workspace")
     prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
     dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto) for s3:// batch inputs and outputs; "
+                                        "default: AWS, or boto3's AWS_ENDPOINT_URL")
     base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
     glm_ocr_weights: Path | None = Field(None, description="local GLM-OCR directory (save_pretrained layout); when set, "
                                          "ocr-calibrate measures it and routes languages to it where it reads best")

@@ -36,7 +36,9 @@ def task_versions() -> dict[str, str]:
 
 @flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True)
 def subject_finetune(customer: str, subject: str, base_model: str | None = None, config_path: str | None = None,
-                     data_rev: str | None = None) -> dict:
+                     data_rev: str | None = None, skip_if_unchanged: bool = False) -> dict:
+    """`skip_if_unchanged` (scheduled retraining): when a version was already registered from the same
+    photos (DVC hashes), config, base model and class priors, stop before training and say so."""
     check_slug(customer, "customer")
     check_slug(subject, "subject")
     settings = load_settings()
@@ -54,6 +56,16 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     if config["with_prior_preservation"]:
         class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot["class_noun"])
         priors = class_priors(str(base), base_hash, class_prompt, config)
+    if skip_if_unchanged:
+        key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config)
+        existing = reg_tasks.find_registered(customer, subject, key)
+        if existing is not None:
+            note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
+                    f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})")
+            print(note)
+            reg_tasks.summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
+            return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
+                    "training_key": key, "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
     training = train_dreambooth(str(base), base_hash, snapshot, priors, config)
     samples = sample_images(training["output_dir"], snapshot["class_noun"], config, training["losses"])
 
@@ -71,7 +83,9 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
     gate = promotion_gate(registered, str(flow_run.id))
+    reg_tasks.summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
+                               f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}")
     return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
             "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
             "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),
-            "steps": training["steps"], "final_loss": samples["health"]["final_loss"]}
+            "steps": training["steps"], "final_loss": samples["health"]["final_loss"], "noop": False}

@@ -46,3 +46,16 @@ def progress_logger(label: str, total: int, every: float = 0.1):
             update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / total)
 
     return report
+
+
+SUMMARY_KEY = "run-summary"
+
+
+def summary_artifact(flow: str, model: str, outputs: dict, note: str = "") -> None:
+    """The row `atelier runs` shows for this flow run: the model version it used or made, its outputs."""
+    import json
+
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact([{"flow": flow, "model": model, "outputs": json.dumps(outputs, sort_keys=True), "note": note}],
+                          key=SUMMARY_KEY, description=f"{flow}: model and outputs")

@@ -12,9 +12,9 @@ from models.dreambooth.config import TrainConfig
 from registry.dreambooth import client_for, register_dreambooth
 from registry.ledger import Ledger
 from registry.promotion import promote
-from tasks.common import UNCACHED, logger, retry_transient, settings
+from tasks.common import UNCACHED, logger, retry_transient, settings, summary_artifact  # noqa: F401 (flows use it)
 
-VERSIONS = {"register-model": "1", "promotion-gate": "1"}
+VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"}
 
 
 @task(name="register-model", version=VERSIONS["register-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
@@ -52,3 +52,14 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
         logger().warning("gate refused %s v%s: %s; champion stays %s", result.model, result.version,
                          "; ".join(result.reasons), result.champion or "(none)")
     return {"passed": result.passed, "reasons": result.reasons, "champion": result.champion, "ledger_seq": result.row.seq}
+
+
+@task(name="find-registered", version=VERSIONS["find-registered"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
+    """The version already registered from exactly these inputs (training key), or None."""
+    from registry.dreambooth import find_version, model_name
+
+    name = model_name(customer, subject)
+    mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)
+    return None if mv is None else {"name": name, "version": str(mv.version), "aliases": list(mv.aliases)}

@@ -1,0 +1,109 @@
+"""Serving commands: batch inference now, schedules (deploy + worker), and the recent runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from atelier.cli_common import cli_settings, friendly
+from atelier.errors import AtelierError
+
+
+def _report(result: dict) -> None:
+    typer.echo(f"{result['model']}: {result['written']} new, {result['done_before']} already done, "
+               f"{len(result['invalid'])} invalid, {len(result['failed'])} failed -> {result['manifest']}")
+    for bad in result["invalid"] + result["failed"]:
+        typer.echo(f"  not done: {bad.get('error')}", err=True)
+
+
+@friendly
+def batch_generate_cmd(
+    customer: str = typer.Argument(...), subject: str = typer.Argument(...),
+    manifest: str = typer.Option(..., help="JSONL manifest (id, prompt, seed, guidance, steps, size): a path or s3://bucket/key"),
+    out: str = typer.Option(..., help="output folder or s3://bucket/prefix; may hold {date}"),
+    model: Optional[str] = typer.Option(None, help="NAME@ALIAS or NAME/VERSION; default dreambooth-CUSTOMER-SUBJECT@champion"),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Generate every manifest item once with one pinned model version (a rerun resumes, skipping
+    items whose outputs exist and verify)."""
+    from flows.batch import batch_generate
+
+    cli_settings()
+    _report(batch_generate(customer, subject, manifest, out, model, batch_size))
+
+
+@friendly
+def batch_ocr_cmd(
+    inputs: str = typer.Argument(..., help="folder or s3://bucket/prefix of images"),
+    out: str = typer.Option(..., help="output folder or s3://bucket/prefix; may hold {date}"),
+    model: str = typer.Option("ocr@champion"),
+    lang: Optional[str] = typer.Option(None, help="language code; default: the router decides"),
+    lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines"),
+) -> None:
+    """Read every image once with the pinned OCR model; results.jsonl and report.json in OUT."""
+    from flows.batch import batch_ocr
+
+    cli_settings()
+    _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
+
+
+def _schedule_file(file: Optional[Path]) -> Path:
+    return file or cli_settings().workspace / "schedules.yaml"
+
+
+@friendly
+def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml")) -> None:
+    """Create or update the Prefect deployments (cron schedules) of the schedule file."""
+    from flows.schedules import deployments, load_schedules
+
+    path = _schedule_file(file)
+    for d in deployments(load_schedules(path)):
+        d.apply()
+        cron = d.schedules[0].schedule.cron if d.schedules else "-"
+        limit = f", at most {d.concurrency_limit} at a time" if d.concurrency_limit else ""
+        typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' UTC{limit}")
+    typer.echo(f"serve them with `atelier worker` (same schedule file: {path})")
+
+
+@friendly
+def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml"),
+               limit: int = typer.Option(4, help="flow runs at once in this worker")) -> None:
+    """Serve the scheduled deployments: each due run starts in its own process. Stop with Ctrl-C."""
+    from prefect import serve
+
+    from flows.schedules import deployments, load_schedules
+
+    deps = deployments(load_schedules(_schedule_file(file)))
+    if not deps:
+        raise AtelierError(str(_schedule_file(file)), "schedules nothing", "add batch_generate, batch_ocr, retrain or ocr_recalibrate entries")
+    serve(*deps, limit=limit)
+
+
+@friendly
+def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] = typer.Option(None, help="only this flow name"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recent flow runs: state, the model version each used or made, and its outputs."""
+    from flows.runs import recent_runs
+
+    cli_settings()
+    rows = recent_runs(limit, flow)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, default=str))
+        return
+    if not rows:
+        typer.echo("no flow runs yet")
+    for r in rows:
+        started = str(r["start"])[:16].replace("T", " ") if r["start"] else "not started"
+        typer.echo(f"{started}  {r['state']:<10} {r['flow']:<17} {r['deployment'] or '-':<24} {r['model'] or '-':<28} "
+                   f"{r['note'] or ''}{'  -> ' + r['outputs'] if r['outputs'] and r['outputs'] != '{}' else ''}")
+
+
+def install(app: typer.Typer) -> None:
+    app.command("batch-generate")(batch_generate_cmd)
+    app.command("batch-ocr")(batch_ocr_cmd)
+    app.command("deploy")(deploy_cmd)
+    app.command("worker")(worker_cmd)
+    app.command("runs")(runs_cmd)

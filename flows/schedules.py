@@ -1,0 +1,126 @@
+"""Schedules: which flows run when, as Prefect deployments served by `atelier worker`.
+
+The schedule file (default `schedules.yaml` in the workspace):
+
+    batch_generate:            # batch inference per customer subject
+      - {customer: acme, subject: robot, manifest: s3://prompts/acme.jsonl, out: "s3://out/acme/{date}", cron: "0 2 * * *"}
+    batch_ocr:
+      - {name: scans, input: s3://scans/incoming, out: "s3://scans/read/{date}", cron: "30 2 * * *"}
+    retrain:                   # a no-op when photos, config and base model are unchanged
+      - {customer: acme, subject: robot, cron: "0 3 * * *"}
+    ocr_recalibrate: {cron: "0 4 * * 0"}
+
+Retraining deployments (one per customer subject) and OCR recalibration have a concurrency limit of
+one run, so two retrainings of one subject never overlap (a second waits); batch deployments have
+none and never wait on retraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from atelier.errors import ConfigError
+from atelier.storage import check_slug
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cron: str = Field(..., description="cron expression, UTC")
+    paused: bool = False
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a cron expression (e.g. '0 2 * * *')") from None
+        return value
+
+
+class _Subject(_Entry):
+    customer: str
+    subject: str
+
+    @field_validator("customer", "subject")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        check_slug(value, "name")
+        return value
+
+
+class BatchGenerate(_Subject):
+    manifest: str
+    out: str
+    model: str | None = None
+    batch_size: int = Field(8, ge=1, le=256)
+
+
+class BatchOcr(_Entry):
+    name: str
+    input: str
+    out: str
+    model: str = "ocr@champion"
+    lang: str | None = None
+    kind: str = Field("page", pattern="^(page|line)$")
+
+
+class Retrain(_Subject):
+    config: str | None = None
+
+
+class Schedules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_generate: list[BatchGenerate] = []
+    batch_ocr: list[BatchOcr] = []
+    retrain: list[Retrain] = []
+    ocr_recalibrate: _Entry | None = None
+
+
+def load_schedules(path: Path) -> Schedules:
+    if not path.is_file():
+        raise ConfigError(str(path), "no schedule file", "write one (see `atelier deploy --help` and the README's Schedules section)")
+    try:
+        return Schedules.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"is not YAML ({exc})", "fix the syntax") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}", first["msg"], "fix that entry") from None
+
+
+def deployments(schedules: Schedules) -> list:
+    """RunnerDeployments (module entrypoints, so a worker anywhere with Atelier installed runs them)."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.batch import batch_generate, batch_ocr
+    from flows.ocr_calibrate import ocr_calibrate
+    from flows.subject_finetune import subject_finetune
+
+    out = []
+    module = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    for b in schedules.batch_generate:
+        out.append(batch_generate.to_deployment(
+            name=f"batch-{b.customer}-{b.subject}", cron=b.cron, paused=b.paused, tags=[f"customer:{b.customer}", "batch"],
+            parameters={"customer": b.customer, "subject": b.subject, "manifest": b.manifest, "out": b.out,
+                        "model": b.model, "batch_size": b.batch_size}, **module))
+    for o in schedules.batch_ocr:
+        out.append(batch_ocr.to_deployment(
+            name=f"ocr-{o.name}", cron=o.cron, paused=o.paused, tags=["batch", "ocr"],
+            parameters={"inputs": o.input, "out": o.out, "model": o.model, "lang": o.lang, "kind": o.kind}, **module))
+    for r in schedules.retrain:
+        out.append(subject_finetune.to_deployment(
+            name=f"retrain-{r.customer}-{r.subject}", cron=r.cron, paused=r.paused, concurrency_limit=1,
+            tags=[f"customer:{r.customer}", "retrain"],
+            parameters={"customer": r.customer, "subject": r.subject, "config_path": r.config, "skip_if_unchanged": True}, **module))
+    if schedules.ocr_recalibrate:
+        out.append(ocr_calibrate.to_deployment(name="ocr-recalibrate", cron=schedules.ocr_recalibrate.cron,
+                                               paused=schedules.ocr_recalibrate.paused, concurrency_limit=1, tags=["retrain", "ocr"],
+                                               **module))
+    return out

@@ -1,0 +1,54 @@
+"""Batch OCR: every image under an input Store -> one JSON result per image, exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from atelier.objectstore import Store
+from models.batch.outputs import Progress, commit, split_done
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def item_id(key: str) -> str:
+    """A stable, path-safe id for an input key (keys may hold spaces, unicode, '/')."""
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def list_images(store: Store) -> list[str]:
+    return [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang: str | None = None, kind: str = "page",
+            chunk: int = 16, on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], Progress]:
+    """Read every key not already done; a bad image gets a result with `error` (the batch goes on)."""
+    from models.ocr.engine import read_documents
+
+    progress = Progress()
+    ids = {item_id(k): k for k in keys}
+    records, todo = split_done(out, list(ids), progress)
+    with tempfile.TemporaryDirectory(prefix="atelier-ocr-") as tmp:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            rows = []
+            for i in part:
+                local = Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}"
+                local.write_bytes(inputs.read_bytes(ids[i]))
+                rows.append({"path": str(local), "lang": lang, "kind": kind})
+            for i, row in zip(part, read_documents(engine, rows)):
+                result = {**row, "path": ids[i], "lines": json.loads(row["lines"]), "model": model}
+                payload = json.dumps(result, ensure_ascii=False, sort_keys=True).encode()
+                records[i] = commit(out, i, f"results/{i}.json", payload, {"path": ids[i], "model": model,
+                                                                           "error": row["error"], "flagged": bool(row["flagged"])})
+                progress.written.append(i)
+                if row["error"]:
+                    progress.failed.append({"id": ids[i], "error": row["error"]})
+            for i in part:
+                (Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}").unlink(missing_ok=True)
+            if on_progress:
+                on_progress(len(records), len(ids))
+    return records, progress

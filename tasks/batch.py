@@ -1,0 +1,117 @@
+"""Batch inference tasks: pin a registered model version, read a manifest, run the items exactly
+once into a local folder or S3 prefix, write the output manifest and the run report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from atelier.errors import AtelierError, ConfigError
+from atelier.objectstore import open_store, split_file_url
+from models.batch.manifest import GenItem, parse_generation_manifest
+from models.batch.outputs import finish
+from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, summary_artifact  # noqa: F401 (flows use it)
+
+VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-batch": "1", "write-outputs": "1"}
+
+
+@task(name="pin-model", version=VERSIONS["pin-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=3)
+def pin_model(ref: str, customer: str | None = None) -> dict:
+    """Resolve NAME@ALIAS (or NAME/VERSION) to one version, once, for the whole run; refuse a model of
+    another customer."""
+    from registry.serving import pin
+
+    pinned = pin(settings(), ref, customer)
+    logger().info("%s is %s: pinned for this run", ref, pinned["model"])
+    return pinned
+
+
+@task(name="read-manifest", version=VERSIONS["read-manifest"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=3)
+def read_manifest(url: str) -> dict:
+    """Valid items and the invalid lines (each named with its line number and the problem)."""
+    folder, name = split_file_url(url)
+    text = open_store(folder, settings().s3_endpoint_url).read_bytes(name).decode("utf-8", errors="replace")
+    items, invalid = parse_generation_manifest(text)
+    if not items and not invalid:
+        raise ConfigError(url, "is an empty manifest", "write one JSON object per line: {\"id\": ..., \"prompt\": ...}")
+    for bad in invalid:
+        logger().warning("manifest %s: %s (skipped)", url, bad.error)
+    logger().info("manifest %s: %d valid item(s), %d invalid", url, len(items), len(invalid))
+    return {"items": [asdict(i) for i in items], "invalid": [b.to_dict() for b in invalid]}
+
+
+@task(name="generate-batch", version=VERSIONS["generate-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 8) -> dict:
+    """Generate the items not yet done in `out` with the pinned version (a retry or a rerun resumes)."""
+    from models.batch.generate import run_generation
+    from registry.serving import load_python_model
+
+    s = settings()
+    store = open_store(out, s.s3_endpoint_url)
+    model = load_python_model(s, pinned["name"], pinned["version"])  # the pipeline itself: no base64 round trip per image
+    report = progress_logger(f"batch generate {pinned['model']}", max(1, len(items)))
+    records, progress = run_generation(model.pipe, [GenItem(**i) for i in items], store, pinned["model"], model.defaults,
+                                       batch_size, on_progress=lambda done, total: report(done))
+    logger().info("%d generated, %d already done (verified), %d redone, %d failed", len(progress.written),
+                  len(progress.done_before), len(progress.redone), len(progress.failed))
+    return {"records": records, "progress": asdict(progress)}
+
+
+@task(name="ocr-batch", version=VERSIONS["ocr-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) -> dict:
+    from models.batch.ocr import list_images, run_ocr
+    from models.ocr.langs import language
+    from registry.serving import load_python_model
+
+    if lang:
+        language(lang)
+    s = settings()
+    source, store = open_store(inputs, s.s3_endpoint_url), open_store(out, s.s3_endpoint_url)
+    keys = list_images(source)
+    if not keys:
+        raise ConfigError(inputs, "holds no images", "point --input at a folder or S3 prefix with PNG/JPEG/TIFF files")
+    engine = load_python_model(s, pinned["name"], pinned["version"]).engine
+    report = progress_logger(f"batch OCR {pinned['model']}", len(keys))
+    records, progress = run_ocr(engine, source, keys, store, pinned["model"], lang, kind, on_progress=lambda done, total: report(done))
+    logger().info("%d read, %d already done (verified), %d with errors", len(progress.written), len(progress.done_before), len(progress.failed))
+    return {"records": records, "progress": asdict(progress)}
+
+
+@task(name="write-outputs", version=VERSIONS["write-outputs"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=3)
+def write_outputs(out: str, manifest_key: str, result: dict, report: dict, payload_lines: bool = False) -> dict:
+    """The output manifest (records sorted by id, or for OCR each result in input order) and the report."""
+    store = open_store(out, settings().s3_endpoint_url)
+    records = result["records"]
+    if payload_lines:  # OCR: results.jsonl holds the results themselves, in input-path order
+        ordered = sorted(records.values(), key=lambda r: r["path"])
+        text = "".join(store.read_bytes(r["file"]).decode() + "\n" for r in ordered)
+        store.write_bytes(manifest_key, text.encode())
+        finish(store, "items.jsonl", records, report)
+    else:
+        finish(store, manifest_key, records, report)
+    rows = [{"item": b.get("id") or f"line {b['line']}", "problem": b["error"]} for b in report.get("invalid", [])]
+    rows += [{"item": f["id"], "problem": f["error"]} for f in report.get("failed", [])]
+    if rows:
+        create_table_artifact(rows, description=f"items not done in {out}: fix them and run again")
+    logger().info("wrote %s/%s and %s/report.json (%d item(s))", store.url, manifest_key, store.url, len(records))
+    return {"manifest": f"{store.url}/{manifest_key}", "report": f"{store.url}/report.json"}
+
+
+def report_of(pinned: dict, out: str, result: dict, invalid: list[dict]) -> dict:
+    p = result["progress"]
+    return {"model": pinned["model"], "requested": pinned["ref"], "out": out, "items": len(result["records"]),
+            "written": len(p["written"]), "done_before": len(p["done_before"]), "redone": p["redone"],
+            "invalid": invalid, "failed": p["failed"]}
+
+
+def check_not_empty(items: list[dict], invalid: list[dict], manifest: str) -> None:
+    if not items:
+        raise AtelierError(manifest, f"has no valid item ({len(invalid)} invalid line(s): {invalid[0]['error']})",
+                           "fix the lines named in the log and run again")
