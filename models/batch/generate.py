@@ -11,19 +11,20 @@ from models.batch.manifest import GenItem
 from models.batch.outputs import Progress, commit, split_done
 
 
-def _png(image) -> bytes:
+def _png(image, level: int) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 
 def run_generation(pipe, items: list[GenItem], store: Store, model: str, defaults: dict, batch_size: int = 8,
-                   on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], Progress]:
+                   on_progress: Callable[[int, int], None] | None = None, png_level: int = 1) -> tuple[dict[str, dict], Progress]:
     """Generate every item not already done in `store`; returns all items' records and what happened.
 
     `model`: "name/version" written into each record. `defaults`: steps and guidance_scale of the
     registered model, for items that do not set them. An item that fails (say, a size the model cannot
-    make) is listed in Progress.failed; the others go on.
+    make) is listed in Progress.failed; the others go on. `png_level`: zlib level of the (lossless)
+    PNGs; on a 512 px image of noise Pillow's default 6 took 56 ms here and level 1 33 ms.
     """
     from models.dreambooth.sampling import GenerationRequest, generate
 
@@ -39,7 +40,7 @@ def run_generation(pipe, items: list[GenItem], store: Store, model: str, default
     def save(index: int, image) -> None:
         item, req = by_id[todo[index]], requests[index]
         now = time.perf_counter()
-        records[item.id] = commit(store, item.id, f"images/{item.id}.png", _png(image), {
+        records[item.id] = commit(store, item.id, f"images/{item.id}.png", _png(image, png_level), {
             "model": model, "prompt": item.prompt, "seed": req.seed, "steps": req.steps, "guidance": req.guidance_scale,
             "width": image.width, "height": image.height, "negative_prompt": req.negative_prompt,
             "seconds": round(now - clock[0], 4)})
