@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from atelier import cli_ocr, cli_registry, cli_serve
+from atelier import cli_judge, cli_ocr, cli_registry, cli_serve
 from atelier.cli_common import cli_settings, friendly
 from atelier.errors import GateRefused
 
@@ -237,6 +237,7 @@ cli_serve.install(app)
 app.command("ocr-calibrate")(cli_ocr.ocr_calibrate_cmd)
 app.command("ocr")(cli_ocr.ocr_cmd)
 app.command("documents-render")(cli_ocr.documents_render_cmd)
+app.command("judge")(cli_judge.judge_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -38,6 +38,36 @@ class OcrGateRules(BaseModel):
     min_speedup: float = Field(1.2, ge=0, description="int8 recognition lines/s over the exact fp32 rewrite, measured in the same run")
 
 
+class JudgeGateRules(BaseModel):
+    """What the VLM judge's scores must reach. Enforced only for a calibrated judge (an HTTP model, or
+    local weights marked calibrated); a judge that is configured but down always fails the gate."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_prompt_score: float = Field(0.5, ge=0, le=1, description="mean P(yes) that a sample shows its prompt")
+    min_fidelity: float = Field(0.5, ge=0, le=1, description="mean P(yes) that a sample shows the reference subject")
+    max_prior_leak: float = Field(0.5, ge=0, le=1, description="mean P(yes) that a class image shows the subject (language drift)")
+    max_failure_rate: float = Field(0.2, ge=0, le=1, description="share of judgments that failed (unparseable, refused)")
+
+
+class JudgeSettings(BaseModel):
+    """The VLM judge: `http` (OpenAI-compatible: Z.ai's GLM-4.5V, vLLM, SGLang), `local` (transformers
+    weights directory) or `none`."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: str = Field("none", pattern="^(none|http|local)$")
+    base_url: str = "https://api.z.ai/api/paas/v4"
+    model: str = "glm-4.5v"
+    api_key: SecretStr | None = Field(None, description="sent as a bearer token; never logged or stored in MLflow")
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    concurrency: int = Field(4, ge=1)
+    local_weights: Path | None = None
+    local_calibrated: bool = Field(False, description="true only for real weights; a tiny random instance judges nothing")
+    usd_per_million_input: float = Field(0.0, ge=0)
+    usd_per_million_output: float = Field(0.0, ge=0)
+    captions: bool = True
+
+
 class GateRules(BaseModel):
     """Promotion gate: a candidate becomes champion only when every rule passes."""
 
@@ -47,6 +77,7 @@ class GateRules(BaseModel):
     min_sample_std: float = Field(0.02, ge=0, description="pixel std (0-1 scale) under which a sample counts as blank")
     min_distinct_samples: float = Field(0.5, ge=0, le=1, description="share of samples that must differ from each other")
     ocr: OcrGateRules = OcrGateRules()
+    judge: JudgeGateRules = JudgeGateRules()
 
 
 def _config_file() -> Path | None:
@@ -86,6 +117,7 @@ class Settings(BaseSettings):
     tracking_password: SecretStr | None = Field(None, description="MLflow basic-auth password")
     images: ImageRules = ImageRules()
     gate: GateRules = GateRules()
+    judge: JudgeSettings = JudgeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,7 @@ from atelier.settings import load_settings
 from atelier.storage import check_slug
 from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
+from tasks import judge as judge_tasks
 from tasks import registry as reg_tasks
 from tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
 from tasks.data import pull_subject, validate_subject
@@ -30,7 +31,7 @@ EMBEDDED_BASE_ID = "atelier/tiny-sd-v1 (embedded, random weights)"
 def task_versions() -> dict[str, str]:
     return {
         "pull-subject": data_tasks.PULL_VERSION, "validate-subject": data_tasks.VALIDATE_VERSION,
-        **db_tasks.VERSIONS, **reg_tasks.VERSIONS,
+        **db_tasks.VERSIONS, **reg_tasks.VERSIONS, **judge_tasks.VERSIONS,
     }
 
 
@@ -82,6 +83,8 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
         "prefect.flow_run_id": str(flow_run.id), "eval.summary": samples["health"],
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
+    if settings.judge.backend != "none":  # scores go on the version before the gate reads them
+        judge_tasks.record_judgment(registered, judge_tasks.judge_samples(samples, snapshot, priors, config["identifier"]))
     gate = promotion_gate(registered, str(flow_run.id))
     reg_tasks.summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
                                f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}")

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from atelier.settings import GateRules, OcrGateRules
+from atelier.settings import GateRules, JudgeGateRules, OcrGateRules
 from models.dreambooth.health import Health
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -72,3 +72,25 @@ def evaluate_ocr(summary: dict, rules: OcrGateRules) -> GateResult:
     checks.append(Check("speedup", speedup >= rules.min_speedup, speedup, rules.min_speedup,
                         f"int8 recognition {speedup:.2f}x the fp32 rewrite (need {rules.min_speedup:.2f}x)"))
     return GateResult(all(c.passed for c in checks), checks)
+
+
+def evaluate_judge(summary: dict, rules: JudgeGateRules) -> list[Check]:
+    """Checks from the VLM judge's summary. A judge that was configured but failed is a failing check;
+    an uncalibrated judge's scores are recorded, not enforced."""
+    if summary.get("error"):
+        return [Check("judge", False, False, True, f"VLM judge unavailable: {summary['error']} (no promotion without it)")]
+    enforce = bool(summary.get("calibrated"))
+    note = "" if enforce else " (uncalibrated judge: recorded, not enforced)"
+    checks = []
+    for name, key, limit, lower_is_better, what in (
+            ("judge_prompt", "prompt_score", rules.min_prompt_score, False, "samples show their prompts"),
+            ("judge_fidelity", "fidelity", rules.min_fidelity, False, "samples show the reference subject"),
+            ("judge_prior_leak", "prior_leak", rules.max_prior_leak, True, "class images show the subject"),
+            ("judge_failures", "failure_rate", rules.max_failure_rate, True, "judgments failed")):
+        value = summary.get(key)
+        if value is None:
+            continue
+        ok = value <= limit if lower_is_better else value >= limit
+        checks.append(Check(name, ok or not enforce, value, limit,
+                            f"{what}: {value:.2f} ({'at most' if lower_is_better else 'at least'} {limit:.2f}){note}"))
+    return checks

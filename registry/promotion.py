@@ -16,7 +16,8 @@ from mlflow.exceptions import MlflowException
 from atelier.errors import GateRefused, NotFound
 from atelier.settings import GateRules
 from models.dreambooth.health import Health
-from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_ocr, evaluate_training_health
+from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_judge, evaluate_ocr, evaluate_training_health
+from registry.judge import JUDGE_TAG
 from registry.ledger import Ledger, LedgerRow
 
 ANCHOR_TAG = "atelier.ledger.head"
@@ -54,7 +55,13 @@ def gate_for(mv, rules: GateRules) -> tuple[GateResult, dict]:
                        "register it through the subject-finetune flow so the gate has evidence")
     if mv.tags.get("atelier.kind") == "ocr":
         return evaluate_ocr(summary, rules.ocr), summary
-    return evaluate_training_health(Health(**summary), rules), summary
+    result = evaluate_training_health(Health(**summary), rules)
+    judged = json.loads(mv.tags.get(JUDGE_TAG) or "{}")
+    if judged:
+        checks = result.checks + evaluate_judge(judged, rules.judge)
+        result = GateResult(all(c.passed for c in checks), checks)
+        summary = {**summary, "judge": judged}
+    return result, summary
 
 
 def _move(client: MlflowClient, name: str, alias: str, version: str, previous: str | None) -> callable:

@@ -1,0 +1,21 @@
+"""The judge the settings describe."""
+
+from __future__ import annotations
+
+from atelier.errors import ConfigError
+from atelier.settings import JudgeSettings
+
+
+def make_judge(cfg: JudgeSettings):
+    if cfg.backend == "http":
+        from models.vlm.http import HttpJudge
+
+        return HttpJudge(cfg.base_url, cfg.model, cfg.api_key.get_secret_value() if cfg.api_key else None, cfg.timeout,
+                         cfg.max_retries, concurrency=cfg.concurrency)
+    if cfg.backend == "local":
+        from models.vlm.local import LocalJudge
+
+        if cfg.local_weights is None:
+            raise ConfigError("judge.local_weights", "is not set", "set ATELIER_JUDGE__LOCAL_WEIGHTS to a GLM-4.1V/4.5V directory")
+        return LocalJudge(cfg.local_weights, cfg.local_calibrated)
+    raise ConfigError("judge.backend", "is none", "set ATELIER_JUDGE__BACKEND to http or local")

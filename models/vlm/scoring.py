@@ -1,0 +1,157 @@
+"""Scoring with a VLM judge, cached, never counting a failure as a pass.
+
+- prompt score (VQAScore-style): P(yes) to 'Does this image show "{prompt}"?' from the first answer
+  token's log-probabilities (yes/no mass), else from the parsed answer.
+- subject fidelity: P(yes) that the last image shows the same subject as the reference photos.
+- prior leak: the same question on class images made without the identifier token: they should not
+  show the subject (language drift), so lower is better.
+- caption: a JSON caption with grounding boxes, kept for people to look at.
+
+A JSON answer that does not parse, misses fields or refuses is asked once more with a stricter
+prompt, then counted as a failure. Judgments are cached by (image hashes, prompt, judge, method
+version), so a rerun costs no request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atelier.storage import write_text_atomic
+from models.vlm.base import JudgeError
+
+METHOD_VERSION = "1"
+YES, NO = {"yes", "y", "是"}, {"no", "n", "否"}
+REFUSAL = re.compile(r"\b(i can(no|')t|i am unable|i'm unable|sorry|as an ai)\b", re.I)
+
+
+class Cache:
+    def __init__(self, root: Path | None) -> None:
+        self.root = Path(root) if root else None
+        self.hits = 0
+
+    def key(self, judge: str, method: str, prompt: str, images: list[bytes]) -> str:
+        h = hashlib.sha256(json.dumps([METHOD_VERSION, judge, method, prompt, [hashlib.sha256(i).hexdigest() for i in images]]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        if self.root is None or not (self.root / f"{key}.json").is_file():
+            return None
+        self.hits += 1
+        return json.loads((self.root / f"{key}.json").read_text())
+
+    def put(self, key: str, value: dict) -> None:
+        if self.root is not None:
+            write_text_atomic(self.root / f"{key}.json", json.dumps(value, sort_keys=True))
+
+
+def p_yes(first_token_logprobs: dict[str, float] | None, text: str) -> float | None:
+    """Yes-mass over yes+no mass of the first token; else the answer's first word; None if neither."""
+    if first_token_logprobs:
+        yes = sum(math.exp(v) for k, v in first_token_logprobs.items() if k.strip().lower().strip(".,!") in YES)
+        no = sum(math.exp(v) for k, v in first_token_logprobs.items() if k.strip().lower().strip(".,!") in NO)
+        if yes + no > 0:
+            return yes / (yes + no)
+    word = re.sub(r"[^\w]", "", (text.strip().split() or [""])[0]).lower()
+    return 1.0 if word in YES else 0.0 if word in NO else None
+
+
+@dataclass
+class Scorer:
+    judge: object  # HttpJudge | LocalJudge
+    cache: Cache = field(default_factory=lambda: Cache(None))
+    failures: list[dict] = field(default_factory=list)
+
+    def _yes_no(self, method: str, images: list[bytes], question: str, item: str) -> dict:
+        key = self.cache.key(self.judge.name, method, question, images)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        answer = self.judge.ask(images, question + " Answer yes or no.", max_tokens=4)
+        score = p_yes(answer.first_token_logprobs, answer.text)
+        if score is None:
+            answer = self.judge.ask(images, question + " Reply with exactly one word: yes or no.", max_tokens=2)
+            score = p_yes(answer.first_token_logprobs, answer.text)
+        result = {"score": score, "answer": answer.text[:200], "from": "logprobs" if answer.first_token_logprobs else "text"}
+        if score is None:
+            self.failures.append({"item": item, "method": method, "answer": answer.text[:200]})
+        else:
+            self.cache.put(key, result)  # failures are not cached: a rerun asks again
+        return result
+
+    def prompt_score(self, image: bytes, prompt: str, item: str = "") -> dict:
+        return self._yes_no("prompt", [image], f'Does this image show "{prompt}"?', item)
+
+    def subject_fidelity(self, image: bytes, references: list[bytes], item: str = "") -> dict:
+        n = len(references)
+        return self._yes_no("fidelity", references + [image], f"The first {n} images show one specific subject. "
+                            "Does the last image show that same subject (not just the same kind of thing)?", item)
+
+    def caption(self, image: bytes, item: str = "") -> dict:
+        question = ('Describe the image. Answer only with JSON: {"caption": "<one sentence>", '
+                    '"objects": [{"label": "<name>", "box": [x0, y0, x1, y1]}]} with boxes in 0-1000 coordinates.')
+        key = self.cache.key(self.judge.name, "caption", question, [image])
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        for attempt, q in enumerate((question, question + " No prose, no code fences: the JSON object only.")):
+            answer = self.judge.ask([image], q, max_tokens=256, logprobs=False)
+            parsed, problem = parse_caption(answer.text)
+            if parsed is not None:
+                self.cache.put(key, parsed)
+                return parsed
+        self.failures.append({"item": item, "method": "caption", "answer": answer.text[:200], "problem": problem})
+        return {"caption": None, "objects": [], "problem": problem}
+
+
+def parse_caption(text: str) -> tuple[dict | None, str]:
+    if REFUSAL.search(text):
+        return None, "refused"
+    body = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
+        return None, "no caption field"
+    objects = [o for o in obj.get("objects", []) if isinstance(o, dict) and isinstance(o.get("label"), str)
+               and isinstance(o.get("box"), list) and len(o["box"]) == 4 and all(isinstance(v, (int, float)) for v in o["box"])]
+    return {"caption": obj["caption"].strip(), "objects": objects}, ""
+
+
+def summarise(rows: list[dict], failures: int, calibrated: bool) -> dict:
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    asked = sum(1 for r in rows for k in ("prompt_score", "fidelity", "prior_leak") if k in r)
+    return {"prompt_score": mean("prompt_score"), "fidelity": mean("fidelity"), "prior_leak": mean("prior_leak"),
+            "failures": failures, "failure_rate": failures / max(1, asked), "images": len(rows), "calibrated": calibrated}
+
+
+def judge_images(scorer: Scorer, samples: list[tuple[str, bytes, str]], references: list[bytes], class_images: list[tuple[str, bytes]],
+                 captions: bool = True) -> tuple[list[dict], dict]:
+    """samples: (name, png, prompt). Per-image rows and a summary. JudgeUnavailable propagates: the
+    caller fails the gate with its reason."""
+    rows = []
+    for name, png, prompt in samples:
+        row = {"image": name, "kind": "sample", "prompt": prompt}
+        s = scorer.prompt_score(png, prompt, name)
+        row.update(prompt_score=s["score"], answer=s["answer"])
+        if references:
+            row["fidelity"] = scorer.subject_fidelity(png, references, name)["score"]
+        if captions:
+            c = scorer.caption(png, name)
+            row.update(caption=c.get("caption"), objects=json.dumps(c.get("objects", [])))
+        rows.append(row)
+    for name, png in class_images:
+        if references:
+            rows.append({"image": name, "kind": "class prior", "prior_leak": scorer.subject_fidelity(png, references, name)["score"]})
+    return rows, summarise(rows, len(scorer.failures), bool(getattr(scorer.judge, "calibrated", False)))
+
+
+__all__ = ["Cache", "JudgeError", "Scorer", "judge_images", "p_yes", "parse_caption", "summarise"]

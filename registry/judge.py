@@ -1,0 +1,24 @@
+"""VLM judgments on a registered version: the summary as a model-version tag (the gate reads it),
+the per-image table logged to the version's MLflow run. The judge's API key never reaches MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+
+from atelier.settings import Settings
+from registry.dreambooth import client_for
+
+JUDGE_TAG = "atelier.eval.judge"
+
+
+def record_judgment(settings: Settings, name: str, version: str, run_id: str, summary: dict, rows: list[dict]) -> None:
+    client = client_for(settings)
+    client.set_model_version_tag(name, version, JUDGE_TAG, json.dumps(summary, sort_keys=True, default=str))
+    if rows:
+        columns = sorted({k for r in rows for k in r})
+        mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file="judge/judgments.json", run_id=run_id)
+    metrics = {f"judge_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)

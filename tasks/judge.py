@@ -1,0 +1,60 @@
+"""VLM judge tasks: score a candidate's samples against its prompts and its subject's photos, and
+its class-prior images for subject leakage; record the result on the registered version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from tasks.common import UNCACHED, logger, settings
+
+VERSIONS = {"judge-samples": "1", "record-judgment": "1"}
+MAX_CLASS_IMAGES = 4
+
+
+@task(name="judge-samples", version=VERSIONS["judge-samples"], cache_policy=UNCACHED)
+def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier: str) -> dict:
+    """Scores and per-image rows; a judge that cannot be reached gives {"error": ...}, which fails the gate."""
+    from models.vlm.base import JudgeError
+    from models.vlm.factory import make_judge
+    from models.vlm.scoring import Cache, Scorer, judge_images
+
+    s = settings()
+    sample_dir = Path(samples["dir"])
+    prompts = json.loads((sample_dir / "prompts.json").read_text())
+    # samples made with the identifier should show the subject; those made without it (prior
+    # preservation prompts) should not, and count with the class images as prior leak
+    items = [(p["file"], (sample_dir / p["file"]).read_bytes(), p["prompt"].replace(f"{identifier} ", "")) for p in prompts
+             if identifier in p["prompt"].split()]
+    plain = [(p["file"], (sample_dir / p["file"]).read_bytes()) for p in prompts if identifier not in p["prompt"].split()]
+    refs = [p.read_bytes() for p in sorted(Path(snapshot["path"]).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")][:4]
+    class_images = plain + ([(p.name, p.read_bytes()) for p in sorted(Path(priors["path"]).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else [])
+    try:
+        judge = make_judge(s.judge)
+        scorer = Scorer(judge, Cache(s.state_dir / "judge-cache"))
+        rows, summary = judge_images(scorer, items, refs, class_images, captions=s.judge.captions)
+    except JudgeError as exc:
+        logger().warning("VLM judge failed: %s; the gate will refuse", exc)
+        return {"summary": {"error": str(exc), "calibrated": False}, "rows": []}
+    usage = judge.usage
+    summary.update(judge=judge.name, requests=usage.requests, retries=usage.retries, cache_hits=scorer.cache.hits,
+                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   cost_usd=usage.cost(s.judge.usd_per_million_input, s.judge.usd_per_million_output))
+    logger().info("VLM judge %s%s: prompt %.2f, fidelity %s, prior leak %s, %d failed, %d requests (%d cached), %d+%d tokens",
+                  judge.name, "" if summary["calibrated"] else " (uncalibrated)", summary["prompt_score"] or 0.0,
+                  f"{summary['fidelity']:.2f}" if summary["fidelity"] is not None else "-",
+                  f"{summary['prior_leak']:.2f}" if summary["prior_leak"] is not None else "-", summary["failures"],
+                  usage.requests, scorer.cache.hits, usage.prompt_tokens, usage.completion_tokens)
+    table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "objects"} for r in rows]
+    create_table_artifact(table, description=f"VLM judgments ({judge.name}{'' if summary['calibrated'] else ', uncalibrated'})")
+    return {"summary": summary, "rows": rows}
+
+
+@task(name="record-judgment", version=VERSIONS["record-judgment"], cache_policy=UNCACHED, retries=2, retry_delay_seconds=5)
+def record_judgment(registered: dict, judgment: dict) -> None:
+    from registry.judge import record_judgment as record
+
+    record(settings(), registered["name"], registered["version"], registered["run_id"], judgment["summary"], judgment["rows"])

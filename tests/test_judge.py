@@ -1,0 +1,183 @@
+"""The VLM judge: the HTTP backend against a local OpenAI-compatible server (serving the tiny local
+GLM-4.1V with log-probabilities) and its injected faults; scoring, cache, failures; the gate."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+
+import pytest
+from PIL import Image
+
+from models.vlm.base import JudgeError, JudgeUnavailable
+from models.vlm.http import HttpJudge
+from models.vlm.scoring import Cache, Scorer, judge_images, p_yes, parse_caption
+from tests.judge_server import Server, make_app
+from tests.tiny_glm import build_tiny_glm4v
+
+KEY = "sk-test-secret-123"
+
+
+def png(colour: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from models.vlm.local import LocalJudge
+
+    local = LocalJudge(build_tiny_glm4v(tmp_path_factory.mktemp("glm4v")))
+    with Server(make_app(local)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def faults(server):
+    server.app.state.faults.clear()
+    server.app.state.seen.clear()
+    yield server.app.state.faults
+    server.app.state.faults.clear()
+
+
+def judge(server, **kw) -> HttpJudge:
+    return HttpJudge(server.url, "glm-4.5v", KEY, **{"timeout": 5.0, "backoff": 0.05, **kw})
+
+
+def test_yes_probability_from_logprobs_or_text():
+    assert p_yes({"yes": math.log(0.6), "no": math.log(0.2), "maybe": math.log(0.2)}, "") == pytest.approx(0.75)
+    assert p_yes({" Yes": math.log(0.9), "No.": math.log(0.1)}, "") == pytest.approx(0.9)
+    assert p_yes(None, "No, it does not.") == 0.0 and p_yes({"the": -0.1}, "Yes.") == 1.0
+    assert p_yes(None, "It is hard to say") is None
+    assert parse_caption('```json\n{"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}, {"label": 5}]}\n```') == \
+        ({"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}]}, "")
+    assert parse_caption("I'm sorry, I can't do that")[1] == "refused" and parse_caption("{}")[1] == "no caption field"
+
+
+def test_http_judge_serves_the_local_model_with_logprobs_and_counts_tokens(server, faults):
+    j = judge(server)
+    answer = j.ask([png("red"), png("blue")], "Does this image show a toy? Answer yes or no.")
+    assert answer.first_token_logprobs and all(v <= 0 for v in answer.first_token_logprobs.values())
+    assert j.usage.requests == 1 and j.usage.prompt_tokens == 10 + 128 and j.usage.completion_tokens == 3
+    auth, n_images, _ = server.app.state.seen[-1]
+    assert auth == f"Bearer {KEY}" and n_images == 2
+    assert KEY not in repr(j.__dict__) and KEY not in j.name  # the key lives only in the HTTP client's headers
+
+
+def test_429_with_retry_after_and_500_are_retried(server, faults):
+    faults.extend(["429:1", "500", "yes:0.8"])
+    j = judge(server)
+    t = time.perf_counter()
+    answer = j.ask([png("red")], "Does this image show a toy?")
+    assert time.perf_counter() - t >= 1.0  # Retry-After honoured
+    assert j.usage.retries == 2 and p_yes(answer.first_token_logprobs, answer.text) == pytest.approx(0.8)
+
+
+def test_timeouts_then_unavailable_and_malformed_answers_are_errors(server, faults):
+    faults.extend(["sleep:2", "sleep:2", "sleep:2"])
+    with pytest.raises(JudgeUnavailable, match="did not answer after 2 retries.*Timeout"):
+        judge(server, timeout=0.5, max_retries=2).ask([png("red")], "q")
+    faults.clear()
+    faults.append("malformed")
+    with pytest.raises(JudgeError, match="without the chat-completions fields"):
+        judge(server).ask([png("red")], "q")
+    with pytest.raises(JudgeUnavailable):
+        HttpJudge("http://127.0.0.1:9/v1", "m", timeout=0.5, max_retries=1, backoff=0.01).ask([png("red")], "q")
+
+
+def test_refusals_and_bad_json_are_retried_once_then_counted_as_failures_never_passes(server, faults, tmp_path):
+    faults.extend(["refuse", "refuse", "text:not json", '''text:{"caption": "a red square", "objects": []}''', "text:perhaps", "text:unclear"])
+    scorer = Scorer(judge(server), Cache(tmp_path))
+    assert scorer.caption(png("red"), "a.png")["caption"] is None  # refused twice
+    assert scorer.caption(png("blue"), "b.png")["caption"] == "a red square"  # bad JSON, then good on the stricter retry
+    assert scorer.prompt_score(png("green"), "a toy", "c.png")["score"] is None  # neither yes nor no, twice
+    assert [f["item"] for f in scorer.failures] == ["a.png", "c.png"] and scorer.failures[0]["problem"] == "refused"
+    prompts = [p for _, _, p in server.app.state.seen]
+    assert "JSON object only" in prompts[1] and "exactly one word" in prompts[5]
+
+
+def test_judgments_are_cached_by_image_prompt_and_model(server, faults, tmp_path):
+    faults.extend(["yes:0.9", "yes:0.2"])
+    scorer = Scorer(judge(server), Cache(tmp_path))
+    first = scorer.prompt_score(png("red"), "a toy")
+    again = Scorer(judge(server), Cache(tmp_path)).prompt_score(png("red"), "a toy")  # a rerun: no request
+    other = scorer.prompt_score(png("blue"), "a toy")
+    assert first == again and first["score"] == pytest.approx(0.9) and other["score"] == pytest.approx(0.2)
+    assert len(server.app.state.seen) == 2
+
+
+def test_judge_images_summary_and_the_gate_checks(server, faults):
+    from atelier.settings import JudgeGateRules
+    from registry.gate import evaluate_judge
+
+    # 2 samples (prompt + fidelity each), 1 class image (leak): scripted answers
+    faults.extend(["yes:0.9", "yes:0.8", "yes:0.7", "yes:0.6", "yes:0.1"])
+    rows, summary = judge_images(Scorer(judge(server)), [("0.png", png("red"), "a toy"), ("1.png", png("blue"), "a toy")],
+                                 [png("red")], [("c.png", png("grey"))], captions=False)
+    assert summary["prompt_score"] == pytest.approx(0.8) and summary["fidelity"] == pytest.approx(0.7)
+    assert summary["prior_leak"] == pytest.approx(0.1) and summary["failures"] == 0 and summary["calibrated"]
+    rules = JudgeGateRules()
+    assert all(c.passed for c in evaluate_judge(summary, rules))
+    low = evaluate_judge({**summary, "fidelity": 0.3}, rules)
+    assert [c.name for c in low if not c.passed] == ["judge_fidelity"]
+    assert all(c.passed for c in evaluate_judge({**summary, "fidelity": 0.3, "calibrated": False}, rules))  # recorded, not enforced
+    down = evaluate_judge({"error": "glm-4.5v did not answer", "calibrated": False}, rules)
+    assert not down[0].passed and "unavailable" in down[0].detail
+
+
+@pytest.mark.slow
+def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_down(server, faults, prefect_harness, workspace,
+                                                                                     monkeypatch, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    from atelier.demo_data import write_demo_photos
+    from atelier.workspace import add_subject
+    from flows.subject_finetune import subject_finetune
+
+    add_subject(workspace, "judgeco", "robot", "toy", write_demo_photos(tmp_path_factory.mktemp("p"), count=5))
+    for key, value in {"ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url, "ATELIER_JUDGE__API_KEY": KEY,
+                       "ATELIER_JUDGE__CAPTIONS": "false", "ATELIER_JUDGE__MAX_RETRIES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    faults.extend(["yes:0.95"] * 200)  # every sample shows its prompt and the subject, every class image does not... see below
+    high = subject_finetune("judgeco", "robot")
+    client = MlflowClient(workspace.resolved_tracking_uri)
+    mv = client.get_model_version(high["model"], high["version"])
+    judged = json.loads(mv.tags["atelier.eval.judge"])
+    # the scripted judge says yes to everything, class images included: prior leak 0.95 > 0.5
+    assert not high["gate"]["passed"] and any("class images show the subject" in r for r in high["gate"]["reasons"])
+    assert judged["requests"] > 0 and judged["calibrated"]
+    run = client.get_run(mv.run_id)
+    stored = json.dumps({**run.data.params, **run.data.tags}) + json.dumps(dict(mv.tags))
+    assert KEY not in stored  # the API key never reaches MLflow
+
+    faults.clear()
+    monkeypatch.setenv("ATELIER_GATE__JUDGE__MAX_PRIOR_LEAK", "0.99")
+    faults.extend(["yes:0.95"] * 200)
+    assert subject_finetune("judgeco", "robot")["gate"]["passed"]  # the same version, now within the rules
+
+    faults.clear()
+    monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    down = subject_finetune("judgeco", "robot")
+    assert not down["gate"]["passed"] and any("VLM judge unavailable" in r for r in down["gate"]["reasons"])
+
+
+def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.png").write_bytes(png("red"))
+    env = {**__import__("os").environ, "ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url,
+           "ATELIER_JUDGE__API_KEY": KEY, "ATELIER_WORKSPACE": str(tmp_path / "nowhere")}
+    faults.extend(["yes:0.7", '''text:{"caption": "a red square", "objects": [{"label": "square", "box": [0, 0, 1000, 1000]}]}'''])
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.splitlines()[0])
+    assert row["prompt_score"] == pytest.approx(0.7) and row["caption"] == "a red square" and row["objects"][0]["label"] == "square"
+    assert KEY not in done.stdout + done.stderr
+    missing = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
