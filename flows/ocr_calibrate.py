@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
+from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
 from tasks.ocr import cer_of as _cer
 from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
@@ -43,6 +44,9 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     if glm is not None:
         routing["glm_weights"] = glm[0]
 
+    cross = None
+    if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
+        cross = judge_tasks.ocr_cross_check(sets["evaluation"], quantized["path"])["summary"]
     summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": fp32["lines_per_s"], "speed_int8": int8["lines_per_s"],
                "langs": pp_langs, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
     code = code_version()
@@ -56,11 +60,14 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
         "flow.name": "ocr-calibrate", "flow.version": FLOW_VERSION, "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
         "calibration.key": f"{sets['calibration']['sha256'][:16]}-{sets['evaluation']['sha256'][:16]}-{quantized['sha256'][:16]}",
         "prefect.flow_run_id": str(flow_run.id), "eval.summary": summary, "routing": routing["routes"],
+        **({"eval.judge_ocr": cross} if cross is not None else {}),
     }
     metrics = {f"cer_{tag}_{lang}": v for tag, ev in (("fp32", fp32), ("int8", int8)) for lang, v in _cer(ev).items()}
     metrics.update({"lines_per_s_fp32": fp32["lines_per_s"], "lines_per_s_int8": int8["lines_per_s"],
                     "int8_speedup": int8["lines_per_s"] / fp32["lines_per_s"], "ece_before": confidence["ece_before"],
                     "ece_after": confidence["ece_after"]})
+    if cross and cross.get("agreement_cer") is not None:
+        metrics["judge_agreement_cer"] = cross["agreement_cer"]
     if "tesseract" in baselines:
         metrics.update({f"cer_tesseract_{lang}": v for lang, v in _cer(baselines["tesseract"]).items()})
         metrics["lines_per_s_tesseract"] = baselines["tesseract"]["lines_per_s"]

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.common import UNCACHED, logger, settings
 
-VERSIONS = {"judge-samples": "1", "record-judgment": "1"}
+VERSIONS = {"judge-samples": "1", "record-judgment": "1", "judge-ocr-cross-check": "1"}
 MAX_CLASS_IMAGES = 4
 
 
@@ -58,3 +58,36 @@ def record_judgment(registered: dict, judgment: dict) -> None:
     from registry.judge import record_judgment as record
 
     record(settings(), registered["name"], registered["version"], registered["run_id"], judgment["summary"], judgment["rows"])
+
+
+@task(name="judge-ocr-cross-check", version=VERSIONS["judge-ocr-cross-check"], cache_policy=UNCACHED)
+def ocr_cross_check(document_set: dict, rec: str, max_pages: int = 8) -> dict:
+    """The VLM judge reads the set's pages; its agreement (CER) with the int8 engine's reading is a
+    label-free quality signal. A judge that fails gives {"error": ...}; the OCR gate does not use it."""
+    from models.ocr.backends import PPOCR
+    from models.ocr.images import load_document
+    from models.ocr.render import read_labels
+    from models.vlm.base import JudgeError
+    from models.vlm.factory import make_judge
+    from models.vlm.scoring import Cache, Scorer, ocr_agreement
+
+    s = settings()
+    root = Path(document_set["path"])
+    pages = [r for r in read_labels(root) if r.get("kind") == "page"][:max_pages]
+    engine = PPOCR(rec=Path(rec))
+    items = []
+    for r in pages:
+        lines = engine.read_page(load_document(root / r["file"]), r["lang"])
+        items.append({"name": r["file"], "png": (root / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
+                      "ocr_text": "\n".join(x.text for x in lines)})
+    try:
+        scorer = Scorer(make_judge(s.judge), Cache(s.state_dir / "judge-cache"))
+        rows, summary = ocr_agreement(scorer, items)
+    except JudgeError as exc:
+        logger().warning("VLM OCR cross-check failed: %s", exc)
+        return {"summary": {"error": str(exc)}, "rows": []}
+    logger().info("VLM OCR cross-check on %d pages: judge vs OCR CER %s, judge vs labels %s, %d failed%s", len(rows),
+                  summary["agreement_cer"], summary["judge_cer"], summary["failures"], "" if summary["calibrated"] else " (uncalibrated judge)")
+    create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("judge_text", "ocr_text")}
+                           for r in rows], description="VLM OCR cross-check: judge vs OCR agreement per page")
+    return {"summary": summary, "rows": rows}

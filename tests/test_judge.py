@@ -181,3 +181,52 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
     missing = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
+    from pathlib import Path
+
+    from models.ocr.backends import PPOCR
+    from models.ocr.images import load_document
+    from models.ocr.render import FONT_FILES, RenderSpec, read_labels, render_set
+    from models.vlm.scoring import ocr_agreement
+
+    if not all(Path(f).is_file() for fonts in FONT_FILES.values() for f in fonts[:1]):
+        pytest.skip("needs Debian's fonts (make ocr-system-deps)")
+    render_set(tmp_path / "docs", RenderSpec(lines_per_lang=0, pages_per_lang=1, seed=3, langs=("en", "zh")))
+    pages = []
+    for r in read_labels(tmp_path / "docs"):
+        lines = PPOCR(threads=2).read_page(load_document(tmp_path / "docs" / r["file"]), r["lang"])
+        pages.append({"name": r["file"], "png": (tmp_path / "docs" / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
+                      "ocr_text": "\n".join(x.text for x in lines)})
+    # the scripted judge reads the first page right and refuses the second twice
+    faults.extend(["text:" + json.dumps({"text": pages[0]["label"]}), "refuse", "refuse"])
+    rows, summary = ocr_agreement(Scorer(judge(server)), pages)
+    assert rows[0]["judge_cer"] == 0.0 and rows[0]["agreement_cer"] < 0.2  # PP-OCR agrees with a judge that reads it right
+    assert rows[1]["judge_text"] is None and "agreement_cer" not in rows[1]
+    assert summary["failures"] == 1 and summary["agreement_cer"] == rows[0]["agreement_cer"]
+
+
+@pytest.mark.slow
+def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harness, workspace, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from prefect import flow
+
+    from models.ocr.backends import shipped_ppocr_models
+    from models.ocr.render import FONT_FILES, RenderSpec, render_set
+    from tasks.judge import ocr_cross_check
+
+    if not all(Path(f).is_file() for fonts in FONT_FILES.values() for f in fonts[:1]):
+        pytest.skip("needs Debian's fonts (make ocr-system-deps)")
+    render_set(tmp_path / "ev", RenderSpec(lines_per_lang=1, pages_per_lang=1, seed=4, langs=("en",)))
+    monkeypatch.setenv("ATELIER_JUDGE__BACKEND", "http")
+    monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", server.url)
+    faults.append("text:" + json.dumps({"text": "anything"}))
+
+    @flow
+    def cross() -> dict:
+        return ocr_cross_check({"path": str(tmp_path / "ev")}, str(shipped_ppocr_models()["rec"]))
+
+    out = cross()
+    assert out["summary"]["pages"] == 1 and out["summary"]["agreement_cer"] > 0.5 and out["rows"][0]["judge_text"] == "anything"

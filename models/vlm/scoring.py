@@ -6,6 +6,8 @@
 - prior leak: the same question on class images made without the identifier token: they should not
   show the subject (language drift), so lower is better.
 - caption: a JSON caption with grounding boxes, kept for people to look at.
+- OCR cross-check: the judge reads document pages (JSON {"text"}); its CER against the OCR model's
+  output is a label-free quality signal for the OCR flow.
 
 A JSON answer that does not parse, misses fields or refuses is asked once more with a stricter
 prompt, then counted as a failure. Judgments are cached by (image hashes, prompt, judge, method
@@ -108,7 +110,26 @@ class Scorer:
         return {"caption": None, "objects": [], "problem": problem}
 
 
-def parse_caption(text: str) -> tuple[dict | None, str]:
+    def read_text(self, image: bytes, item: str = "") -> str | None:
+        """The judge's reading of a document page (JSON {"text": ...}); None after two failed tries."""
+        question = 'Read all the text in this document, line by line. Answer only with JSON: {"text": "<the lines, separated by \\n>"}.'
+        key = self.cache.key(self.judge.name, "read", question, [image])
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit["text"]
+        problem, answer = "", None
+        for q in (question, question + " No prose, no code fences: the JSON object only."):
+            answer = self.judge.ask([image], q, max_tokens=1024, logprobs=False)
+            obj, problem = _json_object(answer.text)
+            if obj is not None and isinstance(obj.get("text"), str):
+                self.cache.put(key, {"text": obj["text"]})
+                return obj["text"]
+            problem = problem or "no text field"
+        self.failures.append({"item": item, "method": "read", "answer": answer.text[:200] if answer else "", "problem": problem})
+        return None
+
+
+def _json_object(text: str) -> tuple[dict | None, str]:
     if REFUSAL.search(text):
         return None, "refused"
     body = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
@@ -116,7 +137,40 @@ def parse_caption(text: str) -> tuple[dict | None, str]:
         obj = json.loads(body)
     except ValueError:
         return None, "not JSON"
-    if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
+    return (obj, "") if isinstance(obj, dict) else (None, "not a JSON object")
+
+
+def ocr_agreement(scorer: Scorer, pages: list[dict]) -> tuple[list[dict], dict]:
+    """pages: {name, png, ocr_text, lang, label (optional)}. The judge reads each page; its CER against
+    the OCR model's text is a quality signal that needs no labels. Where labels exist, the judge's
+    own CER is reported beside it, so the signal can be trusted or not."""
+    from models.ocr.metrics import cer_counts
+
+    rows = []
+    for p in pages:
+        text = scorer.read_text(p["png"], p["name"])
+        row = {"page": p["name"], "lang": p["lang"], "judge_text": text, "ocr_text": p["ocr_text"]}
+        if text is not None:
+            edits, n = cer_counts(p["ocr_text"], text, p["lang"])
+            row["agreement_cer"] = edits / max(n, 1)
+            if p.get("label") is not None:
+                e2, n2 = cer_counts(text, p["label"], p["lang"])
+                row["judge_cer"] = e2 / max(n2, 1)
+        rows.append(row)
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return rows, {"agreement_cer": mean("agreement_cer"), "judge_cer": mean("judge_cer"), "pages": len(rows),
+                  "failures": sum(1 for r in rows if r["judge_text"] is None), "calibrated": bool(getattr(scorer.judge, "calibrated", False))}
+
+
+def parse_caption(text: str) -> tuple[dict | None, str]:
+    obj, problem = _json_object(text)
+    if obj is None:
+        return None, problem
+    if not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
         return None, "no caption field"
     objects = [o for o in obj.get("objects", []) if isinstance(o, dict) and isinstance(o.get("label"), str)
                and isinstance(o.get("box"), list) and len(o["box"]) == 4 and all(isinstance(v, (int, float)) for v in o["box"])]
@@ -154,4 +208,4 @@ def judge_images(scorer: Scorer, samples: list[tuple[str, bytes, str]], referenc
     return rows, summarise(rows, len(scorer.failures), bool(getattr(scorer.judge, "calibrated", False)))
 
 
-__all__ = ["Cache", "JudgeError", "Scorer", "judge_images", "p_yes", "parse_caption", "summarise"]
+__all__ = ["Cache", "JudgeError", "Scorer", "judge_images", "ocr_agreement", "p_yes", "parse_caption", "summarise"]
