@@ -1,5 +1,6 @@
 """VLM judgments on a registered version: the summary as a model-version tag (the gate reads it),
-the per-image table logged to the version's MLflow run. The judge's API key never reaches MLflow."""
+the per-image table (thumbnail, prompt, scores, answer, caption) logged to the version's MLflow run.
+The judge's API key never reaches MLflow."""
 
 from __future__ import annotations
 
@@ -17,8 +18,23 @@ def record_judgment(settings: Settings, name: str, version: str, run_id: str, su
     client = client_for(settings)
     client.set_model_version_tag(name, version, JUDGE_TAG, json.dumps(summary, sort_keys=True, default=str))
     if rows:
-        columns = sorted({k for r in rows for k in r})
-        mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file="judge/judgments.json", run_id=run_id)
+        columns = sorted({k for r in rows for k in r} - {"path"})
+        table = {c: [r.get(c) for r in rows] for c in columns}
+        table["thumbnail"] = [_thumbnail(r.get("path")) for r in rows]  # MLflow shows image columns in its table view
+        mlflow.log_table(table, artifact_file="judge/judgments.json", run_id=run_id)
     metrics = {f"judge_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
+
+
+def _thumbnail(path: str | None):
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not path or not Path(path).is_file():
+        return None
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((128, 128))
+        return img

@@ -27,11 +27,11 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     prompts = json.loads((sample_dir / "prompts.json").read_text())
     # samples made with the identifier should show the subject; those made without it (prior
     # preservation prompts) should not, and count with the class images as prior leak
-    items = [(p["file"], (sample_dir / p["file"]).read_bytes(), p["prompt"].replace(f"{identifier} ", "")) for p in prompts
+    items = [(str(sample_dir / p["file"]), (sample_dir / p["file"]).read_bytes(), p["prompt"].replace(f"{identifier} ", "")) for p in prompts
              if identifier in p["prompt"].split()]
-    plain = [(p["file"], (sample_dir / p["file"]).read_bytes()) for p in prompts if identifier not in p["prompt"].split()]
+    plain = [(str(sample_dir / p["file"]), (sample_dir / p["file"]).read_bytes()) for p in prompts if identifier not in p["prompt"].split()]
     refs = [p.read_bytes() for p in sorted(Path(snapshot["path"]).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")][:4]
-    class_images = plain + ([(p.name, p.read_bytes()) for p in sorted(Path(priors["path"]).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else [])
+    class_images = plain + ([(str(p), p.read_bytes()) for p in sorted(Path(priors["path"]).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else [])
     try:
         judge = make_judge(s.judge)
         scorer = Scorer(judge, Cache(s.state_dir / "judge-cache"))
@@ -48,7 +48,9 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
                   f"{summary['fidelity']:.2f}" if summary["fidelity"] is not None else "-",
                   f"{summary['prior_leak']:.2f}" if summary["prior_leak"] is not None else "-", summary["failures"],
                   usage.requests, scorer.cache.hits, usage.prompt_tokens, usage.completion_tokens)
-    table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "objects"} for r in rows]
+    for r in rows:  # the image's path stays for the thumbnail; the table shows its file name
+        r["path"], r["image"] = r["image"], Path(r["image"]).name
+    table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("objects", "path")} for r in rows]
     create_table_artifact(table, description=f"VLM judgments ({judge.name}{'' if summary['calibrated'] else ', uncalibrated'})")
     return {"summary": summary, "rows": rows}
 

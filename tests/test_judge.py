@@ -131,6 +131,8 @@ def test_judge_images_summary_and_the_gate_checks(server, faults):
 @pytest.mark.slow
 def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_down(server, faults, prefect_harness, workspace,
                                                                                      monkeypatch, tmp_path_factory):
+    from pathlib import Path
+
     from mlflow import MlflowClient
 
     from atelier.demo_data import write_demo_photos
@@ -152,6 +154,9 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
     run = client.get_run(mv.run_id)
     stored = json.dumps({**run.data.params, **run.data.tags}) + json.dumps(dict(mv.tags))
     assert KEY not in stored  # the API key never reaches MLflow
+    table = json.loads(Path(client.download_artifacts(mv.run_id, "judge/judgments.json")).read_text())
+    assert {"thumbnail", "prompt", "prompt_score", "fidelity", "prior_leak"} <= set(table["columns"])
+    assert any(isinstance(cell, dict) and cell.get("type") == "image" for row in table["data"] for cell in row)
 
     faults.clear()
     monkeypatch.setenv("ATELIER_GATE__JUDGE__MAX_PRIOR_LEAK", "0.99")
