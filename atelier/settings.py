@@ -66,6 +66,8 @@ class JudgeSettings(BaseModel):
     usd_per_million_input: float = Field(0.0, ge=0)
     usd_per_million_output: float = Field(0.0, ge=0)
     captions: bool = True
+    clip_weights: Path | None = Field(None, description="CLIPModel directory: adds CLIP-I and CLIP-T to the judge's report")
+    dino_weights: Path | None = Field(None, description="DINO ViT directory: adds the DINO subject similarity")
 
 
 class GateRules(BaseModel):

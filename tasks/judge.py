@@ -39,6 +39,10 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     except JudgeError as exc:
         logger().warning("VLM judge failed: %s; the gate will refuse", exc)
         return {"summary": {"error": str(exc), "calibrated": False}, "rows": []}
+    if s.judge.clip_weights or s.judge.dino_weights:  # the DreamBooth paper's metrics, reported beside the judge's
+        from models.vlm.classic import ClassicMetrics
+
+        summary.update(ClassicMetrics(s.judge.clip_weights, s.judge.dino_weights).score([(png, prompt) for _, png, prompt in items], refs))
     usage = judge.usage
     summary.update(judge=judge.name, requests=usage.requests, retries=usage.retries, cache_hits=scorer.cache.hits,
                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

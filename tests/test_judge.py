@@ -235,3 +235,18 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
     out = cross()
     assert out["summary"]["pages"] == 1 and out["summary"]["agreement_cer"] > 0.5 and out["rows"][0]["judge_text"] == "anything"
+
+
+def test_clip_and_dino_metrics_from_local_weights(tmp_path):
+    from models.vlm.classic import ClassicMetrics
+    from tests.tiny_glm import build_tiny_clip_and_dino
+
+    clip_dir, dino_dir = build_tiny_clip_and_dino(tmp_path)
+    metrics = ClassicMetrics(clip_dir, dino_dir)
+    red, blue = png("red"), png("blue")
+    same = metrics.score([(red, "a red square")], [red])
+    assert same["clip_i"] == pytest.approx(1.0, abs=1e-4) and same["dino"] == pytest.approx(1.0, abs=1e-4)  # identical images
+    other = metrics.score([(blue, "a red square")], [red])
+    assert other["clip_i"] < same["clip_i"] and -1.0 <= other["clip_t"] <= 1.0 and other["dino"] < 1.0
+    with pytest.raises(Exception, match="not a CLIP model directory"):
+        ClassicMetrics(tmp_path / "nothing")
