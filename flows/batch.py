@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from atelier.storage import check_slug
 from tasks import batch as batch_tasks
+from tasks.common import summary_artifact
 
 FLOW_VERSION = "1"
 
@@ -38,7 +39,7 @@ def batch_generate(customer: str, subject: str, manifest: str, out: str, model: 
         {"records": {}, "progress": {"written": [], "done_before": [], "redone": [], "failed": []}}
     report = batch_tasks.report_of(pinned, out, result, parsed["invalid"])
     written = batch_tasks.write_outputs(out, "manifest.jsonl", result, report)
-    batch_tasks.summary_artifact("batch-generate", pinned["model"], written,
+    summary_artifact("batch-generate", pinned["model"], written,
                                  f"{report['written']} new, {report['done_before']} already done, {len(report['invalid'])} invalid, "
                                  f"{len(report['failed'])} failed")
     batch_tasks.check_not_empty(parsed["items"], parsed["invalid"], manifest)
@@ -52,6 +53,6 @@ def batch_ocr(inputs: str, out: str, model: str = "ocr@champion", lang: str | No
     result = batch_tasks.ocr_batch(pinned, inputs, out, lang, kind)
     report = batch_tasks.report_of(pinned, out, result, [])
     written = batch_tasks.write_outputs(out, "results.jsonl", result, report, payload_lines=True)
-    batch_tasks.summary_artifact("batch-ocr", pinned["model"], written,
+    summary_artifact("batch-ocr", pinned["model"], written,
                                  f"{report['written']} new, {report['done_before']} already done, {len(report['failed'])} with errors")
     return {**report, **written}

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from atelier.gitinfo import code_version
 from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
+from tasks.common import summary_artifact
 from tasks.ocr import cer_of as _cer
 from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
 
@@ -77,7 +78,7 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     models = {"det": shipped["det"], "rec": quantized["path"], "rec_fp32": rec_fp32["path"], "cls": shipped["cls"]}
     registered = ocr_tasks.register(models, routing, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
-    ocr_tasks.summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {"int8": quantized["path"]},
+    summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {"int8": quantized["path"]},
                                f"gate {'passed' if gate['passed'] else 'refused'}; routes {routing['routes']}")
     return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
             "summary": summary, "registered_before": registered["reused"], "int8_model": str(Path(quantized["path"]))}

@@ -20,8 +20,9 @@ from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
 from tasks import judge as judge_tasks
 from tasks import registry as reg_tasks
-from tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
+from tasks.common import summary_artifact
 from tasks.data import pull_subject, validate_subject
+from tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
 from tasks.registry import promotion_gate, register_model
 
 FLOW_VERSION = "1"
@@ -64,7 +65,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
             note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
                     f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})")
             print(note)
-            reg_tasks.summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
+            summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
             return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
                     "training_key": key, "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
     training = train_dreambooth(str(base), base_hash, snapshot, priors, config)
@@ -86,7 +87,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     if settings.judge.backend != "none":  # scores go on the version before the gate reads them
         judge_tasks.record_judgment(registered, judge_tasks.judge_samples(samples, snapshot, priors, config["identifier"]))
     gate = promotion_gate(registered, str(flow_run.id))
-    reg_tasks.summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
+    summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
                                f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}")
     return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
             "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],

@@ -12,7 +12,7 @@ from atelier.errors import AtelierError, ConfigError
 from atelier.objectstore import open_store, split_file_url
 from models.batch.manifest import GenItem, parse_generation_manifest
 from models.batch.outputs import finish
-from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, summary_artifact  # noqa: F401 (flows use it)
+from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings
 
 VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-batch": "1", "write-outputs": "1"}
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from atelier.errors import DataValidationError
 from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
-from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, summary_artifact  # noqa: F401 (flows use it)
+from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
 VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2",
             "fit-confidence": "1", "register-ocr": "1"}

@@ -12,7 +12,7 @@ from models.dreambooth.config import TrainConfig
 from registry.dreambooth import client_for, register_dreambooth
 from registry.ledger import Ledger
 from registry.promotion import promote
-from tasks.common import UNCACHED, logger, retry_transient, settings, summary_artifact  # noqa: F401 (flows use it)
+from tasks.common import UNCACHED, logger, retry_transient, settings
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"}
 

@@ -61,7 +61,7 @@ def build_tiny_glm(out: Path, config_class, model_class, max_new_tokens: int) ->
 def build_tiny_clip_and_dino(out: Path) -> tuple[Path, Path]:
     """Random-weight CLIPModel (with the real CLIP tokenizer derived offline) and ViT directories."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, ViTConfig, ViTImageProcessorPil, ViTModel
 
     from models.dreambooth.tokenizer import write_clip_tokenizer
 
@@ -73,8 +73,8 @@ def build_tiny_clip_and_dino(out: Path) -> tuple[Path, Path]:
                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                             image_size=32, patch_size=8), projection_dim=16)).save_pretrained(clip_dir)
     tok.save_pretrained(clip_dir)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
     ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                        patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
     return clip_dir, dino_dir
