@@ -27,7 +27,7 @@ def judge_cmd(
     for p in [*images, *reference]:
         if not p.is_file():
             raise NotFound(str(p), "does not exist", "pass image files")
-    scorer = Scorer(make_judge(settings.judge), Cache(settings.state_dir / "judge-cache" if settings.workspace.is_dir() else None))
+    scorer = Scorer(make_judge(settings.judge, settings.tiny_judge_dir), Cache(settings.state_dir / "judge-cache" if settings.workspace.is_dir() else None))
     rows, summary = judge_images(scorer, [(str(p), p.read_bytes(), prompt) for p in images], [p.read_bytes() for p in reference], [],
                                  captions=caption)
     for row in rows:

@@ -50,11 +50,12 @@ class JudgeGateRules(BaseModel):
 
 
 class JudgeSettings(BaseModel):
-    """The VLM judge: `http` (OpenAI-compatible: Z.ai's GLM-4.5V, vLLM, SGLang), `local` (transformers
-    weights directory) or `none`."""
+    """The VLM judge: `embedded` (the default: a tiny random GLM-4.1V built in the workspace, its scores
+    marked uncalibrated and never enforced), `http` (OpenAI-compatible: Z.ai's GLM-4.5V, vLLM,
+    SGLang), `local` (a transformers weights directory) or `none`."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: str = Field("none", pattern="^(none|http|local)$")
+    backend: str = Field("embedded", pattern="^(none|embedded|http|local)$")
     base_url: str = "https://api.z.ai/api/paas/v4"
     model: str = "glm-4.5v"
     api_key: SecretStr | None = Field(None, description="sent as a bearer token; never logged or stored in MLflow")
@@ -177,6 +178,10 @@ class Settings(BaseSettings):
     @property
     def tiny_model_dir(self) -> Path:
         return self.state_dir / "models" / "tiny-sd"
+
+    @property
+    def tiny_judge_dir(self) -> Path:
+        return self.state_dir / "models" / "tiny-glm4v"
 
     @property
     def resolved_base_model(self) -> Path:

@@ -33,7 +33,7 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     refs = [p.read_bytes() for p in sorted(Path(snapshot["path"]).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")][:4]
     class_images = plain + ([(str(p), p.read_bytes()) for p in sorted(Path(priors["path"]).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else [])
     try:
-        judge = make_judge(s.judge)
+        judge = make_judge(s.judge, s.tiny_judge_dir)
         scorer = Scorer(judge, Cache(s.state_dir / "judge-cache"))
         rows, summary = judge_images(scorer, items, refs, class_images, captions=s.judge.captions)
     except JudgeError as exc:
@@ -87,7 +87,7 @@ def ocr_cross_check(document_set: dict, rec: str, max_pages: int = 8) -> dict:
         items.append({"name": r["file"], "png": (root / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
                       "ocr_text": "\n".join(x.text for x in lines)})
     try:
-        scorer = Scorer(make_judge(s.judge), Cache(s.state_dir / "judge-cache"))
+        scorer = Scorer(make_judge(s.judge, s.tiny_judge_dir), Cache(s.state_dir / "judge-cache"))
         rows, summary = ocr_agreement(scorer, items)
     except JudgeError as exc:
         logger().warning("VLM OCR cross-check failed: %s", exc)

@@ -59,6 +59,11 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 60
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"sample_grid.png", "loss_curve.png", "lineage.json", "samples"} <= artifacts
+    # the embedded default's tiny judge ran: its scores are recorded, marked uncalibrated, not enforced
+    judged = json.loads(tags["atelier.eval.judge"])
+    assert judged["calibrated"] is False and judged["images"] >= 6 and judged["requests"] > 0
+    gate_checks = json.loads(tags["atelier.gate"])["checks"]
+    assert any(c["name"].startswith("judge_") and "uncalibrated" in c["detail"] for c in gate_checks)
 
 
 def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspace, tmp_path):

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from atelier.errors import ConfigError
 from atelier.settings import JudgeSettings
 
 
-def make_judge(cfg: JudgeSettings):
+def make_judge(cfg: JudgeSettings, embedded_dir: Path | None = None):
+    """`embedded_dir`: where the embedded default's tiny judge lives (built there on first use)."""
+    if cfg.backend == "embedded":
+        from models.vlm.local import LocalJudge
+        from models.vlm.tiny import write_tiny_judge
+
+        if embedded_dir is None:
+            raise ConfigError("judge.backend", "is embedded but no workspace is set", "run inside a workspace (atelier init)")
+        return LocalJudge(write_tiny_judge(embedded_dir), calibrated=False)
     if cfg.backend == "http":
         from models.vlm.http import HttpJudge
 

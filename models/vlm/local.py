@@ -107,6 +107,8 @@ class LocalJudge:
         self.name = f"local {self.vlm.model.config.model_type} @ {weights}"
 
     def ask(self, images: list[bytes], prompt: str, max_tokens: int = 16, logprobs: bool = True) -> Answer:
+        cap = self.vlm.model.generation_config.max_new_tokens  # a directory may cap answers (the tiny judge: 6 tokens)
+        max_tokens = min(max_tokens, cap) if cap else max_tokens
         g = self.vlm.generate([list(images)], prompt, max_tokens)[0]
         answer = Answer(g.text, g.first_token_logprobs if logprobs else None, {"completion_tokens": max_tokens})
         self.usage.add(answer)
