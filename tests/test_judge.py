@@ -115,7 +115,7 @@ def test_judge_images_summary_and_the_gate_checks(server, faults):
 
     # 2 samples (prompt + fidelity each), 1 class image (leak): scripted answers
     faults.extend(["yes:0.9", "yes:0.8", "yes:0.7", "yes:0.6", "yes:0.1"])
-    rows, summary = judge_images(Scorer(judge(server)), [("0.png", png("red"), "a toy"), ("1.png", png("blue"), "a toy")],
+    rows, summary = judge_images(Scorer(judge(server, concurrency=1)), [("0.png", png("red"), "a toy"), ("1.png", png("blue"), "a toy")],
                                  [png("red")], [("c.png", png("grey"))], captions=False)
     assert summary["prompt_score"] == pytest.approx(0.8) and summary["fidelity"] == pytest.approx(0.7)
     assert summary["prior_leak"] == pytest.approx(0.1) and summary["failures"] == 0 and summary["calibrated"]
@@ -250,3 +250,12 @@ def test_clip_and_dino_metrics_from_local_weights(tmp_path):
     assert other["clip_i"] < same["clip_i"] and -1.0 <= other["clip_t"] <= 1.0 and other["dino"] < 1.0
     with pytest.raises(Exception, match="not a CLIP model directory"):
         ClassicMetrics(tmp_path / "nothing")
+
+
+def test_images_are_judged_in_parallel_up_to_the_concurrency_limit(server, faults):
+    faults.extend(["sleep:1", "sleep:1", "sleep:1", "sleep:1"])
+    samples = [(f"{i}.png", png(c), "a toy") for i, c in enumerate(("red", "blue", "green", "grey"))]
+    t = time.perf_counter()
+    rows, _ = judge_images(Scorer(judge(server, concurrency=4)), samples, [], [], captions=False)
+    assert time.perf_counter() - t < 3.0  # four one-second answers at once, not one after another
+    assert [r["image"] for r in rows] == ["0.png", "1.png", "2.png", "3.png"]  # input order kept

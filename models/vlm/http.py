@@ -34,6 +34,7 @@ class HttpJudge:
         self.max_retries, self.backoff, self.max_wait = max_retries, backoff, max_wait
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self.concurrency = concurrency  # judge_images sends this many requests at once
         self._slots = threading.Semaphore(concurrency)
         self.usage = Usage()
         self.name = f"{model} @ {self.base_url}"

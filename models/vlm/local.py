@@ -103,6 +103,7 @@ class LocalJudge:
     def __init__(self, weights: Path, calibrated: bool = False) -> None:
         self.vlm = LocalVLM(weights, ("glm4v", "glm4v_moe", "glm46v"))
         self.calibrated = calibrated
+        self.concurrency = 1  # one generate() at a time on this process's device
         self.usage = Usage()
         self.name = f"local {self.vlm.model.config.model_type} @ {weights}"
 

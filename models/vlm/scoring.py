@@ -189,10 +189,13 @@ def summarise(rows: list[dict], failures: int, calibrated: bool) -> dict:
 
 def judge_images(scorer: Scorer, samples: list[tuple[str, bytes, str]], references: list[bytes], class_images: list[tuple[str, bytes]],
                  captions: bool = True) -> tuple[list[dict], dict]:
-    """samples: (name, png, prompt). Per-image rows and a summary. JudgeUnavailable propagates: the
-    caller fails the gate with its reason."""
-    rows = []
-    for name, png, prompt in samples:
+    """samples: (name, png, prompt). Per-image rows (in input order) and a summary. Images are judged
+    in parallel, up to the judge's `concurrency`. JudgeUnavailable propagates: the caller fails the
+    gate with its reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sample(item: tuple[str, bytes, str]) -> dict:
+        name, png, prompt = item
         row = {"image": name, "kind": "sample", "prompt": prompt}
         s = scorer.prompt_score(png, prompt, name)
         row.update(prompt_score=s["score"], answer=s["answer"])
@@ -201,10 +204,14 @@ def judge_images(scorer: Scorer, samples: list[tuple[str, bytes, str]], referenc
         if captions:
             c = scorer.caption(png, name)
             row.update(caption=c.get("caption"), objects=json.dumps(c.get("objects", [])))
-        rows.append(row)
-    for name, png in class_images:
-        if references:
-            rows.append({"image": name, "kind": "class prior", "prior_leak": scorer.subject_fidelity(png, references, name)["score"]})
+        return row
+
+    def prior(item: tuple[str, bytes]) -> dict:
+        name, png = item
+        return {"image": name, "kind": "class prior", "prior_leak": scorer.subject_fidelity(png, references, name)["score"]}
+
+    with ThreadPoolExecutor(max(1, int(getattr(scorer.judge, "concurrency", 1)))) as pool:
+        rows = list(pool.map(sample, samples)) + (list(pool.map(prior, class_images)) if references else [])
     return rows, summarise(rows, len(scorer.failures), bool(getattr(scorer.judge, "calibrated", False)))
 
 
