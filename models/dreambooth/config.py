@@ -83,10 +83,16 @@ class TrainConfig(BaseModel):
     validation_prompts: list[str] = ["a {identifier} {class_noun} in the jungle"]
     sampling: SamplingConfig = SamplingConfig()
     # final samples, the promotion gate's evidence
+    # DreamBench-style novel contexts (background, accessory, style) for the judge's prompt and subject
+    # scores; a prompt without {identifier} measures prior preservation (it should not show the subject)
     sample_prompts: list[str] = [
         "a photo of {identifier} {class_noun}",
         "a {identifier} {class_noun} on the beach",
         "a {identifier} {class_noun} in the snow",
+        "a {identifier} {class_noun} on top of a wooden floor",
+        "a {identifier} {class_noun} wearing a red hat",
+        "a {identifier} {class_noun} with a city in the background",
+        "a watercolor painting of a {identifier} {class_noun}",
         "a photo of {class_noun}",
     ]
     samples_per_prompt: int = Field(2, ge=1)
