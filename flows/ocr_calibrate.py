@@ -48,7 +48,8 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     cross = None
     if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
         cross = judge_tasks.ocr_cross_check(sets["evaluation"], quantized["path"])["summary"]
-    summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": fp32["lines_per_s"], "speed_int8": int8["lines_per_s"],
+    speed = ocr_tasks.compare_speed(sets["evaluation"], rec_fp32, quantized)
+    summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": speed["fp32"], "speed_int8": speed["int8"],
                "langs": pp_langs, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
     code = code_version()
     lineage = {
@@ -64,8 +65,8 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
         **({"eval.judge_ocr": cross} if cross is not None else {}),
     }
     metrics = {f"cer_{tag}_{lang}": v for tag, ev in (("fp32", fp32), ("int8", int8)) for lang, v in _cer(ev).items()}
-    metrics.update({"lines_per_s_fp32": fp32["lines_per_s"], "lines_per_s_int8": int8["lines_per_s"],
-                    "int8_speedup": int8["lines_per_s"] / fp32["lines_per_s"], "ece_before": confidence["ece_before"],
+    metrics.update({"lines_per_s_fp32": speed["fp32"], "lines_per_s_int8": speed["int8"],
+                    "int8_speedup": speed["int8"] / speed["fp32"], "ece_before": confidence["ece_before"],
                     "ece_after": confidence["ece_after"]})
     if cross and cross.get("agreement_cer") is not None:
         metrics["judge_agreement_cer"] = cross["agreement_cer"]

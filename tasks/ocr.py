@@ -13,7 +13,7 @@ from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
-VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2",
+VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2", "compare-speed": "1",
             "fit-confidence": "1", "register-ocr": "1"}
 SETS = ("calibration", "evaluation")
 
@@ -97,6 +97,21 @@ def quantize(calibration: dict, fp32: dict, langs: list[str], config: dict) -> d
     quantize_model(Path(fp32["path"]), out, cfg, images, PPOCR(rec=Path(fp32["path"])).preprocess_line)
     logger().info("int8 recogniser written to %s (%.1f MB, fp32 %.1f MB)", out, out.stat().st_size / 1e6, Path(fp32["path"]).stat().st_size / 1e6)
     return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
+
+
+@task(name="compare-speed", version=VERSIONS["compare-speed"], cache_policy=BY_INPUTS)
+def compare_speed(document_set: dict, fp32: dict, int8: dict, repeats: int = 3) -> dict:  # noqa: ARG001 (hashes key the cache)
+    """Recognition lines/s of the fp32 rewrite and the int8 model, interleaved passes over the same
+    lines (the gate's speed rule reads this, not the separate evaluation runs)."""
+    from models.ocr.backends import PPOCR
+    from models.ocr.evaluate import interleaved_speed, load_set
+
+    _, images = load_set(Path(document_set["path"]))
+    engines = {"fp32": PPOCR(rec=Path(fp32["path"])), "int8": PPOCR(rec=Path(int8["path"]))}
+    speed = interleaved_speed({k: e.read_lines for k, e in engines.items()}, images, repeats)
+    logger().info("recognition, median of %d interleaved passes over %d lines: fp32 %.1f lines/s, int8 %.1f (%.2fx)",
+                  repeats, len(images), speed["fp32"], speed["int8"], speed["int8"] / speed["fp32"])
+    return speed
 
 
 @task(name="fit-confidence", version=VERSIONS["fit-confidence"], cache_policy=BY_INPUTS)

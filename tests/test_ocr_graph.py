@@ -82,3 +82,19 @@ def test_shipped_recogniser_rewrite_matches_and_drops_the_elementwise_ops():
     x = np.random.default_rng(3).random((2, 3, 48, 320), dtype=np.float32)
     want, got = run(source, x), run(simple, x)
     assert np.abs(got - want).max() < 1e-4 and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_interleaved_speed_ranks_readers_by_their_cost():
+    import time
+
+    from models.ocr.evaluate import interleaved_speed
+
+    def reader(cost: float):
+        def read(images):
+            time.sleep(cost * len(images))
+            return images
+        return read
+
+    images = [np.zeros((4, 4, 3), np.uint8)] * 20
+    speed = interleaved_speed({"fast": reader(0.001), "slow": reader(0.003)}, images, repeats=3)
+    assert 2.0 < speed["fast"] / speed["slow"] < 3.5 and 200 < speed["fast"] < 1000
