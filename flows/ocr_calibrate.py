@@ -48,9 +48,11 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     cross = None
     if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
         cross = judge_tasks.ocr_cross_check(sets["evaluation"], quantized["path"])["summary"]
-    speed = ocr_tasks.compare_speed(sets["evaluation"], rec_fp32, quantized)
+    # every language the int8 recogniser will serve is checked, including any the final table adds
+    served = sorted(set(pp_langs) | {lang for lang, b in routing["routes"].items() if b == "ppocr"})
+    speed = ocr_tasks.compare_speed(sets["evaluation"], rec_fp32, quantized, served)
     summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": speed["fp32"], "speed_int8": speed["int8"],
-               "langs": pp_langs, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
+               "langs": served, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
     code = code_version()
     lineage = {
         "data.calibration": {k: sets["calibration"][k] for k in ("rev", "sha256")},

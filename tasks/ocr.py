@@ -13,7 +13,7 @@ from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
 
-VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2", "compare-speed": "1",
+VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2", "compare-speed": "2",
             "fit-confidence": "1", "register-ocr": "1"}
 SETS = ("calibration", "evaluation")
 
@@ -100,17 +100,18 @@ def quantize(calibration: dict, fp32: dict, langs: list[str], config: dict) -> d
 
 
 @task(name="compare-speed", version=VERSIONS["compare-speed"], cache_policy=BY_INPUTS)
-def compare_speed(document_set: dict, fp32: dict, int8: dict, repeats: int = 3) -> dict:  # noqa: ARG001 (hashes key the cache)
+def compare_speed(document_set: dict, fp32: dict, int8: dict, langs: list[str], repeats: int = 3) -> dict:
     """Recognition lines/s of the fp32 rewrite and the int8 model, interleaved passes over the same
-    lines (the gate's speed rule reads this, not the separate evaluation runs)."""
+    lines of the languages the recogniser is routed for (the gate's speed rule reads this, not the
+    separate evaluation runs)."""
     from models.ocr.backends import PPOCR
     from models.ocr.evaluate import interleaved_speed, load_set
 
-    _, images = load_set(Path(document_set["path"]))
+    _, images = load_set(Path(document_set["path"]), langs=tuple(langs) or None)
     engines = {"fp32": PPOCR(rec=Path(fp32["path"])), "int8": PPOCR(rec=Path(int8["path"]))}
     speed = interleaved_speed({k: e.read_lines for k, e in engines.items()}, images, repeats)
-    logger().info("recognition, median of %d interleaved passes over %d lines: fp32 %.1f lines/s, int8 %.1f (%.2fx)",
-                  repeats, len(images), speed["fp32"], speed["int8"], speed["int8"] / speed["fp32"])
+    logger().info("recognition, median of %d interleaved passes over %d lines (%s): fp32 %.1f lines/s, int8 %.1f (%.2fx)",
+                  repeats, len(images), ", ".join(langs) or "all languages", speed["fp32"], speed["int8"], speed["int8"] / speed["fp32"])
     return speed
 
 
