@@ -11,7 +11,6 @@ import typer
 from atelier.cli_common import cli_settings, friendly
 from atelier.errors import GateRefused
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 @friendly
@@ -77,6 +76,8 @@ def documents_render_cmd(
 
 
 def _inputs(paths: list[Path]) -> list[Path]:
+    from models.ocr.images import IMAGE_SUFFIXES
+
     files: list[Path] = []
     for p in paths:
         files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p])

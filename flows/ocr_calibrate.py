@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
+from atelier.hashing import sha256_file
 from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
 from tasks.common import summary_artifact
@@ -26,7 +27,7 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}
     shipped = ocr_tasks.shipped_models()
-    rec_fp32 = ocr_tasks.prepare_recogniser(shipped["rec"], ocr_tasks.file_sha256(shipped["rec"]))
+    rec_fp32 = ocr_tasks.prepare_recogniser(shipped["rec"], sha256_file(Path(shipped["rec"])))
     fp32 = ocr_tasks.evaluate("ppocr", sets["evaluation"], rec_fp32["path"], rec_fp32["sha256"])
     baselines = {"ppocr": fp32}
     if shutil.which("tesseract"):

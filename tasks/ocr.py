@@ -156,10 +156,6 @@ def shipped_models() -> dict[str, str]:
     return {k: str(v) for k, v in shipped_ppocr_models().items()}
 
 
-def file_sha256(path: str) -> str:
-    return sha256_file(Path(path))
-
-
 def glm_weights() -> tuple[str, str] | None:
     """The configured GLM-OCR directory and its content hash, or None."""
     weights = settings().glm_ocr_weights

@@ -10,8 +10,8 @@ from typing import Callable
 
 from atelier.objectstore import Store
 from models.batch.outputs import Progress, commit, split_done
+from models.ocr.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def item_id(key: str) -> str:

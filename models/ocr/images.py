@@ -11,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from atelier.errors import AtelierError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # what is read as a document
 MAX_PIXELS = 40_000_000  # larger pages are scaled down to this before OCR
 Image.MAX_IMAGE_PIXELS = 200_000_000  # Pillow refuses (DecompressionBombError) above 2x this
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from models.ocr.images import IMAGE_SUFFIXES
 from models.ocr.langs import LANGUAGES
 from models.validation.gx_runner import run_suite
 
 SUITE = "document-set"
 LABELS = "labels.jsonl"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 @dataclass

@@ -93,40 +93,40 @@ class Scorer:
         return self._yes_no("fidelity", references + [image], f"The first {n} images show one specific subject. "
                             "Does the last image show that same subject (not just the same kind of thing)?", item)
 
+    def _ask_json(self, method: str, image: bytes, question: str, max_tokens: int, parse, item: str) -> tuple[dict | None, str]:
+        """A JSON answer `parse`d to (dict, "") or (None, problem); asked once more with a stricter
+        prompt, then counted as a failure. Cached when it succeeds."""
+        key = self.cache.key(self.judge.name, method, question, [image])
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit, ""
+        for q in (question, question + " No prose, no code fences: the JSON object only."):
+            answer = self.judge.ask([image], q, max_tokens=max_tokens, logprobs=False)
+            parsed, problem = parse(answer.text)
+            if parsed is not None:
+                self.cache.put(key, parsed)
+                return parsed, ""
+        self.failures.append({"item": item, "method": method, "answer": answer.text[:200], "problem": problem})
+        return None, problem
+
     def caption(self, image: bytes, item: str = "") -> dict:
         question = ('Describe the image. Answer only with JSON: {"caption": "<one sentence>", '
                     '"objects": [{"label": "<name>", "box": [x0, y0, x1, y1]}]} with boxes in 0-1000 coordinates.')
-        key = self.cache.key(self.judge.name, "caption", question, [image])
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        for attempt, q in enumerate((question, question + " No prose, no code fences: the JSON object only.")):
-            answer = self.judge.ask([image], q, max_tokens=256, logprobs=False)
-            parsed, problem = parse_caption(answer.text)
-            if parsed is not None:
-                self.cache.put(key, parsed)
-                return parsed
-        self.failures.append({"item": item, "method": "caption", "answer": answer.text[:200], "problem": problem})
-        return {"caption": None, "objects": [], "problem": problem}
-
+        parsed, problem = self._ask_json("caption", image, question, 256, parse_caption, item)
+        return parsed if parsed is not None else {"caption": None, "objects": [], "problem": problem}
 
     def read_text(self, image: bytes, item: str = "") -> str | None:
         """The judge's reading of a document page (JSON {"text": ...}); None after two failed tries."""
         question = 'Read all the text in this document, line by line. Answer only with JSON: {"text": "<the lines, separated by \\n>"}.'
-        key = self.cache.key(self.judge.name, "read", question, [image])
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit["text"]
-        problem, answer = "", None
-        for q in (question, question + " No prose, no code fences: the JSON object only."):
-            answer = self.judge.ask([image], q, max_tokens=1024, logprobs=False)
-            obj, problem = _json_object(answer.text)
-            if obj is not None and isinstance(obj.get("text"), str):
-                self.cache.put(key, {"text": obj["text"]})
-                return obj["text"]
-            problem = problem or "no text field"
-        self.failures.append({"item": item, "method": "read", "answer": answer.text[:200] if answer else "", "problem": problem})
-        return None
+        parsed, _ = self._ask_json("read", image, question, 1024, _parse_text, item)
+        return None if parsed is None else parsed["text"]
+
+
+def _parse_text(text: str) -> tuple[dict | None, str]:
+    obj, problem = _json_object(text)
+    if obj is None:
+        return None, problem
+    return ({"text": obj["text"]}, "") if isinstance(obj.get("text"), str) else (None, "no text field")
 
 
 def _json_object(text: str) -> tuple[dict | None, str]:
