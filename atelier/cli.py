@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from atelier import cli_judge, cli_ocr, cli_registry, cli_serve
+from atelier import cli_judge, cli_ocr, cli_registry, cli_serve, cli_stack
 from atelier.cli_common import cli_settings, friendly
 from atelier.errors import GateRefused
 
@@ -234,6 +234,7 @@ def demo() -> None:
 
 cli_registry.install(app)
 cli_serve.install(app)
+cli_stack.install(app)
 app.command("ocr-calibrate")(cli_ocr.ocr_calibrate_cmd)
 app.command("ocr")(cli_ocr.ocr_cmd)
 app.command("documents-render")(cli_ocr.documents_render_cmd)

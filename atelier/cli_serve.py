@@ -56,22 +56,37 @@ def _schedule_file(file: Optional[Path]) -> Path:
 
 @friendly
 def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml")) -> None:
-    """Create or update the Prefect deployments (cron schedules) of the schedule file."""
+    """Create or update the Prefect deployments (cron schedules) of the schedule file; with a work pool
+    in the settings (`atelier up` sets one) they go to that pool, whose workers run them."""
     from flows.schedules import deployments, load_schedules
 
+    settings = cli_settings()
     path = _schedule_file(file)
     for d in deployments(load_schedules(path)):
-        d.apply()
+        d.apply(work_pool_name=d.work_pool_name or settings.work_pool)
         cron = d.schedules[0].schedule.cron if d.schedules else "-"
         limit = f", at most {d.concurrency_limit} at a time" if d.concurrency_limit else ""
-        typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' UTC{limit}")
-    typer.echo(f"serve them with `atelier worker` (same schedule file: {path})")
+        pool = d.work_pool_name or settings.work_pool
+        typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' UTC{limit}{f', work pool {pool!r}' if pool else ''}")
+    if settings.work_pool:
+        typer.echo(f"work pool {settings.work_pool!r}: its workers run them (`atelier worker`, or the one `atelier up` started)")
+    else:
+        typer.echo(f"serve them with `atelier worker` (same schedule file: {path})")
 
 
 @friendly
 def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml"),
                limit: int = typer.Option(4, help="flow runs at once in this worker")) -> None:
-    """Serve the scheduled deployments: each due run starts in its own process. Stop with Ctrl-C."""
+    """Run scheduled flows, each due run in its own process. With a work pool in the settings: a Prefect
+    process worker polling that pool (deployments come from `atelier deploy`); without: serve the
+    schedule file's deployments from this process. Stop with Ctrl-C."""
+    import os
+    import sys
+
+    settings = cli_settings()
+    if settings.work_pool:
+        prefect = str(Path(sys.executable).parent / "prefect")
+        os.execv(prefect, [prefect, "worker", "start", "--pool", settings.work_pool, "--type", "process", "--limit", str(limit)])
     from prefect import serve
 
     from flows.schedules import deployments, load_schedules

@@ -7,6 +7,7 @@ class AtelierError(Exception):
     """Base of every error Atelier raises on purpose; `item` is what is wrong, `fix` what to do."""
 
     exit_code = 2
+    transient = False  # True: a second try may pass (a server restarting); tasks retry only these
 
     def __init__(self, item: str, problem: str, fix: str) -> None:
         self.item = item
@@ -51,3 +52,10 @@ class GateRefused(AtelierError):
     """The promotion gate refused a candidate; the champion was left alone."""
 
     exit_code = 3
+
+
+class ServiceUnavailable(AtelierError):
+    """A server (MLflow, Prefect, S3, PostgreSQL) did not answer. Worth a retry: it may be restarting."""
+
+    exit_code = 6
+    transient = True

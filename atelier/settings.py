@@ -73,6 +73,25 @@ class JudgeSettings(BaseModel):
     dino_weights: Path | None = Field(None, description="DINO ViT directory: adds the DINO subject similarity")
 
 
+class StackSettings(BaseModel):
+    """What `atelier up` starts on this machine: the production topology for development, without Docker.
+    Databases `<database_prefix>_prefect`, `_mlflow` and `_ledger` are created on the PostgreSQL server
+    when missing; S3 is moto's server mode at `s3_port` (point `s3_endpoint_url` at MinIO or AWS in
+    production); everything lands in one bucket under mlflow/, dvc/ and prefect-results/."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    postgres_url: str = Field("postgresql://postgres@127.0.0.1:5432", description="PostgreSQL server (no database part)")
+    database_prefix: str = Field("atelier", pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    s3_port: int = Field(9000, ge=1, le=65535, description="moto's S3 server (the MinIO port in docker/compose.yaml)")
+    bucket: str = Field("atelier", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    work_pool: str = "atelier"
+    worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
+    start_timeout: float = Field(180.0, gt=0, description="seconds each server may take to answer (first starts migrate the databases)")
+
+
 class GateRules(BaseModel):
     """Promotion gate: a candidate becomes champion only when every rule passes."""
 
@@ -109,10 +128,16 @@ class Settings(BaseSettings):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in the workspace")
     artifact_root: str | None = Field(None, description="MLflow artifact root; default: a folder in the workspace")
     prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
+    prefect_results: str | None = Field(None, description="s3://bucket/prefix for Prefect's task results (the server's default "
+                                        "result storage, set by `atelier up` or `atelier stack-init`); default: a workspace folder")
+    work_pool: str | None = Field(None, description="Prefect work pool that `atelier deploy` targets and `atelier worker` polls; "
+                                  "default: none, `atelier worker` serves the deployments itself")
     dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto) for s3:// batch inputs and outputs; "
                                         "default: AWS, or boto3's AWS_ENDPOINT_URL")
     base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
+    train_processes: int = Field(1, ge=1, le=64, description="processes per DreamBooth training: above 1 the training task starts "
+                                 "`accelerate launch` with one process per GPU (DDP); each trains train_batch_size images per step")
     glm_ocr_weights: Path | None = Field(None, description="local GLM-OCR directory (save_pretrained layout); when set, "
                                          "ocr-calibrate measures it and routes languages to it where it reads best")
     experiment: str = Field("atelier", description="MLflow experiment prefix: one experiment per customer, <prefix>-<customer>")
@@ -123,6 +148,7 @@ class Settings(BaseSettings):
     images: ImageRules = ImageRules()
     gate: GateRules = GateRules()
     judge: JudgeSettings = JudgeSettings()
+    stack: StackSettings = StackSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -218,7 +244,14 @@ class Settings(BaseSettings):
         if self.workspace.is_dir():
             self.prefect_home.mkdir(parents=True, exist_ok=True)
         os.environ.update(self.prefect_environment())
+        self.apply_library_environment()
+
+    def apply_library_environment(self) -> None:
+        """The part of `apply_environment` that is safe once Prefect runs (MLflow, S3, offline hubs):
+        tasks call it, so a flow run started by a worker sees the same as one started by the CLI."""
         os.environ["MLFLOW_TRACKING_URI"] = self.resolved_tracking_uri
+        if self.s3_endpoint_url:  # MLflow's S3 artifact store reads its endpoint from here
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", self.s3_endpoint_url)
         if self.tracking_username and self.tracking_password:
             os.environ["MLFLOW_TRACKING_USERNAME"] = self.tracking_username
             os.environ["MLFLOW_TRACKING_PASSWORD"] = self.tracking_password.get_secret_value()
@@ -239,6 +272,9 @@ class Settings(BaseSettings):
             "MLflow artifact root": self.resolved_artifact_root,
             "promotion ledger": self.resolved_ledger_url,
             "Prefect API": self.prefect_api_url or f"local SQLite in {self.prefect_home} (temporary server per run)",
+            "Prefect results": self.prefect_results or str(self.prefect_home / "results"),
+            "Prefect work pool": self.work_pool or "(none: `atelier worker` serves deployments itself)",
+            "S3 endpoint": self.s3_endpoint_url or "(AWS default)",
             "DVC remote": self.resolved_dvc_remote,
             "base model": str(self.resolved_base_model),
             "class-prior cache": str(self.priors_cache),

@@ -81,15 +81,23 @@ def init_workspace(settings: Settings) -> list[str]:
     if not (ws / ".dvc").exists():
         Repo.init(str(ws))
         done.append("DVC repository")
-    with Repo(str(ws)) as repo:
-        with repo.config.edit() as conf:
-            if conf["core"].get("remote") != "workspace":
-                conf["remote"]["workspace"] = {"url": settings.resolved_dvc_remote}
-                conf["core"]["remote"] = "workspace"
-                conf["core"]["autostage"] = True
-                done.append(f"DVC remote {settings.resolved_dvc_remote}")
     if settings.dvc_remote is None:
         Path(settings.resolved_dvc_remote).mkdir(parents=True, exist_ok=True)
+    desired = dvc_remote_config(settings)
+    moved_from = None
+    with Repo(str(ws)) as repo:
+        with repo.config.edit() as conf:
+            current = {k: conf["remote"].get("workspace", {}).get(k) for k in ("url", "endpointurl")}
+            if conf["core"].get("remote") != "workspace" or current != {"endpointurl": None, **desired}:
+                moved_from = current["url"]
+                conf["remote"]["workspace"] = desired
+                conf["core"]["remote"] = "workspace"
+                conf["core"]["autostage"] = True
+                done.append(f"DVC remote {desired['url']}")
+    if moved_from and moved_from != desired["url"]:  # settings moved the remote (`atelier up`): copy every version there
+        with contextlib.chdir(ws), Repo(str(ws)) as repo:
+            pushed = repo.push(all_commits=True)
+        done.append(f"{pushed} file(s) copied from {moved_from} to the new remote")
     for name in TEMPLATES:
         if not (ws / name).exists():
             shutil.copyfile(SOURCE_ROOT / name, ws / name)
@@ -105,6 +113,24 @@ def init_workspace(settings: Settings) -> list[str]:
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", "atelier init")
     return done
+
+
+def dvc_remote_config(settings: Settings) -> dict[str, str]:
+    """The workspace's DVC remote as settings want it: an S3 URL carries the S3 endpoint (MinIO, moto)."""
+    url = settings.resolved_dvc_remote
+    config = {"url": url}
+    if url.startswith("s3://") and settings.s3_endpoint_url:
+        config["endpointurl"] = settings.s3_endpoint_url
+    return config
+
+
+def _push(settings: Settings, repo) -> None:
+    """Push to the workspace remote, after checking that it is the one the settings name."""
+    configured = repo.config["remote"].get("workspace", {}).get("url")
+    if configured != settings.resolved_dvc_remote:
+        raise WorkspaceError(f"DVC remote of {settings.workspace}", f"is {configured}, the settings name {settings.resolved_dvc_remote}",
+                             "run `atelier init` to move the workspace to the remote of the settings (it copies the data)")
+    repo.push()
 
 
 def _git_config(ws: Path, key: str) -> str:
@@ -136,7 +162,7 @@ def add_subject(settings: Settings, customer: str, subject: str, class_noun: str
         write_text_atomic(dest.with_suffix(".yaml"), yaml.safe_dump({"class_noun": class_noun, "customer": customer, "subject": subject}))
         with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
             repo.add(rel)
-            repo.push()
+            _push(settings, repo)
         git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"))
         git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}")
     except BaseException:
@@ -224,7 +250,7 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
         repo.reproduce(stage)
-        repo.push()
+        _push(settings, repo)
     git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/.gitignore", ".gitignore") if (ws / p).exists()])
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", message)
@@ -240,7 +266,7 @@ def track_folder(settings: Settings, folder: Path, message: str) -> str:
     rel = Path(folder).resolve().relative_to(ws.resolve()).as_posix()
     with contextlib.chdir(ws), Repo(str(ws)) as repo:
         repo.add(rel)
-        repo.push()
+        _push(settings, repo)
     git(ws, "add", f"{rel}.dvc", str(Path(rel).parent / ".gitignore"))
     if git(ws, "status", "--porcelain", "--", f"{rel}.dvc"):
         git(ws, "commit", "-q", "-m", message)

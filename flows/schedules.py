@@ -10,7 +10,8 @@ The schedule file (default `schedules.yaml` in the workspace):
       - {customer: acme, subject: robot, cron: "0 3 * * *"}
     ocr_recalibrate: {cron: "0 4 * * 0"}
 
-Retraining deployments (one per customer subject) and OCR recalibration have a concurrency limit of
+With a work pool (settings `work_pool`, or `work_pool:` on an entry, e.g. `atelier-gpu` for retraining)
+the deployments go to that pool and its workers run them. Retraining deployments (one per customer subject) and OCR recalibration have a concurrency limit of
 one run, so two retrainings of one subject never overlap (a second waits); batch deployments have
 none and never wait on retraining.
 """
@@ -30,6 +31,7 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cron: str = Field(..., description="cron expression, UTC")
     paused: bool = False
+    work_pool: str | None = Field(None, description="this entry's work pool (e.g. atelier-gpu for retraining); default: the settings' work_pool")
 
     @field_validator("cron")
     @classmethod
@@ -104,23 +106,25 @@ def deployments(schedules: Schedules) -> list:
     from flows.subject_finetune import subject_finetune
 
     out = []
-    module = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    def module(entry: _Entry) -> dict:
+        return {"entrypoint_type": EntrypointType.MODULE_PATH, "work_pool_name": entry.work_pool}
+
     for b in schedules.batch_generate:
         out.append(batch_generate.to_deployment(
             name=f"batch-{b.customer}-{b.subject}", cron=b.cron, paused=b.paused, tags=[f"customer:{b.customer}", "batch"],
             parameters={"customer": b.customer, "subject": b.subject, "manifest": b.manifest, "out": b.out,
-                        "model": b.model, "batch_size": b.batch_size}, **module))
+                        "model": b.model, "batch_size": b.batch_size}, **module(b)))
     for o in schedules.batch_ocr:
         out.append(batch_ocr.to_deployment(
             name=f"ocr-{o.name}", cron=o.cron, paused=o.paused, tags=["batch", "ocr"],
-            parameters={"inputs": o.input, "out": o.out, "model": o.model, "lang": o.lang, "kind": o.kind}, **module))
+            parameters={"inputs": o.input, "out": o.out, "model": o.model, "lang": o.lang, "kind": o.kind}, **module(o)))
     for r in schedules.retrain:
         out.append(subject_finetune.to_deployment(
             name=f"retrain-{r.customer}-{r.subject}", cron=r.cron, paused=r.paused, concurrency_limit=1,
             tags=[f"customer:{r.customer}", "retrain"],
-            parameters={"customer": r.customer, "subject": r.subject, "config_path": r.config, "skip_if_unchanged": True}, **module))
+            parameters={"customer": r.customer, "subject": r.subject, "config_path": r.config, "skip_if_unchanged": True}, **module(r)))
     if schedules.ocr_recalibrate:
         out.append(ocr_calibrate.to_deployment(name="ocr-recalibrate", cron=schedules.ocr_recalibrate.cron,
                                                paused=schedules.ocr_recalibrate.paused, concurrency_limit=1, tags=["retrain", "ocr"],
-                                               **module))
+                                               **module(schedules.ocr_recalibrate)))
     return out

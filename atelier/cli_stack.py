@@ -1,0 +1,92 @@
+"""Stack commands: `atelier up`, `down`, `status` (the production topology on this machine) and
+`stack-init` (configure a running stack: buckets, Prefect result storage, work pool)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from urllib.parse import urlparse
+
+import typer
+
+from atelier.cli_common import cli_settings, friendly
+from atelier.errors import ConfigError
+
+
+@friendly
+def up_cmd() -> None:
+    """Start PostgreSQL databases, S3 (moto), Prefect server, MLflow server and a worker on this machine;
+    only what is not running yet. Writes the clients' settings to .atelier/stack/stack.env."""
+    from atelier import stack
+
+    settings = cli_settings()
+    stack.up(settings, stack.SERVERS, typer.echo)
+    # configured from a process that has the stack's settings, so Prefect talks to the stack's server
+    env = {**os.environ, **stack.client_environment(settings)}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "stack-init"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError("stack-init", (done.stderr or done.stdout).strip()[-800:], "read the message; `atelier status` shows the logs")
+    typer.echo(done.stdout.rstrip())
+    stack.up(settings, ("worker",), typer.echo)
+    path = stack.write_env_file(settings)
+    _print_status(stack.status(settings))
+    typer.echo(f"\nclients' settings: {path}\n  use them with:  set -a; . {path}; set +a\n"
+               "  then `atelier init` moves the workspace's DVC remote to S3 (copying its data), and every command uses the stack")
+
+
+@friendly
+def down_cmd() -> None:
+    """Stop what `atelier up` started (by process id); databases and S3 data other than moto's stay."""
+    from atelier import stack
+
+    stopped = stack.down(cli_settings())
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+def _print_status(states) -> None:
+    for s in states:
+        state = "running" if s.running else "stopped"
+        typer.echo(f"  {s.name:<8} {state:<8} {('pid ' + str(s.pid)) if s.running else '':<11} {s.url:<28} {s.log}")
+
+
+@friendly
+def status_cmd() -> None:
+    """What `atelier up` started and whether it still runs, with its log file."""
+    from atelier import stack
+
+    states = stack.status(cli_settings())
+    _print_status(states)
+    if not all(s.running for s in states):
+        raise typer.Exit(1)
+
+
+@friendly
+def stack_init_cmd() -> None:
+    """Configure a running stack (idempotent): S3 buckets, Prefect's default result storage on S3,
+    the process work pool. Uses ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
+    from atelier.stack import ensure_bucket
+    from flows.stack_setup import configure_result_storage, ensure_work_pool
+
+    settings = cli_settings()
+    if not settings.prefect_api_url:
+        raise ConfigError("ATELIER_PREFECT_API_URL", "is not set: there is no Prefect server to configure",
+                          "set it (or source the stack.env that `atelier up` writes)")
+    urls = [u for u in (settings.artifact_root, settings.dvc_remote, settings.prefect_results) if u and u.startswith("s3://")]
+    for bucket in sorted({urlparse(u).netloc for u in urls}):
+        created = ensure_bucket(settings.s3_endpoint_url, bucket)
+        typer.echo(f"bucket s3://{bucket} {'created' if created else 'exists'}")
+    if settings.prefect_results:
+        slug = configure_result_storage(settings.prefect_results, settings.s3_endpoint_url)
+        typer.echo(f"Prefect results: {settings.prefect_results} (block {slug}, the server's default)")
+    if settings.work_pool:
+        created = ensure_work_pool(settings.work_pool)
+        typer.echo(f"work pool {settings.work_pool!r} {'created' if created else 'exists'} (type process)")
+
+
+def install(app: typer.Typer) -> None:
+    app.command("up")(up_cmd)
+    app.command("down")(down_cmd)
+    app.command("status")(status_cmd)
+    app.command("stack-init")(stack_init_cmd)

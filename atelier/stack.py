@@ -1,0 +1,326 @@
+"""`atelier up` / `atelier down`: the production topology on one machine, for development without Docker.
+
+    PostgreSQL (already running)   databases <prefix>_prefect, <prefix>_mlflow, <prefix>_ledger, created if missing
+    moto's S3 server               one bucket: mlflow/ (artifacts), dvc/ (DVC remote), prefect-results/
+    Prefect server                 on <prefix>_prefect
+    MLflow tracking server         on <prefix>_mlflow, artifacts straight to S3 (clients upload with boto3)
+    Prefect worker                 polls the work pool; each flow run in its own process
+
+Each process runs in its own session, its pid and start time recorded under `.atelier/stack/`;
+`down` stops exactly those (a recycled pid is never signalled). `up` is safe to run again: it starts
+only what is not running, so it also brings back a server that died. The clients' settings are written
+to `.atelier/stack/stack.env` (`ATELIER_*` and AWS variables); `docker/compose.yaml` runs the same
+topology with MinIO in place of moto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from atelier.errors import ConfigError, ServiceUnavailable
+from atelier.settings import Settings
+from atelier.storage import write_text_atomic
+
+SERVERS = ("s3", "prefect", "mlflow")
+ORDER = (*SERVERS, "worker")
+# moto accepts any key; these stand in where the environment names none
+DEV_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "atelier-dev", "AWS_SECRET_ACCESS_KEY": "atelier-dev-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    url: str  # what it serves, for people
+    health: str | None  # answers HTTP 200 once up; None: staying alive is enough (the worker)
+    port: int | None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    url: str
+    pid: int | None
+    running: bool
+    started_now: bool = False
+    log: str = ""
+
+
+def stack_dir(settings: Settings) -> Path:
+    return settings.state_dir / "stack"
+
+
+def env_file(settings: Settings) -> Path:
+    return stack_dir(settings) / "stack.env"
+
+
+def database_names(settings: Settings) -> dict[str, str]:
+    prefix = settings.stack.database_prefix
+    return {part: f"{prefix}_{part}" for part in ("prefect", "mlflow", "ledger")}
+
+
+def database_url(settings: Settings, part: str, driver: str = "postgresql+psycopg2") -> str:
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed: name the driver
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.stack.postgres_url).set(drivername=driver, database=database_names(settings)[part])
+    return url.render_as_string(hide_password=False)
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def client_environment(settings: Settings) -> dict[str, str]:
+    """The settings a client of the stack uses (written to stack.env): only these differ from the
+    embedded default."""
+    s = settings.stack
+    env = {
+        "ATELIER_WORKSPACE": str(settings.workspace),
+        "ATELIER_TRACKING_URI": f"http://{s.host}:{s.mlflow_port}",
+        "ATELIER_ARTIFACT_ROOT": f"s3://{s.bucket}/mlflow",
+        "ATELIER_PREFECT_API_URL": f"http://{s.host}:{s.prefect_port}/api",
+        "ATELIER_PREFECT_RESULTS": f"s3://{s.bucket}/prefect-results",
+        "ATELIER_DVC_REMOTE": f"s3://{s.bucket}/dvc",
+        "ATELIER_S3_ENDPOINT_URL": f"http://{s.host}:{s.s3_port}",
+        "ATELIER_LEDGER_URL": database_url(settings, "ledger"),
+        "ATELIER_WORK_POOL": s.work_pool,
+    }
+    for key, value in DEV_CREDENTIALS.items():
+        env[key] = os.environ.get(key, value)
+    return env
+
+
+def services(settings: Settings) -> list[Service]:
+    s = settings.stack
+    client = client_environment(settings)
+    aws = {k: client[k] for k in DEV_CREDENTIALS}
+    home = stack_dir(settings)
+    prefect_env = {"PREFECT_HOME": str(home / "prefect-server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg")}
+    worker_env = {**client, "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"], "PREFECT_HOME": str(home / "prefect-worker"),
+                  "PREFECT_WORKER_QUERY_SECONDS": "3", "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"]}
+    return [
+        Service("s3", [_bin("moto_server"), "-H", s.host, "-p", str(s.s3_port)], client["ATELIER_S3_ENDPOINT_URL"],
+                f"http://{s.host}:{s.s3_port}/moto-api/", s.s3_port),
+        Service("prefect", [_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
+                f"http://{s.host}:{s.prefect_port}", f"{client['ATELIER_PREFECT_API_URL']}/health", s.prefect_port, prefect_env),
+        Service("mlflow", [_bin("mlflow"), "server", "--backend-store-uri", database_url(settings, "mlflow"),
+                           "--default-artifact-root", client["ATELIER_ARTIFACT_ROOT"], "--no-serve-artifacts",
+                           "--host", s.host, "--port", str(s.mlflow_port), "--workers", "2"],
+                client["ATELIER_TRACKING_URI"], f"{client['ATELIER_TRACKING_URI']}/health", s.mlflow_port,
+                {**aws, "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"]}),
+        Service("worker", [_bin("prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
+                           "--limit", str(s.worker_limit), "--name", f"atelier-{socket.gethostname()}"],
+                f"work pool {s.work_pool!r}", None, None, worker_env),
+    ]
+
+
+# Databases ---------------------------------------------------------------------------------------
+
+def ensure_databases(settings: Settings) -> list[str]:
+    """Create the stack's databases where missing; returns the ones created."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.stack.postgres_url)
+    try:
+        conn = psycopg2.connect(host=url.host or "127.0.0.1", port=url.port or 5432, user=url.username or "postgres",
+                                password=url.password, dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        raise ServiceUnavailable(f"PostgreSQL at {url.host}:{url.port or 5432}", f"did not answer ({' '.join(str(exc).split())})",
+                                 "start it (pg_ctlcluster, or `docker compose up postgres`) or set ATELIER_STACK__POSTGRES_URL") from None
+    created = []
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in database_names(settings).values():
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')  # name matches ^[a-z][a-z0-9_]*$ (settings)
+                    created.append(name)
+    finally:
+        conn.close()
+    return created
+
+
+# Processes ---------------------------------------------------------------------------------------
+
+def _record_path(settings: Settings, name: str) -> Path:
+    return stack_dir(settings) / f"{name}.json"
+
+
+def _started_at(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(record: dict) -> bool:
+    """The recorded process, not a later one with its pid, and not a zombie nobody reaped."""
+    import psutil
+
+    try:
+        proc = psutil.Process(record["pid"])
+        return abs(proc.create_time() - record["create_time"]) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _read_record(settings: Settings, name: str) -> dict | None:
+    path = _record_path(settings, name)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (our own localhost URL)
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _start(settings: Settings, svc: Service) -> dict:
+    home = stack_dir(settings)
+    log = home / f"{svc.name}.log"
+    if svc.port is not None and _port_open(settings.stack.host, svc.port):
+        raise ConfigError(f"port {svc.port} ({svc.name})", "is taken by a program `atelier up` did not start",
+                          f"stop that program, or choose another port with ATELIER_STACK__{svc.name.upper()}_PORT")
+    env = {**os.environ, **svc.env}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(svc.argv, env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    record = {"pid": proc.pid, "create_time": _started_at(proc.pid) or time.time(), "argv": svc.argv, "log": str(log),
+              "url": svc.url}
+    write_text_atomic(_record_path(settings, svc.name), json.dumps(record, indent=1))
+    deadline = time.monotonic() + (settings.stack.start_timeout if svc.health else 3.0)
+    while True:
+        if proc.poll() is not None:
+            _record_path(settings, svc.name).unlink(missing_ok=True)
+            raise ServiceUnavailable(f"{svc.name} ({' '.join(svc.argv[:3])})", f"exited with code {proc.returncode}:\n{_log_tail(log)}",
+                                     f"read {log}")
+        if svc.health is not None and _healthy(svc.health):
+            return record
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if svc.health is None:  # the worker: still alive after a few seconds is up
+        return record
+    raise ServiceUnavailable(f"{svc.name} at {svc.url}", f"did not answer within {settings.stack.start_timeout:.0f} s:\n{_log_tail(log)}",
+                             f"read {log}; raise ATELIER_STACK__START_TIMEOUT on a slow machine")
+
+
+def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[[str], None] = lambda _m: None) -> list[ServiceState]:
+    """Start the named services that are not running (in dependency order); returns their states."""
+    stack_dir(settings).mkdir(parents=True, exist_ok=True)
+    if any(name in only for name in ("prefect", "mlflow")):
+        created = ensure_databases(settings)
+        if created:
+            on_progress(f"created databases {', '.join(created)}")
+    states = []
+    for svc in services(settings):
+        if svc.name not in only:
+            continue
+        record = _read_record(settings, svc.name)
+        if record is not None and _alive(record):
+            states.append(ServiceState(svc.name, svc.url, record["pid"], True, False, record["log"]))
+            continue
+        on_progress(f"starting {svc.name} ({svc.url})...")
+        t0 = time.monotonic()
+        record = _start(settings, svc)
+        on_progress(f"  {svc.name} up in {time.monotonic() - t0:.1f} s (pid {record['pid']})")
+        states.append(ServiceState(svc.name, svc.url, record["pid"], True, True, record["log"]))
+    return states
+
+
+def status(settings: Settings) -> list[ServiceState]:
+    out = []
+    for svc in services(settings):
+        record = _read_record(settings, svc.name)
+        running = record is not None and _alive(record)
+        out.append(ServiceState(svc.name, svc.url, record["pid"] if record else None, running, False, record["log"] if record else ""))
+    return out
+
+
+def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float = 15.0) -> bool:
+    """Stop one service's process group; True when something was running. SIGKILL after `wait` s."""
+    record = _read_record(settings, name)
+    if record is None:
+        return False
+    was_running = _alive(record)
+    if was_running:
+        for current in (sig, signal.SIGKILL):
+            try:
+                os.killpg(record["pid"], current)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _alive(record):
+                time.sleep(0.2)
+            if not _alive(record):
+                break
+    _record_path(settings, name).unlink(missing_ok=True)
+    return was_running
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop what `up` started, worker first; returns the names stopped."""
+    return [name for name in reversed(ORDER) if stop(settings, name)]
+
+
+# Configuration of the running stack ---------------------------------------------------------------
+
+def ensure_bucket(endpoint_url: str | None, bucket: str) -> bool:
+    """Create the bucket when missing; True when created."""
+    import boto3
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    s3 = boto3.client("s3", endpoint_url=endpoint_url)
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return False
+    except EndpointConnectionError:
+        raise ServiceUnavailable(f"S3 at {endpoint_url}", "did not answer", "start it (`atelier up`) or fix ATELIER_S3_ENDPOINT_URL") from None
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+    s3.create_bucket(Bucket=bucket)
+    return True
+
+
+def write_env_file(settings: Settings) -> Path:
+    path = env_file(settings)
+    lines = [f"{k}={v}" for k, v in client_environment(settings).items()]
+    write_text_atomic(path, "# written by `atelier up`; use with: set -a; . THIS_FILE; set +a\n" + "\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path

@@ -1,0 +1,84 @@
+"""`atelier up`'s process handling on its own (fast): what it refuses, what it never signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from atelier import stack
+from atelier.errors import ConfigError, ServiceUnavailable
+from atelier.settings import load_settings
+
+
+def _settings(tmp_path, **stack_values):
+    s = load_settings(workspace=tmp_path / "ws", stack=stack_values)
+    stack.stack_dir(s).mkdir(parents=True)
+    return s
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_port_taken_by_another_program_is_refused_with_the_setting_to_change(tmp_path):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        s = _settings(tmp_path, s3_port=port)
+        with pytest.raises(ConfigError, match=rf"port {port} \(s3\).*ATELIER_STACK__S3_PORT"):
+            stack.up(s, ("s3",))
+    assert not (stack.stack_dir(s) / "s3.json").exists()
+
+
+def test_unreachable_postgres_names_the_server_and_the_fix(tmp_path):
+    s = _settings(tmp_path, postgres_url=f"postgresql://postgres@127.0.0.1:{_free_port()}")
+    with pytest.raises(ServiceUnavailable, match="PostgreSQL at 127.0.0.1.*ATELIER_STACK__POSTGRES_URL") as err:
+        stack.ensure_databases(s)
+    assert err.value.transient
+
+
+def test_a_server_that_exits_at_once_is_reported_with_its_log(tmp_path):
+    s = _settings(tmp_path)
+    svc = stack.Service("mlflow", [sys.executable, "-c", "print('no such database'); raise SystemExit(3)"], "http://x", "http://127.0.0.1:1/", None)
+    with pytest.raises(ServiceUnavailable, match=r"exited with code 3:\nno such database"):
+        stack._start(s, svc)
+    assert stack.status(s)[2].running is False
+
+
+def test_down_stops_the_whole_process_group_and_never_a_recycled_pid(tmp_path):
+    s = _settings(tmp_path)
+    # a "server" that starts a child, as mlflow's server starts its workers
+    code = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    record = stack._start(s, stack.Service("worker", [sys.executable, "-c", code], "pool", None, None))
+    import psutil
+
+    children = psutil.Process(record["pid"]).children()
+    assert [c.name() for c in children] == ["sleep"]
+    assert [x.name for x in stack.status(s) if x.running] == ["worker"]
+    assert stack.down(s) == ["worker"]
+    time.sleep(0.2)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    # a record whose pid now belongs to another process (here: this test) is stale, not a target
+    (stack.stack_dir(s) / "prefect.json").write_text(json.dumps({"pid": os.getpid(), "create_time": 1.0, "log": ""}))
+    assert [x.running for x in stack.status(s) if x.name == "prefect"] == [False]
+    assert stack.down(s) == []  # and we are still here
+
+
+def test_env_file_holds_the_clients_settings_and_only_its_owner_reads_it(tmp_path):
+    s = _settings(tmp_path, mlflow_port=5999, bucket="team-bucket")
+    path = stack.write_env_file(s)
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    assert values["ATELIER_TRACKING_URI"] == "http://127.0.0.1:5999"
+    assert values["ATELIER_DVC_REMOTE"] == "s3://team-bucket/dvc"
+    assert values["ATELIER_LEDGER_URL"].startswith("postgresql+psycopg2://postgres@127.0.0.1:5432/atelier_ledger")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    loaded = load_settings(**{k[len("ATELIER_"):].lower(): v for k, v in values.items() if k.startswith("ATELIER_")})
+    assert loaded.artifact_root_for("acme") == "s3://team-bucket/mlflow/acme"
