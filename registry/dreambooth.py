@@ -16,6 +16,7 @@ from atelier.settings import Settings
 from registry.gate import CANDIDATE
 from registry.isolation import grant_customer_read, require_owner
 from registry.pyfunc import SIGNATURE, DreamBoothModel
+from registry.tracking import abandon_stale_runs
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
@@ -75,7 +76,12 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     tags = _tags(lineage)
     existing = find_version(client, name, "atelier.training.key", lineage.get("training.key"))
     if existing is not None:  # the same training outputs are registered once, however often the flow reruns
+        if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:
+            client.set_registered_model_alias(name, CANDIDATE, existing.version)  # an attempt died before aliasing it
         return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
+    if tags.get("atelier.training.key"):
+        abandon_stale_runs(client, mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
+                           "atelier.training.key", tags["atelier.training.key"])
     with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         client.log_batch(run.info.run_id, metrics=[

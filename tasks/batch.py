@@ -12,13 +12,14 @@ from atelier.errors import AtelierError, ConfigError
 from atelier.objectstore import open_store, split_file_url
 from models.batch.manifest import GenItem, parse_generation_manifest
 from models.batch.outputs import finish
-from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings
+from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, tracked
 
 VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-batch": "1", "write-outputs": "1"}
 
 
 @task(name="pin-model", version=VERSIONS["pin-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=3)
+@tracked
 def pin_model(ref: str, customer: str | None = None) -> dict:
     """Resolve NAME@ALIAS (or NAME/VERSION) to one version, once, for the whole run; refuse a model of
     another customer."""

@@ -14,18 +14,38 @@ UNCACHED = NO_CACHE
 
 
 def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's signature)
-    """Retry only what may pass on a second try: Atelier's own errors (bad input) never do."""
+    """Retry only what may pass on a second try: Atelier's own errors (bad input) never do, but a
+    server that did not answer (`ServiceUnavailable`) may be back."""
     try:
         state.result()
-    except AtelierError:
-        return False
+    except AtelierError as exc:
+        return exc.transient
     except Exception:  # noqa: BLE001
         return True
     return True
 
 
+def tracked(fn):
+    """Run a task body that talks to MLflow so that a tracking server that does not answer is a
+    `ServiceUnavailable` error (which `retry_transient` retries), not a stack of HTTP errors."""
+    import functools
+
+    from registry.tracking import tracking_errors
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        with tracking_errors(load_settings().resolved_tracking_uri):
+            return fn(*args, **kwargs)
+
+    return body
+
+
 def settings() -> Settings:
-    return load_settings()
+    """Settings with MLflow's, S3's and the offline switches' environment applied: a flow run that a
+    worker started has only the ATELIER_* variables."""
+    current = load_settings()
+    current.apply_library_environment()
+    return current
 
 
 def logger():

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from tasks.common import UNCACHED, logger, settings
+from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"judge-samples": "1", "record-judgment": "1", "judge-ocr-cross-check": "1"}
 MAX_CLASS_IMAGES = 4
@@ -59,7 +59,9 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     return {"summary": summary, "rows": rows}
 
 
-@task(name="record-judgment", version=VERSIONS["record-judgment"], cache_policy=UNCACHED, retries=2, retry_delay_seconds=5)
+@task(name="record-judgment", version=VERSIONS["record-judgment"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+@tracked
 def record_judgment(registered: dict, judgment: dict) -> None:
     from registry.judge import record_judgment as record
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from atelier.errors import DataValidationError
 from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
-from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
+from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2", "compare-speed": "2",
             "fit-confidence": "1", "register-ocr": "1"}
@@ -131,6 +131,7 @@ def fit_confidence(calibration_eval: dict, evaluation_eval: dict) -> dict:
 
 @task(name="register-ocr", version=VERSIONS["register-ocr"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=5)
+@tracked
 def register(models: dict, routing: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
     from registry.ocr import register_ocr
 

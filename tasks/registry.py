@@ -12,12 +12,15 @@ from models.dreambooth.config import TrainConfig
 from registry.dreambooth import client_for, register_dreambooth
 from registry.ledger import Ledger
 from registry.promotion import promote
-from tasks.common import UNCACHED, logger, retry_transient, settings
+from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"}
 
 
-@task(name="register-model", version=VERSIONS["register-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
+# a tracking server that is away gets three more tries over about 45 s (it may be restarting)
+@task(name="register-model", version=VERSIONS["register-model"], cache_policy=UNCACHED, retries=3, retry_condition_fn=retry_transient,
+      retry_delay_seconds=[3, 10, 30])
+@tracked
 def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
     cfg = TrainConfig(**config)
     metrics = {f"health_{k}": float(v) for k, v in samples["health"].items()}
@@ -36,6 +39,7 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
 
 @task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2,
       retry_condition_fn=retry_transient, retry_delay_seconds=5)
+@tracked
 def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> dict:
     """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
@@ -56,6 +60,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
 
 @task(name="find-registered", version=VERSIONS["find-registered"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=5)
+@tracked
 def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
     """The version already registered from exactly these inputs (training key), or None."""
     from registry.dreambooth import find_version, model_name

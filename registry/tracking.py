@@ -1,0 +1,51 @@
+"""The MLflow tracking server as a remote service: an unreachable server becomes one clear, retryable
+error, and a registration attempt that died half-way leaves no run pretending to be in progress."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from atelier.errors import ServiceUnavailable
+
+# what MLflow's REST client says when the server is gone, restarting or behind a failing proxy
+_UNREACHABLE = ("failed with exception", "Max retries exceeded", "Connection refused", "Connection aborted",
+                "RemoteDisconnected", "Read timed out", "error code 502", "error code 503", "error code 504")
+ABANDONED_TAG = "atelier.abandoned"
+
+
+def unreachable(exc: BaseException) -> bool:
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    return isinstance(exc, MlflowException) and any(marker in str(exc) for marker in _UNREACHABLE)
+
+
+@contextlib.contextmanager
+def tracking_errors(tracking_uri: str) -> Iterator[None]:
+    """Raise `ServiceUnavailable` (which tasks retry) instead of a stack of HTTP errors when the
+    tracking server does not answer."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 (re-raised unless it is the server being away)
+        if not unreachable(exc):
+            raise
+        reason = str(exc).split("(Caused by")[-1].strip(" ()'\"")[:200]
+        raise ServiceUnavailable(f"MLflow tracking server at {tracking_uri}", f"did not answer ({reason})",
+                                 "start it again (`atelier up` restarts a stopped one; `docker compose up -d mlflow`) and rerun; "
+                                 "a model version is created only after its artifacts, in one call with its lineage tags, "
+                                 "so nothing was half-registered") from None
+
+
+def abandon_stale_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[str]:
+    """Mark FAILED the runs of an earlier attempt for the same inputs that still say RUNNING (their
+    process died with the server or the worker); returns their ids. Such a run never has a version."""
+    stale = client.search_runs([experiment_id], f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_tag(run.info.run_id, ABANDONED_TAG, "the attempt died before registering; a retry replaced it")
+        client.set_terminated(run.info.run_id, "FAILED")
+    return [r.info.run_id for r in stale]

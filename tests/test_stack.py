@@ -1,0 +1,237 @@
+"""The production topology on this machine (`atelier up`): Prefect server and MLflow server on the real
+PostgreSQL at 127.0.0.1:5432, moto's S3 server, a process worker. Every command runs as a user would
+run it, in its own process, with only the settings of the stack's env file.
+
+One stack per module, on free ports and databases of its own (dropped at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ATELIER = str(Path(sys.executable).parent / "atelier")
+PREFECT = str(Path(sys.executable).parent / "prefect")
+BUCKET = "atelier"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _postgres_up() -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", 5432)) == 0
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        self.ws = root / "ws"
+        self.prefix = f"atelier_it_{os.getpid()}"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ATELIER_", "AWS_"))}
+        base.update({"ATELIER_WORKSPACE": str(self.ws), "ATELIER_STACK__DATABASE_PREFIX": self.prefix,
+                     "ATELIER_STACK__PREFECT_PORT": str(_free_port()), "ATELIER_STACK__MLFLOW_PORT": str(_free_port()),
+                     "ATELIER_STACK__S3_PORT": str(_free_port()), "ATELIER_STACK__WORKER_LIMIT": "1",
+                     "PREFECT_LOGGING_LEVEL": "INFO"})
+        self.env = base
+
+    def run(self, *args: str, check: bool = True, extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(args), env={**self.env, **(extra or {})}, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.ws.parent)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args[:4])} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+    def load_env_file(self) -> None:
+        for line in (self.ws / ".atelier" / "stack" / "stack.env").read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                self.env[key] = value
+
+    def s3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def sql(self, part: str, query: str, *params) -> list[tuple]:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=f"{self.prefix}_{part}")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query, params)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    def mlflow(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.env["ATELIER_TRACKING_URI"])
+
+    def kill(self, service: str) -> None:
+        """SIGKILL the service's whole process group, as a crash would."""
+        record = json.loads((self.ws / ".atelier" / "stack" / f"{service}.json").read_text())
+        os.killpg(record["pid"], signal.SIGKILL)
+
+    def drop_databases(self) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for part in ("prefect", "mlflow", "ledger"):
+                cur.execute(f'DROP DATABASE IF EXISTS "{self.prefix}_{part}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not _postgres_up():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        t0 = time.perf_counter()
+        up = s.run(ATELIER, "up")
+        print(f"atelier up: {time.perf_counter() - t0:.1f} s\n{up.stdout}")
+        assert "worker   running" in up.stdout
+        s.load_env_file()
+        s.run(ATELIER, "init")
+        from atelier.demo_data import write_demo_photos
+
+        for subject in ("robot", "robot2", "robot3"):
+            photos = write_demo_photos(s.ws.parent / f"photos-{subject}", count=5)
+            s.run(ATELIER, "subject", "add", "acme", subject, *map(str, photos), "--class", "toy")
+        yield s
+    finally:
+        s.run(ATELIER, "down", check=False)
+        s.drop_databases()
+
+
+def test_up_starts_on_postgres_and_s3_and_is_idempotent(stack):
+    again = stack.run(ATELIER, "status")
+    assert again.stdout.count("running") == 4
+    dbs = {r[0] for r in stack.sql("prefect", "SELECT datname FROM pg_database")}
+    assert {f"{stack.prefix}_{p}" for p in ("prefect", "mlflow", "ledger")} <= dbs
+    # the DVC remote moved to S3 at `atelier init`: the photos were pushed there by `subject add`
+    assert sum(k.endswith(".dir") for k in stack.keys("dvc/")) >= 1 and len(stack.keys("dvc/")) >= 6
+    rerun = stack.run(ATELIER, "up")
+    assert "starting" not in rerun.stdout  # everything already ran
+
+
+def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_process(stack):
+    (stack.ws / "schedules.yaml").write_text('retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\n')
+    deployed = stack.run(ATELIER, "deploy")
+    assert "work pool 'atelier'" in deployed.stdout
+    # the worker that `atelier up` started picks the run up from the pool and runs it in its own process
+    stack.run(PREFECT, "deployment", "run", "subject-finetune/retrain-acme-robot", "--watch", "--watch-timeout", "600",
+              extra={"PREFECT_API_URL": stack.env["ATELIER_PREFECT_API_URL"]})
+    rows = stack.sql("prefect", "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+                                "JOIN deployment d ON d.id = r.deployment_id WHERE d.name = %s", "retrain-acme-robot")
+    assert rows == [("subject-finetune", "COMPLETED")]
+    # the registry is in PostgreSQL; the model's files are in S3; Prefect's task results too
+    assert stack.sql("mlflow", "SELECT version FROM model_versions WHERE name = %s", "dreambooth-acme-robot") == [(1,)]
+    assert any(k.endswith("MLmodel") for k in stack.keys("mlflow/acme/"))
+    assert stack.keys("prefect-results/")
+    mv = stack.mlflow().get_model_version_by_alias("dreambooth-acme-robot", "champion")
+    assert mv.tags["atelier.customer"] == "acme" and mv.tags["atelier.training.key"]
+    # a fresh process that knows only the tracking server and S3 pulls the champion through S3
+    code = ("import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/dreambooth-acme-robot@champion');"
+            "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1]}))))")
+    env = {k: v for k, v in stack.env.items() if not k.startswith("ATELIER_")}
+    env.update({"MLFLOW_TRACKING_URI": stack.env["ATELIER_TRACKING_URI"], "MLFLOW_S3_ENDPOINT_URL": stack.env["ATELIER_S3_ENDPOINT_URL"]})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ROWS 1" in done.stdout
+    assert stack.mlflow().get_experiment_by_name("atelier-acme").artifact_location.startswith(f"s3://{BUCKET}/mlflow/acme")
+
+
+def test_batch_generation_reads_and_writes_s3(stack):
+    lines = "".join(json.dumps({"id": f"item-{i}", "prompt": f"a sks toy number {i}", "steps": 4}) + "\n" for i in range(3))
+    stack.s3().put_object(Bucket=BUCKET, Key="in/prompts.jsonl", Body=lines.encode())
+    done = stack.run(ATELIER, "batch-generate", "acme", "robot", "--manifest", f"s3://{BUCKET}/in/prompts.jsonl",
+                     "--out", f"s3://{BUCKET}/out/nightly")
+    assert "3 new" in done.stdout
+    keys = stack.keys("out/nightly/")
+    assert {f"out/nightly/images/item-{i}.png" for i in range(3)} <= set(keys)
+    records = [json.loads(x) for x in stack.s3().get_object(Bucket=BUCKET, Key="out/nightly/manifest.jsonl")["Body"].read().decode().splitlines()]
+    assert {r["model"] for r in records} == {"dreambooth-acme-robot/1"}
+
+
+def _wait_for_new_run(stack, before: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    """Until MLflow's database holds one more run than `before` (the registration has begun)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0] > before:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the flow ended before registering:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no MLflow run started")
+
+
+def _start_finetune(stack, subject: str) -> subprocess.Popen:
+    # MLflow's own HTTP retries off: the task's retries are what is under test
+    env = {**stack.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    return subprocess.Popen([ATELIER, "finetune", "acme", subject], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=stack.ws.parent)
+
+
+def _versions(stack, name: str) -> list[int]:
+    return [r[0] for r in stack.sql("mlflow", "SELECT version FROM model_versions WHERE name = %s ORDER BY version", name)]
+
+
+def test_mlflow_killed_mid_registration_and_left_down_fails_clearly_and_registers_nothing(stack):
+    before = stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0]
+    proc = _start_finetune(stack, "robot2")
+    _wait_for_new_run(stack, before, proc)
+    stack.kill("mlflow")
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 6, err[-3000:]
+    assert f"MLflow tracking server at {stack.env['ATELIER_TRACKING_URI']}: did not answer" in err
+    assert "nothing was half-registered" in err
+    assert _versions(stack, "dreambooth-acme-robot2") == []  # read from PostgreSQL: the server is still down
+    stuck = stack.sql("mlflow", "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")
+    assert len(stuck) == 1  # the dead attempt's run: the next attempt closes it
+
+    stack.run(ATELIER, "up")  # brings back only what is down
+    assert "mlflow   running" in stack.run(ATELIER, "status").stdout
+    stack.run(ATELIER, "finetune", "acme", "robot2")
+    assert _versions(stack, "dreambooth-acme-robot2") == [1]
+    stale = stack.mlflow().get_run(stuck[0][0])
+    assert stale.info.status == "FAILED" and "atelier.abandoned" in stale.data.tags
+
+
+def test_mlflow_killed_mid_registration_and_restarted_the_task_retries_and_the_run_finishes(stack):
+    before = stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0]
+    proc = _start_finetune(stack, "robot3")
+    _wait_for_new_run(stack, before, proc)
+    stack.kill("mlflow")
+    stack.run(ATELIER, "up")  # a supervisor's restart
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Retry" in err or "Retry" in out  # Prefect logs the task's retry
+    assert _versions(stack, "dreambooth-acme-robot3") == [1]  # once, not once per attempt
+    client = stack.mlflow()
+    mv = client.get_model_version("dreambooth-acme-robot3", "1")
+    assert mv.tags["atelier.training.key"] and "champion" in mv.aliases
+    runs = client.search_runs([client.get_experiment_by_name("atelier-acme").experiment_id],
+                              f"tags.`atelier.training.key` = '{mv.tags['atelier.training.key']}'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
