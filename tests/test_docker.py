@@ -1,0 +1,64 @@
+"""docker/: no Docker engine runs here, so the files are checked statically. The compose file against
+the Compose Specification's JSON schema (vendored in check-jsonschema), the Dockerfiles with hadolint,
+and both against what `atelier up` runs, so the two topologies cannot drift apart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+BIN = Path(sys.executable).parent
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_file_follows_the_compose_specification():
+    done = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DOCKER / "compose.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfiles_pass_hadolint():
+    done = subprocess.run([str(BIN / "hadolint"), str(DOCKER / "Dockerfile.worker"), str(DOCKER / "Dockerfile.trainer")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_gives_clients_the_settings_that_atelier_up_writes(settings):
+    from atelier.stack import client_environment, database_names
+
+    compose = _compose()
+    env = compose["x-atelier-env"]
+    assert set(client_environment(settings)) <= set(env)
+    for name in ("setup", "worker", "mlflow"):
+        assert compose["services"][name]["environment"] == env
+    assert compose["services"]["trainer"]["environment"]["ATELIER_WORK_POOL"] == "atelier-gpu"
+    init = (DOCKER / "postgres-init.sql").read_text()
+    for db in database_names(settings).values():
+        assert f"CREATE DATABASE {db};" in init
+        assert any(db in str(v) for v in (env["ATELIER_LEDGER_URL"], compose["services"]["mlflow"]["command"],
+                                          compose["services"]["prefect"]["environment"]))
+    # the same bucket layout as `atelier up`: mlflow/, dvc/, prefect-results/
+    assert compose["services"]["mlflow"]["command"][compose["services"]["mlflow"]["command"].index("--default-artifact-root") + 1] \
+        == env["ATELIER_ARTIFACT_ROOT"]
+    assert all(env[k].startswith("s3://atelier/") for k in ("ATELIER_ARTIFACT_ROOT", "ATELIER_DVC_REMOTE", "ATELIER_PREFECT_RESULTS"))
+
+
+def test_images_install_the_lock_and_every_package_of_the_project():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for name in ("Dockerfile.worker", "Dockerfile.trainer"):
+        text = (DOCKER / name).read_text()
+        assert "pip install --no-deps -r requirements/lock.txt" in text
+        assert "torch==2.13.0" in text
+        for package in packages:
+            assert f"COPY {package.rstrip('*')} {package.rstrip('*')}" in text, f"{name} does not copy {package}"
+    assert "prefecthq/prefect:3.8.8" in _compose()["services"]["prefect"]["image"]  # the server matches the client pin
