@@ -59,7 +59,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
         class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot["class_noun"])
         priors = class_priors(str(base), base_hash, class_prompt, config)
     if skip_if_unchanged:
-        key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config)
+        key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config, settings.train_processes)
         existing = reg_tasks.find_registered(customer, subject, key)
         if existing is not None:
             note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
@@ -68,7 +68,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
             summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
             return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
                     "training_key": key, "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
-    training = train_dreambooth(str(base), base_hash, snapshot, priors, config)
+    training = train_dreambooth(str(base), base_hash, snapshot, priors, config, settings.train_processes)
     samples = sample_images(training["output_dir"], snapshot["class_noun"], config, training["losses"])
 
     code = code_version()

@@ -46,18 +46,26 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
 
 
-def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict) -> str:
-    return value_hash({"base": base_hash, "files": snapshot["files"], "class": snapshot["class_noun"],
-                       "priors": prior_key, "config": config, "task": VERSIONS["train-dreambooth"]})[:24]
+def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict, processes: int = 1) -> str:
+    """What the trained weights depend on. N processes train with N times the batch, so N is part of
+    the key (left out at 1, which keeps the keys of versions registered before it existed)."""
+    inputs = {"base": base_hash, "files": snapshot["files"], "class": snapshot["class_noun"],
+              "priors": prior_key, "config": config, "task": VERSIONS["train-dreambooth"]}
+    if processes > 1:
+        inputs["processes"] = processes
+    return value_hash(inputs)[:24]
 
 
 @task(name="train-dreambooth", version=VERSIONS["train-dreambooth"], cache_policy=BY_INPUTS)
-def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: dict | None, config: dict) -> dict:
-    """Train (or resume an interrupted run of) the subject model; the output folder is keyed by inputs."""
+def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: dict | None, config: dict, processes: int = 1) -> dict:
+    """Train (or resume an interrupted run of) the subject model; the output folder is keyed by inputs.
+    With `processes` > 1 the task starts `accelerate launch` with that many processes: one per GPU
+    (DDP), or CPU processes with gloo where there is no GPU."""
+    from models.dreambooth.launch import train_launched
     from models.dreambooth.trainer import TrainInputs, train
 
     cfg = TrainConfig(**config)
-    key = training_key(base_hash, snapshot, priors["key"] if priors else None, config)
+    key = training_key(base_hash, snapshot, priors["key"] if priors else None, config, processes)
     work = settings().runs_dir / snapshot["customer"] / key
     inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",
                          Path(priors["path"]) if priors else None)
@@ -67,8 +75,12 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
         return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
                 "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True}
-    report = progress_logger("DreamBooth training", cfg.max_train_steps)
-    result = train(cfg, inputs, on_progress=lambda step, total, loss, lr: report(step, f"loss {loss:.4f} lr {lr:.2e}"))
+    if processes > 1:
+        logger().info("training with %d processes: accelerate launch -m models.dreambooth.launch", processes)
+        result = train_launched(cfg, inputs, processes, on_line=lambda line: logger().info(line) if line.startswith("trained") else None)
+    else:
+        report = progress_logger("DreamBooth training", cfg.max_train_steps)
+        result = train(cfg, inputs, on_progress=lambda step, total, loss, lr: report(step, f"loss {loss:.4f} lr {lr:.2e}"))
     if result.resumed_from:
         logger().info("resumed from checkpoint at step %d", result.resumed_from)
     logger().info("trained %d steps in %.1f s (%.2f steps/s)", result.step, result.seconds, result.step / max(result.seconds, 1e-9))

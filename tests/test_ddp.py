@@ -76,3 +76,21 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny_model, photos, priors, 
     assert resumed.resumed_from == 2 and resumed.finished
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)
     _assert_same_weights(_unet(straight.output_dir), _unet(resumed.output_dir), _unet(tiny_model), cfg.learning_rate)
+
+
+def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_the_whole_batch(tiny_model, photos, priors, tmp_path, tiny_config):
+    from models.dreambooth.launch import train_launched
+    from tasks.dreambooth import training_key
+
+    single = train(tiny_config.model_copy(update={**COMMON, "train_batch_size": 2}),
+                   TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "one", tmp_path / "one" / "pipeline", priors))
+    lines: list[str] = []
+    cfg = tiny_config.model_copy(update={**COMMON, "train_batch_size": 1})
+    launched = train_launched(cfg, TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "acc", tmp_path / "acc" / "pipeline", priors),
+                              2, lines.append)
+    assert launched.finished and launched.step == STEPS and launched.output_dir == tmp_path / "acc" / "pipeline"
+    assert "trained 4 steps with 2 processes" in lines
+    assert launched.losses == pytest.approx(single.losses, rel=1e-4)
+    # two processes train with twice the batch: another training, another key
+    snapshot = {"files": {"a.png": "0"}, "class_noun": "toy"}
+    assert training_key("b", snapshot, None, {}, 2) != training_key("b", snapshot, None, {}, 1) == training_key("b", snapshot, None, {})
