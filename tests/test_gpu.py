@@ -94,3 +94,21 @@ def test_glm_models_run_on_cuda_in_bf16_and_match_the_cpu_reading(tmp_path):
     Image.fromarray(lines[0]).save(buf, format="PNG")
     answer = judge.ask([buf.getvalue(), buf.getvalue()], "Does this image show a toy? Answer yes or no.")
     assert judge.vlm.model.device.type == "cuda" and answer.first_token_logprobs and not judge.calibrated
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_training_task_launches_accelerate_with_one_process_per_gpu(gpu_setup, tmp_path):
+    """train_processes: 2 on a 2-GPU node: accelerate launch --multi_gpu (NCCL) trains as one GPU with the whole batch."""
+    from models.dreambooth.launch import train_launched
+    from models.dreambooth.trainer import TrainInputs
+
+    base, photos, priors, cfg = gpu_setup
+    common = {"max_train_steps": 8, "validation_steps": 1000, "checkpointing_steps": 1000, "mixed_precision": "no",
+              "lr_scheduler": "linear"}
+    single = _train(cfg.model_copy(update={**common, "train_batch_size": 2}), gpu_setup, tmp_path / "one")
+    lines: list[str] = []
+    launched = train_launched(cfg.model_copy(update={**common, "train_batch_size": 1}),
+                              TrainInputs(base, photos, "toy", tmp_path / "ddp", tmp_path / "ddp" / "pipeline", priors), 2, lines.append)
+    assert "trained 8 steps with 2 processes" in lines, lines[-20:]
+    assert launched.finished and (launched.output_dir / "model_index.json").is_file()
+    assert launched.losses == pytest.approx(single.losses, rel=2e-2)
