@@ -79,9 +79,9 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:
             client.set_registered_model_alias(name, CANDIDATE, existing.version)  # an attempt died before aliasing it
         return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
-    if tags.get("atelier.training.key"):
+    if tags.get("atelier.training.key"):  # one subject's attempts only: another subject may share the key
         abandon_stale_runs(client, mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
-                           "atelier.training.key", tags["atelier.training.key"])
+                           {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]})
     with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         client.log_batch(run.info.run_id, metrics=[

@@ -41,10 +41,12 @@ def tracking_errors(tracking_uri: str) -> Iterator[None]:
                                  "so nothing was half-registered") from None
 
 
-def abandon_stale_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[str]:
-    """Mark FAILED the runs of an earlier attempt for the same inputs that still say RUNNING (their
-    process died with the server or the worker); returns their ids. Such a run never has a version."""
-    stale = client.search_runs([experiment_id], f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'")
+def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str, str]) -> list[str]:
+    """Mark FAILED the runs of an earlier attempt at the same registration (every tag in `match`
+    equal: the subject and the training key) that still say RUNNING, because their process died
+    with the server or the worker; returns their ids. Such a run never has a version."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(match.items()))
+    stale = client.search_runs([experiment_id], f"{where} and attributes.status = 'RUNNING'")
     for run in stale:
         client.set_tag(run.info.run_id, ABANDONED_TAG, "the attempt died before registering; a retry replaced it")
         client.set_terminated(run.info.run_id, "FAILED")

@@ -2,7 +2,8 @@
 PostgreSQL at 127.0.0.1:5432, moto's S3 server, a process worker. Every command runs as a user would
 run it, in its own process, with only the settings of the stack's env file.
 
-One stack per module, on free ports and databases of its own (dropped at the end)."""
+One stack per module, on free ports and databases of its own (dropped at the end); the tests run in
+file order on it, each building on what the one before registered."""
 
 from __future__ import annotations
 
@@ -220,6 +221,12 @@ def test_mlflow_killed_mid_registration_and_left_down_fails_clearly_and_register
 
 
 def test_mlflow_killed_mid_registration_and_restarted_the_task_retries_and_the_run_finishes(stack):
+    client = stack.mlflow()
+    experiment = client.get_experiment_by_name("atelier-acme").experiment_id
+    # robot's photos are robot3's, so robot's training key is robot3's: a registration of robot in
+    # progress under that key must survive robot3's sweep of its own dead attempt
+    key = client.get_model_version("dreambooth-acme-robot", "1").tags["atelier.training.key"]
+    other = client.create_run(experiment, tags={"atelier.subject": "robot", "atelier.training.key": key}).info.run_id
     before = stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0]
     proc = _start_finetune(stack, "robot3")
     _wait_for_new_run(stack, before, proc)
@@ -229,9 +236,8 @@ def test_mlflow_killed_mid_registration_and_restarted_the_task_retries_and_the_r
     assert proc.returncode == 0, err[-3000:]
     assert "Retry" in err or "Retry" in out  # Prefect logs the task's retry
     assert _versions(stack, "dreambooth-acme-robot3") == [1]  # once, not once per attempt
-    client = stack.mlflow()
     mv = client.get_model_version("dreambooth-acme-robot3", "1")
-    assert mv.tags["atelier.training.key"] and "champion" in mv.aliases
-    runs = client.search_runs([client.get_experiment_by_name("atelier-acme").experiment_id],
-                              f"tags.`atelier.training.key` = '{mv.tags['atelier.training.key']}'")
+    assert mv.tags["atelier.training.key"] == key and "champion" in mv.aliases
+    runs = client.search_runs([experiment], f"tags.`atelier.subject` = 'robot3' and tags.`atelier.training.key` = '{key}'")
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    assert client.get_run(other).info.status == "RUNNING"
