@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lock layers clean-workspace ocr-system-deps
+.PHONY: demo test test-fast test-integration lock layers clean-workspace ocr-system-deps
 OCR_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng tesseract-ocr-fra tesseract-ocr-spa \
 	tesseract-ocr-rus tesseract-ocr-deu tesseract-ocr-jpn tesseract-ocr-kor fonts-noto-cjk fonts-dejavu-core
 
@@ -32,6 +32,10 @@ test: $(STAMP) ocr-system-deps
 ## The quick part of the suite (no whole-flow runs).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## The production-stack tests alone (PostgreSQL on 127.0.0.1:5432; `make test` includes them).
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration
 
 layers:
 	$(PY) ../shared/checks/layers.py
