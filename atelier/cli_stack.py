@@ -37,12 +37,18 @@ def up_cmd() -> None:
 
 
 @friendly
-def down_cmd() -> None:
-    """Stop what `atelier up` started (by process id); databases and S3 data other than moto's stay."""
+def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
+                                                 help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
+    """Stop what `atelier up` started (by process id). The databases stay unless --drop-databases;
+    moto's S3 keeps nothing once stopped."""
     from atelier import stack
 
-    stopped = stack.down(cli_settings())
+    settings = cli_settings()
+    stopped = stack.down(settings)
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    if drop_databases:
+        dropped = stack.drop_databases(settings)
+        typer.echo(f"dropped {', '.join(dropped)}" if dropped else "no databases to drop")
 
 
 def _print_status(states) -> None:

@@ -129,8 +129,8 @@ def services(settings: Settings) -> list[Service]:
 
 # Databases ---------------------------------------------------------------------------------------
 
-def ensure_databases(settings: Settings) -> list[str]:
-    """Create the stack's databases where missing; returns the ones created."""
+def _maintenance_connection(settings: Settings):
+    """An autocommit connection to the server's `postgres` database (CREATE/DROP DATABASE)."""
     import psycopg2
     from sqlalchemy.engine import make_url
 
@@ -141,9 +141,15 @@ def ensure_databases(settings: Settings) -> list[str]:
     except psycopg2.OperationalError as exc:
         raise ServiceUnavailable(f"PostgreSQL at {url.host}:{url.port or 5432}", f"did not answer ({' '.join(str(exc).split())})",
                                  "start it (pg_ctlcluster, or `docker compose up postgres`) or set ATELIER_STACK__POSTGRES_URL") from None
+    conn.autocommit = True
+    return conn
+
+
+def ensure_databases(settings: Settings) -> list[str]:
+    """Create the stack's databases where missing; returns the ones created."""
+    conn = _maintenance_connection(settings)
     created = []
     try:
-        conn.autocommit = True
         with conn.cursor() as cur:
             for name in database_names(settings).values():
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
@@ -153,6 +159,22 @@ def ensure_databases(settings: Settings) -> list[str]:
     finally:
         conn.close()
     return created
+
+
+def drop_databases(settings: Settings) -> list[str]:
+    """Drop the stack's databases (their sessions are ended first); returns the ones that existed."""
+    conn = _maintenance_connection(settings)
+    dropped = []
+    try:
+        with conn.cursor() as cur:
+            for name in database_names(settings).values():
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is not None:
+                    cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+                    dropped.append(name)
+    finally:
+        conn.close()
+    return dropped
 
 
 # Processes ---------------------------------------------------------------------------------------

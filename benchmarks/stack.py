@@ -90,15 +90,7 @@ def main() -> None:
             e, s = statistics.median(times["embedded"][what]), statistics.median(times["stack"][what])
             print(f"{what:<10} {e:>11.1f} {s:>9.1f} {s / e:>14.2f}x")
     finally:
-        subprocess.run([ATELIER, "down"], env=stack, capture_output=True)
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for part in ("prefect", "mlflow", "ledger"):
-                cur.execute(f'DROP DATABASE IF EXISTS "{prefix}_{part}" WITH (FORCE)')
-        conn.close()
+        subprocess.run([ATELIER, "down", "--drop-databases"], env=stack, capture_output=True)
 
 
 if __name__ == "__main__":

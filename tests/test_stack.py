@@ -92,17 +92,6 @@ class Stack:
         record = json.loads((self.ws / ".atelier" / "stack" / f"{service}.json").read_text())
         os.killpg(record["pid"], signal.SIGKILL)
 
-    def drop_databases(self) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for part in ("prefect", "mlflow", "ledger"):
-                cur.execute(f'DROP DATABASE IF EXISTS "{self.prefix}_{part}" WITH (FORCE)')
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if not _postgres_up():
@@ -122,8 +111,7 @@ def stack(tmp_path_factory):
             s.run(ATELIER, "subject", "add", "acme", subject, *map(str, photos), "--class", "toy")
         yield s
     finally:
-        s.run(ATELIER, "down", check=False)
-        s.drop_databases()
+        s.run(ATELIER, "down", "--drop-databases", check=False)
 
 
 def test_up_starts_on_postgres_and_s3_and_is_idempotent(stack):

@@ -82,3 +82,17 @@ def test_env_file_holds_the_clients_settings_and_only_its_owner_reads_it(tmp_pat
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     loaded = load_settings(**{k[len("ATELIER_"):].lower(): v for k, v in values.items() if k.startswith("ATELIER_")})
     assert loaded.artifact_root_for("acme") == "s3://team-bucket/mlflow/acme"
+
+
+def test_databases_are_created_once_and_dropped_on_request(tmp_path):
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 5432)) != 0:
+            pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    s = _settings(tmp_path, database_prefix=f"atelier_unit_{os.getpid()}")
+    names = sorted(stack.database_names(s).values())
+    try:
+        assert sorted(stack.ensure_databases(s)) == names
+        assert stack.ensure_databases(s) == []  # already there
+    finally:
+        assert sorted(stack.drop_databases(s)) == names
+    assert stack.drop_databases(s) == []
