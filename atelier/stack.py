@@ -145,36 +145,29 @@ def _maintenance_connection(settings: Settings):
     return conn
 
 
-def ensure_databases(settings: Settings) -> list[str]:
-    """Create the stack's databases where missing; returns the ones created."""
+def _create_or_drop(settings: Settings, create: bool) -> list[str]:
     conn = _maintenance_connection(settings)
-    created = []
+    changed = []
     try:
         with conn.cursor() as cur:
-            for name in database_names(settings).values():
+            for name in database_names(settings).values():  # names match ^[a-z][a-z0-9_]*$ (settings)
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')  # name matches ^[a-z][a-z0-9_]*$ (settings)
-                    created.append(name)
+                if (cur.fetchone() is None) == create:
+                    cur.execute(f'CREATE DATABASE "{name}"' if create else f'DROP DATABASE "{name}" WITH (FORCE)')
+                    changed.append(name)
     finally:
         conn.close()
-    return created
+    return changed
+
+
+def ensure_databases(settings: Settings) -> list[str]:
+    """Create the stack's databases where missing; returns the ones created."""
+    return _create_or_drop(settings, create=True)
 
 
 def drop_databases(settings: Settings) -> list[str]:
     """Drop the stack's databases (their sessions are ended first); returns the ones that existed."""
-    conn = _maintenance_connection(settings)
-    dropped = []
-    try:
-        with conn.cursor() as cur:
-            for name in database_names(settings).values():
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is not None:
-                    cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-                    dropped.append(name)
-    finally:
-        conn.close()
-    return dropped
+    return _create_or_drop(settings, create=False)
 
 
 # Processes ---------------------------------------------------------------------------------------
