@@ -63,10 +63,10 @@ def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
     settings = cli_settings()
     path = _schedule_file(file)
     for d in deployments(load_schedules(path)):
-        d.apply(work_pool_name=d.work_pool_name or settings.work_pool)
+        pool = d.work_pool_name or settings.work_pool
+        d.apply(work_pool_name=pool)
         cron = d.schedules[0].schedule.cron if d.schedules else "-"
         limit = f", at most {d.concurrency_limit} at a time" if d.concurrency_limit else ""
-        pool = d.work_pool_name or settings.work_pool
         typer.echo(f"deployment {d.flow_name}/{d.name}: cron '{cron}' UTC{limit}{f', work pool {pool!r}' if pool else ''}")
     if settings.work_pool:
         typer.echo(f"work pool {settings.work_pool!r}: its workers run them (`atelier worker`, or the one `atelier up` started)")

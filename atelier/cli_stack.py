@@ -72,7 +72,7 @@ def status_cmd() -> None:
 def stack_init_cmd() -> None:
     """Configure a running stack (idempotent): S3 buckets, Prefect's default result storage on S3,
     the process work pool. Uses ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
-    from atelier.stack import ensure_bucket
+    from atelier.objectstore import open_store
     from flows.stack_setup import configure_result_storage, ensure_work_pool
 
     settings = cli_settings()
@@ -81,7 +81,7 @@ def stack_init_cmd() -> None:
                           "set it (or source the stack.env that `atelier up` writes)")
     urls = [u for u in (settings.artifact_root, settings.dvc_remote, settings.prefect_results) if u and u.startswith("s3://")]
     for bucket in sorted({urlparse(u).netloc for u in urls}):
-        created = ensure_bucket(settings.s3_endpoint_url, bucket)
+        created = open_store(f"s3://{bucket}", settings.s3_endpoint_url).ensure_bucket()
         typer.echo(f"bucket s3://{bucket} {'created' if created else 'exists'}")
     if settings.prefect_results:
         slug = configure_result_storage(settings.prefect_results, settings.s3_endpoint_url)

@@ -92,6 +92,15 @@ class S3Store:
         except BotoCoreError as exc:
             raise StoreError(self.url, f"{what} failed ({exc})", "check that the S3 endpoint is reachable") from None
 
+    def ensure_bucket(self) -> bool:
+        """Create the bucket when missing; True when created."""
+        try:
+            self._call("HEAD bucket", self.client.head_bucket)
+            return False
+        except NotFound:
+            self._call("CREATE bucket", self.client.create_bucket)
+            return True
+
     def exists(self, key: str) -> bool:
         try:
             self._call("HEAD", self.client.head_object, Key=self._key(key))

@@ -53,7 +53,6 @@ class ServiceState:
     url: str
     pid: int | None
     running: bool
-    started_now: bool = False
     log: str = ""
 
 
@@ -110,7 +109,7 @@ def services(settings: Settings) -> list[Service]:
     prefect_env = {"PREFECT_HOME": str(home / "prefect-server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg")}
     worker_env = {**client, "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"], "PREFECT_HOME": str(home / "prefect-worker"),
-                  "PREFECT_WORKER_QUERY_SECONDS": "3", "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"]}
+                  "PREFECT_WORKER_QUERY_SECONDS": "3"}
     return [
         Service("s3", [_bin("moto_server"), "-H", s.host, "-p", str(s.s3_port)], client["ATELIER_S3_ENDPOINT_URL"],
                 f"http://{s.host}:{s.s3_port}/moto-api/", s.s3_port),
@@ -268,13 +267,13 @@ def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[
             continue
         record = _read_record(settings, svc.name)
         if record is not None and _alive(record):
-            states.append(ServiceState(svc.name, svc.url, record["pid"], True, False, record["log"]))
+            states.append(ServiceState(svc.name, svc.url, record["pid"], True, record["log"]))
             continue
         on_progress(f"starting {svc.name} ({svc.url})...")
         t0 = time.monotonic()
         record = _start(settings, svc)
         on_progress(f"  {svc.name} up in {time.monotonic() - t0:.1f} s (pid {record['pid']})")
-        states.append(ServiceState(svc.name, svc.url, record["pid"], True, True, record["log"]))
+        states.append(ServiceState(svc.name, svc.url, record["pid"], True, record["log"]))
     return states
 
 
@@ -283,7 +282,7 @@ def status(settings: Settings) -> list[ServiceState]:
     for svc in services(settings):
         record = _read_record(settings, svc.name)
         running = record is not None and _alive(record)
-        out.append(ServiceState(svc.name, svc.url, record["pid"] if record else None, running, False, record["log"] if record else ""))
+        out.append(ServiceState(svc.name, svc.url, record["pid"] if record else None, running, record["log"] if record else ""))
     return out
 
 
@@ -315,27 +314,14 @@ def down(settings: Settings) -> list[str]:
 
 # Configuration of the running stack ---------------------------------------------------------------
 
-def ensure_bucket(endpoint_url: str | None, bucket: str) -> bool:
-    """Create the bucket when missing; True when created."""
-    import boto3
-    from botocore.exceptions import ClientError, EndpointConnectionError
-
-    s3 = boto3.client("s3", endpoint_url=endpoint_url)
-    try:
-        s3.head_bucket(Bucket=bucket)
-        return False
-    except EndpointConnectionError:
-        raise ServiceUnavailable(f"S3 at {endpoint_url}", "did not answer", "start it (`atelier up`) or fix ATELIER_S3_ENDPOINT_URL") from None
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-    s3.create_bucket(Bucket=bucket)
-    return True
-
-
 def write_env_file(settings: Settings) -> Path:
     path = env_file(settings)
     lines = [f"{k}={v}" for k, v in client_environment(settings).items()]
     write_text_atomic(path, "# written by `atelier up`; use with: set -a; . THIS_FILE; set +a\n" + "\n".join(lines) + "\n")
     path.chmod(0o600)
     return path
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of a stack.env, for programs that start the stack's clients themselves."""
+    return dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if line and not line.startswith("#"))

@@ -56,10 +56,9 @@ def main() -> None:
              "ATELIER_STACK__S3_PORT": str(_port())}
     try:
         print(f"atelier up: {_run(stack, 'up'):.1f} s")
-        for line in (root / "stack" / ".atelier" / "stack" / "stack.env").read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.split("=", 1)
-                stack[key] = value
+        from atelier.stack import read_env_file
+
+        stack.update(read_env_file(root / "stack" / ".atelier" / "stack" / "stack.env"))
         from atelier.demo_data import write_demo_photos
 
         times: dict[str, dict[str, list[float]]] = {"embedded": {}, "stack": {}}

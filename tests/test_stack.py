@@ -56,10 +56,9 @@ class Stack:
         return done
 
     def load_env_file(self) -> None:
-        for line in (self.ws / ".atelier" / "stack" / "stack.env").read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.split("=", 1)
-                self.env[key] = value
+        from atelier.stack import read_env_file
+
+        self.env.update(read_env_file(self.ws / ".atelier" / "stack" / "stack.env"))
 
     def s3(self):
         import boto3

@@ -75,7 +75,7 @@ def test_down_stops_the_whole_process_group_and_never_a_recycled_pid(tmp_path):
 def test_env_file_holds_the_clients_settings_and_only_its_owner_reads_it(tmp_path):
     s = _settings(tmp_path, mlflow_port=5999, bucket="team-bucket")
     path = stack.write_env_file(s)
-    values = dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    values = stack.read_env_file(path)
     assert values["ATELIER_TRACKING_URI"] == "http://127.0.0.1:5999"
     assert values["ATELIER_DVC_REMOTE"] == "s3://team-bucket/dvc"
     assert values["ATELIER_LEDGER_URL"].startswith("postgresql+psycopg2://postgres@127.0.0.1:5432/atelier_ledger")
