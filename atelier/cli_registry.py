@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -127,16 +128,25 @@ def ledger_show(model: str = typer.Argument(None, help="only this model")) -> No
 @friendly
 def customer_add(
     name: str = typer.Argument(..., help="customer id (slug)"),
-    password: str = typer.Option(None, "--password", help="default: a random one, printed once"),
+    out: Path = typer.Option(None, "--out", help="where to write the customer's credentials (0600 env file); "
+                             "default: WORKSPACE/.atelier/customers/NAME.env"),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the MLflow password from standard input "
+                                        "(default: a random one); never pass a password as an argument"),
 ) -> None:
-    """Create the customer's MLflow user with READ on its own registered models only (basic-auth server)."""
-    from registry.isolation import add_customer
+    """Create (or reset) the customer's MLflow user with READ on its own experiment and registered models;
+    on `atelier up`'s stack also S3 keys that read only its own artifacts. The credentials go to a 0600
+    file, never to the terminal."""
+    import sys
+
+    from registry.isolation import add_customer, write_customer_env
 
     settings = cli_settings()
-    secret, models = add_customer(settings, name, password)
-    typer.echo(f"customer {name}: MLflow user created with READ on {len(models)} model(s): {', '.join(models) or '-'}")
-    if password is None:
-        typer.echo(f"password (shown once): {secret}")
+    password = sys.stdin.readline().strip() if password_stdin else None
+    access = add_customer(settings, name, password or None)
+    path = write_customer_env(out or settings.state_dir / "customers" / f"{name}.env", access)
+    typer.echo(f"customer {name}: MLflow user with READ on its experiment and {len(access.models)} model(s): "
+               f"{', '.join(access.models) or '-'}" + ("; S3 keys that read only its artifacts" if access.s3_access_key else ""))
+    typer.echo(f"credentials (0600, hand them over securely): {path}")
 
 
 def install(app: typer.Typer) -> None:

@@ -16,8 +16,9 @@ from atelier.errors import ConfigError
 
 @friendly
 def up_cmd() -> None:
-    """Start PostgreSQL databases, S3 (moto), Prefect server, MLflow server and a worker on this machine;
-    only what is not running yet. Writes the clients' settings to .atelier/stack/stack.env."""
+    """Start PostgreSQL databases, S3 (SeaweedFS, on disk), Prefect server, MLflow server and a worker on
+    this machine, each requiring credentials; only what is not running yet. Writes the platform's client
+    settings and credentials to .atelier/stack/stack.env (0600)."""
     from atelier import stack
 
     settings = cli_settings()
@@ -39,8 +40,8 @@ def up_cmd() -> None:
 @friendly
 def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
                                                  help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
-    """Stop what `atelier up` started (by process id). The databases stay unless --drop-databases;
-    moto's S3 keeps nothing once stopped."""
+    """Stop what `atelier up` started (by process id). The databases and S3's data (.atelier/stack/s3/)
+    stay; --drop-databases drops the databases."""
     from atelier import stack
 
     settings = cli_settings()

@@ -75,9 +75,10 @@ class JudgeSettings(BaseModel):
 
 class StackSettings(BaseModel):
     """What `atelier up` starts on this machine: the production topology for development, without Docker.
-    Databases `<database_prefix>_prefect`, `_mlflow` and `_ledger` are created on the PostgreSQL server
-    when missing; S3 is moto's server mode at `s3_port` (point `s3_endpoint_url` at MinIO or AWS in
-    production); everything lands in one bucket under mlflow/, dvc/ and prefect-results/."""
+    Databases `<database_prefix>_prefect`, `_mlflow`, `_mlflow_auth` and `_ledger` are created on the
+    PostgreSQL server when missing; S3 is SeaweedFS (`weed server -s3`, data on disk under
+    `.atelier/stack/s3/`) at `s3_port`, its internal master, volume and filer servers on the 7 ports from
+    `s3_internal_port` on; everything lands in one bucket under mlflow/, dvc/ and prefect-results/."""
 
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
@@ -85,7 +86,9 @@ class StackSettings(BaseModel):
     database_prefix: str = Field("atelier", pattern=r"^[a-z][a-z0-9_]{0,40}$")
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
-    s3_port: int = Field(9000, ge=1, le=65535, description="moto's S3 server (the MinIO port in docker/compose.yaml)")
+    s3_port: int = Field(9000, ge=1, le=65535, description="SeaweedFS's S3 gateway (the MinIO port in docker/compose.yaml)")
+    s3_internal_port: int = Field(19333, ge=1, le=65528, description="first of 7 ports for SeaweedFS's master, volume and "
+                                  "filer servers and their gRPC (bound to `host` only)")
     bucket: str = Field("atelier", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     work_pool: str = "atelier"
     worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
@@ -128,6 +131,8 @@ class Settings(BaseSettings):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in the workspace")
     artifact_root: str | None = Field(None, description="MLflow artifact root; default: a folder in the workspace")
     prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
+    prefect_api_auth_string: SecretStr | None = Field(None, description="USER:PASSWORD of a Prefect server started with "
+                                                      "PREFECT_SERVER_API_AUTH_STRING (`atelier up` generates one)")
     prefect_results: str | None = Field(None, description="s3://bucket/prefix for Prefect's task results (the server's default "
                                         "result storage, set by `atelier up` or `atelier stack-init`); default: a workspace folder")
     work_pool: str | None = Field(None, description="Prefect work pool that `atelier deploy` targets and `atelier worker` polls; "
@@ -232,11 +237,15 @@ class Settings(BaseSettings):
             "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_LOCAL_STORAGE_PATH": str(self.prefect_home / "results"),
             "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+            # task results as JSON that names only Atelier's own types (tasks/results.py), never a pickle
+            "PREFECT_RESULTS_DEFAULT_SERIALIZER": "atelier-json",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
+        if self.prefect_api_auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.prefect_api_auth_string.get_secret_value()
         return env
 
     def apply_environment(self) -> None:
@@ -265,13 +274,16 @@ class Settings(BaseSettings):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def describe(self) -> dict[str, str]:
+        """Where everything lives, for people: passwords in URLs are masked, secrets never shown."""
         return {
             "workspace": str(self.workspace),
             "config file": str(_config_file() or "(none: defaults and ATELIER_* environment)"),
-            "MLflow tracking URI": self.resolved_tracking_uri,
+            "MLflow tracking URI": mask_url(self.resolved_tracking_uri),
+            "MLflow user": self.tracking_username or "(none: no basic auth)",
             "MLflow artifact root": self.resolved_artifact_root,
-            "promotion ledger": self.resolved_ledger_url,
-            "Prefect API": self.prefect_api_url or f"local SQLite in {self.prefect_home} (temporary server per run)",
+            "promotion ledger": mask_url(self.resolved_ledger_url),
+            "Prefect API": mask_url(self.prefect_api_url) if self.prefect_api_url else f"local SQLite in {self.prefect_home} (temporary server per run)",
+            "Prefect API auth": "set (PREFECT_API_AUTH_STRING)" if self.prefect_api_auth_string else "(none)",
             "Prefect results": self.prefect_results or str(self.prefect_home / "results"),
             "Prefect work pool": self.work_pool or "(none: `atelier worker` serves deployments itself)",
             "S3 endpoint": self.s3_endpoint_url or "(AWS default)",
@@ -279,6 +291,20 @@ class Settings(BaseSettings):
             "base model": str(self.resolved_base_model),
             "class-prior cache": str(self.priors_cache),
         }
+
+
+def mask_url(url: str) -> str:
+    """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; other strings unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -28,11 +28,19 @@ def check_slug(value: str, what: str) -> str:
     return value
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
+def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> Path:
+    """Write to a temporary sibling, then rename. With `mode` (e.g. 0o600 for secrets) the file has
+    that mode from its creation on, so no reader ever sees it with wider permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        else:  # mkstemp's 0600 would make ordinary files private: use the umask like open() does
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -46,6 +54,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_secret_file(path: Path, text: str) -> Path:
+    """A file only its owner reads (0600): stack secrets, server configs that hold passwords."""
+    return write_bytes_atomic(path, text.encode("utf-8"), mode=0o600)
 
 
 def write_json_atomic(path: Path, value: Any) -> Path:

@@ -21,18 +21,32 @@ def configure_result_storage(url: str, endpoint_url: str | None) -> str:
     return f"remote-file-system/{RESULTS_BLOCK}"
 
 
-def ensure_work_pool(name: str) -> bool:
-    """Create the process work pool when missing; True when created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
+def locked_job_template() -> dict:
+    """A process pool's base job template that takes nothing from a deployment or a flow run.
 
+    Prefect's default template lets whoever creates a flow run set `command` (a shell command the
+    worker runs) and `env` (merged into the run's environment). Here the variables schema admits no
+    property at all, so the server answers 422 to any job variable, and the job configuration names
+    no variable and no `env` (Prefect merges a dict `env` with the caller's), so a value that got past
+    the server would still not reach the process. The worker builds its own command."""
+    return {"job_configuration": {"command": None, "stream_output": True, "working_dir": None},
+            "variables": {"type": "object", "properties": {}, "additionalProperties": False}}
+
+
+def ensure_work_pool(name: str) -> bool:
+    """Create the process work pool with the locked job template when missing (and lock an existing
+    one that is not); True when created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    template = locked_job_template()
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
-            return False
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
             return True
+        if pool.base_job_template != template:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+        return False

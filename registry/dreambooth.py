@@ -14,7 +14,7 @@ from PIL import Image
 from atelier.hashing import tree_hash
 from atelier.settings import Settings
 from registry.gate import CANDIDATE
-from registry.isolation import grant_customer_read, require_owner
+from registry.isolation import ensure_experiment, grant_customer_read, require_owner
 from registry.pyfunc import SIGNATURE, DreamBoothModel
 from registry.tracking import abandon_stale_runs
 
@@ -45,11 +45,7 @@ def client_for(settings: Settings) -> MlflowClient:
 def configure(settings: Settings, customer: str) -> MlflowClient:
     """Point MLflow at the tracking URI and use the customer's experiment (own artifact prefix)."""
     client = client_for(settings)
-    name = settings.experiment_for(customer)
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name, artifact_location=settings.artifact_root_for(customer),
-                                 tags={"atelier.customer": customer})
-    mlflow.set_experiment(name)
+    mlflow.set_experiment(experiment_id=ensure_experiment(client, settings, customer))
     return client
 
 

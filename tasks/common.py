@@ -7,6 +7,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from atelier.errors import AtelierError
 from atelier.settings import Settings, load_settings
+from tasks import results as _results  # noqa: F401 (registers the atelier-json result serializer, guards stored records)
 
 # Inputs and the task's own code: a rerun with the same inputs and code reuses the result.
 BY_INPUTS = INPUTS + TASK_SOURCE

@@ -24,6 +24,8 @@ from atelier.settings import load_settings  # noqa: E402
 
 load_settings().apply_environment()
 
+from tests.stack_harness import stack  # noqa: E402,F401 (the session's `atelier up` stack, for the integration modules)
+
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
     shutil.rmtree(SESSION_ROOT, ignore_errors=True)

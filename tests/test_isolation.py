@@ -78,7 +78,7 @@ def registered(server, workspace, tiny_model, tmp_path_factory):
         for customer in ("acme", "globex"):
             register_dreambooth(settings, customer, "robot", tiny_model, {"training.key": customer, "customer": customer},
                                 {"lr": 1}, [1.0, 0.5], {"m": 1.0}, [sample], sample, "dpmsolver++", 2, 2.0)
-        passwords = {c: add_customer(settings, c, f"{c}-Password-123")[0] for c in ("acme", "globex")}
+        passwords = {c: add_customer(settings, c, f"{c}-Password-123").password for c in ("acme", "globex")}
     return settings, passwords
 
 

@@ -1,116 +1,20 @@
 """The production topology on this machine (`atelier up`): Prefect server and MLflow server on the real
-PostgreSQL at 127.0.0.1:5432, moto's S3 server, a process worker. Every command runs as a user would
-run it, in its own process, with only the settings of the stack's env file.
-
-One stack per module, on free ports and databases of its own (dropped at the end); the tests run in
-file order on it, each building on what the one before registered."""
+PostgreSQL at 127.0.0.1:5432, SeaweedFS's S3, a process worker, every one of them behind credentials.
+The stack is tests/stack_harness.py's, one per session; the tests run in file order on it, each
+building on what the one before registered."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.stack_harness import ATELIER, BUCKET, PREFECT
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
-
-ATELIER = str(Path(sys.executable).parent / "atelier")
-PREFECT = str(Path(sys.executable).parent / "prefect")
-BUCKET = "atelier"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _postgres_up() -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", 5432)) == 0
-
-
-class Stack:
-    def __init__(self, root: Path) -> None:
-        self.ws = root / "ws"
-        self.prefix = f"atelier_it_{os.getpid()}"
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ATELIER_", "AWS_"))}
-        base.update({"ATELIER_WORKSPACE": str(self.ws), "ATELIER_STACK__DATABASE_PREFIX": self.prefix,
-                     "ATELIER_STACK__PREFECT_PORT": str(_free_port()), "ATELIER_STACK__MLFLOW_PORT": str(_free_port()),
-                     "ATELIER_STACK__S3_PORT": str(_free_port()), "ATELIER_STACK__WORKER_LIMIT": "1",
-                     "PREFECT_LOGGING_LEVEL": "INFO"})
-        self.env = base
-
-    def run(self, *args: str, check: bool = True, extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(args), env={**self.env, **(extra or {})}, capture_output=True, text=True, timeout=timeout,
-                              cwd=self.ws.parent)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{' '.join(args[:4])} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return done
-
-    def load_env_file(self) -> None:
-        from atelier.stack import read_env_file
-
-        self.env.update(read_env_file(self.ws / ".atelier" / "stack" / "stack.env"))
-
-    def s3(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-
-    def keys(self, prefix: str) -> list[str]:
-        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-    def sql(self, part: str, query: str, *params) -> list[tuple]:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=f"{self.prefix}_{part}")
-        try:
-            with conn.cursor() as cur:
-                cur.execute(query, params)
-                return cur.fetchall()
-        finally:
-            conn.close()
-
-    def mlflow(self):
-        from mlflow import MlflowClient
-
-        return MlflowClient(self.env["ATELIER_TRACKING_URI"])
-
-    def kill(self, service: str) -> None:
-        """SIGKILL the service's whole process group, as a crash would."""
-        record = json.loads((self.ws / ".atelier" / "stack" / f"{service}.json").read_text())
-        os.killpg(record["pid"], signal.SIGKILL)
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    if not _postgres_up():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    s = Stack(tmp_path_factory.mktemp("stack"))
-    try:
-        t0 = time.perf_counter()
-        up = s.run(ATELIER, "up")
-        print(f"atelier up: {time.perf_counter() - t0:.1f} s\n{up.stdout}")
-        assert "worker   running" in up.stdout
-        s.load_env_file()
-        s.run(ATELIER, "init")
-        from atelier.demo_data import write_demo_photos
-
-        for subject in ("robot", "robot2", "robot3"):
-            photos = write_demo_photos(s.ws.parent / f"photos-{subject}", count=5)
-            s.run(ATELIER, "subject", "add", "acme", subject, *map(str, photos), "--class", "toy")
-        yield s
-    finally:
-        s.run(ATELIER, "down", "--drop-databases", check=False)
 
 
 def test_up_starts_on_postgres_and_s3_and_is_idempotent(stack):
@@ -130,7 +34,8 @@ def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_proc
     assert "work pool 'atelier'" in deployed.stdout
     # the worker that `atelier up` started picks the run up from the pool and runs it in its own process
     stack.run(PREFECT, "deployment", "run", "subject-finetune/retrain-acme-robot", "--watch", "--watch-timeout", "600",
-              extra={"PREFECT_API_URL": stack.env["ATELIER_PREFECT_API_URL"]})
+              extra={"PREFECT_API_URL": stack.env["ATELIER_PREFECT_API_URL"],
+                     "PREFECT_API_AUTH_STRING": stack.env["ATELIER_PREFECT_API_AUTH_STRING"]})
     rows = stack.sql("prefect", "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id "
                                 "JOIN deployment d ON d.id = r.deployment_id WHERE d.name = %s", "retrain-acme-robot")
     assert rows == [("subject-finetune", "COMPLETED")]
@@ -144,7 +49,9 @@ def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_proc
     code = ("import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/dreambooth-acme-robot@champion');"
             "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1]}))))")
     env = {k: v for k, v in stack.env.items() if not k.startswith("ATELIER_")}
-    env.update({"MLFLOW_TRACKING_URI": stack.env["ATELIER_TRACKING_URI"], "MLFLOW_S3_ENDPOINT_URL": stack.env["ATELIER_S3_ENDPOINT_URL"]})
+    env.update({"MLFLOW_TRACKING_URI": stack.env["ATELIER_TRACKING_URI"], "MLFLOW_S3_ENDPOINT_URL": stack.env["ATELIER_S3_ENDPOINT_URL"],
+                "MLFLOW_TRACKING_USERNAME": stack.env["ATELIER_TRACKING_USERNAME"],
+                "MLFLOW_TRACKING_PASSWORD": stack.env["ATELIER_TRACKING_PASSWORD"]})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ROWS 1" in done.stdout

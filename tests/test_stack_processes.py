@@ -80,6 +80,17 @@ def test_env_file_holds_the_clients_settings_and_only_its_owner_reads_it(tmp_pat
     assert values["ATELIER_DVC_REMOTE"] == "s3://team-bucket/dvc"
     assert values["ATELIER_LEDGER_URL"].startswith("postgresql+psycopg2://postgres@127.0.0.1:5432/atelier_ledger")
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+    # the platform's credentials: generated once, kept 0600, the same on the next `up`
+    secrets_path = stack.secrets_file(s)
+    assert oct(secrets_path.stat().st_mode & 0o777) == "0o600"
+    assert values["ATELIER_TRACKING_USERNAME"] == stack.MLFLOW_ADMIN and len(values["ATELIER_TRACKING_PASSWORD"]) >= 24
+    assert values["ATELIER_PREFECT_API_AUTH_STRING"].startswith("atelier:") and values["AWS_SECRET_ACCESS_KEY"] != "atelier-dev-secret"
+    assert stack.read_env_file(stack.write_env_file(s)) == values
+    # no secret in any server's argv: the database URL and passwords go through 0600 files and the environment
+    for svc in stack.services(s):
+        argv = " ".join(svc.argv)
+        assert not any(secret in argv for secret in stack.stack_secrets(s).values()), svc.name
+        assert "postgresql" not in argv, svc.name
     loaded = load_settings(**{k[len("ATELIER_"):].lower(): v for k, v in values.items() if k.startswith("ATELIER_")})
     assert loaded.artifact_root_for("acme") == "s3://team-bucket/mlflow/acme"
 
