@@ -123,7 +123,10 @@ def finetune(
     from models.dreambooth.base import check_sd_directory
     from models.dreambooth.config import load_train_config
 
-    # Pre-flight: bad input is refused in a second, before a Prefect run starts.
+    # Pre-flight: bad input and a server that is down are refused in a second, before a Prefect run starts.
+    from atelier.outages import preflight
+
+    preflight(settings)
     require_workspace(settings)
     check_slug(customer, "customer")
     check_slug(subject, "subject")
@@ -175,7 +178,10 @@ def generate(
 
     from registry.pyfunc import decode_png
 
+    from atelier.outages import preflight
+
     settings = cli_settings()
+    preflight(settings)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     uri = f"models:/{model}"
     if customer:

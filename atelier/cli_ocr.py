@@ -24,7 +24,11 @@ def ocr_calibrate_cmd(
 
     if method not in ("MinMax", "Entropy", "Percentile"):
         raise typer.BadParameter("use MinMax, Entropy or Percentile", param_hint="--method")
-    require_workspace(cli_settings())
+    from atelier.outages import preflight
+
+    settings = cli_settings()
+    preflight(settings)
+    require_workspace(settings)
     result = ocr_calibrate(method=method, calibration_lines=calibration_lines)
     report_calibration(result)
     if not result["gate"]["passed"]:

@@ -29,9 +29,10 @@ def batch_generate_cmd(
 ) -> None:
     """Generate every manifest item once with one pinned model version (a rerun resumes, skipping
     items whose outputs exist and verify)."""
+    from atelier.outages import preflight
     from flows.batch import batch_generate
 
-    cli_settings()
+    preflight(cli_settings())
     _report(batch_generate(customer, subject, manifest, out, model, batch_size))
 
 
@@ -44,9 +45,10 @@ def batch_ocr_cmd(
     lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines"),
 ) -> None:
     """Read every image once with the pinned OCR model; results.jsonl and report.json in OUT."""
+    from atelier.outages import preflight
     from flows.batch import batch_ocr
 
-    cli_settings()
+    preflight(cli_settings())
     _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
 
 

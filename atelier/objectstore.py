@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from atelier.errors import AtelierError, NotFound
+from atelier.errors import AtelierError, NotFound, ServiceUnavailable
 from atelier.storage import write_bytes_atomic
 
 
@@ -90,7 +90,9 @@ class S3Store:
             raise StoreError(f"s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))}", f"{what} failed ({code}: {exc})",
                              "check the credentials and the endpoint (s3_endpoint_url)") from None
         except BotoCoreError as exc:
-            raise StoreError(self.url, f"{what} failed ({exc})", "check that the S3 endpoint is reachable") from None
+            endpoint = self.client.meta.endpoint_url
+            raise ServiceUnavailable(f"S3 at {endpoint}", f"did not answer ({what} {self.url}: {exc})",
+                                     "start it again (`atelier up` restarts the stack's) and rerun; nothing was half-written") from None
 
     def ensure_bucket(self) -> bool:
         """Create the bucket when missing; True when created."""

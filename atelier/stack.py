@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -39,16 +38,19 @@ from typing import Callable
 
 from atelier.errors import ConfigError, ServiceUnavailable
 from atelier.settings import Settings
+from atelier.stack_config import (MLFLOW_ADMIN, bin_path, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
+                                  seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
+                                  database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
+                                  stack_secrets)
 from atelier.storage import write_secret_file, write_text_atomic
+
+# the configuration lives in stack_config; callers reach these through this module
+__all__ = ["MLFLOW_ADMIN", "client_environment", "database_names", "database_url", "reader_identity", "secrets_file", "stack_dir",
+           "stack_secrets", "add_s3_reader", "up", "down", "status", "stop", "services", "ensure_databases", "drop_databases",
+           "write_env_file", "read_env_file", "env_file", "Service", "ServiceState", "SERVERS", "ORDER"]
 
 SERVERS = ("s3", "prefect", "mlflow")
 ORDER = (*SERVERS, "worker")
-DATABASE_PARTS = ("prefect", "mlflow", "mlflow_auth", "ledger")
-MLFLOW_ADMIN = "atelier-ops"  # the platform's identity on MLflow (admin); customers are users beside it
-PREFECT_USER = "atelier"
-# what a server or worker inherits from the caller's environment; everything else it gets is named
-INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SSL_CERT_FILE",
-             "REQUESTS_CA_BUNDLE", "ATELIER_ACTOR")
 
 
 @dataclass(frozen=True)
@@ -73,129 +75,6 @@ class ServiceState:
     log: str = ""
 
 
-def stack_dir(settings: Settings) -> Path:
-    return settings.state_dir / "stack"
-
-
-def env_file(settings: Settings) -> Path:
-    return stack_dir(settings) / "stack.env"
-
-
-def database_names(settings: Settings) -> dict[str, str]:
-    prefix = settings.stack.database_prefix
-    return {part: f"{prefix}_{part}" for part in DATABASE_PARTS}
-
-
-def database_url(settings: Settings, part: str, driver: str = "postgresql+psycopg2") -> str:
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed: name the driver
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.stack.postgres_url).set(drivername=driver, database=database_names(settings)[part])
-    return url.render_as_string(hide_password=False)
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-# Secrets ------------------------------------------------------------------------------------------
-
-def secrets_file(settings: Settings) -> Path:
-    return stack_dir(settings) / "secrets.json"
-
-
-def stack_secrets(settings: Settings) -> dict[str, str]:
-    """The stack's credentials, generated on first use and kept (0600) so that restarts keep them."""
-    import secrets as rng
-
-    path = secrets_file(settings)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        pass
-    except json.JSONDecodeError:
-        raise ConfigError(str(path), "is not valid JSON", "restore it from a backup, or remove it and run `atelier down --drop-databases` "
-                          "then `atelier up` (new credentials; the stored data stays in S3 and is readable only with the old keys)") from None
-    values = {
-        "s3_access_key": "atelier" + rng.token_hex(8),
-        "s3_secret_key": rng.token_urlsafe(30),
-        "mlflow_admin_password": rng.token_urlsafe(24),
-        "mlflow_flask_secret": rng.token_urlsafe(32),
-        "prefect_auth_string": f"{PREFECT_USER}:{rng.token_urlsafe(24)}",
-        **{f"s3_jwt_{name}": rng.token_urlsafe(32) for name in ("write", "read", "filer_write", "filer_read")},
-    }
-    write_secret_file(path, json.dumps(values, indent=1))
-    return values
-
-
-def client_environment(settings: Settings) -> dict[str, str]:
-    """The settings a client of the stack uses (written to stack.env, 0600): the platform's own
-    credentials. Only these differ from the embedded default."""
-    s = settings.stack
-    secret = stack_secrets(settings)
-    return {
-        "ATELIER_WORKSPACE": str(settings.workspace),
-        "ATELIER_TRACKING_URI": f"http://{s.host}:{s.mlflow_port}",
-        "ATELIER_TRACKING_USERNAME": MLFLOW_ADMIN,
-        "ATELIER_TRACKING_PASSWORD": secret["mlflow_admin_password"],
-        "ATELIER_ARTIFACT_ROOT": f"s3://{s.bucket}/mlflow",
-        "ATELIER_PREFECT_API_URL": f"http://{s.host}:{s.prefect_port}/api",
-        "ATELIER_PREFECT_API_AUTH_STRING": secret["prefect_auth_string"],
-        "ATELIER_PREFECT_RESULTS": f"s3://{s.bucket}/prefect-results",
-        "ATELIER_DVC_REMOTE": f"s3://{s.bucket}/dvc",
-        "ATELIER_S3_ENDPOINT_URL": f"http://{s.host}:{s.s3_port}",
-        "ATELIER_LEDGER_URL": database_url(settings, "ledger"),
-        "ATELIER_WORK_POOL": s.work_pool,
-        "AWS_ACCESS_KEY_ID": secret["s3_access_key"],
-        "AWS_SECRET_ACCESS_KEY": secret["s3_secret_key"],
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-
-
-def _inherited() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in INHERITED}
-
-
-# S3: SeaweedFS ----------------------------------------------------------------------------------------
-
-def s3_dir(settings: Settings) -> Path:
-    return stack_dir(settings) / "s3"
-
-
-def s3_identities_file(settings: Settings) -> Path:
-    return s3_dir(settings) / "identities.json"
-
-
-def _platform_identity(settings: Settings) -> dict:
-    secret = stack_secrets(settings)
-    return {"name": "atelier-platform", "credentials": [{"accessKey": secret["s3_access_key"], "secretKey": secret["s3_secret_key"]}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
-
-
-def reader_identity(settings: Settings, name: str, prefix: str, access_key: str, secret_key: str) -> dict:
-    """An S3 identity that may list and read `bucket/prefix/*` and nothing else."""
-    resource = f"{settings.stack.bucket}/{prefix.strip('/')}/*"
-    return {"name": name, "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-            "actions": [f"Read:{resource}", f"List:{resource}"]}
-
-
-def _write_s3_config(settings: Settings, customers: list[dict] | None = None) -> None:
-    """identities.json (the platform, then the customers' readers) and security.toml (JWT keys that
-    close the master's, volume's and filer's own HTTP ports to anyone but SeaweedFS itself)."""
-    path = s3_identities_file(settings)
-    if customers is None:
-        try:
-            customers = [i for i in json.loads(path.read_text())["identities"] if i["name"] != "atelier-platform"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            customers = []
-    write_secret_file(path, json.dumps({"identities": [_platform_identity(settings), *customers]}, indent=1))
-    secret = stack_secrets(settings)
-    toml = "".join(f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
-                   for section, name in (("signing", "write"), ("signing.read", "read"), ("filer_signing", "filer_write"),
-                                         ("filer_signing.read", "filer_read")))
-    write_secret_file(s3_dir(settings) / "security.toml", toml)
-
-
 def add_s3_reader(settings: Settings, identity: dict) -> bool:
     """Add or replace a customer's S3 reader and make the running S3 server reload its identities
     (SIGHUP). False when this machine runs no stack S3 (keys then have to be made on the S3 server)."""
@@ -203,7 +82,7 @@ def add_s3_reader(settings: Settings, identity: dict) -> bool:
     if not path.is_file():
         return False
     current = [i for i in json.loads(path.read_text())["identities"] if i["name"] not in ("atelier-platform", identity["name"])]
-    _write_s3_config(settings, [*current, identity])
+    write_s3_config(settings, [*current, identity])
     record = _read_record(settings, "s3")
     if record is not None and _alive(record):
         os.killpg(record["pid"], signal.SIGHUP)
@@ -211,81 +90,8 @@ def add_s3_reader(settings: Settings, identity: dict) -> bool:
     return True
 
 
-def _s3_ready(settings: Settings) -> Callable[[], bool]:
-    """Up when a signed request of the platform's identity succeeds (the gateway listens before its
-    filer and volumes are ready)."""
-    def check() -> bool:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        env = client_environment(settings)
-        client = boto3.client("s3", endpoint_url=env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                              config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
-        try:
-            client.list_buckets()
-            return True
-        except (BotoCoreError, ClientError):
-            return False
-
-    return check
-
-
-def _seaweed_ports(settings: Settings) -> dict[str, int]:
-    base = settings.stack.s3_internal_port
-    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "s3.port.grpc")
-    return {name: base + i for i, name in enumerate(names)}
-
-
-def _seaweed_argv(settings: Settings) -> list[str]:
-    s = settings.stack
-    ports = _seaweed_ports(settings)
-    return [_bin("weed"), "server", f"-dir={s3_dir(settings) / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}",
-            *(f"-{k}={v}" for k, v in ports.items()), "-s3", f"-s3.port={s.s3_port}",
-            f"-s3.config={s3_identities_file(settings)}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
-            "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-master.defaultReplication=000"]
-
-
-def _prepare_s3(settings: Settings) -> None:
-    (s3_dir(settings) / "data").mkdir(parents=True, exist_ok=True)
-    _write_s3_config(settings)
-
-
-# MLflow: basic auth, only the platform writes -------------------------------------------------------
-
-def _mlflow_auth_ini(settings: Settings) -> Path:
-    return stack_dir(settings) / "mlflow-auth.ini"
-
-
-def _mlflow_env(settings: Settings) -> dict[str, str]:
-    secret = stack_secrets(settings)
-    client = client_environment(settings)
-    return {"MLFLOW_BACKEND_STORE_URI": database_url(settings, "mlflow"),  # holds the database password: never in argv
-            "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_ini(settings)),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
-            "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
-            "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
-            **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
-
-
-def _prepare_mlflow(settings: Settings) -> None:
-    """The auth app's configuration (0600: it names the auth database), then its database and admin
-    user, once, before the server's workers start."""
-    write_secret_file(_mlflow_auth_ini(settings), (
-        "[mlflow]\n"
-        "# nobody reads anything unless granted: `atelier customer add` grants each customer its own models\n"
-        "default_permission = NO_PERMISSIONS\n"
-        f"database_uri = {database_url(settings, 'mlflow_auth')}\n"
-        f"admin_username = {MLFLOW_ADMIN}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "grant_default_workspace_access = false\n"))
-    env = {**_inherited(), **_mlflow_env(settings)}
-    done = subprocess.run([sys.executable, "-m", "registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise ServiceUnavailable("MLflow's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",
-                                 "check that PostgreSQL answers (ATELIER_STACK__POSTGRES_URL)")
+def env_file(settings: Settings) -> Path:
+    return stack_dir(settings) / "stack.env"
 
 
 def services(settings: Settings) -> list[Service]:
@@ -300,16 +106,16 @@ def services(settings: Settings) -> list[Service]:
                   "PREFECT_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
                   "PREFECT_HOME": str(home / "prefect-worker"), "PREFECT_WORKER_QUERY_SECONDS": "3"}
     return [
-        Service("s3", _seaweed_argv(settings), client["ATELIER_S3_ENDPOINT_URL"], _s3_ready(settings), s.s3_port,
-                cwd=s3_dir(settings), internal_ports=tuple(_seaweed_ports(settings).values()), before=lambda: _prepare_s3(settings)),
-        Service("prefect", [_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
+        Service("s3", seaweed_argv(settings), client["ATELIER_S3_ENDPOINT_URL"], s3_ready(settings), s.s3_port,
+                cwd=s3_dir(settings), internal_ports=tuple(seaweed_ports(settings).values()), before=lambda: prepare_s3(settings)),
+        Service("prefect", [bin_path("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
                 f"http://{s.host}:{s.prefect_port}", f"{client['ATELIER_PREFECT_API_URL']}/health", s.prefect_port, prefect_env),
-        Service("mlflow", [_bin("mlflow"), "server", "--app-name", "atelier-auth",
+        Service("mlflow", [bin_path("mlflow"), "server", "--app-name", "atelier-auth",
                            "--default-artifact-root", client["ATELIER_ARTIFACT_ROOT"], "--no-serve-artifacts",
                            "--host", s.host, "--port", str(s.mlflow_port), "--workers", "2"],
-                client["ATELIER_TRACKING_URI"], f"{client['ATELIER_TRACKING_URI']}/health", s.mlflow_port, _mlflow_env(settings),
-                before=lambda: _prepare_mlflow(settings)),
-        Service("worker", [_bin("prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
+                client["ATELIER_TRACKING_URI"], f"{client['ATELIER_TRACKING_URI']}/health", s.mlflow_port, mlflow_env(settings),
+                before=lambda: prepare_mlflow(settings)),
+        Service("worker", [bin_path("prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
                            "--limit", str(s.worker_limit), "--name", f"atelier-{socket.gethostname()}"],
                 f"work pool {s.work_pool!r}", None, None, worker_env),
     ]
@@ -429,7 +235,7 @@ def _start(settings: Settings, svc: Service) -> dict:
                           "stop it, or move them with ATELIER_STACK__S3_INTERNAL_PORT (the first of 7 ports in a row)")
     if svc.before is not None:
         svc.before()
-    env = {**_inherited(), **svc.env}  # never the caller's whole environment: its secrets are not the server's
+    env = {**inherited_environment(), **svc.env}  # never the caller's whole environment: its secrets are not the server's
     with open(log, "ab") as out:
         proc = subprocess.Popen(svc.argv, env=env, cwd=svc.cwd or home, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
 from atelier.hashing import sha256_file
+from flows.runs import claim_and_sweep
 from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
 from tasks.common import summary_artifact
@@ -22,7 +23,7 @@ from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
 FLOW_VERSION = "1"
 
 
-@flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True)
+@flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
 def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, review_below: float = 0.5) -> dict:
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}

@@ -16,6 +16,7 @@ from atelier.gitinfo import code_version
 from atelier.hashing import stat_signature
 from atelier.settings import load_settings
 from atelier.storage import check_slug
+from flows.runs import claim_and_sweep
 from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
 from tasks import judge as judge_tasks
@@ -36,7 +37,7 @@ def task_versions() -> dict[str, str]:
     }
 
 
-@flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True)
+@flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
 def subject_finetune(customer: str, subject: str, base_model: str | None = None, config_path: str | None = None,
                      data_rev: str | None = None, skip_if_unchanged: bool = False) -> dict:
     """`skip_if_unchanged` (scheduled retraining): when a version was already registered from the same

@@ -22,6 +22,7 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"
                     "pandas", "pillow", "mlflow==3.17.2"]
 CODE_DIRS = ("atelier", "models", "registry")
 TAG_VALUE_LIMIT = 5000
+DAMAGED_TAG = "atelier.artifacts.damaged"
 
 
 def model_name(customer: str, subject: str) -> str:
@@ -71,10 +72,19 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     lineage = {**lineage, "model.sha256": tree_hash(Path(pipeline_dir))}
     tags = _tags(lineage)
     existing = find_version(client, name, "atelier.training.key", lineage.get("training.key"))
-    if existing is not None:  # the same training outputs are registered once, however often the flow reruns
-        if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:
-            client.set_registered_model_alias(name, CANDIDATE, existing.version)  # an attempt died before aliasing it
-        return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
+    if existing is not None:  # the same training outputs are registered once, however often the flow reruns...
+        lost = missing_artifacts(client, existing, Path(pipeline_dir))
+        if not lost:
+            if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:
+                client.set_registered_model_alias(name, CANDIDATE, existing.version)  # an attempt died before aliasing it
+            return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
+        # ...unless its stored files are gone or damaged: never reuse (or re-promote) a version that cannot load;
+        # register the same outputs again as a new version, which goes through the gate like any other
+        client.set_model_version_tag(name, existing.version, DAMAGED_TAG,
+                                     f"{len(lost)} stored file(s) missing or changed (first: {lost[0]}); re-registered from the "
+                                     "training outputs as a newer version")
+        if CANDIDATE in (existing.aliases or []):
+            client.delete_registered_model_alias(name, CANDIDATE)
     if tags.get("atelier.training.key"):  # one subject's attempts only: another subject may share the key
         abandon_stale_runs(client, mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
                            {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]})
@@ -105,6 +115,37 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
+    """Every file of a version's stored MLflow model (relative path -> size), read from the artifact store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    source = mv.source or ""
+    model_id = mv.model_id or (source.split("/")[-1] if source.startswith("models:/m-") else None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else \
+        client.get_model_version_download_uri(mv.name, mv.version)
+    repo = get_artifact_repository(location)
+    files: dict[str, int | None] = {}
+    pending: list[str | None] = [None]
+    while pending:
+        for info in repo.list_artifacts(pending.pop()):
+            if info.is_dir:
+                pending.append(info.path)
+            else:
+                files[info.path] = info.file_size
+    return files
+
+
+def missing_artifacts(client: MlflowClient, mv, pipeline_dir: Path) -> list[str]:
+    """What of the model `mv` should have in the artifact store is not there, or has another size: its
+    MLmodel, its pickled wrapper, and every file of the pipeline it was registered from."""
+    stored = stored_model_files(client, mv)
+    expected: dict[str, int | None] = {"MLmodel": None, "python_model.pkl": None}
+    for path in sorted(Path(pipeline_dir).rglob("*")):
+        if path.is_file():
+            expected[f"artifacts/pipeline/{path.relative_to(pipeline_dir).as_posix()}"] = path.stat().st_size
+    return [p for p, size in expected.items() if p not in stored or (size is not None and stored[p] not in (None, size))]
 
 
 def find_version(client: MlflowClient, name: str, tag: str, value: str | None):

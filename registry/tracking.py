@@ -10,10 +10,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from atelier.errors import ServiceUnavailable
+from atelier.outages import MLFLOW_UNREACHABLE as _UNREACHABLE
+from atelier.outages import classify
+from atelier.settings import Settings
 
-# what MLflow's REST client says when the server is gone, restarting or behind a failing proxy
-_UNREACHABLE = ("failed with exception", "Max retries exceeded", "Connection refused", "Connection aborted",
-                "RemoteDisconnected", "Read timed out", "error code 502", "error code 503", "error code 504")
 ABANDONED_TAG = "atelier.abandoned"
 
 
@@ -39,6 +39,22 @@ def tracking_errors(tracking_uri: str) -> Iterator[None]:
                                  "start it again (`atelier up` restarts a stopped one; `docker compose up -d mlflow`) and rerun; "
                                  "a model version is created only after its artifacts, in one call with its lineage tags, "
                                  "so nothing was half-registered") from None
+
+
+@contextlib.contextmanager
+def service_errors(settings: Settings) -> Iterator[None]:
+    """Like `tracking_errors`, for every service a task talks to: S3 (artifacts, DVC, results) and
+    PostgreSQL (the ledger) as well as MLflow. An outage becomes `ServiceUnavailable` naming it."""
+    try:
+        with tracking_errors(settings.resolved_tracking_uri):  # MLflow's own, more telling message first
+            yield
+    except ServiceUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 (re-raised unless it is a service that did not answer)
+        outage = classify(exc, settings)
+        if outage is None:
+            raise
+        raise outage from None
 
 
 def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str, str]) -> list[str]:

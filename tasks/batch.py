@@ -32,6 +32,7 @@ def pin_model(ref: str, customer: str | None = None) -> dict:
 
 @task(name="read-manifest", version=VERSIONS["read-manifest"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=3)
+@tracked
 def read_manifest(url: str) -> dict:
     """Valid items and the invalid lines (each named with its line number and the problem)."""
     folder, name = split_file_url(url)
@@ -47,6 +48,7 @@ def read_manifest(url: str) -> dict:
 
 @task(name="generate-batch", version=VERSIONS["generate-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
       retry_delay_seconds=5)
+@tracked
 def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 8) -> dict:
     """Generate the items not yet done in `out` with the pinned version (a retry or a rerun resumes)."""
     from models.batch.generate import run_generation
@@ -65,6 +67,7 @@ def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 
 
 @task(name="ocr-batch", version=VERSIONS["ocr-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
       retry_delay_seconds=5)
+@tracked
 def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) -> dict:
     from models.batch.ocr import list_images, run_ocr
     from models.ocr.langs import language
@@ -86,6 +89,7 @@ def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) 
 
 @task(name="write-outputs", version=VERSIONS["write-outputs"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=3)
+@tracked
 def write_outputs(out: str, manifest_key: str, result: dict, report: dict, payload_lines: bool = False) -> dict:
     """The output manifest (records sorted by id, or for OCR each result in input order) and the report."""
     store = open_store(out, settings().s3_endpoint_url)

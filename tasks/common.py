@@ -27,15 +27,16 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's s
 
 
 def tracked(fn):
-    """Run a task body that talks to MLflow so that a tracking server that does not answer is a
-    `ServiceUnavailable` error (which `retry_transient` retries), not a stack of HTTP errors."""
+    """Run a task body that talks to servers (MLflow, S3, the ledger's PostgreSQL) so that one that does
+    not answer is a `ServiceUnavailable` naming it (which `retry_transient` retries), not a stack of
+    HTTP errors."""
     import functools
 
-    from registry.tracking import tracking_errors
+    from registry.tracking import service_errors
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
-        with tracking_errors(load_settings().resolved_tracking_uri):
+        with service_errors(load_settings()):
             return fn(*args, **kwargs)
 
     return body

@@ -10,13 +10,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from atelier.errors import DataValidationError
 from atelier.workspace import checkout_subject, subject_revision
 from models.validation.subject_suite import validate_subject_images
-from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings
+from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
 PULL_VERSION = "1"
 VALIDATE_VERSION = "1"
 
 
 @task(name="pull-subject", version=PULL_VERSION, cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=3)
+@tracked  # the DVC remote on S3 that does not answer: exit 6 naming S3
 def pull_subject(customer: str, subject: str, rev: str | None = None) -> dict:
     s = settings()
     rev = rev or subject_revision(s, customer, subject)

@@ -17,9 +17,12 @@ platform's identity on the stack; this is the second lock.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from prefect.serializers import JSONSerializer, prefect_json_object_decoder
+
+from atelier.errors import AtelierError
 
 # What a stored result may name: our own packages and value types with no behaviour on construction.
 ALLOWED_MODULES = ("atelier.", "models.", "registry.", "tasks.", "flows.")
@@ -30,8 +33,17 @@ ALLOWED_CLASSES = frozenset({
 })
 
 
-class UnsafeResult(ValueError):
-    """A stored result names a type outside the allowlist: it was not written by Atelier."""
+class UnsafeResult(AtelierError):
+    """A stored task result that Atelier did not write (a type or serializer outside the allowlist):
+    tampering with the result store. Exit code 5, like a tampered ledger."""
+
+    exit_code = 5
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("stored task result", problem, "check who can write to the result store (PREFECT_RESULTS / "
+                         "the prefect-results/ prefix); remove the object and rerun with --refresh to recompute it")
+        # Prefect treats an unreadable cached result as a cache miss and recomputes: say why, loudly
+        logging.getLogger("atelier.results").warning("refused a stored task result: %s", self)
 
 
 def _allowed(qualified: str) -> bool:
@@ -42,8 +54,7 @@ def safe_object_hook(obj: dict[str, Any]) -> Any:
     for key in ("__class__", "__exc_type__"):
         name = obj.get(key)
         if isinstance(name, str) and not _allowed(name):
-            raise UnsafeResult(f"stored task result names {name!r}, which Atelier never writes; refusing to load it "
-                               "(the result store may have been tampered with: check who can write to it)")
+            raise UnsafeResult(f"names {name!r}, a type Atelier never writes; refused before loading it")
     return prefect_json_object_decoder(obj)
 
 
@@ -65,8 +76,7 @@ def _check_serializer(spec: Any, where: str) -> None:
           and not spec.get("loads_kwargs") and not spec.get("dumps_kwargs"))
     if not ok:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
-        raise UnsafeResult(f"stored task result {where} asks for serializer {kind!r} with settings Atelier never writes; "
-                           "refusing to load it (the result store may have been tampered with: check who can write to it)")
+        raise UnsafeResult(f"{where} asks for serializer {kind!r} with settings Atelier never writes; refused before decoding it")
 
 
 def guard_result_records() -> None:

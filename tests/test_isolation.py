@@ -39,7 +39,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": OPS_PW,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+    # the stack's app: MLflow's basic auth plus "only the platform writes" (registry/auth_app.py)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "atelier-auth", "--host", "127.0.0.1",
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
@@ -116,6 +117,24 @@ def test_operations_user_manages_all(server, registered, monkeypatch):
     assert str(client.get_model_version_by_alias("dreambooth-globex-robot", "champion").version) == "1"
     with pytest.raises(AccessDenied, match="belongs to customer 'acme'"):
         require_owner(client, "dreambooth-acme-robot", "globex")
+
+
+def test_a_customer_cannot_create_a_name_first_or_write_anything(server, registered, monkeypatch):
+    """Name squatting: globex creating acme's future model or a new customer's experiment, so that it
+    would own (and read) what the platform later puts there."""
+    _, passwords = registered
+    client = _as(monkeypatch, server, "globex", passwords["globex"])
+    for call in (lambda: client.create_registered_model("dreambooth-acme-squat", tags={"atelier.customer": "acme"}),
+                 lambda: client.create_experiment("atelier-newco"),
+                 lambda: client.set_registered_model_tag("dreambooth-globex-robot", "atelier.customer", "acme")):
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+            call()
+    ops = _as(monkeypatch, server, OPS, OPS_PW)
+    assert ops.get_experiment_by_name("atelier-newco") is None
+    # a name made outside the platform (no owner tag) is never registered into or served
+    ops.create_registered_model("dreambooth-acme-handmade")
+    with pytest.raises(AccessDenied, match="was not created by the platform"):
+        require_owner(ops, "dreambooth-acme-handmade", "acme")
 
 
 def test_wrong_password_is_refused(server, registered):

@@ -1,0 +1,293 @@
+"""Tenant isolation and durability on `atelier up`'s stack, tried as an attacker and as an SRE would.
+
+Two customers, acme and globex, each with a registered model and the credentials `atelier customer add`
+hands over. Every anonymous and cross-tenant request in the matrix below must be refused by the server
+itself (MLflow's REST API, SeaweedFS's S3, Prefect's API, SeaweedFS's internal ports), and each
+customer must still read and load its own model. Then the stack is stopped, started and killed, and
+nothing registered may be lost. Runs after test_stack.py on the session's stack (tests/stack_harness.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.stack_harness import ATELIER, BUCKET
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def _read_env(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def tenants(stack):
+    """acme's robot (registered by test_stack.py, or here) and globex's widget, and both customers' credentials."""
+    from atelier.demo_data import write_demo_photos
+
+    if not stack.sql("mlflow", "SELECT 1 FROM registered_models WHERE name = %s", "dreambooth-acme-robot"):
+        stack.run(ATELIER, "finetune", "acme", "robot")
+    photos = write_demo_photos(stack.ws.parent / "photos-globex", count=4)
+    stack.run(ATELIER, "subject", "add", "globex", "widget", *map(str, photos), "--class", "toy")
+    stack.run(ATELIER, "finetune", "globex", "widget")
+    creds = {}
+    for customer in ("acme", "globex"):
+        done = stack.run(ATELIER, "customer", "add", customer)
+        path = stack.ws / ".atelier" / "customers" / f"{customer}.env"
+        creds[customer] = _read_env(path)
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert creds[customer]["MLFLOW_TRACKING_PASSWORD"] not in done.stdout + done.stderr  # never printed
+        assert creds[customer]["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
+    client = stack.mlflow()
+    acme = client.get_model_version_by_alias("dreambooth-acme-robot", "champion")
+    model_files = [k for k in stack.keys("mlflow/acme/") if k.endswith("MLmodel")]
+    return {"creds": creds, "acme_version": acme, "acme_run": acme.run_id, "acme_object": model_files[0],
+            "acme_experiment": client.get_experiment_by_name("atelier-acme").experiment_id,
+            "globex_object": next(k for k in stack.keys("mlflow/globex/") if k.endswith("MLmodel"))}
+
+
+def _mlflow(stack, method: str, path: str, auth=None, **kw) -> int:
+    url = f"{stack.env['ATELIER_TRACKING_URI']}/api/2.0/mlflow/{path}"
+    return requests.request(method, url, auth=auth, timeout=30, **kw).status_code
+
+
+def _s3(stack, key: str | None, secret: str | None):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    if key is None:
+        return boto3.client("s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], region_name="us-east-1",
+                            config=Config(signature_version=UNSIGNED))
+    return boto3.client("s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=key,
+                        aws_secret_access_key=secret, region_name="us-east-1")
+
+
+def _s3_refused(call) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+    return False
+
+
+def test_anonymous_and_cross_tenant_requests_are_all_refused(stack, tenants):
+    creds, run, version = tenants["creds"], tenants["acme_run"], tenants["acme_version"]
+    model = "dreambooth-acme-robot"
+    acme = (creds["acme"]["MLFLOW_TRACKING_USERNAME"], creds["acme"]["MLFLOW_TRACKING_PASSWORD"])
+    globex = (creds["globex"]["MLFLOW_TRACKING_USERNAME"], creds["globex"]["MLFLOW_TRACKING_PASSWORD"])
+    alias = {"name": model, "alias": "champion", "version": "1"}
+    tag = {"name": model, "key": "atelier.customer", "value": "globex"}
+    refused: dict[str, bool] = {}
+    # MLflow, anonymous: reads and writes alike get 401
+    for name, (method, path, body) in {
+        "search models": ("GET", "registered-models/search", None), "get model": ("GET", f"registered-models/get?name={model}", None),
+        "search versions": ("GET", f"model-versions/search?filter=name%3D%27{model}%27", None),
+        "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
+        "get run": ("GET", f"runs/get?run_id={run}", None), "search runs": ("POST", "runs/search", {"experiment_ids": ["0", "1"]}),
+        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None), "set alias": ("POST", "registered-models/alias", alias),
+        "set tag": ("POST", "registered-models/set-tag", tag), "create run": ("POST", "runs/create", {"experiment_id": "1"}),
+    }.items():
+        refused[f"mlflow anonymous {name}"] = _mlflow(stack, method, path, json=body) == 401
+    graphql = requests.post(f"{stack.env['ATELIER_TRACKING_URI']}/graphql", json={"query": f'{{mlflowGetRun(input: {{runId: "{run}"}}) {{run {{info {{runId}}}}}}}}'}, timeout=30)
+    refused["mlflow anonymous graphql"] = graphql.status_code == 401
+    refused["mlflow wrong password"] = _mlflow(stack, "GET", f"registered-models/get?name={model}", auth=(acme[0], "not-it")) == 401
+    # MLflow, globex against acme's model and run: 403
+    for name, (method, path, body) in {
+        "get model": ("GET", f"registered-models/get?name={model}", None),
+        "get by alias": ("GET", f"registered-models/alias?name={model}&alias=champion", None),
+        "get run": ("GET", f"runs/get?run_id={run}", None), "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
+        "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
+        "set alias": ("POST", "registered-models/alias", alias), "set owner tag": ("POST", "registered-models/set-tag", tag),
+        "delete model": ("DELETE", "registered-models/delete", {"name": model}),
+        "delete version": ("DELETE", "model-versions/delete", {"name": model, "version": version.version}),
+        "create run in acme's experiment": ("POST", "runs/create", {"experiment_id": tenants["acme_experiment"]}),
+        "squat a name of acme": ("POST", "registered-models/create", {"name": "dreambooth-acme-squat", "tags": [{"key": "atelier.customer", "value": "acme"}]}),
+        "pre-create a new customer's experiment": ("POST", "experiments/create", {"name": "atelier-newco"}),
+    }.items():
+        refused[f"mlflow globex {name}"] = _mlflow(stack, method, path, auth=globex, json=body) == 403
+    searched = requests.get(f"{stack.env['ATELIER_TRACKING_URI']}/api/2.0/mlflow/registered-models/search", auth=globex, timeout=30).json()
+    refused["mlflow globex search sees no acme model"] = all(m["name"].startswith("dreambooth-globex") for m in searched.get("registered_models", []))
+    # MLflow, acme on its own model: read-only
+    for name, (method, path, body) in {
+        "move its own alias": ("POST", "registered-models/alias", alias), "tag its own model": ("POST", "registered-models/set-tag", tag),
+        "delete its own model": ("DELETE", "registered-models/delete", {"name": model}),
+        "create a model": ("POST", "registered-models/create", {"name": "dreambooth-acme-extra"}),
+    }.items():
+        refused[f"mlflow acme {name}"] = _mlflow(stack, method, path, auth=acme, json=body) == 403
+    # S3: no keys, made-up keys, a wrong secret, the other tenant's prefix, anything but reading one's own
+    acme_key, globex_key = tenants["acme_object"], tenants["globex_object"]
+    a = _s3(stack, creds["acme"]["AWS_ACCESS_KEY_ID"], creds["acme"]["AWS_SECRET_ACCESS_KEY"])
+    g = _s3(stack, creds["globex"]["AWS_ACCESS_KEY_ID"], creds["globex"]["AWS_SECRET_ACCESS_KEY"])
+    anon, madeup = _s3(stack, None, None), _s3(stack, "AKIAMADEUP", "made-up-secret")
+    wrong = _s3(stack, stack.env["AWS_ACCESS_KEY_ID"], "not-the-secret")
+    for name, call in {
+        "anonymous get": lambda: anon.get_object(Bucket=BUCKET, Key=acme_key), "anonymous list": lambda: anon.list_objects_v2(Bucket=BUCKET),
+        "anonymous put": lambda: anon.put_object(Bucket=BUCKET, Key="mlflow/acme/x", Body=b"x"),
+        "made-up keys list": lambda: madeup.list_objects_v2(Bucket=BUCKET),
+        "platform key, wrong secret": lambda: wrong.get_object(Bucket=BUCKET, Key=acme_key),
+        "globex reads acme's model": lambda: g.get_object(Bucket=BUCKET, Key=acme_key),
+        "globex lists acme's prefix": lambda: g.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/acme/"),
+        "acme lists the bucket": lambda: a.list_objects_v2(Bucket=BUCKET),
+        "acme reads globex's model": lambda: a.get_object(Bucket=BUCKET, Key=globex_key),
+        "acme reads the DVC photos": lambda: a.list_objects_v2(Bucket=BUCKET, Prefix="dvc/"),
+        "acme reads Prefect's results": lambda: a.list_objects_v2(Bucket=BUCKET, Prefix="prefect-results/"),
+        "acme overwrites its own model": lambda: a.put_object(Bucket=BUCKET, Key=acme_key, Body=b"x"),
+        "acme deletes its own model": lambda: a.delete_object(Bucket=BUCKET, Key=acme_key),
+    }.items():
+        refused[f"s3 {name}"] = _s3_refused(call)
+    # Prefect: no auth, a wrong one, and a flow run that tries to choose the worker's command or environment
+    api, auth = stack.env["ATELIER_PREFECT_API_URL"], tuple(stack.env["ATELIER_PREFECT_API_AUTH_STRING"].split(":", 1))
+    refused["prefect anonymous read"] = requests.post(f"{api}/deployments/filter", json={}, timeout=30).status_code == 401
+    refused["prefect wrong auth"] = requests.post(f"{api}/deployments/filter", json={}, auth=("atelier", "nope"), timeout=30).status_code == 401
+    deployment = _ensure_deployment(stack)
+    refused["prefect anonymous flow run"] = requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={}, timeout=30).status_code == 401
+    marker = stack.ws.parent / "command-override-ran"
+    for name, variables in {"command": {"command": f"touch {marker}"}, "env": {"env": {"PYTHONPATH": "/tmp/evil"}}}.items():
+        answer = requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={"job_variables": variables, "state": {"type": "SCHEDULED"}},
+                               auth=auth, timeout=30)
+        refused[f"prefect flow run overriding {name}"] = answer.status_code == 422
+    # SeaweedFS's own ports are not a way around S3's authentication
+    filer = f"http://{stack.env['ATELIER_S3_ENDPOINT_URL'].split('//')[1].split(':')[0]}:{int(stack.env['ATELIER_STACK__S3_INTERNAL_PORT']) + 4}"
+    refused["s3 filer HTTP read"] = requests.get(f"{filer}/buckets/{BUCKET}/{acme_key}", timeout=30).status_code == 401
+    refused["s3 filer HTTP write"] = requests.post(f"{filer}/buckets/{BUCKET}/evil.txt", files={"file": b"x"}, timeout=30).status_code == 401
+
+    print(f"{len(refused)} attempts, {sum(refused.values())} refused")
+    assert len(refused) >= 30
+    assert [name for name, ok in refused.items() if not ok] == []
+    time.sleep(5)  # a worker that took the override would have run it by now
+    assert not marker.exists()
+    assert not stack.sql("mlflow", "SELECT name FROM registered_models WHERE name IN ('dreambooth-acme-squat', 'dreambooth-acme-extra')")
+    assert not stack.sql("mlflow", "SELECT name FROM experiments WHERE name = 'atelier-newco'")
+    assert stack.mlflow().get_registered_model("dreambooth-acme-robot").tags["atelier.customer"] == "acme"
+
+
+def _ensure_deployment(stack) -> str:
+    (stack.ws / "schedules.yaml").write_text('retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\n')
+    stack.run(ATELIER, "deploy")
+    return stack.sql("prefect", "SELECT id FROM deployment WHERE name = %s", "retrain-acme-robot")[0][0]
+
+
+def _load(env: dict[str, str], model: str) -> subprocess.CompletedProcess:
+    code = (f"import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{model}');"
+            "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1], 'steps': [2]}))))")
+    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=300, cwd="/")
+
+
+def test_each_customer_loads_its_own_model_and_not_the_other(stack, tenants):
+    creds = tenants["creds"]
+    own = _load(creds["acme"], "dreambooth-acme-robot@champion")
+    assert own.returncode == 0 and "ROWS 1" in own.stdout, own.stderr[-2000:]
+    other = _load(creds["acme"], "dreambooth-globex-widget@champion")
+    assert other.returncode != 0 and ("PERMISSION_DENIED" in other.stderr or "403" in other.stderr)
+    # the platform's own check: serving acme's model for globex is refused by name, exit 2
+    done = stack.run(ATELIER, "generate", "dreambooth-acme-robot@champion", "--prompt", "x", "--customer", "globex", check=False)
+    assert done.returncode == 2 and "belongs to customer 'acme'" in done.stderr
+
+
+def test_no_secret_in_any_process_argv_or_in_info(stack, tenants):
+    secrets = list(json.loads((stack.ws / ".atelier/stack/secrets.json").read_text()).values())
+    secrets += [tenants["creds"][c][k] for c in ("acme", "globex") for k in ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY")]
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = " ".join(proc.info["cmdline"] or [])
+        assert not any(s in argv for s in secrets), argv[:200]
+    info = stack.run(ATELIER, "info").stdout
+    assert not any(s in info for s in secrets)
+    # the worker holds what flows need and not the servers' own secrets
+    record = json.loads((stack.ws / ".atelier/stack/worker.json").read_text())
+    environ = psutil.Process(record["pid"]).environ()
+    assert "PREFECT_SERVER_API_AUTH_STRING" not in environ and "MLFLOW_AUTH_ADMIN_PASSWORD" not in environ
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in environ and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environ
+
+
+def test_a_planted_pickle_result_is_refused_and_recomputed_never_run(stack, tenants):
+    """Someone who could write the result store plants pickled records: the next run refuses them
+    (and recomputes), and the planted code never runs."""
+    from prefect.serializers import PickleSerializer
+
+    marker = stack.ws.parent / "planted-result-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    record = {"metadata": {"storage_key": None, "expiration": None, "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
+                           "prefect_version": "3.8.8", "storage_block_id": None},
+              "result": PickleSerializer().dumps(Planted()).decode()}
+    s3 = stack.s3()
+    keys = stack.keys("prefect-results/")
+    for key in keys:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(record).encode())
+    done = stack.run(ATELIER, "finetune", "globex", "widget")
+    assert not marker.exists()
+    assert "refused a stored task result" in done.stdout + done.stderr
+
+
+def test_a_rerun_repairs_a_version_whose_files_were_lost_instead_of_promoting_it_again(stack, tenants):
+    before = stack.mlflow().get_model_version_by_alias("dreambooth-globex-widget", "champion")
+    s3 = stack.s3()
+    for key in stack.keys("mlflow/globex/models/"):
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    stack.run(ATELIER, "finetune", "globex", "widget")
+    client = stack.mlflow()
+    after = client.get_model_version_by_alias("dreambooth-globex-widget", "champion")
+    assert int(after.version) == int(before.version) + 1
+    assert "atelier.artifacts.damaged" in client.get_model_version("dreambooth-globex-widget", before.version).tags
+    loaded = _load(tenants["creds"]["globex"], "dreambooth-globex-widget@champion")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
+def test_s3_killed_mid_run_exits_6_naming_s3_and_loses_nothing_registered(stack, tenants):
+    from atelier.demo_data import write_demo_photos
+
+    photos = write_demo_photos(stack.ws.parent / "photos-acme-lamp", count=4)
+    stack.run(ATELIER, "subject", "add", "acme", "lamp", *map(str, photos), "--class", "toy")
+    env = {**stack.env, "AWS_MAX_ATTEMPTS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.Popen([ATELIER, "finetune", "acme", "lamp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=stack.ws.parent)
+    deadline = time.monotonic() + 400
+    while not any("train-dreambooth" in r[0] for r in stack.sql("prefect", "SELECT name FROM task_run")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stack.kill("s3")
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 6, err[-3000:]
+    assert f"error: S3 at {stack.env['ATELIER_S3_ENDPOINT_URL']}" in err
+    assert "Traceback" not in err.split("error: S3")[-1]
+    stack.run(ATELIER, "up")
+    for customer in ("acme", "globex"):
+        model = "dreambooth-acme-robot" if customer == "acme" else "dreambooth-globex-widget"
+        loaded = _load(tenants["creds"][customer], f"{model}@champion")
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+    # the interrupted run is not left "Running" once the next one starts
+    stack.run(ATELIER, "runs")
+    states = {r[0] for r in stack.sql("prefect", "SELECT state_type FROM flow_run")}
+    assert "RUNNING" not in states
+
+
+def test_down_and_up_keep_every_model_and_the_dvc_remote(stack, tenants):
+    versions = stack.sql("mlflow", "SELECT name, version FROM model_versions ORDER BY name, version")
+    stack.run(ATELIER, "down")
+    stack.run(ATELIER, "up")
+    assert stack.sql("mlflow", "SELECT name, version FROM model_versions ORDER BY name, version") == versions
+    for customer, model in (("acme", "dreambooth-acme-robot"), ("globex", "dreambooth-globex-widget")):
+        loaded = _load(tenants["creds"][customer], f"{model}@champion")
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+    # a fresh clone of the workspace pulls the photos from the S3 remote
+    clone = stack.ws.parent / "clone"
+    subprocess.run(["git", "clone", "-q", str(stack.ws), str(clone)], check=True)
+    dvc = str(os.path.join(os.path.dirname(sys.executable), "dvc"))
+    pulled = subprocess.run([dvc, "pull", "-q"], cwd=clone, env={**stack.env}, capture_output=True, text=True, timeout=300)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert len(list((clone / "data" / "subjects" / "acme" / "robot").iterdir())) == 5

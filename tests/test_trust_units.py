@@ -1,0 +1,126 @@
+"""The pieces of the secure stack that need no server: which service an error names, which stored
+task results load, what counts as a read for the MLflow auth app, and what `atelier info` shows."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from atelier.errors import ServiceUnavailable
+from atelier.outages import classify, preflight
+from atelier.settings import load_settings, mask_url
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again on return: nothing listens there
+
+
+def _raised(exc: BaseException, cause: BaseException | None = None) -> BaseException:
+    try:
+        try:
+            raise cause if cause is not None else exc
+        except BaseException as inner:
+            if cause is None:
+                raise
+            raise exc from inner
+    except BaseException as outer:
+        return outer
+
+
+def test_s3_outage_wrapped_by_a_library_names_s3_and_its_endpoint(tmp_path):
+    from botocore.exceptions import EndpointConnectionError
+
+    settings = load_settings(workspace=tmp_path, s3_endpoint_url="http://127.0.0.1:9")
+    wrapped = _raised(RuntimeError("upload of model failed"), EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k"))
+    outage = classify(wrapped, settings)
+    assert isinstance(outage, ServiceUnavailable) and outage.exit_code == 6
+    assert outage.item == "S3 at http://127.0.0.1:9"
+
+
+def test_ledger_database_down_names_postgresql(tmp_path):
+    import sqlalchemy
+
+    port = _dead_port()
+    settings = load_settings(workspace=tmp_path, ledger_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/ledger")
+    engine = sqlalchemy.create_engine(settings.ledger_url, connect_args={"connect_timeout": 2})
+    with pytest.raises(sqlalchemy.exc.OperationalError) as err:
+        engine.connect()
+    outage = classify(err.value, settings)
+    assert outage is not None and outage.item == f"PostgreSQL at 127.0.0.1:{port}"
+
+
+def test_a_server_answering_500_because_its_database_is_down_names_postgresql(tmp_path):
+    import httpx
+
+    port = _dead_port()
+    settings = load_settings(workspace=tmp_path, prefect_api_url="http://127.0.0.1:4200/api",
+                             ledger_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/ledger")
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/flow_runs/x/set_state")
+    error = httpx.HTTPStatusError("Server error '500 Internal Server Error'", request=request,
+                                  response=httpx.Response(500, request=request))
+    outage = classify(error, settings)
+    assert outage is not None and outage.item == f"PostgreSQL at 127.0.0.1:{port}" and "Prefect server" in outage.problem
+
+
+def test_prefect_unreachable_and_bad_input_are_told_apart(tmp_path):
+    import httpx
+
+    from atelier.errors import ConfigError
+
+    settings = load_settings(workspace=tmp_path, prefect_api_url="http://127.0.0.1:4200/api")
+    outage = classify(httpx.ConnectError("All connection attempts failed"), settings)
+    assert outage is not None and outage.item == "Prefect server at http://127.0.0.1:4200/api"
+    assert classify(ConfigError("x", "y", "z"), settings) is None  # bad input stays exit 2
+    assert classify(ValueError("a bug, not an outage"), settings) is None
+
+
+def test_preflight_names_the_first_server_that_is_down_and_passes_the_embedded_default(tmp_path):
+    preflight(load_settings(workspace=tmp_path))  # nothing configured: nothing to check
+    port = _dead_port()
+    with pytest.raises(ServiceUnavailable, match=f"MLflow tracking server at http://ops:\\*\\*\\*@127.0.0.1:{port}"):
+        preflight(load_settings(workspace=tmp_path, tracking_uri=f"http://ops:pw@127.0.0.1:{port}"))
+
+
+def test_only_allowlisted_result_types_and_the_json_serializer_load():
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import JSONSerializer, PickleSerializer
+
+    from tasks.results import AtelierJSONSerializer, UnsafeResult
+
+    ours = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result={"path": Path("/w/x"), "n": 1})
+    assert ResultRecord.deserialize(ours.serialize()).result == {"path": Path("/w/x"), "n": 1}
+    for foreign in (PickleSerializer(), JSONSerializer(jsonlib="pickle"), JSONSerializer(object_decoder="os.system")):
+        planted = json.loads(ours.serialize())
+        planted["metadata"]["serializer"] = foreign.model_dump()
+        with pytest.raises(UnsafeResult):
+            ResultRecord.deserialize(json.dumps(planted).encode())
+    planted = json.loads(ours.serialize())
+    planted["result"] = json.dumps({"__class__": "subprocess.Popen", "data": ["touch", "/tmp/x"]})
+    with pytest.raises(UnsafeResult, match="subprocess.Popen") as err:
+        ResultRecord.deserialize(json.dumps(planted).encode())
+    assert err.value.exit_code == 5
+
+
+def test_the_auth_app_counts_only_reads_and_searches_as_reads():
+    from registry.auth_app import is_read
+
+    assert is_read("GET", "/api/2.0/mlflow/registered-models/get")
+    assert is_read("POST", "/api/2.0/mlflow/runs/search") and is_read("POST", "/graphql")
+    for method, path in (("POST", "/api/2.0/mlflow/registered-models/create"), ("POST", "/api/2.0/mlflow/registered-models/alias"),
+                         ("DELETE", "/api/2.0/mlflow/registered-models/delete"), ("PATCH", "/api/2.0/mlflow/registered-models/update"),
+                         ("POST", "/api/2.0/mlflow/experiments/create"), ("POST", "/api/2.0/mlflow/runs/create")):
+        assert not is_read(method, path), path
+
+
+def test_info_masks_passwords_in_urls(tmp_path):
+    assert mask_url("postgresql+psycopg2://atelier:s3cret@db:5432/ledger") == "postgresql+psycopg2://atelier:***@db:5432/ledger"
+    assert mask_url("sqlite:////w/ledger.db") == "sqlite:////w/ledger.db"
+    described = load_settings(workspace=tmp_path, ledger_url="postgresql+psycopg2://u:s3cret@db/l", tracking_password="pw-1",
+                              tracking_username="ops", prefect_api_auth_string="atelier:pw-2").describe()
+    text = json.dumps(described)
+    assert "s3cret" not in text and "pw-1" not in text and "pw-2" not in text
