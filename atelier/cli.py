@@ -53,7 +53,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
 def subject_add(
     customer: str = typer.Argument(..., help="customer id (slug: a-z, 0-9, '-', '_')"),
     subject: str = typer.Argument(..., help="subject id (slug)"),
-    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject", exists=True, dir_okay=False, readable=True),
+    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject (files, not a folder: photos/*.jpg)", exists=True,
+                                        dir_okay=False, readable=True),
     class_noun: str = typer.Option(..., "--class", help="what the subject is, e.g. dog, toy, person"),
     replace: bool = typer.Option(False, "--replace", help="replace an existing photo set (history is kept)"),
 ) -> None:
@@ -65,12 +66,21 @@ def subject_add(
     from atelier.workspace import add_subject, require_workspace
     from models.validation.subject_suite import validate_subject_images
 
+    from atelier.workspace import check_class_noun
+    from models.photos import is_hidden
+
     settings = cli_settings()
     require_workspace(settings)
     check_slug(customer, "customer")
     check_slug(subject, "subject")
+    check_class_noun(class_noun)
+    hidden = [p.name for p in photos if is_hidden(p)]
+    if hidden:
+        raise DataValidationError(f"photos for {customer}/{subject}", [(name, "file_name", "starts with '.', which marks a hidden file, "
+                                                                      "never a photo: rename it") for name in hidden])
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_subject_images(Path(tmp), settings.images, None, files=[p.resolve() for p in photos])
+        report = validate_subject_images(Path(tmp), settings.images, None, files=[p.resolve() for p in photos],
+                                         label=f"{customer}/{subject}")
     if not report.success:
         raise DataValidationError(f"photos for {customer}/{subject}", report.failures)
     rev = add_subject(settings, customer, subject, class_noun, [p.resolve() for p in photos], replace=replace)
@@ -180,18 +190,20 @@ def generate(
 
     from atelier.outages import preflight
 
+    from mlflow import MlflowClient
+
+    from registry.lineage import resolve
+
     settings = cli_settings()
     preflight(settings)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    uri = f"models:/{model}"
+    client = MlflowClient(settings.resolved_tracking_uri)
+    mv = resolve(client, model)  # an unknown name, alias or version: exit 2 naming what exists
+    uri = f"models:/{mv.name}/{mv.version}"  # pinned: the alias cannot move under this command
     if customer:
-        from mlflow import MlflowClient
-
         from registry.isolation import require_owner
-        from registry.lineage import resolve
 
-        client = MlflowClient(settings.resolved_tracking_uri)
-        require_owner(client, resolve(client, model).name, customer)
+        require_owner(client, mv.name, customer)
     loaded = mlflow.pyfunc.load_model(uri)
     frame = loaded.predict(pd.DataFrame({"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}))
     out.mkdir(parents=True, exist_ok=True)

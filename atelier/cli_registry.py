@@ -101,17 +101,49 @@ def rollback_cmd(
 @ledger_app.command("verify")
 @friendly
 def ledger_verify() -> None:
-    """Check the hash chain and each model's anchor in the registry; exit 5 if anything was tampered with."""
-    from registry.promotion import anchors
+    """Check the hash chain, its anchor in the registry and every champion/candidate alias against the
+    ledger (after settling what a crash left half-done); exit 5 if anything was tampered with or moved
+    outside Atelier."""
+    from registry.audit import verify_all
 
     _, client, ledger = _registry()
-    rows = ledger.rows()
-    problems = ledger.verify(anchors(client, sorted({r.model for r in rows})))
+    settled, problems = verify_all(client, ledger)
+    _report_audit(settled, problems, len(ledger.rows()))
+
+
+def _report_audit(settled: list[str], problems, rows: int) -> None:
+    for line in settled:
+        typer.echo(f"reconciled: {line}")
     for p in problems:
-        typer.secho(f"TAMPERED: {p.detail}", fg=typer.colors.RED, err=True)
+        typer.secho(f"{'DRIFT' if p.kind == 'alias_drift' else 'TAMPERED'}: {p.detail}", fg=typer.colors.RED, err=True)
     if problems:
         raise typer.Exit(5)
-    typer.echo(f"ledger intact: {len(rows)} rows, chain and anchors verified")
+    typer.echo(f"ledger intact: {rows} rows, chain, anchor and aliases verified")
+
+
+@friendly
+def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champion/candidate aliases moved outside Atelier "
+                                                                   "back to the ledger's versions (each correction is a ledger row)"),
+              adopt: bool = typer.Option(False, "--adopt", help="anchor a ledger written before anchors existed (only when "
+                                                               "it has no anchor and its chain verifies)")) -> None:
+    """Reconcile interrupted promotions, verify the ledger against the registry and, with --restore,
+    undo alias moves made outside Atelier. Exit 5 while a problem remains. `schedules.yaml`'s `audit`
+    entry runs the same as a flow."""
+    from registry.audit import restore as restore_aliases
+    from registry.audit import verify_all
+
+    settings, client, ledger = _registry()
+    if adopt:
+        from registry.ledger_anchor import AnchorStore
+
+        head = AnchorStore(client).adopt(ledger)
+        typer.echo(f"anchored the ledger at row {head.split(':')[0]}" if head else "nothing to adopt: the ledger is anchored, empty, or broken")
+    settled, problems = verify_all(client, ledger)
+    if restore and any(p.kind == "alias_drift" for p in problems):
+        for line in restore_aliases(client, ledger, f"{settings.actor} via atelier audit"):
+            typer.echo(f"restored: {line}")
+        settled, problems = verify_all(client, ledger)
+    _report_audit(settled, problems, len(ledger.rows()))
 
 
 @ledger_app.command("show")
@@ -154,4 +186,5 @@ def install(app: typer.Typer) -> None:
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)
     app.add_typer(ledger_app, name="ledger")
+    app.command("audit")(audit_cmd)
     app.add_typer(customer_app, name="customer")

@@ -59,3 +59,11 @@ class ServiceUnavailable(AtelierError):
 
     exit_code = 6
     transient = True
+
+
+class DiskError(AtelierError):
+    """The disk under a store is full or read-only. Exit code 6, like a server that is away: the input
+    was fine, and the same command passes once there is room (writes are atomic, so nothing stored was
+    lost or half-written)."""
+
+    exit_code = 6

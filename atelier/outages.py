@@ -14,7 +14,11 @@ import socket
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from atelier.errors import AtelierError, ServiceUnavailable
+import errno
+import os
+import tempfile
+
+from atelier.errors import AtelierError, DiskError, ServiceUnavailable
 from atelier.settings import Settings
 
 # MLflow's REST client, when its server is gone, restarting or behind a failing proxy
@@ -80,13 +84,29 @@ def _say(service: str, reason: str, fix: str) -> ServiceUnavailable:
 RESTART = "start it again (`atelier up` restarts what the stack runs; `docker compose up -d` in Docker) and rerun"
 
 
-def classify(exc: BaseException, settings: Settings) -> ServiceUnavailable | None:
-    """The outage behind `exc`, or None when it is not one."""
+def disk_error(exc: BaseException, settings: Settings) -> DiskError | None:
+    """A full or read-only disk behind `exc` (also SQLite's own words for a read-only database)."""
     for err in causes(exc):
-        if isinstance(err, ServiceUnavailable):
+        where = getattr(err, "filename", None) or str(settings.workspace)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskError(f"disk holding {where}", "is full", "free some space (or move the workspace) and rerun; writes are "
+                             "atomic, so nothing already stored was lost, and training resumes from its last whole checkpoint")
+        if (isinstance(err, OSError) and err.errno == errno.EROFS) or "readonly database" in str(err) or "read-only file system" in str(err):
+            return DiskError(f"storage holding {where}", "is read-only", "make it writable (or point ATELIER_WORKSPACE at a writable "
+                             "copy) and rerun")
+    return None
+
+
+def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
+    """The outage (a server, or the disk) behind `exc`, or None when it is not one."""
+    for err in causes(exc):
+        if isinstance(err, (ServiceUnavailable, DiskError)):
             return err
         if isinstance(err, AtelierError):
             return None
+    disk = disk_error(exc, settings)
+    if disk is not None:
+        return disk
     for err in causes(exc):
         name, text = type(err).__name__, str(err)
         module = type(err).__module__ or ""
@@ -96,9 +116,11 @@ def classify(exc: BaseException, settings: Settings) -> ServiceUnavailable | Non
                         f"{RESTART}; objects stored before the outage are kept (SeaweedFS keeps them on disk), and a "
                         "registration that was cut off left no version")
         if name == "OperationalError" and ("sqlalchemy" in module or "psycopg2" in module):
+            if _postgres(settings) is None or _accepts(_postgres(settings)):
+                continue  # not a connection failure (a missing table, a lock): not an outage
             address = _postgres(settings)
-            where = f"{address[0]}:{address[1]}" if address else "the ledger database"
-            return _say(f"PostgreSQL at {where}", text, f"{RESTART}; the ledger is unchanged (a row is written in one transaction)")
+            return _say(f"PostgreSQL at {address[0]}:{address[1]}", text,
+                        f"{RESTART}; the ledger is unchanged (a row is written in one transaction)")
         if "OperationalError" in text or "could not connect to server" in text or "server closed the connection" in text:
             return _postgres_down(settings, "a server") or _say("PostgreSQL", text, RESTART)
         if "prefect" in module or "httpx" in module or "/api/" in text and settings.prefect_api_url and settings.prefect_api_url in text:
@@ -118,9 +140,24 @@ def classify(exc: BaseException, settings: Settings) -> ServiceUnavailable | Non
     return None
 
 
+def require_writable(settings: Settings) -> None:
+    """The workspace's stores (Prefect's and MLflow's SQLite, caches, training outputs) take a write."""
+    state = settings.state_dir
+    if not state.is_dir():
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=state, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise DiskError(f"workspace {settings.workspace}", f"cannot be written ({os.strerror(exc.errno or 0) or exc})",
+                        "make it writable (or point ATELIER_WORKSPACE at a writable copy) and rerun; nothing was started") from None
+
+
 def preflight(settings: Settings) -> None:
-    """Before a command starts work: every server the settings name accepts a connection (2 s each), or
-    `ServiceUnavailable` names the first that does not. The embedded default names none."""
+    """Before a command starts work: the workspace takes a write, and every server the settings name
+    accepts a connection (2 s each); otherwise exit 6 naming the first that does not. The embedded
+    default names no server."""
+    require_writable(settings)
     checks: list[tuple[str, str | None, int]] = [
         ("MLflow tracking server", settings.tracking_uri if (settings.tracking_uri or "").startswith("http") else None, 80),
         ("Prefect server", settings.prefect_api_url, 80),

@@ -118,6 +118,17 @@ def _config_file() -> Path | None:
     return local if local.is_file() else None
 
 
+def _default_actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()  # $LOGNAME, $USER, ..., then the password database for the uid
+    except (KeyError, OSError):
+        user = f"uid-{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 def _default_workspace() -> Path:
     here = Path.cwd()
     return here if (here / ".atelier" / "workspace.json").is_file() else here / "workspace"
@@ -147,7 +158,8 @@ class Settings(BaseSettings):
                                          "ocr-calibrate measures it and routes languages to it where it reads best")
     experiment: str = Field("atelier", description="MLflow experiment prefix: one experiment per customer, <prefix>-<customer>")
     ledger_url: str | None = Field(None, description="SQLAlchemy URL of the promotion ledger; default: SQLite in the workspace")
-    actor: str = Field(default_factory=lambda: os.environ.get("USER") or "unknown", description="who promotes, for the ledger")
+    actor: str = Field(default_factory=lambda: _default_actor(), min_length=1, description="who promotes, for the ledger: "
+                       "default USER@HOST from the account database, not only $USER (a cron job or container may not set it)")
     tracking_username: str | None = Field(None, description="MLflow basic-auth user (the operations user)")
     tracking_password: SecretStr | None = Field(None, description="MLflow basic-auth password")
     images: ImageRules = ImageRules()

@@ -65,6 +65,20 @@ def write_json_atomic(path: Path, value: Any) -> Path:
     return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _sweep_dead_temporaries(final: Path) -> None:
+    """Temporary siblings of `final` left by a process that was killed (its pid is in the name)."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        match = re.match(r"^\d+", stale.name[len(f".{final.name}.tmp-"):])
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 @contextmanager
 def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it becomes `final` in one rename.
@@ -74,7 +88,8 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _sweep_dead_temporaries(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from atelier.errors import ConfigError, NotFound, WorkspaceError
+from atelier.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceError
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import file_hashes
 from atelier.settings import Settings
@@ -138,6 +138,14 @@ def _git_config(ws: Path, key: str) -> str:
     return done.stdout.strip()
 
 
+def check_class_noun(class_noun: str) -> str:
+    """What the subject is ("dog", "red backpack"): it goes into every prompt, so it must say something."""
+    if not class_noun.strip() or len(class_noun) > 64 or not class_noun.isprintable() or any(c in class_noun for c in "{}"):
+        raise InvalidIdentifier(f"class noun {class_noun!r}", "is empty, over 64 characters, or holds control characters or braces",
+                                "name what the subject is in a few words, e.g. --class dog or --class 'red backpack'")
+    return class_noun.strip()
+
+
 def add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path],
                 replace: bool = False) -> str:
     """Copy validated photos into data/subjects/, track them with DVC, push, commit. Returns the rev."""
@@ -146,6 +154,7 @@ def add_subject(settings: Settings, customer: str, subject: str, class_noun: str
     ws = require_workspace(settings)
     check_slug(customer, "customer")
     check_slug(subject, "subject")
+    class_noun = check_class_noun(class_noun)
     dest = settings.subject_dir(customer, subject)
     rel = dest.relative_to(ws).as_posix()
     tracked = dest.with_suffix(".dvc").is_file()

@@ -9,6 +9,7 @@ The schedule file (default `schedules.yaml` in the workspace):
     retrain:                   # a no-op when photos, config and base model are unchanged
       - {customer: acme, subject: robot, cron: "0 3 * * *"}
     ocr_recalibrate: {cron: "0 4 * * 0"}
+    audit: {cron: "0 * * * *", restore: true}   # the ledger against the registry; restore undoes out-of-band alias moves
 
 With a work pool (settings `work_pool`, or `work_pool:` on an entry, e.g. `atelier-gpu` for retraining)
 the deployments go to that pool and its workers run them. Retraining deployments (one per customer subject) and OCR recalibration have a concurrency limit of
@@ -76,12 +77,17 @@ class Retrain(_Subject):
     config: str | None = None
 
 
+class Audit(_Entry):
+    restore: bool = Field(False, description="put champion/candidate aliases moved outside Atelier back to the ledger's")
+
+
 class Schedules(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batch_generate: list[BatchGenerate] = []
     batch_ocr: list[BatchOcr] = []
     retrain: list[Retrain] = []
     ocr_recalibrate: _Entry | None = None
+    audit: Audit | None = None
 
 
 def load_schedules(path: Path) -> Schedules:
@@ -101,6 +107,7 @@ def deployments(schedules: Schedules) -> list:
     """RunnerDeployments (module entrypoints, so a worker anywhere with Atelier installed runs them)."""
     from prefect.deployments.runner import EntrypointType
 
+    from flows.audit import ledger_audit
     from flows.batch import batch_generate, batch_ocr
     from flows.ocr_calibrate import ocr_calibrate
     from flows.subject_finetune import subject_finetune
@@ -127,4 +134,8 @@ def deployments(schedules: Schedules) -> list:
         out.append(ocr_calibrate.to_deployment(name="ocr-recalibrate", cron=schedules.ocr_recalibrate.cron,
                                                paused=schedules.ocr_recalibrate.paused, concurrency_limit=1, tags=["retrain", "ocr"],
                                                **module(schedules.ocr_recalibrate)))
+    if schedules.audit:
+        out.append(ledger_audit.to_deployment(name="ledger-audit", cron=schedules.audit.cron, paused=schedules.audit.paused,
+                                              concurrency_limit=1, tags=["audit"], parameters={"restore": schedules.audit.restore},
+                                              **module(schedules.audit)))
     return out

@@ -15,6 +15,7 @@ from atelier.hashing import tree_hash
 from atelier.settings import Settings
 from registry.gate import CANDIDATE
 from registry.isolation import ensure_experiment, grant_customer_read, require_owner
+from registry.ledger import Ledger
 from registry.pyfunc import SIGNATURE, DreamBoothModel
 from registry.tracking import abandon_stale_runs
 
@@ -66,6 +67,8 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
 
     Registration comes last: if anything before it fails, no version exists.
     """
+    from registry.promotion import record_candidate  # promotion -> judge -> this module
+
     client = configure(settings, customer)
     name = model_name(customer, subject)
     require_owner(client, name, customer)
@@ -75,8 +78,9 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     if existing is not None:  # the same training outputs are registered once, however often the flow reruns...
         lost = missing_artifacts(client, existing, Path(pipeline_dir))
         if not lost:
-            if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:
-                client.set_registered_model_alias(name, CANDIDATE, existing.version)  # an attempt died before aliasing it
+            if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:  # an attempt died before aliasing it
+                record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(existing.version), actor=settings.actor,
+                                 flow_run_id=lineage.get("prefect.flow_run_id"))
             return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
         # ...unless its stored files are gone or damaged: never reuse (or re-promote) a version that cannot load;
         # register the same outputs again as a new version, which goes through the gate like any other
@@ -113,7 +117,8 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"})
         grant_customer_read(settings, name, customer)
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
+                     flow_run_id=lineage.get("prefect.flow_run_id"))
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
 
 

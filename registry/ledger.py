@@ -1,9 +1,14 @@
 """The promotion ledger: an append-only, hash-chained table of every alias move and refusal.
 
 Each row stores the hash of the row before it and its own hash over all its fields, so an edited,
-inserted or deleted row breaks the chain. A chain rewritten from the edit onwards is caught by the
-anchors: the newest row of each model is also written, as `seq:hash`, on the registered model in
-MLflow (`atelier.ledger.head`), a store the ledger's database users cannot write.
+inserted or deleted row breaks the chain. A truncated tail (the newest rows deleted, or every row) or a
+chain rewritten from the edit onwards is caught by the anchor: the newest row of the whole chain, as
+`seq:hash`, kept in MLflow (registry/promotion.py), a store the ledger's database users cannot write.
+
+Actions: `candidate` (a version became candidate), `intent` (a champion move is about to happen),
+`promote` / `rollback` / `restore` (the move happened: they confirm the intent), `abandon` (an intent
+whose move never happened), `refuse` (the gate said no; the version loses candidate). `aliases()` is
+what the ledger says each alias should be; `atelier ledger verify` compares it with MLflow.
 
 SQLite by default, PostgreSQL in production; the schema is managed by Alembic (registry/migrations).
 """
@@ -19,10 +24,18 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Integer, String, Text, create_engine, select
+
+from atelier.errors import AtelierError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 GENESIS = "0" * 64
+
+
+class LedgerTampered(AtelierError):
+    """The ledger does not match its anchor: nothing more is written onto it until someone looks."""
+
+    exit_code = 5
 HASHED_FIELDS = ("seq", "model", "version", "action", "from_alias", "to_alias", "replaced_version", "actor", "reason",
                  "gate", "metrics", "flow_run_id", "created_at", "prev_hash")
 
@@ -38,7 +51,7 @@ class LedgerRow(Base):
     seq: Mapped[int] = mapped_column(Integer, unique=True, nullable=False)
     model: Mapped[str] = mapped_column(String(255), index=True, nullable=False)
     version: Mapped[str] = mapped_column(String(32), nullable=False)
-    action: Mapped[str] = mapped_column(String(16), nullable=False)  # promote | rollback | refuse
+    action: Mapped[str] = mapped_column(String(16), nullable=False)  # see CONFIRMS, and candidate | intent | abandon | refuse
     from_alias: Mapped[str | None] = mapped_column(String(64))
     to_alias: Mapped[str | None] = mapped_column(String(64))
     replaced_version: Mapped[str | None] = mapped_column(String(32))  # held to_alias before this row
@@ -62,11 +75,57 @@ class LedgerRow(Base):
         return {**self.fields(), "row_hash": self.row_hash}
 
 
+# rows that confirm an intent: the champion alias now points at the row's version
+CONFIRMS = ("promote", "rollback", "restore")
+
+
 @dataclass(frozen=True)
 class Problem:
     seq: int | None
-    kind: str  # edited | broken_link | sequence_gap | anchor_mismatch
+    kind: str  # edited | broken_link | sequence_gap | anchor_mismatch | unanchored | alias_drift
     detail: str
+
+
+def head_of(rows: list[LedgerRow]) -> str | None:
+    return f"{rows[-1].seq}:{rows[-1].row_hash}" if rows else None
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """What the ledger says a model's aliases are. `candidate_tracked` is False for a model whose
+    candidate moves predate the ledger's `candidate` rows: its candidate alias is then not checked."""
+
+    champion: str | None
+    candidate: str | None
+    candidate_tracked: bool
+
+
+def aliases(rows: list[LedgerRow]) -> Aliases:
+    """The aliases a model's rows (oldest first) put in place."""
+    champion = candidate = None
+    tracked = False
+    for r in rows:
+        if r.action in CONFIRMS and r.to_alias == "champion":
+            champion = r.version
+        elif r.action == "candidate" or (r.action == "restore" and r.to_alias == "candidate"):
+            candidate, tracked = r.version, True
+        elif r.action == "refuse" and candidate == r.version:
+            candidate = None
+        elif r.action == "restore" and r.to_alias is None:  # an alias that the ledger never put there, removed
+            champion = None if r.from_alias == "champion" else champion
+            candidate = None if r.from_alias == "candidate" else candidate
+    return Aliases(champion, candidate, tracked)
+
+
+def open_intents(rows: list[LedgerRow]) -> list[LedgerRow]:
+    """Intents with no confirming or abandoning row after them (their process died mid-promotion)."""
+    pending: dict[str, LedgerRow] = {}
+    for r in rows:
+        if r.action == "intent":
+            pending[r.model] = r
+        elif r.action in (*CONFIRMS, "abandon") and r.model in pending:
+            del pending[r.model]
+    return sorted(pending.values(), key=lambda r: r.seq)
 
 
 def migrate(url: str) -> None:
@@ -92,6 +151,32 @@ class Ledger:
         with Session(self.engine) as session:
             yield session
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One writer at a time across processes, for a row and the anchor written after it
+        (PostgreSQL: an advisory lock; SQLite: a lock file beside the database)."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_advisory_lock(7410127)")  # any fixed key: the ledger's
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(7410127)")
+            return
+        import fcntl
+
+        database = self.engine.url.database
+        lock_path = Path(f"{database}.lock") if database and database != ":memory:" else None
+        if lock_path is None:
+            yield
+            return
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def append(self, *, model: str, version: str, action: str, actor: str, reason: str, gate: dict | None = None,
                metrics: dict | None = None, from_alias: str | None = None, to_alias: str | None = None,
                replaced_version: str | None = None, flow_run_id: str | None = None, before_commit=None,
@@ -99,7 +184,7 @@ class Ledger:
         """Append one row. `before_commit(row)` runs inside the transaction (move the alias there):
         if it raises, nothing is written. Concurrent writers collide on the unique seq/prev_hash and retry."""
         for attempt in range(attempts):
-            with self.session() as s:
+            with self.session() as s, self._table_errors():
                 last = s.scalars(select(LedgerRow).order_by(LedgerRow.seq.desc()).limit(1)).first()
                 row = LedgerRow(
                     seq=(last.seq + 1) if last else 1, model=model, version=str(version), action=action,
@@ -126,7 +211,7 @@ class Ledger:
         raise RuntimeError("unreachable")
 
     def rows(self, model: str | None = None) -> list[LedgerRow]:
-        with self.session() as s:
+        with self.session() as s, self._table_errors():
             query = select(LedgerRow).order_by(LedgerRow.seq)
             if model:
                 query = query.where(LedgerRow.model == model)
@@ -135,8 +220,27 @@ class Ledger:
                 s.expunge(r)
             return rows
 
-    def verify(self, anchors: dict[str, str] | None = None) -> list[Problem]:
-        """Check every link and hash; with `anchors` (model -> 'seq:hash'), check each model's newest row."""
+    @contextmanager
+    def _table_errors(self) -> Iterator[None]:
+        """A ledger table that is gone is tampering (exit 5), not a crash."""
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        try:
+            yield
+        except (OperationalError, ProgrammingError) as exc:
+            text = str(exc)
+            if "no such table" in text or "does not exist" in text or "UndefinedTable" in text:
+                from sqlalchemy.engine import make_url
+
+                raise LedgerTampered(f"promotion ledger at {make_url(self.url).render_as_string(hide_password=True)}",
+                                     "has no promotion_ledger table: it was dropped", "restore the ledger database from a backup; "
+                                     "nothing is promoted or verified until then") from None
+            raise
+
+    def verify(self, anchor: str | None = None, pending: str | None = None, anchored: bool = True) -> list[Problem]:
+        """Check every link and hash, and the newest row against the registry's anchor (`seq:hash`;
+        `pending` is the anchor of a row being written, which a crash may have left uncommitted or
+        committed). `anchored=False` checks the chain alone."""
         problems: list[Problem] = []
         rows = self.rows()
         prev_hash, prev_seq = GENESIS, 0
@@ -148,12 +252,19 @@ class Ledger:
             if row.compute_hash() != row.row_hash:
                 problems.append(Problem(row.seq, "edited", f"row {row.seq} ({row.model} v{row.version} {row.action}) does not match its hash: it was edited"))
             prev_hash, prev_seq = row.row_hash, row.seq
-        newest = {}
-        for row in rows:
-            newest[row.model] = f"{row.seq}:{row.row_hash}"
-        for model, anchor in (anchors or {}).items():
-            if newest.get(model) != anchor:
-                problems.append(Problem(None, "anchor_mismatch",
-                                        f"{model}: the registry's anchor {anchor[:20]}... is not the ledger's newest row "
-                                        f"({(newest.get(model) or 'none')[:20]}...): rows were deleted or the chain rewritten"))
+        if not anchored:
+            return problems
+        newest = head_of(rows)
+        if anchor is None and pending is None:
+            if rows:
+                problems.append(Problem(None, "unanchored", f"the ledger holds {len(rows)} rows but the registry holds no anchor for it: "
+                                                            "the anchor was removed, or this ledger was not written by this registry"))
+        elif newest is None or newest not in {a for a in (anchor, pending) if a}:
+            said = anchor or pending
+            said_seq = int(said.split(":")[0])
+            what = ("rows were deleted from its end" if newest is None or said_seq > int(newest.split(":")[0])
+                    else "rows were added or the chain rewritten")
+            problems.append(Problem(None, "anchor_mismatch", f"the registry's anchor says the ledger ends at row {said_seq} "
+                                                             f"({said.split(':')[1][:12]}...), but it ends at "
+                                                             f"{'no row at all' if newest is None else 'row ' + newest.split(':')[0]}: {what}"))
         return problems

@@ -21,17 +21,36 @@ from registry.ledger import Ledger
 
 
 def resolve(client: MlflowClient, ref: str):
-    """NAME@ALIAS or NAME/VERSION -> the model version."""
+    """NAME@ALIAS or NAME/VERSION -> the model version; a miss says what does exist."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    else:
+        raise NotFound(f"model reference {ref!r}", "is neither NAME@ALIAS nor NAME/VERSION",
+                       "write e.g. dreambooth-acme-robot@champion or dreambooth-acme-robot/3")
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        if "/" in ref:
-            name, version = ref.rsplit("/", 1)
-            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias) if "@" in ref else client.get_model_version(name, version)
     except MlflowException:
-        raise NotFound(f"model {ref}", "is not in the registry", "check the name, alias or version (`atelier ledger show` lists promotions)") from None
-    raise NotFound(f"model reference {ref!r}", "is neither NAME@ALIAS nor NAME/VERSION", "write e.g. dreambooth-acme-robot@champion or dreambooth-acme-robot/3")
+        pass
+    try:
+        versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    except MlflowException:
+        versions = []
+    if not versions:
+        import difflib
+
+        try:
+            known = [m.name for m in client.search_registered_models(max_results=500)]
+        except MlflowException:
+            known = []
+        close = difflib.get_close_matches(name, known, n=3)
+        raise NotFound(f"model {name}", "is not in the registry" + (f" (did you mean {', '.join(close)}?)" if close else ""),
+                       "check the name with `atelier ledger show` or the MLflow UI") from None
+    listed = ", ".join(f"{v.version}" + (" (refused by the gate)" if "atelier.refused" in v.tags else "") for v in versions[-5:])
+    what = f"has no alias {alias!r}" if "@" in ref else f"has no version {version}"
+    raise NotFound(f"model {ref}", f"{what}; its versions: {listed}",
+                   f"pick one explicitly, e.g. {name}/{versions[-1].version}, or promote one: atelier promote {name} VERSION --reason ...") from None
 
 
 def _value(text: str):

@@ -23,7 +23,8 @@ from mlflow.types import ColSpec, Schema
 from atelier.hashing import sha256_file
 from atelier.settings import Settings
 from registry.dreambooth import CODE_DIRS, Registered, _missing, _tags, client_for, find_version
-from registry.gate import CANDIDATE
+from registry.ledger import Ledger
+from registry.promotion import record_candidate
 
 MODEL_NAME = "ocr"
 EXPERIMENT = "ocr"
@@ -99,7 +100,7 @@ def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, con
     if _missing(client, MODEL_NAME):
         client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
     version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
-    client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version.version)
+    record_candidate(client, Ledger(settings.resolved_ledger_url), MODEL_NAME, str(version.version), actor=settings.actor)
     return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
 
 

@@ -1,8 +1,12 @@
 """Promotion and rollback: every alias move goes through the gate and the ledger.
 
-The alias moves inside the ledger's transaction: if the move fails nothing is written, and if the
-write fails the alias is put back. Readers resolve `NAME@champion` in one registry call, so they see
-either the old or the new version, never a mix.
+A champion move is three steps, each durable before the next: an `intent` row, the alias move in
+MLflow, then the confirming row (`promote`, `rollback` or `restore`). A process killed between any two
+leaves an open intent, which `reconcile()` (run by the next promotion, `ledger verify` and `atelier
+audit`) settles by looking at MLflow: the alias moved, so the intent is confirmed; it did not, so it is
+abandoned. No crash point leaves an alias move that the ledger does not explain. Candidate moves are
+`candidate` rows, and a refused version loses `candidate` (and is tagged `atelier.refused`). Readers
+resolve `NAME@champion` in one registry call, so they see the old or the new version, never a mix.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from atelier.settings import GateRules
 from models.dreambooth.health import Health
 from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_judge, evaluate_ocr, evaluate_training_health
 from registry.judge import JUDGE_TAG
-from registry.ledger import Ledger, LedgerRow
+from registry.ledger import Ledger, LedgerRow, aliases
+from registry.ledger_anchor import append
 
-ANCHOR_TAG = "atelier.ledger.head"
+REFUSED_TAG = "atelier.refused"
 
 
 @dataclass(frozen=True)
@@ -64,24 +69,36 @@ def gate_for(mv, rules: GateRules) -> tuple[GateResult, dict]:
     return result, summary
 
 
-def _move(client: MlflowClient, name: str, alias: str, version: str, previous: str | None) -> callable:
-    def move(row: LedgerRow) -> None:
-        client.set_registered_model_alias(name, alias, version)
-        try:
-            client.set_registered_model_tag(name, ANCHOR_TAG, f"{row.seq}:{row.row_hash}")
-        except Exception:
-            if previous is not None:
-                client.set_registered_model_alias(name, alias, previous)
-            else:
-                client.delete_registered_model_alias(name, alias)
-            raise
+def move_champion(client: MlflowClient, ledger: Ledger, name: str, version: str, *, action: str, actor: str, reason: str,
+                  gate: dict | None = None, metrics: dict | None = None, from_alias: str | None = None,
+                  flow_run_id: str | None = None) -> LedgerRow:
+    """intent row -> alias move -> confirming row (`action`)."""
+    previous = current_alias(client, name)
+    common = dict(model=name, version=str(version), actor=actor, gate=gate, metrics=metrics, from_alias=from_alias,
+                  to_alias=CHAMPION, replaced_version=previous, flow_run_id=flow_run_id)
+    append(client, ledger, action="intent", reason=f"{action}: {reason}", **common)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return append(client, ledger, action=action, reason=reason, **common)
 
-    return move
+
+def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str,
+                     flow_run_id: str | None = None) -> None:
+    """Make `version` the candidate, with its ledger row (once: a retry only puts the alias back)."""
+    from registry.audit import reconcile
+
+    reconcile(client, ledger, name)
+    if aliases(ledger.rows(name)).candidate != str(version):
+        append(client, ledger, model=name, version=str(version), action="candidate", actor=actor, reason="registered",
+               to_alias=CANDIDATE, replaced_version=current_alias(client, name, CANDIDATE), flow_run_id=flow_run_id)
+    client.set_registered_model_alias(name, CANDIDATE, str(version))
 
 
 def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str, reason: str, rules: GateRules,
             flow_run_id: str | None = None, action: str = "promote") -> Promotion:
-    """Gate `version`; if it passes, make it champion. Either way, one ledger row says what happened."""
+    """Gate `version`; if it passes, make it champion. Either way, the ledger says what happened."""
+    from registry.audit import reconcile
+
+    reconcile(client, ledger, name)
     mv = model_version(client, name, version)
     result, summary = gate_for(mv, rules)
     previous = current_alias(client, name)
@@ -89,18 +106,15 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     gate = json.loads(result.as_json())
     from_alias = CANDIDATE if CANDIDATE in (mv.aliases or []) else None
     if not result.passed:
-        row = ledger.append(model=name, version=str(version), action="refuse", actor=actor, reason=reason, gate=gate,
-                            metrics=summary, from_alias=from_alias, to_alias=None, replaced_version=previous,
-                            flow_run_id=flow_run_id, before_commit=_anchor(client, name))
+        row = append(client, ledger, model=name, version=str(version), action="refuse", actor=actor, reason=reason, gate=gate,
+                     metrics=summary, from_alias=from_alias, to_alias=None, replaced_version=previous, flow_run_id=flow_run_id)
+        client.set_model_version_tag(name, str(version), REFUSED_TAG, "; ".join(result.reasons)[:4000])
+        if from_alias == CANDIDATE:  # a refused version is nobody's candidate
+            client.delete_registered_model_alias(name, CANDIDATE)
         return Promotion(name, str(version), False, result.reasons, previous, row)
-    row = ledger.append(model=name, version=str(version), action=action, actor=actor, reason=reason, gate=gate,
-                        metrics=summary, from_alias=from_alias, to_alias=CHAMPION, replaced_version=previous,
-                        flow_run_id=flow_run_id, before_commit=_move(client, name, CHAMPION, str(version), previous))
+    row = move_champion(client, ledger, name, str(version), action=action, actor=actor, reason=reason, gate=gate,
+                        metrics=summary, from_alias=from_alias, flow_run_id=flow_run_id)
     return Promotion(name, str(version), True, [], str(version), row)
-
-
-def _anchor(client: MlflowClient, name: str):
-    return lambda row: client.set_registered_model_tag(name, ANCHOR_TAG, f"{row.seq}:{row.row_hash}")
 
 
 def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, reason: str, rules: GateRules) -> Promotion:
@@ -108,7 +122,8 @@ def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, rea
     current = current_alias(client, name)
     if current is None:
         raise NotFound(f"model {name}", "has no champion to roll back", "promote a version first: atelier promote NAME VERSION")
-    made_current = [r for r in ledger.rows(name) if r.to_alias == CHAMPION and r.version == current]
+    made_current = [r for r in ledger.rows(name) if r.to_alias == CHAMPION and r.action in ("promote", "rollback", "restore")
+                    and r.version == current]
     if not made_current or made_current[-1].replaced_version is None:
         raise NotFound(f"model {name}", f"has no champion before version {current} in the ledger",
                        "promote the version you want explicitly: atelier promote NAME VERSION --reason ...")
@@ -117,14 +132,3 @@ def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, rea
     if not done.passed:
         raise GateRefused(f"rollback of {name} to version {target}", "; ".join(done.reasons), "fix the gate rules or promote another version")
     return done
-
-
-def anchors(client: MlflowClient, models: list[str]) -> dict[str, str]:
-    """model -> the ledger head recorded on the registered model (missing tags count as empty)."""
-    out = {}
-    for name in models:
-        try:
-            out[name] = client.get_registered_model(name).tags.get(ANCHOR_TAG, "")
-        except MlflowException:
-            out[name] = ""
-    return out

@@ -14,7 +14,7 @@ from registry.ledger import Ledger
 from registry.promotion import promote
 from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
-VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"}
+VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1", "audit-ledger": "1"}
 
 
 # a tracking server that is away gets three more tries over about 45 s (it may be restarting)
@@ -68,3 +68,25 @@ def find_registered(customer: str, subject: str, training_key: str) -> dict | No
     name = model_name(customer, subject)
     mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)
     return None if mv is None else {"name": name, "version": str(mv.version), "aliases": list(mv.aliases)}
+
+
+@task(name="audit-ledger", version=VERSIONS["audit-ledger"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=10)
+@tracked
+def audit_ledger(restore: bool = False) -> dict:
+    """Reconcile, verify, and with `restore` put drifted aliases back; problems are logged by name."""
+    from registry.audit import restore as restore_aliases
+    from registry.audit import verify_all
+
+    s = settings()
+    client, ledger = client_for(s), Ledger(s.resolved_ledger_url)
+    settled, problems = verify_all(client, ledger)
+    restored = []
+    if restore and any(p.kind == "alias_drift" for p in problems):
+        restored = restore_aliases(client, ledger, f"{s.actor} via ledger-audit")
+        settled, problems = verify_all(client, ledger)
+    for line in settled + [f"restored {r}" for r in restored]:
+        logger().info(line)
+    for p in problems:
+        logger().error("%s: %s", p.kind, p.detail)
+    return {"rows": len(ledger.rows()), "settled": settled, "restored": restored, "problems": [p.detail for p in problems]}

@@ -53,20 +53,20 @@ def test_rows_chain_and_verify_clean(ledger):
     rows = _fill(ledger)
     assert [r.seq for r in rows] == [1, 2, 3, 4]
     assert all(b.prev_hash == a.row_hash for a, b in zip(rows, rows[1:]))
-    assert ledger.verify({"m": f"4:{rows[-1].row_hash}"}) == []
+    assert ledger.verify(f"4:{rows[-1].row_hash}") == []
 
 
 def test_edited_row_is_detected(ledger):
     _fill(ledger)
     _sql(ledger, "UPDATE promotion_ledger SET reason = 'nothing to see' WHERE seq = 2")
-    kinds = {(p.seq, p.kind) for p in ledger.verify()}
+    kinds = {(p.seq, p.kind) for p in ledger.verify(anchored=False)}
     assert (2, "edited") in kinds
 
 
 def test_deleted_middle_row_is_detected(ledger):
     _fill(ledger)
     _sql(ledger, "DELETE FROM promotion_ledger WHERE seq = 2")
-    kinds = {p.kind for p in ledger.verify()}
+    kinds = {p.kind for p in ledger.verify(anchored=False)}
     assert {"sequence_gap", "broken_link"} <= kinds
 
 
@@ -77,17 +77,25 @@ def test_inserted_row_is_detected(ledger):
               "row_hash": "f" * 64}
     cols = ", ".join(forged)
     _sql(ledger, f"INSERT INTO promotion_ledger ({cols}) VALUES ({', '.join(':' + c for c in forged)})", **forged)
-    problems = ledger.verify()
+    problems = ledger.verify(anchored=False)
     assert any(p.seq == 2 and p.kind == "edited" for p in problems)
     assert any(p.kind in ("broken_link", "sequence_gap") for p in problems)
 
 
 def test_deleted_newest_row_and_rewritten_chain_are_caught_by_the_anchor(ledger):
     rows = _fill(ledger)
-    anchor = {"m": f"4:{rows[-1].row_hash}"}
+    anchor = f"4:{rows[-1].row_hash}"
     _sql(ledger, "DELETE FROM promotion_ledger WHERE seq = 4")
-    assert ledger.verify() == []  # the chain alone cannot see a truncated tail
+    assert ledger.verify(anchored=False) == []  # the chain alone cannot see a truncated tail
     assert [p.kind for p in ledger.verify(anchor)] == ["anchor_mismatch"]
+    _sql(ledger, "DELETE FROM promotion_ledger")
+    assert [p.kind for p in ledger.verify(anchor)] == ["anchor_mismatch"]  # every row gone: still caught
+    assert [p.kind for p in Ledger(ledger.url).verify(None)] == []  # an empty, never-anchored ledger is fine
+
+
+def test_rows_without_any_anchor_are_reported(ledger):
+    _fill(ledger, 2)
+    assert [p.kind for p in ledger.verify(None)] == ["unanchored"]
 
 
 def test_failed_side_effect_writes_nothing(ledger):
@@ -99,4 +107,4 @@ def test_failed_side_effect_writes_nothing(ledger):
     with pytest.raises(RuntimeError):
         ledger.append(model="m", version="9", action="promote", actor="ops", reason="x", before_commit=alias_move_fails)
     assert [r.seq for r in ledger.rows()] == [1]
-    assert ledger.verify() == []
+    assert ledger.verify(anchored=False) == []

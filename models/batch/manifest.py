@@ -84,7 +84,7 @@ def parse_generation_manifest(text: str) -> tuple[list[GenItem], list[Invalid]]:
             missing = [k for k in ("id", "prompt") if not obj.get(k)]
             if missing:
                 raise ValueError(f"misses {', '.join('`' + k + '`' for k in missing)}")
-            if not isinstance(obj["id"], str) or not ID.match(obj["id"]):
+            if not isinstance(obj["id"], str) or not ID.fullmatch(obj["id"]):
                 raise ValueError(f"`id` {obj['id']!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
             if not isinstance(obj["prompt"], str):
                 raise ValueError("`prompt` must be a string")

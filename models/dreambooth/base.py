@@ -31,7 +31,31 @@ def check_sd_directory(path: Path) -> Path:
         sub = path / part
         if not sub.is_dir() or not any(sub.iterdir()):
             raise ModelFormatError(str(path), f"lacks its {part}/ component", fix)
+    for weights in sorted(path.rglob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ModelFormatError(str(weights), problem, "copy the model again (the file is damaged or was cut short); "
+                                   "compare its size and checksum with the source")
     return path
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Whether a .safetensors file is whole: its header parses and its tensors end where the file does.
+    Reads the header only, so a multi-GB model is checked in milliseconds."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                return f"is cut short or not a safetensors file ({size} bytes, header of {length})"
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError) as exc:
+        return f"has an unreadable header ({exc.__class__.__name__})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"is {size} bytes, but its header describes {expected}: the file is truncated or padded"
+    return None
 
 
 def model_hash(path: Path) -> str:

@@ -16,8 +16,24 @@ from atelier.errors import ConfigError
 Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
 
 
-class SamplingConfig(BaseModel):
+class _Strict(BaseModel):
+    """Unknown keys are errors, and a number is a number: YAML's `true` is not 1 (pydantic would
+    otherwise turn `max_train_steps: true` into a 1-step model) and a quoted "8" is not 8."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if field.annotation in (int, float) and (isinstance(value, bool) or (field.annotation is int and isinstance(value, str))):
+                    raise ValueError(f"{name} must be a number, not {value!r}")
+        return data
+
+
+class SamplingConfig(_Strict):
     sampler: Sampler = "dpmsolver++"
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=1.0)
@@ -26,25 +42,22 @@ class SamplingConfig(BaseModel):
         "none", description="CUDA only: torch.compile the UNet and VAE decoder; reduce-overhead adds CUDA graphs")
 
 
-class LoraConfig(BaseModel):
+class LoraConfig(_Strict):
     """Low-rank adapters (peft) instead of full fine-tuning: the base weights stay frozen (in the
     mixed-precision dtype), only the adapters train. The output is still a whole pipeline, with the
     adapters fused in, plus the adapter file alone under `lora/`."""
 
-    model_config = ConfigDict(extra="forbid")
     rank: int = Field(4, ge=1, description="adapter rank; lora_alpha is set to the rank (scale 1)")
     unet_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
     text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainConfig(_Strict):
     # prompts: {identifier} and {class_noun} are filled in per subject
     identifier: str = Field("sks", description="rare token that names the subject")
     instance_prompt: str = "a photo of {identifier} {class_noun}"
     class_prompt: str = "a photo of {class_noun}"
-    resolution: int = Field(512, ge=16)
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="pixels, a multiple of 8 (the VAE's factor)")
     center_crop: bool = True
     # prior preservation (paper section 3.3): class images from the frozen base model
     with_prior_preservation: bool = True
@@ -119,15 +132,19 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
         path = Path(path)
         if not path.is_file():
             raise ConfigError(str(path), "no such config file", "pass an existing YAML file to --config")
+        if path.stat().st_size > 1_000_000:
+            raise ConfigError(str(path), "is over 1 MB: not a training config", "pass the YAML file (see configs/dreambooth/sd15.yaml)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(str(path), "is not UTF-8 text (a binary file?)", "pass a YAML file (see configs/dreambooth/sd15.yaml)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(str(path), f"is not valid YAML ({exc.__class__.__name__})", "fix the YAML syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(str(path), "must be a mapping of keys to values", "write `key: value` lines")
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(str(path), "must be a mapping of named keys to values", "write `key: value` lines")
     data.update(overrides or {})
     try:
-        return TrainConfig(**data)
+        return TrainConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "config"

@@ -6,18 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+from models.photos import list_photos, to_rgb
 
 
 def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return to_rgb(img)
 
 
 def to_training_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
@@ -33,5 +29,9 @@ def to_training_tensor(img: Image.Image, resolution: int, center_crop: bool = Tr
 
 
 def stack_folder(folder: Path, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    files = list_images(folder)
+    files = list_photos(folder)
+    if not files:
+        from atelier.errors import DataValidationError
+
+        raise DataValidationError(str(folder), [(str(folder), "count", "holds no photo (JPEG, PNG or WebP by content)")])
     return torch.stack([to_training_tensor(load_rgb(f), resolution, center_crop) for f in files])

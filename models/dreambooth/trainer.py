@@ -320,7 +320,17 @@ def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    try:
+        acc.save_state(str(tmp))
+    except Exception as exc:  # torch says "unexpected pos", safetensors "No space left on device (os error 28)"
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+        free = shutil.disk_usage(root).free
+        if isinstance(exc, OSError) or "No space left" in str(exc) or free < 64 * 2**20:
+            from atelier.errors import DiskError
+
+            raise DiskError(f"disk holding {root}", f"could not take checkpoint {step} ({free // 2**20} MiB free: {exc})"[:300],
+                            "free some space and rerun: training resumes from the last whole checkpoint") from None
+        raise
     if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -366,6 +376,7 @@ def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir:
     with atomic_dir(Path(output_dir), replace=True) as tmp:
         if lora_text_encoder is None:
             _pipeline(acc, base, unet, text_encoder).save_pretrained(tmp, safe_serialization=True)
+            _forget_paths(tmp, base)
             return Path(output_dir)
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -383,4 +394,18 @@ def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir:
         pipe.fuse_lora()
         pipe.unload_lora_weights()
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _forget_paths(tmp, base)
     return Path(output_dir)
+
+
+def _forget_paths(pipeline_dir: Path, base: Path) -> None:
+    """diffusers and transformers write the base model's absolute path (`_name_or_path`) into the saved
+    configs; the same weights trained in another workspace would then hash differently. Lineage names
+    the base model by id and hash instead."""
+    import json
+
+    for path in Path(pipeline_dir).rglob("*.json"):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and str(data.get("_name_or_path", "")).startswith(str(base)):
+            data["_name_or_path"] = "base-model"
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

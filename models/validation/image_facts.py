@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from atelier.hashing import sha256_file
+from models.photos import to_rgb
 
 
 @dataclass
@@ -50,8 +51,7 @@ def inspect_file(path: Path) -> ImageFacts:
                 facts.format = img.format
                 img.load()  # decode every pixel: truncated files fail here, not in training
                 facts.decodable = True
-                oriented = ImageOps.exif_transpose(img)
-                rgb = oriented.convert("RGB")
+                rgb = to_rgb(img)
                 facts.rgb_convertible = True
                 facts.width, facts.height = rgb.size
                 facts.min_side = min(rgb.size)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from atelier.settings import ImageRules
+from models.photos import candidate_files
 from models.validation.gx_runner import run_suite
 from models.validation.image_facts import inspect_images
 
@@ -50,9 +51,10 @@ def _detail(rule: str, row: dict, rules: ImageRules) -> str:
 
 
 def validate_subject_images(folder: Path, rules: ImageRules, report_dir: Path | None = None,
-                            files: list[Path] | None = None) -> ValidationReport:
-    """Check every file in `folder` (or the given files) against the suite."""
-    files = files if files is not None else sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+                            files: list[Path] | None = None, label: str | None = None) -> ValidationReport:
+    """Check every file in `folder` (or the given files) against the suite; `label` names the set in
+    messages (the subject, not a temporary folder)."""
+    files = files if files is not None else candidate_files(folder)
     facts = inspect_images(files, rules.near_duplicate_bits)
     columns = list(facts[0].keys()) if facts else ["file", "decodable", "rgb_convertible", "format", "min_side", "duplicate_of", "near_duplicate_of"]
     df = pd.DataFrame(facts, columns=columns).astype({"duplicate_of": object, "near_duplicate_of": object})
@@ -61,7 +63,7 @@ def validate_subject_images(folder: Path, rules: ImageRules, report_dir: Path | 
     failures: list[tuple[str, str, str]] = []
     for rule, file in run.failed:
         if rule == "count":
-            failures.append((Path(folder).name, "count", f"{len(facts)} image(s); a subject needs {rules.min_count} to {rules.max_count}"))
+            failures.append((label or Path(folder).name, "count", f"{len(facts)} image(s); a subject needs {rules.min_count} to {rules.max_count}"))
         elif rule == "rgb_convertible" and not by_file.get(file, {}).get("decodable"):
             continue  # already reported as not decodable
         else:

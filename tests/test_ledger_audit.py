@@ -1,0 +1,157 @@
+"""The ledger as the truth about aliases, against a real MLflow registry (SQLite): a kill -9 at every step
+of a promotion leaves nothing unexplained, deleting rows (the newest, the only one of a model, all of
+them) is caught by the chain's anchor, aliases moved with the MLflow client are reported and restored,
+and a refused version loses `candidate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow import MlflowClient
+from sqlalchemy import text
+
+from atelier.settings import GateRules
+from registry.audit import alias_drift, reconcile, restore, verify_all
+from registry.ledger import Ledger
+from registry.promotion import current_alias, promote, record_candidate
+
+GOOD = {"steps": 60, "loss_finite": True, "final_loss": 0.5, "first_loss": 1.0, "sample_count": 4, "min_sample_std": 0.2,
+        "blank_samples": 0, "distinct_share": 1.0}
+BAD = {**GOOD, "final_loss": 99.0}
+NAME = "dreambooth-acme-robot"
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    client.create_registered_model(NAME, tags={"atelier.kind": "dreambooth", "atelier.customer": "acme"})
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    return client, ledger, uri, tmp_path
+
+
+def _version(client, ledger, summary=GOOD) -> str:
+    mv = client.create_model_version(NAME, "file:///nowhere", tags={"atelier.eval.summary": json.dumps(summary)})
+    record_candidate(client, ledger, NAME, str(mv.version), actor="ops")
+    return str(mv.version)
+
+
+def _promote(client, ledger, version):
+    return promote(client, ledger, NAME, version, actor="ops", reason="test", rules=GateRules())
+
+
+def _problems(client, ledger) -> list[str]:
+    return [p.kind for p in verify_all(client, ledger)[1]]
+
+
+def test_promotions_refusals_and_candidates_verify_clean_and_a_refused_version_loses_candidate(registry):
+    client, ledger, _, _ = registry
+    assert _promote(client, ledger, _version(client, ledger)).passed
+    bad = _version(client, ledger, BAD)
+    assert current_alias(client, NAME, "candidate") == bad
+    refused = _promote(client, ledger, bad)
+    assert not refused.passed and current_alias(client, NAME) == "1"
+    assert current_alias(client, NAME, "candidate") is None  # refused: nobody's candidate any more
+    assert "atelier.refused" in client.get_model_version(NAME, bad).tags
+    assert [r.action for r in ledger.rows()] == ["candidate", "intent", "promote", "candidate", "refuse"]
+    assert _problems(client, ledger) == []
+
+
+@pytest.mark.parametrize("delete", ["newest row", "the model's only row", "every row"])
+def test_deleted_rows_are_caught_by_the_chain_anchor(registry, delete):
+    client, ledger, _, _ = registry
+    if delete == "the model's only row":
+        client.create_registered_model("ocr", tags={"atelier.kind": "ocr"})
+        mv = client.create_model_version("ocr", "file:///nowhere")
+        _promote(client, ledger, _version(client, ledger))
+        record_candidate(client, ledger, "ocr", str(mv.version), actor="ops")  # the newest row, ocr's only one
+        statement = "DELETE FROM promotion_ledger WHERE model = 'ocr'"
+    else:
+        _promote(client, ledger, _version(client, ledger))
+        statement = {"newest row": "DELETE FROM promotion_ledger WHERE seq = (SELECT max(seq) FROM promotion_ledger)",
+                     "every row": "DELETE FROM promotion_ledger"}[delete]
+    assert _problems(client, ledger) == []
+    with ledger.engine.begin() as conn:
+        conn.execute(text(statement))
+    assert "anchor_mismatch" in _problems(client, ledger)
+    from registry.ledger import LedgerTampered
+
+    with pytest.raises(LedgerTampered, match="does not match its anchor"):  # and nothing is written over the gap
+        _promote(client, ledger, "1")
+
+
+def test_alias_moves_through_the_mlflow_client_are_reported_and_restored(registry):
+    client, ledger, _, _ = registry
+    v1 = _version(client, ledger)
+    _promote(client, ledger, v1)
+    v2 = _version(client, ledger, BAD)
+    _promote(client, ledger, v2)  # refused
+    client.set_registered_model_alias(NAME, "champion", v2)  # the UI's alias editor, around the gate
+    drift = alias_drift(client, ledger)
+    assert len(drift) == 1 and f"{NAME}@champion is version {v2} in MLflow, but the ledger says version {v1}" in drift[0].detail
+    assert "atelier audit --restore" in drift[0].detail
+    assert restore(client, ledger, "auditor") == [f"{NAME}@champion -> {v1}"]
+    assert current_alias(client, NAME) == v1 and _problems(client, ledger) == []
+    client.delete_registered_model_alias(NAME, "champion")  # deleting it is drift too
+    assert _problems(client, ledger) == ["alias_drift"]
+    client.set_registered_model_alias(NAME, "candidate", v1)  # and so is a candidate the ledger never set
+    assert _problems(client, ledger) == ["alias_drift", "alias_drift"]
+
+
+CRASH = """
+import os, sys
+from mlflow import MlflowClient
+import registry.ledger_anchor as anchor
+from atelier.settings import GateRules
+from registry.ledger import Ledger
+from registry.promotion import promote
+
+step = sys.argv[1]
+client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+real_set_alias, real_append, real_commit = client.set_registered_model_alias, anchor.Ledger.append, anchor.AnchorStore.commit
+
+def set_alias(name, alias, version):
+    if step == "before alias move":
+        os._exit(137)
+    real_set_alias(name, alias, version)
+    if step == "after alias move":
+        os._exit(137)
+
+def append(self, **row):
+    written = real_append(self, **row)
+    if step == "after confirm row, before anchor" and row["action"] == "promote":
+        os._exit(137)
+    return written
+
+client.set_registered_model_alias = set_alias
+anchor.Ledger.append = append
+promote(client, Ledger(os.environ["LEDGER"]), "dreambooth-acme-robot", sys.argv[2], actor="ops", reason="r", rules=GateRules())
+"""
+
+
+@pytest.mark.parametrize("step,champion", [("before alias move", "1"), ("after alias move", "2"),
+                                           ("after confirm row, before anchor", "2")])
+def test_a_kill_at_each_promotion_step_leaves_the_ledger_explaining_the_champion(registry, step, champion):
+    client, ledger, uri, tmp = registry
+    _promote(client, ledger, _version(client, ledger))
+    v2 = _version(client, ledger)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH), step, v2], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "LEDGER": str(ledger.url)})
+    assert done.returncode == 137, done.stderr[-2000:]
+    assert current_alias(client, NAME) == champion
+    settled, problems = verify_all(client, ledger)  # the next run settles what the kill left, either way
+    assert problems == []
+    rows = ledger.rows(NAME)
+    if step == "before alias move":
+        assert rows[-1].action == "abandon" and "before moving the alias" in rows[-1].reason
+    elif step == "after alias move":
+        assert rows[-1].action == "promote" and rows[-1].reason.startswith("confirmed by reconciliation")
+    else:
+        assert settled == [] and rows[-1].action == "promote"
+    assert reconcile(client, ledger) == []  # settled once

@@ -1,0 +1,181 @@
+"""Bad input stops before it costs anything, and every failure is an exit code with one message: configs
+that only look like numbers, files that only look like photos, a full or read-only disk, truncated
+weights, a dropped ledger table, an unknown model. Each case failed on the code before this change."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atelier.errors import ConfigError, DiskError, InvalidIdentifier, ModelFormatError
+from models.dreambooth.config import load_train_config
+
+ATELIER = str(Path(sys.executable).parent / "atelier")
+
+
+def _cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ATELIER, *args], capture_output=True, text=True, timeout=300, input=stdin,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("text,message", [
+    ("max_train_steps: true\n", "max_train_steps must be a number, not true"),
+    ("resolution: 17\n", "multiple of 8"),
+    ("resolution: 8\n", "greater than or equal to 64"),
+    ("max_train_steps: 0\n", "greater than or equal to 1"),
+    ("learning_rate: 5e-6\nmax_train_steps: '60'\n", "max_train_steps must be a number"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("1: 2\n", "must be a mapping"),
+])
+def test_config_preflight_refuses_what_would_train_wrong(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(path)
+
+
+def test_a_binary_file_as_config_is_named(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_train_config(path)
+
+
+def test_yaml_floats_without_a_dot_still_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 5e-6\nresolution: 64\n")
+    assert load_train_config(path).learning_rate == 5e-6
+
+
+def test_one_definition_of_a_photo_by_content(tmp_path):
+    from models.dreambooth.images import load_rgb
+    from models.photos import list_photos
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.new("RGB", (300, 300), "red").save(folder / "no-extension", format="JPEG")
+    Image.new("RGB", (300, 300), "blue").save(folder / "b.png")
+    (folder / "manifest.json").write_text("{}")
+    Image.new("RGB", (300, 300), "green").save(folder / ".hidden.jpg")
+    assert [p.name for p in list_photos(folder)] == ["b.png", "no-extension"]
+    # a 16-bit grey PNG keeps its tones (PIL's own conversion clips it to white)
+    ramp = (np.linspace(0, 65535, 300 * 300).reshape(300, 300)).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "deep.png")
+    assert Image.open(folder / "deep.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(folder / "deep.png"), dtype=np.float64)
+    assert 100 < rgb.mean() < 155 and rgb.min() < 5 and rgb.max() > 250
+
+
+def test_subject_add_refuses_hidden_names_empty_class_and_names_the_subject(workspace, photos, tmp_path):
+    hidden = tmp_path / ".c.jpg"
+    shutil.copy(photos[0], hidden)
+    done = _cli("subject", "add", "acme", "hid", str(hidden), *map(str, photos[1:]), "--class", "toy")
+    assert done.returncode == 2 and "starts with '.'" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("subject", "add", "acme", "noclass", *map(str, photos), "--class", "  ")
+    assert done.returncode == 2 and "class noun" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("subject", "add", "acme", "few", *map(str, photos[:2]), "--class", "toy")
+    assert done.returncode == 2 and "acme/few fails count" in done.stderr and "/tmp" not in done.stderr.split("fails count")[0]
+    with pytest.raises(InvalidIdentifier):
+        from atelier.workspace import check_class_noun
+
+        check_class_noun("{identifier}")
+
+
+def test_truncated_base_model_weights_are_refused_before_training(tiny_model, tmp_path):
+    from models.dreambooth.base import check_sd_directory
+
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelFormatError, match="truncated"):
+        check_sd_directory(broken)
+
+
+def test_unknown_model_and_missing_alias_exit_2_saying_what_exists(workspace):
+    done = _cli("generate", "dreambooth-acme-nosuch@champion", "--prompt", "x")
+    assert done.returncode == 2 and "is not in the registry" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("generate", "no-at-or-slash", "--prompt", "x")
+    assert done.returncode == 2 and "NAME@ALIAS" in done.stderr
+
+
+def test_a_dropped_ledger_table_is_tampering_exit_5(tmp_path):
+    from sqlalchemy import text
+
+    from registry.ledger import Ledger, LedgerTampered
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with ledger.engine.begin() as conn:
+        conn.execute(text("DROP TABLE promotion_ledger"))
+    with pytest.raises(LedgerTampered, match="has no promotion_ledger table") as err:
+        ledger.rows()
+    assert err.value.exit_code == 5
+
+
+def _mount(*args: str) -> bool:
+    return shutil.which("mount") is not None and os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def test_a_read_only_workspace_is_exit_6_before_anything_starts(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / ".atelier").mkdir(parents=True)
+    (ws / ".atelier" / "workspace.json").write_text("{}")
+    if not _mount("--bind", str(ws), str(ws)) or not _mount("-o", "remount,bind,ro", str(ws)):
+        pytest.skip("cannot make a read-only bind mount here (needs root and mount)")
+    try:
+        done = _cli("finetune", "acme", "robot", env={"ATELIER_WORKSPACE": str(ws)})
+    finally:
+        subprocess.run(["umount", str(ws)], check=False)
+    assert done.returncode == 6, done.stderr
+    assert str(ws) in done.stderr and ("is read-only" in done.stderr or "cannot be written" in done.stderr)
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_full_disk_during_a_checkpoint_is_exit_6_and_leaves_no_partial_checkpoint(tiny_model, photos, tmp_path, tiny_config):
+    from models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from models.dreambooth.base import model_hash
+    from models.dreambooth.trainer import TrainInputs, train
+
+    spec = PriorSpec(model_hash(tiny_model), "a photo of toy", 2, 64, 0, "dpmsolver++", 2, 5.0)
+    priors = ensure_class_priors(tmp_path / "priors", spec, tiny_model).path
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)):
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
+    try:
+        cfg = tiny_config.model_copy(update={"max_train_steps": 3, "checkpointing_steps": 1, "validation_steps": 100})
+        with pytest.raises(DiskError, match="could not take checkpoint 1") as err:
+            train(cfg, TrainInputs(tiny_model, photos[0].parent, "toy", small / "work", small / "work" / "pipeline", priors))
+        assert err.value.exit_code == 6
+        leftovers = [p.name for p in (small / "work" / "checkpoints").iterdir()] if (small / "work" / "checkpoints").is_dir() else []
+        assert not [n for n in leftovers if n.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_identical_weights_hash_the_same_in_two_workspaces(tiny_model, photos, tmp_path, tiny_config):
+    """The saved pipeline's configs no longer embed the base model's absolute path."""
+    from atelier.hashing import tree_hash
+    from models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from models.dreambooth.base import model_hash
+    from models.dreambooth.trainer import TrainInputs, train
+
+    cfg = tiny_config.model_copy(update={"max_train_steps": 2, "checkpointing_steps": 100, "validation_steps": 100})
+    hashes = []
+    for where in ("one", "two"):
+        base = tmp_path / where / "models" / "tiny-sd"
+        shutil.copytree(tiny_model, base)
+        spec = PriorSpec(model_hash(base), "a photo of toy", 2, 64, 0, "dpmsolver++", 2, 5.0)
+        priors = ensure_class_priors(tmp_path / where / "priors", spec, base).path
+        out = train(cfg, TrainInputs(base, photos[0].parent, "toy", tmp_path / where / "w", tmp_path / where / "w" / "pipeline", priors))
+        assert str(tmp_path) not in json.dumps([p.read_text() for p in out.output_dir.rglob("*.json")])
+        hashes.append(tree_hash(out.output_dir))
+    assert hashes[0] == hashes[1]
