@@ -74,10 +74,20 @@ def versions(prefect_harness, workspace, tmp_path_factory):
     other.write_text(yaml.safe_dump(cfg))
     second = subject_finetune(CUSTOMER, SUBJECT, config_path=str(other))
     assert first["version"] != second["version"]
-    from registry.dreambooth import client_for
-
-    client_for(workspace).set_registered_model_alias(first["model"], "champion", first["version"])
+    _promote(workspace, first["model"], first["version"])
     return first["model"], first["version"], second["version"]
+
+
+def _promote(workspace, name: str, version: str) -> None:
+    """Through the gate and the ledger, as an operator would (an alias moved with the MLflow client is
+    drift that `atelier ledger verify` reports)."""
+    from registry.dreambooth import client_for
+    from registry.ledger import Ledger
+    from registry.promotion import promote
+
+    done = promote(client_for(workspace), Ledger(workspace.resolved_ledger_url), name, version, actor="tests",
+                   reason="batch test", rules=workspace.gate)
+    assert done.passed, done.reasons
 
 
 def manifest(path: Path, n: int, steps: int = 4, start: int = 0) -> Path:
@@ -131,19 +141,17 @@ def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, work
 @pytest.mark.slow
 def test_a_moved_alias_each_output_names_the_version_that_made_it(versions, workspace, tmp_path):
     from flows.batch import batch_generate
-    from registry.dreambooth import client_for
 
     name, v1, v2 = versions
-    client = client_for(workspace)
     m1 = manifest(tmp_path / "m1.jsonl", 3)
     batch_generate(CUSTOMER, SUBJECT, str(m1), str(tmp_path / "a"))
-    client.set_registered_model_alias(name, "champion", v2)  # promoted between two runs
+    _promote(workspace, name, v2)  # promoted between two runs
     try:
         batch_generate(CUSTOMER, SUBJECT, str(m1), str(tmp_path / "b"))
         m2 = manifest(tmp_path / "m2.jsonl", 5)  # the first 3 again plus 2 new, into the first run's folder
         again = batch_generate(CUSTOMER, SUBJECT, str(m2), str(tmp_path / "a"))
     finally:
-        client.set_registered_model_alias(name, "champion", v1)
+        _promote(workspace, name, v1)
     assert {r["model"] for r in records(tmp_path / "b").values()} == {f"{name}/{v2}"}
     a = records(tmp_path / "a")
     assert [a[f"item-{i:03d}"]["model"] for i in range(5)] == [f"{name}/{v1}"] * 3 + [f"{name}/{v2}"] * 2
@@ -157,8 +165,10 @@ def test_bad_references_are_named(versions, workspace, tmp_path):
 
     name, _, _ = versions
     m = manifest(tmp_path / "m.jsonl", 1)
-    with pytest.raises(AtelierError, match="not in the registry"):
+    with pytest.raises(AtelierError, match="has no alias 'no-such-alias'; its versions: 1, 2"):
         batch_generate(CUSTOMER, SUBJECT, str(m), str(tmp_path / "o"), model=f"{name}@no-such-alias")
+    with pytest.raises(AtelierError, match="not in the registry"):
+        batch_generate(CUSTOMER, SUBJECT, str(m), str(tmp_path / "o"), model="dreambooth-batchco-nosuch@champion")
     with pytest.raises(AtelierError, match="belongs to customer 'batchco'"):
         batch_generate("othercust", SUBJECT, str(m), str(tmp_path / "o"), model=f"{name}@champion")
     bad = tmp_path / "bad.jsonl"

@@ -118,8 +118,10 @@ def test_failed_gate_leaves_the_champion_alone(first_run, client, monkeypatch, t
     assert not result["gate"]["passed"] and "final loss" in result["gate"]["reasons"][0]
     assert result["version"] != first_run["version"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == first_run["version"]
-    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == result["version"]
-    assert json.loads(client.get_model_version(NAME, result["version"]).tags["atelier.gate"])["passed"] is False
+    refused = client.get_model_version(NAME, result["version"])
+    assert json.loads(refused.tags["atelier.gate"])["passed"] is False and "final loss" in refused.tags["atelier.refused"]
+    assert "candidate" not in refused.aliases  # a refused version is nobody's candidate
+    assert "candidate" not in client.get_registered_model(NAME).aliases
 
 
 def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, client, robot_photos, tmp_path):
@@ -183,11 +185,12 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
     assert runner.invoke(app, ["ledger", "verify"]).exit_code == 0
     engine = create_engine(workspace.resolved_ledger_url)
     with engine.begin() as conn:
+        original = conn.execute(text("SELECT actor FROM promotion_ledger WHERE seq = 1")).scalar_one()
         conn.execute(text("UPDATE promotion_ledger SET actor = 'someone else' WHERE seq = 1"))
     out = runner.invoke(app, ["ledger", "verify"])
     assert out.exit_code == 5 and "edited" in out.output
     with engine.begin() as conn:  # put it back for the tests after this one
-        conn.execute(text("UPDATE promotion_ledger SET actor = :a WHERE seq = 1"), {"a": f"{workspace.actor} via subject-finetune"})
+        conn.execute(text("UPDATE promotion_ledger SET actor = :a WHERE seq = 1"), {"a": original})
     assert runner.invoke(app, ["ledger", "verify"]).exit_code == 0
 
 

@@ -73,7 +73,9 @@ def registered(server, workspace, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("samples")
     sample = folder / "000.png"
     Image.new("RGB", (8, 8), "red").save(sample)
-    settings = Settings(workspace=workspace.workspace, tracking_uri=server, tracking_username=OPS, tracking_password=OPS_PW)
+    # a ledger of its own: a ledger belongs to one registry (its anchor lives there)
+    settings = Settings(workspace=workspace.workspace, tracking_uri=server, tracking_username=OPS, tracking_password=OPS_PW,
+                        ledger_url=f"sqlite:///{folder / 'ledger.db'}")
     with pytest.MonkeyPatch.context() as mp:
         _as(mp, server, OPS, OPS_PW)
         for customer in ("acme", "globex"):
