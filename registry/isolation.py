@@ -74,9 +74,13 @@ def ensure_experiment(client: MlflowClient, settings: Settings, customer: str) -
 
 
 def auth_client(settings: Settings):
-    from mlflow.server import get_app_client
+    import warnings
 
-    return get_app_client("basic-auth", tracking_uri=settings.resolved_tracking_uri)
+    with warnings.catch_warnings():  # importing MLflow's server app warns about starlette's WSGI middleware
+        warnings.simplefilter("ignore")
+        from mlflow.server import get_app_client
+
+        return get_app_client("basic-auth", tracking_uri=settings.resolved_tracking_uri)
 
 
 def auth_enabled(settings: Settings) -> bool:

@@ -179,3 +179,24 @@ def test_identical_weights_hash_the_same_in_two_workspaces(tiny_model, photos, t
         assert str(tmp_path) not in json.dumps([p.read_text() for p in out.output_dir.rglob("*.json")])
         hashes.append(tree_hash(out.output_dir))
     assert hashes[0] == hashes[1]
+
+
+def test_an_item_id_with_a_newline_is_an_invalid_line(tmp_path):
+    from models.batch.manifest import parse_generation_manifest
+
+    items, invalid = parse_generation_manifest(json.dumps({"id": "nl\n", "prompt": "x"}) + "\n" + json.dumps({"id": "ok", "prompt": "y"}))
+    assert [i.id for i in items] == ["ok"] and len(invalid) == 1 and invalid[0].line == 1
+
+
+def test_a_killed_writers_temporary_folder_is_swept_by_the_next_writer(tmp_path):
+    from atelier.storage import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".priors.tmp-{dead}-abcd1234"
+    stale.mkdir()
+    (stale / "class-0000.png").write_bytes(b"half")
+    alive = tmp_path / f".priors.tmp-{os.getpid()}-live0000"  # a writer still at work: kept
+    alive.mkdir()
+    with atomic_dir(tmp_path / "priors") as tmp:
+        (tmp / "done").write_text("1")
+    assert not stale.exists() and alive.exists() and (tmp_path / "priors" / "done").is_file()
