@@ -38,7 +38,7 @@ from typing import Callable
 
 from atelier.errors import ConfigError, ServiceUnavailable
 from atelier.settings import Settings
-from atelier.stack_config import (MLFLOW_ADMIN, bin_path, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
+from atelier.stack_config import (MLFLOW_ADMIN, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
                                   seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
                                   database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
                                   stack_secrets)
@@ -78,11 +78,9 @@ class ServiceState:
 def add_s3_reader(settings: Settings, identity: dict) -> bool:
     """Add or replace a customer's S3 reader and make the running S3 server reload its identities
     (SIGHUP). False when this machine runs no stack S3 (keys then have to be made on the S3 server)."""
-    path = s3_identities_file(settings)
-    if not path.is_file():
+    if not s3_identities_file(settings).is_file():
         return False
-    current = [i for i in json.loads(path.read_text())["identities"] if i["name"] not in ("atelier-platform", identity["name"])]
-    write_s3_config(settings, [*current, identity])
+    write_s3_config(settings, [*(i for i in customer_identities(settings) if i["name"] != identity["name"]), identity])
     record = _read_record(settings, "s3")
     if record is not None and _alive(record):
         os.killpg(record["pid"], signal.SIGHUP)

@@ -18,6 +18,7 @@ from atelier.storage import write_secret_file
 DATABASE_PARTS = ("prefect", "mlflow", "mlflow_auth", "ledger")
 MLFLOW_ADMIN = "atelier-ops"  # the platform's identity on MLflow (admin); customers are users beside it
 PREFECT_USER = "atelier"
+PLATFORM_IDENTITY = "atelier-platform"  # the platform's S3 identity (read/write); customers' readers sit beside it
 # what a server or worker inherits from the caller's environment; everything else it gets is named
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SSL_CERT_FILE",
              "REQUESTS_CA_BUNDLE", "ATELIER_ACTOR")
@@ -115,7 +116,7 @@ def s3_identities_file(settings: Settings) -> Path:
 
 def platform_identity(settings: Settings) -> dict:
     secret = stack_secrets(settings)
-    return {"name": "atelier-platform", "credentials": [{"accessKey": secret["s3_access_key"], "secretKey": secret["s3_secret_key"]}],
+    return {"name": PLATFORM_IDENTITY, "credentials": [{"accessKey": secret["s3_access_key"], "secretKey": secret["s3_secret_key"]}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
 
 
@@ -126,16 +127,21 @@ def reader_identity(settings: Settings, name: str, prefix: str, access_key: str,
             "actions": [f"Read:{resource}", f"List:{resource}"]}
 
 
+def customer_identities(settings: Settings) -> list[dict]:
+    """The customers' readers in identities.json (everything but the platform's own identity)."""
+    try:
+        identities = json.loads(s3_identities_file(settings).read_text())["identities"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [i for i in identities if i["name"] != PLATFORM_IDENTITY]
+
+
 def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> None:
-    """identities.json (the platform, then the customers' readers) and security.toml (JWT keys that
-    close the master's, volume's and filer's own HTTP ports to anyone but SeaweedFS itself)."""
-    path = s3_identities_file(settings)
-    if customers is None:
-        try:
-            customers = [i for i in json.loads(path.read_text())["identities"] if i["name"] != "atelier-platform"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            customers = []
-    write_secret_file(path, json.dumps({"identities": [platform_identity(settings), *customers]}, indent=1))
+    """identities.json (the platform, then the customers' readers: by default the ones already there) and
+    security.toml (JWT keys that close the master's, volume's and filer's own HTTP ports to anyone but
+    SeaweedFS itself)."""
+    customers = customer_identities(settings) if customers is None else customers
+    write_secret_file(s3_identities_file(settings), json.dumps({"identities": [platform_identity(settings), *customers]}, indent=1))
     secret = stack_secrets(settings)
     toml = "".join(f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
                    for section, name in (("signing", "write"), ("signing.read", "read"), ("filer_signing", "filer_write"),
@@ -146,15 +152,16 @@ def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> 
 def s3_ready(settings: Settings) -> Callable[[], bool]:
     """Up when a signed request of the platform's identity succeeds (the gateway listens before its
     filer and volumes are ready)."""
-    def check() -> bool:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
 
-        env = client_environment(settings)
-        client = boto3.client("s3", endpoint_url=env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                              config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    env = client_environment(settings)
+    client = boto3.client("s3", endpoint_url=env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+
+    def check() -> bool:
         try:
             client.list_buckets()
             return True
@@ -173,14 +180,16 @@ def seaweed_ports(settings: Settings) -> dict[str, int]:
 def seaweed_argv(settings: Settings) -> list[str]:
     s = settings.stack
     ports = seaweed_ports(settings)
-    return [bin_path("weed"), "server", f"-dir={s3_dir(settings) / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}",
+    return [bin_path("weed"), f"-logdir={s3_dir(settings) / 'logs'}", "server", f"-dir={s3_dir(settings) / 'data'}",
+            f"-ip={s.host}", f"-ip.bind={s.host}",
             *(f"-{k}={v}" for k, v in ports.items()), "-s3", f"-s3.port={s.s3_port}",
             f"-s3.config={s3_identities_file(settings)}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
             "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-master.defaultReplication=000"]
 
 
 def prepare_s3(settings: Settings) -> None:
-    (s3_dir(settings) / "data").mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "logs"):
+        (s3_dir(settings) / sub).mkdir(parents=True, exist_ok=True)
     write_s3_config(settings)
 
 

@@ -24,11 +24,12 @@ def reconcile(client: MlflowClient, ledger: Ledger, model: str | None = None) ->
     """Settle open intents (of `model`, or all); returns one line per settled intent."""
     store = AnchorStore(client)
     store.settle(ledger)
-    anchor = store.read()
-    if ledger.verify(anchor.head, anchor.pending):
+    intents = open_intents(ledger.rows(model))
+    anchor = store.read() if intents else None
+    if intents and ledger.verify(anchor.head, anchor.pending):
         return []  # a tampered ledger is reported, never written onto (see ledger_anchor.require_intact)
     settled = []
-    for intent in open_intents(ledger.rows(model)):
+    for intent in intents:
         action, _, reason = intent.reason.partition(": ")
         live = current_alias(client, intent.model)
         common = dict(model=intent.model, version=intent.version, actor=f"{intent.actor} (reconciled)", gate={}, metrics={},

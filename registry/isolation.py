@@ -39,11 +39,6 @@ def _registered_model(client: MlflowClient, name: str):
         raise
 
 
-def owner_of(client: MlflowClient, name: str) -> str | None:
-    model = _registered_model(client, name)
-    return None if model is None else model.tags.get(CUSTOMER_TAG)
-
-
 def require_owner(client: MlflowClient, name: str, customer: str) -> None:
     """Refuse when `name` exists and is not the platform's model of this customer."""
     model = _registered_model(client, name)

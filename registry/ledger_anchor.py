@@ -53,7 +53,8 @@ class AnchorStore:
 
     def adopt(self, ledger: Ledger) -> str | None:
         """Anchor a ledger that has none yet (written before anchors existed), if its chain verifies."""
-        if self.read().head or self.read().pending or ledger.verify(anchored=False):
+        anchor = self.read()
+        if anchor.head or anchor.pending or ledger.verify(anchored=False):
             return None
         newest = head_of(ledger.rows())
         if newest:

@@ -93,7 +93,7 @@ def guard_result_records() -> None:
             record = json.loads(data)
         except ValueError:
             record = None
-        if isinstance(record, dict) and "metadata" in record or isinstance(record, dict) and "serializer" in record:
+        if isinstance(record, dict) and ("metadata" in record or "serializer" in record):
             spec = (record.get("metadata") or {}).get("serializer", record.get("serializer"))
             _check_serializer(spec, "record")
         elif backup_serializer is not None:
