@@ -90,6 +90,15 @@ def _user_exists(auth, username: str) -> bool:
         return False
 
 
+def _grant_read(auth, customer: str, resource_type: str, resource_id: str) -> None:
+    """READ for the customer's user; a grant it already has is done, not an error (`customer add` resets)."""
+    try:
+        auth.grant_user_permission(customer, resource_type, resource_id, "READ")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+
+
 def grant_customer_read(settings: Settings, name: str, customer: str) -> bool:
     """With basic auth on, give the customer's user READ on `name` and on its experiment (where the
     model's artifacts live), if the user exists."""
@@ -98,7 +107,7 @@ def grant_customer_read(settings: Settings, name: str, customer: str) -> bool:
     auth = auth_client(settings)
     if not _user_exists(auth, customer):
         return False
-    auth.grant_user_permission(customer, "registered_model", name, "READ")
+    _grant_read(auth, customer, "registered_model", name)
     _grant_experiment(settings, auth, customer)
     return True
 
@@ -106,7 +115,7 @@ def grant_customer_read(settings: Settings, name: str, customer: str) -> bool:
 def _grant_experiment(settings: Settings, auth, customer: str) -> None:
     experiment = MlflowClient(settings.resolved_tracking_uri).get_experiment_by_name(settings.experiment_for(customer))
     if experiment is not None and experiment.tags.get(CUSTOMER_TAG) == customer:
-        auth.grant_user_permission(customer, "experiment", experiment.experiment_id, "READ")
+        _grant_read(auth, customer, "experiment", experiment.experiment_id)
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,7 @@ def add_customer(settings: Settings, customer: str, password: str | None = None)
         auth.create_user(customer, password)
     models = [m.name for m in client.search_registered_models(f"tags.`{CUSTOMER_TAG}` = '{customer}'")]
     for name in models:
-        auth.grant_user_permission(customer, "registered_model", name, "READ")
+        _grant_read(auth, customer, "registered_model", name)
     _grant_experiment(settings, auth, customer)
     env = {"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_TRACKING_USERNAME": customer,
            "MLFLOW_TRACKING_PASSWORD": password}

@@ -139,6 +139,16 @@ def test_a_customer_cannot_create_a_name_first_or_write_anything(server, registe
         require_owner(ops, "dreambooth-acme-handmade", "acme")
 
 
+def test_customer_add_again_resets_the_password_and_keeps_the_grants(server, registered, monkeypatch):
+    settings, _ = registered
+    with pytest.MonkeyPatch.context() as mp:
+        _as(mp, server, OPS, OPS_PW)
+        again = add_customer(settings, "acme", "acme-New-Password-456")
+    assert again.models == ["dreambooth-acme-robot"]
+    client = _as(monkeypatch, server, "acme", "acme-New-Password-456")
+    assert client.get_registered_model("dreambooth-acme-robot").name == "dreambooth-acme-robot"
+
+
 def test_wrong_password_is_refused(server, registered):
     resp = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"},
                         auth=("acme", "not-the-password"), timeout=10)
