@@ -33,7 +33,9 @@ def calibrated(prefect_harness, workspace, tmp_path_factory):
 def test_flow_registers_routes_and_gates_the_int8_engine(calibrated, workspace):
     client = MlflowClient(workspace.resolved_tracking_uri)
     mv = client.get_model_version("ocr", calibrated["version"])
-    assert mv.tags["atelier.kind"] == "ocr" and "candidate" in mv.aliases
+    assert mv.tags["atelier.kind"] == "ocr"
+    # the int8 speed rule depends on the CPU (and its load): a passed gate keeps candidate, a refusal removes it
+    assert ("candidate" in mv.aliases) == calibrated["gate"]["passed"] == ("atelier.refused" not in mv.tags)
     summary = json.loads(mv.tags["atelier.eval.summary"])
     assert set(summary["cer_int8"]) >= {"zh", "en", "ru", "ko", "overall"}
     routes = calibrated["routes"]
