@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atelier.demo_data import draw_robot  # noqa: E402
+from cli.demo_data import draw_robot  # noqa: E402
 from models.dreambooth.config import LoraConfig, TrainConfig  # noqa: E402
 from models.dreambooth.trainer import TrainInputs, train  # noqa: E402
 

@@ -56,10 +56,10 @@ def main() -> None:
              "ATELIER_STACK__S3_PORT": str(_port())}
     try:
         print(f"atelier up: {_run(stack, 'up'):.1f} s")
-        from atelier.stack import read_env_file
+        from cli.stack_processes import read_env_file
 
         stack.update(read_env_file(root / "stack" / ".atelier" / "stack" / "stack.env"))
-        from atelier.demo_data import write_demo_photos
+        from cli.demo_data import write_demo_photos
 
         times: dict[str, dict[str, list[float]]] = {"embedded": {}, "stack": {}}
         for env in (embedded, stack):

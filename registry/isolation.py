@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -127,10 +128,16 @@ class CustomerAccess:
     env: dict[str, str] = field(default_factory=dict)  # what the customer's client sets
 
 
-def add_customer(settings: Settings, customer: str, password: str | None = None) -> CustomerAccess:
+# grant(identity name, bucket prefix, access key, secret key): make the keys a reader of that prefix only;
+# False where this machine runs no S3 of its own. The command line passes the stack's (cli/stack_processes.py).
+S3ReaderGrant = Callable[[str, str, str, str], bool]
+
+
+def add_customer(settings: Settings, customer: str, password: str | None = None,
+                 grant_s3_reader: S3ReaderGrant | None = None) -> CustomerAccess:
     """Create (or reset) the customer's MLflow user with READ on its experiment and registered models;
-    the platform creates the experiment first, so nobody else can. On `atelier up`'s stack, also S3
-    keys that read the customer's artifact prefix only."""
+    the platform creates the experiment first, so nobody else can. With `grant_s3_reader` (on `atelier
+    up`'s stack), also S3 keys that read the customer's artifact prefix only."""
     check_slug(customer, "customer")
     if not auth_enabled(settings):
         raise NotFound("MLflow basic auth", f"is not in use at {settings.resolved_tracking_uri}",
@@ -150,20 +157,18 @@ def add_customer(settings: Settings, customer: str, password: str | None = None)
     _grant_experiment(settings, auth, customer)
     env = {"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_TRACKING_USERNAME": customer,
            "MLFLOW_TRACKING_PASSWORD": password}
-    access_key = _s3_reader(settings, customer, env)
+    access_key = _s3_reader(settings, customer, env, grant_s3_reader) if grant_s3_reader else None
     return CustomerAccess(customer, password, models, access_key, env)
 
 
-def _s3_reader(settings: Settings, customer: str, env: dict[str, str]) -> str | None:
+def _s3_reader(settings: Settings, customer: str, env: dict[str, str], grant: S3ReaderGrant) -> str | None:
     """Read-only S3 keys on the customer's artifact prefix, where this machine runs the stack's S3."""
-    from atelier import stack
-
     root = settings.artifact_root_for(customer)
     if not root.startswith(f"s3://{settings.stack.bucket}/"):
         return None
     access_key, secret_key = f"{customer}-{secrets.token_hex(6)}", secrets.token_urlsafe(30)
     prefix = root.split("/", 3)[3]
-    if not stack.add_s3_reader(settings, stack.reader_identity(settings, f"customer-{customer}", prefix, access_key, secret_key)):
+    if not grant(f"customer-{customer}", prefix, access_key, secret_key):
         return None
     env.update({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1",
                 "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url or ""})

@@ -62,7 +62,7 @@ def prefect_harness():
 
 @pytest.fixture
 def photos(tmp_path) -> list[Path]:
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
 
     return write_demo_photos(tmp_path / "photos", count=5)
 

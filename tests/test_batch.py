@@ -60,7 +60,7 @@ def test_store_keys_cannot_escape_and_local_writes_are_atomic(tmp_path):
 @pytest.fixture(scope="module")
 def versions(prefect_harness, workspace, tmp_path_factory):
     """dreambooth-batchco-robot v1 (champion) and v2 (a different step count), both registered."""
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
     from atelier.workspace import add_subject
     from flows.subject_finetune import subject_finetune
     from tasks.dreambooth import TINY_CONFIG
@@ -110,7 +110,7 @@ def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, work
     m = manifest(tmp_path / "m.jsonl", 16, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "batch-generate", CUSTOMER, SUBJECT, "--manifest", str(m),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "batch-generate", CUSTOMER, SUBJECT, "--manifest", str(m),
                              "--out", str(out), "--batch-size", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "items").glob("*.json"))) < 3:
@@ -257,7 +257,7 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
                             "out": str(tmp_path / "sched-{date}"), "cron": "0 2 * * *"}],
         "ocr_recalibrate": {"cron": "0 4 * * 0"}}))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "deploy", "--file", str(sched)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cli", "deploy", "--file", str(sched)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with get_client(sync_client=True) as client:
@@ -268,7 +268,7 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
         assert retrain.parameters["skip_if_unchanged"] is True
         client.read_deployment_by_name("ocr-calibrate/ocr-recalibrate")
 
-    worker = subprocess.Popen([sys.executable, "-m", "atelier.cli", "worker", "--file", str(sched)], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--file", str(sched)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         run = run_deployment(f"subject-finetune/retrain-{CUSTOMER}-{SUBJECT}", timeout=240)
@@ -286,6 +286,6 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
     assert rows[str(run.id)]["deployment"] == f"retrain-{CUSTOMER}-{SUBJECT}"
     assert rows[str(gen.id)]["model"].startswith(f"dreambooth-{CUSTOMER}-{SUBJECT}/") and "manifest.jsonl" in rows[str(gen.id)]["outputs"]
     assert len(list(tmp_path.glob("sched-*/images/*.png"))) == 2
-    shown = subprocess.run([sys.executable, "-m", "atelier.cli", "runs", "--flow", "subject-finetune", "--limit", "5"], env=env,
+    shown = subprocess.run([sys.executable, "-m", "cli", "runs", "--flow", "subject-finetune", "--limit", "5"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and f"retrain-{CUSTOMER}-{SUBJECT}" in shown.stdout and "no-op" in shown.stdout, shown.stdout + shown.stderr

@@ -32,7 +32,7 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_compose_gives_clients_the_settings_that_atelier_up_writes(settings):
-    from atelier.stack import client_environment, database_names
+    from cli.stack_processes import client_environment, database_names
 
     compose = _compose()
     env = compose["x-atelier-env"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from atelier.demo_data import write_demo_photos
+from cli.demo_data import write_demo_photos
 from atelier.errors import DataValidationError, ModelFormatError
 from atelier.hashing import sha256_file
 from atelier.workspace import add_subject, subject_revision
@@ -89,7 +89,7 @@ def test_rerun_with_same_inputs_registers_nothing_new(first_run):
 
 
 def test_second_subject_of_the_same_class_reuses_class_priors(first_run, workspace, client, tmp_path):
-    from atelier.demo_data import draw_robot
+    from cli.demo_data import draw_robot
     from flows.subject_finetune import subject_finetune
 
     folder = tmp_path / "other"
@@ -166,7 +166,7 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
     from sqlalchemy import create_engine, text
     from typer.testing import CliRunner
 
-    from atelier.cli import app
+    from cli.main import app
 
     runner = CliRunner()
     refused = [r for r in client.search_model_versions(f"name = '{NAME}'") if r.tags.get("atelier.gate") and

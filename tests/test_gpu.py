@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
     from models.dreambooth.base import model_hash
     from models.dreambooth.config import load_train_config
     from models.dreambooth.priors import PriorSpec, ensure_class_priors

@@ -135,7 +135,7 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
 
     from mlflow import MlflowClient
 
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
     from atelier.workspace import add_subject
     from flows.subject_finetune import subject_finetune
 
@@ -177,13 +177,13 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
     env = {**__import__("os").environ, "ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url,
            "ATELIER_JUDGE__API_KEY": KEY, "ATELIER_WORKSPACE": str(tmp_path / "nowhere")}
     faults.extend(["yes:0.7", '''text:{"caption": "a red square", "objects": [{"label": "square", "box": [0, 0, 1000, 1000]}]}'''])
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
+    done = subprocess.run([sys.executable, "-m", "cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.splitlines()[0])
     assert row["prompt_score"] == pytest.approx(0.7) and row["caption"] == "a red square" and row["objects"][0]["label"] == "square"
     assert KEY not in done.stdout + done.stderr
-    missing = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
+    missing = subprocess.run([sys.executable, "-m", "cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
 

@@ -65,7 +65,7 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
     zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
     (tmp_path / "broken.png").write_bytes(b"nope")
     out = tmp_path / "out.jsonl"
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
+    done = subprocess.run([sys.executable, "-m", "cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
                            "--lines", "--lang", "zh", "--model", f"ocr/{calibrated['version']}", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from atelier import stack
+from cli import stack_processes as stack
 from atelier.errors import ConfigError, ServiceUnavailable
 from atelier.settings import load_settings
 

@@ -30,7 +30,7 @@ def _read_env(path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tenants(stack):
     """acme's robot (registered by test_stack.py, or here) and globex's widget, and both customers' credentials."""
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
 
     if not stack.sql("mlflow", "SELECT 1 FROM registered_models WHERE name = %s", "dreambooth-acme-robot"):
         stack.run(ATELIER, "finetune", "acme", "robot")
@@ -250,7 +250,7 @@ def test_a_rerun_repairs_a_version_whose_files_were_lost_instead_of_promoting_it
 
 
 def test_s3_killed_mid_run_exits_6_naming_s3_and_loses_nothing_registered(stack, tenants):
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
 
     photos = write_demo_photos(stack.ws.parent / "photos-acme-lamp", count=4)
     stack.run(ATELIER, "subject", "add", "acme", "lamp", *map(str, photos), "--class", "toy")

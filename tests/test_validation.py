@@ -53,7 +53,7 @@ def test_each_bad_file_is_named_with_its_rule(tmp_path, photos):
 
 @pytest.mark.parametrize("count", [2, 21])
 def test_too_few_or_too_many(tmp_path, count):
-    from atelier.demo_data import write_demo_photos
+    from cli.demo_data import write_demo_photos
 
     folder = tmp_path / "set"
     write_demo_photos(folder, count=count, size=260)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from atelier.cli_common import cli_settings, friendly
+from cli.common import cli_settings, friendly
 
 
 @friendly

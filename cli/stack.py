@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import typer
 
-from atelier.cli_common import cli_settings, friendly
+from cli.common import cli_settings, friendly
 from atelier.errors import ConfigError
 
 
@@ -19,14 +19,14 @@ def up_cmd() -> None:
     """Start PostgreSQL databases, S3 (SeaweedFS, on disk), Prefect server, MLflow server and a worker on
     this machine, each requiring credentials; only what is not running yet. Writes the platform's client
     settings and credentials to .atelier/stack/stack.env (0600)."""
-    from atelier import stack
+    from cli import stack_processes as stack
 
     settings = cli_settings()
     stack.up(settings, stack.SERVERS, typer.echo)
     # configured from a process that has the stack's settings, so Prefect talks to the stack's server
     env = {**os.environ, **stack.client_environment(settings)}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "stack-init"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "cli", "stack-init"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise ConfigError("stack-init", (done.stderr or done.stdout).strip()[-800:], "read the message; `atelier status` shows the logs")
     typer.echo(done.stdout.rstrip())
@@ -42,7 +42,7 @@ def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
                                                  help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
     """Stop what `atelier up` started (by process id). The databases and S3's data (.atelier/stack/s3/)
     stay; --drop-databases drops the databases."""
-    from atelier import stack
+    from cli import stack_processes as stack
 
     settings = cli_settings()
     stopped = stack.down(settings)
@@ -61,7 +61,7 @@ def _print_status(states) -> None:
 @friendly
 def status_cmd() -> None:
     """What `atelier up` started and whether it still runs, with its log file."""
-    from atelier import stack
+    from cli import stack_processes as stack
 
     states = stack.status(cli_settings())
     _print_status(states)

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from atelier import cli_judge, cli_ocr, cli_registry, cli_serve, cli_stack
-from atelier.cli_common import cli_settings, friendly
+from cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
+from cli.common import cli_settings, friendly
 from atelier.errors import GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
@@ -220,7 +220,7 @@ def demo() -> None:
     import tempfile
     import time
 
-    from atelier.demo_data import DEMO_CLASS, DEMO_CUSTOMER, DEMO_SUBJECT, write_demo_photos
+    from cli.demo_data import DEMO_CLASS, DEMO_CUSTOMER, DEMO_SUBJECT, write_demo_photos
     from atelier.workspace import list_subjects
 
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from atelier.cli_common import cli_settings, friendly
+from cli.common import cli_settings, friendly
 from atelier.errors import GateRefused
 
 

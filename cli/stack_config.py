@@ -1,6 +1,6 @@
 """What the stack's servers are configured with: credentials (generated once, kept 0600), the clients'
 settings, SeaweedFS's S3 identities and JWT keys, MLflow's auth app configuration, the databases.
-`atelier/stack.py` starts and stops the processes; this module decides what they are given."""
+`cli/stack_processes.py` starts and stops the processes; this module decides what they are given."""
 
 from __future__ import annotations
 

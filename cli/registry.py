@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from atelier.cli_common import cli_settings, friendly
+from cli.common import cli_settings, friendly
 from atelier.errors import GateRefused
 
 ledger_app = typer.Typer(help="The tamper-evident promotion ledger.", no_args_is_help=True)
@@ -168,13 +168,15 @@ def customer_add(
     """Create (or reset) the customer's MLflow user with READ on its own experiment and registered models;
     on `atelier up`'s stack also S3 keys that read only its own artifacts. The credentials go to a 0600
     file, never to the terminal."""
+    import functools
     import sys
 
+    from cli import stack_processes as stack
     from registry.isolation import add_customer, write_customer_env
 
     settings = cli_settings()
     password = sys.stdin.readline().strip() if password_stdin else None
-    access = add_customer(settings, name, password or None)
+    access = add_customer(settings, name, password or None, grant_s3_reader=functools.partial(stack.grant_s3_reader, settings))
     path = write_customer_env(out or settings.state_dir / "customers" / f"{name}.env", access)
     typer.echo(f"customer {name}: MLflow user with READ on its experiment and {len(access.models)} model(s): "
                f"{', '.join(access.models) or '-'}" + ("; S3 keys that read only its artifacts" if access.s3_access_key else ""))

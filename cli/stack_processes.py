@@ -38,7 +38,7 @@ from typing import Callable
 
 from atelier.errors import ConfigError, ServiceUnavailable
 from atelier.settings import Settings
-from atelier.stack_config import (MLFLOW_ADMIN, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
+from cli.stack_config import (MLFLOW_ADMIN, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
                                   seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
                                   database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
                                   stack_secrets)
@@ -46,7 +46,7 @@ from atelier.storage import write_secret_file, write_text_atomic
 
 # the configuration lives in stack_config; callers reach these through this module
 __all__ = ["MLFLOW_ADMIN", "client_environment", "database_names", "database_url", "reader_identity", "secrets_file", "stack_dir",
-           "stack_secrets", "add_s3_reader", "up", "down", "status", "stop", "services", "ensure_databases", "drop_databases",
+           "stack_secrets", "add_s3_reader", "grant_s3_reader", "up", "down", "status", "stop", "services", "ensure_databases", "drop_databases",
            "write_env_file", "read_env_file", "env_file", "Service", "ServiceState", "SERVERS", "ORDER"]
 
 SERVERS = ("s3", "prefect", "mlflow")
@@ -86,6 +86,12 @@ def add_s3_reader(settings: Settings, identity: dict) -> bool:
         os.killpg(record["pid"], signal.SIGHUP)
         time.sleep(1.0)  # the gateway reloads within a few hundred ms
     return True
+
+
+def grant_s3_reader(settings: Settings, name: str, prefix: str, access_key: str, secret_key: str) -> bool:
+    """`registry.isolation.add_customer`'s S3 grant on this machine's stack: keys that list and read
+    `bucket/prefix/*` only."""
+    return add_s3_reader(settings, reader_identity(settings, name, prefix, access_key, secret_key))
 
 
 def env_file(settings: Settings) -> Path:

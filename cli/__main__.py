@@ -1,0 +1,5 @@
+"""`python -m cli ...` is `atelier ...`."""
+
+from cli.main import main
+
+main()
