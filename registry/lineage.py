@@ -15,8 +15,6 @@ from atelier.errors import NotFound
 from atelier.hashing import tree_hash
 from atelier.settings import Settings
 from atelier.workspace import checkout_subject
-from models.dreambooth.base import model_hash
-from models.dreambooth.priors import prior_images_hash
 from registry.ledger import Ledger
 
 
@@ -87,6 +85,9 @@ def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
 def verify(settings: Settings, report: dict) -> list[str]:
     """Re-hash the model artifacts, the input photos at their revision, the base model and the class
     priors; return one line per drift (empty: everything matches)."""
+    from models.dreambooth.base import model_hash  # diffusers and torch: only where a subject model is verified
+    from models.dreambooth.priors import prior_images_hash
+
     drift: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=report["source"], dst_path=str(Path(tmp) / "model")))

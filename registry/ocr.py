@@ -1,7 +1,10 @@
-"""The OCR engine as an MLflow pyfunc model, registered with its routing table, confidence map and
-lineage, once per calibration key.
+"""The OCR engine as an MLflow pyfunc model, registered with its engine spec (routing table, recognisers
+and their variants, the one served and the CPU it was chosen on), confidence map and lineage, once per
+calibration key.
 
-Artifacts: det.onnx, rec.onnx (int8), rec_fp32.onnx, cls.onnx, routing.json, confidence.json.
+Artifacts: det.onnx, cls.onnx, rec_fp32.onnx and rec_int8.onnx (PP-OCRv6 small: both kept, the spec
+says which serves), rec_charset.txt, ppocrv5.onnx + ppocrv5_charset.txt (the script probe), spec.json,
+confidence.json.
 Input: a DataFrame with `path` (a document image) and optionally `lang` and `kind` ("line" for a
 pre-cropped line, "page" otherwise). Output: text, language, backend, confidence, flagged, lines
 (JSON: text, confidence, box). Load it with plain `mlflow.pyfunc.load_model("models:/ocr@champion")`.
@@ -28,7 +31,8 @@ from registry.promotion import record_candidate
 
 MODEL_NAME = "ocr"
 EXPERIMENT = "ocr"
-PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "rapidocr-onnxruntime==1.4.4", "pandas", "pillow", "mlflow==3.17.2", "pydantic-settings"]
+PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "rapidocr-onnxruntime==1.4.4", "onnx==1.23.2", "opencv-python", "pandas", "pillow",
+                    "mlflow==3.17.2", "pydantic-settings"]
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "path"), ColSpec("string", "lang", required=False), ColSpec("string", "kind", required=False)]),
     outputs=Schema([ColSpec("string", "path"), ColSpec("string", "text"), ColSpec("string", "language"), ColSpec("string", "backend"),
@@ -44,12 +48,14 @@ class OCRModel(mlflow.pyfunc.PythonModel):
         self.review_below = review_below
 
     def load_context(self, context) -> None:
+        import logging
+
         from models.ocr.engine import load_engine
 
-        a = context.artifacts
+        a = {k: Path(v) for k, v in context.artifacts.items()}
         glm = os.environ.get("ATELIER_GLM_OCR_WEIGHTS")  # where this machine keeps GLM-OCR, if routed to
-        self.engine = load_engine(Path(a["det"]), Path(a["rec"]), Path(a["cls"]), json.loads(Path(a["routing"]).read_text()),
-                                  json.loads(Path(a["confidence"]).read_text()), self.review_below, glm_weights=Path(glm) if glm else None)
+        self.engine = load_engine(a, json.loads(a["spec"].read_text()), json.loads(a["confidence"].read_text()), self.review_below,
+                                  glm_weights=Path(glm) if glm else None, log=logging.getLogger("atelier.ocr").warning)
 
     def predict(self, context, model_input, params=None):
         from models.ocr.engine import read_documents
@@ -65,7 +71,7 @@ def _opt(value):
     return None if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else str(value)
 
 
-def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, confidence: dict, lineage: dict,
+def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confidence: dict, lineage: dict,
                  metrics: dict[str, float], tables: dict[str, list[dict]], review_below: float) -> Registered:
     """One MLflow run (experiment `<prefix>-ocr`) with metrics and per-language tables; then a version of `ocr`
     aliased candidate. The same calibration key is registered once."""
@@ -74,7 +80,7 @@ def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, con
     if client.get_experiment_by_name(experiment) is None:
         client.create_experiment(experiment, artifact_location=settings.artifact_root_for(EXPERIMENT))
     mlflow.set_experiment(experiment)
-    lineage = {**lineage, "kind": "ocr", "model.sha256": file_hashes_of(models)}
+    lineage = {**lineage, "kind": "ocr", "model.sha256": file_hashes_of(files)}
     tags = _tags(lineage)
     existing = find_version(client, MODEL_NAME, "atelier.calibration.key", lineage.get("calibration.key"))
     if existing is not None:
@@ -82,19 +88,20 @@ def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, con
     with mlflow.start_run(run_name="ocr-calibrate", tags=tags) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_dict(lineage, "lineage.json")
-        mlflow.log_dict(routing, "routing.json")
+        mlflow.log_dict(spec, "spec.json")
         for name, rows in tables.items():
             mlflow.log_table(pd.DataFrame(rows), f"tables/{name}.json")
         work = Path(settings.state_dir) / "ocr-artifacts" / lineage.get("calibration.key", "latest")
         work.mkdir(parents=True, exist_ok=True)
-        (work / "routing.json").write_text(json.dumps(routing, indent=1))
+        (work / "spec.json").write_text(json.dumps(spec, indent=1))
         (work / "confidence.json").write_text(json.dumps(confidence, indent=1))
+        staged = _stage(work / "files", files)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example.*")
             warnings.filterwarnings("ignore", message=".*CloudPickle.*")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=OCRModel(review_below), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
-                artifacts={**{k: str(v) for k, v in models.items()}, "routing": str(work / "routing.json"),
+                artifacts={**{k: str(v) for k, v in staged.items()}, "spec": str(work / "spec.json"),
                            "confidence": str(work / "confidence.json")},
                 code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS])
     if _missing(client, MODEL_NAME):
@@ -102,6 +109,20 @@ def register_ocr(settings: Settings, models: dict[str, Path], routing: dict, con
     version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
     record_candidate(client, Ledger(settings.resolved_ledger_url), MODEL_NAME, str(version.version), actor=settings.actor)
     return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
+
+
+def _stage(folder: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """Each artifact under its spec name (`rec_int8.onnx`, `rec_charset.txt`): MLflow keeps a file's
+    own name, and two shipped models are both called rec.onnx."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, path in files.items():
+        target = folder / f"{name}{Path(path).suffix}"
+        shutil.copyfile(path, target)
+        out[name] = target
+    return out
 
 
 def file_hashes_of(models: dict[str, Path]) -> dict[str, str]:

@@ -23,4 +23,16 @@ def load_python_model(settings: Settings, name: str, version: str):
     import mlflow.pyfunc
 
     client_for(settings)  # sets the tracking URI
-    return mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
+    # the model's pip requirements are the lock's; MLflow's comparison against this environment only prints noise
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version}", suppress_warnings=True).unwrap_python_model()
+
+
+def load_ocr_engine(settings: Settings, ref: str):
+    """(model version, the routed OCR engine) of a registered OCR model, pinned: NAME@ALIAS resolves
+    once. A model that is not an OCR engine is refused by name."""
+    from atelier.errors import NotFound
+
+    mv = resolve(client_for(settings), ref)
+    if mv.tags.get("atelier.kind") != "ocr":
+        raise NotFound(f"model {mv.name}/{mv.version}", "is not an OCR model", "pass an OCR model, e.g. --model ocr@champion")
+    return mv, load_python_model(settings, mv.name, str(mv.version)).engine

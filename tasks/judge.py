@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
-VERSIONS = {"judge-samples": "1", "record-judgment": "1", "judge-ocr-cross-check": "1"}
+VERSIONS = {"judge-samples": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
 MAX_CLASS_IMAGES = 4
 
 
@@ -69,10 +69,10 @@ def record_judgment(registered: dict, judgment: dict) -> None:
 
 
 @task(name="judge-ocr-cross-check", version=VERSIONS["judge-ocr-cross-check"], cache_policy=UNCACHED)
-def ocr_cross_check(document_set: dict, rec: str, max_pages: int = 8) -> dict:
-    """The VLM judge reads the set's pages; its agreement (CER) with the int8 engine's reading is a
+def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_pages: int = 8) -> dict:
+    """The VLM judge reads the set's pages; its agreement (CER) with the routed engine's reading is a
     label-free quality signal. A judge that fails gives {"error": ...}; the OCR gate does not use it."""
-    from models.ocr.backends import PPOCR
+    from models.ocr.engine import load_engine
     from models.ocr.images import load_document
     from models.ocr.render import read_labels
     from models.vlm.base import JudgeError
@@ -82,12 +82,12 @@ def ocr_cross_check(document_set: dict, rec: str, max_pages: int = 8) -> dict:
     s = settings()
     root = Path(document_set["path"])
     pages = [r for r in read_labels(root) if r.get("kind") == "page"][:max_pages]
-    engine = PPOCR(rec=Path(rec))
+    engine = load_engine({k: Path(v) for k, v in files.items()}, spec, {})
     items = []
     for r in pages:
-        lines = engine.read_page(load_document(root / r["file"]), r["lang"])
+        reading = engine.read_page(load_document(root / r["file"]), r["lang"])
         items.append({"name": r["file"], "png": (root / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
-                      "ocr_text": "\n".join(x.text for x in lines)})
+                      "ocr_text": reading.text})
     try:
         scorer = Scorer(make_judge(s.judge, s.tiny_judge_dir), Cache(s.state_dir / "judge-cache"))
         rows, summary = ocr_agreement(scorer, items)

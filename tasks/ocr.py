@@ -1,7 +1,9 @@
-"""OCR tasks: document sets, validation, evaluation, int8 quantization, confidence map, registration."""
+"""OCR tasks: document sets, validation, per-backend evaluation, int8 quantization, variant speeds,
+confidence map, the routed engine's evaluation (no language given and given), registration."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,8 +15,8 @@ from atelier.hashing import sha256_file, tree_hash
 from atelier.workspace import documents_dir, track_folder
 from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
-VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "2", "prepare-recogniser": "1", "quantize-recogniser": "2", "compare-speed": "2",
-            "fit-confidence": "1", "register-ocr": "1"}
+VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "3", "prepare-recogniser": "2", "quantize-recogniser": "3",
+            "compare-speed": "3", "choose-variant": "1", "fit-confidence": "1", "evaluate-engine": "1", "register-ocr": "2"}
 SETS = ("calibration", "evaluation")
 
 
@@ -47,7 +49,18 @@ def validate_documents(name: str, document_set: dict) -> dict:
     return {"report_dir": str(report_dir), "rows": report.rows}
 
 
-def _backend(kind: str, rec: str | None):
+def shipped_models() -> dict[str, dict]:
+    """The shipped det/cls/rec files (models/ocr/shipped.py) with their hashes."""
+    from models.ocr.shipped import SHIPPED, shipped
+
+    out = {}
+    for name in SHIPPED:
+        model, charset = shipped(name)
+        out[name] = {"model": str(model), "charset": str(charset) if charset else None, "sha256": sha256_file(model)}
+    return out
+
+
+def _backend(kind: str, rec: str | None, charset: str | None = None):
     """`rec`: the recogniser file for PP-OCR, the weights directory for GLM-OCR."""
     from models.ocr.backends import PPOCR, Tesseract
 
@@ -55,17 +68,20 @@ def _backend(kind: str, rec: str | None):
         from models.ocr.glm import GlmOcr
 
         return GlmOcr(Path(rec))
-    return Tesseract() if kind == "tesseract" else PPOCR(rec=Path(rec) if rec else None)
+    if kind == "tesseract":
+        return Tesseract()
+    return PPOCR(Path(rec), Path(charset) if charset else None, name=kind)
 
 
 @task(name="evaluate-ocr", version=VERSIONS["evaluate-ocr"], cache_policy=BY_INPUTS)
-def evaluate(backend: str, document_set: dict, rec: str | None = None, rec_sha256: str | None = None) -> dict:  # noqa: ARG001 (cache key)
-    """CER per language (language given) and lines/s of one backend on a set's lines."""
+def evaluate(backend: str, document_set: dict, rec: str | None = None, charset: str | None = None,
+             rec_sha256: str | None = None, label: str | None = None) -> dict:  # noqa: ARG001 (rec_sha256: cache key)
+    """CER per language (language given, as a user who knows it would) and lines/s of one backend on a set's lines."""
     from models.ocr.evaluate import evaluate_lines, load_set
 
     records, images = load_set(Path(document_set["path"]))
-    result = evaluate_lines(_backend(backend, rec).read_lines, records, images)
-    label = f"{backend}{' ' + Path(rec).name if rec else ''}"
+    result = evaluate_lines(_backend(backend, rec, charset).read_lines, records, images)
+    label = label or backend
     logger().info("%s: overall CER %.2f%% at %.1f lines/s", label, 100 * result.summary["overall"]["cer"], result.lines_per_s)
     create_table_artifact([{"language": k, "cer_percent": round(100 * v["cer"], 2), "lines": v["lines"], "exact": round(v["exact"], 3)}
                            for k, v in result.summary.items()], description=f"CER per language: {label}")
@@ -75,8 +91,7 @@ def evaluate(backend: str, document_set: dict, rec: str | None = None, rec_sha25
 
 @task(name="prepare-recogniser", version=VERSIONS["prepare-recogniser"], cache_policy=BY_INPUTS)
 def prepare_recogniser(source: str, source_sha256: str) -> dict:
-    """The shipped recogniser rewritten exactly (models/ocr/graph.py): the fp32 baseline and the
-    quantization source."""
+    """The shipped recogniser rewritten exactly (models/ocr/graph.py): a fp32 variant and the quantization source."""
     from models.ocr.quantize import write_simplified
 
     out = settings().state_dir / "ocr" / "fp32" / f"rec-{source_sha256[:12]}.onnx"
@@ -86,33 +101,55 @@ def prepare_recogniser(source: str, source_sha256: str) -> dict:
 
 
 @task(name="quantize-recogniser", version=VERSIONS["quantize-recogniser"], cache_policy=BY_INPUTS, retries=0)
-def quantize(calibration: dict, fp32: dict, langs: list[str], config: dict) -> dict:
+def quantize(calibration: dict, fp32: dict, charset: str | None, langs: list[str], config: dict) -> dict:
     from models.ocr.backends import PPOCR
     from models.ocr.evaluate import load_set
     from models.ocr.quantize import QuantizeConfig, quantize_model
 
     cfg = QuantizeConfig(**config)
-    _, images = load_set(Path(calibration["path"]), langs=tuple(langs))
+    _, images = load_set(Path(calibration["path"]), langs=tuple(langs) or None)
     out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}-{fp32['sha256'][:12]}.onnx"
-    quantize_model(Path(fp32["path"]), out, cfg, images, PPOCR(rec=Path(fp32["path"])).preprocess_line)
+    quantize_model(Path(fp32["path"]), out, cfg, images, PPOCR(Path(fp32["path"]), Path(charset) if charset else None).preprocess_line)
     logger().info("int8 recogniser written to %s (%.1f MB, fp32 %.1f MB)", out, out.stat().st_size / 1e6, Path(fp32["path"]).stat().st_size / 1e6)
     return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
 
 
-@task(name="compare-speed", version=VERSIONS["compare-speed"], cache_policy=BY_INPUTS)
-def compare_speed(document_set: dict, fp32: dict, int8: dict, langs: list[str], repeats: int = 3) -> dict:
-    """Recognition lines/s of the fp32 rewrite and the int8 model, interleaved passes over the same
-    lines of the languages the recogniser is routed for (the gate's speed rule reads this, not the
-    separate evaluation runs)."""
+@task(name="compare-speed", version=VERSIONS["compare-speed"], cache_policy=UNCACHED)
+def compare_speed(document_set: dict, variants: dict[str, str], charset: str | None, langs: list[str], repeats: int = 3) -> dict:
+    """Recognition lines/s of each variant (shipped fp32, fp32 rewrite, int8) on this machine: interleaved
+    passes over the same lines of the languages the recogniser serves, so a busy neighbour slows all
+    alike. Never cached: the answer belongs to the machine that runs it."""
     from models.ocr.backends import PPOCR
-    from models.ocr.evaluate import interleaved_speed, load_set
+    from models.ocr.evaluate import load_set
+    from models.ocr.variants import cpu_signature, measure
 
     _, images = load_set(Path(document_set["path"]), langs=tuple(langs) or None)
-    engines = {"fp32": PPOCR(rec=Path(fp32["path"])), "int8": PPOCR(rec=Path(int8["path"]))}
-    speed = interleaved_speed({k: e.read_lines for k, e in engines.items()}, images, repeats)
-    logger().info("recognition, median of %d interleaved passes over %d lines (%s): fp32 %.1f lines/s, int8 %.1f (%.2fx)",
-                  repeats, len(images), ", ".join(langs) or "all languages", speed["fp32"], speed["int8"], speed["int8"] / speed["fp32"])
-    return speed
+    readers = {k: PPOCR(Path(v), Path(charset) if charset else None).read_lines for k, v in variants.items()}
+    speed = measure(readers, images, repeats)
+    cpu = cpu_signature()
+    logger().info("recognition on %s, median of %d interleaved passes over %d lines: %s", cpu, repeats, len(images),
+                  ", ".join(f"{k} {v:.1f} lines/s" for k, v in speed.items()))
+    return {"speed": speed, "cpu": cpu}
+
+
+@task(name="choose-variant", version=VERSIONS["choose-variant"], cache_policy=UNCACHED)
+def choose_variant(fp32: dict, int8: dict, timing: dict, langs: list[str]) -> dict:
+    """The variant to serve here: int8 when it holds accuracy (the gate's rules against fp32) and is at
+    least gate.ocr.min_speedup x the faster exact fp32 form (shipped or rewritten), else that fp32 form."""
+    from models.ocr.variants import choose
+    from registry.gate import evaluate_ocr
+
+    rules = settings().gate.ocr
+    speed = timing["speed"]
+    fp32_form = "rewrite" if speed["rewrite"] >= speed["shipped"] else "shipped"
+    held = evaluate_ocr({"cer_fp32": cer_of(fp32), "cer_served": cer_of(int8), "served": "int8", "langs": langs}, rules)
+    served = choose({"fp32": speed[fp32_form], **({"int8": speed["int8"]} if held.passed else {})}, rules.min_speedup)
+    ratio = speed["int8"] / max(speed[fp32_form], 1e-9)
+    why = (f"int8 holds accuracy and runs {ratio:.2f}x the fp32 {fp32_form} here" if served == "int8" else
+           f"int8 loses accuracy ({'; '.join(held.reasons)})" if not held.passed else
+           f"int8 runs {ratio:.2f}x the fp32 {fp32_form} here, under gate.ocr.min_speedup {rules.min_speedup:.2f}x")
+    logger().info("serving the %s recogniser on %s: %s", served, timing["cpu"], why)
+    return {"served": served, "fp32_form": fp32_form, "why": why, "min_speedup": rules.min_speedup}
 
 
 @task(name="fit-confidence", version=VERSIONS["fit-confidence"], cache_policy=BY_INPUTS)
@@ -129,32 +166,71 @@ def fit_confidence(calibration_eval: dict, evaluation_eval: dict) -> dict:
     return {"map": mapping.to_dict(), "ece_before": before, "ece_after": after}
 
 
+@task(name="evaluate-engine", version=VERSIONS["evaluate-engine"], cache_policy=UNCACHED)
+def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confidence: dict) -> dict:
+    """The routed engine as users run it, on the whole evaluation split (lines and pages): with no
+    language given and with it given, CER per language and images/s; the router's confusion table."""
+    from models.ocr.engine import load_engine, read_documents
+    from models.ocr.metrics import summarise
+    from models.ocr.render import read_labels
+
+    root = Path(document_set["path"])
+    labels = read_labels(root)
+    engine = load_engine({k: Path(v) for k, v in files.items()}, spec, confidence)
+    out: dict = {}
+    for mode in ("no_hint", "hint"):
+        rows = [{"path": str(root / r["file"]), "lang": r["lang"] if mode == "hint" else None, "kind": r.get("kind", "line")} for r in labels]
+        t0 = time.perf_counter()
+        read = read_documents(engine, rows)
+        seconds = time.perf_counter() - t0
+        summary = summarise([{"lang": r["lang"], "text": r["text"], "predicted": o["text"]} for r, o in zip(labels, read)])
+        out[mode] = {"summary": summary, "images_per_s": len(labels) / max(seconds, 1e-9)}
+        if mode == "no_hint":
+            confusion: dict[tuple[str, str], int] = {}
+            for r, o in zip(labels, read):
+                key = (r["lang"], o["language"] or "-")
+                confusion[key] = confusion.get(key, 0) + 1
+            out["confusion"] = [{"language": a, "identified_as": b, "images": n} for (a, b), n in sorted(confusion.items())]
+            out["router_accuracy"] = sum(n for (a, b), n in confusion.items() if a == b) / max(len(labels), 1)
+    logger().info("routed engine on %d images: no language given %.2f%% CER at %.1f images/s (router %.1f%% right); "
+                  "language given %.2f%% at %.1f images/s", len(labels), 100 * out["no_hint"]["summary"]["overall"]["cer"],
+                  out["no_hint"]["images_per_s"], 100 * out["router_accuracy"], 100 * out["hint"]["summary"]["overall"]["cer"],
+                  out["hint"]["images_per_s"])
+    create_table_artifact(out["confusion"], description="OCR router: language given in the labels vs identified with no hint")
+    return out
+
+
 @task(name="register-ocr", version=VERSIONS["register-ocr"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=5)
 @tracked
-def register(models: dict, routing: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
+def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
     from registry.ocr import register_ocr
 
-    reg = register_ocr(settings(), {k: Path(v) for k, v in models.items()}, routing, confidence, lineage, metrics, tables, review_below)
+    reg = register_ocr(settings(), {k: Path(v) for k, v in files.items()}, spec, confidence, lineage, metrics, tables, review_below)
     logger().info("%s %s as %s version %s", "already registered" if reg.reused else "registered", "the OCR engine", reg.name, reg.version)
     return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
+
+
+def spec_hash(spec: dict) -> str:
+    """What the engine does (routes, recognisers and the variant served), not what was measured on the way."""
+    import hashlib
+    import json
+
+    keep = {k: spec[k] for k in ("routes", "first_pass", "probes", "detector", "classifier") if k in spec}
+    keep["recognisers"] = {n: {k: r[k] for k in ("variants", "charset", "serve") if k in r} for n, r in spec["recognisers"].items()}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
 def cer_of(evaluation: dict) -> dict[str, float]:
     return {lang: v["cer"] for lang, v in evaluation["summary"].items()}
 
 
-def routes(evaluations: dict[str, dict]) -> dict:
+def routes(evaluations: dict[str, dict], first_pass: str = "ppocr", probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5")) -> dict:
     """The routing table (as a dict) from backend -> evaluation results."""
     from models.ocr.router import choose_routes
 
-    return choose_routes({k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()}).to_dict()
-
-
-def shipped_models() -> dict[str, str]:
-    from models.ocr.backends import shipped_ppocr_models
-
-    return {k: str(v) for k, v in shipped_ppocr_models().items()}
+    return choose_routes({k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()},
+                         first_pass, probes).to_dict()
 
 
 def glm_weights() -> tuple[str, str] | None:

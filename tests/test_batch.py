@@ -219,12 +219,11 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     from PIL import Image, ImageDraw
 
     from flows.batch import batch_ocr
-    from models.ocr.backends import shipped_ppocr_models
+    from models.ocr.engine import shipped_engine_files
     from registry.ocr import register_ocr
 
-    m = shipped_ppocr_models()
-    reg = register_ocr(workspace, {"det": m["det"], "rec": m["rec"], "rec_fp32": m["rec"], "cls": m["cls"]},
-                       {"routes": {"en": "ppocr", "zh": "ppocr"}}, {}, {"calibration.key": "batch-test"}, {}, {}, 0.5)
+    files, spec = shipped_engine_files({"en": "ppocr", "zh": "ppocr"})
+    reg = register_ocr(workspace, files, spec, {}, {"calibration.key": "batch-test"}, {}, {}, 0.5)
     docs = tmp_path / "docs"
     (docs / "sub dir").mkdir(parents=True)
     img = Image.new("RGB", (320, 48), "white")
@@ -236,7 +235,7 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     first = batch_ocr(str(docs), str(out), model=f"ocr/{reg.version}", lang="en", kind="line")
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["path"] for r in rows] == ["broken.png", "one.png", "sub dir/two.png"]
-    assert "not a readable image" in rows[0]["error"] and rows[1]["error"] == "" and rows[1]["model"] == f"ocr/{reg.version}"
+    assert "not an image" in rows[0]["error"] and rows[1]["error"] == "" and rows[1]["model"] == f"ocr/{reg.version}"
     assert first["written"] == 3 and len(first["failed"]) == 1
     again = batch_ocr(str(docs), str(out), model=f"ocr/{reg.version}", lang="en", kind="line")
     assert again["written"] == 0 and again["done_before"] == 3

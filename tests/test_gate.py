@@ -37,15 +37,20 @@ def test_loss_threshold_is_configurable():
     assert not evaluate_training_health(health, GateRules(max_final_loss=0.5)).passed
 
 
-def test_ocr_gate_weighs_int8_against_fp32():
+def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule():
     from atelier.settings import OcrGateRules
     from registry.gate import evaluate_ocr
 
-    summary = {"cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01}, "cer_int8": {"overall": 0.024, "zh": 0.004, "en": 0.012},
-               "speed_fp32": 10.0, "speed_int8": 20.0, "langs": ["zh", "en"]}
+    summary = {"cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01}, "cer_served": {"overall": 0.024, "zh": 0.004, "en": 0.012},
+               "served": "int8", "langs": ["zh", "en"], "engine_cer": 0.01}
     assert evaluate_ocr(summary, OcrGateRules()).passed
-    worse = {**summary, "cer_int8": {"overall": 0.03, "zh": 0.03, "en": 0.012}}
+    worse = {**summary, "cer_served": {"overall": 0.03, "zh": 0.03, "en": 0.012}}
     result = evaluate_ocr(worse, OcrGateRules())
-    assert not result.passed and {c.name for c in result.checks if not c.passed} == {"cer_overall", "cer_zh"}
-    slow = {**summary, "speed_int8": 10.5}
-    assert [c.name for c in evaluate_ocr(slow, OcrGateRules()).checks if not c.passed] == ["speedup"]
+    assert not result.passed
+    assert {c.name for c in result.checks if not c.passed} == {"gate.ocr.max_cer_increase", "gate.ocr.max_cer_increase_per_language"}
+    assert any("zh CER" in r and "limit +1.00" in r for r in result.reasons)
+    broken = {**summary, "engine_cer": 0.2}
+    assert [c.name for c in evaluate_ocr(broken, OcrGateRules()).checks if not c.passed] == ["gate.ocr.max_cer"]
+    # speed is no gate any more: a version registered with int8 slower than fp32 passes on accuracy
+    old = {"cer_fp32": summary["cer_fp32"], "cer_int8": summary["cer_served"], "speed_fp32": 10.0, "speed_int8": 8.0, "langs": ["zh"]}
+    assert evaluate_ocr(old, OcrGateRules()).passed

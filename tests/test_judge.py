@@ -191,19 +191,20 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
 def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
     from pathlib import Path
 
-    from models.ocr.backends import PPOCR
+    from models.ocr.engine import load_engine, shipped_engine_files
     from models.ocr.images import load_document
-    from models.ocr.render import FONT_FILES, RenderSpec, read_labels, render_set
+    from models.ocr.render import RenderSpec, missing_fonts, read_labels, render_set
     from models.vlm.scoring import ocr_agreement
 
-    if not all(Path(f).is_file() for fonts in FONT_FILES.values() for f in fonts[:1]):
+    if missing_fonts():
         pytest.skip("needs Debian's fonts (make ocr-system-deps)")
     render_set(tmp_path / "docs", RenderSpec(lines_per_lang=0, pages_per_lang=1, seed=3, langs=("en", "zh")))
+    engine = load_engine(*shipped_engine_files({"en": "ppocr", "zh": "ppocr"}), {}, threads=2)
     pages = []
     for r in read_labels(tmp_path / "docs"):
-        lines = PPOCR(threads=2).read_page(load_document(tmp_path / "docs" / r["file"]), r["lang"])
+        reading = engine.read_page(load_document(tmp_path / "docs" / r["file"]), r["lang"])
         pages.append({"name": r["file"], "png": (tmp_path / "docs" / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
-                      "ocr_text": "\n".join(x.text for x in lines)})
+                      "ocr_text": reading.text})
     # the scripted judge reads the first page right and refuses the second twice
     faults.extend(["text:" + json.dumps({"text": pages[0]["label"]}), "refuse", "refuse"])
     rows, summary = ocr_agreement(Scorer(judge(server)), pages)
@@ -218,12 +219,13 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
     from prefect import flow
 
-    from models.ocr.backends import shipped_ppocr_models
-    from models.ocr.render import FONT_FILES, RenderSpec, render_set
+    from models.ocr.engine import shipped_engine_files
+    from models.ocr.render import RenderSpec, missing_fonts, render_set
     from tasks.judge import ocr_cross_check
 
-    if not all(Path(f).is_file() for fonts in FONT_FILES.values() for f in fonts[:1]):
+    if missing_fonts():
         pytest.skip("needs Debian's fonts (make ocr-system-deps)")
+    files, spec = shipped_engine_files({"en": "ppocr"})
     render_set(tmp_path / "ev", RenderSpec(lines_per_lang=1, pages_per_lang=1, seed=4, langs=("en",)))
     monkeypatch.setenv("ATELIER_JUDGE__BACKEND", "http")
     monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", server.url)
@@ -231,7 +233,7 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
     @flow
     def cross() -> dict:
-        return ocr_cross_check({"path": str(tmp_path / "ev")}, str(shipped_ppocr_models()["rec"]))
+        return ocr_cross_check({"path": str(tmp_path / "ev")}, {k: str(v) for k, v in files.items()}, spec)
 
     out = cross()
     assert out["summary"]["pages"] == 1 and out["summary"]["agreement_cer"] > 0.5 and out["rows"][0]["judge_text"] == "anything"

@@ -37,13 +37,11 @@ def test_glm_ocr_directory_errors_name_the_path(tmp_path, tiny_glm):
 
 
 def test_routed_engine_sends_a_language_to_glm_and_needs_its_weights(tiny_glm):
-    from models.ocr.backends import shipped_ppocr_models
-    from models.ocr.engine import load_engine
+    from models.ocr.engine import load_engine, shipped_engine_files
 
-    m = shipped_ppocr_models()
-    routing = {"routes": {"zh": "ppocr", "en": "glm"}}
+    files, spec = shipped_engine_files({"zh": "ppocr", "en": "glm"})
     with pytest.raises(NotFound, match="ATELIER_GLM_OCR_WEIGHTS"):
-        load_engine(m["det"], m["rec"], m["cls"], routing, {}, threads=2)
-    engine = load_engine(m["det"], m["rec"], m["cls"], {**routing, "glm_weights": str(tiny_glm)}, {}, threads=2)
+        load_engine(files, spec, {}, threads=2)
+    engine = load_engine(files, {**spec, "glm_weights": str(tiny_glm)}, {}, threads=2)
     readings = engine.read_lines(lines(), ["en", "zh"])
     assert [r.backend for r in readings] == ["glm", "ppocr"]

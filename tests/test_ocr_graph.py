@@ -73,9 +73,9 @@ def test_a_tensor_read_twice_is_not_folded():
 
 @pytest.mark.slow
 def test_shipped_recogniser_rewrite_matches_and_drops_the_elementwise_ops():
-    from models.ocr.backends import shipped_ppocr_models
+    from models.ocr.shipped import shipped
 
-    source = onnx.load(str(shipped_ppocr_models()["rec"]))
+    source = onnx.load(str(shipped("ppocrv4-rec")[0]))
     simple, counts = simplify(source)
     assert counts["hardswish"] >= 20 and counts["conv_affine"] >= 30
     assert len(simple.graph.node) < 0.65 * sum(n.op_type != "Constant" for n in source.graph.node)
@@ -87,7 +87,7 @@ def test_shipped_recogniser_rewrite_matches_and_drops_the_elementwise_ops():
 def test_interleaved_speed_ranks_readers_by_their_cost():
     import time
 
-    from models.ocr.evaluate import interleaved_speed
+    from models.ocr.variants import measure as interleaved_speed
 
     def reader(cost: float):
         def read(images):
@@ -98,3 +98,16 @@ def test_interleaved_speed_ranks_readers_by_their_cost():
     images = [np.zeros((4, 4, 3), np.uint8)] * 20
     speed = interleaved_speed({"fast": reader(0.001), "slow": reader(0.003)}, images, repeats=3)
     assert 2.0 < speed["fast"] / speed["slow"] < 3.5 and 200 < speed["fast"] < 1000
+
+
+@pytest.mark.slow
+def test_v6_small_rewrite_is_exact():
+    """The recogniser that is quantized and served: its fp32 rewrite reads what the shipped model reads."""
+    from models.ocr.shipped import shipped
+
+    source = onnx.load(str(shipped("ppocrv6s-rec")[0]))
+    simple, counts = simplify(source)
+    assert counts["conv_affine"] >= 30
+    x = np.random.default_rng(4).random((2, 3, 48, 320), dtype=np.float32)
+    want, got = run(source, x), run(simple, x)
+    assert np.abs(got - want).max() < 1e-4 and (got.argmax(-1) == want.argmax(-1)).all()

@@ -1,12 +1,18 @@
-"""OCR backends behind one interface.
+"""OCR backends behind one interface: `read_lines(images, lang)` -> one `Line` per line image.
 
-- `PPOCR`: PaddleOCR's PP-OCR detection + angle classifier + recognition in ONNX, run by
-  rapidocr-onnxruntime. The default models ship inside the `rapidocr-onnxruntime` wheel; any
-  compatible ONNX file (a quantized recogniser, another language's) can be passed instead.
-- `Tesseract`: the Tesseract 5 command line with Debian's language packs.
+- `PPOCR`: one PP-OCR recogniser (any generation; recognizer.py) over pre-cut lines.
+- `Tesseract`: Tesseract 5's command line with Debian's language packs. Lines are read in batches,
+  one process per batch (a list file of images, one "page" each): loading a language model costs
+  more than reading a line (a batch reads about 2x the lines/s of a process per line). Each line is
+  levelled, scaled to a 32-pixel text band and given a 4-pixel margin first: Tesseract's Korean
+  misreads some fonts at other sizes ("내일 밤에는" as "베일 메히능" at 66 px, right at 32-48). Text
+  comes from Tesseract's own text output (its word boxes split Korean into syllables; its text keeps
+  the words), confidence from its TSV; specks it reads as quote marks or backticks at a line's ends
+  are dropped, and a line it leaves empty is read once more as a binarised image. `read_page` reads a whole page
+  with Tesseract's own layout analysis (the baseline benchmarks compare against it).
 
-Both read pre-cropped text lines (`read_lines`) and whole pages (`read_page`, detection first) and
-return `Line`s: text, confidence in [0, 1], and for pages the box (4 corner points).
+Pages go through the detector first (detector.py, layout.py, router.py), so every backend reads
+lines, and a page's lines can go to different backends.
 """
 
 from __future__ import annotations
@@ -14,19 +20,51 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from atelier.errors import AtelierError, NotFound
-from models.ocr.corpus import NO_SPACES
-from models.ocr.langs import language
+from models.ocr.langs import NO_SPACES, language
+from models.ocr.recognizer import CTCRecognizer, level_line
+
+TESSERACT_TEXT_HEIGHT = 32
+_SPECKS = "`'‘’\"“”„,.:;|_~^-"  # what noise at a line's ends reads as
+
+
+def tesseract_line(image: np.ndarray, height: int = TESSERACT_TEXT_HEIGHT, margin: int = 4) -> np.ndarray:
+    """A line as Tesseract reads it best: level, its text band `height` pixels high, a small margin."""
+    line = level_line(image)
+    scale = height / max(line.shape[0], 1)
+    line = cv2.resize(line, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    return cv2.copyMakeBorder(line, margin, margin, margin, margin, cv2.BORDER_REPLICATE)
+
+
+def binarised(image: np.ndarray) -> np.ndarray:
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    _, bw = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return cv2.cvtColor(bw, cv2.COLOR_GRAY2RGB)
+
+
+def strip_specks(text: str) -> str:
+    """Quote marks, backticks and the like that open or close a line without a partner inside it, and
+    a lone mark before the first word or after a figure at the end ("- Если", "12%-")."""
+    text = text.replace("`", "")
+    text = re.sub(r"^[.,:;\-_|~'‘]+\s+(?=\w)", "", text)
+    text = re.sub(r"(?<=[\d%])\s*[-_|~]+$", "", text)
+    while text and text[0] in "'‘“\"„" and not any(q in text[1:] for q in "'’”\""):
+        text = text[1:].lstrip()
+    while text and text[-1] in "'’”\"" and not any(q in text[:-1] for q in "'‘“\"„"):
+        text = text[:-1].rstrip()
+    return text
 
 
 def joiner(lang: str | None) -> str:
@@ -48,88 +86,39 @@ class OCRError(AtelierError):
     pass
 
 
-def shipped_ppocr_models() -> dict[str, Path]:
-    """The PP-OCRv4 det/rec and v2 cls ONNX files inside the rapidocr-onnxruntime wheel."""
-    spec = find_spec("rapidocr_onnxruntime")
-    if spec is None or spec.origin is None:
-        raise NotFound("rapidocr-onnxruntime", "is not installed", "install the lock file: `make demo` or `pip install rapidocr-onnxruntime==1.4.4`")
-    root = Path(spec.origin).parent / "models"
-    files = {"det": root / "ch_PP-OCRv4_det_infer.onnx", "rec": root / "ch_PP-OCRv4_rec_infer.onnx",
-             "cls": root / "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
-    for kind, path in files.items():
-        if not path.is_file():
-            raise NotFound(str(path), f"the shipped PP-OCR {kind} model is missing", "reinstall rapidocr-onnxruntime==1.4.4")
-    return files
-
-
 class PPOCR:
-    name = "ppocr"
+    """A PP-OCR recogniser as a backend: `name` is what the routing table calls it."""
 
-    def __init__(self, det: Path | None = None, rec: Path | None = None, cls: Path | None = None,
-                 threads: int | None = None, batch_size: int = 8, tuned_sessions: bool = True) -> None:
-        from rapidocr_onnxruntime import RapidOCR
-
-        shipped = shipped_ppocr_models()
-        self.paths = {"det": Path(det or shipped["det"]), "rec": Path(rec or shipped["rec"]), "cls": Path(cls or shipped["cls"])}
-        for kind, path in self.paths.items():
-            if not path.is_file():
-                raise NotFound(str(path), f"no {kind} model file", "pass an existing ONNX file")
-        threads = threads or (os.cpu_count() or 1)
-        self.engine = RapidOCR(det_model_path=str(self.paths["det"]), rec_model_path=str(self.paths["rec"]),
-                               cls_model_path=str(self.paths["cls"]), intra_op_num_threads=threads)
-        self.engine.text_rec.rec_batch_num = batch_size
-        # rapidocr turns ONNX Runtime's memory arena off (a fresh allocation per node per batch: on 2
-        # cores about as much time in the kernel as in the model) and leaves idle threads spinning;
-        # ours keep the arena and let idle threads sleep.
-        for wrapper, kind in ((self.engine.text_det.infer, "det"), (self.engine.text_rec.session, "rec"), (self.engine.text_cls.infer, "cls")):
-            if tuned_sessions:
-                wrapper.session = ort_session(self.paths[kind], threads)
+    def __init__(self, rec: Path, charset: Path | None = None, name: str = "ppocr", threads: int | None = None,
+                 batch_size: int = 8) -> None:
+        self.name = name
+        self.recognizer = CTCRecognizer(rec, charset, threads=threads, batch_size=batch_size, name=name)
 
     def preprocess_line(self, image: np.ndarray, wh_ratio: float) -> np.ndarray:
-        """The recogniser's exact input for an RGB line padded to `wh_ratio` (width over height), as a
-        batch pads its lines to its widest: what int8 calibration must see."""
-        rec = self.engine.text_rec
-        _, height, width = rec.rec_image_shape
-        return rec.resize_norm_img(_bgr(image), max(width / height, wh_ratio))
+        return self.recognizer.preprocess(image, wh_ratio)
 
     def read_lines(self, images: list[np.ndarray], lang: str | None = None) -> list[Line]:
-        bgr = [_bgr(img) for img in images]
-        results, _ = self.engine.text_rec(bgr)
-        return [Line(text, float(conf), None, self.name, lang) for text, conf in results]
-
-    def read_page(self, image: np.ndarray, lang: str | None = None) -> list[Line]:
-        result, _ = self.engine(_bgr(image), use_det=True, use_cls=True, use_rec=True)
-        if not result:
-            return []
-        return [Line(text, float(conf), [[float(x), float(y)] for x, y in box], self.name, lang) for box, text, conf in result]
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return [Line(r.text, r.confidence, None, self.name, lang, {"chars": r.chars}) for r in self.recognizer.read(images)]
 
 
 class Tesseract:
-    """Tesseract 5 through its command line (one process per image, `workers` at a time)."""
+    """Tesseract 5 through its command line: batches of lines, `workers` processes at a time."""
 
     name = "tesseract"
 
-    def __init__(self, binary: str = "tesseract", workers: int | None = None) -> None:
+    def __init__(self, binary: str = "tesseract", workers: int | None = None, batch_size: int = 16, timeout: float = 120.0) -> None:
         path = shutil.which(binary)
         if path is None:
             raise NotFound(binary, "Tesseract is not installed",
                            "install Debian's tesseract-ocr and its language packs (`make ocr-system-deps`)")
         self.binary = path
         self.workers = workers or (os.cpu_count() or 1)
+        self.batch_size = batch_size
+        self.timeout = timeout
         listed = subprocess.run([path, "--list-langs"], capture_output=True, text=True, check=False).stdout.split()
         self.installed = set(listed[1:] if listed and listed[0].startswith("List") else listed)
 
-    def _packs(self, lang: str | None, codes: tuple[str, ...] | None = None) -> str:
+    def packs(self, lang: str | None, codes: tuple[str, ...] | None = None) -> str:
         codes = list(codes) if codes else [lang] if lang else ["en"]
         packs = [language(c).tesseract for c in codes]
         missing = [p for p in packs if p not in self.installed]
@@ -138,49 +127,70 @@ class Tesseract:
                            f"apt-get install tesseract-ocr-{missing[0].replace('_', '-')}")
         return "+".join(packs)
 
-    def _run(self, image: np.ndarray, packs: str, psm: int) -> list[dict]:
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "PNG")
-        done = subprocess.run([self.binary, "stdin", "stdout", "-l", packs, "--psm", str(psm), "tsv"], input=buf.getvalue(),
-                              capture_output=True, check=False, env={**os.environ, "OMP_THREAD_LIMIT": "1"})
-        if done.returncode != 0:
-            raise OCRError("tesseract", f"failed ({done.stderr.decode(errors='replace')[-300:].strip()})", "check the image and the language pack")
-        rows = list(csv.DictReader(io.StringIO(done.stdout.decode("utf-8", errors="replace")), delimiter="\t", quoting=csv.QUOTE_NONE))
-        return [r for r in rows if r.get("level") == "5" and (r.get("text") or "").strip()]
+    def _run(self, images: list[np.ndarray], packs: str, psm: int) -> list[tuple[str, list[dict]]]:
+        """(text, words) per image, from one Tesseract process."""
+        with tempfile.TemporaryDirectory(prefix="atelier-tess-") as tmp:
+            names = []
+            for i, img in enumerate(images):
+                names.append(str(Path(tmp) / f"{i:05d}.png"))
+                Image.fromarray(img).save(names[-1])
+            (Path(tmp) / "list.txt").write_text("\n".join(names) + "\n")
+            try:
+                done = subprocess.run([self.binary, str(Path(tmp) / "list.txt"), str(Path(tmp) / "out"), "-l", packs, "--psm", str(psm),
+                                       "txt", "tsv"], capture_output=True, check=False, timeout=self.timeout,
+                                      env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+            except subprocess.TimeoutExpired:
+                raise OCRError("tesseract", f"did not finish {len(images)} image(s) in {self.timeout:.0f} s",
+                               "split the page or lower its resolution") from None
+            if done.returncode != 0:
+                raise OCRError("tesseract", f"failed ({done.stderr.decode(errors='replace')[-300:].strip()})",
+                               "check the image and the language pack")
+            texts = (Path(tmp) / "out.txt").read_text(encoding="utf-8", errors="replace").split("\f")
+            rows = list(csv.DictReader(io.StringIO((Path(tmp) / "out.tsv").read_text(encoding="utf-8", errors="replace")),
+                                       delimiter="\t", quoting=csv.QUOTE_NONE))
+        words: list[list[dict]] = [[] for _ in images]
+        for r in rows:
+            if r.get("level") == "5" and (r.get("text") or "").strip():
+                page = int(r["page_num"]) - 1
+                if 0 <= page < len(images):
+                    words[page].append(r)
+        return [((texts[i] if i < len(texts) else "").strip(), words[i]) for i in range(len(images))]
 
-    def _lines(self, words: list[dict], lang: str | None, with_boxes: bool) -> list[Line]:
+    @staticmethod
+    def _confidence(words: list[dict]) -> float:
+        return float(np.mean([max(float(w["conf"]), 0.0) for w in words])) / 100.0 if words else 0.0
+
+    def read_lines(self, images: list[np.ndarray], lang: str | None = None, packs: tuple[str, ...] | None = None) -> list[Line]:
+        """`packs` (language codes) overrides `lang`'s pack."""
+        if not images:
+            return []
+        chosen = self.packs(lang, packs)
+        prepared = [tesseract_line(img) for img in images]
+        results = self._batches(prepared, chosen)
+        empty = [i for i, (text, _) in enumerate(results) if not text.strip()]
+        if empty:  # once more, binarised: a speckled or faint line Tesseract's own thresholding lost
+            for i, again in zip(empty, self._batches([binarised(prepared[i]) for i in empty], chosen)):
+                results[i] = again
+        return [Line(strip_specks(" ".join(text.split())), self._confidence(words), None, self.name, lang) for text, words in results]
+
+    def _batches(self, images: list[np.ndarray], packs: str) -> list[tuple[str, list[dict]]]:
+        size = max(1, min(self.batch_size, -(-len(images) // self.workers)))
+        chunks = [images[i:i + size] for i in range(0, len(images), size)]
+        with ThreadPoolExecutor(self.workers) as pool:
+            return [r for chunk in pool.map(lambda c: self._run(c, packs, 7), chunks) for r in chunk]
+
+    def read_page(self, image: np.ndarray, lang: str | None = None, packs: tuple[str, ...] | None = None) -> list[Line]:
+        """A whole page with Tesseract's layout analysis (psm 3): its lines, in its order, with boxes."""
+        text, words = self._run([image], self.packs(lang, packs), 3)[0]
         groups: dict[tuple, list[dict]] = {}
         for w in words:
             groups.setdefault((w["block_num"], w["par_num"], w["line_num"]), []).append(w)
+        texts = [" ".join(t.split()) for t in text.splitlines() if t.strip()]
         lines = []
-        for ws in groups.values():
-            conf = float(np.mean([max(float(w["conf"]), 0.0) for w in ws])) / 100.0
-            box = None
-            if with_boxes:
-                x0 = min(int(w["left"]) for w in ws)
-                y0 = min(int(w["top"]) for w in ws)
-                x1 = max(int(w["left"]) + int(w["width"]) for w in ws)
-                y1 = max(int(w["top"]) + int(w["height"]) for w in ws)
-                box = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-            lines.append(Line(joiner(lang).join(w["text"] for w in ws), conf, box, self.name, lang))
+        for i, ws in enumerate(groups.values()):
+            x0, y0 = min(int(w["left"]) for w in ws), min(int(w["top"]) for w in ws)
+            x1 = max(int(w["left"]) + int(w["width"]) for w in ws)
+            y1 = max(int(w["top"]) + int(w["height"]) for w in ws)
+            line_text = texts[i] if len(texts) == len(groups) else joiner(lang).join(w["text"] for w in ws)
+            lines.append(Line(line_text, self._confidence(ws), [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], self.name, lang))
         return lines
-
-    def read_lines(self, images: list[np.ndarray], lang: str | None = None, packs: tuple[str, ...] | None = None) -> list[Line]:
-        """`packs` (language codes) overrides `lang`'s pack: the router reads unknown scripts with several."""
-        packs = self._packs(lang, packs)
-
-        def one(img: np.ndarray) -> Line:
-            lines = self._lines(self._run(img, packs, 7), lang, False)
-            if not lines:
-                return Line("", 0.0, None, self.name, lang)
-            return Line(joiner(lang).join(x.text for x in lines), float(np.mean([x.confidence for x in lines])), None, self.name, lang)
-
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(one, images))
-
-    def read_page(self, image: np.ndarray, lang: str | None = None, packs: tuple[str, ...] | None = None) -> list[Line]:
-        return self._lines(self._run(image, self._packs(lang, packs), 3), lang, True)
-
-
-def _bgr(image: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(image[:, :, ::-1]) if image.ndim == 3 else np.stack([image] * 3, axis=-1)

@@ -1,73 +1,175 @@
-"""Build the routed OCR engine from model files and read a batch of documents.
+"""Build the routed OCR engine from its files and read batches of documents.
+
+An engine spec (`routing.json` of a registered model) names its recognisers by artifact: for each,
+its variants (fp32, int8, ...), its dictionary and the variant to serve with the CPU it was chosen on
+(variants.py); the detector and the angle classifier; the routing table. `load_engine` builds it,
+re-checking the served variant when this CPU differs from the one it was measured on.
 
 `read_documents` never lets one bad file stop the batch: the file's row carries an `error` that
-names the problem and the fix, and every other file is read.
+names the problem and the fix, and every other file is read. Documents are read in chunks, each one
+call of the router, so lines of many files share batches while memory stays bounded.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from atelier.errors import AtelierError, NotFound
 from models.ocr.backends import PPOCR, Tesseract
 from models.ocr.confidence import IsotonicMap
+from models.ocr.detector import LineDetector
 from models.ocr.images import load_document
 from models.ocr.langs import language
-from models.ocr.router import Reading, RoutedOCR, RoutingTable
+from models.ocr.router import Reading, Request, RoutedOCR, RoutingTable
+from models.ocr.variants import choose, cpu_signature, measure
+
+CHUNK = 32  # documents per router call
 
 
-def load_engine(det: Path, rec: Path, cls: Path, routing: dict, confidence: dict, review_below: float = 0.5,
-                threads: int | None = None, glm_weights: Path | None = None) -> RoutedOCR:
-    """`glm_weights`: the local GLM-OCR directory, needed when the routing table routes a language to
-    it (the weights stay where they are; the routing table records the path they were measured at)."""
-    table = RoutingTable.from_dict(routing)
-    backends = {"ppocr": PPOCR(det, rec, cls, threads=threads)}
+def serving_variant(spec: dict, files: dict[str, Path], threads: int | None = None, log: Callable[[str], None] = lambda _m: None) -> str:
+    """The variant of one recogniser to serve here: the recorded one on the CPU it was measured on,
+    else the winner of a quick measurement by the same rule."""
+    variants = spec["variants"]
+    if len(variants) == 1 or spec.get("cpu") == cpu_signature():
+        return spec.get("serve") or next(iter(variants))
+    readers = {v: PPOCR(files[a], files.get(spec.get("charset", "")), name=v, threads=threads).read_lines for v, a in variants.items()}
+    speeds = measure(readers)
+    chosen = choose(speeds, spec.get("min_speedup", 1.1))
+    log(f"CPU differs from the one the OCR model was measured on ({spec.get('cpu')!r}); measured here: "
+        + ", ".join(f"{k} {v:.0f} lines/s" for k, v in speeds.items()) + f"; serving {chosen}")
+    return chosen
+
+
+def load_engine(files: dict[str, Path], spec: dict, confidence: dict, review_below: float = 0.5, threads: int | None = None,
+                glm_weights: Path | None = None, log: Callable[[str], None] = lambda _m: None) -> RoutedOCR:
+    """`files`: artifact name -> path; `spec`: the engine spec (see the module's doc)."""
+    table = RoutingTable.from_dict(spec)
+    backends: dict = {}
+    for name, rec in spec["recognisers"].items():
+        variant = serving_variant(rec, files, threads, log)
+        backends[name] = PPOCR(files[rec["variants"][variant]], files.get(rec.get("charset", "")), name=name, threads=threads)
     if "tesseract" in table.routes.values():
         backends["tesseract"] = Tesseract()
     if "glm" in table.routes.values():
         from models.ocr.glm import GlmOcr
 
-        weights = glm_weights or routing.get("glm_weights")
+        weights = glm_weights or spec.get("glm_weights")
         if not weights:
             langs = sorted(lang for lang, b in table.routes.items() if b == "glm")
             raise NotFound("GLM-OCR weights", f"the routing table sends {', '.join(langs)} to GLM-OCR but names no weights",
                            "set ATELIER_GLM_OCR_WEIGHTS to the local GLM-OCR directory")
         backends["glm"] = GlmOcr(Path(weights))
+    detector = LineDetector(files[spec["detector"]], files.get(spec.get("classifier", "")), threads=threads)
     maps = {name: IsotonicMap.from_dict(m) for name, m in confidence.items()}
-    return RoutedOCR(backends, table, maps, review_below)
+    return RoutedOCR(backends, table, detector, maps, review_below)
+
+
+def engine_files(folder: Path, spec: dict) -> dict[str, Path]:
+    """The artifact files an engine spec names, found in `folder` as `<name>.onnx` / `<name>.txt`."""
+    names = {spec["detector"], spec.get("classifier")} | {a for r in spec["recognisers"].values() for a in r["variants"].values()}
+    names |= {r["charset"] for r in spec["recognisers"].values() if r.get("charset")}
+    out = {}
+    for name in filter(None, names):
+        found = [p for p in (folder / f"{name}.onnx", folder / f"{name}.txt") if p.is_file()]
+        if not found:
+            raise NotFound(str(folder / name), "the OCR engine's file is missing", "re-register the model (atelier ocr-calibrate)")
+        out[name] = found[0]
+    return out
+
+
+def shipped_engine_files(routes: dict[str, str]) -> tuple[dict[str, Path], dict]:
+    """(files, spec) of an engine made of the shipped models as they are (fp32, no calibration): what
+    the calibration flow starts from, and what benchmarks and tests compare against."""
+    from models.ocr.shipped import shipped
+
+    files: dict[str, Path] = {}
+    for key, name in (("rec", "ppocrv6s-rec"), ("ppocrv6t", "ppocrv6t-rec"), ("ppocrv5", "ppocrv5-rec"), ("det", "ppocrv5-det"), ("cls", "cls")):
+        model, charset = shipped(name)
+        files[key] = model
+        if charset:
+            files[f"{key}_charset"] = charset
+    spec = {"routes": dict(routes), "first_pass": "ppocr", "probes": ["ppocrv6t", "ppocrv5"], "detector": "det", "classifier": "cls",
+            "recognisers": {"ppocr": {"variants": {"fp32": "rec"}, "charset": "rec_charset"},
+                            "ppocrv6t": {"variants": {"fp32": "ppocrv6t"}, "charset": "ppocrv6t_charset"},
+                            "ppocrv5": {"variants": {"fp32": "ppocrv5"}, "charset": "ppocrv5_charset"}}}
+    return files, spec
 
 
 def _row(path: str, reading: Reading | None, error: str = "") -> dict:
     if reading is None:
         return {"path": path, "text": "", "language": "", "backend": "", "confidence": 0.0, "flagged": True, "lines": "[]", "error": error}
-    lines = [{"text": x.text, "confidence": round(x.confidence, 4), "box": x.box} for x in reading.lines]
+    lines = [{"text": x.text, "confidence": round(x.confidence, 4), "box": x.box, "language": x.lang or "", "backend": x.backend}
+             for x in reading.lines]
     return {"path": path, "text": reading.text, "language": reading.language or "", "backend": reading.backend,
             "confidence": round(reading.confidence, 4), "flagged": reading.flagged, "lines": json.dumps(lines, ensure_ascii=False),
             "error": ""}
 
 
-def read_documents(engine: RoutedOCR, rows: list[dict], on_progress=None) -> list[dict]:
-    """rows: {path, lang (or None), kind: "line" | "page"}. Lines are batched; pages are read one by one."""
-    out: list[dict | None] = [None] * len(rows)
-    lines: list[tuple[int, object, str | None]] = []
-    for i, r in enumerate(rows):
+def _start(engine: RoutedOCR, requests: list[Request]):
+    return engine.start(requests) if requests else None
+
+
+def _finish(engine: RoutedOCR, pending, requests: list[Request], paths: list[str]) -> list[dict]:
+    """The chunk's readings; if a backend failed on it, each document alone, so the failure is the
+    row of the document that caused it."""
+    if not requests:
+        return []
+    try:
+        return [_row(p, r) for p, r in zip(paths, engine.finish(pending))]
+    except AtelierError:
+        if len(requests) == 1:
+            raise
+    return _one_by_one(engine, requests, paths)
+
+
+def _one_by_one(engine: RoutedOCR, requests: list[Request], paths: list[str]) -> list[dict]:
+    rows = []
+    for request, path in zip(requests, paths):
         try:
-            if r.get("lang"):
-                language(r["lang"])
-            image = load_document(Path(r["path"]))
+            rows.append(_row(path, engine.read([request])[0]))
         except AtelierError as exc:
-            out[i] = _row(r["path"], None, str(exc))
-            continue
-        if r.get("kind") == "line":
-            lines.append((i, image, r.get("lang")))
-        else:
-            out[i] = _row(r["path"], engine.read_page(image, r.get("lang")))
+            rows.append(_row(path, None, str(exc)))
+    return rows
+
+
+def read_documents(engine: RoutedOCR, rows: list[dict], on_progress: Callable[[int, int], None] | None = None,
+                   chunk: int = CHUNK) -> list[dict]:
+    """rows: {path, lang (or None), kind: "line" | "page"} -> one result row each, in order. While one
+    chunk's Tesseract lines are read, the next chunk is loaded, detected and read by the first pass."""
+    out: list[dict] = []
+    previous = None
+    for start in [*range(0, len(rows), chunk), len(rows)]:
+        current = None
+        if start < len(rows):
+            part = rows[start:start + chunk]
+            results: list[dict | None] = [None] * len(part)
+            requests, where = [], []
+            for i, r in enumerate(part):
+                try:
+                    if r.get("lang"):
+                        language(r["lang"])
+                    requests.append(Request(load_document(Path(r["path"])), "line" if r.get("kind") == "line" else "page", r.get("lang") or None))
+                    where.append(i)
+                except AtelierError as exc:
+                    results[i] = _row(str(r["path"]), None, str(exc))
+            try:
+                pending, error = _start(engine, requests), None
+            except AtelierError as exc:  # a backend failed while cutting or identifying: sorted out one by one below
+                pending, error = None, exc
+            current = (part, results, requests, where, pending, error)
+        if previous is not None:
+            out.extend(_collect(engine, *previous))
             if on_progress:
-                on_progress(sum(o is not None for o in out), len(rows))
-    if lines:
-        for (i, _, _), reading in zip(lines, engine.read_lines([img for _, img, _ in lines], [lang for _, _, lang in lines])):
-            out[i] = _row(rows[i]["path"], reading)
-        if on_progress:
-            on_progress(len(rows), len(rows))
-    return [o for o in out if o is not None]
+                on_progress(len(out), len(rows))
+        previous = current
+    return out
+
+
+def _collect(engine: RoutedOCR, part, results, requests, where, pending, error) -> list[dict]:
+    paths = [str(part[i]["path"]) for i in where]
+    done = _one_by_one(engine, requests, paths) if error is not None else _finish(engine, pending, requests, paths)
+    for i, row in zip(where, done):
+        results[i] = row
+    return results  # type: ignore[return-value]

@@ -43,18 +43,3 @@ def evaluate_lines(read, records: list[dict], images: list[np.ndarray], by_langu
         rows.append({"file": r["file"], "lang": r["lang"], "text": r["text"], "predicted": p.text,
                      "confidence": float(p.confidence), "exact": edits == 0})
     return Evaluation(summarise(rows), len(records) / max(seconds, 1e-9), rows)
-
-
-def interleaved_speed(readers: dict, images: list[np.ndarray], repeats: int = 3) -> dict[str, float]:
-    """Lines/s of each reader (`read(images)`), the median of `repeats` passes taken in turn, after one
-    warm-up each: a neighbour's load on a shared machine then slows every reader alike, which
-    back-to-back runs of one reader after the other do not guarantee."""
-    for read in readers.values():
-        read(images[: min(8, len(images))])
-    passes: dict[str, list[float]] = {name: [] for name in readers}
-    for _ in range(repeats):
-        for name, read in readers.items():
-            t = time.perf_counter()
-            read(images)
-            passes[name].append(len(images) / max(time.perf_counter() - t, 1e-9))
-    return {name: float(np.median(v)) for name, v in passes.items()}

@@ -28,6 +28,9 @@ LANGUAGES: dict[str, Language] = {lang.code: lang for lang in (
 )}
 
 
+NO_SPACES = {"zh", "ja"}  # written without spaces between words
+
+
 class UnknownLanguage(AtelierError):
     pass
 

@@ -1,15 +1,21 @@
-"""The routed OCR engine: per language, the backend with the lowest measured CER.
+"""The routed OCR engine: every document becomes text lines; each line goes, by its language, to the
+backend with the lowest measured CER for that language (the routing table, made by the calibration
+flow on the evaluation split and registered with the model).
 
-The routing table is computed by the calibration flow from the evaluation split and registered with
-the model. When a document's language is not given, the router looks at the script: PP-OCR reads
-the line first (it is the fastest); a confident Han reading settles it as Chinese, anything else is
-read again by Tesseract with the English, Russian, Korean, Japanese and Chinese packs, whose output script
-decides (PP-OCR reads Cyrillic as Latin look-alikes, so its Latin readings are not trusted). Latin-script text is assigned a language by its
-diacritics (ñ/¿/¡: es, ß/ä/ö/ü: de, other French accents: fr, none: en).
+    pages -> detector -> lines in reading order --+
+    pre-cut lines --------------------------------+-> first pass (one batched recogniser for all lines)
+        -> language (given, or langid.py from the first reading; a page votes for its lines)
+        -> the language's backend (the first reading is kept when that is the first pass itself)
+        -> the language's spelling conventions (normalize.py) -> calibrated confidence
+
+Lines of all the documents in one call are batched together, so a folder is read with each model
+loaded once and each batch full. A line whose script the first pass settles is never read twice by
+neural models; Korean and Russian lines are read by their backend (Tesseract) once.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,11 +23,13 @@ import numpy as np
 
 from models.ocr.backends import Line, joiner
 from models.ocr.confidence import IsotonicMap
-from models.ocr.langs import LANGUAGES, script_of
+from models.ocr.langid import NO_SCRIPT, PROBE_CUTS, compatible, from_probe, is_blank, language_of_text, letters, page_language
+from models.ocr.langs import LANGUAGES
+from models.ocr.layout import reading_order
+from models.ocr.normalize import normalize
 
-SCRIPT_LANG = {"han": "zh", "cyrillic": "ru", "hangul": "ko", "kana": "ja"}
-CONFIDENT = 0.9
-TIE_POINTS = 0.1  # CER points within which two backends count as equal and the faster one wins
+LINE_ASPECT, LINE_HEIGHT = 4.0, 160  # an image at least this wide for its height, and no higher, is one line
+TIE_POINTS = 1.0  # CER points within which backends count as equal for a language (see choose_routes)
 
 
 class Backend(Protocol):
@@ -29,125 +37,270 @@ class Backend(Protocol):
 
     def read_lines(self, images: list[np.ndarray], lang: str | None = None) -> list[Line]: ...
 
-    def read_page(self, image: np.ndarray, lang: str | None = None) -> list[Line]: ...
-
 
 @dataclass
 class RoutingTable:
-    routes: dict[str, str]
+    routes: dict[str, str]  # language -> backend
     cer: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> lang -> CER
     speed: dict[str, float] = field(default_factory=dict)  # backend -> lines/s
+    first_pass: str = "ppocr"
+    probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5")  # asked in turn about lines the first pass leaves blank
 
     def to_dict(self) -> dict:
-        return {"routes": self.routes, "cer": self.cer, "speed": self.speed}
+        return {"routes": self.routes, "cer": self.cer, "speed": self.speed, "first_pass": self.first_pass, "probes": list(self.probes)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoutingTable":
-        return cls(dict(data["routes"]), data.get("cer", {}), data.get("speed", {}))
+        return cls(dict(data["routes"]), data.get("cer", {}), data.get("speed", {}), data.get("first_pass", "ppocr"),
+                   tuple(data.get("probes", ("ppocrv6t", "ppocrv5"))))
 
 
-def choose_routes(cer: dict[str, dict[str, float]], speed: dict[str, float]) -> RoutingTable:
+def choose_routes(cer: dict[str, dict[str, float]], speed: dict[str, float], first_pass: str = "ppocr",
+                  probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5"), tie_points: float = TIE_POINTS) -> RoutingTable:
+    """Per language, among the backends whose CER is within `tie_points` of the best one's, the first
+    pass (its reading of a line is already there, so another backend would read the line a second
+    time), else the fastest."""
     routes = {}
     for lang in LANGUAGES:
         measured = [(c[lang], name) for name, c in cer.items() if lang in c]
         if not measured:
             continue
         best = min(c for c, _ in measured)
-        tied = [name for c, name in measured if c - best <= TIE_POINTS / 100]
-        routes[lang] = max(tied, key=lambda n: speed.get(n, 0.0))
-    return RoutingTable(routes, cer, speed)
+        tied = [name for c, name in measured if c - best <= tie_points / 100]
+        routes[lang] = first_pass if first_pass in tied else max(tied, key=lambda n: speed.get(n, 0.0))
+    return RoutingTable(routes, cer, speed, first_pass, tuple(probes))
 
 
-def latin_language(text: str) -> str:
-    lower = text.lower()
-    if any(ch in lower for ch in "ñ¿¡"):
-        return "es"
-    if any(ch in lower for ch in "ßäöü"):
-        return "de"
-    if any(ch in lower for ch in "àâçéèêëîïôûùœ"):
-        return "fr"
-    if any(ch in lower for ch in "áíóú"):
-        return "es"
-    return "en"
-
-
-def guess_language(text: str) -> str | None:
-    script = script_of(text)
-    if script == "latin":
-        return latin_language(text)
-    return SCRIPT_LANG.get(script) if script else None
+@dataclass
+class Request:
+    image: np.ndarray
+    kind: str = "page"  # "line": a pre-cut text line; "page": anything else
+    lang: str | None = None  # given by the user, or None: the router decides
 
 
 @dataclass
 class Reading:
     text: str
     language: str | None
-    backend: str
+    backend: str  # the backend of most of its text; lines carry their own
     confidence: float  # calibrated: the estimated chance that the reading is exact
     raw_confidence: float
     flagged: bool
     lines: list[Line]
 
 
+@dataclass
+class Pending:
+    """A batch between `RoutedOCR.start` and `finish`."""
+
+    documents: int
+    pieces: list
+    futures: list
+
+
+@dataclass
+class _Piece:
+    doc: int
+    line: int  # index of the text line in its document (reading order)
+    image: np.ndarray
+    box: list[list[float]] | None
+    lang: str | None = None
+    first: Line | None = None
+    final: Line | None = None
+    probed: bool = False
+    figures: bool = False  # the probes read no letters either: the first pass's reading stands
+
+
 class RoutedOCR:
-    def __init__(self, backends: dict[str, Backend], table: RoutingTable, confidence: dict[str, IsotonicMap] | None = None,
-                 review_below: float = 0.5, first_pass: str = "ppocr") -> None:
+    def __init__(self, backends: dict[str, Backend], table: RoutingTable, detector=None,
+                 confidence: dict[str, IsotonicMap] | None = None, review_below: float = 0.5) -> None:
         self.backends = backends
         self.table = table
+        self.detector = detector
         self.confidence = confidence or {}
         self.review_below = review_below
-        self.first_pass = first_pass
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="atelier-ocr")  # one batch's slow backends at a time
 
+    # -- the pipeline -----------------------------------------------------------------------------
+    def read(self, requests: list[Request]) -> list[Reading]:
+        return self.finish(self.start(requests))
+
+    def start(self, requests: list[Request]) -> "Pending":
+        """Cut, identify, and set the backends other than the first pass reading in the background:
+        a caller with more documents starts the next batch's neural work meanwhile (both cores stay
+        busy while Tesseract's processes run). `finish` gathers the readings."""
+        pieces = self._cut(requests)
+        self._identify(requests, pieces)
+        groups: dict[tuple[str, str | None], list[_Piece]] = {}
+        for p in pieces:
+            backend = self._route(p.lang)
+            if p.first is not None and backend == self.table.first_pass:
+                p.final = p.first  # the first pass was this language's backend: read once
+            else:
+                groups.setdefault((backend, p.lang), []).append(p)
+        futures = [(group, self._pool.submit(self.backends[backend].read_lines, [p.image for p in group], lang))
+                   for (backend, lang), group in groups.items()]
+        return Pending(len(requests), pieces, futures)
+
+    def finish(self, pending: "Pending") -> list[Reading]:
+        for group, future in pending.futures:
+            for p, line in zip(group, future.result()):
+                p.final = line
+        return [self._assemble(d, [p for p in pending.pieces if p.doc == d]) for d in range(pending.documents)]
+
+    def read_lines(self, images: list[np.ndarray], langs: list[str | None]) -> list[Reading]:
+        return self.read([Request(img, "line", lang) for img, lang in zip(images, langs)])
+
+    def read_page(self, image: np.ndarray, lang: str | None = None) -> Reading:
+        return self.read([Request(image, "page", lang)])[0]
+
+    def _cut(self, requests: list[Request]) -> list[_Piece]:
+        """Pages into their lines; an image shaped like one line of text, or a page on which the
+        detector finds nothing, is read as a line."""
+        pieces: list[_Piece] = []
+        for d, req in enumerate(requests):
+            h, w = req.image.shape[:2]
+            if req.kind != "line" and self.detector is not None and not (w >= LINE_ASPECT * h and h <= LINE_HEIGHT):
+                lines = reading_order(self.detector.detect(req.image, self._reads_better_turned))
+                if lines:
+                    for i, line in enumerate(lines):
+                        pieces.extend(_Piece(d, i, box.image, box.page_corners, req.lang) for box in line)
+                    continue
+                req.kind = "line"
+            pieces.append(_Piece(d, 0, req.image, None, req.lang))
+        return pieces
+
+    def _reads_better_turned(self, boxes, sample: int = 4) -> bool:
+        """Whether the page's longest lines read better upside down: by the first pass where it sees
+        letters either way, else by Tesseract's confidence with the packs of the scripts it lacks."""
+        lines = sorted(boxes, key=lambda b: -b.image.shape[1])[:sample]
+        upright = [b.image for b in lines]
+        turned = [np.ascontiguousarray(img[::-1, ::-1]) for img in upright]
+
+        def score(readings: list[Line]) -> float:
+            return float(sum(letters(r.text) * r.confidence for r in readings))
+
+        first = self.backends.get(self.table.first_pass)
+        if first is not None:
+            a, b = score(first.read_lines(upright)), score(first.read_lines(turned))
+            if max(a, b) >= sum(img.shape[1] / max(img.shape[0], 1) for img in upright) * 0.5:
+                return b > 1.2 * a
+        tess = self.backends.get("tesseract")
+        if tess is None:
+            return False
+        packs = tuple(lang for lang in ("ko", "ru") if self.table.routes.get(lang) == "tesseract") or ("en",)
+        a = np.mean([r.confidence for r in tess.read_lines(upright, None, packs=packs)])
+        b = np.mean([r.confidence for r in tess.read_lines(turned, None, packs=packs)])
+        return bool(b > a + 0.15)
+
+    def _identify(self, requests: list[Request], pieces: list[_Piece]) -> None:
+        """Language of every piece without one: first pass, then the probe for blank readings, then
+        each page's majority for its lines of a compatible script. A page whose longest lines are all
+        blank to the first pass (Korean, Russian) is settled from those lines alone: its other lines
+        go straight to the page language's backend."""
+        unknown = [p for p in pieces if p.lang is None]
+        first = self.backends.get(self.table.first_pass)
+        if not unknown or first is None:
+            return
+        settled = self._settle_blank_pages(requests, unknown)
+        todo = [p for p in unknown if p.lang is None and p.first is None]
+        for p, line in zip(todo, first.read_lines([p.image for p in todo])):
+            p.first = line
+        self._probe([p for p in unknown if p.lang is None and p.first is not None and _blank(p)])
+        for p in unknown:
+            if p.lang is None and p.first is not None and not p.figures:
+                p.lang = language_of_text(p.first.text)
+        for d, req in enumerate(requests):
+            mine = [p for p in unknown if p.doc == d]
+            if req.kind != "page" or not mine or d in settled:
+                continue
+            vote = page_language([(p.lang, (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine])
+            for p in mine:
+                if vote and compatible(p.lang, vote, p.probed):
+                    p.lang = vote
+
+    def _probe(self, blank: list[_Piece]) -> None:
+        """Korean or Russian, for lines the first pass left blank: each probe settles what it can and
+        hands the rest to the next; the last one's undecided lines are Korean."""
+        todo = blank
+        for name in self.table.probes:
+            probe = self.backends.get(name)
+            if not todo or probe is None:
+                continue
+            for p, line in zip(todo, probe.read_lines([p.image for p in todo])):
+                found = from_probe(line.text, _aspect(p), PROBE_CUTS.get(name, (0.8, 0.8)))
+                if found == NO_SCRIPT:  # figures: the first pass's reading stands, in no language
+                    p.lang, p.probed = None, False
+                    p.figures = True
+                elif found is not None:
+                    p.lang, p.probed = found, True
+            todo = [p for p in todo if p.lang is None and not p.figures]
+        for p in todo:
+            p.lang, p.probed = "ko", True
+
+    def _settle_blank_pages(self, requests: list[Request], unknown: list[_Piece], sample: int = 3) -> set[int]:
+        """Pages whose `sample` longest lines the first pass leaves blank: those lines are probed, the
+        page takes their majority, and every line of it that language."""
+        first = self.backends[self.table.first_pass]
+        pages = [d for d, req in enumerate(requests) if req.kind == "page"]
+        samples = {d: sorted((p for p in unknown if p.doc == d), key=lambda p: -p.image.shape[1])[:sample] for d in pages}
+        probed_first = [p for d in pages for p in samples[d]]
+        for p, line in zip(probed_first, first.read_lines([p.image for p in probed_first])):
+            p.first = line
+        settled = set()
+        for d in pages:
+            lines = samples[d]
+            if len(lines) < 2 or not all(_blank(p) for p in lines):
+                continue
+            self._probe(lines)
+            vote = page_language([(p.lang, int(_aspect(p))) for p in lines])
+            for p in unknown:
+                if p.doc == d:
+                    p.lang, p.probed = vote, True
+            settled.add(d)
+        return settled
+
+    def _route(self, lang: str | None) -> str:
+        name = self.table.routes.get(lang, self.table.first_pass) if lang else self.table.first_pass
+        return name if name in self.backends else self.table.first_pass
+
+    # -- the result ---------------------------------------------------------------------------------
     def _calibrated(self, backend: str, raw: float) -> float:
         return self.confidence.get(backend, IsotonicMap.identity())(raw)
 
-    def _reading(self, lines: list[Line], lang: str | None, backend: str) -> Reading:
-        text = "\n".join(x.text.strip() for x in lines) if any(x.box for x in lines) else joiner(lang).join(x.text.strip() for x in lines)
-        raw = float(np.mean([x.confidence for x in lines])) if lines else 0.0
-        conf = self._calibrated(backend, raw)
-        return Reading(text, lang, backend, conf, raw, conf < self.review_below, lines)
+    def _assemble(self, doc: int, pieces: list[_Piece]) -> Reading:
+        by_line: dict[int, list[_Piece]] = {}
+        for p in pieces:
+            by_line.setdefault(p.line, []).append(p)
+        lines: list[Line] = []
+        for _, group in sorted(by_line.items()):
+            lang = group[0].lang
+            text = normalize(joiner(lang).join(p.final.text.strip() for p in group if p.final.text.strip()), lang)
+            raw = float(np.mean([p.final.confidence for p in group]))
+            backend = group[0].final.backend
+            corners = [c for p in group if p.box for c in p.box]
+            box = (group[0].box if len(group) == 1 else _enclosing(corners)) if corners else None
+            lines.append(Line(text, self._calibrated(backend, raw), box, backend, lang, {"raw_confidence": raw}))
+        langs = [ln.lang for ln in lines if ln.text]
+        language = max(set(langs), key=langs.count) if langs else (pieces[0].lang if pieces else None)
+        backends = [ln.backend for ln in lines if ln.text] or [ln.backend for ln in lines]
+        backend = max(set(backends), key=backends.count) if backends else ""
+        weights = [max(len(ln.text), 1) for ln in lines]
+        conf = float(np.average([ln.confidence for ln in lines], weights=weights)) if lines else 0.0
+        raw = float(np.average([ln.extra["raw_confidence"] for ln in lines], weights=weights)) if lines else 0.0
+        text = "\n".join(ln.text for ln in lines if ln.text)
+        return Reading(text, language, backend, conf, raw, conf < self.review_below, lines)
 
-    def _detect(self, image: np.ndarray, first: Line | None, page: bool) -> str | None:
-        # PP-OCR's Chinese recogniser reads Cyrillic as Latin look-alikes with high confidence, so only a
-        # confident Han reading is taken at its word; everything else is settled by Tesseract's scripts
-        if first is not None and first.confidence >= CONFIDENT and script_of(first.text) == "han":
-            return "zh"
-        tess = self.backends.get("tesseract")
-        if tess is None:
-            return guess_language(first.text) if first else None
-        packs = ("en", "ru", "ko", "ja", "zh")
-        lines = tess.read_page(image, None, packs=packs) if page else tess.read_lines([image], None, packs=packs)
-        return guess_language(" ".join(x.text for x in lines)) or (guess_language(first.text) if first else None)
 
-    def read_lines(self, images: list[np.ndarray], langs: list[str | None]) -> list[Reading]:
-        """Pre-cropped lines, batched per backend."""
-        langs = list(langs)
-        first: list[Line | None] = [None] * len(images)
-        unknown = [i for i, lang in enumerate(langs) if lang is None]
-        if unknown and self.first_pass in self.backends:
-            for i, line in zip(unknown, self.backends[self.first_pass].read_lines([images[i] for i in unknown])):
-                first[i] = line
-        for i in unknown:
-            langs[i] = self._detect(images[i], first[i], page=False)
-        out: list[Reading | None] = [None] * len(images)
-        groups: dict[tuple[str, str | None], list[int]] = {}
-        for i, lang in enumerate(langs):
-            backend = self.table.routes.get(lang, self.first_pass) if lang else self.first_pass
-            groups.setdefault((backend, lang), []).append(i)
-        for (backend, lang), idxs in groups.items():
-            reuse = [i for i in idxs if first[i] is not None and backend == self.first_pass]
-            todo = [i for i in idxs if i not in reuse]
-            for i in reuse:
-                out[i] = self._reading([first[i]], lang, backend)
-            if todo:
-                for i, line in zip(todo, self.backends[backend].read_lines([images[i] for i in todo], lang)):
-                    out[i] = self._reading([line], lang, backend)
-        return [r for r in out if r is not None]
+def _blank(piece: _Piece) -> bool:
+    return is_blank(piece.first.text, _aspect(piece), piece.first.extra.get("chars"))
 
-    def read_page(self, image: np.ndarray, lang: str | None) -> Reading:
-        if lang is None:
-            first = self.backends[self.first_pass].read_page(image) if self.first_pass in self.backends else []
-            merged = Line(" ".join(x.text for x in first), float(np.mean([x.confidence for x in first])) if first else 0.0)
-            lang = self._detect(image, merged if first else None, page=True)
-        backend = self.table.routes.get(lang, self.first_pass) if lang else self.first_pass
-        return self._reading(self.backends[backend].read_page(image, lang), lang, backend)
+
+def _aspect(piece: _Piece) -> float:
+    return piece.image.shape[1] / max(piece.image.shape[0], 1)
+
+
+def _enclosing(corners: list[list[float]]) -> list[list[float]]:
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    return [[round(x0, 1), round(y0, 1)], [round(x1, 1), round(y0, 1)], [round(x1, 1), round(y1, 1)], [round(x0, 1), round(y1, 1)]]

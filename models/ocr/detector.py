@@ -1,0 +1,120 @@
+"""Text-line detection on pages (PP-OCR's DB detector in ONNX) and the crops handed to recognisers.
+
+`LineDetector.detect(page)` returns one `Box` per text line: its four corners on the page and the
+line's image, cut out along the box and warped level. The angle classifier (PP-OCR's 0/180 degree
+model) decides for the whole page: when most of its lines look upside down and the recognisers read
+them better turned (the router's check), the page is turned and detected again. Line by line it is not to be trusted: it calls 16-18% of upright Korean and Russian
+lines upside down (measured on 120 lines each), and misses a third of the really turned ones.
+Post-processing (thresholds, polygon unclipping) is rapidocr's port of PaddleOCR's, so boxes match what PaddleOCR itself finds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from models.ocr.recognizer import ort_session
+
+
+@dataclass
+class Box:
+    corners: list[list[float]]  # 4 points, clockwise from the top left, on the page the right way up
+    image: np.ndarray  # the line, RGB, level
+    on_page: list[list[float]] | None = None  # the corners on the page as given, where it had to be turned
+
+    @property
+    def page_corners(self) -> list[list[float]]:
+        return self.on_page or self.corners
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        xs, ys = [p[0] for p in self.corners], [p[1] for p in self.corners]
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+def crop_quad(page: np.ndarray, quad: np.ndarray) -> np.ndarray:
+    """The quadrilateral `quad` of `page`, warped to an upright rectangle (tall crops turned to lie flat)."""
+    quad = quad.astype(np.float32)
+    width = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
+    height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
+    width, height = max(width, 1), max(height, 1)
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    crop = cv2.warpPerspective(page, cv2.getPerspectiveTransform(quad, target), (width, height),
+                               borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    return np.rot90(crop) if height >= 1.5 * width else crop
+
+
+class LineDetector:
+    def __init__(self, det: Path, cls: Path | None = None, threads: int | None = None, limit_side_len: int = 960,
+                 box_thresh: float = 0.5, unclip_ratio: float = 1.6) -> None:
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
+
+        self.det = ort_session(det, threads)
+        self.det_input = self.det.get_inputs()[0].name
+        self.cls = ort_session(cls, threads) if cls else None
+        self.limit_side_len = limit_side_len
+        self.post = DBPostProcess(thresh=0.3, box_thresh=box_thresh, max_candidates=1000, unclip_ratio=unclip_ratio,
+                                  use_dilation=True, score_mode="fast")
+
+    def _input(self, page: np.ndarray) -> np.ndarray:
+        """Longest side scaled to at most `limit_side_len` (and at least 32), both sides multiples of 32."""
+        h, w = page.shape[:2]
+        ratio = min(1.0, self.limit_side_len / max(h, w))
+        rh, rw = max(32, int(round(h * ratio / 32) * 32)), max(32, int(round(w * ratio / 32) * 32))
+        bgr = np.ascontiguousarray(cv2.resize(page, (rw, rh))[:, :, ::-1])
+        return ((bgr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1))[np.newaxis]
+
+    def detect(self, page: np.ndarray, upside_down: Callable[[list[Box]], bool] | None = None) -> list[Box]:
+        """The page's lines. When the angle classifier says most lines are upside down, `upside_down`
+        (the router's check with its recognisers) has the last word before the page is turned."""
+        boxes = self._boxes(page)
+        if self.cls is not None and boxes and self._upside_down(boxes) and (upside_down is None or upside_down(boxes)):
+            boxes = self._boxes(np.ascontiguousarray(page[::-1, ::-1]), turned=True)
+        return boxes
+
+    def _boxes(self, page: np.ndarray, turned: bool = False) -> list[Box]:
+        probs = self.det.run(None, {self.det_input: self._input(page)})[0]
+        quads, _ = self.post(probs, page.shape[:2])
+        boxes = []
+        for quad in quads:
+            quad = _clockwise(np.asarray(quad, np.float32))
+            quad[:, 0] = quad[:, 0].clip(0, page.shape[1] - 1)
+            quad[:, 1] = quad[:, 1].clip(0, page.shape[0] - 1)
+            if min(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[0] - quad[3])) <= 3:
+                continue
+            corners = [[float(x), float(y)] for x, y in quad]
+            on_page = None
+            if turned:  # where the line is on the page as it was given
+                h, w = page.shape[:2]
+                on_page = [[w - 1 - x, h - 1 - y] for x, y in corners[2:] + corners[:2]]
+            boxes.append(Box(corners, crop_quad(page, quad), on_page))
+        return boxes
+
+    def _upside_down(self, boxes: list[Box], threshold: float = 0.9) -> bool:
+        """Whether PP-OCR's angle classifier is sure that most of the page's lines are upside down."""
+        name = self.cls.get_inputs()[0].name
+        turned = 0
+        for start in range(0, len(boxes), 16):
+            batch = np.stack([_cls_input(b.image) for b in boxes[start:start + 16]])
+            probs = self.cls.run(None, {name: batch})[0]
+            turned += int(((probs.argmax(axis=1) == 1) & (probs.max(axis=1) > threshold)).sum())
+        return turned >= 0.5 * len(boxes)
+
+
+def _cls_input(image: np.ndarray, height: int = 48, width: int = 192) -> np.ndarray:
+    h, w = image.shape[:2]
+    resized_w = min(width, int(np.ceil(height * w / max(h, 1))))
+    resized = cv2.resize(np.ascontiguousarray(image[:, :, ::-1]), (max(resized_w, 1), height)).astype(np.float32)
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :resized_w] = resized.transpose(2, 0, 1) / 127.5 - 1.0
+    return out
+
+
+def _clockwise(quad: np.ndarray) -> np.ndarray:
+    """Order 4 points top-left, top-right, bottom-right, bottom-left."""
+    s, d = quad.sum(axis=1), np.diff(quad, axis=1).ravel()
+    return np.array([quad[np.argmin(s)], quad[np.argmin(d)], quad[np.argmax(s)], quad[np.argmax(d)]], np.float32)
