@@ -240,6 +240,12 @@ class Settings(BaseSettings):
         return self.state_dir / "cache" / "class-priors"
 
     @property
+    def compile_cache(self) -> Path:
+        """torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels), next to the class
+        priors: a second job on the same base model and shapes loads its compiled graphs instead of compiling."""
+        return self.state_dir / "cache" / "torch-compile"
+
+    @property
     def runs_dir(self) -> Path:
         """Training outputs and checkpoints: runs/<customer>/<training key>."""
         return self.state_dir / "runs"

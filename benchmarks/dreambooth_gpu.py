@@ -1,7 +1,8 @@
 """DreamBooth training and class-image generation: Atelier against diffusers' example, same run.
 
     python benchmarks/dreambooth_gpu.py                 # SD 1.5 architecture, random weights, 512 px (needs CUDA)
-    python benchmarks/dreambooth_gpu.py --tiny --steps 6  # the tiny model on CPU: checks the script runs
+    python benchmarks/dreambooth_gpu.py --tiny --steps 10 --warmup 10  # the tiny model on CPU: checks the script runs
+    python benchmarks/dreambooth_gpu.py --e2e            # the whole job, wall clock (benchmarks/dreambooth_e2e.py)
 
 Training: 1 instance + 1 prior image per step, text encoder trained, prior preservation, constant LR.
 The baseline follows examples/dreambooth/train_dreambooth.py (fp16 autocast with a GradScaler, VAE
@@ -79,62 +80,88 @@ def _peak_gib(device: str) -> float:
     return torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else float("nan")
 
 
-def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str) -> dict:
-    """The loop of diffusers' train_dreambooth.py, reduced to what runs per step."""
-    import torch.nn.functional as F
+def example_models(base: Path, cfg: TrainConfig, device: str) -> dict:
+    """What diffusers' train_dreambooth.py builds: fp32 UNet and text encoder (trained), the VAE in
+    fp16 on CUDA, foreach AdamW and a GradScaler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    from models.dreambooth.images import stack_folder
-
-    _reset_memory(device)
     fp16 = device == "cuda"
-    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder").to(device)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae").to(device, torch.float16 if fp16 else torch.float32)
     unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").to(device)
-    sched = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
     vae.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    scaler = torch.amp.GradScaler(device, enabled=fp16)
-    inst = stack_folder(instance, cfg.resolution)
-    cls = stack_folder(klass, cfg.resolution)
-    ids = tok([cfg.fill(cfg.instance_prompt, "toy"), cfg.fill(cfg.class_prompt, "toy")], padding="max_length",
-              max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
     unet.train()
     text.train()
+    return {"text": text, "vae": vae, "unet": unet, "sched": DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
+            "params": params, "opt": opt, "scaler": torch.amp.GradScaler(device, enabled=fp16), "device": device, "fp16": fp16}
+
+
+def example_step(m: dict, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig) -> float:
+    """One step of the example's loop: VAE encode and text encoder every step, fp16 autocast, the loss
+    read back (the example logs it every step)."""
+    import torch.nn.functional as F
+
+    device, vae, sched = m["device"], m["vae"], m["sched"]
+    with torch.autocast(device, dtype=torch.float16, enabled=m["fp16"]):
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
+        pred = m["unet"](sched.add_noise(latents, noise, t), t, m["text"](ids)[0]).sample
+        p, pp = pred.float().chunk(2)
+        n, nn_ = noise.float().chunk(2)
+        loss = F.mse_loss(p, n) + cfg.prior_loss_weight * F.mse_loss(pp, nn_)
+    scaler, opt = m["scaler"], m["opt"]
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(m["params"], cfg.max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    return loss.detach().item()
+
+
+def example_ids(base: Path, cfg: TrainConfig, device: str) -> torch.Tensor:
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    return tok([cfg.fill(cfg.instance_prompt, "toy"), cfg.fill(cfg.class_prompt, "toy")], padding="max_length",
+               max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str) -> dict:
+    """The loop of diffusers' train_dreambooth.py, reduced to what runs per step."""
+    from models.dreambooth.images import stack_folder
+
+    _reset_memory(device)
+    m = example_models(base, cfg, device)
+    inst, cls = stack_folder(instance, cfg.resolution), stack_folder(klass, cfg.resolution)
+    ids = example_ids(base, cfg, device)
     times = []
     for step in range(warmup + steps):
-        pixels = torch.stack([inst[step % len(inst)], cls[step % len(cls)]]).to(device)
-        with torch.autocast(device, dtype=torch.float16, enabled=fp16):
-            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
-            noisy = sched.add_noise(latents, noise, t)
-            hidden = text(ids)[0]
-            pred = unet(noisy, t, hidden).sample
-            p, pp = pred.float().chunk(2)
-            n, nn_ = noise.float().chunk(2)
-            loss = F.mse_loss(p, n) + cfg.prior_loss_weight * F.mse_loss(pp, nn_)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        loss.detach().item()  # the example logs the loss every step
+        example_step(m, torch.stack([inst[step % len(inst)], cls[step % len(cls)]]), ids, cfg)
         times.append(time.perf_counter())
     timed = times[-1] - times[warmup - 1]
     out = {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib(device)}
-    del text, vae, unet, opt, scaler
+    del m
     return out
 
 
 def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str,
                      work: Path) -> dict:
     _reset_memory(device)
+    try:
+        return _atelier_training(base, instance, klass, cfg, steps, warmup, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the budget's checkpoint (12 GB at SD 1.5) must not pile up row after row
+        torch._dynamo.reset()  # a compiled row's graphs and CUDA-graph pools must not weigh on the next row's memory
+        _reset_memory(device)
+
+
+def _atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, work: Path) -> dict:
     stamps: dict[int, float] = {}
     total = cfg.max_train_steps
 
@@ -145,7 +172,7 @@ def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, 
     train(cfg.model_copy(update={"max_train_steps": total}), TrainInputs(base, instance, "toy", work, work / "out", klass),
           on_progress=progress, step_budget=warmup + steps)
     timed = stamps[warmup + steps] - stamps[warmup]
-    return {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib(device)}
+    return {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib("cuda" if torch.cuda.is_available() else "cpu")}
 
 
 def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, work: Path, out: Path) -> None:
@@ -251,20 +278,46 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=0, help="instead of the table: Atelier's trainer on 1 and on N GPUs (DDP)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here")
+    ap.add_argument("--tmp", type=Path, default=None, help="work folder (default: a new temporary one); the built model is reused")
+    ap.add_argument("--e2e", action="store_true", help="instead of the table: the whole job, wall clock (benchmarks/dreambooth_e2e.py)")
+    ap.add_argument("--e2e-rows", default="", help="comma list of e2e rows (default: baseline, atelier cold, atelier warm (priors cached))")
+    ap.add_argument("--e2e-results", type=Path, default=None, help="e2e results accumulate here (rows may run in several commands)")
+    ap.add_argument("--class-images", type=int, default=200)
+    ap.add_argument("--e2e-steps", type=int, default=800)
+    ap.add_argument("--e2e-row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-base", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-instance", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-tmp", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-size", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.e2e_row:  # one e2e row, in the fresh process run_all started
+        from benchmarks.dreambooth_e2e import run_row
+
+        run_row(args.e2e_row, args.e2e_base, args.e2e_instance, args.e2e_tmp, args.class_images, args.e2e_steps, args.e2e_size, args.json)
+        return
     from models.dreambooth.trainer import LOSS_READBACK_STEPS
 
     if args.warmup % LOSS_READBACK_STEPS or args.steps % LOSS_READBACK_STEPS:
         ap.error(f"--warmup and --steps must be multiples of {LOSS_READBACK_STEPS}: the trainer reads losses back in bursts")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    tmp = args.tmp or Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         from models.dreambooth.tiny import write_tiny_model
 
         base, size = write_tiny_model(tmp / "tiny"), 64
+    elif (tmp / "sd15" / "model_index.json").is_file():  # built by an earlier command with the same --tmp
+        base, size = tmp / "sd15", 512
     else:
         base, size = build_sd15(tmp / "sd15", args.bpe), 512
     instance = write_images(tmp / "instance", 5, size, 1000)
+    if args.e2e:
+        from benchmarks.dreambooth_e2e import ROWS, print_table, run_all
+
+        rows = [r.strip() for r in args.e2e_rows.split(",") if r.strip()] or list(ROWS[:3])
+        results = args.e2e_results or tmp / "e2e.json"
+        print_table(run_all(rows, base, instance, tmp, args.class_images, args.e2e_steps, size, results))
+        return
     klass = write_images(tmp / "class", 10, size, 2000)
     cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
                       learning_rate=5e-6)
@@ -284,11 +337,13 @@ def main() -> None:
     variants = {
         "baseline (diffusers example: fp16 + GradScaler, foreach AdamW)":
             lambda: baseline_training(base, instance, klass, cfg, args.steps, args.warmup, device),
+        "atelier default (bf16, whole step as a CUDA graph)":
+            lambda: atelier_training(base, instance, klass, cfg, args.steps, args.warmup, device, tmp / "w0"),
         "atelier fp16 (cached latents, fused AdamW, channels_last)":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "fp16" if device == "cuda" else "no"}),
                                      args.steps, args.warmup, device, tmp / "w1"),
-        "atelier bf16":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}),
+        "atelier bf16 eager":
+            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "cuda_graphs": False}),
                                      args.steps, args.warmup, device, tmp / "w2"),
         "atelier bf16 + torch.compile":
             lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
@@ -323,6 +378,8 @@ def main() -> None:
             lambda: class_images(base, args.images, size, device, False, "reduce-overhead", batch=32),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
+    if only:  # a ratio needs its baseline: the chosen rows' baselines run too
+        only += ["baseline (diffusers example", "class images baseline"]
     opt_in = {"atelier bf16 + torch.compile reduce-overhead"}  # minutes of compiling: run it with --only reduce-overhead
     results = {}
     for name, run in variants.items():
@@ -345,11 +402,11 @@ def main() -> None:
             print(f"{name:<66} {r['error']}")
             continue
         if "steps_per_s" in r:
-            ratio = r["steps_per_s"] / base_train["steps_per_s"] if "steps_per_s" in base_train else float("nan")
-            print(f"{name:<66} {r['steps_per_s']:>8.2f} {r['ms_per_step']:>8.1f} {'':>7} {r['peak_gib']:>9.1f} {ratio:>5.2f}x")
+            ratio = f"{r['steps_per_s'] / base_train['steps_per_s']:.2f}x" if "steps_per_s" in base_train else "n/a"
+            print(f"{name:<66} {r['steps_per_s']:>8.2f} {r['ms_per_step']:>8.1f} {'':>7} {r['peak_gib']:>9.1f} {ratio:>6}")
         else:
-            ratio = r["images_per_s"] / base_gen["images_per_s"] if "images_per_s" in base_gen else float("nan")
-            print(f"{name:<66} {'':>8} {'':>8} {r['images_per_s']:>7.2f} {r['peak_gib']:>9.1f} {ratio:>5.2f}x")
+            ratio = f"{r['images_per_s'] / base_gen['images_per_s']:.2f}x" if "images_per_s" in base_gen else "n/a"
+            print(f"{name:<66} {'':>8} {'':>8} {r['images_per_s']:>7.2f} {r['peak_gib']:>9.1f} {ratio:>6}")
     print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -40,10 +40,22 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     spec = PriorSpec(base_hash, class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed,
                      cfg.class_sampling.sampler, cfg.class_sampling.steps, cfg.class_sampling.guidance_scale)
     report = progress_logger(f"class priors '{class_prompt}'", spec.count)
+    keep_compiles(cfg.class_sampling.compile_mode != "none")
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done), compile_mode=cfg.class_sampling.compile_mode)
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
     return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
+
+
+def keep_compiles(compiling: bool) -> None:
+    """Point torch.compile's caches at the workspace (unless the user set TORCHINDUCTOR_CACHE_DIR):
+    they are content-addressed by graph, shapes, torch/CUDA version and config, so a later job on the
+    same base model starts warm, and they outlive /tmp on a fresh machine's reboot."""
+    import os
+
+    if compiling and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        settings().compile_cache.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings().compile_cache)
 
 
 def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict, processes: int = 1) -> str:
@@ -65,6 +77,7 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     from models.dreambooth.trainer import TrainInputs, train
 
     cfg = TrainConfig(**config)
+    keep_compiles(cfg.compile_unet)
     key = training_key(base_hash, snapshot, priors["key"] if priors else None, config, processes)
     work = settings().runs_dir / snapshot["customer"] / key
     inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",

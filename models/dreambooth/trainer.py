@@ -8,6 +8,14 @@ Because the VAE is frozen, each image's latent distribution is encoded once and 
 With `lora` set, the base weights are frozen and only peft LoRA adapters train; the output is the
 same kind of whole pipeline (adapters fused), plus the adapters alone under `lora/`.
 
+On one CUDA device (`cuda_graphs`, the default there) the whole optimizer step (text encoder and
+UNet forward, loss, backward, gradient clipping, the fused AdamW update) is captured once as a CUDA
+graph after three ordinary steps and replayed for every later step: a step of SD 1.5 launches
+thousands of small kernels, and launching them cost more than running them. The random draws
+(which images, noise, timesteps) stay outside the graph, from the same generator in the same order,
+so a captured run draws what an eager one draws. Nothing is compiled, so there is no compile to wait
+for on a fresh machine.
+
 Under `accelerate launch` (DDP, one process per device) every process draws the whole global batch
 from the shared generator and trains on its slice, so N processes with batch b train exactly as one
 process with batch N*b (gradients are averaged); checkpoints are written once and resume with any
@@ -16,8 +24,8 @@ number of processes. The LR schedule counts optimizer steps, whatever the number
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +34,22 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from atelier.storage import atomic_dir, write_json_atomic
+from atelier.storage import write_json_atomic
 from models.dreambooth.base import check_sd_directory
+from models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 from models.dreambooth.config import TrainConfig
 from models.dreambooth.images import stack_folder
-from models.dreambooth.sampling import GenerationRequest, generate, use_sampler
+from models.dreambooth.outputs import save_pipeline, validation_samples
+
+__all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "LOSS_READBACK_STEPS"]
 
 ProgressFn = Callable[[int, int, float, float], None]  # step, total, loss, learning rate
-CKPT_PREFIX = "checkpoint-"
 LOSS_READBACK_STEPS = 10  # losses stay on the device between read-backs, so the host never waits per step
+EAGER_STEPS_BEFORE_CAPTURE = 3  # lazy state (optimizer moments, cuBLAS workspaces) exists before a graph is captured
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     validation_dirs: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # load, steps, checkpoints, validation, save (seconds)
 
 
 class LoopState:
@@ -79,12 +91,6 @@ class LoopState:
         self.step = int(state["step"])
         self.losses = list(state["losses"])
         self.generator.set_state(state["rng"])
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    root = Path(work_dir) / "checkpoints"
-    found = sorted(root.glob(f"{CKPT_PREFIX}*")) if root.is_dir() else []
-    return found[-1] if found else None
 
 
 class _Encoded:
@@ -117,6 +123,15 @@ def _ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.T
                      return_tensors="pt").input_ids.to(device)
 
 
+def uses_cuda_graphs(cfg: TrainConfig, precision: str, processes: int) -> bool:
+    """Whether a run captures its step as a CUDA graph: on CUDA, one process, no gradient accumulation
+    or checkpointing (both step outside a fixed graph), bf16 or fp32 (fp16's grad scaler reads back
+    from the device every step), and no compiler-made graphs already (compile_mode reduce-overhead)."""
+    return (cfg.cuda_graphs and torch.cuda.is_available() and processes == 1 and cfg.gradient_accumulation_steps == 1
+            and not cfg.gradient_checkpointing and precision in ("bf16", "no")
+            and not (cfg.compile_unet and cfg.compile_mode != "default"))
+
+
 def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None = None,
           step_budget: int | None = None) -> TrainResult:
     """Train, resuming from the newest checkpoint in `inputs.work_dir` when there is one.
@@ -125,12 +140,15 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     the run then checkpoints and returns `finished=False`; calling again continues it.
     """
     t0 = time.perf_counter()
+    timings = {"load": 0.0, "steps": 0.0, "checkpoints": 0.0, "validation": 0.0, "save": 0.0, "capture": 0.0}
     base = check_sd_directory(inputs.base_model)
     if cfg.with_prior_preservation and inputs.class_dir is None:
         raise ValueError("with_prior_preservation needs class_dir")
     work = Path(inputs.work_dir)
     precision = cfg.resolved_precision(torch.cuda.is_available())
-    acc = _fresh_accelerator(precision, cfg.gradient_accumulation_steps)
+    graphs = uses_cuda_graphs(cfg, precision, int(os.environ.get("WORLD_SIZE", "1")))
+    # a captured step casts under its own autocast (without a cast cache, which a graph must not keep)
+    acc = _fresh_accelerator("no" if graphs else precision, cfg.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
@@ -153,30 +171,51 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     if cuda and cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    trained = {k: m for k, m in (("unet", unet), ("text_encoder", text_encoder)) if any(p.requires_grad for p in m.parameters())}
     unet.to(acc.device)
     if cfg.train_text_encoder:
         text_encoder.to(acc.device)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                  **({"fused": True} if cuda and cfg.fused_adam else {}))
+    lr = torch.tensor(cfg.learning_rate, device=acc.device) if graphs else cfg.learning_rate  # a graph reads the LR from the device
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon, **({"fused": True} if cuda and cfg.fused_adam else {}),
+                                  **({"capturable": True} if graphs else {}))
     # stepped once per optimizer step by the loop (not once per process by accelerate), so its
     # state means the same whatever the number of processes that saved or resume it
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
-    if cfg.train_text_encoder:
+    raw_optimizer, raw_scheduler = optimizer, lr_scheduler
+    if graphs:
+        if not cfg.train_text_encoder:
+            text_encoder.to(acc.device, dtype=weight_dtype)
+    elif cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = acc.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
         text_encoder.to(acc.device, dtype=weight_dtype)
     vae.to(acc.device) if weight_dtype == torch.float32 else vae.to(acc.device, dtype=weight_dtype)
 
-    graphs = cuda and cfg.compile_unet and cfg.compile_mode != "default"
     if cuda and cfg.compile_unet:
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         # shapes never change during training: a dynamic-shape recompile would only cost minutes
         unet = torch.compile(unet, mode=mode, dynamic=False)
         if cfg.train_text_encoder:
             text_encoder = torch.compile(text_encoder, mode=mode, dynamic=False)
+    compiled_graphs = cuda and cfg.compile_unet and cfg.compile_mode != "default"
+    state = LoopState(cfg.seed, acc.device)
+    scaler = getattr(acc, "scaler", None)
+    resumed_from = None
+    # the optimizer's state is placed before any activation exists: allocated later (lazily, in the
+    # first step) it lands in blocks that activations freed, and those segments can then never be
+    # given back, which costs the captured step's memory pool gigabytes
+    ckpt = latest_checkpoint(work)
+    if ckpt is not None:
+        _restore(load_checkpoint(ckpt), trained, raw_optimizer, raw_scheduler, scaler, state, acc)
+        resumed_from = state.step
+    elif graphs:
+        _init_adam_state(raw_optimizer)
+    checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit)
+    if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
+        checkpointer.reserve(_checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
     instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
     prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
@@ -189,14 +228,36 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         with torch.no_grad():
             frozen_embeddings = text_encoder(batch_ids)[0]
 
-    state = LoopState(cfg.seed, acc.device)
-    acc.register_for_checkpointing(state)
-    resumed_from = None
-    ckpt = latest_checkpoint(work)
-    if ckpt is not None:
-        acc.load_state(str(ckpt))
-        resumed_from = state.step
+    timings["load"] = time.perf_counter() - t0
 
+    autocast = (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False)) if graphs and weight_dtype != torch.float32 \
+        else (acc.autocast if not graphs else contextlib.nullcontext)
+    kinds = 2 if prior is not None else 1
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's images, noise and timesteps, from the loop's generator."""
+        latents = instance.sample(bs, state.generator, world, rank)
+        if prior is not None:
+            latents = torch.cat([latents, prior.sample(bs, state.generator, world, rank)])
+        noise = torch.randn((kinds, world * bs, *latents.shape[1:]), generator=state.generator, device=latents.device)
+        noise = noise[:, rank * bs:(rank + 1) * bs].reshape(latents.shape)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs),
+                                  generator=state.generator, device=latents.device)
+        return latents, noise, timesteps[:, rank * bs:(rank + 1) * bs].reshape(-1)
+
+    def loss_of(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
+            pred = unet(noisy, timesteps, embeddings).sample
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        if prior is not None:
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            return F.mse_loss(pred.float(), target.float()) + cfg.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
+        return F.mse_loss(pred.float(), target.float())
+
+    step_fn = _GraphedStep(loss_of, params, optimizer, cfg.max_grad_norm) if graphs else None
     models = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
     for m in models:
         m.train()
@@ -210,72 +271,197 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
             return
         values = acc.reduce(torch.stack([loss for loss, _ in pending]), reduction="mean").tolist()
         first = state.step - len(pending) + 1
-        for i, (value, (_, lr)) in enumerate(zip(values, pending)):
+        for i, (value, (_, lr_value)) in enumerate(zip(values, pending)):
             state.losses.append(value)
             if on_progress:
-                on_progress(first + i, cfg.max_train_steps, value, lr)
+                on_progress(first + i, cfg.max_train_steps, value, lr_value)
         pending.clear()
 
+    if graphs:  # blocks the VAE cached on the default stream cannot serve the side stream that the steps run on
+        torch.cuda.empty_cache()
+    loop_start = time.perf_counter()
     while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with acc.accumulate(*models):
-            latents = instance.sample(bs, state.generator, world, rank)
-            if prior is not None:
-                latents = torch.cat([latents, prior.sample(bs, state.generator, world, rank)])
-            kinds = 2 if prior is not None else 1
-            noise = torch.randn((kinds, world * bs, *latents.shape[1:]), generator=state.generator, device=latents.device)
-            noise = noise[:, rank * bs:(rank + 1) * bs].reshape(latents.shape)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs),
-                                      generator=state.generator, device=latents.device)
-            timesteps = timesteps[:, rank * bs:(rank + 1) * bs].reshape(-1)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
-            pred = unet(noisy, timesteps, embeddings).sample
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            if prior is not None:
-                pred, pred_prior = pred.chunk(2)
-                target, target_prior = target.chunk(2)
-                loss = F.mse_loss(pred.float(), target.float()) + cfg.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
-            else:
-                loss = F.mse_loss(pred.float(), target.float())
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            if acc.sync_gradients:
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro.append(loss.detach().float())
-        if not acc.sync_gradients:
-            continue
+        if step_fn is not None:
+            micro.append(step_fn(*draw(), capture=taken >= EAGER_STEPS_BEFORE_CAPTURE))
+            raw_scheduler.step()
+        else:
+            if compiled_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with acc.accumulate(*models):
+                loss = loss_of(*draw())
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                if acc.sync_gradients:
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro.append(loss.detach().float())
+            if not acc.sync_gradients:
+                continue
         state.step += 1
         taken += 1
-        pending.append((torch.stack(micro).mean(), lr_scheduler.get_last_lr()[0]))
+        pending.append((torch.stack(micro).mean(), _host_lr(raw_scheduler, cfg.learning_rate)))
         micro = []
         budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
-        checkpoint = state.step % cfg.checkpointing_steps == 0 or budget_hit
+        # none at the last step: the finished run writes its pipeline, which is what a rerun reuses
+        checkpoint = (state.step % cfg.checkpointing_steps == 0 and state.step < cfg.max_train_steps) or budget_hit
         validate = state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps
         if checkpoint or validate or state.step % LOSS_READBACK_STEPS == 0:
             flush()
         if checkpoint:
-            _save_checkpoint(acc, work, state.step, cfg.checkpoints_total_limit)
+            t = time.perf_counter()
+            _checkpoint(checkpointer, acc, state, trained, raw_optimizer, raw_scheduler, scaler, wait=budget_hit)
+            timings["checkpoints"] += time.perf_counter() - t
         if validate and acc.is_main_process:
-            validation_dirs.append(_validation_samples(cfg, inputs, acc, unet, text_encoder, vae, tokenizer, base, state.step))
+            t = time.perf_counter()
+            validation_dirs.append(validation_samples(cfg, work, inputs.class_noun, acc, unet, text_encoder, vae, tokenizer, base,
+                                                      state.step, autocast))
+            timings["validation"] += time.perf_counter() - t
     flush()
+    timings["capture"] = step_fn.capture_seconds if step_fn is not None else 0.0
+    if step_fn is not None:
+        timings.update({f"capture_{k}": v for k, v in step_fn.memory.items()})
+        timings["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        timings["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    timings["steps"] = time.perf_counter() - loop_start - timings["checkpoints"] - timings["validation"]
+    timings["checkpoint_copies"], timings["checkpoint_waits"] = checkpointer.copy_seconds, checkpointer.wait_seconds
 
     finished = state.step >= cfg.max_train_steps
     output = None
+    t = time.perf_counter()
+    if acc.is_main_process:
+        checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
     if finished and acc.is_main_process:
-        output = _save_pipeline(acc, base, unet, text_encoder, inputs.output_dir,
-                                lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
+        output = save_pipeline(acc, base, unet, text_encoder, inputs.output_dir,
+                               lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
+    timings["save"] = time.perf_counter() - t
+    if finished and acc.is_main_process:
         write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from,
-                                                   "seconds": time.perf_counter() - t0})
+                                                   "seconds": time.perf_counter() - t0, "timings": timings, "cuda_graphs": graphs})
     acc.wait_for_everyone()
-    return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs)
+    return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings)
+
+
+class _GraphedStep:
+    """One optimizer step (forward, loss, backward, clip, AdamW) that is run eagerly until `capture`,
+    then captured once as a CUDA graph and replayed. Inputs are copied into static tensors first."""
+
+    def __init__(self, loss_of, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None:
+        self.loss_of, self.params, self.optimizer, self.max_grad_norm = loss_of, params, optimizer, max_grad_norm
+        self.static: list[torch.Tensor] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.stream = torch.cuda.Stream()
+        self.capture_seconds = 0.0
+        self.memory: dict[str, float] = {}
+
+    def _body(self) -> torch.Tensor:
+        loss = self.loss_of(*self.static)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, capture: bool) -> torch.Tensor:
+        if self.static is None:
+            self.static = [latents.clone(), noise.clone(), timesteps.clone()]
+        else:
+            for buf, value in zip(self.static, (latents, noise, timesteps)):
+                buf.copy_(value)
+        if self.graph is None and capture:
+            t = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated in the graph's pool, written (not added) per replay
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the eager steps' cached blocks would otherwise sit beside the graph's own
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.loss = self._body()
+            self.graph = graph
+            self.capture_seconds = time.perf_counter() - t
+            self.memory = {"allocated_gib": torch.cuda.memory_allocated() / 2**30, "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+                           "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss.float().clone()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):  # eager steps on the capture stream: its handles exist when capturing
+            loss = self._body()
+            self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return loss.float()
+
+
+def _host_lr(scheduler, base_lr: float) -> float:
+    """The LR now, as a number, without reading a device tensor back (a captured step's LR lives on the device)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas:
+        return base_lr * float(lambdas[0](scheduler.last_epoch))
+    value = scheduler.get_last_lr()[0]
+    return float(value)
+
+
+def _trained_tensors(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: its trainable parameters (all of them, or a LoRA's adapters)."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)  # DDP
+    return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def _checkpoint_state(state: LoopState, trained: dict, optimizer, scheduler, scaler) -> dict:
+    return {"models": {k: _trained_tensors(m) for k, m in trained.items()}, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "loop": state.state_dict()}
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's per-parameter state now, as its first step would (step counter on the device for
+    a capturable optimizer, moments shaped and strided like their parameter)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def _checkpoint(checkpointer: AsyncCheckpointer, acc: Accelerator, state: LoopState, trained: dict, optimizer, scheduler, scaler,
+                wait: bool) -> None:
+    if acc.is_main_process:
+        checkpointer.save(state.step, _checkpoint_state(state, trained, optimizer, scheduler, scaler))
+        if wait:  # the run stops here: the checkpoint must be on disk before it returns
+            checkpointer.wait()
+    acc.wait_for_everyone()
+
+
+def _restore(ckpt: dict, trained: dict, optimizer, scheduler, scaler, state: LoopState, acc: Accelerator) -> None:
+    for name, model in trained.items():
+        params = dict(getattr(model, "module", model).named_parameters())
+        saved = ckpt["models"].get(name, {})
+        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trained tensors of the {name} (first: {missing[0]}): "
+                             "it was written by another configuration; remove it to start over")
+        with torch.no_grad():
+            for n, tensor in saved.items():
+                params[n].copy_(tensor)
+    # a captured step reads its LR from a device tensor: loading must refill that tensor, not replace it
+    # with the checkpoint's (host) copy, and the scheduler's base LRs come back as plain numbers
+    kept = [{k: g[k] for k in ("lr", "initial_lr") if isinstance(g.get(k), torch.Tensor)} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, tensors in zip(optimizer.param_groups, kept):
+        for key, tensor in tensors.items():
+            tensor.fill_(float(group[key]))
+            group[key] = tensor
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        for key, value in optimizer.state.get(p, {}).items():  # moments in their parameter's layout (fused AdamW needs it)
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = [float(x) for x in scheduler.base_lrs]
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state.load_state_dict(ckpt["loop"])
 
 
 def _add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) -> None:
@@ -310,102 +496,3 @@ def _fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
     GradientState._reset_state()
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=not torch.cuda.is_available(),
                        step_scheduler_with_optimizer=False)
-
-
-def _save_checkpoint(acc: Accelerator, work: Path, step: int, keep: int) -> Path:
-    root = work / "checkpoints"
-    final = root / f"{CKPT_PREFIX}{step:07d}"
-    tmp = root / f".tmp-{step:07d}"
-    if acc.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    try:
-        acc.save_state(str(tmp))
-    except Exception as exc:  # torch says "unexpected pos", safetensors "No space left on device (os error 28)"
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
-        free = shutil.disk_usage(root).free
-        if isinstance(exc, OSError) or "No space left" in str(exc) or free < 64 * 2**20:
-            from atelier.errors import DiskError
-
-            raise DiskError(f"disk holding {root}", f"could not take checkpoint {step} ({free // 2**20} MiB free: {exc})"[:300],
-                            "free some space and rerun: training resumes from the last whole checkpoint") from None
-        raise
-    if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob(f"{CKPT_PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def _pipeline(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:
-    extra = {"vae": vae, "tokenizer": tokenizer} if vae is not None else {}
-    return StableDiffusionPipeline.from_pretrained(
-        str(base), unet=acc.unwrap_model(unet, keep_torch_compile=False),
-        text_encoder=acc.unwrap_model(text_encoder, keep_torch_compile=False), safety_checker=None,
-        requires_safety_checker=False, local_files_only=True, **extra)
-
-
-def _validation_samples(cfg: TrainConfig, inputs: TrainInputs, acc: Accelerator, unet, text_encoder, vae, tokenizer,
-                        base: Path, step: int) -> Path:
-    out = Path(inputs.work_dir) / "validation" / f"step-{step:07d}"
-    with torch.random.fork_rng(devices=[]):
-        pipe = _pipeline(acc, base, unet, text_encoder, vae, tokenizer)
-        use_sampler(pipe, cfg.sampling.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        requests = [GenerationRequest(cfg.fill(p, inputs.class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
-                    for i, p in enumerate(cfg.validation_prompts)]
-        with atomic_dir(out, replace=True) as tmp:
-            with acc.autocast():  # trained weights in fp32, frozen ones in the mixed-precision dtype
-                images = generate(pipe, requests, cfg.sampling.batch_size)
-            for i, img in enumerate(images):
-                img.save(tmp / f"{i:02d}.png")
-    for m in (unet, text_encoder):
-        if any(p.requires_grad for p in m.parameters()):  # back to training mode after sampling
-            m.train()
-    return out
-
-
-def _save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path,
-                   lora_text_encoder: bool | None = None) -> Path:
-    """Write the fine-tuned pipeline. A LoRA run (`lora_text_encoder` not None) writes its adapters
-    under `lora/` and the whole pipeline with them fused into the fp32 base weights, so serving and
-    lineage treat both kinds of run alike."""
-    with atomic_dir(Path(output_dir), replace=True) as tmp:
-        if lora_text_encoder is None:
-            _pipeline(acc, base, unet, text_encoder).save_pretrained(tmp, safe_serialization=True)
-            _forget_paths(tmp, base)
-            return Path(output_dir)
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        def adapters(model):
-            return convert_state_dict_to_diffusers(get_peft_model_state_dict(acc.unwrap_model(model, keep_torch_compile=False),
-                                                                    save_embedding_layers=False))
-
-        StableDiffusionPipeline.save_lora_weights(tmp / "lora", unet_lora_layers=adapters(unet),
-                                                  text_encoder_lora_layers=adapters(text_encoder) if lora_text_encoder else None,
-                                                  safe_serialization=True)
-        pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
-        pipe.load_lora_weights(str(tmp / "lora"))
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        _forget_paths(tmp, base)
-    return Path(output_dir)
-
-
-def _forget_paths(pipeline_dir: Path, base: Path) -> None:
-    """diffusers and transformers write the base model's absolute path (`_name_or_path`) into the saved
-    configs; the same weights trained in another workspace would then hash differently. Lineage names
-    the base model by id and hash instead."""
-    import json
-
-    for path in Path(pipeline_dir).rglob("*.json"):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and str(data.get("_name_or_path", "")).startswith(str(base)):
-            data["_name_or_path"] = "base-model"
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
