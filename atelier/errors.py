@@ -31,9 +31,14 @@ class DataValidationError(AtelierError):
         self.failures = failures
         self.report_dir = report_dir
         lines = "; ".join(f"{f} fails {rule} ({detail})" for f, rule, detail in failures)
-        where = f" Report: {report_dir}." if report_dir else ""
-        super().__init__(item, f"{len(failures)} problem(s): {lines}.{where}",
-                         "replace or remove the named files, then add the subject again")
+        where = f"; report: {report_dir}" if report_dir else ""
+        rules = {rule for _, rule, _ in failures}
+        fix = "replace or remove the named files, then add the subject again"
+        if rules == {"count"}:  # too few or too many photos: no file is at fault
+            fix = "give the number of photos the message names (pass the files, or a folder holding them)"
+        elif "count" in rules:
+            fix += ", with the number of photos the message names"
+        super().__init__(item, f"{len(failures)} problem(s): {lines}{where}", fix)
 
 
 class ModelFormatError(AtelierError):

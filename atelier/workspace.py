@@ -260,7 +260,8 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
         repo.reproduce(stage)
         _push(settings, repo)
-    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/.gitignore", ".gitignore") if (ws / p).exists()])
+    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore")
+                                 if (ws / p).exists()])
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", message)
     return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")

@@ -26,12 +26,28 @@ def _outage(exc: BaseException):
         return None
 
 
+def _path_error(exc: OSError) -> str | None:
+    """A path the user named that cannot be used: the message names it and says what to do."""
+    name = exc.filename or "a path"
+    fixes = {FileNotFoundError: "does not exist: check the path", IsADirectoryError: "is a folder where a file was expected: name a file in it",
+             NotADirectoryError: "is a file where a folder was expected: name its folder", PermissionError: "cannot be read or written by this user: "
+             "fix its permissions or choose another path"}
+    for kind, text in fixes.items():
+        if isinstance(exc, kind):
+            return f"{name}: {text}"
+    return None
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn Atelier's typed errors, and a server that did not answer, into one line on stderr and the
-    README's exit code (6 for an outage, naming the service)."""
+    """One error path for every command: Atelier's typed errors, a path that cannot be used, and a
+    server that did not answer become one line on stderr and the README's exit code (2 bad input,
+    6 an outage naming the service). Anything else is a bug: one line saying so, exit 1, and the
+    traceback only with ATELIER_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import os
+
         try:
             return fn(*args, **kwargs)
         except AtelierError as exc:
@@ -39,14 +55,58 @@ def friendly(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 (re-raised unless it is a service that did not answer)
+        except Exception as exc:  # noqa: BLE001 (classified; re-raised under ATELIER_DEBUG)
             outage = _outage(exc)
-            if outage is None:
+            if outage is not None:
+                typer.secho(f"error: {outage}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(outage.exit_code) from None
+            path = _path_error(exc) if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) else None
+            if path is not None:
+                typer.secho(f"error: {path}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+            if os.environ.get("ATELIER_DEBUG"):
                 raise
-            typer.secho(f"error: {outage}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(outage.exit_code) from None
+            typer.secho(f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}. This is a bug in Atelier: rerun with "
+                        "ATELIER_DEBUG=1 for the traceback and report it", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def expand_photos(paths: list) -> list:
+    """Photos given as files or folders: a folder stands for the files directly inside it (sorted;
+    hidden ones are left for the photo rules to name)."""
+    from pathlib import Path
+
+    from atelier.errors import NotFound
+
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file())
+            if not inside:
+                raise NotFound(f"folder {path}", "holds no files", "put the subject's photos in it, or name the photo files")
+            out.extend(inside)
+        else:
+            out.append(path)
+    return out
+
+
+def quiet_third_parties() -> None:
+    """What a user reads is Atelier's output: the libraries' own progress bars, INFO lines and
+    warnings (tokenizers, MLflow's database set-up, CloudPickle notes) stay out of it."""
+    import logging
+    import os
+    import warnings
+
+    for name, value in {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error",
+                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                        "MLFLOW_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(name, value)
+    for name in ("mlflow", "alembic", "urllib3", "httpx", "great_expectations"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"(mlflow|transformers|diffusers|great_expectations|accelerate)(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 class Progress:

@@ -10,11 +10,27 @@ from typing import Optional
 import typer
 
 from cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
-from cli.common import cli_settings, friendly
+from cli.common import cli_settings, expand_photos, friendly, quiet_third_parties
 from atelier.errors import GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
                   no_args_is_help=True, add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from atelier.gitinfo import code_version
+
+        v = code_version()
+        state = {True: ", with local changes", False: "", None: ""}[v.dirty]
+        typer.echo(f"atelier {v.package_version} (source {v.git_sha[:12]}{state})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="print Atelier's version and source revision, then exit")) -> None:
+    quiet_third_parties()
 subject_app = typer.Typer(help="Manage customers' subject photo sets (DVC-tracked).", no_args_is_help=True)
 app.add_typer(subject_app, name="subject")
 
@@ -53,8 +69,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
 def subject_add(
     customer: str = typer.Argument(..., help="customer id (slug: a-z, 0-9, '-', '_')"),
     subject: str = typer.Argument(..., help="subject id (slug)"),
-    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject (files, not a folder: photos/*.jpg)", exists=True,
-                                        dir_okay=False, readable=True),
+    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject: files, or a folder holding them", exists=True,
+                                        readable=True),
     class_noun: str = typer.Option(..., "--class", help="what the subject is, e.g. dog, toy, person"),
     replace: bool = typer.Option(False, "--replace", help="replace an existing photo set (history is kept)"),
 ) -> None:
@@ -74,6 +90,7 @@ def subject_add(
     check_slug(customer, "customer")
     check_slug(subject, "subject")
     check_class_noun(class_noun)
+    photos = expand_photos(photos)
     hidden = [p.name for p in photos if is_hidden(p)]
     if hidden:
         raise DataValidationError(f"photos for {customer}/{subject}", [(name, "file_name", "starts with '.', which marks a hidden file, "
@@ -106,7 +123,8 @@ def _run_finetune(customer: str, subject: str, base_model: Optional[Path], confi
 def _print_result(result: dict) -> None:
     gate = result["gate"]
     typer.echo(f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
-               f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f}")
+               f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f} "
+               "(mean of the last 10% of steps; MLflow's train_loss has every step)")
     if gate["passed"]:
         typer.secho(f"gate passed: models:/{result['model']}@champion is version {result['version']}", fg=typer.colors.GREEN)
     else:
@@ -161,16 +179,24 @@ def priors(
     sampler: str = typer.Option("dpmsolver++"), steps: int = typer.Option(25), guidance: float = typer.Option(7.5),
     base_model: Optional[Path] = typer.Option(None, "--base-model"),
 ) -> None:
-    """Generate class-prior images into OUT (the dvc.yaml class_priors stage calls this)."""
+    """Generate class-prior images into OUT (the dvc.yaml class_priors stage calls this). The images
+    come from the fine-tuning flow's content-addressed cache when it holds the same set (same
+    function, same seeds), so reproducing the stage after a fine-tune costs a copy."""
+    import shutil
+
+    from atelier.storage import atomic_dir
+    from cli.common import Progress
     from models.dreambooth.base import check_sd_directory, model_hash
-    from models.dreambooth.priors import PriorSpec, write_class_priors
+    from models.dreambooth.priors import PriorSpec, ensure_class_priors
 
     settings = cli_settings()
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
-    write_class_priors(out, spec, base, on_progress=lambda d, t: typer.echo(f"  {d}/{t}") if d % max(1, t // 10) == 0 else None,
-                       replace=True)
-    typer.echo(f"{count} class images for '{class_prompt}' in {out} (key {spec.key})")
+    made = ensure_class_priors(settings.priors_cache, spec, base, on_progress=Progress("class images", "images"))
+    with atomic_dir(Path(out), replace=True) as tmp:
+        for item in sorted(p for p in made.path.iterdir() if p.is_file()):  # the images and their manifest
+            shutil.copy2(item, tmp / item.name)
+    typer.echo(f"{count} class images for '{class_prompt}' in {out} (key {spec.key}, {'from the cache' if made.reused else 'generated'})")
 
 
 @app.command()
@@ -179,21 +205,28 @@ def generate(
     model: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. dreambooth-acme-robot@champion"),
     prompt: list[str] = typer.Option(..., "--prompt", help="prompt (repeatable)"),
     out: Path = typer.Option(Path("generated"), help="folder for the PNGs"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, seed+2, ..."),
+    steps: Optional[int] = typer.Option(None, min=1, max=200, help="sampler steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, max=50.0, help="classifier-free guidance scale (default: the model's)"),
+    size: Optional[int] = typer.Option(None, min=32, max=2048, help="image width and height in pixels, a multiple of 8 (default: the model's)"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="what the images should not show"),
     customer: Optional[str] = typer.Option(None, "--customer", help="refuse unless the model belongs to this customer"),
 ) -> None:
-    """Generate images with a registered model through MLflow's pyfunc interface."""
+    """Generate images with a registered model through MLflow's pyfunc interface. Each PNG carries its
+    prompt, seed, settings and model version in its metadata (`identify -verbose`, PIL's `.text`)."""
     import mlflow.pyfunc
     import pandas as pd
+    from mlflow import MlflowClient
+    from PIL.PngImagePlugin import PngInfo
 
+    from atelier.errors import ConfigError
+    from atelier.outages import preflight
+    from atelier.storage import write_bytes_atomic
+    from registry.lineage import resolve
     from registry.pyfunc import decode_png
 
-    from atelier.outages import preflight
-
-    from mlflow import MlflowClient
-
-    from registry.lineage import resolve
-
+    if size is not None and size % 8:
+        raise ConfigError(f"--size {size}", "is not a multiple of 8", f"use {size - size % 8} or {size - size % 8 + 8}")
     settings = cli_settings()
     preflight(settings)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
@@ -204,11 +237,26 @@ def generate(
         from registry.isolation import require_owner
 
         require_owner(client, mv.name, customer)
+    typer.echo(f"loading {uri} ...", err=True)
     loaded = mlflow.pyfunc.load_model(uri)
-    frame = loaded.predict(pd.DataFrame({"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}))
+    rows = {"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}
+    for column, value in (("steps", steps), ("guidance_scale", guidance), ("height", size), ("width", size), ("negative_prompt", negative_prompt)):
+        if value is not None:
+            rows[column] = [value] * len(prompt)
+    typer.echo(f"generating {len(prompt)} image(s) ...", err=True)
+    frame = loaded.predict(pd.DataFrame(rows))
     out.mkdir(parents=True, exist_ok=True)
-    for i, text in enumerate(frame["image_png_base64"]):
-        decode_png(text).save(out / f"{i:03d}.png")
+    import io
+
+    for i, (text, row_prompt, row_seed) in enumerate(zip(frame["image_png_base64"], frame["prompt"], frame["seed"])):
+        meta = PngInfo()
+        for key, value in {"prompt": row_prompt, "seed": row_seed, "model": mv.name, "model_version": mv.version, "steps": steps,
+                           "guidance_scale": guidance, "negative_prompt": negative_prompt, "software": "Atelier"}.items():
+            if value is not None:
+                meta.add_text(key, str(value))
+        buf = io.BytesIO()
+        decode_png(text).save(buf, format="PNG", pnginfo=meta)
+        write_bytes_atomic(out / f"{mv.name}-v{mv.version}-seed{row_seed}-{i:03d}.png", buf.getvalue())
     typer.echo(f"{len(frame)} image(s) from {uri} in {out}")
 
 
@@ -232,6 +280,11 @@ def demo() -> None:
             subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
     result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
     _print_result(result)
+    from atelier.workspace import reproduce_stage
+
+    # the workspace's DVC pipeline holds what the flow used: `dvc status` is clean after the demo
+    reproduce_stage(settings, "class_priors", "class priors of the demo subject (dvc repro class_priors)")
+    typer.echo("class priors reproduced in the workspace's DVC pipeline (dvc repro class_priors)")
     missing = cli_ocr.ocr_dependencies_missing()
     if missing:
         typer.echo(f"\nOCR part skipped: {missing} is missing (make ocr-system-deps installs it)")

@@ -19,6 +19,23 @@ def _report(result: dict) -> None:
         typer.echo(f"  not done: {bad.get('error')}", err=True)
 
 
+def _check_local(path: str, what: str, fix: str) -> None:
+    """A local path a batch reads must exist before a flow run starts (an s3:// one is checked by the flow)."""
+    from atelier.errors import NotFound
+
+    if not path.startswith("s3://") and not Path(path).exists():
+        raise NotFound(f"{what} {path}", "does not exist", fix)
+
+
+def _check_model(settings, ref: str) -> None:
+    """The model a batch pins must be registered: a typo is exit 2 in a second, not a failed flow run."""
+    from mlflow import MlflowClient
+
+    from registry.lineage import resolve
+
+    resolve(MlflowClient(settings.resolved_tracking_uri), ref)
+
+
 @friendly
 def batch_generate_cmd(
     customer: str = typer.Argument(...), subject: str = typer.Argument(...),
@@ -30,9 +47,15 @@ def batch_generate_cmd(
     """Generate every manifest item once with one pinned model version (a rerun resumes, skipping
     items whose outputs exist and verify)."""
     from atelier.outages import preflight
+    from atelier.storage import check_slug
     from flows.batch import batch_generate
 
-    preflight(cli_settings())
+    settings = cli_settings()
+    preflight(settings)
+    check_slug(customer, "customer")
+    check_slug(subject, "subject")
+    _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
+    _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion")
     _report(batch_generate(customer, subject, manifest, out, model, batch_size))
 
 
@@ -48,7 +71,10 @@ def batch_ocr_cmd(
     from atelier.outages import preflight
     from flows.batch import batch_ocr
 
-    preflight(cli_settings())
+    settings = cli_settings()
+    preflight(settings)
+    _check_local(inputs, "input folder", "name a folder of images or an s3://bucket/prefix")
+    _check_model(settings, model)
     _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
 
 
@@ -112,10 +138,21 @@ def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] 
         return
     if not rows:
         typer.echo("no flow runs yet")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for header in ("started (UTC)", "flow run", "name", "state", "flow", "deployment", "model"):
+        table.add_column(header, no_wrap=True)  # ids and names stay whole (copy-paste, grep); the note wraps
+    table.add_column("note / outputs", overflow="fold")
     for r in rows:
         started = str(r["start"])[:16].replace("T", " ") if r["start"] else "not started"
-        typer.echo(f"{started}  {r['state']:<10} {r['flow']:<17} {r['deployment'] or '-':<24} {r['model'] or '-':<28} "
-                   f"{r['note'] or ''}{'  -> ' + r['outputs'] if r['outputs'] and r['outputs'] != '{}' else ''}")
+        outputs = r["outputs"] if r["outputs"] and r["outputs"] != "{}" else ""
+        table.add_row(started, str(r["id"])[:8], r["name"], r["state"], r["flow"], r["deployment"] or "-", r["model"] or "-",
+                      " ".join(x for x in (r["note"] or "", f"-> {outputs}" if outputs else "") if x))
+    Console(width=max(200, Console().width), soft_wrap=False).print(table)
+    typer.echo("full ids and outputs: atelier runs --json")
 
 
 def install(app: typer.Typer) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.runs import claim_and_sweep
+from flows.runs import claim_and_sweep, run_name
 from tasks.common import summary_artifact
 from tasks.registry import audit_ledger
 
 FLOW_VERSION = "1"
 
 
-@flow(name="ledger-audit", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
+@flow(name="ledger-audit", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def ledger_audit(restore: bool = False) -> dict:
     result = audit_ledger(restore)
     summary_artifact("ledger-audit", "-", {"rows": result["rows"], "restored": len(result["restored"])},

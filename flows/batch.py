@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.storage import check_slug
-from flows.runs import claim_and_sweep
+from flows.runs import claim_and_sweep, run_name
 from tasks import batch as batch_tasks
 from tasks.common import summary_artifact
 
@@ -29,7 +29,7 @@ def _expand(out: str) -> str:
     return out.replace("{date}", start.strftime("%Y-%m-%d")).replace("{flow_run}", str(flow_run.name or "run"))
 
 
-@flow(name="batch-generate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
+@flow(name="batch-generate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def batch_generate(customer: str, subject: str, manifest: str, out: str, model: str | None = None, batch_size: int = 8) -> dict:
     check_slug(customer, "customer")
     check_slug(subject, "subject")
@@ -47,7 +47,7 @@ def batch_generate(customer: str, subject: str, manifest: str, out: str, model: 
     return {**report, **written}
 
 
-@flow(name="batch-ocr", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
+@flow(name="batch-ocr", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def batch_ocr(inputs: str, out: str, model: str = "ocr@champion", lang: str | None = None, kind: str = "page") -> dict:
     out = _expand(out)
     pinned = batch_tasks.pin_model(model)

@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from atelier.gitinfo import code_version
-from flows.runs import claim_and_sweep
+from flows.runs import claim_and_sweep, finished, run_name
 from tasks import judge as judge_tasks
 from tasks import ocr as ocr_tasks
 from tasks.common import summary_artifact
@@ -25,7 +25,7 @@ MAIN, PROBES = "ppocrv6s-rec", {"ppocrv6t": "ppocrv6t-rec", "ppocrv5": "ppocrv5-
 OTHER_GENERATIONS = {"ppocrv5": "ppocrv5-rec", "ppocrv4": "ppocrv4-rec"}
 
 
-@flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
+@flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, review_below: float = 0.5) -> dict:
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}
@@ -103,8 +103,8 @@ def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, revie
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
     summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {served: files[f"rec_{served}"]},
                      f"gate {'passed' if gate['passed'] else 'refused'}; serving {served}; routes {routing['routes']}")
-    return {"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
-            "summary": summary, "registered_before": registered["reused"], "served": served, "engine": engine}
+    return finished({"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
+                     "summary": summary, "registered_before": registered["reused"], "served": served, "engine": engine}, gate)
 
 
 def _metrics(baselines: dict, int8: dict, engine: dict, speed: dict, confidence: dict, cross: dict | None) -> dict[str, float]:

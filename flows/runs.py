@@ -5,15 +5,13 @@ A flow run whose process died (kill -9, a lost machine, a database outage that s
 change) stays "Running" in Prefect for ever. Every Atelier flow therefore records, when it starts, the
 process that runs it (`infrastructure_pid` = `atelier:HOST:PID:START_TIME`), and marks Crashed every
 other run still Running on this host whose process is gone. `atelier runs` does the same sweep.
-
-The filter endpoints are called with explicit JSON bodies: with fastapi 0.154 (the pin Prefect 3.8.8
-needs) the server rejects the `null` sub-filters that the client's typed read_* methods send.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 from tasks.common import SUMMARY_KEY
@@ -43,19 +41,41 @@ def _gone(infrastructure_pid: str | None) -> bool:
 
 def mark_orphans(client, exclude: str | None = None) -> list[str]:
     """Set Crashed on flow runs still Running whose process on this host is gone; returns their ids."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    http = client._client  # noqa: SLF001 - see the module docstring
-    running = http.post("/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}},
-                                                   "limit": 200, "offset": 0}).raise_for_status().json()
+    running = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+                                    limit=200)
     crashed = []
     for run in running:
-        if run["id"] != exclude and _gone(run.get("infrastructure_pid")):
-            pid = run["infrastructure_pid"].split(":")[2]
-            client.set_flow_run_state(run["id"], Crashed(message=f"its process (pid {pid} on {socket.gethostname()}) is gone; "
-                                                                   "marked crashed by a later Atelier run"), force=True)
-            crashed.append(run["id"])
+        if str(run.id) != exclude and _gone(run.infrastructure_pid):
+            pid = run.infrastructure_pid.split(":")[2]
+            client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pid} on {socket.gethostname()}) is gone; "
+                                                              "marked crashed by a later Atelier run"), force=True)
+            crashed.append(str(run.id))
     return crashed
+
+
+def run_tags(parameters: dict) -> list[str]:
+    """Searchable tags from a run's parameters: customer, subject and the model it makes or uses."""
+    tags = [f"{key}:{parameters[key]}" for key in ("customer", "subject") if parameters.get(key)]
+    model = parameters.get("model")
+    if not model and parameters.get("customer") and parameters.get("subject"):
+        model = f"dreambooth-{parameters['customer']}-{parameters['subject']}"
+    if model:  # NAME@ALIAS or NAME/VERSION: the name
+        tags.append(f"model:{re.split('[@/]', str(model))[0]}")
+    return tags
+
+
+def run_name() -> str:
+    """`acme-rex-1a2b3c4d` for a customer's subject, `ocr-calibrate-1a2b3c4d` otherwise: readable in the
+    UI, unique by the run id's first 8 characters (`atelier runs` shows them too)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters or {}
+    stem = "-".join(str(p[k]) for k in ("customer", "subject") if p.get(k)) or flow_run.flow_name
+    return f"{stem}-{str(flow_run.id)[:8]}"
 
 
 def claim_and_sweep(flow, flow_run, state) -> None:  # noqa: ARG001 (Prefect's on_running hook signature)
@@ -64,7 +84,8 @@ def claim_and_sweep(flow, flow_run, state) -> None:  # noqa: ARG001 (Prefect's o
     from prefect.logging import get_logger
 
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, infrastructure_pid=_this_process())
+        client.update_flow_run(flow_run.id, infrastructure_pid=_this_process(),
+                               tags=sorted(set(flow_run.tags or []) | set(run_tags(flow_run.parameters or {}))))
         crashed = mark_orphans(client, exclude=str(flow_run.id))
     if crashed:
         get_logger("atelier").warning("marked %d orphaned flow run(s) crashed: %s", len(crashed), ", ".join(crashed))
@@ -72,28 +93,40 @@ def claim_and_sweep(flow, flow_run, state) -> None:  # noqa: ARG001 (Prefect's o
 
 def recent_runs(limit: int = 20, flow_name: str | None = None) -> list[dict]:
     from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 
     with get_client(sync_client=True) as client:
         mark_orphans(client)
-        http = client._client  # noqa: SLF001 - see the module docstring
-        body: dict = {"sort": "EXPECTED_START_TIME_DESC", "limit": limit, "offset": 0}
-        if flow_name:
-            body["flows"] = {"name": {"any_": [flow_name]}}
-        runs = http.post("/flow_runs/filter", json=body).raise_for_status().json()
-        ids = [r["id"] for r in runs]
-        flows = {fid: client.read_flow(fid).name for fid in {r["flow_id"] for r in runs}}
-        deps = {did: client.read_deployment(did).name for did in {r["deployment_id"] for r in runs if r["deployment_id"]}}
-        arts = http.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [SUMMARY_KEY]}, "flow_run_id": {"any_": ids}},
-                                                    "sort": "CREATED_DESC", "limit": 200, "offset": 0}).raise_for_status().json() if ids else []
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None,
+                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        ids = [r.id for r in runs]
+        flows = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in runs}}
+        deps = {did: client.read_deployment(did).name for did in {r.deployment_id for r in runs if r.deployment_id}}
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
+                                                                    flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
+                                     sort=ArtifactSort.CREATED_DESC, limit=200) if ids else []
     summary = {}
     for a in arts:
-        data = json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
-        if data and a["flow_run_id"] not in summary:
-            summary[a["flow_run_id"]] = data[0]
+        data = json.loads(a.data) if isinstance(a.data, str) else a.data
+        if data and a.flow_run_id not in summary:
+            summary[a.flow_run_id] = data[0]
     rows = []
     for r in runs:
-        s = summary.get(r["id"], {})
-        rows.append({"id": r["id"], "name": r["name"], "flow": flows.get(r["flow_id"], "?"), "deployment": deps.get(r["deployment_id"]),
-                     "state": r.get("state_name") or "", "start": r.get("start_time") or r.get("expected_start_time"),
-                     "model": s.get("model"), "outputs": s.get("outputs"), "note": s.get("note")})
+        s = summary.get(r.id, {})
+        rows.append({"id": str(r.id), "name": r.name, "flow": flows.get(r.flow_id, "?"), "deployment": deps.get(r.deployment_id),
+                     "state": r.state_name or "", "start": (r.start_time or r.expected_start_time),
+                     "model": s.get("model"), "outputs": s.get("outputs"), "note": s.get("note"), "tags": list(r.tags)})
     return rows
+
+
+def finished(result: dict, gate: dict):
+    """The flow's end state: Completed when the gate passed; a Completed named `Refused`, with the
+    gate's reasons as its message, when it refused (the UI shows it at a glance; the caller still
+    gets `result`)."""
+    if gate.get("passed", True):
+        return result
+    from prefect.states import Completed
+
+    reasons = "; ".join(gate.get("reasons") or []) or "see the version's atelier.gate tag"
+    return Completed(name="Refused", message=f"gate refused {result['model']} version {result['version']}: {reasons}"[:500], data=result)

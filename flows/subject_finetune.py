@@ -16,7 +16,7 @@ from atelier.gitinfo import code_version
 from atelier.hashing import stat_signature
 from atelier.settings import load_settings
 from atelier.storage import check_slug
-from flows.runs import claim_and_sweep
+from flows.runs import claim_and_sweep, finished, run_name
 from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
 from tasks import judge as judge_tasks
@@ -37,7 +37,7 @@ def task_versions() -> dict[str, str]:
     }
 
 
-@flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep])
+@flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def subject_finetune(customer: str, subject: str, base_model: str | None = None, config_path: str | None = None,
                      data_rev: str | None = None, skip_if_unchanged: bool = False) -> dict:
     """`skip_if_unchanged` (scheduled retraining): when a version was already registered from the same
@@ -75,7 +75,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     code = code_version()
     lineage = {
         "customer": customer, "subject": subject,
-        "data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
+        "data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"], "data.class_noun": snapshot["class_noun"],
         "data.validation_report": validation["report_dir"],
         "base_model.id": EMBEDDED_BASE_ID if embedded else str(base), "base_model.sha256": base_hash,
         "class_priors.key": priors["key"] if priors else "none", "class_priors.sha256": priors["sha256"] if priors else "none",
@@ -90,7 +90,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     gate = promotion_gate(registered, str(flow_run.id))
     summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
                                f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}")
-    return {"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
-            "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
-            "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),
-            "steps": training["steps"], "final_loss": samples["health"]["final_loss"], "noop": False}
+    return finished({"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
+                     "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
+                     "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),
+                     "steps": training["steps"], "final_loss": samples["health"]["final_loss"], "noop": False}, gate)

@@ -114,12 +114,62 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
                 code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS],
             )
     if _missing(client, name):
-        client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"})
+        client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
+                                       description=model_description(customer, subject, lineage))
         grant_customer_read(settings, name, customer)
-    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
+    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id,
+                                          description=version_card(name, lineage, metrics))
     record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
                      flow_run_id=lineage.get("prefect.flow_run_id"))
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def model_description(customer: str, subject: str, lineage: dict) -> str:
+    """The registered model's description in the MLflow UI: what it is and how to use it."""
+    name = model_name(customer, subject)
+    return (f"DreamBooth subject model of **{customer}/{subject}**, fine-tuned by Atelier from "
+            f"`{lineage.get('base_model.id', '?')}`.\n\n"
+            f"- `champion` is the version in production, `candidate` the newest that awaits or failed the gate; "
+            f"every move is a row in Atelier's ledger (`atelier ledger show {name}`).\n"
+            f"- Generate: `atelier generate {name}@champion --prompt \"a {(lineage.get('params') or {}).get('identifier', 'sks')} "
+            f"{lineage.get('data.class_noun', 'subject')} on the beach\"`, "
+            f"or `mlflow models serve -m models:/{name}@champion` and POST a `prompt` column.\n"
+            f"- Lineage of a version: `atelier lineage {name}/VERSION`, or its run's `lineage.json`.")
+
+
+def version_card(name: str, lineage: dict, metrics: dict[str, float]) -> str:
+    """A version's model card (its description in the MLflow UI): data, base model, training; the gate's
+    outcome and the judge's scores are added by `record_gate_on_card`."""
+    params = lineage.get("params") or {}
+    files = lineage.get("data.files") or {}
+    lines = [
+        f"**{lineage.get('customer')}/{lineage.get('subject')}**: {len(files)} photos at data revision "
+        f"`{str(lineage.get('data.rev', '?'))[:12]}` (DVC md5 `{str(lineage.get('data.dvc_md5', '?'))[:12]}`)",
+        f"- base model: `{lineage.get('base_model.id')}` (sha256 `{str(lineage.get('base_model.sha256', ''))[:16]}`)",
+        f"- training: {params.get('max_train_steps', '?')} steps, lr {params.get('learning_rate', '?')}, prior preservation "
+        f"{'on' if params.get('with_prior_preservation') else 'off'} (class priors `{lineage.get('class_priors.key', 'none')}`), "
+        f"final loss {metrics.get('health_final_loss', float('nan')):.4f} (mean of the last 10% of steps)",
+        f"- code: `{str(lineage.get('code.git_sha', '?'))[:12]}`, Prefect flow run `{lineage.get('prefect.flow_run_id')}`",
+    ]
+    lines.append("- gate: not yet run")  # record_gate_on_card fills it in
+    lines.append(f"- generate: `atelier generate {name}/VERSION --prompt ...`")
+    return "\n".join(lines)
+
+
+def record_gate_on_card(client: MlflowClient, name: str, version: str, gate: dict) -> None:
+    """Put the gate's outcome (and the judge's scores, when a judge ran) on the version's model card."""
+    import re
+
+    mv = client.get_model_version(name, version)
+    line = f"- gate: {'**passed**' if gate.get('passed') else '**REFUSED**: ' + '; '.join(gate.get('reasons') or [])}"
+    judged = mv.tags.get("atelier.eval.judge")
+    if judged:
+        scores = {k: v for k, v in json.loads(judged).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        line += "\n- judge: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items())
+    text = mv.description or ""
+    gate_line = re.compile(r"^- gate: .*$", flags=re.M)
+    text = gate_line.sub(lambda _: line, text, count=1) if gate_line.search(text) else f"{text}\n{line}".strip()
+    client.update_model_version(name, version, description=text)
 
 
 def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:

@@ -55,17 +55,24 @@ def require_owner(client: MlflowClient, name: str, customer: str) -> None:
                            "use a model of this customer; customers never share models")
 
 
+# the MLflow UI opens an experiment of this kind on its training runs, not on the GenAI traces view
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, settings: Settings, customer: str) -> str:
     """The customer's experiment, created by the platform (with its own artifact prefix) when missing.
     Refuses an experiment of that name that the platform did not create for this customer."""
     name = settings.experiment_for(customer)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=settings.artifact_root_for(customer), tags={CUSTOMER_TAG: customer})
+        return client.create_experiment(name, artifact_location=settings.artifact_root_for(customer),
+                                        tags={CUSTOMER_TAG: customer, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     owner = experiment.tags.get(CUSTOMER_TAG)
     if owner != customer:
         raise AccessDenied(f"experiment {name}", f"was not created by the platform for customer {customer!r} (owner tag: {owner!r})",
                            "an operator should inspect and delete it, then rerun; its runs would otherwise be visible to its creator")
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

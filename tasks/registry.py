@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from models.dreambooth.config import TrainConfig
-from registry.dreambooth import client_for, register_dreambooth
+from registry.dreambooth import client_for, record_gate_on_card, register_dreambooth
 from registry.ledger import Ledger
 from registry.promotion import promote
 from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
@@ -46,6 +46,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
     result = promote(client_for(s), Ledger(s.resolved_ledger_url), registered["name"], registered["version"],
                      actor=f"{s.actor} via {flow_name}", reason=f"new version from the {flow_name} flow",
                      rules=s.gate, flow_run_id=flow_run_id)
+    record_gate_on_card(client_for(s), registered["name"], registered["version"], {"passed": result.passed, "reasons": result.reasons})
     checks = json.loads(result.row.gate)["checks"]
     lines = [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in checks]
     create_markdown_artifact("\n".join(["| check | result | detail |", "|---|---|---|", *lines]),

@@ -68,3 +68,50 @@ def test_registry_commands_need_a_workspace_and_leave_no_stray_files(tmp_path, m
     result = runner.invoke(app, ["ledger", "verify"])
     assert result.exit_code == 2 and "atelier init" in result.output
     assert not (tmp_path / "none").exists()
+
+
+def _sweep_cases(tmp):
+    photo_dir, missing = tmp / "none-here", tmp / "missing.png"
+    manifest = tmp / "m.jsonl"
+    manifest.write_text('{"id": "a", "prompt": "x", "seed": 1}\n')
+    return {
+        "generate: typo'd model": ["generate", "dreambooth-acme-robt@champion", "--prompt", "x"],
+        "generate: typo'd version": ["generate", "dreambooth-acme-robot/999", "--prompt", "x"],
+        "lineage: typo'd model": ["lineage", "dreambooth-acme-robt@champion"],
+        "promote: typo'd model": ["promote", "dreambooth-acme-robt", "1", "--reason", "r"],
+        "rollback: typo'd model": ["rollback", "dreambooth-acme-robt", "--reason", "r"],
+        "finetune: typo'd customer": ["finetune", "acmee", "robot"],
+        "finetune: typo'd subject": ["finetune", "acme", "robt"],
+        "finetune: missing config": ["finetune", "acme", "robot", "--config", str(tmp / "nope.yaml")],
+        "finetune: missing base model": ["finetune", "acme", "robot", "--base-model", str(photo_dir)],
+        "subject add: missing photo": ["subject", "add", "acme", "x", "--class", "toy", str(missing)],
+        "subject add: empty folder": ["subject", "add", "acme", "x", "--class", "toy", str(tmp)],
+        "batch-generate: typo'd customer": ["batch-generate", "acmee", "robot", "--manifest", str(manifest), "--out", str(tmp / "o")],
+        "batch-generate: missing manifest": ["batch-generate", "acme", "robot", "--manifest", str(missing), "--out", str(tmp / "o")],
+        "batch-ocr: missing folder": ["batch-ocr", str(photo_dir), "--out", str(tmp / "o2")],
+        "ocr: missing path": ["ocr", str(missing)],
+        "ocr: typo'd model": ["ocr", "--model", "ocrr@champion", str(manifest)],
+        "lineage: path trick": ["lineage", "../../etc/passwd"],
+    }
+
+
+def test_no_command_answers_a_typo_with_a_traceback(workspace, tmp_path):
+    """Every bad name or path: exit 2 and one short message naming the item, in a real process."""
+    (tmp_path / "empty").mkdir()
+    cases = _sweep_cases(tmp_path / "empty")
+    failures = []
+    for label, args in cases.items():
+        done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+        text = done.stdout + done.stderr
+        if done.returncode != 2 or "Traceback" in text or len(text.strip().splitlines()) > 8:
+            failures.append(f"{label}: exit {done.returncode}\n{text[-600:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_version_and_photo_folder(workspace, photos):
+    from atelier.gitinfo import code_version
+
+    out = runner.invoke(app, ["--version"]).output
+    assert out.startswith("atelier ") and code_version().git_sha[:12] in out
+    result = runner.invoke(app, ["subject", "add", "acme", "cli-folder", "--class", "toy", str(photos[0].parent)])
+    assert result.exit_code == 0 and f"added {len(list(photos[0].parent.iterdir()))} photos" in result.output, result.output

@@ -15,10 +15,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
+    """As `make demo` does it (reproduce_stage, the stage's `atelier priors` reading the flow's cache):
+    afterwards `dvc status` is clean and git has nothing uncommitted."""
+    from atelier.workspace import reproduce_stage
+
     ws = workspace.workspace
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "class_priors@toy"], cwd=ws, capture_output=True,
-                          text=True, timeout=600, env={**os.environ})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    reproduce_stage(workspace, "class_priors", "class priors (test)")
     params = yaml.safe_load((ws / "params.yaml").read_text())["class_priors"]["toy"]
     spec = PriorSpec(model_hash(workspace.tiny_model_dir), params["prompt"], params["count"], params["resolution"],
                      params["seed"], params["sampler"], params["steps"], params["guidance"])
@@ -26,5 +28,8 @@ def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
     staged = {k: v for k, v in file_hashes(ws / "data" / "class-priors" / "toy").items() if k.endswith(".png")}
     assert staged and staged == {k: v for k, v in file_hashes(cached.path).items() if k.endswith(".png")}
     assert (ws / "dvc.lock").is_file()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "class_priors@toy"], cwd=ws, capture_output=True, text=True)
-    assert "up to date" in status.stdout.lower() or status.stdout.strip() == "" or "unchanged" in status.stdout.lower()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "class_priors@toy"], cwd=ws, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
+    assert status.returncode == 0 and ("up to date" in status.stdout.lower() or not status.stdout.strip()), status.stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "data/class-priors"], cwd=ws, capture_output=True, text=True)
+    assert dirty.stdout.strip() == "", dirty.stdout

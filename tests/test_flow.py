@@ -21,6 +21,13 @@ pytestmark = pytest.mark.slow
 NAME = "dreambooth-acme-robot"
 
 
+def _flow_run(run_id: str):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        return prefect.read_flow_run(run_id)
+
+
 @pytest.fixture(scope="module")
 def client(workspace):
     return MlflowClient(workspace.resolved_tracking_uri)
@@ -64,6 +71,28 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert judged["calibrated"] is False and judged["images"] >= 6 and judged["requests"] > 0
     gate_checks = json.loads(tags["atelier.gate"])["checks"]
     assert any(c["name"].startswith("judge_") and "uncalibrated" in c["detail"] for c in gate_checks)
+    # what the Prefect UI shows: a readable name, searchable tags, and the model card on MLflow
+    prefect_run = _flow_run(first_run["flow_run_id"])
+    assert prefect_run.name == f"acme-robot-{first_run['flow_run_id'][:8]}" and prefect_run.state.name == "Completed"
+    assert {"customer:acme", "subject:robot", f"model:{NAME}"} <= set(prefect_run.tags)
+    assert "gate: **passed**" in champion.description and "acme/robot" in champion.description
+    assert f"atelier generate {NAME}@champion" in client.get_registered_model(NAME).description
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_generate_takes_the_models_options_and_writes_provenance_into_the_png(first_run, tmp_path):
+    from PIL import Image
+
+    done = subprocess.run([sys.executable, "-m", "cli", "generate", f"{NAME}@champion", "--prompt", "a sks toy in the snow",
+                           "--seed", "7", "--steps", "2", "--guidance", "3.5", "--size", "32", "--negative-prompt", "blurry",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (png,) = tmp_path.glob("*.png")
+    image = Image.open(png)
+    assert image.size == (32, 32)
+    assert image.text["prompt"] == "a sks toy in the snow" and image.text["seed"] == "7" and image.text["negative_prompt"] == "blurry"
+    assert image.text["model"] == NAME and image.text["model_version"] == first_run["version"] and image.text["steps"] == "2"
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr  # third-party noise stays out
 
 
 def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspace, tmp_path):
@@ -121,7 +150,10 @@ def test_failed_gate_leaves_the_champion_alone(first_run, client, monkeypatch, t
     refused = client.get_model_version(NAME, result["version"])
     assert json.loads(refused.tags["atelier.gate"])["passed"] is False and "final loss" in refused.tags["atelier.refused"]
     assert "candidate" not in refused.aliases  # a refused version is nobody's candidate
+    assert "gate: **REFUSED**: final loss" in refused.description
     assert "candidate" not in client.get_registered_model(NAME).aliases
+    state = _flow_run(result["flow_run_id"]).state  # not a plain green Completed: the UI says it was refused, and why
+    assert state.is_completed() and state.name == "Refused" and "final loss" in state.message
 
 
 def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, client, robot_photos, tmp_path):
