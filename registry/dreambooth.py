@@ -94,6 +94,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
                            {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]})
     with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        _log_datasets(settings, customer, subject, lineage)
         client.log_batch(run.info.run_id, metrics=[
             mlflow.entities.Metric("train_loss", loss, 0, step) for step, loss in enumerate(losses, start=1)
         ])
@@ -122,6 +123,24 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
                      flow_run_id=lineage.get("prefect.flow_run_id"))
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def _log_datasets(settings: Settings, customer: str, subject: str, lineage: dict) -> None:
+    """The run's training data as MLflow datasets (the UI's Datasets column): the subject's photos at
+    their DVC revision and the class priors, each with its content hash as the digest."""
+    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    rev = str(lineage.get("data.rev", ""))
+    photos = MetaDataset(LocalArtifactDatasetSource(settings.subject_dir(customer, subject).as_uri()),
+                         name=f"photos {customer}/{subject}@{rev[:12]}", digest=str(lineage.get("data.dvc_md5", ""))[:36] or None)
+    mlflow.log_input(photos, context="training", tags={"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev,
+                                                       "files": str(len(lineage.get("data.files") or {}))})
+    key = lineage.get("class_priors.key")
+    if key and key != "none":
+        priors = MetaDataset(LocalArtifactDatasetSource((settings.priors_cache / key).as_uri()), name=f"class priors {key}",
+                             digest=str(lineage.get("class_priors.sha256", ""))[:36] or None)
+        mlflow.log_input(priors, context="prior preservation", tags={"sha256": str(lineage.get("class_priors.sha256", ""))})
 
 
 def model_description(customer: str, subject: str, lineage: dict) -> str:

@@ -78,6 +78,10 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert "gate: **passed**" in champion.description and "acme/robot" in champion.description
     assert f"atelier generate {NAME}@champion" in client.get_registered_model(NAME).description
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    datasets = {i.dataset.name: i for i in run.inputs.dataset_inputs}  # the UI's Datasets column
+    photos = datasets[f"photos acme/robot@{tags['atelier.data.rev'][:12]}"]
+    assert {t.key: t.value for t in photos.tags}["dvc_md5"] == tags["atelier.data.dvc_md5"]
+    assert any(name.startswith("class priors ") for name in datasets)
 
 
 def test_generate_takes_the_models_options_and_writes_provenance_into_the_png(first_run, tmp_path):
