@@ -128,17 +128,24 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
 def _log_datasets(settings: Settings, customer: str, subject: str, lineage: dict) -> None:
     """The run's training data as MLflow datasets (the UI's Datasets column): the subject's photos at
     their DVC revision and the class priors, each with its content hash as the digest."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    def local(path: Path):
+        with warnings.catch_warnings():  # a file:// URI fits two registered kinds of source; both are the local one
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(path.as_uri())
+
     rev = str(lineage.get("data.rev", ""))
-    photos = MetaDataset(LocalArtifactDatasetSource(settings.subject_dir(customer, subject).as_uri()),
+    photos = MetaDataset(local(settings.subject_dir(customer, subject)),
                          name=f"photos {customer}/{subject}@{rev[:12]}", digest=str(lineage.get("data.dvc_md5", ""))[:36] or None)
     mlflow.log_input(photos, context="training", tags={"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev,
                                                        "files": str(len(lineage.get("data.files") or {}))})
     key = lineage.get("class_priors.key")
     if key and key != "none":
-        priors = MetaDataset(LocalArtifactDatasetSource((settings.priors_cache / key).as_uri()), name=f"class priors {key}",
+        priors = MetaDataset(local(settings.priors_cache / key), name=f"class priors {key}",
                              digest=str(lineage.get("class_priors.sha256", ""))[:36] or None)
         mlflow.log_input(priors, context="prior preservation", tags={"sha256": str(lineage.get("class_priors.sha256", ""))})
 
