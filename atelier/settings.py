@@ -303,7 +303,7 @@ class Settings(BaseSettings):
             "MLflow user": self.tracking_username or "(none: no basic auth)",
             "MLflow artifact root": self.resolved_artifact_root,
             "promotion ledger": mask_url(self.resolved_ledger_url),
-            "Prefect API": mask_url(self.prefect_api_url) if self.prefect_api_url else f"local SQLite in {self.prefect_home} (temporary server per run)",
+            "Prefect API": mask_url(self.prefect_api_url) if self.prefect_api_url else f"local SQLite in {self.prefect_home} (the workspace's background server; `atelier ui` prints its URL)",
             "Prefect API auth": "set (PREFECT_API_AUTH_STRING)" if self.prefect_api_auth_string else "(none)",
             "Prefect results": self.prefect_results or str(self.prefect_home / "results"),
             "Prefect work pool": self.work_pool or "(none: `atelier worker` serves deployments itself)",

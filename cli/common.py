@@ -17,6 +17,15 @@ def cli_settings() -> Settings:
     return settings
 
 
+def prefect_ready(settings: Settings) -> None:
+    """Before a command runs a flow or reads Prefect (after its own checks, so a typo never waits for
+    a server): on the embedded default, point Prefect's client at the workspace's background server,
+    starting it the first time."""
+    from cli.local_servers import use_background_prefect
+
+    use_background_prefect(settings, lambda message: typer.echo(message, err=True))
+
+
 def _outage(exc: BaseException):
     from atelier.outages import classify
 

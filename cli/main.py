@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
-from cli.common import cli_settings, expand_photos, friendly, quiet_third_parties
+from cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
 from atelier.errors import GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
@@ -115,6 +115,7 @@ def subject_list() -> None:
 
 
 def _run_finetune(customer: str, subject: str, base_model: Optional[Path], config: Optional[Path], rev: Optional[str]) -> dict:
+    prefect_ready(cli_settings())
     from flows.subject_finetune import subject_finetune
 
     return subject_finetune(customer, subject, str(base_model) if base_model else None, str(config) if config else None, rev)
@@ -295,9 +296,8 @@ def demo() -> None:
         cli_ocr.report_calibration(ocr_calibrate())
     typer.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s. Next:")
     env = f"ATELIER_WORKSPACE={settings.workspace}"
-    typer.echo(f"  MLflow UI:   {sys.prefix}/bin/mlflow ui --backend-store-uri {settings.resolved_tracking_uri} "
-               f"--default-artifact-root {settings.resolved_artifact_root}   (then open http://127.0.0.1:5000)")
-    typer.echo(f"  Prefect UI:  PREFECT_HOME={settings.prefect_home} {sys.prefix}/bin/prefect server start   (then open http://127.0.0.1:4200)")
+    for line in cli_stack.ui_urls(settings):  # what `atelier ui` prints
+        typer.echo(f"  {line}")
     typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
     typer.echo(f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/synthetic/evaluation --out ocr.jsonl")
     typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")

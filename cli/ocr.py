@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from atelier.errors import GateRefused, NotFound
-from cli.common import Progress, cli_settings, friendly
+from cli.common import Progress, cli_settings, friendly, prefect_ready
 
 
 
@@ -20,7 +20,6 @@ def ocr_calibrate_cmd(
 ) -> None:
     """Run the ocr-calibrate flow: document sets -> validate -> baselines -> int8 -> evaluate -> register -> gate."""
     from atelier.workspace import require_workspace
-    from flows.ocr_calibrate import ocr_calibrate
 
     if method not in ("MinMax", "Entropy", "Percentile"):
         raise typer.BadParameter("use MinMax, Entropy or Percentile", param_hint="--method")
@@ -29,6 +28,9 @@ def ocr_calibrate_cmd(
     settings = cli_settings()
     preflight(settings)
     require_workspace(settings)
+    prefect_ready(settings)
+    from flows.ocr_calibrate import ocr_calibrate  # Prefect reads its settings when imported: after prefect_ready
+
     result = ocr_calibrate(method=method, calibration_lines=calibration_lines)
     report_calibration(result)
     if not result["gate"]["passed"]:

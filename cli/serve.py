@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import cli_settings, friendly
+from cli.common import cli_settings, friendly, prefect_ready
 from atelier.errors import AtelierError
 
 
@@ -48,7 +48,6 @@ def batch_generate_cmd(
     items whose outputs exist and verify)."""
     from atelier.outages import preflight
     from atelier.storage import check_slug
-    from flows.batch import batch_generate
 
     settings = cli_settings()
     preflight(settings)
@@ -56,6 +55,9 @@ def batch_generate_cmd(
     check_slug(subject, "subject")
     _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion")
+    prefect_ready(settings)
+    from flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready
+
     _report(batch_generate(customer, subject, manifest, out, model, batch_size))
 
 
@@ -69,12 +71,14 @@ def batch_ocr_cmd(
 ) -> None:
     """Read every image once with the pinned OCR model; results.jsonl and report.json in OUT."""
     from atelier.outages import preflight
-    from flows.batch import batch_ocr
 
     settings = cli_settings()
     preflight(settings)
     _check_local(inputs, "input folder", "name a folder of images or an s3://bucket/prefix")
     _check_model(settings, model)
+    prefect_ready(settings)
+    from flows.batch import batch_ocr
+
     _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
 
 
@@ -86,9 +90,10 @@ def _schedule_file(file: Optional[Path]) -> Path:
 def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml")) -> None:
     """Create or update the Prefect deployments (cron schedules) of the schedule file; with a work pool
     in the settings (`atelier up` sets one) they go to that pool, whose workers run them."""
+    settings = cli_settings()
+    prefect_ready(settings)
     from flows.schedules import deployments, load_schedules
 
-    settings = cli_settings()
     path = _schedule_file(file)
     for d in deployments(load_schedules(path)):
         pool = d.work_pool_name or settings.work_pool
@@ -115,6 +120,7 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
     if settings.work_pool:
         prefect = str(Path(sys.executable).parent / "prefect")
         os.execv(prefect, [prefect, "worker", "start", "--pool", settings.work_pool, "--type", "process", "--limit", str(limit)])
+    prefect_ready(settings)
     from prefect import serve
 
     from flows.schedules import deployments, load_schedules
@@ -129,9 +135,9 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
 def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] = typer.Option(None, help="only this flow name"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Recent flow runs: state, the model version each used or made, and its outputs."""
+    prefect_ready(cli_settings())
     from flows.runs import recent_runs
 
-    cli_settings()
     rows = recent_runs(limit, flow)
     if as_json:
         typer.echo(json.dumps(rows, indent=1, default=str))

@@ -40,12 +40,12 @@ def up_cmd() -> None:
 @friendly
 def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
                                                  help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
-    """Stop what `atelier up` started (by process id). The databases and S3's data (.atelier/stack/s3/)
-    stay; --drop-databases drops the databases."""
-    from cli import stack_processes as stack
+    """Stop what `atelier up` and `atelier ui` started (by process id), and the workspace's background
+    Prefect server. The databases and S3's data (.atelier/stack/s3/) stay; --drop-databases drops the databases."""
+    from cli import local_servers, stack_processes as stack
 
     settings = cli_settings()
-    stopped = stack.down(settings)
+    stopped = stack.down(settings) + [f"the workspace's {name} server" for name in local_servers.down(settings)]
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     if drop_databases:
         dropped = stack.drop_databases(settings)
@@ -92,7 +92,36 @@ def stack_init_cmd() -> None:
         typer.echo(f"work pool {settings.work_pool!r} {'created' if created else 'exists'} (type process)")
 
 
+def ui_urls(settings) -> list[str]:
+    """Start what the UIs need and say where they are: on the embedded default the workspace's
+    background Prefect server and an MLflow UI over the workspace's store; on the stack, its servers."""
+    from cli import local_servers
+    from cli.stack_config import MLFLOW_ADMIN
+
+    if settings.prefect_api_url:  # the stack (or another configured deployment): its own servers
+        return [f"Prefect UI:  {settings.prefect_api_url.removesuffix('/api')}   (log in with the auth string of stack.env)",
+                f"MLflow UI:   {settings.resolved_tracking_uri}   (your MLflow user)"]
+    secrets = local_servers.local_dir(settings) / "secrets.json"
+    prefect = local_servers.ensure(settings, "prefect", lambda m: typer.echo(m, err=True))
+    mlflow = local_servers.ensure(settings, "mlflow", lambda m: typer.echo(m, err=True))
+    return [f"Prefect UI:  {prefect['url']}   (it asks for the auth string: prefect_auth_string in {secrets})",
+            f"MLflow UI:   {mlflow['url']}   (user {MLFLOW_ADMIN}, password: mlflow_admin_password in {secrets})",
+            "both run in the background until `atelier down`"]
+
+
+@friendly
+def ui_cmd() -> None:
+    """Start the Prefect and MLflow UIs of this workspace in the background (once) and print their URLs."""
+    from atelier.workspace import require_workspace
+
+    settings = cli_settings()
+    require_workspace(settings)
+    for line in ui_urls(settings):
+        typer.echo(line)
+
+
 def install(app: typer.Typer) -> None:
+    app.command("ui")(ui_cmd)
     app.command("up")(up_cmd)
     app.command("down")(down_cmd)
     app.command("status")(status_cmd)

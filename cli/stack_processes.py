@@ -170,8 +170,8 @@ def drop_databases(settings: Settings) -> list[str]:
 
 # Processes ---------------------------------------------------------------------------------------
 
-def _record_path(settings: Settings, name: str) -> Path:
-    return stack_dir(settings) / f"{name}.json"
+def _record_path(settings: Settings, name: str, home: Path | None = None) -> Path:
+    return (home or stack_dir(settings)) / f"{name}.json"
 
 
 def _started_at(pid: int) -> float | None:
@@ -194,8 +194,8 @@ def _alive(record: dict) -> bool:
         return False
 
 
-def _read_record(settings: Settings, name: str) -> dict | None:
-    path = _record_path(settings, name)
+def _read_record(settings: Settings, name: str, home: Path | None = None) -> dict | None:
+    path = _record_path(settings, name, home)
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -227,8 +227,10 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _start(settings: Settings, svc: Service) -> dict:
-    home = stack_dir(settings)
+def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
+    """Start `svc` in its own session, record its pid and start time under `home` (the stack's
+    folder by default), and wait until it answers its health check."""
+    home = home or stack_dir(settings)
     log = home / f"{svc.name}.log"
     if svc.port is not None and _port_open(settings.stack.host, svc.port):
         raise ConfigError(f"port {svc.port} ({svc.name})", "is taken by a program `atelier up` did not start",
@@ -245,11 +247,11 @@ def _start(settings: Settings, svc: Service) -> dict:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     record = {"pid": proc.pid, "create_time": _started_at(proc.pid) or time.time(), "argv": svc.argv, "log": str(log),
               "url": svc.url}
-    write_text_atomic(_record_path(settings, svc.name), json.dumps(record, indent=1))
+    write_text_atomic(_record_path(settings, svc.name, home), json.dumps(record, indent=1))
     deadline = time.monotonic() + (settings.stack.start_timeout if svc.health else 3.0)
     while True:
         if proc.poll() is not None:
-            _record_path(settings, svc.name).unlink(missing_ok=True)
+            _record_path(settings, svc.name, home).unlink(missing_ok=True)
             raise ServiceUnavailable(f"{svc.name} ({' '.join(svc.argv[:3])})", f"exited with code {proc.returncode}:\n{_log_tail(log)}",
                                      f"read {log}")
         if svc.health is not None and _healthy(svc.health):
@@ -261,7 +263,7 @@ def _start(settings: Settings, svc: Service) -> dict:
         return record
     os.killpg(proc.pid, signal.SIGKILL)  # half-started: not left behind holding its ports
     proc.wait()
-    _record_path(settings, svc.name).unlink(missing_ok=True)
+    _record_path(settings, svc.name, home).unlink(missing_ok=True)
     raise ServiceUnavailable(f"{svc.name} at {svc.url}", f"did not answer within {settings.stack.start_timeout:.0f} s:\n{_log_tail(log)}",
                              f"read {log}; raise ATELIER_STACK__START_TIMEOUT on a slow machine")
 
@@ -298,9 +300,9 @@ def status(settings: Settings) -> list[ServiceState]:
     return out
 
 
-def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float = 15.0) -> bool:
+def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float = 15.0, home: Path | None = None) -> bool:
     """Stop one service's process group; True when something was running. SIGKILL after `wait` s."""
-    record = _read_record(settings, name)
+    record = _read_record(settings, name, home)
     if record is None:
         return False
     was_running = _alive(record)
@@ -315,7 +317,7 @@ def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float =
                 time.sleep(0.2)
             if not _alive(record):
                 break
-    _record_path(settings, name).unlink(missing_ok=True)
+    _record_path(settings, name, home).unlink(missing_ok=True)
     return was_running
 
 

@@ -16,6 +16,7 @@ import pytest
 
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="atelier-tests-"))
 os.environ["ATELIER_WORKSPACE"] = str(SESSION_ROOT / "workspace")
+os.environ["ATELIER_PREFECT_SERVER"] = "temporary"  # CLI subprocesses leave no background server behind (test_local_servers starts its own)
 (SESSION_ROOT / "workspace").mkdir()
 os.environ.pop("ATELIER_CONFIG", None)
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
