@@ -190,9 +190,12 @@ def record_gate_on_card(client: MlflowClient, name: str, version: str, gate: dic
     line = f"- gate: {'**passed**' if gate.get('passed') else '**REFUSED**: ' + '; '.join(gate.get('reasons') or [])}"
     judged = mv.tags.get("atelier.eval.judge")
     if judged:
-        scores = {k: v for k, v in json.loads(judged).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        line += "\n- judge: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items())
-    text = mv.description or ""
+        summary = json.loads(judged)
+        scores = {k: v for k, v in summary.items() if "score" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        calibrated = "" if summary.get("calibrated", True) else " (uncalibrated judge: recorded, not enforced)"
+        line += "\n- judge: " + (", ".join(f"{k} {v:.3g}" for k, v in scores.items()) or "no scores") + \
+            f" over {summary.get('images', '?')} images{calibrated}"
+    text = (mv.description or "").replace(f"{name}/VERSION", f"{name}/{version}")
     gate_line = re.compile(r"^- gate: .*$", flags=re.M)
     text = gate_line.sub(lambda _: line, text, count=1) if gate_line.search(text) else f"{text}\n{line}".strip()
     client.update_model_version(name, version, description=text)

@@ -99,9 +99,17 @@ def test_no_command_answers_a_typo_with_a_traceback(workspace, tmp_path):
     """Every bad name or path: exit 2 and one short message naming the item, in a real process."""
     (tmp_path / "empty").mkdir()
     cases = _sweep_cases(tmp_path / "empty")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+
+    labels = list(cases)
+    results = {labels[0]: run(cases[labels[0]])}  # alone first: it may create the stores the others then only read
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each case is a process that mostly waits on imports
+        results.update(zip(labels[1:], pool.map(run, [cases[k] for k in labels[1:]])))
     failures = []
-    for label, args in cases.items():
-        done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+    for label, done in results.items():
         text = done.stdout + done.stderr
         if done.returncode != 2 or "Traceback" in text or len(text.strip().splitlines()) > 8:
             failures.append(f"{label}: exit {done.returncode}\n{text[-600:]}")
