@@ -103,6 +103,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         for path in samples:
             mlflow.log_artifact(str(path), "samples")
         mlflow.log_image(Image.open(grid), "sample_grid.png")
+        _log_validation_images(Path(pipeline_dir).parent / "validation")
         mlflow.log_figure(_loss_figure(losses), "loss_curve.png")
         with warnings.catch_warnings():
             # The pipeline is large: no input example (it would run generation while logging), and
@@ -123,6 +124,16 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
                      flow_run_id=lineage.get("prefect.flow_run_id"))
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
+
+
+def _log_validation_images(folder: Path) -> None:
+    """The samples taken during training, as MLflow images with their step (the run's Images view
+    steps through them), instead of files left on the training machine."""
+    for step_dir in sorted(folder.glob("step-*")) if folder.is_dir() else []:
+        step = int(step_dir.name.split("-")[1])
+        for i, png in enumerate(sorted(step_dir.glob("*.png"))):
+            with Image.open(png) as img:
+                mlflow.log_image(img.convert("RGB"), key=f"validation_{i}", step=step)
 
 
 def _log_datasets(settings: Settings, customer: str, subject: str, lineage: dict) -> None:

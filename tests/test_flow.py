@@ -66,6 +66,8 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 60
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"sample_grid.png", "loss_curve.png", "lineage.json", "samples"} <= artifacts
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # validation samples, with their step
+    assert any("validation_0+step+30+" in p for p in logged), logged
     # the embedded default's tiny judge ran: its scores are recorded, marked uncalibrated, not enforced
     judged = json.loads(tags["atelier.eval.judge"])
     assert judged["calibrated"] is False and judged["images"] >= 6 and judged["requests"] > 0
