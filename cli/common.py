@@ -108,9 +108,8 @@ def quiet_third_parties() -> None:
     import os
     import warnings
 
-    for name, value in {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error",
-                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                        "MLFLOW_LOGGING_LEVEL": "WARNING"}.items():
+    # the hubs' progress bars and verbosity: Settings.apply_library_environment (every command calls it)
+    for name, value in {"TOKENIZERS_PARALLELISM": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(name, value)
     for name in ("mlflow", "alembic", "urllib3", "httpx", "great_expectations"):
         logging.getLogger(name).setLevel(logging.WARNING)

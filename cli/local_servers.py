@@ -110,12 +110,7 @@ def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:
     stop(settings, name, home=home)  # a recorded one that no longer answers
     svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, _free_port())
     on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
-    record = _start(settings, svc, home)
-    record["health"] = svc.health
-    from atelier.storage import write_text_atomic
-
-    write_text_atomic(home / f"{name}.json", json.dumps(record, indent=1))
-    return record
+    return _start(settings, svc, home)
 
 
 def use_background_prefect(settings: Settings, on_progress=lambda _m: None) -> str | None:

@@ -215,6 +215,8 @@ def generate(
 ) -> None:
     """Generate images with a registered model through MLflow's pyfunc interface. Each PNG carries its
     prompt, seed, settings and model version in its metadata (`identify -verbose`, PIL's `.text`)."""
+    import io
+
     import mlflow.pyfunc
     import pandas as pd
     from mlflow import MlflowClient
@@ -247,8 +249,6 @@ def generate(
     typer.echo(f"generating {len(prompt)} image(s) ...", err=True)
     frame = loaded.predict(pd.DataFrame(rows))
     out.mkdir(parents=True, exist_ok=True)
-    import io
-
     for i, (text, row_prompt, row_seed) in enumerate(zip(frame["image_png_base64"], frame["prompt"], frame["seed"])):
         meta = PngInfo()
         for key, value in {"prompt": row_prompt, "seed": row_seed, "model": mv.name, "model_version": mv.version, "steps": steps,

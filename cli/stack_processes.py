@@ -246,7 +246,7 @@ def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
         proc = subprocess.Popen(svc.argv, env=env, cwd=svc.cwd or home, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     record = {"pid": proc.pid, "create_time": _started_at(proc.pid) or time.time(), "argv": svc.argv, "log": str(log),
-              "url": svc.url}
+              "url": svc.url, "health": svc.health if isinstance(svc.health, str) else None}
     write_text_atomic(_record_path(settings, svc.name, home), json.dumps(record, indent=1))
     deadline = time.monotonic() + (settings.stack.start_timeout if svc.health else 3.0)
     while True:
