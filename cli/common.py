@@ -57,8 +57,11 @@ def friendly(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         import os
 
+        from cli.progress import bars
+
         try:
-            return fn(*args, **kwargs)
+            with bars():
+                return fn(*args, **kwargs)
         except AtelierError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -115,57 +118,3 @@ def quiet_third_parties() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"(mlflow|transformers|diffusers|great_expectations|accelerate)(\..*)?")
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-class Progress:
-    """Progress of a long command on stderr: a bar with counts and ETA on a terminal, else a line about
-    every 10% (logs and CI stay readable). Use as a callback: `progress(done, total)`."""
-
-    def __init__(self, label: str, unit: str = "items", quiet_below: int = 8) -> None:
-        import sys
-        import time
-
-        self.label, self.unit = label, unit
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self._bar = None
-        self._task = None
-        self._last_decile = -1
-        self.quiet_below = quiet_below  # a handful of items needs no progress report
-
-    def __call__(self, done: int, total: int) -> None:
-        import time
-
-        if total < max(1, self.quiet_below):
-            return
-        if self.tty:
-            if self._bar is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-                self._bar = Bar(TextColumn(f"{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True,
-                                console=_stderr_console())
-                self._bar.start()
-                self._task = self._bar.add_task(self.label, total=total)
-            self._bar.update(self._task, completed=done, total=total)
-            if done >= total:
-                self.close()
-            return
-        decile = int(10 * done / total)
-        if decile > self._last_decile or done >= total:
-            self._last_decile = decile
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / done * (total - done) if done else 0.0
-            typer.echo(f"{self.label}: {done}/{total} {self.unit}, {elapsed:.0f} s" + (f", about {eta:.0f} s left" if done < total else ""),
-                       err=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)

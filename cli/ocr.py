@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from atelier.errors import GateRefused, NotFound
-from cli.common import Progress, cli_settings, friendly, prefect_ready
+from cli.common import cli_settings, friendly, prefect_ready
+from cli.progress import Progress
 
 
 

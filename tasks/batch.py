@@ -57,7 +57,7 @@ def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 
     s = settings()
     store = open_store(out, s.s3_endpoint_url)
     model = load_python_model(s, pinned["name"], pinned["version"])  # the pipeline itself: no base64 round trip per image
-    report = progress_logger(f"batch generate {pinned['model']}", max(1, len(items)))
+    report = progress_logger(f"batch generate {pinned['model']}", max(1, len(items)), "images")
     records, progress = run_generation(model.pipe, [GenItem(**i) for i in items], store, pinned["model"], model.defaults,
                                        batch_size, on_progress=lambda done, total: report(done))
     logger().info("%d generated, %d already done (verified), %d redone, %d failed", len(progress.written),
@@ -81,7 +81,7 @@ def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) 
     if not keys:
         raise ConfigError(inputs, "holds no images", "point --input at a folder or S3 prefix with PNG/JPEG/TIFF files")
     engine = load_python_model(s, pinned["name"], pinned["version"]).engine
-    report = progress_logger(f"batch OCR {pinned['model']}", len(keys))
+    report = progress_logger(f"batch OCR {pinned['model']}", len(keys), "files")
     records, progress = run_ocr(engine, source, keys, store, pinned["model"], lang, kind, on_progress=lambda done, total: report(done))
     logger().info("%d read, %d already done (verified), %d with errors", len(progress.written), len(progress.done_before), len(progress.failed))
     return {"records": records, "progress": asdict(progress)}

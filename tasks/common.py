@@ -54,17 +54,21 @@ def logger():
     return get_run_logger()
 
 
-def progress_logger(label: str, total: int, every: float = 0.1):
-    """A callback that logs `label` progress about every 10%, with a Prefect progress artifact."""
+def progress_logger(label: str, total: int, unit: str = "items", every: float = 0.1):
+    """A callback for `label`'s progress: every call goes to `atelier.progress` (the command line's
+    bars); about every 10% a log line and the Prefect progress artifact (the UI)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from atelier import progress
 
     log = logger()
     artifact_id = create_progress_artifact(progress=0.0, description=label)
     stride = max(1, int(total * every))
 
     def report(done: int, extra: str = "") -> None:
+        progress.report(label, done, total, unit)
         if done % stride == 0 or done == total:
-            log.info("%s: %d/%d %s", label, done, total, extra)
+            log.info("%s: %d/%d %s %s", label, done, total, unit, extra)
             update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / total)
 
     return report
