@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +13,10 @@ import mlflow
 from mlflow import MlflowClient
 from PIL import Image
 
-from atelier.hashing import tree_hash
+from atelier.hashing import tree_hash, value_hash
 from atelier.settings import Settings
 from registry.gate import CANDIDATE
+from registry.lineage import LINEAGE_HASH_TAG
 from registry.isolation import ensure_experiment, grant_customer_read, require_owner
 from registry.ledger import Ledger
 from registry.pyfunc import SIGNATURE, DreamBoothModel
@@ -22,7 +25,9 @@ from registry.tracking import abandon_stale_runs
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
 CODE_DIRS = ("atelier", "models", "registry")
-TAG_VALUE_LIMIT = 5000
+TAG_VALUE_LIMIT = 5000  # MLflow's
+SHORT_TAG_LIMIT = 200
+GATE_INPUTS = ("eval.summary",)  # structured, but the gate reads it from the version
 DAMAGED_TAG = "atelier.artifacts.damaged"
 
 
@@ -52,18 +57,27 @@ def configure(settings: Settings, customer: str) -> MlflowClient:
 
 
 def _tags(lineage: dict) -> dict[str, str]:
-    """Lineage as MLflow tags: scalars as they are, structures as JSON (long ones in lineage.json)."""
-    tags = {}
+    """The searchable part of the lineage as MLflow tags: short scalars (revisions, hashes, keys, ids),
+    the evaluation summary the gate reads, and the sha256 of the whole lineage. The whole record (file
+    hashes, parameters, task versions) is the run's `lineage.json`, which `atelier lineage` reads and
+    checks against that hash."""
+    tags = {LINEAGE_HASH_TAG: value_hash(lineage)}
     for key, value in lineage.items():
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        tags[f"atelier.{key}"] = text if len(text) <= TAG_VALUE_LIMIT else f"(see lineage.json; {len(text)} chars)"
+        structured = isinstance(value, (dict, list))
+        if structured and key not in GATE_INPUTS:
+            continue
+        text = json.dumps(value, sort_keys=True) if structured or not isinstance(value, str) else value
+        if len(text) <= (TAG_VALUE_LIMIT if key in GATE_INPUTS else SHORT_TAG_LIMIT):
+            tags[f"atelier.{key}"] = text
     return tags
 
 
 def register_dreambooth(settings: Settings, customer: str, subject: str, pipeline_dir: Path, lineage: dict,
                         params: dict, losses: list[float], metrics: dict[str, float], samples: list[Path],
-                        grid: Path, sampler: str, steps: int, guidance: float) -> Registered:
+                        grid: Path, sampler: str, steps: int, guidance: float, training_run_id: str | None = None) -> Registered:
     """One MLflow run with params, loss curve, samples and the pyfunc model; then a registered version.
+    `training_run_id` is the run training reported to live (`registry.training_run`): it is resumed
+    and ended here, so the run's duration, metrics and datasets are the training's own.
 
     Registration comes last: if anything before it fails, no version exists.
     """
@@ -89,15 +103,18 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
                                      "training outputs as a newer version")
         if CANDIDATE in (existing.aliases or []):
             client.delete_registered_model_alias(name, CANDIDATE)
+    live = _live_run(client, training_run_id, subject, tags.get("atelier.training.key"))
     if tags.get("atelier.training.key"):  # one subject's attempts only: another subject may share the key
         abandon_stale_runs(client, mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
-                           {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]})
-    with mlflow.start_run(run_name=f"{customer}-{subject}", tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        _log_datasets(settings, customer, subject, lineage)
-        client.log_batch(run.info.run_id, metrics=[
-            mlflow.entities.Metric("train_loss", loss, 0, step) for step, loss in enumerate(losses, start=1)
-        ])
+                           {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]}, keep=live)
+    with (mlflow.start_run(run_id=live) if live else mlflow.start_run(run_name=f"{customer}-{subject}")) as run:
+        mlflow.set_tags(tags)
+        if not live:  # training did not report live (it was reused from an earlier attempt): its record goes in now
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            client.log_inputs(run.info.run_id, datasets=dataset_inputs(settings, customer, subject, lineage))
+            client.log_batch(run.info.run_id, metrics=[
+                mlflow.entities.Metric("train_loss", loss, 0, step) for step, loss in enumerate(losses, start=1)
+            ])
         mlflow.log_metrics(metrics)
         mlflow.log_dict(lineage, "lineage.json")
         for path in samples:
@@ -105,14 +122,16 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         mlflow.log_image(Image.open(grid), "sample_grid.png")
         _log_validation_images(Path(pipeline_dir).parent / "validation")
         mlflow.log_figure(_loss_figure(losses), "loss_curve.png")
-        with warnings.catch_warnings():
-            # The pipeline is large: no input example (it would run generation while logging), and
-            # the pyfunc class is pickled by reference to this importable module.
-            warnings.filterwarnings("ignore", message=".*input example.*")
+        with warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+            # The pyfunc class is pickled by reference to this importable module (shipped in code_paths),
+            # which is what MLflow's CloudPickle note is about. The input example is one image at the
+            # model's own settings: MLflow generates it once while logging, so a version that cannot
+            # serve its own example says so here (a warning) rather than in production.
             warnings.filterwarnings("ignore", message=".*CloudPickle.*")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=DreamBoothModel(sampler, steps, guidance),
                 artifacts={"pipeline": str(pipeline_dir)}, signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                input_example=input_example(params, lineage, steps, guidance),
                 code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS],
             )
     if _missing(client, name):
@@ -126,6 +145,45 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
 
 
+def input_example(params: dict, lineage: dict, steps: int, guidance: float):
+    """What a caller sends (the UI's and `mlflow models serve`'s example): one prompt with the subject's
+    identifier, a seed and the model's own generation settings."""
+    import pandas as pd
+
+    size = int(params.get("resolution", 512))
+    prompt = f"a {params.get('identifier', 'sks')} {lineage.get('data.class_noun', 'subject')} on the beach"
+    return pd.DataFrame({"prompt": [prompt], "seed": [0], "steps": [int(steps)], "guidance_scale": [float(guidance)],
+                         "height": [size], "width": [size]})
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """A library logger's WARNING lines kept out of the output while the block runs (errors still show)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _live_run(client: MlflowClient, run_id: str | None, subject: str, training_key: str | None) -> str | None:
+    """`run_id` when it is the still-open run of this very training (same subject and training key),
+    else None: a run that ended, or one of other inputs, is never written into."""
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    tags = run.data.tags
+    same = tags.get("atelier.subject") == subject and tags.get("atelier.training.key") == training_key
+    return run_id if same and run.info.status == "RUNNING" else None
+
+
 def _log_validation_images(folder: Path) -> None:
     """The samples taken during training, as MLflow images with their step (the run's Images view
     steps through them), instead of files left on the training machine."""
@@ -136,29 +194,34 @@ def _log_validation_images(folder: Path) -> None:
                 mlflow.log_image(img.convert("RGB"), key=f"validation_{i}", step=step)
 
 
-def _log_datasets(settings: Settings, customer: str, subject: str, lineage: dict) -> None:
-    """The run's training data as MLflow datasets (the UI's Datasets column): the subject's photos at
-    their DVC revision and the class priors, each with its content hash as the digest."""
-    import warnings
-
+def dataset_inputs(settings: Settings, customer: str, subject: str, lineage: dict) -> list:
+    """The run's training data as MLflow dataset inputs (the UI's Datasets column): the subject's photos
+    at their DVC revision and the class priors, each with its content hash as the digest."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     def local(path: Path):
         with warnings.catch_warnings():  # a file:// URI fits two registered kinds of source; both are the local one
             warnings.simplefilter("ignore")
             return resolve_dataset_source(path.as_uri())
 
+    def entry(dataset: MetaDataset, context: str, tags: dict[str, str]) -> DatasetInput:
+        return DatasetInput(dataset=dataset._to_mlflow_entity(),
+                            tags=[InputTag(k, v) for k, v in tags.items()] + [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
     rev = str(lineage.get("data.rev", ""))
     photos = MetaDataset(local(settings.subject_dir(customer, subject)),
                          name=f"photos {customer}/{subject}@{rev[:12]}", digest=str(lineage.get("data.dvc_md5", ""))[:36] or None)
-    mlflow.log_input(photos, context="training", tags={"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev,
-                                                       "files": str(len(lineage.get("data.files") or {}))})
+    inputs = [entry(photos, "training", {"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev,
+                                         "files": str(len(lineage.get("data.files") or {}))})]
     key = lineage.get("class_priors.key")
     if key and key != "none":
         priors = MetaDataset(local(settings.priors_cache / key), name=f"class priors {key}",
                              digest=str(lineage.get("class_priors.sha256", ""))[:36] or None)
-        mlflow.log_input(priors, context="prior preservation", tags={"sha256": str(lineage.get("class_priors.sha256", ""))})
+        inputs.append(entry(priors, "prior preservation", {"sha256": str(lineage.get("class_priors.sha256", ""))}))
+    return inputs
 
 
 def model_description(customer: str, subject: str, lineage: dict) -> str:
@@ -185,7 +248,7 @@ def version_card(name: str, lineage: dict, metrics: dict[str, float]) -> str:
         f"- base model: `{lineage.get('base_model.id')}` (sha256 `{str(lineage.get('base_model.sha256', ''))[:16]}`)",
         f"- training: {params.get('max_train_steps', '?')} steps, lr {params.get('learning_rate', '?')}, prior preservation "
         f"{'on' if params.get('with_prior_preservation') else 'off'} (class priors `{lineage.get('class_priors.key', 'none')}`), "
-        f"final loss {metrics.get('health_final_loss', float('nan')):.4f} (mean of the last 10% of steps)",
+        f"final loss {metrics.get('health/final_loss', float('nan')):.4f} (mean of the last 10% of steps)",
         f"- code: `{str(lineage.get('code.git_sha', '?'))[:12]}`, Prefect flow run `{lineage.get('prefect.flow_run_id')}`",
     ]
     lines.append("- gate: not yet run")  # record_gate_on_card fills it in

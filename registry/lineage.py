@@ -17,6 +17,8 @@ from atelier.settings import Settings
 from atelier.workspace import checkout_subject
 from registry.ledger import Ledger
 
+LINEAGE_HASH_TAG = "atelier.lineage.sha256"
+
 
 def resolve(client: MlflowClient, ref: str):
     """NAME@ALIAS or NAME/VERSION -> the model version; a miss says what does exist."""
@@ -58,9 +60,25 @@ def _value(text: str):
         return text
 
 
+def _record(client: MlflowClient, mv) -> tuple[dict, bool | None]:
+    """The version's whole lineage: its run's `lineage.json`, and whether it still hashes to the
+    `atelier.lineage.sha256` tag written with it (None: a version registered before that tag)."""
+    from atelier.hashing import value_hash
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            record = json.loads(Path(client.download_artifacts(mv.run_id, "lineage.json", tmp)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return {}, False if mv.tags.get(LINEAGE_HASH_TAG) else None
+    want = mv.tags.get(LINEAGE_HASH_TAG)
+    return record, (value_hash(record) == want) if want else None
+
+
 def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
     mv = resolve(client, ref)
-    tags = {k.removeprefix("atelier."): _value(v) for k, v in mv.tags.items() if k.startswith("atelier.")}
+    record, intact = _record(client, mv)
+    # the tags carry what was added after registration (gate, judge) and, on older versions, everything
+    tags = {**{k.removeprefix("atelier."): _value(v) for k, v in mv.tags.items() if k.startswith("atelier.")}, **record}
     run = client.get_run(mv.run_id)
     return {
         "model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []), "source": mv.source,
@@ -78,6 +96,8 @@ def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
         "code": {"git_sha": tags.get("code.git_sha"), "dirty": tags.get("code.dirty"), "version": tags.get("code.version")},
         "evaluation": {"summary": tags.get("eval.summary"), "gate": tags.get("gate")},
         "training_key": tags.get("training.key"),
+        "params": tags.get("params"),
+        "lineage_record": {"artifact": "lineage.json", "sha256_matches_tag": intact},
         "promotions": [r.as_dict() for r in ledger.rows(mv.name)],
     }
 
@@ -89,6 +109,9 @@ def verify(settings: Settings, report: dict) -> list[str]:
     from models.dreambooth.priors import prior_images_hash
 
     drift: list[str] = []
+    if report.get("lineage_record", {}).get("sha256_matches_tag") is False:
+        drift.append("lineage.json: missing, or changed since registration (its sha256 differs from the version's "
+                     f"{LINEAGE_HASH_TAG} tag)")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=report["source"], dst_path=str(Path(tmp) / "model")))
         got = tree_hash(local / "artifacts" / "pipeline")

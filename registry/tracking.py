@@ -57,12 +57,13 @@ def service_errors(settings: Settings) -> Iterator[None]:
         raise outage from None
 
 
-def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str, str]) -> list[str]:
+def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str, str], keep: str | None = None) -> list[str]:
     """Mark FAILED the runs of an earlier attempt at the same registration (every tag in `match`
     equal: the subject and the training key) that still say RUNNING, because their process died
-    with the server or the worker; returns their ids. Such a run never has a version."""
+    with the server or the worker; returns their ids. Such a run never has a version. `keep` is the
+    run of the attempt in progress."""
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(match.items()))
-    stale = client.search_runs([experiment_id], f"{where} and attributes.status = 'RUNNING'")
+    stale = [r for r in client.search_runs([experiment_id], f"{where} and attributes.status = 'RUNNING'") if r.info.run_id != keep]
     for run in stale:
         client.set_tag(run.info.run_id, ABANDONED_TAG, "the attempt died before registering; a retry replaced it")
         client.set_terminated(run.info.run_id, "FAILED")

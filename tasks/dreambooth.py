@@ -9,6 +9,7 @@ from prefect import task
 
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import value_hash
+from atelier.storage import write_json_atomic
 from models.dreambooth.base import check_sd_directory, model_hash
 from models.dreambooth.config import TrainConfig, load_train_config
 from models.dreambooth.health import assess, sample_grid
@@ -39,7 +40,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     cfg = TrainConfig(**config)
     spec = PriorSpec(base_hash, class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed,
                      cfg.class_sampling.sampler, cfg.class_sampling.steps, cfg.class_sampling.guidance_scale)
-    report = progress_logger(f"class priors '{class_prompt}'", spec.count)
+    report = progress_logger(f"class priors '{class_prompt}'", spec.count, "images")
     keep_compiles(cfg.class_sampling.compile_mode != "none")
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done), compile_mode=cfg.class_sampling.compile_mode)
@@ -82,23 +83,55 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     work = settings().runs_dir / snapshot["customer"] / key
     inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",
                          Path(priors["path"]) if priors else None)
-    done_file = work / "training.json"
+    done_file, run_file = work / "training.json", work / "mlflow-run.json"
     if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():
         record = json.loads(done_file.read_text())
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
+        run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
         return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
-                "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True}
-    if processes > 1:
-        logger().info("training with %d processes: accelerate launch -m models.dreambooth.launch", processes)
-        result = train_launched(cfg, inputs, processes, on_line=lambda line: logger().info(line) if line.startswith("trained") else None)
-    else:
-        report = progress_logger("DreamBooth training", cfg.max_train_steps)
-        result = train(cfg, inputs, on_progress=lambda step, total, loss, lr: report(step, f"loss {loss:.4f} lr {lr:.2e}"))
+                "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True, "run_id": run_id}
+    live = _open_training_run(snapshot, priors, config, key)
+    write_json_atomic(run_file, {"run_id": live.run_id})
+    try:
+        if processes > 1:
+            logger().info("training with %d processes: accelerate launch -m models.dreambooth.launch", processes)
+            result = train_launched(cfg, inputs, processes, on_line=lambda line: logger().info(line) if line.startswith("trained") else None)
+        else:
+            report = progress_logger("DreamBooth training", cfg.max_train_steps, "steps")
+
+            def on_step(step: int, total: int, loss: float, lr: float) -> None:
+                report(step, f"loss {loss:.4f} lr {lr:.2e}")
+                live.log(step, loss, lr)
+
+            result = train(cfg, inputs, on_progress=on_step)
+    except BaseException:
+        live.fail()
+        raise
+    live.close(result.losses)
+    if live.broken:
+        logger().warning("the MLflow run stopped taking live metrics (%s); registration logs the whole loss curve", live.broken)
     if result.resumed_from:
         logger().info("resumed from checkpoint at step %d", result.resumed_from)
     logger().info("trained %d steps in %.1f s (%.2f steps/s)", result.step, result.seconds, result.step / max(result.seconds, 1e-9))
     return {"key": key, "output_dir": str(result.output_dir), "losses": result.losses, "steps": result.step,
-            "seconds": result.seconds, "resumed_from": result.resumed_from, "reused": False}
+            "seconds": result.seconds, "resumed_from": result.resumed_from, "reused": False, "run_id": live.usable}
+
+
+def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: str):
+    """The MLflow run this training reports to live (loss, learning rate, system metrics), tagged so
+    that registration resumes it and a later attempt at the same training abandons it if it died."""
+    from registry.dreambooth import dataset_inputs
+    from registry.training_run import TrainingRun
+
+    customer, subject = snapshot["customer"], snapshot["subject"]
+    facts = {"data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
+             "class_priors.key": priors["key"] if priors else "none", "class_priors.sha256": priors["sha256"] if priors else "none"}
+    tags = {"atelier.customer": customer, "atelier.subject": subject, "atelier.training.key": key,
+            "atelier.data.rev": snapshot["rev"], "atelier.class_priors.key": facts["class_priors.key"]}
+    s = settings()
+    run = TrainingRun.open(s, customer, subject, tags, config, dataset_inputs(s, customer, subject, facts))
+    logger().info("MLflow run %s takes the training's metrics live", run.run_id)
+    return run
 
 
 @task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)

@@ -23,11 +23,12 @@ VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"
 @tracked
 def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
     cfg = TrainConfig(**config)
-    metrics = {f"health_{k}": float(v) for k, v in samples["health"].items()}
-    metrics.update({"train_seconds": float(training["seconds"]), "train_steps": float(training["steps"])})
+    # one value each, grouped under their prefix in the UI's charts (the curves, train_loss and system/*, stay on top)
+    metrics = {f"health/{k}": float(v) for k, v in samples["health"].items()}
+    metrics.update({"train/seconds": float(training["seconds"]), "train/steps": float(training["steps"])})
     reg = register_dreambooth(settings(), customer, subject, Path(training["output_dir"]), lineage, config,
                               training["losses"], metrics, [Path(p) for p in samples["files"]], Path(samples["grid"]),
-                              cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.guidance_scale)
+                              cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.guidance_scale, training.get("run_id"))
     if reg.reused:
         logger().info("these training outputs are already registered as %s version %s; not registering again", reg.name, reg.version)
     else:

@@ -78,9 +78,9 @@ class Scorer:
         if score is None:
             answer = self.judge.ask(images, question + " Reply with exactly one word: yes or no.", max_tokens=2)
             score = p_yes(answer.first_token_logprobs, answer.text)
-        result = {"score": score, "answer": answer.text[:200], "from": "logprobs" if answer.first_token_logprobs else "text"}
+        result = {"score": score, "answer": readable(answer.text), "from": "logprobs" if answer.first_token_logprobs else "text"}
         if score is None:
-            self.failures.append({"item": item, "method": method, "answer": answer.text[:200]})
+            self.failures.append({"item": item, "method": method, "answer": readable(answer.text)})
         else:
             self.cache.put(key, result)  # failures are not cached: a rerun asks again
         return result
@@ -106,7 +106,7 @@ class Scorer:
             if parsed is not None:
                 self.cache.put(key, parsed)
                 return parsed, ""
-        self.failures.append({"item": item, "method": method, "answer": answer.text[:200], "problem": problem})
+        self.failures.append({"item": item, "method": method, "answer": readable(answer.text), "problem": problem})
         return None, problem
 
     def caption(self, image: bytes, item: str = "") -> dict:
@@ -164,6 +164,15 @@ def ocr_agreement(scorer: Scorer, pages: list[dict]) -> tuple[list[dict], dict]:
 
     return rows, {"agreement_cer": mean("agreement_cer"), "judge_cer": mean("judge_cer"), "pages": len(rows),
                   "failures": sum(1 for r in rows if r["judge_text"] is None), "calibrated": bool(getattr(scorer.judge, "calibrated", False))}
+
+
+def readable(text: str, limit: int = 200) -> str:
+    """An answer as a person can read it in a table: printable characters only (a small model's broken
+    multi-byte tokens decode to U+FFFD, control bytes to nothing), or a note saying there were none."""
+    kept = "".join(ch for ch in text if ch.isprintable() and ch != "\ufffd").strip()
+    if not kept and text:
+        return f"(no readable text: {len(text)} characters that do not decode)"
+    return kept[:limit]
 
 
 def parse_caption(text: str) -> tuple[dict | None, str]:

@@ -1,0 +1,116 @@
+"""What a user watches while a job runs: the MLflow run that takes training's metrics live, and the
+command line's progress bars. No flow here: these are the parts, against a real MLflow store."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from mlflow import MlflowClient
+
+
+@pytest.fixture
+def tracking(workspace):
+    return MlflowClient(workspace.resolved_tracking_uri)
+
+
+def _open(workspace, subject: str, key: str):
+    from registry.training_run import TrainingRun
+
+    tags = {"atelier.customer": "livecust", "atelier.subject": subject, "atelier.training.key": key}
+    return TrainingRun.open(workspace, "livecust", subject, tags, {"learning_rate": 1e-4, "max_train_steps": 6})
+
+
+def test_training_run_takes_steps_live_and_fills_in_the_steps_of_an_earlier_attempt(workspace, tracking):
+    first = _open(workspace, "live", "k1")
+    run = _open(workspace, "live", "k1")  # a retry: the attempt that died while RUNNING is abandoned
+    assert tracking.get_run(first.run_id).info.status == "FAILED"
+    for step in (4, 5, 6):  # resumed from a checkpoint at step 3
+        run.log(step, 1.0 / step, 1e-4)
+    run.flush()
+    assert [m.step for m in tracking.get_metric_history(run.run_id, "train_loss")] == [4, 5, 6]
+    run.close([1.0, 0.5, 0.33, 0.25, 0.2, 0.166])
+    history = {m.step: m.value for m in tracking.get_metric_history(run.run_id, "train_loss")}
+    assert sorted(history) == [1, 2, 3, 4, 5, 6] and history[4] == pytest.approx(0.25)
+    got = tracking.get_run(run.run_id)
+    assert got.info.status == "RUNNING" and got.data.params["max_train_steps"] == "6"  # registration ends it
+    assert run.usable == run.run_id
+
+
+def test_a_tracking_server_that_goes_away_never_stops_training(workspace, tracking, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run = _open(workspace, "away", "k2")
+    run.client = MlflowClient("http://127.0.0.1:9")  # nothing listens there
+    t0 = time.perf_counter()
+    for step in range(1, 101):
+        run.log(step, 1.0 / step)
+    assert time.perf_counter() - t0 < 0.5  # a step only queues its metrics
+    run.close([1.0 / s for s in range(1, 101)], wait=20)
+    assert run.broken and run.usable is None  # registration starts a run of its own with the whole curve
+
+
+def test_registration_resumes_only_the_open_run_of_the_same_training(workspace, tracking):
+    from registry.dreambooth import _live_run
+
+    run = _open(workspace, "resume", "k3")
+    assert _live_run(tracking, run.run_id, "resume", "k3") == run.run_id
+    assert _live_run(tracking, run.run_id, "other-subject", "k3") is None
+    assert _live_run(tracking, run.run_id, "resume", "another-key") is None
+    tracking.set_terminated(run.run_id, "FINISHED")
+    assert _live_run(tracking, run.run_id, "resume", "k3") is None
+    assert _live_run(tracking, "0" * 32, "resume", "k3") is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_reported_below_the_command_line_is_drawn_as_a_bar_with_log_lines_above_it(monkeypatch):
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from atelier import progress
+    from cli.progress import bars
+
+    screen = _Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    handler = PrefectConsoleHandler(stream=screen)
+    log = logging.getLogger("prefect.test-progress")
+    log.addHandler(handler)
+    original = handler.console
+    try:
+        with bars():
+            for step in range(1, 41):
+                progress.report("DreamBooth training", step, 40, "steps")
+                if step == 20:
+                    assert handler.console is not original  # log lines print through the bars' console
+                    log.warning("halfway")
+            progress.report("class images", 3, 8, "images")  # still open when the command ends
+        assert handler.console is original and progress._listeners == []
+    finally:
+        log.removeHandler(handler)
+    drawn = screen.getvalue()
+    assert "DreamBooth training" in drawn and "/40" in drawn and "steps" in drawn and "ETA" in drawn
+    assert "halfway" in drawn and "class images" in drawn
+
+
+def test_off_a_terminal_nothing_is_drawn(monkeypatch):
+    from atelier import progress
+    from cli.progress import bars
+
+    plain = io.StringIO()
+    monkeypatch.setattr("sys.stderr", plain)
+    with bars():
+        progress.report("batch OCR", 5, 10, "files")
+    assert plain.getvalue() == ""
+
+
+def test_a_judge_answer_that_does_not_decode_reads_as_a_note():
+    from models.vlm.scoring import readable
+
+    assert readable("\ufffd\ufffd\x07") == "(no readable text: 3 characters that do not decode)"
+    assert readable("yes \ufffd") == "yes" and readable("是的") == "是的" and readable("") == ""
