@@ -240,6 +240,16 @@ class Settings(BaseSettings):
         return self.state_dir / "cache" / "class-priors"
 
     @property
+    def data_docs_root(self) -> Path:
+        """The workspace's one Great Expectations project: every validation's result and its Data Docs
+        site (`uncommitted/data_docs/local_site/index.html`), with the history of every data set."""
+        return self.state_dir / "reports" / "gx"
+
+    @property
+    def data_docs_index(self) -> Path:
+        return self.data_docs_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+
+    @property
     def compile_cache(self) -> Path:
         """torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels), next to the class
         priors: a second job on the same base model and shapes loads its compiled graphs instead of compiling."""
@@ -311,6 +321,7 @@ class Settings(BaseSettings):
             "DVC remote": self.resolved_dvc_remote,
             "base model": str(self.resolved_base_model),
             "class-prior cache": str(self.priors_cache),
+            "Data Docs (Great Expectations)": str(self.data_docs_index),
         }
 
 

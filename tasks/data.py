@@ -32,7 +32,9 @@ def pull_subject(customer: str, subject: str, rev: str | None = None) -> dict:
 def validate_subject(snapshot: dict) -> dict:
     s = settings()
     report_dir = s.state_dir / "reports" / "validation" / snapshot["customer"] / snapshot["subject"] / snapshot["rev"][:12]
-    report = validate_subject_images(snapshot["path"], s.images, report_dir, label=f"{snapshot['customer']}/{snapshot['subject']}")
+    label = f"{snapshot['customer']}/{snapshot['subject']}"
+    report = validate_subject_images(snapshot["path"], s.images, report_dir, label=label, docs_root=s.data_docs_root,
+                                     run_name=f"{label}@{snapshot['rev'][:12]}")
     rows = [{"file": f["file"], "format": f["format"], "size": f"{f['width']}x{f['height']}", "ok": all(x[0] != f["file"] for x in report.failures)}
             for f in report.facts]
     create_table_artifact(rows, key=f"validation-{snapshot['customer']}-{snapshot['subject']}",

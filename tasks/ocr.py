@@ -42,7 +42,8 @@ def validate_documents(name: str, document_set: dict) -> dict:
     from models.validation.document_suite import validate_document_set
 
     report_dir = settings().state_dir / "reports" / "documents" / name / document_set["sha256"][:12]
-    report = validate_document_set(Path(document_set["path"]), report_dir)
+    report = validate_document_set(Path(document_set["path"]), report_dir, docs_root=settings().data_docs_root,
+                                   label=f"documents/{name}", run_name=f"documents/{name}@{document_set['sha256'][:12]}")
     if not report.success:
         raise DataValidationError(f"document set {name}", report.failures, str(report_dir))
     logger().info("document set %s: %d labelled images pass the suite", name, report.rows)

@@ -27,6 +27,33 @@ def test_good_set_passes_with_data_docs(tmp_path, photos):
     assert (tmp_path / "report").glob("gx/uncommitted/data_docs/local_site/index.html")
 
 
+def test_one_data_docs_site_keeps_every_run_and_renders_offline(tmp_path, photos):
+    """Every validation of the workspace lands in one site: its index lists each run by data set and
+    revision, a failed run included, and no page loads anything from the internet."""
+    import re
+
+    folder = _folder(tmp_path, photos)
+    root = tmp_path / "gx"
+    for label, rev in (("acme/robot", "aaaa"), ("acme/robot", "bbbb"), ("beta/cat", "cccc")):
+        assert validate_subject_images(folder, RULES, tmp_path / rev, label=label, docs_root=root, run_name=f"{label}@{rev}").success
+    (folder / "corrupt.jpg").write_bytes(b"not an image")
+    failed = validate_subject_images(folder, RULES, tmp_path / "dddd", label="beta/cat", docs_root=root, run_name="beta/cat@dddd")
+    assert not failed.success and failed.data_docs.endswith("local_site/index.html")
+    site = root / "gx" / "uncommitted" / "data_docs" / "local_site"
+    index = (site / "index.html").read_text()
+    for run in ("acme.robot@aaaa", "acme.robot@bbbb", "beta.cat@cccc", "beta.cat@dddd"):
+        assert run in index
+    pages = list(site.rglob("*.html"))
+    assert len(pages) >= 6  # index, the suite, four validations
+    remote = re.compile(r"""<(?:link|script)\b[^>]*(?:href|src)=["']https?://""", re.I)
+    assert not [p for p in pages if remote.search(p.read_text())]
+    assert "great-expectations-web-assets" not in index  # GX's logo (with the project id in its URL) is the local copy
+    for asset in ("bootstrap.min.css", "bootstrap.bundle.min.js", "jquery.min.js", "table-lite.js", "fontawesome/css/all.min.css"):
+        assert (site / "static" / "offline" / asset).is_file(), asset
+    deep = next(site.glob("validations/*/*/*/*.html")).read_text()
+    assert 'src="../../../../static/offline/jquery.min.js"' in deep
+
+
 def test_each_bad_file_is_named_with_its_rule(tmp_path, photos):
     folder = _folder(tmp_path, photos)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -79,7 +79,10 @@ DETAILS = {
 }
 
 
-def validate_document_set(folder: Path, report_dir: Path | None = None) -> DocumentReport:
+def validate_document_set(folder: Path, report_dir: Path | None = None, docs_root: Path | None = None,
+                          label: str | None = None, run_name: str | None = None) -> DocumentReport:
+    """Check a labelled document set; with `docs_root` the run joins the workspace's Data Docs as
+    data set `label`, named `run_name` (the set at its content hash)."""
     import great_expectations.expectations as gxe
 
     rows, failures = label_facts(folder)
@@ -87,7 +90,7 @@ def validate_document_set(folder: Path, report_dir: Path | None = None) -> Docum
         (col, gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[True])) for col in ("inside", "exists", "decodable", "has_text", "labelled")
     ] + [("lang", gxe.ExpectColumnValuesToBeInSet(column="lang", value_set=list(LANGUAGES)))]
     df = pd.DataFrame(rows, columns=["file", "inside", "exists", "decodable", "has_text", "lang", "labelled"])
-    run = run_suite(SUITE, df, named, report_dir, rows)
+    run = run_suite(SUITE, df, named, report_dir, rows, docs_root=docs_root, asset=label or Path(folder).name, run_name=run_name)
     by_file = {r["file"]: r for r in rows}
     for rule, file in run.failed:
         if rule == "count":

@@ -1,13 +1,19 @@
 """Run a Great Expectations suite over a per-file facts table and say which file broke which rule.
 
-A file-backed GX context under the report directory keeps the suite, the validation result JSON and
-the Data Docs HTML together, so a failed run leaves something a person can open.
+Every validation of a workspace goes into one file-backed GX project (`docs_root`): one suite per
+kind of data, one data asset per data set (a subject, a document set), and one Data Docs site whose
+index lists every run with its name (the data set at its revision) and time, passed or failed. The
+report directory of a run keeps its own validation result and facts as JSON, so a failed run leaves
+something a person can open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -21,28 +27,53 @@ class SuiteRun:
     data_docs: str | None
 
 
-def run_suite(name: str, df: pd.DataFrame, named: list[tuple[str, object]], report_dir: Path | None,
-              facts: list[dict] | None = None) -> SuiteRun:
-    """Validate `df` (one row per file, a `file` column) against the named expectations."""
-    import great_expectations as gx
+@contextlib.contextmanager
+def _project_lock(root: Path) -> Iterator[None]:
+    """One writer at a time in a GX project (flows validate in parallel; GX's file stores do not lock)."""
+    import fcntl
 
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".atelier.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _asset_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "files"
+
+
+def run_suite(name: str, df: pd.DataFrame, named: list[tuple[str, object]], report_dir: Path | None,
+              facts: list[dict] | None = None, docs_root: Path | None = None, asset: str = "files",
+              run_name: str | None = None) -> SuiteRun:
+    """Validate `df` (one row per file, a `file` column) against the named expectations. With
+    `docs_root` the run goes into that shared GX project and its Data Docs (as `asset`, named
+    `run_name`); else, with `report_dir`, into a project of its own there; else into memory."""
+    project = Path(docs_root) if docs_root is not None else Path(report_dir) if report_dir is not None else None
     if report_dir is not None:
-        report_dir = Path(report_dir)
-        report_dir.mkdir(parents=True, exist_ok=True)
-        context = gx.get_context(mode="file", project_root_dir=str(report_dir))
-    else:
-        context = gx.get_context(mode="ephemeral")
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+    with _project_lock(project) if project is not None else contextlib.nullcontext():
+        return _run(name, df, named, report_dir, facts, project, _asset_name(asset), run_name)
+
+
+def _run(name, df, named, report_dir, facts, project, asset, run_name) -> SuiteRun:
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    context = gx.get_context(mode="file", project_root_dir=str(project)) if project is not None else gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_or_update_pandas(name)
-    asset = source.get_asset("files") if "files" in [a.name for a in source.assets] else source.add_dataframe_asset("files")
-    batch_def = next(iter(asset.batch_definitions), None) or asset.add_batch_definition_whole_dataframe("all")
+    data = source.get_asset(asset) if asset in [a.name for a in source.assets] else source.add_dataframe_asset(asset)
+    batch_def = next(iter(data.batch_definitions), None) or data.add_batch_definition_whole_dataframe("all")
     suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=[e for _, e in named]))
-    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
-    actions = [gx.checkpoint.UpdateDataDocsAction(name="data-docs")] if report_dir is not None else []
+    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=f"{name}.{asset}", data=batch_def, suite=suite))
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="data-docs")] if project is not None else []
     checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
-        name=name, validation_definitions=[definition], actions=actions,
+        name=f"{name}.{asset}", validation_definitions=[definition], actions=actions,
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["file"]}))
-    result = checkpoint.run(batch_parameters={"dataframe": df})
+    result = checkpoint.run(batch_parameters={"dataframe": df}, run_id=RunIdentifier(run_name=(run_name or asset).replace("/", ".")))  # GX keys are path parts
 
     rule_of = {(e.expectation_type, getattr(e, "column", None)): rule for rule, e in named}
     failed: list[tuple[str, str | None]] = []
@@ -56,9 +87,14 @@ def run_suite(name: str, df: pd.DataFrame, named: list[tuple[str, object]], repo
         failed.extend((rule, hit["file"]) for hit in hits) if hits else failed.append((rule, None))
     docs = None
     if report_dir is not None:
-        write_json_atomic(report_dir / "validation.json", validation.to_json_dict())
+        write_json_atomic(Path(report_dir) / "validation.json", validation.to_json_dict())
         if facts is not None:
-            write_json_atomic(report_dir / "facts.json", facts)
+            write_json_atomic(Path(report_dir) / "facts.json", facts)
+    if project is not None:
+        from models.validation.data_docs import make_offline
+
         sites = context.get_docs_sites_urls()
         docs = sites[0]["site_url"] if sites else None
+        if docs and docs.startswith("file://"):
+            make_offline(Path(docs.removeprefix("file://")).parent)
     return SuiteRun(bool(result.success), failed, docs)
