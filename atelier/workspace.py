@@ -27,7 +27,7 @@ from atelier.settings import Settings
 from atelier.storage import atomic_dir, check_slug, write_json_atomic, write_text_atomic
 
 MARKER = Path(".atelier") / "workspace.json"
-TEMPLATES = ("dvc.yaml", "params.yaml")
+TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,12 @@ def add_subject(settings: Settings, customer: str, subject: str, class_noun: str
         with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
             repo.add(rel)
             _push(settings, repo)
-        git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"))
+        listed = _list_in_pipeline(ws, customer, subject)
+        git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *listed)
         git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}")
     except BaseException:
+        if (ws / SUBJECTS_FILE).is_file() and git(ws, "ls-files", SUBJECTS_FILE):
+            git(ws, "checkout", "--", SUBJECTS_FILE)
         if tracked:  # put the committed state back: photos from DVC's cache, metadata from git
             git(ws, "checkout", "--", f"{rel}.dvc", f"{rel}.yaml")
             with contextlib.chdir(ws), Repo(str(ws)) as repo:
@@ -185,6 +188,37 @@ def add_subject(settings: Settings, customer: str, subject: str, class_noun: str
                 dest.with_suffix(suffix).unlink(missing_ok=True)
         raise
     return subject_revision(settings, customer, subject)
+
+
+SUBJECTS_FILE = "subjects.yaml"
+
+
+def _list_in_pipeline(ws: Path, customer: str, subject: str) -> list[str]:
+    """Add the subject to subjects.yaml (dvc.yaml's finetune stage iterates over it); returns the file
+    to commit, or nothing for a workspace made before the stage existed."""
+    path = ws / SUBJECTS_FILE
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    listed = dict((yaml.safe_load(text) or {}).get("subjects") or {})
+    listed[f"{customer}.{subject}"] = {"customer": customer, "subject": subject}
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    write_text_atomic(path, header + yaml.safe_dump({"subjects": dict(sorted(listed.items()))}, sort_keys=False))
+    return [SUBJECTS_FILE]
+
+
+def commit_stage(settings: Settings, stage: str, message: str) -> str:
+    """`dvc commit STAGE`: record in dvc.lock the deps and outs of a stage whose command was run
+    outside `dvc repro` (the demo runs the fine-tune flow itself), and commit dvc.lock."""
+    from dvc.repo import Repo
+
+    ws = require_workspace(settings)
+    with contextlib.chdir(ws), Repo(str(ws)) as repo:
+        repo.commit(stage, force=True)
+    git(ws, "add", "dvc.lock", *[p for p in ("models", ".gitignore") if (ws / p).exists()])
+    if git(ws, "diff", "--cached", "--name-only"):
+        git(ws, "commit", "-q", "-m", message)
+    return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")
 
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:
@@ -251,7 +285,7 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
-    if stage not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {}):
+    if stage.split("@")[0] not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {}):
         raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
                           f"copy dvc.yaml and params.yaml from {SOURCE_ROOT} into the workspace and commit them")
     # the stage's command is `atelier ...`: the interpreter's own bin directory goes first on PATH, so it
@@ -260,8 +294,8 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
         repo.reproduce(stage)
         _push(settings, repo)
-    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore")
-                                 if (ws / p).exists()])
+    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore",
+                                             "models") if (ws / p).exists()])  # models/: the finetune records (git-tracked outs)
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", message)
     return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")

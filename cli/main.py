@@ -133,6 +133,15 @@ def _print_result(result: dict) -> None:
                     f"Champion unchanged ({gate['champion'] or 'none'}).", fg=typer.colors.YELLOW)
 
 
+def _write_record(path: Path, result: dict) -> None:
+    """What the fine-tune made, for DVC to track as the finetune stage's output."""
+    from atelier.storage import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {k: result.get(k) for k in ("model", "version", "run_id", "data_rev", "training_key", "steps", "flow_run_id")}
+                      | {"gate_passed": result["gate"]["passed"], "model_uri": f"models:/{result['model']}/{result['version']}"})
+
+
 @app.command()
 @friendly
 def finetune(
@@ -142,6 +151,7 @@ def finetune(
     config: Optional[Path] = typer.Option(None, "--config", help="training YAML (see configs/dreambooth/sd15.yaml)"),
     rev: Optional[str] = typer.Option(None, "--rev", help="workspace git revision of the photos (default: newest)"),
     refresh: bool = typer.Option(False, "--refresh", help="ignore cached task results and recompute"),
+    record: Optional[Path] = typer.Option(None, "--record", help="write the registered version's record (JSON) here: dvc.yaml's finetune stage output"),
 ) -> None:
     """Run the subject-finetune flow: pull -> validate -> class priors -> train -> samples -> register -> gate."""
     import os
@@ -167,6 +177,8 @@ def finetune(
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     result = _run_finetune(customer, subject, base_model, config, rev)
     _print_result(result)
+    if record is not None:
+        _write_record(record, result)
     if not result["gate"]["passed"]:
         raise GateRefused(result["model"], "the promotion gate refused the new version", "see the reasons above")
 
@@ -186,7 +198,7 @@ def priors(
     import shutil
 
     from atelier.storage import atomic_dir
-    from cli.common import Progress
+    from cli.progress import Progress
     from models.dreambooth.base import check_sd_directory, model_hash
     from models.dreambooth.priors import PriorSpec, ensure_class_priors
 
@@ -281,11 +293,15 @@ def demo() -> None:
             subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
     result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
     _print_result(result)
-    from atelier.workspace import reproduce_stage
+    from atelier.workspace import commit_stage, reproduce_stage
 
-    # the workspace's DVC pipeline holds what the flow used: `dvc status` is clean after the demo
+    # the workspace's DVC pipeline holds what the flow used and made, so `dvc status` is clean after
+    # the demo and `dvc dag` draws photos and class priors -> finetune
     reproduce_stage(settings, "class_priors", "class priors of the demo subject (dvc repro class_priors)")
-    typer.echo("class priors reproduced in the workspace's DVC pipeline (dvc repro class_priors)")
+    stage = f"{DEMO_CUSTOMER}.{DEMO_SUBJECT}"
+    _write_record(settings.workspace / "models" / f"{stage}.json", result)
+    commit_stage(settings, f"finetune@{stage}", f"fine-tune of {DEMO_CUSTOMER}/{DEMO_SUBJECT}: version {result['version']} (dvc commit)")
+    typer.echo("class priors reproduced and the fine-tune recorded in the workspace's DVC pipeline (`dvc dag` draws it)")
     missing = cli_ocr.ocr_dependencies_missing()
     if missing:
         typer.echo(f"\nOCR part skipped: {missing} is missing (make ocr-system-deps installs it)")

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.slow
 NAME = "dreambooth-acme-robot"
 
 
+def stored_files(client, mv) -> dict:
+    from registry.dreambooth import stored_model_files
+
+    return stored_model_files(client, mv)
+
+
 def _flow_run(run_id: str):
     from prefect import get_client
 
@@ -47,23 +53,38 @@ def first_run(prefect_harness, robot_photos):
     return subject_finetune("acme", "robot")
 
 
-def test_flow_registers_promotes_and_records_lineage(first_run, workspace, client, robot_photos, tiny_model):
+def test_flow_registers_promotes_and_records_lineage(first_run, workspace, client, robot_photos, tiny_model, tmp_path):
     assert first_run["gate"]["passed"] and first_run["model"] == NAME
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == first_run["version"]
     assert client.get_model_version_by_alias(NAME, "candidate").version == champion.version
     tags = champion.tags
     assert tags["atelier.data.rev"] == subject_revision(workspace, "acme", "robot")
-    assert json.loads(tags["atelier.data.files"]) == {p.name: sha256_file(p) for p in robot_photos}
     assert tags["atelier.base_model.sha256"] == model_hash(tiny_model)
     assert len(tags["atelier.code.git_sha"]) in (40, 7) or tags["atelier.code.git_sha"] == "unknown"
     assert tags["atelier.prefect.flow_run_id"] == first_run["flow_run_id"]
-    assert json.loads(tags["atelier.task_versions"])["train-dreambooth"] == "1"
-    assert json.loads(tags["atelier.params"])["max_train_steps"] == 60
     assert json.loads(tags["atelier.gate"])["passed"] is True
+    # tags are short and searchable; the whole lineage (file hashes, params, task versions) is lineage.json, hashed into a tag
+    lineage_tags = {k: v for k, v in tags.items() if k.startswith("atelier.") and k not in ("atelier.gate", "atelier.eval.judge", "atelier.eval.summary")}
+    assert "atelier.data.files" not in tags and "atelier.params" not in tags and max(map(len, lineage_tags.values())) <= 200
+    record = json.loads(Path(client.download_artifacts(champion.run_id, "lineage.json", str(tmp_path))).read_text())
+    assert record["data.files"] == {p.name: sha256_file(p) for p in robot_photos}
+    assert record["task_versions"]["train-dreambooth"] == "1" and record["params"]["max_train_steps"] == 60
+    from atelier.hashing import value_hash
+
+    assert tags["atelier.lineage.sha256"] == value_hash(record)
     run = client.get_run(champion.run_id)
     assert run.data.params["learning_rate"] == "0.0001"
+    # the run was opened before training and took its metrics live: the loss and learning rate per
+    # step, MLflow's system metrics, and a duration that covers the training
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 60
+    assert len(client.get_metric_history(run.info.run_id, "learning_rate")) == 60
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert run.info.status == "FINISHED" and (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["train/seconds"]
+    first_loss = client.get_metric_history(run.info.run_id, "train_loss")[0]
+    assert first_loss.timestamp < client.get_metric_history(run.info.run_id, "train_loss")[-1].timestamp  # sent as trained, not at the end
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id)} | set(stored_files(client, champion))
+    assert "input_example.json" in model_files and "serving_input_example.json" in model_files
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"sample_grid.png", "loss_curve.png", "lineage.json", "samples"} <= artifacts
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # validation samples, with their step
@@ -196,6 +217,7 @@ def test_lineage_of_the_champion_reaches_every_input_file(first_run, workspace, 
     assert report["prefect_flow_run"]["id"] == first_run["flow_run_id"]
     assert report["run"]["params"]["max_train_steps"] == "60"
     assert report["class_priors"]["key"] != "none" and report["base_model"]["sha256"]
+    assert report["lineage_record"]["sha256_matches_tag"] is True and report["params"]["max_train_steps"] == 60
     assert any(r["action"] == "promote" and r["version"] == first_run["version"] for r in report["promotions"])
     assert verify(workspace, report) == []
 
@@ -247,3 +269,32 @@ def test_lineage_verify_reports_tampered_model_artifacts(first_run, workspace, c
     config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 33'))
     drift = verify(workspace, report)
     assert any(d.startswith("model artifacts") for d in drift)
+    # the lineage record itself: an edited lineage.json no longer matches the hash tagged on the version
+    record = Path(urlparse(client.get_run(victim.run_id).info.artifact_uri).path) / "lineage.json"
+    edited = json.loads(record.read_text())
+    edited["params"]["learning_rate"] = 1.0  # a record that no longer says how the model was trained
+    record.write_text(json.dumps(edited))
+    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}/{victim.version}")
+    assert report["lineage_record"]["sha256_matches_tag"] is False
+    assert any(d.startswith("lineage.json") for d in verify(workspace, report))
+
+
+def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, workspace):
+    """`dvc dag` connects the subject's photos and the class priors to its fine-tune, and `dvc repro`
+    of that stage runs the flow (cached: nothing new is registered) and records it in dvc.lock."""
+    import yaml
+
+    from atelier.workspace import reproduce_stage
+
+    ws = workspace.workspace
+    assert "acme.robot" in yaml.safe_load((ws / "subjects.yaml").read_text())["subjects"]  # `subject add` listed it
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    dag = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot", "finetune@acme.robot"], cwd=ws, capture_output=True, text=True, env=env)
+    assert dag.returncode == 0, dag.stderr
+    edges = dag.stdout.replace('"', "")
+    assert "data/subjects/acme/robot.dvc -> finetune@acme.robot" in edges and "class_priors@toy -> finetune@acme.robot" in edges, edges
+    reproduce_stage(workspace, "finetune@acme.robot", "fine-tune (test)")
+    record = json.loads((ws / "models" / "acme.robot.json").read_text())
+    assert record["model"] == NAME and record["version"] == first_run["version"] and record["gate_passed"] is True
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "finetune@acme.robot"], cwd=ws, capture_output=True, text=True, env=env)
+    assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
