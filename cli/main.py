@@ -125,7 +125,7 @@ def _print_result(result: dict) -> None:
     gate = result["gate"]
     typer.echo(f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
                f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f} "
-               "(mean of the last 10% of steps; MLflow's train_loss has every step)")
+               "(mean of the last 10% of steps; MLflow's train/loss has every step)")
     if gate["passed"]:
         typer.secho(f"gate passed: models:/{result['model']}@champion is version {result['version']}", fg=typer.colors.GREEN)
     else:

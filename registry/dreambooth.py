@@ -21,6 +21,7 @@ from registry.isolation import ensure_experiment, grant_customer_read, require_o
 from registry.ledger import Ledger
 from registry.pyfunc import SIGNATURE, DreamBoothModel
 from registry.tracking import abandon_stale_runs
+from registry.training_run import LOSS
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
@@ -113,7 +114,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             client.log_inputs(run.info.run_id, datasets=dataset_inputs(settings, customer, subject, lineage))
             client.log_batch(run.info.run_id, metrics=[
-                mlflow.entities.Metric("train_loss", loss, 0, step) for step, loss in enumerate(losses, start=1)
+                mlflow.entities.Metric(LOSS, loss, 0, step) for step, loss in enumerate(losses, start=1)
             ])
         mlflow.log_metrics(metrics)
         mlflow.log_dict(lineage, "lineage.json")
@@ -122,7 +123,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         mlflow.log_image(Image.open(grid), "sample_grid.png")
         _log_validation_images(Path(pipeline_dir).parent / "validation")
         mlflow.log_figure(_loss_figure(losses), "loss_curve.png")
-        with warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+        with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
             # The pyfunc class is pickled by reference to this importable module (shipped in code_paths),
             # which is what MLflow's CloudPickle note is about. The input example is one image at the
             # model's own settings: MLflow generates it once while logging, so a version that cannot
@@ -140,6 +141,10 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         grant_customer_read(settings, name, customer)
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id,
                                           description=version_card(name, lineage, metrics))
+    # the run's description in the UI: the same card, pointing at the version it became
+    client.set_tag(run.info.run_id, "mlflow.note.content", version_card(name, lineage, metrics).replace(
+        "- gate: not yet run", f"- registered as `{name}` version {version.version} (its card has the gate's result)").replace(
+        f"{name}/VERSION", f"{name}/{version.version}"))
     record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
                      flow_run_id=lineage.get("prefect.flow_run_id"))
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
@@ -157,7 +162,7 @@ def input_example(params: dict, lineage: dict, steps: int, guidance: float):
 
 
 @contextlib.contextmanager
-def _quiet(logger: str):
+def quiet_logger(logger: str):
     """A library logger's WARNING lines kept out of the output while the block runs (errors still show)."""
     log = logging.getLogger(logger)
     level = log.level
@@ -248,7 +253,7 @@ def version_card(name: str, lineage: dict, metrics: dict[str, float]) -> str:
         f"- base model: `{lineage.get('base_model.id')}` (sha256 `{str(lineage.get('base_model.sha256', ''))[:16]}`)",
         f"- training: {params.get('max_train_steps', '?')} steps, lr {params.get('learning_rate', '?')}, prior preservation "
         f"{'on' if params.get('with_prior_preservation') else 'off'} (class priors `{lineage.get('class_priors.key', 'none')}`), "
-        f"final loss {metrics.get('health/final_loss', float('nan')):.4f} (mean of the last 10% of steps)",
+        f"final loss {metrics.get('validation/health_final_loss', float('nan')):.4f} (mean of the last 10% of steps)",
         f"- code: `{str(lineage.get('code.git_sha', '?'))[:12]}`, Prefect flow run `{lineage.get('prefect.flow_run_id')}`",
     ]
     lines.append("- gate: not yet run")  # record_gate_on_card fills it in

@@ -22,7 +22,7 @@ def record_judgment(settings: Settings, name: str, version: str, run_id: str, su
         table = {c: [r.get(c) for r in rows] for c in columns}
         table["thumbnail"] = [_thumbnail(r.get("path")) for r in rows]  # MLflow shows image columns in its table view
         mlflow.log_table(table, artifact_file="judge/judgments.json", run_id=run_id)
-    metrics = {f"judge/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {f"validation/judge_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
 

@@ -25,7 +25,7 @@ from mlflow.types import ColSpec, Schema
 
 from atelier.hashing import sha256_file
 from atelier.settings import Settings
-from registry.dreambooth import CODE_DIRS, Registered, _missing, _tags, client_for, find_version
+from registry.dreambooth import CODE_DIRS, Registered, _missing, _tags, client_for, find_version, quiet_logger
 from registry.ledger import Ledger
 from registry.promotion import record_candidate
 
@@ -96,7 +96,7 @@ def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confide
         (work / "spec.json").write_text(json.dumps(spec, indent=1))
         (work / "confidence.json").write_text(json.dumps(confidence, indent=1))
         staged = _stage(work / "files", files)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):  # its CloudPickle note: the class is pickled by reference
             warnings.filterwarnings("ignore", message=".*input example.*")
             warnings.filterwarnings("ignore", message=".*CloudPickle.*")
             info = mlflow.pyfunc.log_model(

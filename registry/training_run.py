@@ -20,6 +20,8 @@ from atelier.settings import Settings
 from registry.isolation import ensure_experiment
 from registry.tracking import abandon_stale_runs
 
+# The curves sit in the "train" section of the run's charts, above the single values ("validation/...")
+LOSS, LEARNING_RATE = "train/loss", "train/learning_rate"
 FLUSH_SECONDS = 2.0
 CLOSE_SECONDS = 30.0
 SYSTEM_METRICS_SECONDS = 3.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
@@ -60,9 +62,9 @@ class TrainingRun:
     def log(self, step: int, loss: float, lr: float | None = None) -> None:
         now_ms = int(time.time() * 1000)
         with self._lock:
-            self._pending.append(Metric("train_loss", float(loss), now_ms, step))
+            self._pending.append(Metric(LOSS, float(loss), now_ms, step))
             if lr is not None:
-                self._pending.append(Metric("learning_rate", float(lr), now_ms, step))
+                self._pending.append(Metric(LEARNING_RATE, float(lr), now_ms, step))
             self._logged.add(step)
 
     def flush(self) -> None:
@@ -87,7 +89,7 @@ class TrainingRun:
         waits at most `wait` seconds for the tracking server, else the run is marked broken."""
         now_ms = int(time.time() * 1000)
         with self._lock:
-            self._pending.extend(Metric("train_loss", float(v), now_ms, step)
+            self._pending.extend(Metric(LOSS, float(v), now_ms, step)
                                  for step, v in enumerate(losses or [], start=1) if step not in self._logged)
         self._stopping = True
         self._wake.set()

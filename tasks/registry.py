@@ -23,8 +23,8 @@ VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"
 @tracked
 def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
     cfg = TrainConfig(**config)
-    # one value each, grouped under their prefix in the UI's charts (the curves, train_loss and system/*, stay on top)
-    metrics = {f"health/{k}": float(v) for k, v in samples["health"].items()}
+    # one value each: under "validation/" (sample health, the judge's scores), below the "train/" curves in the UI
+    metrics = {f"validation/health_{k}": float(v) for k, v in samples["health"].items()}
     metrics.update({"train/seconds": float(training["seconds"]), "train/steps": float(training["steps"])})
     reg = register_dreambooth(settings(), customer, subject, Path(training["output_dir"]), lineage, config,
                               training["losses"], metrics, [Path(p) for p in samples["files"]], Path(samples["grid"]),

@@ -77,12 +77,15 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert run.data.params["learning_rate"] == "0.0001"
     # the run was opened before training and took its metrics live: the loss and learning rate per
     # step, MLflow's system metrics, and a duration that covers the training
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 60
-    assert len(client.get_metric_history(run.info.run_id, "learning_rate")) == 60
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 60
+    assert len(client.get_metric_history(run.info.run_id, "train/learning_rate")) == 60
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     assert run.info.status == "FINISHED" and (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["train/seconds"]
-    first_loss = client.get_metric_history(run.info.run_id, "train_loss")[0]
-    assert first_loss.timestamp < client.get_metric_history(run.info.run_id, "train_loss")[-1].timestamp  # sent as trained, not at the end
+    first_loss = client.get_metric_history(run.info.run_id, "train/loss")[0]
+    assert first_loss.timestamp < client.get_metric_history(run.info.run_id, "train/loss")[-1].timestamp  # sent as trained, not at the end
+    assert f"registered as `{NAME}` version {champion.version}" in run.data.tags["mlflow.note.content"]  # the run's description
+    # every metric in a section of the UI's charts: the curves ("train/") above the single values ("validation/")
+    assert all(k.startswith(("system/", "train/", "validation/")) for k in run.data.metrics), sorted(run.data.metrics)
     model_files = {a.path for a in client.list_artifacts(run.info.run_id)} | set(stored_files(client, champion))
     assert "input_example.json" in model_files and "serving_input_example.json" in model_files
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -29,9 +29,9 @@ def test_training_run_takes_steps_live_and_fills_in_the_steps_of_an_earlier_atte
     for step in (4, 5, 6):  # resumed from a checkpoint at step 3
         run.log(step, 1.0 / step, 1e-4)
     run.flush()
-    assert [m.step for m in tracking.get_metric_history(run.run_id, "train_loss")] == [4, 5, 6]
+    assert [m.step for m in tracking.get_metric_history(run.run_id, "train/loss")] == [4, 5, 6]
     run.close([1.0, 0.5, 0.33, 0.25, 0.2, 0.166])
-    history = {m.step: m.value for m in tracking.get_metric_history(run.run_id, "train_loss")}
+    history = {m.step: m.value for m in tracking.get_metric_history(run.run_id, "train/loss")}
     assert sorted(history) == [1, 2, 3, 4, 5, 6] and history[4] == pytest.approx(0.25)
     got = tracking.get_run(run.run_id)
     assert got.info.status == "RUNNING" and got.data.params["max_train_steps"] == "6"  # registration ends it

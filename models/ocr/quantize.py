@@ -10,6 +10,9 @@ converted first. Dynamic quantization is available for comparison.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,13 +97,31 @@ def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[
             input_name = source.graph.input[0].name
             extra = {"CalibPercentile": cfg.percentile, **cfg.extra} if cfg.method == "Percentile" else dict(cfg.extra)
             op_types = list(cfg.op_types) or None
-            quantize_static(str(staged), str(out), LineReader(input_name, calibration[: cfg.calibration_lines], preprocess),
-                            quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, cfg.method),
-                            nodes_to_exclude=list(cfg.exclude_nodes), op_types_to_quantize=op_types, extra_options=extra)
+            with _without_preprocessing_advice():
+                quantize_static(str(staged), str(out), LineReader(input_name, calibration[: cfg.calibration_lines], preprocess),
+                                quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=getattr(CalibrationMethod, cfg.method),
+                                nodes_to_exclude=list(cfg.exclude_nodes), op_types_to_quantize=op_types, extra_options=extra)
         quantized = onnx.load(str(out))
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(source.metadata_props)
         write_bytes_atomic(Path(dst), quantized.SerializeToString())
     return Path(dst)
+
+
+class _AdviceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider")
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """onnxruntime logs "Please consider pre-processing before quantization" on the root logger for
+    every model; the recogniser is already simplified above (`cfg.simplify`), so the advice is noise."""
+    root, advice = logging.getLogger(), _AdviceFilter()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
