@@ -240,6 +240,23 @@ class Settings(BaseSettings):
         return self.state_dir / "cache" / "class-priors"
 
     @property
+    def local_servers_dir(self) -> Path:
+        """The embedded default's background servers (Prefect, the MLflow UI): their records and secrets."""
+        return self.state_dir / "local"
+
+    def mlflow_ui_url(self) -> str | None:
+        """Where a person opens this workspace's MLflow: the tracking server itself, or on the embedded
+        default the background UI (`atelier ui`) once it has been started; None before that."""
+        import json
+
+        if self.resolved_tracking_uri.startswith(("http://", "https://")):
+            return self.resolved_tracking_uri.rstrip("/")
+        try:
+            return json.loads((self.local_servers_dir / "mlflow.json").read_text())["url"].rstrip("/")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
     def data_docs_root(self) -> Path:
         """The workspace's one Great Expectations project: every validation's result and its Data Docs
         site (`uncommitted/data_docs/local_site/index.html`), with the history of every data set."""

@@ -34,7 +34,7 @@ NAMES = ("prefect", "mlflow")
 
 
 def local_dir(settings: Settings) -> Path:
-    return settings.state_dir / "local"
+    return settings.local_servers_dir
 
 
 def local_secrets(settings: Settings) -> dict[str, str]:

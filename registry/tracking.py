@@ -68,3 +68,15 @@ def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str
         client.set_tag(run.info.run_id, ABANDONED_TAG, "the attempt died before registering; a retry replaced it")
         client.set_terminated(run.info.run_id, "FAILED")
     return [r.info.run_id for r in stale]
+
+
+def ui_links(settings: Settings, name: str, version: str, run_id: str) -> list[tuple[str, str, str]]:
+    """(url, text, description) of a model version and its training run in the MLflow UI; the
+    models:/ URI alone when no UI is known yet (`atelier ui` starts the embedded default's)."""
+    ui = settings.mlflow_ui_url()
+    if ui is None:
+        return [(f"models:/{name}/{version}", f"{name} v{version}", "registered model version (`atelier ui` serves the MLflow UI)")]
+    experiment = MlflowClient(settings.resolved_tracking_uri).get_run(run_id).info.experiment_id
+    return [(f"{ui}/#/models/{name}/versions/{version}", f"{name} v{version}", "registered model version in the MLflow UI"),
+            (f"{ui}/#/experiments/{experiment}/runs/{run_id}", f"training run {run_id[:8]}",
+             "its MLflow run: loss curve, system metrics, datasets, samples")]

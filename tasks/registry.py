@@ -33,9 +33,17 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
         logger().info("these training outputs are already registered as %s version %s; not registering again", reg.name, reg.version)
     else:
         logger().info("registered %s version %s (run %s) as candidate", reg.name, reg.version, reg.run_id)
-    create_link_artifact(f"models:/{reg.name}/{reg.version}", link_text=f"{reg.name} v{reg.version}",
-                         description="registered model version")
+    link_to_mlflow(reg.name, reg.version, reg.run_id)
     return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
+
+
+def link_to_mlflow(name: str, version: str, run_id: str) -> None:
+    """Prefect artifacts that open the model version and its training run in the MLflow UI (on the
+    embedded default once `atelier ui` has started it; before that, the models:/ URI)."""
+    from registry.tracking import ui_links
+
+    for link, text, description in ui_links(settings(), name, version, run_id):
+        create_link_artifact(link, link_text=text, description=description)
 
 
 @task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2,

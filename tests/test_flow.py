@@ -27,6 +27,14 @@ def stored_files(client, mv) -> dict:
     return stored_model_files(client, mv)
 
 
+def _artifacts(flow_run_id: str):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        return prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
 def _flow_run(run_id: str):
     from prefect import get_client
 
@@ -101,6 +109,8 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     prefect_run = _flow_run(first_run["flow_run_id"])
     assert prefect_run.name == f"acme-robot-{first_run['flow_run_id'][:8]}" and prefect_run.state.name == "Completed"
     assert {"customer:acme", "subject:robot", f"model:{NAME}"} <= set(prefect_run.tags)
+    links = [str(a.data) for a in _artifacts(first_run["flow_run_id"]) if "models:/" in str(a.data)]
+    assert any(f"models:/{NAME}/{first_run['version']}" in link for link in links), links  # no UI started here: the URI
     assert "gate: **passed**" in champion.description and "acme/robot" in champion.description
     assert f"atelier generate {NAME}@champion" in client.get_registered_model(NAME).description
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -114,3 +114,16 @@ def test_a_judge_answer_that_does_not_decode_reads_as_a_note():
 
     assert readable("\ufffd\ufffd\x07") == "(no readable text: 3 characters that do not decode)"
     assert readable("yes \ufffd") == "yes" and readable("是的") == "是的" and readable("") == ""
+
+
+def test_the_mlflow_ui_url_is_the_tracking_server_or_the_background_ui(workspace, tmp_path):
+    import json
+
+    from atelier.settings import Settings
+
+    local = Settings(workspace=tmp_path)
+    assert local.mlflow_ui_url() is None  # `atelier ui` not run yet
+    local.local_servers_dir.mkdir(parents=True)
+    (local.local_servers_dir / "mlflow.json").write_text(json.dumps({"url": "http://127.0.0.1:5999/"}))
+    assert local.mlflow_ui_url() == "http://127.0.0.1:5999"
+    assert Settings(workspace=tmp_path, tracking_uri="https://mlflow.example.com/").mlflow_ui_url() == "https://mlflow.example.com"
