@@ -37,7 +37,7 @@ class TrainingRun:
         self.client, self.run_id = client, run_id
         self._pending: list[Metric] = []
         self._logged: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock, self._sending = threading.Lock(), threading.Lock()
         self._wake, self._stopping = threading.Event(), False
         self.broken: str | None = None  # why live reporting stopped, if it did
         self._monitor = _system_monitor(run_id, client.tracking_uri) if system_metrics else None
@@ -69,15 +69,16 @@ class TrainingRun:
 
     def flush(self) -> None:
         """Send what is pending now (the sender does it every FLUSH_SECONDS)."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if self.broken or not pending:
-            return
-        try:
-            for i in range(0, len(pending), 1000):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
-        except Exception as exc:  # noqa: BLE001 (any failure to report is the same to training)
-            self.broken = f"{type(exc).__name__}: {str(exc)[:200]}"
+        with self._sending:  # one send at a time: a flush returns after the sender's batch is in
+            with self._lock:
+                pending, self._pending = self._pending, []
+            if self.broken or not pending:
+                return
+            try:
+                for i in range(0, len(pending), 1000):  # MLflow's batch limit
+                    self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+            except Exception as exc:  # noqa: BLE001 (any failure to report is the same to training)
+                self.broken = f"{type(exc).__name__}: {str(exc)[:200]}"
 
     def _send_loop(self) -> None:
         while not self._stopping:

@@ -91,6 +91,8 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
                 "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True, "run_id": run_id}
     live = _open_training_run(snapshot, priors, config, key)
+    if live is None:  # MLflow did not answer: train anyway, registration logs the whole record (and retries the server)
+        live = _Unreported()
     write_json_atomic(run_file, {"run_id": live.run_id})
     try:
         if processes > 1:
@@ -108,7 +110,7 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         live.fail()
         raise
     live.close(result.losses)
-    if live.broken:
+    if live.broken:  # (never for _Unreported: it said so when training started)
         logger().warning("the MLflow run stopped taking live metrics (%s); registration logs the whole loss curve", live.broken)
     if result.resumed_from:
         logger().info("resumed from checkpoint at step %d", result.resumed_from)
@@ -129,9 +131,33 @@ def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: s
     tags = {"atelier.customer": customer, "atelier.subject": subject, "atelier.training.key": key,
             "atelier.data.rev": snapshot["rev"], "atelier.class_priors.key": facts["class_priors.key"]}
     s = settings()
-    run = TrainingRun.open(s, customer, subject, tags, config, dataset_inputs(s, customer, subject, facts))
+    try:
+        run = TrainingRun.open(s, customer, subject, tags, config, dataset_inputs(s, customer, subject, facts))
+    except Exception as exc:  # noqa: BLE001 (only an unreachable server is let through; anything else is raised)
+        from registry.tracking import unreachable
+
+        if not unreachable(exc):
+            raise
+        logger().warning("MLflow at %s did not answer: training goes on without live metrics; registration logs them",
+                         s.resolved_tracking_uri)
+        return None
     logger().info("MLflow run %s takes the training's metrics live", run.run_id)
     return run
+
+
+class _Unreported:
+    """Training without a live MLflow run (the server was away when it started)."""
+
+    run_id = usable = broken = None
+
+    def log(self, step: int, loss: float, lr: float | None = None) -> None:
+        pass
+
+    def close(self, losses: list[float] | None = None) -> None:
+        pass
+
+    def fail(self) -> None:
+        pass
 
 
 @task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)

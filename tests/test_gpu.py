@@ -150,3 +150,28 @@ def test_training_task_launches_accelerate_with_one_process_per_gpu(gpu_setup, t
     assert "trained 8 steps with 2 processes" in lines, lines[-20:]
     assert launched.finished and (launched.output_dir / "model_index.json").is_file()
     assert launched.losses == pytest.approx(single.losses, rel=2e-2)
+
+
+def test_the_live_training_run_samples_the_gpu(tmp_path, monkeypatch):
+    """MLflow's system metrics in the run that training reports to include the GPU (nvidia-ml-py)."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from atelier.settings import Settings
+    from registry.training_run import TrainingRun
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    settings = Settings(workspace=tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = {"atelier.customer": "gpu", "atelier.subject": "live", "atelier.training.key": "k"}
+    run = TrainingRun.open(settings, "gpu", "live", tags, {"steps": 3})
+    x = torch.randn(4096, 4096, device="cuda")
+    t0 = time.monotonic()
+    step = 0
+    while time.monotonic() - t0 < 4:
+        step += 1
+        run.log(step, float((x @ x).mean()), 1e-4)
+    torch.cuda.synchronize()
+    run.close()
+    metrics = MlflowClient(settings.resolved_tracking_uri).get_run(run.run_id).data.metrics
+    assert any(k.startswith("system/gpu_0_") for k in metrics), sorted(metrics)
