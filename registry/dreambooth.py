@@ -174,8 +174,10 @@ def quiet_logger(logger: str):
 
 
 def _live_run(client: MlflowClient, run_id: str | None, subject: str, training_key: str | None) -> str | None:
-    """`run_id` when it is the still-open run of this very training (same subject and training key),
-    else None: a run that ended, or one of other inputs, is never written into."""
+    """`run_id` when it is the still-open run of this very training (same subject and training key)
+    and no registration has begun in it, else None: a run that ended, one of other inputs, or one
+    that a registration attempt died in (half its artifacts logged) is never written into; that one
+    is abandoned and the registration starts a run of its own."""
     if not run_id:
         return None
     from mlflow.exceptions import MlflowException
@@ -186,7 +188,7 @@ def _live_run(client: MlflowClient, run_id: str | None, subject: str, training_k
         return None
     tags = run.data.tags
     same = tags.get("atelier.subject") == subject and tags.get("atelier.training.key") == training_key
-    return run_id if same and run.info.status == "RUNNING" else None
+    return run_id if same and run.info.status == "RUNNING" and LINEAGE_HASH_TAG not in tags else None
 
 
 def _log_validation_images(folder: Path) -> None:

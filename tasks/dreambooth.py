@@ -87,7 +87,8 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():
         record = json.loads(done_file.read_text())
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
-        run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+        live_record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        run_id = live_record.get("run_id") if live_record.get("complete") else None  # a curve with gaps is logged again
         return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
                 "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True, "run_id": run_id}
     live = _open_training_run(snapshot, priors, config, key)
@@ -110,6 +111,7 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         live.fail()
         raise
     live.close(result.losses)
+    write_json_atomic(run_file, {"run_id": live.run_id, "complete": live.usable is not None})
     if live.broken:  # (never for _Unreported: it said so when training started)
         logger().warning("the MLflow run stopped taking live metrics (%s); registration logs the whole loss curve", live.broken)
     if result.resumed_from:

@@ -60,6 +60,8 @@ def test_registration_resumes_only_the_open_run_of_the_same_training(workspace, 
     assert _live_run(tracking, run.run_id, "resume", "k3") == run.run_id
     assert _live_run(tracking, run.run_id, "other-subject", "k3") is None
     assert _live_run(tracking, run.run_id, "resume", "another-key") is None
+    tracking.set_tag(run.run_id, "atelier.lineage.sha256", "0" * 64)  # a registration began in it, then died
+    assert _live_run(tracking, run.run_id, "resume", "k3") is None
     tracking.set_terminated(run.run_id, "FINISHED")
     assert _live_run(tracking, run.run_id, "resume", "k3") is None
     assert _live_run(tracking, "0" * 32, "resume", "k3") is None

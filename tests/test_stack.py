@@ -70,16 +70,22 @@ def test_batch_generation_reads_and_writes_s3(stack):
     assert {r["model"] for r in records} == {"dreambooth-acme-robot/1"}
 
 
-def _wait_for_new_run(stack, before: int, proc: subprocess.Popen, timeout: float = 400) -> None:
-    """Until MLflow's database holds one more run than `before` (the registration has begun)."""
+def _registrations(stack) -> int:
+    """How many registrations have begun: each sets the lineage hash on its run first."""
+    return stack.sql("mlflow", "SELECT count(*) FROM tags WHERE key = 'atelier.lineage.sha256'")[0][0]
+
+
+def _wait_for_registration(stack, before: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    """Until one more run than `before` carries its lineage (the registration has begun; the run itself
+    was opened when training started)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0] > before:
+        if _registrations(stack) > before:
             return
         if proc.poll() is not None:
             raise AssertionError(f"the flow ended before registering:\n{proc.stderr.read()[-3000:]}")
         time.sleep(0.05)
-    raise AssertionError("no MLflow run started")
+    raise AssertionError("no registration began")
 
 
 def _start_finetune(stack, subject: str) -> subprocess.Popen:
@@ -94,9 +100,9 @@ def _versions(stack, name: str) -> list[int]:
 
 
 def test_mlflow_killed_mid_registration_and_left_down_fails_clearly_and_registers_nothing(stack):
-    before = stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0]
+    before = _registrations(stack)
     proc = _start_finetune(stack, "robot2")
-    _wait_for_new_run(stack, before, proc)
+    _wait_for_registration(stack, before, proc)
     stack.kill("mlflow")
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 6, err[-3000:]
@@ -121,9 +127,9 @@ def test_mlflow_killed_mid_registration_and_restarted_the_task_retries_and_the_r
     # progress under that key must survive robot3's sweep of its own dead attempt
     key = client.get_model_version("dreambooth-acme-robot", "1").tags["atelier.training.key"]
     other = client.create_run(experiment, tags={"atelier.subject": "robot", "atelier.training.key": key}).info.run_id
-    before = stack.sql("mlflow", "SELECT count(*) FROM runs")[0][0]
+    before = _registrations(stack)
     proc = _start_finetune(stack, "robot3")
-    _wait_for_new_run(stack, before, proc)
+    _wait_for_registration(stack, before, proc)
     stack.kill("mlflow")
     stack.run(ATELIER, "up")  # a supervisor's restart
     out, err = proc.communicate(timeout=400)
