@@ -44,6 +44,8 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     keep_compiles(cfg.class_sampling.compile_mode != "none")
     prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
                                 on_progress=lambda done, total: report(done), compile_mode=cfg.class_sampling.compile_mode)
+    if prior.reused:
+        report(spec.count)  # the progress artifact says done, not 0%
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
     return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
 
