@@ -213,6 +213,7 @@ def commit_stage(settings: Settings, stage: str, message: str) -> str:
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
+    _require_stage(ws, stage)
     with contextlib.chdir(ws), Repo(str(ws)) as repo:
         repo.commit(stage, force=True)
     git(ws, "add", "dvc.lock", *[p for p in ("models", ".gitignore") if (ws / p).exists()])
@@ -278,6 +279,19 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def _require_stage(ws: Path, stage: str) -> None:
+    """A workspace made before a stage (or a subject's entry in subjects.yaml) existed gets a clear error."""
+    name, _, item = stage.partition("@")
+    missing = name not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {})
+    if not missing and name == "finetune":
+        listed = (yaml.safe_load((ws / SUBJECTS_FILE).read_text()) or {}) if (ws / SUBJECTS_FILE).is_file() else {}
+        missing = item not in (listed.get("subjects") or {})
+    if missing:
+        raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
+                          f"copy {', '.join(TEMPLATES)} from {SOURCE_ROOT} into the workspace, list the subject in "
+                          f"{SUBJECTS_FILE} (`atelier subject add --replace` does it) and commit them")
+
+
 def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     """`dvc repro STAGE` in the workspace, its outputs pushed to the remote and dvc.lock committed;
     returns the commit that pins them. A workspace made before the stage existed gets a clear error."""
@@ -285,9 +299,7 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
-    if stage.split("@")[0] not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {}):
-        raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
-                          f"copy dvc.yaml and params.yaml from {SOURCE_ROOT} into the workspace and commit them")
+    _require_stage(ws, stage)
     # the stage's command is `atelier ...`: the interpreter's own bin directory goes first on PATH, so it
     # is found when Atelier runs from a virtual environment that is not activated
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

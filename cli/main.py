@@ -11,7 +11,7 @@ import typer
 
 from cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
 from cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
-from atelier.errors import GateRefused
+from atelier.errors import ConfigError, GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
                   no_args_is_help=True, add_completion=False)
@@ -300,8 +300,11 @@ def demo() -> None:
     reproduce_stage(settings, "class_priors", "class priors of the demo subject (dvc repro class_priors)")
     stage = f"{DEMO_CUSTOMER}.{DEMO_SUBJECT}"
     _write_record(settings.workspace / "models" / f"{stage}.json", result)
-    commit_stage(settings, f"finetune@{stage}", f"fine-tune of {DEMO_CUSTOMER}/{DEMO_SUBJECT}: version {result['version']} (dvc commit)")
-    typer.echo("class priors reproduced and the fine-tune recorded in the workspace's DVC pipeline (`dvc dag` draws it)")
+    try:
+        commit_stage(settings, f"finetune@{stage}", f"fine-tune of {DEMO_CUSTOMER}/{DEMO_SUBJECT}: version {result['version']} (dvc commit)")
+        typer.echo("class priors reproduced and the fine-tune recorded in the workspace's DVC pipeline (`dvc dag` draws it)")
+    except ConfigError as exc:  # a workspace made before the finetune stage: the demo goes on
+        typer.echo(f"class priors reproduced; the fine-tune is not in this workspace's DVC pipeline: {exc}")
     missing = cli_ocr.ocr_dependencies_missing()
     if missing:
         typer.echo(f"\nOCR part skipped: {missing} is missing (make ocr-system-deps installs it)")

@@ -33,3 +33,16 @@ def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
     assert status.returncode == 0 and ("up to date" in status.stdout.lower() or not status.stdout.strip()), status.stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "data/class-priors"], cwd=ws, capture_output=True, text=True)
     assert dirty.stdout.strip() == "", dirty.stdout
+
+
+def test_a_stage_the_workspace_does_not_have_is_a_clear_error(workspace):
+    """A subject missing from subjects.yaml (or a workspace made before the finetune stage) is exit 2
+    naming the fix, not a DVC traceback."""
+    from atelier.errors import ConfigError
+    from atelier.workspace import commit_stage, reproduce_stage
+
+    for call in (commit_stage, reproduce_stage):
+        with pytest.raises(ConfigError, match="subjects.yaml"):
+            call(workspace, "finetune@nobody.none", "test")
+    with pytest.raises(ConfigError, match="predates"):
+        reproduce_stage(workspace, "no_such_stage", "test")
