@@ -109,8 +109,9 @@ class TrainingRun:
         return None if self.broken else self.run_id
 
     def fail(self) -> None:
-        """Training raised: the run ends FAILED (a retry opens a new one)."""
-        self.close()
+        """Training raised (or was interrupted): the run ends FAILED (a retry opens a new one), after at
+        most a few seconds for what is pending."""
+        self.close(wait=5.0)
         try:
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception:  # noqa: BLE001 (the server is away: the retry's abandon_stale_runs ends it)
