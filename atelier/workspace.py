@@ -216,10 +216,7 @@ def commit_stage(settings: Settings, stage: str, message: str) -> str:
     _require_stage(ws, stage)
     with contextlib.chdir(ws), Repo(str(ws)) as repo:
         repo.commit(stage, force=True)
-    git(ws, "add", "dvc.lock", *[p for p in ("models", ".gitignore") if (ws / p).exists()])
-    if git(ws, "diff", "--cached", "--name-only"):
-        git(ws, "commit", "-q", "-m", message)
-    return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")
+    return _commit_lock(ws, message)
 
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:
@@ -306,8 +303,14 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
         repo.reproduce(stage)
         _push(settings, repo)
+    return _commit_lock(ws, message)
+
+
+def _commit_lock(ws: Path, message: str) -> str:
+    """Commit dvc.lock with what a stage left for git (its outputs' .gitignore files, the finetune
+    records in models/, which are git-tracked outs); returns the commit that pins them."""
     git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore",
-                                             "models") if (ws / p).exists()])  # models/: the finetune records (git-tracked outs)
+                                             "models") if (ws / p).exists()])
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", message)
     return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")

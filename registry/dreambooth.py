@@ -139,10 +139,11 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
                                        description=model_description(customer, subject, lineage))
         grant_customer_read(settings, name, customer)
+    card = version_card(name, lineage, metrics)
     version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id,
-                                          description=version_card(name, lineage, metrics))
+                                          description=card)
     # the run's description in the UI: the same card, pointing at the version it became
-    client.set_tag(run.info.run_id, "mlflow.note.content", version_card(name, lineage, metrics).replace(
+    client.set_tag(run.info.run_id, "mlflow.note.content", card.replace(
         "- gate: not yet run", f"- registered as `{name}` version {version.version} (its card has the gate's result)").replace(
         f"{name}/VERSION", f"{name}/{version.version}"))
     record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from atelier.errors import NotFound
-from atelier.hashing import tree_hash
+from atelier.hashing import tree_hash, value_hash
 from atelier.settings import Settings
 from atelier.workspace import checkout_subject
 from registry.ledger import Ledger
@@ -63,8 +63,6 @@ def _value(text: str):
 def _record(client: MlflowClient, mv) -> tuple[dict, bool | None]:
     """The version's whole lineage: its run's `lineage.json`, and whether it still hashes to the
     `atelier.lineage.sha256` tag written with it (None: a version registered before that tag)."""
-    from atelier.hashing import value_hash
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             record = json.loads(Path(client.download_artifacts(mv.run_id, "lineage.json", tmp)).read_text())

@@ -96,7 +96,6 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     live = _open_training_run(snapshot, priors, config, key)
     if live is None:  # MLflow did not answer: train anyway, registration logs the whole record (and retries the server)
         live = _Unreported()
-    write_json_atomic(run_file, {"run_id": live.run_id})
     try:
         if processes > 1:
             logger().info("training with %d processes: accelerate launch -m models.dreambooth.launch", processes)

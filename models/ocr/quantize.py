@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

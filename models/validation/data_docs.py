@@ -49,9 +49,10 @@ def _local(url: str) -> str | None:
     return None
 
 
-def make_offline(site_dir: Path) -> int:
-    """Copy the assets into `site_dir` (once) and rewrite every page's CDN links; returns how many
-    pages changed. Safe to run after every docs build: rewritten pages have no CDN links left."""
+def make_offline(site_dir: Path, since: float | None = None) -> int:
+    """Copy the assets into `site_dir` (once) and rewrite the CDN links of its pages (those written at
+    or after `since`, a time.time(); all of them without it); returns how many pages changed. Safe to
+    run again: rewritten pages have no CDN links left."""
     site_dir = Path(site_dir)
     target = site_dir / ASSETS
     if not (target / "table-lite.js").is_file():
@@ -64,6 +65,8 @@ def make_offline(site_dir: Path) -> int:
                 shutil.copyfile(src, target / name)
     changed = 0
     for page in site_dir.rglob("*.html"):
+        if since is not None and page.stat().st_mtime < since - 1:  # written by an earlier build: already rewritten
+            continue
         text = page.read_text(encoding="utf-8")
         if "https://" not in text:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,6 +74,7 @@ def _run(name, df, named, report_dir, facts, project, asset, run_name) -> SuiteR
     checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
         name=f"{name}.{asset}", validation_definitions=[definition], actions=actions,
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["file"]}))
+    built = time.time()
     result = checkpoint.run(batch_parameters={"dataframe": df}, run_id=RunIdentifier(run_name=(run_name or asset).replace("/", ".")))  # GX keys are path parts
 
     rule_of = {(e.expectation_type, getattr(e, "column", None)): rule for rule, e in named}
@@ -96,5 +98,5 @@ def _run(name, df, named, report_dir, facts, project, asset, run_name) -> SuiteR
         sites = context.get_docs_sites_urls()
         docs = sites[0]["site_url"] if sites else None
         if docs and docs.startswith("file://"):
-            make_offline(Path(docs.removeprefix("file://")).parent)
+            make_offline(Path(docs.removeprefix("file://")).parent, since=built)  # the pages this run (re)wrote
     return SuiteRun(bool(result.success), failed, docs)
