@@ -28,6 +28,25 @@ def check_slug(value: str, what: str) -> str:
     return value
 
 
+# Names the platform uses for itself: its MLflow users and experiments (`atelier-ops`, `atelier-ledger`), its S3
+# identities (`atelier-platform`), and words an operator would read as the platform's. A customer with one of them
+# would collide with (or pass for) a platform object: `ledger`'s experiment would be `atelier-ledger`, the anchor's.
+RESERVED_CUSTOMERS = frozenset({"admin", "administrator", "root", "ledger", "platform", "system", "ops", "operator",
+                                "default", "mlflow", "prefect", "worker", "seaweedfs", "s3", "dvc", "anonymous",
+                                "guest", "public", "everyone", "all", "none", "null"})
+RESERVED_PREFIXES = ("atelier",)
+
+
+def check_customer(value: str) -> str:
+    """A customer id: a slug (check_slug) that is not one of the platform's own names."""
+    check_slug(value, "customer")
+    if value in RESERVED_CUSTOMERS or value.startswith(RESERVED_PREFIXES):
+        raise InvalidIdentifier(f"customer {value!r}", "is a name the platform reserves for itself (its users, experiments "
+                                "and keys are named this way)", "choose another customer id, e.g. "
+                                f"{value.removeprefix('atelier').strip('-_') or 'acme'}-co")
+    return value
+
+
 def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> Path:
     """Write to a temporary sibling, then rename. With `mode` (e.g. 0o600 for secrets) the file has
     that mode from its creation on, so no reader ever sees it with wider permissions."""

@@ -24,7 +24,7 @@ from atelier.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceEr
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import file_hashes
 from atelier.settings import Settings
-from atelier.storage import atomic_dir, check_slug, write_json_atomic, write_text_atomic
+from atelier.storage import atomic_dir, check_customer, check_slug, write_json_atomic, write_text_atomic
 
 MARKER = Path(".atelier") / "workspace.json"
 TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
@@ -152,7 +152,7 @@ def add_subject(settings: Settings, customer: str, subject: str, class_noun: str
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     class_noun = check_class_noun(class_noun)
     dest = settings.subject_dir(customer, subject)
@@ -240,7 +240,7 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
     from dvc.api import DVCFileSystem
 
     ws = require_workspace(settings)
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     rev = rev or subject_revision(settings, customer, subject)
     rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()

@@ -78,7 +78,7 @@ def subject_add(
     import tempfile
 
     from atelier.errors import DataValidationError
-    from atelier.storage import check_slug
+    from atelier.storage import check_customer, check_slug
     from atelier.workspace import add_subject, require_workspace
     from models.validation.subject_suite import validate_subject_images
 
@@ -87,7 +87,7 @@ def subject_add(
 
     settings = cli_settings()
     require_workspace(settings)
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     check_class_noun(class_noun)
     photos = expand_photos(photos)
@@ -157,7 +157,7 @@ def finetune(
     import os
 
     settings = cli_settings()
-    from atelier.storage import check_slug
+    from atelier.storage import check_customer, check_slug
     from atelier.workspace import require_workspace, subject_revision
     from models.dreambooth.base import check_sd_directory
     from models.dreambooth.config import load_train_config
@@ -167,7 +167,7 @@ def finetune(
 
     preflight(settings)
     require_workspace(settings)
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     if config is not None:
         load_train_config(config)

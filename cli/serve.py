@@ -47,11 +47,11 @@ def batch_generate_cmd(
     """Generate every manifest item once with one pinned model version (a rerun resumes, skipping
     items whose outputs exist and verify)."""
     from atelier.outages import preflight
-    from atelier.storage import check_slug
+    from atelier.storage import check_customer, check_slug
 
     settings = cli_settings()
     preflight(settings)
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion")

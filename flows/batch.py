@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from atelier.storage import check_slug
+from atelier.storage import check_customer, check_slug
 from flows.runs import claim_and_sweep, run_name
 from tasks import batch as batch_tasks
 from tasks.common import summary_artifact
@@ -31,7 +31,7 @@ def _expand(out: str) -> str:
 
 @flow(name="batch-generate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def batch_generate(customer: str, subject: str, manifest: str, out: str, model: str | None = None, batch_size: int = 8) -> dict:
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     out = _expand(out)
     pinned = batch_tasks.pin_model(model or f"dreambooth-{customer}-{subject}@champion", customer)

@@ -15,7 +15,7 @@ from atelier.errors import ConfigError
 from atelier.gitinfo import code_version
 from atelier.hashing import stat_signature
 from atelier.settings import load_settings
-from atelier.storage import check_slug
+from atelier.storage import check_customer, check_slug
 from flows.runs import claim_and_sweep, finished, run_name
 from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
@@ -42,7 +42,7 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
                      data_rev: str | None = None, skip_if_unchanged: bool = False) -> dict:
     """`skip_if_unchanged` (scheduled retraining): when a version was already registered from the same
     photos (DVC hashes), config, base model and class priors, stop before training and say so."""
-    check_slug(customer, "customer")
+    check_customer(customer)
     check_slug(subject, "subject")
     settings = load_settings()
     base = Path(base_model).resolve() if base_model else settings.resolved_base_model

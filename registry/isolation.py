@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from atelier.errors import AtelierError, NotFound
 from atelier.settings import Settings
-from atelier.storage import check_slug, write_secret_file
+from atelier.storage import check_customer, write_secret_file
 
 CUSTOMER_TAG = "atelier.customer"
 
@@ -145,7 +145,7 @@ def add_customer(settings: Settings, customer: str, password: str | None = None,
     """Create (or reset) the customer's MLflow user with READ on its experiment and registered models;
     the platform creates the experiment first, so nobody else can. With `grant_s3_reader` (on `atelier
     up`'s stack), also S3 keys that read the customer's artifact prefix only."""
-    check_slug(customer, "customer")
+    check_customer(customer)
     if not auth_enabled(settings):
         raise NotFound("MLflow basic auth", f"is not in use at {settings.resolved_tracking_uri}",
                        "run `atelier up` and use its stack.env, or start `mlflow server --app-name atelier-auth` and set "

@@ -16,21 +16,74 @@ platform's identity on the stack; this is the second lock.
 
 from __future__ import annotations
 
+import builtins
+import contextvars
+import datetime
+import decimal
 import json
 import logging
-from typing import Any, Literal
+import pathlib
+import uuid
+from typing import Any, Callable, Literal
 
-from prefect.serializers import JSONSerializer, prefect_json_object_decoder
+from prefect.serializers import JSONSerializer
 
 from atelier.errors import AtelierError
 
-# What a stored result may name: our own packages and value types with no behaviour on construction.
-ALLOWED_MODULES = ("atelier.", "models.", "registry.", "tasks.", "flows.")
-ALLOWED_CLASSES = frozenset({
-    "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath", "datetime.datetime", "datetime.date",
-    "datetime.timedelta", "uuid.UUID", "decimal.Decimal", "builtins.set", "builtins.frozenset", "builtins.tuple",
-    "builtins.bytes", "builtins.complex",
-})
+# What a stored result may name, looked up in this table and never imported by name: value types with no
+# behaviour on construction, each rebuilt by a function of ours from plain JSON, and the project's own
+# result data classes (`result_type`). Nothing else is constructed, called or imported.
+_VALUE_TYPES: dict[str, Callable[[Any], Any]] = {
+    **{f"pathlib.{name}": (lambda data, cls=getattr(pathlib, name): cls(str(data)))
+       for name in ("Path", "PosixPath", "PurePath", "PurePosixPath")},
+    # pydantic parses what Prefect's encoder (pydantic's) wrote: ISO 8601 times and durations, numbers as text
+    **{f"{cls.__module__}.{cls.__qualname__}": (lambda data, cls=cls: _parse(cls, data))
+       for cls in (datetime.datetime, datetime.date, datetime.timedelta, uuid.UUID, decimal.Decimal)},
+    "builtins.set": lambda data: set(_plain_list(data)),
+    "builtins.frozenset": lambda data: frozenset(_plain_list(data)),
+    "builtins.tuple": lambda data: tuple(_plain_list(data)),
+    "builtins.bytes": lambda data: _bytes(data),
+    "builtins.complex": lambda data: complex(*_plain_list(data)) if isinstance(data, list) else complex(str(data)),
+}
+_RESULT_TYPES: dict[str, type] = {}
+
+
+def result_type(cls: type) -> type:
+    """Class decorator: a frozen data class a task may return, rebuilt from its stored fields."""
+    import dataclasses
+
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+        raise TypeError(f"{cls.__qualname__}: a task result type is a frozen dataclass")
+    _RESULT_TYPES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def _parse(cls: type, data: Any) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    if not isinstance(data, (str, int, float)):
+        raise ValueError(f"{type(data).__name__} is not a scalar")
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"]) from None
+
+
+def _plain_list(data: Any) -> list:
+    if not isinstance(data, list):
+        raise UnsafeResult(f"holds {type(data).__name__} where a list was written")
+    return data
+
+
+def _bytes(data: Any) -> bytes:
+    import base64
+
+    if not isinstance(data, str):
+        raise UnsafeResult(f"holds {type(data).__name__} where bytes were written")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        return data.encode()  # pydantic's encoder writes utf-8 text as is
 
 
 class UnsafeResult(AtelierError):
@@ -39,23 +92,61 @@ class UnsafeResult(AtelierError):
 
     exit_code = 5
 
-    def __init__(self, problem: str) -> None:
-        super().__init__("stored task result", problem, "check who can write to the result store (PREFECT_RESULTS / "
-                         "the prefect-results/ prefix); remove the object and rerun with --refresh to recompute it")
-        # Prefect treats an unreadable cached result as a cache miss and recomputes: say why, loudly
+    def __init__(self, problem: str, record: str = "stored task result") -> None:
+        super().__init__(record, problem, "check who can write to the result store (PREFECT_RESULTS / the prefect-results/ "
+                         "prefix); remove the object (or rerun with --refresh) to recompute it")
         logging.getLogger("atelier.results").warning("refused a stored task result: %s", self)
 
 
-def _allowed(qualified: str) -> bool:
-    return qualified in ALLOWED_CLASSES or qualified.startswith(ALLOWED_MODULES)
+def _exception(name: str, message: Any) -> BaseException:
+    """A stored exception: a built-in exception or one of Atelier's errors, rebuilt with its message;
+    any other type becomes a RuntimeError that names it (its class is never imported)."""
+    text = str(message)
+    builtin = getattr(builtins, name.removeprefix("builtins."), None) if name.startswith("builtins.") else None
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        return builtin(text)
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in _subclasses(AtelierError)}
+    if name in known:
+        error = known[name].__new__(known[name])  # its __init__ is not run: the stored message is all there is
+        Exception.__init__(error, text)
+        error.item, error.problem, error.fix = name, text, ""
+        return error
+    return RuntimeError(f"{name}: {text}")
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
 
 
 def safe_object_hook(obj: dict[str, Any]) -> Any:
-    for key in ("__class__", "__exc_type__"):
-        name = obj.get(key)
-        if isinstance(name, str) and not _allowed(name):
-            raise UnsafeResult(f"names {name!r}, a type Atelier never writes; refused before loading it")
-    return prefect_json_object_decoder(obj)
+    """JSON object hook that rebuilds only the allowlisted types above."""
+    if "__class__" in obj:
+        name = obj["__class__"]
+        if isinstance(name, str) and name in _VALUE_TYPES:
+            try:
+                return _VALUE_TYPES[name](obj.get("data"))
+            except (TypeError, ValueError) as exc:
+                raise UnsafeResult(f"holds a {name} that does not parse ({exc})") from None
+        if isinstance(name, str) and name in _RESULT_TYPES:
+            data = obj.get("data")
+            if not isinstance(data, dict):
+                raise UnsafeResult(f"holds a {name} without its fields")
+            from pydantic import TypeAdapter, ValidationError
+
+            try:  # the class is ours (registered); pydantic builds it field by field from its annotations
+                return TypeAdapter(_RESULT_TYPES[name]).validate_python(data)
+            except ValidationError as exc:
+                raise UnsafeResult(f"holds a {name} whose fields do not match ({exc.errors()[0]['msg']})") from None
+        raise UnsafeResult(f"names {name!r}, a type Atelier never writes; refused before loading it")
+    if "__exc_type__" in obj:
+        name = obj["__exc_type__"]
+        if not isinstance(name, str):
+            raise UnsafeResult("names an exception type that is not a name")
+        return _exception(name, obj.get("message", ""))
+    return obj
 
 
 class AtelierJSONSerializer(JSONSerializer):
@@ -90,6 +181,13 @@ def guard_result_records() -> None:
 
     def guarded_deserialize(cls, data: bytes, backup_serializer=None):
         try:
+            return _checked_deserialize(cls, data, backup_serializer)
+        except UnsafeResult as refused:
+            _REFUSED.set(refused)  # Prefect's existence check swallows errors: keep it for _raise_refused
+            raise
+
+    def _checked_deserialize(cls, data: bytes, backup_serializer=None):
+        try:
             record = json.loads(data)
         except ValueError:
             record = None
@@ -111,6 +209,40 @@ def guard_result_records() -> None:
     ResultRecord.deserialize = classmethod(guarded_deserialize)
     ResultRecord.deserialize_from_result_and_metadata = classmethod(guarded_from_parts)
     ResultRecord._atelier_guarded = True
+    _refusals_are_errors()
+
+
+_REFUSED: contextvars.ContextVar[UnsafeResult | None] = contextvars.ContextVar("atelier_refused_result", default=None)
+
+
+def _refusals_are_errors() -> None:
+    """Prefect's cache lookup (`ResultStore.exists`) reads a record and takes any error for "not cached",
+    so a planted record would only be recomputed over, silently. A refused record stops the run instead:
+    exit 5 naming the record's key, before anything in it is built."""
+    from prefect.results import ResultStore
+
+    exists, aexists = ResultStore._exists, ResultStore._aexists
+
+    def _raise_refused(store: ResultStore, key: str, token) -> None:
+        refused = _REFUSED.get()
+        _REFUSED.reset(token)
+        if refused is not None:
+            where = getattr(store.result_storage, "basepath", None) or getattr(store.result_storage, "bucket_folder", None) or ""
+            raise UnsafeResult(refused.problem, f"stored task result {str(where).rstrip('/') + '/' if where else ''}{key}")
+
+    def checked_exists(self: ResultStore, key: str) -> bool:
+        token = _REFUSED.set(None)
+        found = exists(self, key)
+        _raise_refused(self, key, token)
+        return found
+
+    async def checked_aexists(self: ResultStore, key: str) -> bool:
+        token = _REFUSED.set(None)
+        found = await aexists(self, key)
+        _raise_refused(self, key, token)
+        return found
+
+    ResultStore._exists, ResultStore._aexists = checked_exists, checked_aexists
 
 
 guard_result_records()

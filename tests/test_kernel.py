@@ -84,3 +84,13 @@ def test_derived_locations_live_in_the_workspace(tmp_path):
     assert s.resolved_tracking_uri == f"sqlite:///{tmp_path}/.atelier/mlflow.db"
     assert s.resolved_artifact_root.startswith("file://")
     assert set(s.describe()) >= {"MLflow tracking URI", "Prefect API", "DVC remote"}
+
+
+@pytest.mark.parametrize("reserved", ["ledger", "admin", "atelier", "atelier-ops", "atelier_platform", "root", "default"])
+def test_platform_names_refused_as_customers(reserved):
+    from atelier.storage import check_customer
+
+    with pytest.raises(InvalidIdentifier) as err:
+        check_customer(reserved)
+    assert "reserves" in str(err.value) and "Fix:" in str(err.value)
+    assert check_customer("acme") == "acme" and check_customer("ledgerco") == "ledgerco"

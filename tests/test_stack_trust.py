@@ -212,9 +212,9 @@ def test_no_secret_in_any_process_argv_or_in_info(stack, tenants):
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in environ and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environ
 
 
-def test_a_planted_pickle_result_is_refused_and_recomputed_never_run(stack, tenants):
-    """Someone who could write the result store plants pickled records: the next run refuses them
-    (and recomputes), and the planted code never runs."""
+def test_a_planted_pickle_result_is_refused_with_exit_5_never_run(stack, tenants):
+    """Someone who could write the result store plants pickled records: the next run stops with exit 5
+    naming the record, the planted code never runs, and `--refresh` recomputes over it."""
     from prefect.serializers import PickleSerializer
 
     marker = stack.ws.parent / "planted-result-ran"
@@ -230,9 +230,12 @@ def test_a_planted_pickle_result_is_refused_and_recomputed_never_run(stack, tena
     keys = stack.keys("prefect-results/")
     for key in keys:
         s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(record).encode())
-    done = stack.run(ATELIER, "finetune", "globex", "widget")
+    done = stack.run(ATELIER, "finetune", "globex", "widget", check=False)
+    assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stored task result" in done.stderr and "prefect-results" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
-    assert "refused a stored task result" in done.stdout + done.stderr
+    stack.run(ATELIER, "finetune", "globex", "widget", "--refresh")
+    assert not marker.exists()
 
 
 def test_a_rerun_repairs_a_version_whose_files_were_lost_instead_of_promoting_it_again(stack, tenants):

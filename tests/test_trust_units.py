@@ -106,6 +106,71 @@ def test_only_allowlisted_result_types_and_the_json_serializer_load():
     assert err.value.exit_code == 5
 
 
+def test_a_record_naming_one_of_our_functions_is_refused_and_nothing_is_called(tmp_path, monkeypatch):
+    """Before: any name under atelier.* was 'a class of ours', so `atelier.storage.write_text_atomic` was called
+    with the record's data. Now only the listed value types and registered result data classes are built."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    import atelier.storage
+    from tasks.results import AtelierJSONSerializer, UnsafeResult
+
+    called = []
+    monkeypatch.setattr(atelier.storage, "write_text_atomic", lambda *a, **k: called.append(a))
+    ours = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result={"n": 1})
+    for name, data in (("atelier.storage.write_text_atomic", {"path": str(tmp_path / "x.pth"), "text": "import os"}),
+                       ("registry.ledger.Ledger", {"url": "sqlite://"}), ("models.photos", {}), ("builtins.eval", "1+1"),
+                       ("pathlib.Path.write_text", "x")):
+        planted = json.loads(ours.serialize())
+        planted["result"] = json.dumps({"x": {"__class__": name, "data": data}})
+        with pytest.raises(UnsafeResult, match="never writes"):
+            ResultRecord.deserialize(json.dumps(planted).encode())
+    assert called == [] and not (tmp_path / "x.pth").exists()
+
+
+def test_value_types_result_data_classes_and_exceptions_round_trip():
+    import dataclasses
+    import datetime
+    import uuid
+
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    from atelier.errors import ConfigError
+    from tasks.results import AtelierJSONSerializer, result_type
+
+    @result_type
+    @dataclasses.dataclass(frozen=True)
+    class Trained:
+        output_dir: Path
+        steps: int
+
+    value = {"trained": Trained(Path("/w/run"), 60), "when": datetime.datetime(2026, 12, 4, 12, 0), "tags": {"a", "b"},
+             "id": uuid.UUID(int=7), "wait": datetime.timedelta(seconds=90), "error": ConfigError("x.yaml", "bad", "fix it"),
+             "other": KeyError("k")}
+    record = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result=value)
+    back = ResultRecord.deserialize(record.serialize()).result
+    assert back["trained"] == Trained(Path("/w/run"), 60) and isinstance(back["trained"].output_dir, Path)
+    assert back["when"] == value["when"] and back["tags"] == {"a", "b"} and back["id"] == value["id"] and back["wait"] == value["wait"]
+    assert isinstance(back["error"], ConfigError) and "bad" in str(back["error"]) and isinstance(back["other"], KeyError)
+
+
+def test_a_refused_record_stops_the_cache_lookup_naming_its_key(tmp_path):
+    """Prefect's exists() took any unreadable record for a cache miss; a planted one is now exit 5, named."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    from tasks.results import AtelierJSONSerializer, UnsafeResult
+
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)), serializer=AtelierJSONSerializer())
+    (tmp_path / "good").write_bytes(store.create_result_record({"n": 1}, key="good").serialize())
+    assert store.exists("good") and not store.exists("missing")
+    planted = json.loads((tmp_path / "good").read_bytes())
+    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle"}
+    (tmp_path / "evil").write_text(json.dumps(planted))
+    with pytest.raises(UnsafeResult) as err:
+        store.exists("evil")
+    assert err.value.exit_code == 5 and "evil" in str(err.value)
+
+
 def test_the_auth_app_counts_only_reads_and_searches_as_reads():
     from registry.auth_app import is_read
 
