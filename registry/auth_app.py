@@ -11,6 +11,8 @@ can write decides who owns what.
 
 Reads are GET/HEAD/OPTIONS and the POST endpoints that only search (`.../search`, `/graphql`, whose
 "mutations" are searches, `.../batch-get`). The basic-auth app's own checks still apply to them.
+In front of both, registry/auth_policy.py allows a customer only an explicit list of read routes and
+switches off MLflow's server-side features (assistant, jobs, gateway, MCP, OTLP) for everyone.
 `python -m registry.auth_app` bootstraps the auth database and the admin user once, before the
 server's workers start (they would otherwise race to migrate a new database).
 """
@@ -41,13 +43,18 @@ def _only_admins_write():
 
 
 def create_app():
-    """MLflow's basic-auth app with customers read-only (the `mlflow.app` entry point `atelier-auth`)."""
+    """MLflow's basic-auth app with customers read-only (the `mlflow.app` entry point `atelier-auth`),
+    behind registry/auth_policy.py's deny-by-default layer when served as ASGI (uvicorn, the default)."""
     from mlflow.server import app
     from mlflow.server.auth import create_app as basic_auth_app
 
     served = basic_auth_app(app)  # registers its authentication and per-resource checks first
     app.before_request(_only_admins_write)
-    return served
+    if served is app:  # gunicorn or waitress: Flask alone, no native routes to guard
+        return served
+    from registry.auth_policy import DenyByDefault
+
+    return DenyByDefault(served, app)
 
 
 def bootstrap() -> None:

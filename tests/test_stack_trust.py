@@ -212,6 +212,32 @@ def test_no_secret_in_any_process_argv_or_in_info(stack, tenants):
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in environ and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environ
 
 
+def test_side_doors_of_the_mlflow_server_are_shut(stack, tenants):
+    """MLflow's native FastAPI features (the assistant runs shell commands) are off for everyone; a
+    customer reaches only its reads; password guessing is throttled with a 429."""
+    base = stack.env["ATELIER_TRACKING_URI"]
+    globex = (tenants["creds"]["globex"]["MLFLOW_TRACKING_USERNAME"], tenants["creds"]["globex"]["MLFLOW_TRACKING_PASSWORD"])
+    platform = (stack.env["ATELIER_TRACKING_USERNAME"], stack.env["ATELIER_TRACKING_PASSWORD"])
+    attempts = {
+        "assistant config": ("PUT", "/ajax-api/3.0/mlflow/assistant/config", {"providers": {"openai": {"full_access": True}}}),
+        "assistant message": ("POST", "/ajax-api/3.0/mlflow/assistant/message", {"message": "run id"}),
+        "assistant skills": ("POST", "/ajax-api/3.0/mlflow/assistant/skills/install", {"path": "/tmp"}),
+        "submit a job": ("POST", "/ajax-api/3.0/jobs/", {"function_fullname": "os.system", "params": {}}),
+        "create an MCP server": ("POST", "/api/3.0/mlflow/mcp-servers", {"name": "x"}),
+        "gateway": ("POST", "/gateway/openai/v1/chat/completions", {}),
+        "otlp ingestion": ("POST", "/v1/traces", {}),
+    }
+    for who, auth in (("globex", globex), ("platform", platform), ("anonymous", None)):
+        for name, (method, path, body) in attempts.items():
+            status = requests.request(method, base + path, auth=auth, json=body, timeout=30).status_code
+            assert status in (401, 403), f"{who} {name}: {status}"
+    assert requests.post(f"{base}/api/3.0/mlflow/gateway/secrets/create", auth=globex, json={}, timeout=30).status_code == 403
+    statuses = [requests.get(f"{base}/api/2.0/mlflow/registered-models/search", auth=("guesser", f"pw{i}"), timeout=30).status_code
+                for i in range(12)]
+    assert statuses[:10] == [401] * 10 and statuses[-1] == 429, statuses
+    assert requests.get(f"{base}/api/2.0/mlflow/registered-models/search", auth=globex, timeout=30).status_code == 200
+
+
 def test_a_planted_pickle_result_is_refused_with_exit_5_never_run(stack, tenants):
     """Someone who could write the result store plants pickled records: the next run stops with exit 5
     naming the record, the planted code never runs, and `--refresh` recomputes over it."""

@@ -189,3 +189,17 @@ def test_info_masks_passwords_in_urls(tmp_path):
                               tracking_username="ops", prefect_api_auth_string="atelier:pw-2").describe()
     text = json.dumps(described)
     assert "s3cret" not in text and "pw-1" not in text and "pw-2" not in text
+
+
+def test_failed_logins_are_throttled_per_user_and_address():
+    from registry.auth_policy import Throttle
+
+    throttle = Throttle(per_user=3, per_address=5, window=60)
+    for _ in range(3):
+        assert throttle.retry_after("acme", "10.0.0.1") == 0
+        throttle.failed("acme", "10.0.0.1")
+    assert 0 < throttle.retry_after("acme", "10.0.0.1") <= 61  # this user from this address waits
+    assert throttle.retry_after("acme", "10.0.0.2") == 0 and throttle.retry_after("ops", "10.0.0.1") == 0
+    throttle.failed("x", "10.0.0.1")
+    throttle.failed("y", "10.0.0.1")
+    assert throttle.retry_after("ops", "10.0.0.1") > 0  # the address tried 5 names: everyone from it waits

@@ -1,0 +1,194 @@
+"""Deny by default, in front of everything the MLflow server serves (Flask and FastAPI routes alike).
+
+MLflow 3.17 serves part of its API as native FastAPI routes (the assistant, jobs, the AI gateway, MCP
+servers, OTLP ingestion) that the Flask-side permission checks never see; the assistant can run shell
+commands on the server. This ASGI layer runs before any of them and decides on the route a request
+matches:
+
+    platform (MLflow admin)   every Flask route; native routes only from NATIVE_ROUTES (health, server
+                              info, artifact transfer): the assistant, jobs, gateway, MCP and OTLP are off
+    customer                  only the read routes in CUSTOMER_ROUTES (MLflow's own per-resource checks
+                              still apply to them: a customer reads only what it was granted)
+    anonymous                 health, static UI files and server info; everything else 401
+
+Credentials are checked here (cached for CREDENTIAL_TTL s by a hash of the pair) and failed attempts are
+throttled per user and address (429 with Retry-After). `tests/test_mlflow_routes.py` enumerates every
+route the server exposes, so an MLflow upgrade that adds one fails the test until someone decides.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+READ_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
+# The reads a customer's client and the MLflow UI need to look at and load the customer's own models (rule
+# suffixes under each of READ_PREFIXES, as MLflow's Flask url_map spells them).
+CUSTOMER_READS = (
+    ("GET", "registered-models/get"), ("GET", "registered-models/search"), ("GET", "registered-models/alias"),
+    ("GET", "registered-models/get-latest-versions"), ("POST", "registered-models/get-latest-versions"),
+    ("GET", "model-versions/get"), ("GET", "model-versions/search"), ("GET", "model-versions/get-download-uri"),
+    ("GET", "experiments/get"), ("GET", "experiments/get-by-name"), ("POST", "experiments/search"),
+    ("GET", "experiments/search"),
+    ("GET", "runs/get"), ("POST", "runs/search"), ("GET", "metrics/get-history"), ("GET", "metrics/get-history-bulk"),
+    ("GET", "metrics/get-history-bulk-interval"), ("GET", "artifacts/list"),
+    ("GET", "logged-models/<model_id>"), ("POST", "logged-models/search"), ("GET", "logged-models/<model_id>/artifacts/directories"),
+    ("GET", "users/current"), ("GET", "users/current/permissions"), ("GET", "server-info"),
+)
+CUSTOMER_ROUTES = frozenset(
+    {(method, prefix + suffix) for method, suffix in CUSTOMER_READS for prefix in READ_PREFIXES}
+    | {("GET", "/"), ("GET", "/static-files/<path:path>"), ("GET", "/favicon.ico"), ("GET", "/health"), ("GET", "/version"),
+       ("POST", "/graphql"), ("GET", "/get-artifact"), ("GET", "/model-versions/get-artifact")})
+NATIVE_ROUTES = ("/health", "/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info")
+NATIVE_PLATFORM_PREFIXES = ("/api/2.0/mlflow-artifacts/", "/ajax-api/2.0/mlflow-artifacts/")
+ANONYMOUS_PREFIXES = ("/static-files/", "/favicon.ico", "/health", "/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info")
+
+CREDENTIAL_TTL = 30.0
+FAILURES_PER_USER = 10  # per user and address, in WINDOW seconds
+FAILURES_PER_ADDRESS = 60
+WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class Caller:
+    username: str
+    admin: bool
+
+
+class Throttle:
+    """Failed logins per (user, address) and per address in a sliding window."""
+
+    def __init__(self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW) -> None:
+        self.per_user, self.per_address, self.window = per_user, per_address, window
+        self._failures: dict[tuple, deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def _recent(self, key: tuple, now: float) -> deque:
+        stamps = self._failures[key]
+        while stamps and stamps[0] <= now - self.window:
+            stamps.popleft()
+        return stamps
+
+    def retry_after(self, user: str, address: str) -> int:
+        """Seconds until this pair may try again; 0 when it may now."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [stamps[0] + self.window - now for key, limit in ((("u", user, address), self.per_user), (("a", address), self.per_address))
+                     if len(stamps := self._recent(key, now)) >= limit]
+        return int(max(waits) + 1) if waits else 0
+
+    def failed(self, user: str, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in (("u", user, address), ("a", address)):
+                self._recent(key, now).append(now)
+
+
+class DenyByDefault:
+    """ASGI middleware around MLflow's FastAPI app (see the module docstring)."""
+
+    def __init__(self, app, flask_app, authenticate=None, throttle: Throttle | None = None) -> None:
+        from starlette.routing import Mount
+
+        self.app = app
+        self.native = [route for route in app.routes if not isinstance(route, Mount)]
+        self.flask_map = flask_app.url_map
+        self.authenticate = authenticate or _mlflow_users
+        self.throttle = throttle or Throttle()
+        self._cache: dict[tuple[str, str], tuple[float, Caller | None]] = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        native = self._native(scope)
+        if native and path not in NATIVE_ROUTES and not path.startswith(NATIVE_PLATFORM_PREFIXES):
+            await _respond(send, 403, f"{path} is switched off on Atelier's MLflow server (deny by default)")
+            return
+        if method in ("GET", "HEAD") and path.startswith(ANONYMOUS_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?", 0))[0]
+        username, password = _basic_credentials(scope)
+        wait = self.throttle.retry_after(username or "", address)
+        if wait:
+            await _respond(send, 429, f"too many failed logins for {username or 'this address'}: try again in {wait} s",
+                           [(b"retry-after", str(wait).encode())])
+            return
+        caller = await self._caller(username, password) if username is not None else None
+        if caller is None:
+            if username is not None:
+                self.throttle.failed(username, address)
+            await _respond(send, 401, "credentials required", [(b"www-authenticate", b'Basic realm="mlflow"')])
+            return
+        if caller.admin:
+            await self.app(scope, receive, send)
+            return
+        if native or ("GET" if method == "HEAD" else method, self._flask_rule(method, path)) not in CUSTOMER_ROUTES:
+            await _respond(send, 403, f"{method} {path} is not a read a customer may make (deny by default)")
+            return
+        await self.app(scope, receive, send)
+
+    def _native(self, scope) -> bool:
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] == Match.FULL for route in self.native)
+
+    def _flask_rule(self, method: str, path: str) -> str | None:
+        from werkzeug.exceptions import HTTPException
+
+        try:
+            rule, _ = self.flask_map.bind("localhost").match(path, method="GET" if method == "HEAD" else method, return_rule=True)
+        except HTTPException:
+            return None
+        return rule.rule
+
+    async def _caller(self, username: str, password: str) -> Caller | None:
+        import anyio
+
+        key = (username, hashlib.sha256(password.encode()).hexdigest())
+        cached = self._cache.get(key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        caller = await anyio.to_thread.run_sync(self.authenticate, username, password)
+        if caller is not None:  # failures are never cached: each one counts against the throttle
+            if len(self._cache) > 1000:
+                self._cache.clear()
+            self._cache[key] = (time.monotonic() + CREDENTIAL_TTL, caller)
+        return caller
+
+
+def _basic_credentials(scope) -> tuple[str | None, str]:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization" and value[:6].lower() == b"basic ":
+            try:
+                username, _, password = base64.b64decode(value[6:].strip(), validate=True).decode().partition(":")
+            except ValueError:
+                return None, ""
+            return username, password
+    return None, ""
+
+
+def _mlflow_users(username: str, password: str) -> Caller | None:
+    from mlflow.server.auth import store
+
+    if not store.authenticate_user(username, password):
+        return None
+    return Caller(username, bool(store.get_user(username).is_admin))
+
+
+async def _respond(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"error_code": {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}[status],
+                       "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
