@@ -161,6 +161,10 @@ class Settings(BaseSettings):
                                          "ocr-calibrate measures it and routes languages to it where it reads best")
     experiment: str = Field("atelier", description="MLflow experiment prefix: one experiment per customer, <prefix>-<customer>")
     ledger_url: str | None = Field(None, description="SQLAlchemy URL of the promotion ledger; default: SQLite in the workspace")
+    outage_budget: float = Field(120.0, gt=0, le=3600, description="seconds a flow keeps retrying a server that does not answer, "
+                                 "counted from the first failed call; then it stops with exit 6 naming the server")
+    ledger_keys: Path | None = Field(None, description="folder of the ledger's signing key (0600, made on first use), its "
+                                     "verify key and head witness; default: .atelier/keys in the workspace. Never in the ledger's database")
     actor: str = Field(default_factory=lambda: _default_actor(), min_length=1, description="who promotes, for the ledger: "
                        "default USER@HOST from the account database, not only $USER (a cron job or container may not set it)")
     tracking_username: str | None = Field(None, description="MLflow basic-auth user (the operations user)")
@@ -185,7 +189,7 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
 
-    @field_validator("workspace", "base_model", "glm_ocr_weights")
+    @field_validator("workspace", "base_model", "glm_ocr_weights", "ledger_keys")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -203,6 +207,10 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_root(self) -> str:
         return self.artifact_root or (self.state_dir / "mlartifacts").as_uri()
+
+    @property
+    def resolved_ledger_keys(self) -> Path:
+        return self.ledger_keys or self.state_dir / "keys"
 
     @property
     def resolved_ledger_url(self) -> str:
@@ -319,6 +327,12 @@ class Settings(BaseSettings):
         for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
             os.environ.setdefault(key, "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # each call to a server that does not answer gives up within ~a minute (MLflow's defaults: 7 retries of 120 s
+        # each, 12 minutes and more); the flow's own retries then stop at outage_budget (tasks/common.retry_transient)
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("AWS_MAX_ATTEMPTS", "3"),
+                           ("ATELIER_OUTAGE_BUDGET", str(self.outage_budget))):
+            os.environ.setdefault(key, value)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def describe(self) -> dict[str, str]:

@@ -16,14 +16,14 @@ customer_app = typer.Typer(help="Customers and their access to the registry.", n
 
 def _registry():
     from registry.dreambooth import client_for
-    from registry.ledger import Ledger
+    from registry.ledger import open_ledger
 
     settings = cli_settings()
     if settings.tracking_uri is None or settings.ledger_url is None:  # embedded stores live in the workspace
         from atelier.workspace import require_workspace
 
         require_workspace(settings)
-    return settings, client_for(settings), Ledger(settings.resolved_ledger_url)
+    return settings, client_for(settings), open_ledger(settings)
 
 
 @friendly
@@ -124,8 +124,8 @@ def _report_audit(settled: list[str], problems, rows: int) -> None:
 @friendly
 def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champion/candidate aliases moved outside Atelier "
                                                                    "back to the ledger's versions (each correction is a ledger row)"),
-              adopt: bool = typer.Option(False, "--adopt", help="anchor a ledger written before anchors existed (only when "
-                                                               "it has no anchor and its chain verifies)")) -> None:
+              adopt: bool = typer.Option(False, "--adopt", help="take over a ledger written before anchors or signatures existed "
+                                                               "(only when its chain verifies): sign its rows, anchor it, and record a row that says so")) -> None:
     """Reconcile interrupted promotions, verify the ledger against the registry and, with --restore,
     undo alias moves made outside Atelier. Exit 5 while a problem remains. `schedules.yaml`'s `audit`
     entry runs the same as a flow."""
@@ -136,14 +136,25 @@ def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champio
     if adopt:
         from registry.ledger_anchor import AnchorStore
 
-        head = AnchorStore(client).adopt(ledger)
-        typer.echo(f"anchored the ledger at row {head.split(':')[0]}" if head else "nothing to adopt: the ledger is anchored, empty, or broken")
+        head = AnchorStore(client).adopt(ledger, actor=f"{settings.actor} via atelier audit --adopt")
+        typer.echo(f"adopted the ledger: signed and anchored at row {head.split(':')[0]}" if head
+                   else "nothing to adopt: the ledger is signed and anchored, empty, or broken")
     settled, problems = verify_all(client, ledger)
     if restore and any(p.kind == "alias_drift" for p in problems):
         for line in restore_aliases(client, ledger, f"{settings.actor} via atelier audit"):
             typer.echo(f"restored: {line}")
         settled, problems = verify_all(client, ledger)
     _report_audit(settled, problems, len(ledger.rows()))
+
+
+@ledger_app.command("key")
+@friendly
+def ledger_key() -> None:
+    """Print the ledger's verify key (public: hand it to auditors; it checks row signatures and cannot make them)."""
+    from registry.ledger_keys import load_key
+
+    settings = cli_settings()
+    typer.echo(load_key(settings.resolved_ledger_keys).verify_pem.decode().strip())
 
 
 @ledger_app.command("show")

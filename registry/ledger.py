@@ -1,9 +1,12 @@
 """The promotion ledger: an append-only, hash-chained table of every alias move and refusal.
 
 Each row stores the hash of the row before it and its own hash over all its fields, so an edited,
-inserted or deleted row breaks the chain. A truncated tail (the newest rows deleted, or every row) or a
+inserted or deleted row breaks the chain, and a signature over that hash with the platform's key
+(registry/ledger_keys.py), which the database does not hold: a row rewritten with a recomputed hash
+no longer verifies. A truncated tail (the newest rows deleted, or every row) or a
 chain rewritten from the edit onwards is caught by the anchor: the newest row of the whole chain, as
-`seq:hash`, kept in MLflow (registry/promotion.py), a store the ledger's database users cannot write.
+`seq:hash`, kept in MLflow (registry/promotion.py), a store the ledger's database users cannot write,
+and in the platform's head witness file beside its signing key.
 
 Actions: `candidate` (a version became candidate), `intent` (a champion move is about to happen),
 `promote` / `rollback` / `restore` (the move happened: they confirm the intent), `abandon` (an intent
@@ -23,11 +26,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Integer, String, Text, create_engine, select
-
-from atelier.errors import AtelierError
+from sqlalchemy import Integer, String, Text, create_engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from atelier.errors import AtelierError
+from atelier.settings import Settings
+from registry.ledger_keys import HeadWitness, LedgerKey
 
 GENESIS = "0" * 64
 
@@ -63,6 +68,7 @@ class LedgerRow(Base):
     created_at: Mapped[str] = mapped_column(String(40), nullable=False)  # ISO 8601 UTC, hashed as text
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     row_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    signature: Mapped[str | None] = mapped_column(String(128))  # Ed25519 over row_hash (ledger_keys); not hashed itself
 
     def fields(self) -> dict:
         return {f: getattr(self, f) for f in HASHED_FIELDS}
@@ -82,7 +88,7 @@ CONFIRMS = ("promote", "rollback", "restore")
 @dataclass(frozen=True)
 class Problem:
     seq: int | None
-    kind: str  # edited | broken_link | sequence_gap | anchor_mismatch | unanchored | alias_drift
+    kind: str  # edited | forged | unsigned | broken_link | sequence_gap | anchor_mismatch | unanchored | alias_drift
     detail: str
 
 
@@ -140,8 +146,13 @@ def migrate(url: str) -> None:
 
 
 class Ledger:
-    def __init__(self, url: str, upgrade: bool = True) -> None:
+    """`key` signs new rows and verifies every row; `witness` records the newest row outside the database.
+    Both come from the platform's keys folder (`open_ledger` in registry/ledger_keys.py's callers)."""
+
+    def __init__(self, url: str, upgrade: bool = True, key: LedgerKey | None = None, witness: HeadWitness | None = None) -> None:
         self.url = url
+        self.key = key
+        self.witness = witness
         if upgrade:
             migrate(url)
         self.engine = create_engine(url, future=True)
@@ -194,6 +205,7 @@ class Ledger:
                     prev_hash=last.row_hash if last else GENESIS,
                 )
                 row.row_hash = row.compute_hash()
+                row.signature = self.key.sign(row.row_hash) if self.key is not None else None
                 s.add(row)
                 try:
                     s.flush()
@@ -207,6 +219,8 @@ class Ledger:
                 s.commit()
                 s.refresh(row)
                 s.expunge(row)
+                if self.witness is not None:
+                    self.witness.write(f"{row.seq}:{row.row_hash}")
                 return row
         raise RuntimeError("unreachable")
 
@@ -251,10 +265,17 @@ class Ledger:
                 problems.append(Problem(row.seq, "broken_link", f"row {row.seq} does not link to the row before it: a row was deleted, inserted or edited"))
             if row.compute_hash() != row.row_hash:
                 problems.append(Problem(row.seq, "edited", f"row {row.seq} ({row.model} v{row.version} {row.action}) does not match its hash: it was edited"))
+            elif self.key is not None and not self.key.verifies(row.row_hash, row.signature):
+                problems.append(Problem(row.seq, "forged" if row.signature else "unsigned",
+                                        f"row {row.seq} ({row.model} v{row.version} {row.action}) "
+                                        + ("has a signature the platform's key did not make: it was rewritten (hash recomputed)"
+                                           if row.signature else "is not signed: it was written outside Atelier, or predates "
+                                           "signatures (then `atelier audit --adopt` signs the old rows)")))
             prev_hash, prev_seq = row.row_hash, row.seq
         if not anchored:
             return problems
         newest = head_of(rows)
+        witnessed = self.witness_problems(rows)  # reported when the anchor did not already say it
         if anchor is None and pending is None:
             if rows:
                 problems.append(Problem(None, "unanchored", f"the ledger holds {len(rows)} rows but the registry holds no anchor for it: "
@@ -267,4 +288,41 @@ class Ledger:
             problems.append(Problem(None, "anchor_mismatch", f"the registry's anchor says the ledger ends at row {said_seq} "
                                                              f"({said.split(':')[1][:12]}...), but it ends at "
                                                              f"{'no row at all' if newest is None else 'row ' + newest.split(':')[0]}: {what}"))
+        if not any(p.kind == "anchor_mismatch" for p in problems):
+            problems += witnessed
         return problems
+
+    def witness_problems(self, rows: list[LedgerRow]) -> list[Problem]:
+        """The head witness names the newest row the platform wrote: that row must still be there, unchanged."""
+        said = self.witness.read() if self.witness is not None else None
+        if said is None:
+            return []
+        seq, _, digest = said.partition(":")
+        held = next((r for r in rows if r.seq == int(seq)), None)
+        if held is None:
+            return [Problem(None, "anchor_mismatch", f"the platform wrote row {seq} ({digest[:12]}...), but the ledger "
+                                                     f"ends at {'row ' + str(rows[-1].seq) if rows else 'no row at all'}: "
+                                                     "rows were deleted from its end")]
+        if held.row_hash != digest:
+            return [Problem(held.seq, "anchor_mismatch", f"row {seq} is not the row the platform wrote: the chain was rewritten")]
+        return []
+
+    def sign_unsigned(self) -> int:
+        """Sign rows written before signatures (`audit --adopt`, after their chain verified); returns how many."""
+        if self.key is None:
+            return 0
+        with self.session() as s, self._table_errors():
+            unsigned = list(s.scalars(select(LedgerRow).where(LedgerRow.signature.is_(None)).order_by(LedgerRow.seq)))
+            for row in unsigned:
+                s.execute(update(LedgerRow).where(LedgerRow.id == row.id).values(signature=self.key.sign(row.row_hash)))
+            s.commit()
+        return len(unsigned)
+
+
+def open_ledger(settings: Settings, upgrade: bool = True) -> Ledger:
+    """The platform's ledger: its database, with the signing key and head witness from the keys folder."""
+    from registry.ledger_keys import load_key
+
+    folder = settings.resolved_ledger_keys
+    url = settings.resolved_ledger_url
+    return Ledger(url, upgrade=upgrade, key=load_key(folder), witness=HeadWitness(folder, url))

@@ -51,14 +51,24 @@ class AnchorStore:
         self.client.set_experiment_tag(self.experiment_id, HEAD_TAG, value)
         self.client.set_experiment_tag(self.experiment_id, PENDING_TAG, "")
 
-    def adopt(self, ledger: Ledger) -> str | None:
-        """Anchor a ledger that has none yet (written before anchors existed), if its chain verifies."""
+    def adopt(self, ledger: Ledger, actor: str = "atelier audit --adopt") -> str | None:
+        """Take over a ledger written before anchors or signatures existed, if its chain verifies: sign its
+        unsigned rows, anchor it, and say so in a row of its own."""
         anchor = self.read()
-        if anchor.head or anchor.pending or ledger.verify(anchored=False):
+        chain = [p for p in ledger.verify(anchored=False) if p.kind != "unsigned"]
+        unsigned = [p for p in ledger.verify(anchored=False) if p.kind == "unsigned"]
+        if chain or (not unsigned and (anchor.head or anchor.pending)):
             return None
+        if unsigned and anchor.head and anchor.head != head_of(ledger.rows()):
+            return None  # an anchored ledger whose end moved: not a migration
+        signed = ledger.sign_unsigned()
         newest = head_of(ledger.rows())
         if newest:
             self.commit(newest)
+            row = append(self.client, ledger, model="atelier-ledger", version="0", action="adopt", actor=actor, gate={}, metrics={},
+                         reason=f"adopted by `atelier audit --adopt`: {signed} rows written before signatures were signed and the "
+                                "ledger anchored; rows before this one were verified by their hash chain only")
+            newest = f"{row.seq}:{row.row_hash}"
         return newest
 
     def settle(self, ledger: Ledger) -> None:
@@ -80,7 +90,7 @@ def require_intact(store: AnchorStore, ledger: Ledger) -> None:
     anchor, rows = store.read(), ledger.rows()
     newest = head_of(rows)
     said = {a for a in (anchor.head, anchor.pending) if a}
-    if (said and newest not in said) or (not said and rows) or ledger.verify(anchored=False):
+    if (said and newest not in said) or (not said and rows) or ledger.verify(anchored=False) or ledger.witness_problems(rows):
         raise LedgerTampered("promotion ledger", f"does not match its anchor in the registry (its newest row is "
                              f"{newest.split(':')[0] if newest else 'none'}; the anchor says {', '.join(sorted(said)) or 'nothing'})",
                              "run `atelier ledger verify` to see what changed; nothing is written onto it until the ledger is "

@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from models.dreambooth.config import TrainConfig
 from registry.dreambooth import client_for, record_gate_on_card, register_dreambooth
-from registry.ledger import Ledger
+from registry.ledger import open_ledger
 from registry.promotion import promote
 from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
@@ -52,7 +52,7 @@ def link_to_mlflow(name: str, version: str, run_id: str) -> None:
 def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> dict:
     """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
-    result = promote(client_for(s), Ledger(s.resolved_ledger_url), registered["name"], registered["version"],
+    result = promote(client_for(s), open_ledger(s), registered["name"], registered["version"],
                      actor=f"{s.actor} via {flow_name}", reason=f"new version from the {flow_name} flow",
                      rules=s.gate, flow_run_id=flow_run_id)
     record_gate_on_card(client_for(s), registered["name"], registered["version"], {"passed": result.passed, "reasons": result.reasons})
@@ -89,7 +89,7 @@ def audit_ledger(restore: bool = False) -> dict:
     from registry.audit import verify_all
 
     s = settings()
-    client, ledger = client_for(s), Ledger(s.resolved_ledger_url)
+    client, ledger = client_for(s), open_ledger(s)
     settled, problems = verify_all(client, ledger)
     restored = []
     if restore and any(p.kind == "alias_drift" for p in problems):

@@ -155,3 +155,25 @@ def test_a_kill_at_each_promotion_step_leaves_the_ledger_explaining_the_champion
     else:
         assert settled == [] and rows[-1].action == "promote"
     assert reconcile(client, ledger) == []  # settled once
+
+
+def test_a_ledger_written_before_signatures_is_adopted_with_a_row_that_says_so(registry):
+    """Rows from before signatures are refused by a signed ledger (exit 5: not signed) until `audit --adopt`
+    signs them, once their chain verifies, and appends an `adopt` row; after that every row verifies."""
+    from registry.ledger import Ledger, LedgerTampered
+    from registry.ledger_anchor import AnchorStore, require_intact
+    from registry.ledger_keys import HeadWitness, load_key
+
+    client, old, _, tmp_path = registry
+    _promote(client, old, _version(client, old))
+    signed = Ledger(old.url, key=load_key(tmp_path / "keys"), witness=HeadWitness(tmp_path / "keys"))
+    anchor = AnchorStore(client).read()
+    assert {p.kind for p in signed.verify(anchor.head, anchor.pending)} == {"unsigned"}
+    with pytest.raises(LedgerTampered):
+        require_intact(AnchorStore(client), signed)
+    head = AnchorStore(client).adopt(signed, actor="ops")
+    rows = signed.rows()
+    assert head == f"{rows[-1].seq}:{rows[-1].row_hash}" and rows[-1].action == "adopt" and "signed" in rows[-1].reason
+    anchor = AnchorStore(client).read()
+    assert signed.verify(anchor.head, anchor.pending) == []
+    _promote(client, signed, _version(client, signed))  # and the ledger takes new rows again
