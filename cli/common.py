@@ -47,6 +47,28 @@ def _path_error(exc: OSError) -> str | None:
     return None
 
 
+def _quiet_known_tracebacks() -> None:
+    """Log records about an error Atelier names itself (its own errors, a server that did not answer) keep
+    their one-line message and lose the traceback: Prefect's engine and library threads log the same error
+    with a stack of frames above the command's own one-line error. ATELIER_DEBUG=1 keeps them."""
+    import logging
+    import os
+
+    if os.environ.get("ATELIER_DEBUG") or getattr(logging.getLogRecordFactory(), "_atelier", False):
+        return
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, AtelierError) or _outage(error) is not None):
+            record.exc_info, record.exc_text = None, None  # the message itself names the error (Prefect's include its repr)
+        return record
+
+    factory._atelier = True
+    logging.setLogRecordFactory(factory)
+
+
 def friendly(fn: Callable) -> Callable:
     """One error path for every command: Atelier's typed errors, a path that cannot be used, and a
     server that did not answer become one line on stderr and the README's exit code (2 bad input,
@@ -59,6 +81,7 @@ def friendly(fn: Callable) -> Callable:
 
         from cli.progress import bars
 
+        _quiet_known_tracebacks()
         try:
             with bars():
                 return fn(*args, **kwargs)

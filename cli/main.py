@@ -229,7 +229,7 @@ def generate(
     prompt, seed, settings and model version in its metadata (`identify -verbose`, PIL's `.text`)."""
     import io
 
-    import mlflow.pyfunc
+    import mlflow
     import pandas as pd
     from mlflow import MlflowClient
     from PIL.PngImagePlugin import PngInfo
@@ -252,8 +252,10 @@ def generate(
         from registry.isolation import require_owner
 
         require_owner(client, mv.name, customer)
-    typer.echo(f"loading {uri} ...", err=True)
-    loaded = mlflow.pyfunc.load_model(uri)
+    typer.echo(f"loading {uri} (checking its files against the ledger) ...", err=True)
+    from registry.serving import load_pyfunc
+
+    loaded = load_pyfunc(settings, mv.name, str(mv.version))
     rows = {"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}
     for column, value in (("steps", steps), ("guidance_scale", guidance), ("height", size), ("width", size), ("negative_prompt", negative_prompt)):
         if value is not None:

@@ -27,13 +27,18 @@ def _check_local(path: str, what: str, fix: str) -> None:
         raise NotFound(f"{what} {path}", "does not exist", fix)
 
 
-def _check_model(settings, ref: str) -> None:
-    """The model a batch pins must be registered: a typo is exit 2 in a second, not a failed flow run."""
+def _check_model(settings, ref: str, customer: str | None = None) -> None:
+    """The model a batch pins must be registered, and the customer's: a typo or another customer's model is
+    exit 2 in a second, with one line, not a failed flow run with Prefect's traceback above it."""
     from mlflow import MlflowClient
 
+    from registry.isolation import require_owner
     from registry.lineage import resolve
 
-    resolve(MlflowClient(settings.resolved_tracking_uri), ref)
+    client = MlflowClient(settings.resolved_tracking_uri)
+    mv = resolve(client, ref)
+    if customer is not None:
+        require_owner(client, mv.name, customer)
 
 
 @friendly
@@ -54,7 +59,7 @@ def batch_generate_cmd(
     check_customer(customer)
     check_slug(subject, "subject")
     _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
-    _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion")
+    _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion", customer)
     prefect_ready(settings)
     from flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready
 
@@ -128,7 +133,7 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
     deps = deployments(load_schedules(_schedule_file(file)))
     if not deps:
         raise AtelierError(str(_schedule_file(file)), "schedules nothing", "add batch_generate, batch_ocr, retrain or ocr_recalibrate entries")
-    serve(*deps, limit=limit)
+    serve(*deps, limit=limit, pause_on_shutdown=False)  # stopping one worker must not pause the team's schedules
 
 
 @friendly

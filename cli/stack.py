@@ -50,6 +50,10 @@ def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
     if drop_databases:
         dropped = stack.drop_databases(settings)
         typer.echo(f"dropped {', '.join(dropped)}" if dropped else "no databases to drop")
+        if settings.ledger_url is None or any(name.endswith("_ledger") for name in dropped):
+            from registry.ledger_keys import HeadWitness
+
+            HeadWitness(settings.resolved_ledger_keys, settings.resolved_ledger_url).path.unlink(missing_ok=True)  # its ledger is gone
 
 
 def _print_status(states) -> None:

@@ -138,14 +138,17 @@ def customer_identities(settings: Settings) -> list[dict]:
 
 def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> None:
     """identities.json (the platform, then the customers' readers: by default the ones already there) and
-    security.toml (JWT keys that close the master's, volume's and filer's own HTTP ports to anyone but
-    SeaweedFS itself)."""
+    security.toml: JWT keys, and mutual TLS on every HTTP and gRPC port of the master, volume and filer
+    (cli/stack_tls.py), so that only SeaweedFS itself reaches them; the S3 gateway is the one door."""
     customers = customer_identities(settings) if customers is None else customers
     write_secret_file(s3_identities_file(settings), json.dumps({"identities": [platform_identity(settings), *customers]}, indent=1))
     secret = stack_secrets(settings)
     toml = "".join(f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
                    for section, name in (("signing", "write"), ("signing.read", "read"), ("filer_signing", "filer_write"),
                                          ("filer_signing.read", "filer_read")))
+    from cli.stack_tls import ensure_certificates, security_sections
+
+    toml += security_sections(ensure_certificates(s3_dir(settings) / "tls", settings.stack.host))
     write_secret_file(s3_dir(settings) / "security.toml", toml)
 
 
@@ -189,8 +192,16 @@ def seaweed_argv(settings: Settings) -> list[str]:
 
 def prepare_s3(settings: Settings) -> None:
     for sub in ("data", "logs"):
-        (s3_dir(settings) / sub).mkdir(parents=True, exist_ok=True)
+        (s3_dir(settings) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_tree(s3_dir(settings) / sub)
     write_s3_config(settings)
+
+
+def _private_tree(folder: Path) -> None:
+    """Folders 0700 and files 0600 (volumes written by an earlier start with a wider umask, say)."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 # MLflow: basic auth, only the platform writes -------------------------------------------------------
@@ -207,6 +218,8 @@ def mlflow_env(settings: Settings) -> dict[str, str]:
             "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
             "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
+            # server-side jobs (online scoring, prompt optimisation) are features the platform does not use: no executor runs
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
             **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
 

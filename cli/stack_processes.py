@@ -104,11 +104,16 @@ def services(settings: Settings) -> list[Service]:
     home = stack_dir(settings)
     prefect_env = {"PREFECT_HOME": str(home / "prefect-server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg"),
-                   "PREFECT_SERVER_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"]}
+                   "PREFECT_SERVER_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
+                   # the UI's settings name the API it sends the auth string to: this server's, not Prefect's default 4200
+                   "PREFECT_SERVER_UI_API_URL": client["ATELIER_PREFECT_API_URL"]}
     # what flows need, and no more: the platform's clients' settings, Prefect's client settings
     worker_env = {**client, "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"],
                   "PREFECT_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
-                  "PREFECT_HOME": str(home / "prefect-worker"), "PREFECT_WORKER_QUERY_SECONDS": "3"}
+                  "PREFECT_HOME": str(home / "prefect-worker"), "PREFECT_WORKER_QUERY_SECONDS": "3",
+                  # the flow-run processes it starts read these when Prefect is imported, before any Atelier code runs:
+                  # without them their task results would be written with Prefect's default serializer, a pickle
+                  **{k: v for k, v in settings.prefect_environment().items() if k.startswith("PREFECT_RESULTS_")}}
     return [
         Service("s3", seaweed_argv(settings), client["ATELIER_S3_ENDPOINT_URL"], s3_ready(settings), s.s3_port,
                 cwd=s3_dir(settings), internal_ports=tuple(seaweed_ports(settings).values()), before=lambda: prepare_s3(settings)),
@@ -232,6 +237,8 @@ def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
     folder by default), and wait until it answers its health check."""
     home = home or stack_dir(settings)
     log = home / f"{svc.name}.log"
+    log.touch(mode=0o600, exist_ok=True)
+    os.chmod(home, 0o700)
     if svc.port is not None and _port_open(settings.stack.host, svc.port):
         raise ConfigError(f"port {svc.port} ({svc.name})", "is taken by a program `atelier up` did not start",
                           f"stop that program, or choose another port with ATELIER_STACK__{svc.name.upper()}_PORT")
@@ -243,8 +250,9 @@ def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
         svc.before()
     env = {**inherited_environment(), **svc.env}  # never the caller's whole environment: its secrets are not the server's
     with open(log, "ab") as out:
+        # umask 077: every file a server writes (SeaweedFS's volumes, Prefect's and MLflow's state, logs) is its own user's alone
         proc = subprocess.Popen(svc.argv, env=env, cwd=svc.cwd or home, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
     record = {"pid": proc.pid, "create_time": _started_at(proc.pid) or time.time(), "argv": svc.argv, "log": str(log),
               "url": svc.url, "health": svc.health if isinstance(svc.health, str) else None}
     write_text_atomic(_record_path(settings, svc.name, home), json.dumps(record, indent=1))

@@ -18,14 +18,22 @@ from atelier.settings import Settings
 from registry.gate import CANDIDATE
 from registry.lineage import LINEAGE_HASH_TAG
 from registry.isolation import ensure_experiment, grant_customer_read, require_owner
-from registry.ledger import Ledger
-from registry.pyfunc import SIGNATURE, DreamBoothModel
+from registry.ledger import open_ledger
+from registry.model_files import MANIFEST_TAG, manifest_of, record_manifest
+from registry.pyfunc import SIGNATURE
 from registry.tracking import abandon_stale_runs
 from registry.training_run import LOSS
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
 CODE_DIRS = ("atelier", "models", "registry")
+MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "dreambooth_model.py"
+
+
+def code_paths() -> list[str]:
+    """The packages a model's code imports, shipped in its `code/` folder (no caches: only source is hashed and shipped)."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / d) for d in CODE_DIRS]
 TAG_VALUE_LIMIT = 5000  # MLflow's
 SHORT_TAG_LIMIT = 200
 GATE_INPUTS = ("eval.summary",)  # structured, but the gate reads it from the version
@@ -94,8 +102,8 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         lost = missing_artifacts(client, existing, Path(pipeline_dir))
         if not lost:
             if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:  # an attempt died before aliasing it
-                record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(existing.version), actor=settings.actor,
-                                 flow_run_id=lineage.get("prefect.flow_run_id"))
+                record_candidate(client, open_ledger(settings), name, str(existing.version), actor=settings.actor,
+                                 flow_run_id=lineage.get("prefect.flow_run_id"), manifest_sha256=existing.tags.get(MANIFEST_TAG))
             return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
         # ...unless its stored files are gone or damaged: never reuse (or re-promote) a version that cannot load;
         # register the same outputs again as a new version, which goes through the gate like any other
@@ -124,30 +132,31 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         _log_validation_images(Path(pipeline_dir).parent / "validation")
         mlflow.log_figure(_loss_figure(losses), "loss_curve.png")
         with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
-            # The pyfunc class is pickled by reference to this importable module (shipped in code_paths),
-            # which is what MLflow's CloudPickle note is about. The input example is one image at the
-            # model's own settings: MLflow generates it once while logging, so a version that cannot
-            # serve its own example says so here (a warning) rather than in production.
-            warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+            # The model is code (registry/pyfunc_code/), not a pickle: loading it runs that file and nothing
+            # the artifact store could have rewritten unnoticed (registry/model_files.py checks every file
+            # first). The input example is one image at the model's own settings: MLflow generates it once
+            # while logging, so a version that cannot serve its own example says so here rather than in production.
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=DreamBoothModel(sampler, steps, guidance),
-                artifacts={"pipeline": str(pipeline_dir)}, signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
-                input_example=input_example(params, lineage, steps, guidance),
-                code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS],
+                name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                model_config={"sampler": sampler, "default_steps": steps, "default_guidance": guidance,
+                              "pipeline_files": manifest_of(Path(pipeline_dir))},
+                artifacts={"pipeline": str(pipeline_dir)}, input_example=input_example(params, lineage, steps, guidance),
+                code_paths=code_paths(),
             )
+        _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
     if _missing(client, name):
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
                                        description=model_description(customer, subject, lineage))
         grant_customer_read(settings, name, customer)
     card = version_card(name, lineage, metrics)
-    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id,
-                                          description=card)
+    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha},
+                                          model_id=info.model_id, description=card)
     # the run's description in the UI: the same card, pointing at the version it became
     client.set_tag(run.info.run_id, "mlflow.note.content", card.replace(
         "- gate: not yet run", f"- registered as `{name}` version {version.version} (its card has the gate's result)").replace(
         f"{name}/VERSION", f"{name}/{version.version}"))
-    record_candidate(client, Ledger(settings.resolved_ledger_url), name, str(version.version), actor=settings.actor,
-                     flow_run_id=lineage.get("prefect.flow_run_id"))
+    record_candidate(client, open_ledger(settings), name, str(version.version), actor=settings.actor,
+                     flow_run_id=lineage.get("prefect.flow_run_id"), manifest_sha256=manifest_sha)
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
 
 
@@ -305,9 +314,9 @@ def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
 
 def missing_artifacts(client: MlflowClient, mv, pipeline_dir: Path) -> list[str]:
     """What of the model `mv` should have in the artifact store is not there, or has another size: its
-    MLmodel, its pickled wrapper, and every file of the pipeline it was registered from."""
+    MLmodel, its wrapper's code, and every file of the pipeline it was registered from."""
     stored = stored_model_files(client, mv)
-    expected: dict[str, int | None] = {"MLmodel": None, "python_model.pkl": None}
+    expected: dict[str, int | None] = {"MLmodel": None, MODEL_CODE.name: None}
     for path in sorted(Path(pipeline_dir).rglob("*")):
         if path.is_file():
             expected[f"artifacts/pipeline/{path.relative_to(pipeline_dir).as_posix()}"] = path.stat().st_size

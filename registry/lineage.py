@@ -7,7 +7,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -110,11 +109,18 @@ def verify(settings: Settings, report: dict) -> list[str]:
     if report.get("lineage_record", {}).get("sha256_matches_tag") is False:
         drift.append("lineage.json: missing, or changed since registration (its sha256 differs from the version's "
                      f"{LINEAGE_HASH_TAG} tag)")
+    from registry.dreambooth import client_for  # dreambooth imports this module
+    from registry.ledger import open_ledger
+    from registry.model_files import ModelTampered, verified_copy
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=report["source"], dst_path=str(Path(tmp) / "model")))
-        got = tree_hash(local / "artifacts" / "pipeline")
-        if got != report["model_sha256"]:
-            drift.append(f"model artifacts: sha256 {got[:16]} differs from the registered {str(report['model_sha256'])[:16]}")
+        try:  # every stored file (weights, MLmodel, wrapper code, code/, requirements) against the ledger's manifest
+            with verified_copy(client_for(settings), open_ledger(settings), report["model"], report["version"]) as local:
+                got = tree_hash(local / "artifacts" / "pipeline")
+                if got != report["model_sha256"]:
+                    drift.append(f"model artifacts: sha256 {got[:16]} differs from the registered {str(report['model_sha256'])[:16]}")
+        except ModelTampered as exc:
+            drift.append(f"model files: {exc.problem}")
         data = report["data"]
         if data.get("rev"):
             snap = checkout_subject(settings, report["customer"], report["subject"], data["rev"], Path(tmp) / "data")

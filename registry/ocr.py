@@ -25,11 +25,13 @@ from mlflow.types import ColSpec, Schema
 
 from atelier.hashing import sha256_file
 from atelier.settings import Settings
-from registry.dreambooth import CODE_DIRS, Registered, _missing, _tags, client_for, find_version, quiet_logger
-from registry.ledger import Ledger
+from registry.dreambooth import Registered, _missing, _tags, client_for, code_paths, find_version, quiet_logger
+from registry.ledger import open_ledger
+from registry.model_files import MANIFEST_TAG, record_manifest
 from registry.promotion import record_candidate
 
 MODEL_NAME = "ocr"
+MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "ocr_model.py"
 EXPERIMENT = "ocr"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "rapidocr-onnxruntime==1.4.4", "onnx==1.23.2", "opencv-python", "pandas", "pillow",
                     "mlflow==3.17.2", "pydantic-settings"]
@@ -51,6 +53,16 @@ class OCRModel(mlflow.pyfunc.PythonModel):
         import logging
 
         from models.ocr.engine import load_engine
+        from registry.model_files import ModelTampered
+
+        config = context.model_config or {}
+        self.review_below = float(config.get("review_below", self.review_below))
+        if config.get("artifact_files"):  # each artifact's sha256 as registered: refuse others before reading them
+            for name, want in config["artifact_files"].items():
+                path = Path(context.artifacts[name])
+                if sha256_file(path) != want:
+                    raise ModelTampered(f"OCR artifact {name} ({path.name})", "is not the file that was registered",
+                                        "do not load this version; check who can write the artifact store")
 
         a = {k: Path(v) for k, v in context.artifacts.items()}
         glm = os.environ.get("ATELIER_GLM_OCR_WEIGHTS")  # where this machine keeps GLM-OCR, if routed to
@@ -96,18 +108,19 @@ def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confide
         (work / "spec.json").write_text(json.dumps(spec, indent=1))
         (work / "confidence.json").write_text(json.dumps(confidence, indent=1))
         staged = _stage(work / "files", files)
-        with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):  # its CloudPickle note: the class is pickled by reference
+        artifacts = {**{k: str(v) for k, v in staged.items()}, "spec": str(work / "spec.json"), "confidence": str(work / "confidence.json")}
+        with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
             warnings.filterwarnings("ignore", message=".*input example.*")
-            warnings.filterwarnings("ignore", message=".*CloudPickle.*")
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=OCRModel(review_below), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
-                artifacts={**{k: str(v) for k, v in staged.items()}, "spec": str(work / "spec.json"),
-                           "confidence": str(work / "confidence.json")},
-                code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in CODE_DIRS])
+            info = mlflow.pyfunc.log_model(  # as code (registry/pyfunc_code/ocr_model.py), never a pickle
+                name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                model_config={"review_below": review_below, "artifact_files": {k: sha256_file(Path(v)) for k, v in artifacts.items()}},
+                artifacts=artifacts, code_paths=code_paths())
+        _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
     if _missing(client, MODEL_NAME):
         client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
-    version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
-    record_candidate(client, Ledger(settings.resolved_ledger_url), MODEL_NAME, str(version.version), actor=settings.actor)
+    version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha},
+                                          model_id=info.model_id)
+    record_candidate(client, open_ledger(settings), MODEL_NAME, str(version.version), actor=settings.actor, manifest_sha256=manifest_sha)
     return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
 
 

@@ -22,8 +22,8 @@ from atelier.settings import GateRules
 from models.dreambooth.health import Health
 from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_judge, evaluate_ocr, evaluate_training_health
 from registry.judge import JUDGE_TAG
-from registry.ledger import Ledger, LedgerRow, aliases
-from registry.ledger_anchor import append
+from registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
+from registry.ledger_anchor import AnchorStore, append, require_intact
 
 REFUSED_TAG = "atelier.refused"
 
@@ -82,14 +82,17 @@ def move_champion(client: MlflowClient, ledger: Ledger, name: str, version: str,
 
 
 def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str,
-                     flow_run_id: str | None = None) -> None:
-    """Make `version` the candidate, with its ledger row (once: a retry only puts the alias back)."""
+                     flow_run_id: str | None = None, manifest_sha256: str | None = None) -> None:
+    """Make `version` the candidate, with its ledger row (once: a retry only puts the alias back). The
+    row carries the sha256 of the version's file manifest (registry/model_files.py): signed, it is what
+    vouches for the stored files."""
     from registry.audit import reconcile
 
     reconcile(client, ledger, name)
     if aliases(ledger.rows(name)).candidate != str(version):
         append(client, ledger, model=name, version=str(version), action="candidate", actor=actor, reason="registered",
-               to_alias=CANDIDATE, replaced_version=current_alias(client, name, CANDIDATE), flow_run_id=flow_run_id)
+               to_alias=CANDIDATE, replaced_version=current_alias(client, name, CANDIDATE), flow_run_id=flow_run_id,
+               metrics={"manifest_sha256": manifest_sha256} if manifest_sha256 else {})
     client.set_registered_model_alias(name, CANDIDATE, str(version))
 
 
@@ -99,6 +102,13 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     from registry.audit import reconcile
 
     reconcile(client, ledger, name)
+    rows = ledger.rows(name)
+    if action == "promote" and current_alias(client, name) == str(version) and aliases(rows).champion == str(version):
+        # already the champion, by the ledger and in MLflow (a cached rerun): nothing moves, so nothing is written,
+        # but a ledger that was tampered with is still reported, as a move would report it
+        require_intact(AnchorStore(client), ledger)
+        confirmed = [r for r in rows if r.action in CONFIRMS and r.to_alias == CHAMPION and r.version == str(version)]
+        return Promotion(name, str(version), True, [], str(version), confirmed[-1])
     mv = model_version(client, name, version)
     result, summary = gate_for(mv, rules)
     previous = current_alias(client, name)

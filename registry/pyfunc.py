@@ -3,6 +3,9 @@
 Input: a DataFrame with `prompt` and optionally `seed`, `steps`, `guidance_scale`, `height`,
 `width`, `negative_prompt`. Output: a DataFrame with `prompt`, `seed` and `image_png_base64`.
 Load it anywhere with plain `mlflow.pyfunc.load_model("models:/NAME@champion")`.
+
+Registered as code (registry/pyfunc_code/dreambooth_model.py), never as a pickle; its settings are the
+MLmodel's model_config, and on load it checks the pipeline's files against the hashes registered there.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from models.dreambooth.sampling import load_pipeline
 
+        config = context.model_config or {}
+        self.sampler = config.get("sampler", self.sampler)
+        self.defaults = {**self.defaults, "steps": int(config.get("default_steps", self.defaults["steps"])),
+                         "guidance_scale": float(config.get("default_guidance", self.defaults["guidance_scale"]))}
+        check_artifact_files(context.artifacts["pipeline"], config.get("pipeline_files"))
         self.pipe = load_pipeline(context.artifacts["pipeline"], self.sampler)
 
     def predict(self, context, model_input, params=None):
@@ -71,6 +79,18 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
         images = generate(self.pipe, requests)
         return pd.DataFrame({"prompt": [r.prompt for r in requests], "seed": [r.seed for r in requests],
                              "image_png_base64": [encode_png(img) for img in images]})
+
+
+def check_artifact_files(folder: str, expected: dict[str, str] | None) -> None:
+    """Refuse weights that are not the registered ones (the model_config holds each file's sha256), before
+    any of them is read: also when a customer loads the model with plain MLflow."""
+    if expected is None:
+        return
+    from pathlib import Path
+
+    from registry.model_files import check_files
+
+    check_files(Path(folder), expected, f"pipeline files in {folder}")
 
 
 def encode_png(img) -> str:

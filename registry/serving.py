@@ -18,13 +18,30 @@ def pin(settings: Settings, ref: str, customer: str | None = None) -> dict:
     return {"ref": ref, "name": mv.name, "version": str(mv.version), "model": f"{mv.name}/{mv.version}"}
 
 
-def load_python_model(settings: Settings, name: str, version: str):
-    """The registered pyfunc's own Python object (DreamBoothModel, OCRModel) with its context loaded."""
+def load_pyfunc(settings: Settings, name: str, version: str):
+    """The registered version as MLflow's PyFuncModel, loaded from a local copy whose every file matches the
+    manifest its signed ledger row vouches for (registry/model_files.py): a changed weight, MLmodel, wrapper
+    or `code/` file is exit 5 before anything of it runs."""
+    import sys
+
     import mlflow.pyfunc
 
-    client_for(settings)  # sets the tracking URI
-    # the model's pip requirements are the lock's; MLflow's comparison against this environment only prints noise
-    return mlflow.pyfunc.load_model(f"models:/{name}/{version}", suppress_warnings=True).unwrap_python_model()
+    from registry.ledger import open_ledger
+    from registry.model_files import verified_copy
+
+    client = client_for(settings)  # sets the tracking URI
+    path = list(sys.path)
+    with verified_copy(client, open_ledger(settings), name, version) as local:
+        try:
+            # the model's pip requirements are the lock's; MLflow's comparison against this environment only prints noise
+            return mlflow.pyfunc.load_model(str(local), suppress_warnings=True)
+        finally:
+            sys.path[:] = path  # MLflow prepends the model's code/: the platform keeps importing its own installed code
+
+
+def load_python_model(settings: Settings, name: str, version: str):
+    """The registered pyfunc's own Python object (DreamBoothModel, OCRModel) with its context loaded."""
+    return load_pyfunc(settings, name, version).unwrap_python_model()
 
 
 def load_ocr_engine(settings: Settings, ref: str):

@@ -14,16 +14,27 @@ BY_INPUTS = INPUTS + TASK_SOURCE
 UNCACHED = NO_CACHE
 
 
+_first_outage: float | None = None  # when this process first saw a server not answer (one flow run per process)
+
+
 def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's signature)
     """Retry only what may pass on a second try: Atelier's own errors (bad input) never do, but a
-    server that did not answer (`ServiceUnavailable`) may be back."""
+    server that did not answer (`ServiceUnavailable`) may be back, until `outage_budget` seconds have
+    passed since the first such failure: then the flow stops with exit 6 naming the server."""
+    global _first_outage
+    import os
+    import time
+
     try:
         state.result()
     except AtelierError as exc:
-        return exc.transient
+        if not exc.transient:
+            return False
     except Exception:  # noqa: BLE001
-        return True
-    return True
+        pass
+    now = time.monotonic()
+    _first_outage = _first_outage or now
+    return now - _first_outage < float(os.environ.get("ATELIER_OUTAGE_BUDGET", "120"))
 
 
 def tracked(fn):

@@ -91,7 +91,9 @@ class Stack:
         try:
             with conn.cursor() as cur:
                 cur.execute(query, params)
-                return cur.fetchall()
+                rows = cur.fetchall() if cur.description else []  # an UPDATE (a test playing the attacker) has none
+            conn.commit()
+            return rows
         finally:
             conn.close()
 

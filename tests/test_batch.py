@@ -82,10 +82,10 @@ def _promote(workspace, name: str, version: str) -> None:
     """Through the gate and the ledger, as an operator would (an alias moved with the MLflow client is
     drift that `atelier ledger verify` reports)."""
     from registry.dreambooth import client_for
-    from registry.ledger import Ledger
+    from registry.ledger import open_ledger
     from registry.promotion import promote
 
-    done = promote(client_for(workspace), Ledger(workspace.resolved_ledger_url), name, version, actor="tests",
+    done = promote(client_for(workspace), open_ledger(workspace), name, version, actor="tests",
                    reason="batch test", rules=workspace.gate)
     assert done.passed, done.reasons
 
@@ -98,6 +98,17 @@ def manifest(path: Path, n: int, steps: int = 4, start: int = 0) -> Path:
 
 def records(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_a_batch_for_another_customers_model_is_refused_before_any_run(versions, workspace, tmp_path):
+    """Exit 2 with one line naming the owner, no Prefect run and no traceback (it was a failed flow run)."""
+    name, _, _ = versions
+    done = subprocess.run([sys.executable, "-m", "cli", "batch-generate", "globex", "widget", "--model", f"{name}@champion",
+                           "--manifest", str(manifest(tmp_path / "m.jsonl", 1)), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"belongs to customer {CUSTOMER!r}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

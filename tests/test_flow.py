@@ -220,10 +220,10 @@ def test_a_base_model_that_is_not_sd_is_refused(prefect_harness, robot_photos, t
 
 
 def test_lineage_of_the_champion_reaches_every_input_file(first_run, workspace, client, robot_photos):
-    from registry.ledger import Ledger
+    from registry.ledger import open_ledger
     from registry.lineage import lineage, verify
 
-    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}@champion")
+    report = lineage(client, open_ledger(workspace), f"{NAME}@champion")
     assert report["version"] == first_run["version"]
     assert report["data"]["files"] == {p.name: sha256_file(p) for p in robot_photos}
     assert report["data"]["rev"] == first_run["data_rev"]
@@ -268,12 +268,12 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
 
 
 def test_lineage_verify_reports_tampered_model_artifacts(first_run, workspace, client):
-    from registry.ledger import Ledger
+    from registry.ledger import open_ledger
     from registry.lineage import lineage, verify
 
     versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
     victim = versions[-1]
-    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}/{victim.version}")
+    report = lineage(client, open_ledger(workspace), f"{NAME}/{victim.version}")
     from urllib.parse import urlparse
 
     model_id = victim.source.removeprefix("models:/")
@@ -281,15 +281,38 @@ def test_lineage_verify_reports_tampered_model_artifacts(first_run, workspace, c
     config = stored / "artifacts" / "pipeline" / "unet" / "config.json"
     config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 33'))
     drift = verify(workspace, report)
-    assert any(d.startswith("model artifacts") for d in drift)
+    assert any(d.startswith("model files") and "artifacts/pipeline/unet/config.json: changed" in d for d in drift), drift
     # the lineage record itself: an edited lineage.json no longer matches the hash tagged on the version
     record = Path(urlparse(client.get_run(victim.run_id).info.artifact_uri).path) / "lineage.json"
     edited = json.loads(record.read_text())
     edited["params"]["learning_rate"] = 1.0  # a record that no longer says how the model was trained
     record.write_text(json.dumps(edited))
-    report = lineage(client, Ledger(workspace.resolved_ledger_url), f"{NAME}/{victim.version}")
+    report = lineage(client, open_ledger(workspace), f"{NAME}/{victim.version}")
     assert report["lineage_record"]["sha256_matches_tag"] is False
     assert any(d.startswith("lineage.json") for d in verify(workspace, report))
+
+
+def test_a_rewritten_wrapper_or_code_file_in_the_artifact_store_never_runs(first_run, workspace, client, tmp_path):
+    """The audit's attack, as models-from-code: whoever can write the artifact store rewrites the stored wrapper
+    (or a module under code/) to run a command. `generate` refuses the version with exit 5 naming the file,
+    before loading anything of it; lineage --verify names it too. Nothing is unpickled anywhere."""
+    from urllib.parse import urlparse
+
+    mv = client.get_model_version_by_alias(NAME, "champion")
+    stored = Path(urlparse(client.get_logged_model(mv.source.removeprefix("models:/")).artifact_location).path)
+    assert not list(stored.rglob("*.pkl")) and (stored / "dreambooth_model.py").is_file()
+    marker = tmp_path / "planted-code-ran"
+    for victim in (stored / "dreambooth_model.py", stored / "code" / "registry" / "pyfunc.py"):
+        original = victim.read_text()
+        victim.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n" + original)
+        try:
+            done = subprocess.run([sys.executable, "-m", "cli", "generate", f"{NAME}@champion", "--prompt", "x", "--steps", "1",
+                                   "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+        finally:
+            victim.write_text(original)
+        assert done.returncode == 5, done.stderr[-2000:]
+        assert f"{victim.relative_to(stored).as_posix()}: changed" in done.stderr and "Traceback" not in done.stderr
+        assert not marker.exists()
 
 
 def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, workspace):

@@ -138,6 +138,7 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
     from cli.demo_data import write_demo_photos
     from atelier.workspace import add_subject
     from flows.subject_finetune import subject_finetune
+    from registry.ledger import open_ledger
 
     add_subject(workspace, "judgeco", "robot", "toy", write_demo_photos(tmp_path_factory.mktemp("p"), count=5))
     for key, value in {"ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url, "ATELIER_JUDGE__API_KEY": KEY,
@@ -160,13 +161,16 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
 
     faults.clear()
     monkeypatch.setenv("ATELIER_GATE__JUDGE__MAX_PRIOR_LEAK", "0.99")
-    faults.extend(["yes:0.95"] * 200)
-    assert subject_finetune("judgeco", "robot")["gate"]["passed"]  # the same version, now within the rules
-
-    faults.clear()
     monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
-    down = subject_finetune("judgeco", "robot")
+    down = subject_finetune("judgeco", "robot")  # within the rules now, but nobody judges it: still refused
     assert not down["gate"]["passed"] and any("VLM judge unavailable" in r for r in down["gate"]["reasons"])
+
+    monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", server.url)
+    faults.extend(["yes:0.95"] * 200)
+    assert subject_finetune("judgeco", "robot")["gate"]["passed"]  # the same version, judged again, within the rules
+    rows = len(open_ledger(workspace).rows(high["model"]))
+    again = subject_finetune("judgeco", "robot")  # already the champion: nothing moves, so the ledger is unchanged
+    assert again["gate"]["passed"] and len(open_ledger(workspace).rows(high["model"])) == rows
 
 
 def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monkeypatch):

@@ -1,0 +1,113 @@
+"""Every file of a registered model version, hashed at registration and checked before anything loads it.
+
+A registered MLflow model is more than weights: `MLmodel`, the wrapper's code (models-from-code, see
+registry/pyfunc_code/), the `code/` folder MLflow puts on `sys.path` when it loads, requirements. Whoever
+can write the artifact store could change any of them, and loading would run what they wrote. So at
+registration the platform hashes every stored file into a manifest (`model_manifest.json`, an artifact of
+the version's run); the manifest's sha256 is a version tag and is written into the version's signed
+`candidate` ledger row, which the artifact store cannot change. Before the platform loads a version
+(`generate`, batch flows, OCR serving) it downloads the version, checks every file against the manifest
+the ledger vouches for, and loads that checked copy; any missing, extra or changed file is exit 5,
+named. `atelier lineage --verify` runs the same check.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mlflow import MlflowClient
+
+from atelier.errors import AtelierError
+from atelier.hashing import sha256_file
+from atelier.storage import write_text_atomic
+
+MANIFEST = "model_manifest.json"
+MANIFEST_TAG = "atelier.model.manifest.sha256"
+
+
+class ModelTampered(AtelierError):
+    """A registered version's stored files are not the ones registered: exit 5, like a tampered ledger."""
+
+    exit_code = 5
+
+
+# written by MLflow's downloader itself into a copy of models:/NAME/VERSION (the name and version it was fetched as);
+# it is not a stored file of the model
+DOWNLOADER_FILES = frozenset({"registered_model_meta"})
+
+
+def manifest_of(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `folder`."""
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {rel: sha256_file(p) for rel, p in files.items() if rel not in DOWNLOADER_FILES}
+
+
+def manifest_hash(manifest: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_manifest(client: MlflowClient, run_id: str, model_uri: str) -> tuple[dict[str, str], str]:
+    """Download the just-logged model, hash every file, log the manifest to the run; (manifest, its sha256)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="atelier-manifest-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(Path(tmp) / "model")))
+        manifest = manifest_of(local)
+        path = Path(tmp) / MANIFEST
+        write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
+        client.log_artifact(run_id, str(path))
+    return manifest, manifest_hash(manifest)
+
+
+def vouched_hash(ledger, name: str, version: str) -> str | None:
+    """The manifest hash the version's signed `candidate` ledger row carries (None: registered before manifests)."""
+    for row in reversed(ledger.rows(name)):
+        if row.version == str(version) and row.action == "candidate":
+            return json.loads(row.metrics or "{}").get("manifest_sha256")
+    return None
+
+
+def check_files(local: Path, manifest: dict[str, str], what: str) -> None:
+    """Refuse (exit 5) a downloaded model whose files differ from `manifest`, naming the first few."""
+    have = manifest_of(local)
+    problems = [f"{p}: changed" for p in sorted(manifest) if p in have and have[p] != manifest[p]]
+    problems += [f"{p}: missing" for p in sorted(manifest) if p not in have]
+    problems += [f"{p}: not registered (added later)" for p in sorted(have) if p not in manifest]
+    if problems:
+        raise ModelTampered(what, f"{len(problems)} stored file(s) differ from what was registered ({'; '.join(problems[:5])})",
+                            "do not load it: restore the files from a backup, or retrain to register a new version; then check "
+                            "who can write the artifact store")
+
+
+@contextmanager
+def verified_copy(client: MlflowClient, ledger, name: str, version: str) -> Iterator[Path]:
+    """A local copy of `name`/`version` whose every file matches the manifest its ledger row vouches for."""
+    import mlflow.artifacts
+
+    what = f"model {name}/{version}"
+    want = vouched_hash(ledger, name, version)
+    mv = client.get_model_version(name, str(version))
+    if want is None:
+        raise ModelTampered(what, "has no file manifest in the ledger (registered before manifests, or not by Atelier)",
+                            "register it again (rerun its fine-tune or calibration); only versions whose files the ledger "
+                            "vouches for are loaded")
+    if mv.tags.get(MANIFEST_TAG) != want:
+        raise ModelTampered(what, "carries a manifest tag that is not the one its ledger row vouches for", "check who can write the registry")
+    with tempfile.TemporaryDirectory(prefix="atelier-model-") as tmp:
+        try:
+            text = Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text()
+            manifest = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ModelTampered(what, f"its file manifest is unreadable ({exc.__class__.__name__})", "check who can write the artifact store") from None
+        if manifest_hash(manifest) != want:
+            raise ModelTampered(f"{what} ({MANIFEST})", "is not the manifest that was registered (its sha256 differs from the ledger's)",
+                                "check who can write the artifact store; do not load this version")
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")))
+        check_files(local, manifest, what)
+        yield local
