@@ -137,6 +137,27 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
 
 
 @friendly
+def run_cmd(deployment: str = typer.Argument(..., help="a deployment's name as `atelier deploy` printed it (FLOW/NAME, or NAME alone)")) -> None:
+    """Start a deployment's flow now, outside its schedule; the worker serving it (`atelier worker`, or the
+    stack's) picks it up at once."""
+    from atelier.errors import NotFound
+
+    settings = cli_settings()
+    prefect_ready(settings)
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as client:
+        known = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+    matches = [full for full in known if deployment in (full, full.split("/", 1)[1])]
+    if len(matches) != 1:
+        raise NotFound(f"deployment {deployment!r}", "is not one of this workspace's deployments" if not matches else "names several",
+                       f"use one of: {', '.join(sorted(known)) or '(none: run `atelier deploy` first)'}")
+    run = run_deployment(matches[0], timeout=0)
+    typer.echo(f"flow run {run.name} ({run.id}) of {matches[0]} starts now; `atelier runs` shows it")
+
+
+@friendly
 def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] = typer.Option(None, help="only this flow name"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Recent flow runs: state, the model version each used or made, and its outputs."""
@@ -168,6 +189,7 @@ def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] 
 
 def install(app: typer.Typer) -> None:
     app.command("batch-generate")(batch_generate_cmd)
+    app.command("run")(run_cmd)
     app.command("batch-ocr")(batch_ocr_cmd)
     app.command("deploy")(deploy_cmd)
     app.command("worker")(worker_cmd)

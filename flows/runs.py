@@ -91,15 +91,25 @@ def claim_and_sweep(flow, flow_run, state) -> None:  # noqa: ARG001 (Prefect's o
         get_logger("atelier").warning("marked %d orphaned flow run(s) crashed: %s", len(crashed), ", ".join(crashed))
 
 
-def recent_runs(limit: int = 20, flow_name: str | None = None) -> list[dict]:
+def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5) -> list[dict]:
+    """The next `upcoming` scheduled runs (soonest first), then the `limit` most recent others (newest first):
+    a schedule's many future runs never push the past ones out of the list."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName,
+                                                FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
+
+    def state(**kind) -> FlowRunFilter:
+        return FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(**kind)))
 
     with get_client(sync_client=True) as client:
         mark_orphans(client)
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None,
-                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        flows_filter = FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None
+        ahead = client.read_flow_runs(flow_filter=flows_filter, flow_run_filter=state(any_=[StateType.SCHEDULED]),
+                                      sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=upcoming) if upcoming else []
+        runs = [*ahead, *client.read_flow_runs(flow_filter=flows_filter, flow_run_filter=state(not_any_=[StateType.SCHEDULED]),
+                                               sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)]
         ids = [r.id for r in runs]
         flows = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in runs}}
         deps = {did: client.read_deployment(did).name for did in {r.deployment_id for r in runs if r.deployment_id}}
