@@ -193,7 +193,7 @@ def seaweed_argv(settings: Settings) -> list[str]:
 def prepare_s3(settings: Settings) -> None:
     for sub in ("data", "logs"):
         (s3_dir(settings) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private_tree(s3_dir(settings) / sub)
+    _private_tree(s3_dir(settings))  # SeaweedFS gives some files 0644 itself (.vif): their folders are 0700
     write_s3_config(settings)
 
 
@@ -220,6 +220,8 @@ def mlflow_env(settings: Settings) -> dict[str, str]:
             "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
             # server-side jobs (online scoring, prompt optimisation) are features the platform does not use: no executor runs
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # failed logins counted across the server's worker processes (registry/auth_policy.py)
+            "ATELIER_AUTH_THROTTLE_DB": str(stack_dir(settings) / "mlflow-login-failures.db"),
             "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
             **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -61,32 +62,69 @@ class Caller:
 
 
 class Throttle:
-    """Failed logins per (user, address) and per address in a sliding window."""
+    """Failed logins per (user, address) and per address in a sliding window. With `path`, the counts live
+    in a SQLite file that every worker process of the server shares (`ATELIER_AUTH_THROTTLE_DB`; the
+    stack sets it): a guesser gets no more tries by landing on another worker."""
 
-    def __init__(self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW) -> None:
-        self.per_user, self.per_address, self.window = per_user, per_address, window
-        self._failures: dict[tuple, deque] = defaultdict(deque)
+    def __init__(self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW,
+                 path: str | None = None) -> None:
+        self.per_user, self.per_address, self.window, self.path = per_user, per_address, window, path
+        self._failures: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
+        if path:
+            with self._db() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL)")
+                db.execute("CREATE INDEX IF NOT EXISTS failures_key ON failures (key, at)")
 
-    def _recent(self, key: tuple, now: float) -> deque:
+    def _db(self):
+        import sqlite3
+
+        db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    @staticmethod
+    def _keys(user: str, address: str) -> tuple[str, str]:
+        return f"u\0{user}\0{address}", f"a\0{address}"
+
+    def _oldest_recent(self, key: str, now: float, db=None) -> tuple[int, float]:
+        """(failures in the window, the oldest one's time)."""
+        if db is not None:
+            count, oldest = db.execute("SELECT count(*), min(at) FROM failures WHERE key = ? AND at > ?", (key, now - self.window)).fetchone()
+            return count, oldest or now
         stamps = self._failures[key]
         while stamps and stamps[0] <= now - self.window:
             stamps.popleft()
-        return stamps
+        return len(stamps), stamps[0] if stamps else now
 
     def retry_after(self, user: str, address: str) -> int:
         """Seconds until this pair may try again; 0 when it may now."""
-        now = time.monotonic()
+        now = time.time()
+        user_key, address_key = self._keys(user, address)
         with self._lock:
-            waits = [stamps[0] + self.window - now for key, limit in ((("u", user, address), self.per_user), (("a", address), self.per_address))
-                     if len(stamps := self._recent(key, now)) >= limit]
+            db = self._db() if self.path else None
+            try:
+                waits = [oldest + self.window - now for key, limit in ((user_key, self.per_user), (address_key, self.per_address))
+                         for count, oldest in [self._oldest_recent(key, now, db)] if count >= limit]
+            finally:
+                if db is not None:
+                    db.close()
         return int(max(waits) + 1) if waits else 0
 
     def failed(self, user: str, address: str) -> None:
-        now = time.monotonic()
+        now = time.time()
         with self._lock:
-            for key in (("u", user, address), ("a", address)):
-                self._recent(key, now).append(now)
+            if not self.path:
+                for key in self._keys(user, address):
+                    self._oldest_recent(key, now)
+                    self._failures[key].append(now)
+                return
+            db = self._db()
+            try:
+                db.executemany("INSERT INTO failures (key, at) VALUES (?, ?)", [(key, now) for key in self._keys(user, address)])
+                db.execute("DELETE FROM failures WHERE at <= ?", (now - self.window,))
+            finally:
+                db.close()
 
 
 class DenyByDefault:
@@ -99,7 +137,7 @@ class DenyByDefault:
         self.native = [route for route in app.routes if not isinstance(route, Mount)]
         self.flask_map = flask_app.url_map
         self.authenticate = authenticate or _mlflow_users
-        self.throttle = throttle or Throttle()
+        self.throttle = throttle or Throttle(path=os.environ.get("ATELIER_AUTH_THROTTLE_DB") or None)
         self._cache: dict[tuple[str, str], tuple[float, Caller | None]] = {}
 
     async def __call__(self, scope, receive, send) -> None:

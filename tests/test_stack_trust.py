@@ -211,12 +211,14 @@ def _seaweed_internal_ports_refused(stack, acme_key: str) -> dict[str, bool]:
 
 
 def test_seaweedfs_files_and_the_stack_folder_are_private(stack, tenants):
-    """Another local user reads no volume file, key or certificate: folders 0700, files 0600."""
-    s3 = stack.ws / ".atelier" / "stack" / "s3"
-    loose = [str(p) for p in [stack.ws / ".atelier" / "stack", *s3.rglob("*")]
-             if not p.is_symlink() and p.stat().st_mode & 0o077]
-    assert loose == []
-    assert list((s3 / "data").glob("*.dat")) and (s3 / "tls" / "node.key").is_file()
+    """Another local user reads no volume file, key or certificate: every folder of the stack is 0700 (so
+    nothing in it can be reached, whatever mode SeaweedFS gives a file), the data, keys and secrets 0600."""
+    home = stack.ws / ".atelier" / "stack"
+    folders = [p for p in [home, *home.rglob("*")] if p.is_dir() and not p.is_symlink()]
+    assert [str(p) for p in folders if p.stat().st_mode & 0o077] == []
+    private = [*home.glob("s3/data/*.dat"), *home.glob("s3/data/*.idx"), *home.glob("s3/tls/*"), home / "secrets.json",
+               home / "s3" / "security.toml", home / "s3" / "identities.json"]
+    assert len(private) > 6 and [str(p) for p in private if p.stat().st_mode & 0o077] == []
 
 
 def _ensure_deployment(stack) -> str:

@@ -191,10 +191,12 @@ def test_info_masks_passwords_in_urls(tmp_path):
     assert "s3cret" not in text and "pw-1" not in text and "pw-2" not in text
 
 
-def test_failed_logins_are_throttled_per_user_and_address():
+@pytest.mark.parametrize("shared", [False, True])
+def test_failed_logins_are_throttled_per_user_and_address(shared, tmp_path):
     from registry.auth_policy import Throttle
 
-    throttle = Throttle(per_user=3, per_address=5, window=60)
+    path = str(tmp_path / "failures.db") if shared else None
+    throttle = Throttle(per_user=3, per_address=5, window=60, path=path)
     for _ in range(3):
         assert throttle.retry_after("acme", "10.0.0.1") == 0
         throttle.failed("acme", "10.0.0.1")
@@ -203,3 +205,5 @@ def test_failed_logins_are_throttled_per_user_and_address():
     throttle.failed("x", "10.0.0.1")
     throttle.failed("y", "10.0.0.1")
     assert throttle.retry_after("ops", "10.0.0.1") > 0  # the address tried 5 names: everyone from it waits
+    if shared:  # another worker process of the server sees the same counts
+        assert Throttle(per_user=3, per_address=5, window=60, path=path).retry_after("acme", "10.0.0.1") > 0
