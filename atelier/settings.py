@@ -98,6 +98,17 @@ class StackSettings(BaseModel):
     start_timeout: float = Field(180.0, gt=0, description="seconds each server may take to answer (first starts migrate the databases)")
 
 
+class ChallengerRules(BaseModel):
+    """A challenger replaces the champion only when it is at least as good on what both were measured by."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    max_final_loss_increase: float = Field(0.10, ge=0, description="the challenger's final loss may exceed the champion's by "
+                                           "this share (0.10: 10%); training loss is noisy, a worse model is not")
+    max_judge_drop: float = Field(0.05, ge=0, le=1, description="prompt score and fidelity may be this much under the champion's "
+                                  "(both judged by a calibrated judge; an uncalibrated judge's scores are not compared)")
+
+
 class GateRules(BaseModel):
     """Promotion gate: a candidate becomes champion only when every rule passes."""
 
@@ -108,6 +119,7 @@ class GateRules(BaseModel):
     min_distinct_samples: float = Field(0.5, ge=0, le=1, description="share of samples that must differ from each other")
     ocr: OcrGateRules = OcrGateRules()
     judge: JudgeGateRules = JudgeGateRules()
+    challenger: ChallengerRules = ChallengerRules()
 
 
 def _config_file() -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -89,12 +90,14 @@ def promote_cmd(
 def rollback_cmd(
     model: str = typer.Argument(..., help="registered model name"),
     reason: str = typer.Option("rollback", "--reason", help="why (kept in the ledger)"),
+    to: Optional[str] = typer.Option(None, "--to", metavar="VERSION", help="this version (default: the last good champion "
+                                     "before the current one; versions rolled back or refused are skipped)"),
 ) -> None:
-    """Move champion back to the version it replaced, through the gate and the ledger."""
+    """Move champion back to the last good version before it, through the gate and the ledger."""
     from registry.promotion import rollback
 
     settings, client, ledger = _registry()
-    done = rollback(client, ledger, model, actor=settings.actor, reason=reason, rules=settings.gate)
+    done = rollback(client, ledger, model, actor=settings.actor, reason=reason, rules=settings.gate, to=to)
     typer.echo(f"{model}@champion is back to version {done.version} (ledger row {done.row.seq})")
 
 

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from atelier.settings import GateRules, JudgeGateRules, OcrGateRules
+from atelier.settings import ChallengerRules, GateRules, JudgeGateRules, OcrGateRules
 from models.dreambooth.health import Health
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -51,6 +51,35 @@ def evaluate_training_health(health: Health, rules: GateRules) -> GateResult:
               rules.min_distinct_samples, f"{health.distinct_share:.0%} of sample pairs differ (need {rules.min_distinct_samples:.0%})"),
     ]
     return GateResult(all(c.passed for c in checks), checks)
+
+
+def evaluate_challenger(summary: dict, champion: dict, champion_version: str, rules: ChallengerRules) -> list[Check]:
+    """The challenger against the champion it would replace, on what both were measured by: final loss
+    (lower is better, within a relative tolerance) and, when a calibrated judge scored both, prompt score
+    and fidelity (higher is better, within an absolute tolerance). Nothing to compare: no check."""
+    if not rules.enabled:
+        return []
+    checks = []
+    mine, theirs = summary.get("final_loss"), champion.get("final_loss")
+    if _number(mine) and _number(theirs):
+        limit = theirs * (1 + rules.max_final_loss_increase)
+        checks.append(Check("gate.challenger.final_loss", mine <= limit, mine, limit,
+                            f"final loss {mine:.4g} against the champion's (v{champion_version}) {theirs:.4g}: at most {limit:.4g} "
+                            f"(+{rules.max_final_loss_increase:.0%})"))
+    judged, champion_judged = summary.get("judge") or {}, champion.get("judge") or {}
+    if judged.get("calibrated") and champion_judged.get("calibrated"):
+        for key in ("prompt_score", "fidelity"):
+            mine, theirs = judged.get(key), champion_judged.get(key)
+            if _number(mine) and _number(theirs):
+                limit = theirs - rules.max_judge_drop
+                checks.append(Check(f"gate.challenger.judge_{key}", mine >= limit, mine, limit,
+                                    f"judge {key.replace('_', ' ')} {mine:.2f} against the champion's (v{champion_version}) "
+                                    f"{theirs:.2f}: at least {limit:.2f}"))
+    return checks
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def evaluate_ocr(summary: dict, rules: OcrGateRules) -> GateResult:

@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from atelier.errors import GateRefused, NotFound
 from atelier.settings import GateRules
 from models.dreambooth.health import Health
-from registry.gate import CANDIDATE, CHAMPION, GateResult, evaluate_judge, evaluate_ocr, evaluate_training_health
+from registry.gate import (CANDIDATE, CHAMPION, GateResult, evaluate_challenger, evaluate_judge, evaluate_ocr,
+                           evaluate_training_health)
 from registry.judge import JUDGE_TAG
 from registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
 from registry.ledger_anchor import AnchorStore, append, require_intact
@@ -112,6 +113,8 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     mv = model_version(client, name, version)
     result, summary = gate_for(mv, rules)
     previous = current_alias(client, name)
+    if action == "promote" and previous not in (None, str(version)) and mv.tags.get("atelier.kind") != "ocr":
+        result = _against_champion(client, name, previous, result, summary, rules)
     client.set_model_version_tag(name, str(version), "atelier.gate", result.as_json())
     gate = json.loads(result.as_json())
     from_alias = CANDIDATE if CANDIDATE in (mv.aliases or []) else None
@@ -127,17 +130,45 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     return Promotion(name, str(version), True, [], str(version), row)
 
 
-def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, reason: str, rules: GateRules) -> Promotion:
-    """Move champion back to the version it replaced, through the gate and the ledger."""
+def _against_champion(client: MlflowClient, name: str, champion: str, result: GateResult, summary: dict, rules: GateRules) -> GateResult:
+    """Add the champion/challenger checks (registry/gate.evaluate_challenger) to a version's gate result."""
+    try:
+        _, theirs = gate_for(model_version(client, name, champion), rules)
+    except NotFound:  # a champion with no evaluation (made outside the flow): nothing to compare with
+        return result
+    checks = result.checks + evaluate_challenger(summary, theirs, champion, rules.challenger)
+    return GateResult(all(c.passed for c in checks), checks)
+
+
+def rollback_target(rows: list[LedgerRow], current: str) -> str | None:
+    """The newest earlier champion that is still good: not the current one, not one a rollback removed,
+    not one whose latest verdict was a refusal."""
+    rolled_back = {r.replaced_version for r in rows if r.action == "rollback" and r.to_alias == CHAMPION and r.replaced_version}
+    verdict: dict[str, str] = {}
+    for r in rows:
+        if r.action == "refuse" or (r.action in CONFIRMS and r.to_alias == CHAMPION):
+            verdict[r.version] = r.action
+    champions = [r.version for r in rows if r.action in CONFIRMS and r.to_alias == CHAMPION]
+    for version in reversed(champions):
+        if version != current and version not in rolled_back and verdict.get(version) != "refuse":
+            return version
+    return None
+
+
+def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, reason: str, rules: GateRules,
+             to: str | None = None) -> Promotion:
+    """Move champion back to the last good version before it (or to `to`, named), through the gate and the
+    ledger. Versions that were rolled back or refused are skipped, so a rollback of a rollback never
+    quietly brings back what was rolled back."""
     current = current_alias(client, name)
     if current is None:
         raise NotFound(f"model {name}", "has no champion to roll back", "promote a version first: atelier promote NAME VERSION")
-    made_current = [r for r in ledger.rows(name) if r.to_alias == CHAMPION and r.action in ("promote", "rollback", "restore")
-                    and r.version == current]
-    if not made_current or made_current[-1].replaced_version is None:
-        raise NotFound(f"model {name}", f"has no champion before version {current} in the ledger",
-                       "promote the version you want explicitly: atelier promote NAME VERSION --reason ...")
-    target = made_current[-1].replaced_version
+    target = str(to) if to is not None else rollback_target(ledger.rows(name), current)
+    if target is None:
+        raise NotFound(f"model {name}", f"has no good champion before version {current} in the ledger (earlier ones were rolled "
+                       "back or refused)", "name the version: atelier rollback NAME --to VERSION --reason ...")
+    if target == current:
+        raise NotFound(f"model {name}", f"version {target} is already the champion", "name another version with --to")
     done = promote(client, ledger, name, target, actor=actor, reason=reason, rules=rules, action="rollback")
     if not done.passed:
         raise GateRefused(f"rollback of {name} to version {target}", "; ".join(done.reasons), "fix the gate rules or promote another version")

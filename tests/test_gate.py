@@ -54,3 +54,19 @@ def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule()
     # speed is no gate any more: a version registered with int8 slower than fp32 passes on accuracy
     old = {"cer_fp32": summary["cer_fp32"], "cer_int8": summary["cer_served"], "speed_fp32": 10.0, "speed_int8": 8.0, "langs": ["zh"]}
     assert evaluate_ocr(old, OcrGateRules()).passed
+
+def test_the_challenger_is_compared_with_the_champion_on_what_both_were_measured_by():
+    from atelier.settings import ChallengerRules
+    from registry.gate import evaluate_challenger
+
+    rules = ChallengerRules()
+    judged = {"calibrated": True, "prompt_score": 0.8, "fidelity": 0.7}
+    champion = {"final_loss": 0.79, "judge": judged}
+    worse = evaluate_challenger({"final_loss": 1.03, "judge": judged}, champion, "1", rules)
+    assert [c.name for c in worse if not c.passed] == ["gate.challenger.final_loss"]
+    assert all(c.passed for c in evaluate_challenger({"final_loss": 0.85, "judge": judged}, champion, "1", rules))  # within 10%
+    blurry = evaluate_challenger({"final_loss": 0.7, "judge": {**judged, "fidelity": 0.6}}, champion, "1", rules)
+    assert [c.name for c in blurry if not c.passed] == ["gate.challenger.judge_fidelity"]
+    uncalibrated = evaluate_challenger({"final_loss": 0.7, "judge": {"prompt_score": 0.1}}, champion, "1", rules)
+    assert [c.name for c in uncalibrated] == ["gate.challenger.final_loss"]  # an uncalibrated judge is not compared
+    assert evaluate_challenger({"final_loss": 9.0}, champion, "1", ChallengerRules(enabled=False)) == []
