@@ -230,6 +230,22 @@ def subject_revision(settings: Settings, customer: str, subject: str) -> str:
     return rev
 
 
+def check_revision(settings: Settings, customer: str, subject: str, rev: str) -> str:
+    """`rev` as a full commit id where the subject's photos are pinned; an unknown revision, or one from
+    before the subject was added, is a NotFound naming the revisions there are (exit 2, before any run)."""
+    ws = require_workspace(settings)
+    rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ws, capture_output=True, text=True)
+    pinned = found.returncode == 0 and subprocess.run(["git", "cat-file", "-e", f"{found.stdout.strip()}:{rel}.dvc"], cwd=ws,
+                                                      capture_output=True).returncode == 0
+    if not pinned:
+        known = git(ws, "log", "-n", "5", "--format=%h", "--", f"{rel}.dvc").split() or ["none"]
+        raise NotFound(f"revision {rev!r} of subject {customer}/{subject}",
+                       "is not a commit of the workspace" if found.returncode != 0 else "is from before the subject's photos were added",
+                       f"pass one of the subject's revisions ({', '.join(known)}: `git -C {ws} log -- {rel}.dvc`), or leave --rev out")
+    return found.stdout.strip()
+
+
 def list_subjects(settings: Settings) -> list[str]:
     root = settings.workspace / "data" / "subjects"
     return sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.dvc")) if root.is_dir() else []

@@ -173,6 +173,10 @@ def finetune(
         load_train_config(config)
     check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     subject_revision(settings, customer, subject)
+    if rev is not None:
+        from atelier.workspace import check_revision
+
+        check_revision(settings, customer, subject, rev)  # a typo is exit 2 here, not a failed flow run
     if refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     result = _run_finetune(customer, subject, base_model, config, rev)

@@ -26,7 +26,7 @@ OTHER_GENERATIONS = {"ppocrv5": "ppocrv5-rec", "ppocrv4": "ppocrv4-rec"}
 
 
 @flow(name="ocr-calibrate", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
-def ocr_calibrate(method: str = "Percentile", calibration_lines: int = 64, review_below: float = 0.5) -> dict:
+def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_below: float = 0.5) -> dict:
     sets = ocr_tasks.document_sets()
     reports = {name: ocr_tasks.validate_documents(name, sets[name]) for name in sets}
     shipped = ocr_tasks.shipped_models()

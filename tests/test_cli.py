@@ -82,6 +82,8 @@ def _sweep_cases(tmp):
         "rollback: typo'd model": ["rollback", "dreambooth-acme-robt", "--reason", "r"],
         "finetune: typo'd customer": ["finetune", "acmee", "robot"],
         "finetune: typo'd subject": ["finetune", "acme", "robt"],
+        "finetune: unknown --rev": ["finetune", "acme", "robot", "--rev", "deadbeef"],
+        "customer add: a name the platform reserves": ["customer", "add", "ledger"],
         "finetune: missing config": ["finetune", "acme", "robot", "--config", str(tmp / "nope.yaml")],
         "finetune: missing base model": ["finetune", "acme", "robot", "--base-model", str(photo_dir)],
         "subject add: missing photo": ["subject", "add", "acme", "x", "--class", "toy", str(missing)],
