@@ -342,8 +342,7 @@ class Settings(BaseSettings):
         # each call to a server that does not answer gives up within ~a minute (MLflow's defaults: 7 retries of 120 s
         # each, 12 minutes and more); the flow's own retries then stop at outage_budget (tasks/common.retry_transient)
         for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
-                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("AWS_MAX_ATTEMPTS", "3"),
-                           ("ATELIER_OUTAGE_BUDGET", str(self.outage_budget))):
+                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("AWS_MAX_ATTEMPTS", "3")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

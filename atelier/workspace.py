@@ -235,15 +235,16 @@ def check_revision(settings: Settings, customer: str, subject: str, rev: str) ->
     before the subject was added, is a NotFound naming the revisions there are (exit 2, before any run)."""
     ws = require_workspace(settings)
     rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
-    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ws, capture_output=True, text=True)
-    pinned = found.returncode == 0 and subprocess.run(["git", "cat-file", "-e", f"{found.stdout.strip()}:{rel}.dvc"], cwd=ws,
-                                                      capture_output=True).returncode == 0
-    if not pinned:
+    problem = "is not a commit of the workspace"
+    try:
+        commit = git(ws, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        problem = "is from before the subject's photos were added"
+        git(ws, "cat-file", "-e", f"{commit}:{rel}.dvc")
+        return commit
+    except WorkspaceError:
         known = git(ws, "log", "-n", "5", "--format=%h", "--", f"{rel}.dvc").split() or ["none"]
-        raise NotFound(f"revision {rev!r} of subject {customer}/{subject}",
-                       "is not a commit of the workspace" if found.returncode != 0 else "is from before the subject's photos were added",
-                       f"pass one of the subject's revisions ({', '.join(known)}: `git -C {ws} log -- {rel}.dvc`), or leave --rev out")
-    return found.stdout.strip()
+        raise NotFound(f"revision {rev!r} of subject {customer}/{subject}", problem,
+                       f"pass one of the subject's revisions ({', '.join(known)}: `git -C {ws} log -- {rel}.dvc`), or leave --rev out") from None
 
 
 def list_subjects(settings: Settings) -> list[str]:

@@ -24,7 +24,6 @@ import json
 import os
 import threading
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 
 READ_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
@@ -62,69 +61,43 @@ class Caller:
 
 
 class Throttle:
-    """Failed logins per (user, address) and per address in a sliding window. With `path`, the counts live
-    in a SQLite file that every worker process of the server shares (`ATELIER_AUTH_THROTTLE_DB`; the
-    stack sets it): a guesser gets no more tries by landing on another worker."""
+    """Failed logins per (user, address) and per address in a sliding window, kept in SQLite: in memory, or,
+    with `path`, in a file that every worker process of the server shares (`ATELIER_AUTH_THROTTLE_DB`; the
+    stack sets it), so a guesser gets no more tries by landing on another worker."""
 
     def __init__(self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW,
                  path: str | None = None) -> None:
-        self.per_user, self.per_address, self.window, self.path = per_user, per_address, window, path
-        self._failures: dict[str, deque] = defaultdict(deque)
-        self._lock = threading.Lock()
-        if path:
-            with self._db() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL)")
-                db.execute("CREATE INDEX IF NOT EXISTS failures_key ON failures (key, at)")
-
-    def _db(self):
         import sqlite3
 
-        db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+        self.per_user, self.per_address, self.window = per_user, per_address, window
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path or ":memory:", timeout=5, isolation_level=None, check_same_thread=False)
+        if path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS failures_key ON failures (key, at)")
 
     @staticmethod
     def _keys(user: str, address: str) -> tuple[str, str]:
         return f"u\0{user}\0{address}", f"a\0{address}"
 
-    def _oldest_recent(self, key: str, now: float, db=None) -> tuple[int, float]:
-        """(failures in the window, the oldest one's time)."""
-        if db is not None:
-            count, oldest = db.execute("SELECT count(*), min(at) FROM failures WHERE key = ? AND at > ?", (key, now - self.window)).fetchone()
-            return count, oldest or now
-        stamps = self._failures[key]
-        while stamps and stamps[0] <= now - self.window:
-            stamps.popleft()
-        return len(stamps), stamps[0] if stamps else now
-
     def retry_after(self, user: str, address: str) -> int:
         """Seconds until this pair may try again; 0 when it may now."""
         now = time.time()
-        user_key, address_key = self._keys(user, address)
+        waits = []
         with self._lock:
-            db = self._db() if self.path else None
-            try:
-                waits = [oldest + self.window - now for key, limit in ((user_key, self.per_user), (address_key, self.per_address))
-                         for count, oldest in [self._oldest_recent(key, now, db)] if count >= limit]
-            finally:
-                if db is not None:
-                    db.close()
+            for key, limit in zip(self._keys(user, address), (self.per_user, self.per_address)):
+                count, oldest = self._db.execute("SELECT count(*), min(at) FROM failures WHERE key = ? AND at > ?",
+                                                 (key, now - self.window)).fetchone()
+                if count >= limit:
+                    waits.append(oldest + self.window - now)
         return int(max(waits) + 1) if waits else 0
 
     def failed(self, user: str, address: str) -> None:
         now = time.time()
         with self._lock:
-            if not self.path:
-                for key in self._keys(user, address):
-                    self._oldest_recent(key, now)
-                    self._failures[key].append(now)
-                return
-            db = self._db()
-            try:
-                db.executemany("INSERT INTO failures (key, at) VALUES (?, ?)", [(key, now) for key in self._keys(user, address)])
-                db.execute("DELETE FROM failures WHERE at <= ?", (now - self.window,))
-            finally:
-                db.close()
+            self._db.executemany("INSERT INTO failures (key, at) VALUES (?, ?)", [(key, now) for key in self._keys(user, address)])
+            self._db.execute("DELETE FROM failures WHERE at <= ?", (now - self.window,))
 
 
 class DenyByDefault:
@@ -135,7 +108,7 @@ class DenyByDefault:
 
         self.app = app
         self.native = [route for route in app.routes if not isinstance(route, Mount)]
-        self.flask_map = flask_app.url_map
+        self.flask_rules = flask_app.url_map.bind("localhost")  # matched against, never used to build URLs
         self.authenticate = authenticate or _mlflow_users
         self.throttle = throttle or Throttle(path=os.environ.get("ATELIER_AUTH_THROTTLE_DB") or None)
         self._cache: dict[tuple[str, str], tuple[float, Caller | None]] = {}
@@ -185,7 +158,7 @@ class DenyByDefault:
         from werkzeug.exceptions import HTTPException
 
         try:
-            rule, _ = self.flask_map.bind("localhost").match(path, method="GET" if method == "HEAD" else method, return_rule=True)
+            rule, _ = self.flask_rules.match(path, method="GET" if method == "HEAD" else method, return_rule=True)
         except HTTPException:
             return None
         return rule.rule

@@ -55,8 +55,9 @@ class AnchorStore:
         """Take over a ledger written before anchors or signatures existed, if its chain verifies: sign its
         unsigned rows, anchor it, and say so in a row of its own."""
         anchor = self.read()
-        chain = [p for p in ledger.verify(anchored=False) if p.kind != "unsigned"]
-        unsigned = [p for p in ledger.verify(anchored=False) if p.kind == "unsigned"]
+        found = ledger.verify(anchored=False)
+        chain = [p for p in found if p.kind != "unsigned"]
+        unsigned = [p for p in found if p.kind == "unsigned"]
         if chain or (not unsigned and (anchor.head or anchor.pending)):
             return None
         if unsigned and anchor.head and anchor.head != head_of(ledger.rows()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from atelier.errors import ConfigError
@@ -32,22 +33,31 @@ class LedgerKey:
     verify_pem: bytes
     signing_pem: bytes | None = None
 
-    def sign(self, row_hash: str) -> str:
+    @cached_property
+    def _signer(self):
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         if self.signing_pem is None:
             raise ConfigError("ledger signing key", "is not available to this process (only the verify key is)",
                               "promote from the platform's account, where ATELIER_LEDGER_KEYS holds ledger-signing.pem")
-        return load_pem_private_key(self.signing_pem, password=None).sign(row_hash.encode()).hex()
+        return load_pem_private_key(self.signing_pem, password=None)
+
+    @cached_property
+    def _verifier(self):  # parsed once: `verify` checks every row with it
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        return load_pem_public_key(self.verify_pem)
+
+    def sign(self, row_hash: str) -> str:
+        return self._signer.sign(row_hash.encode()).hex()
 
     def verifies(self, row_hash: str, signature: str | None) -> bool:
         from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         if not signature:
             return False
         try:
-            load_pem_public_key(self.verify_pem).verify(bytes.fromhex(signature), row_hash.encode())
+            self._verifier.verify(bytes.fromhex(signature), row_hash.encode())
             return True
         except (InvalidSignature, ValueError):
             return False
@@ -100,9 +110,9 @@ class HeadWitness:
     def __init__(self, folder: Path, ledger_url: str = "") -> None:
         import hashlib
 
-        from sqlalchemy.engine import make_url
+        from atelier.settings import mask_url
 
-        name = make_url(ledger_url).render_as_string(hide_password=True) if ledger_url else ""
+        name = mask_url(ledger_url)
         self.path = folder / (f"{HEAD_FILE}-{hashlib.sha256(name.encode()).hexdigest()[:12]}" if name else HEAD_FILE)
 
     def read(self) -> str | None:

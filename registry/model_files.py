@@ -27,6 +27,9 @@ from atelier.storage import write_text_atomic
 
 MANIFEST = "model_manifest.json"
 MANIFEST_TAG = "atelier.model.manifest.sha256"
+# model_config keys under which the wrappers keep their files' hashes, to check them on any load (registry/pyfunc.py,
+# registry/ocr.py); a copy that verified_copy checked already is loaded with them unset, so no file is hashed twice
+SELF_CHECK_KEYS = ("pipeline_files", "artifact_files")
 
 
 class ModelTampered(AtelierError):

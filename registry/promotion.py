@@ -103,8 +103,8 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     from registry.audit import reconcile
 
     reconcile(client, ledger, name)
-    rows = ledger.rows(name)
-    if action == "promote" and current_alias(client, name) == str(version) and aliases(rows).champion == str(version):
+    rows, previous = ledger.rows(name), current_alias(client, name)
+    if action == "promote" and previous == str(version) and aliases(rows).champion == str(version):
         # already the champion, by the ledger and in MLflow (a cached rerun): nothing moves, so nothing is written,
         # but a ledger that was tampered with is still reported, as a move would report it
         require_intact(AnchorStore(client), ledger)
@@ -112,7 +112,6 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
         return Promotion(name, str(version), True, [], str(version), confirmed[-1])
     mv = model_version(client, name, version)
     result, summary = gate_for(mv, rules)
-    previous = current_alias(client, name)
     if action == "promote" and previous not in (None, str(version)) and mv.tags.get("atelier.kind") != "ocr":
         result = _against_champion(client, name, previous, result, summary, rules)
     client.set_model_version_tag(name, str(version), "atelier.gate", result.as_json())

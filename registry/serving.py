@@ -26,15 +26,19 @@ def load_pyfunc(settings: Settings, name: str, version: str):
 
     import mlflow.pyfunc
 
+    from mlflow.models import Model
+
     from registry.ledger import open_ledger
-    from registry.model_files import verified_copy
+    from registry.model_files import SELF_CHECK_KEYS, verified_copy
 
     client = client_for(settings)  # sets the tracking URI
     path = list(sys.path)
     with verified_copy(client, open_ledger(settings), name, version) as local:
+        config = Model.load(str(local)).flavors["python_function"].get("config") or {}
+        checked = {key: None for key in SELF_CHECK_KEYS if key in config}  # every file was just checked: not again
         try:
             # the model's pip requirements are the lock's; MLflow's comparison against this environment only prints noise
-            return mlflow.pyfunc.load_model(str(local), suppress_warnings=True)
+            return mlflow.pyfunc.load_model(str(local), suppress_warnings=True, model_config=checked or None)
         finally:
             sys.path[:] = path  # MLflow prepends the model's code/: the platform keeps importing its own installed code
 

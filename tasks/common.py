@@ -22,7 +22,6 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's s
     server that did not answer (`ServiceUnavailable`) may be back, until `outage_budget` seconds have
     passed since the first such failure: then the flow stops with exit 6 naming the server."""
     global _first_outage
-    import os
     import time
 
     try:
@@ -34,7 +33,7 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 (Prefect's s
         pass
     now = time.monotonic()
     _first_outage = _first_outage or now
-    return now - _first_outage < float(os.environ.get("ATELIER_OUTAGE_BUDGET", "120"))
+    return now - _first_outage < load_settings().outage_budget
 
 
 def tracked(fn):
