@@ -124,3 +124,25 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def file_lock(path: Path, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block. The kernel drops it when
+    the process ends, so a kill -9 never leaves a stale lock. `on_wait()` is called once if another
+    process holds it, before this one waits its turn."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

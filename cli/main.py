@@ -123,6 +123,9 @@ def _run_finetune(customer: str, subject: str, base_model: Optional[Path], confi
 
 def _print_result(result: dict) -> None:
     gate = result["gate"]
+    if result.get("noop"):
+        typer.echo(f"\n{result['note']}; gate {'passed' if gate['passed'] else 'refused'} for it")
+        return
     typer.echo(f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
                f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f} "
                "(mean of the last 10% of steps; MLflow's train/loss has every step)")
@@ -130,7 +133,7 @@ def _print_result(result: dict) -> None:
         typer.secho(f"gate passed: models:/{result['model']}@champion is version {result['version']}", fg=typer.colors.GREEN)
     else:
         typer.secho(f"gate refused version {result['version']}: {'; '.join(gate['reasons'])}. "
-                    f"Champion unchanged ({gate['champion'] or 'none'}).", fg=typer.colors.YELLOW)
+                    f"Champion unchanged ({gate.get('champion') or 'none'}).", fg=typer.colors.YELLOW)
 
 
 def _write_record(path: Path, result: dict) -> None:

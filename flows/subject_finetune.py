@@ -15,7 +15,7 @@ from atelier.errors import ConfigError
 from atelier.gitinfo import code_version
 from atelier.hashing import stat_signature
 from atelier.settings import load_settings
-from atelier.storage import check_customer, check_slug
+from atelier.storage import check_customer, check_slug, file_lock
 from flows.runs import claim_and_sweep, finished, run_name
 from tasks import data as data_tasks
 from tasks import dreambooth as db_tasks
@@ -59,16 +59,29 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     if config["with_prior_preservation"]:
         class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot["class_noun"])
         priors = class_priors(str(base), base_hash, class_prompt, config)
-    if skip_if_unchanged:
-        key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config, settings.train_processes)
-        existing = reg_tasks.find_registered(customer, subject, key)
-        if existing is not None:
-            note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
-                    f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})")
-            print(note)
-            summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
-            return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
-                    "training_key": key, "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
+    key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config, settings.train_processes)
+    waited = []
+
+    def say_waiting() -> None:
+        waited.append(True)
+        print(f"another run is training these same inputs (training key {key}); waiting for it to finish, then using its version")
+
+    # one training and one registration per training key, however many runs start at once
+    with file_lock(settings.runs_dir / customer / f"{key}.lock", on_wait=say_waiting):
+        if skip_if_unchanged or waited:
+            existing = reg_tasks.find_registered(customer, subject, key)
+            if existing is not None:
+                note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
+                        f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})")
+                print(note)
+                summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
+                return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
+                        "run_id": existing["run_id"], "gate": existing["gate"], "training_key": key,
+                        "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
+        return _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors)
+
+
+def _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors) -> dict:
     training = train_dreambooth(str(base), base_hash, snapshot, priors, config, settings.train_processes)
     samples = sample_images(training["output_dir"], snapshot["class_noun"], config, training["losses"])
 

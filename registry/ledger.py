@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from atelier.errors import AtelierError
 from atelier.settings import Settings
+from atelier.storage import file_lock
 from registry.ledger_keys import HeadWitness, LedgerKey
 
 GENESIS = "0" * 64
@@ -174,19 +175,12 @@ class Ledger:
                 finally:
                     conn.exec_driver_sql("SELECT pg_advisory_unlock(7410127)")
             return
-        import fcntl
-
         database = self.engine.url.database
-        lock_path = Path(f"{database}.lock") if database and database != ":memory:" else None
-        if lock_path is None:
+        if not database or database == ":memory:":
             yield
             return
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(Path(f"{database}.lock")):
+            yield
 
     def append(self, *, model: str, version: str, action: str, actor: str, reason: str, gate: dict | None = None,
                metrics: dict | None = None, from_alias: str | None = None, to_alias: str | None = None,

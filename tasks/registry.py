@@ -77,7 +77,10 @@ def find_registered(customer: str, subject: str, training_key: str) -> dict | No
 
     name = model_name(customer, subject)
     mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)
-    return None if mv is None else {"name": name, "version": str(mv.version), "aliases": list(mv.aliases)}
+    if mv is None:
+        return None
+    gate = json.loads(mv.tags["atelier.gate"]) if "atelier.gate" in mv.tags else {"passed": "champion" in mv.aliases, "reasons": []}
+    return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "run_id": mv.run_id, "gate": gate}
 
 
 @task(name="audit-ledger", version=VERSIONS["audit-ledger"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -336,3 +337,28 @@ def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, 
     assert record["model"] == NAME and record["version"] == first_run["version"] and record["gate_passed"] is True
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "finetune@acme.robot"], cwd=ws, capture_output=True, text=True, env=env)
     assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
+
+
+def test_two_identical_finetunes_at_once_train_once_and_register_once(first_run, workspace, client, tmp_path):
+    """Two `atelier finetune` of the same subject and data started together: one trains, the other
+    waits on the training key's lock, then uses the version the first registered."""
+    add_subject(workspace, "acme", "twin", "toy", write_demo_photos(tmp_path / "twin", count=4))
+    before = len(workspace_ledger_rows(workspace))
+    procs = []
+    for _ in range(2):  # 5 s apart: each command's temporary Prefect server migrates the same database on start
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "finetune", "acme", "twin"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+        time.sleep(5)
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    versions = client.search_model_versions("name = 'dreambooth-acme-twin'")
+    assert len(versions) == 1, [v.version for v in versions]
+    assert sum("waiting for it to finish" in out for out in outputs) == 1, outputs
+    actions = [r.action for r in workspace_ledger_rows(workspace)[before:]]
+    assert actions.count("promote") == 1, actions  # the waiting run wrote nothing to the ledger
+
+
+def workspace_ledger_rows(workspace):
+    from registry.ledger import open_ledger
+
+    return open_ledger(workspace).rows()

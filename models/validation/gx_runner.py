@@ -14,11 +14,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
-from atelier.storage import write_json_atomic
+from atelier.storage import file_lock, write_json_atomic
 
 
 @dataclass
@@ -28,18 +27,9 @@ class SuiteRun:
     data_docs: str | None
 
 
-@contextlib.contextmanager
-def _project_lock(root: Path) -> Iterator[None]:
+def _project_lock(root: Path):
     """One writer at a time in a GX project (flows validate in parallel; GX's file stores do not lock)."""
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".atelier.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(root / ".atelier.lock")
 
 
 def _asset_name(label: str) -> str:
