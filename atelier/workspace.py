@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
@@ -24,7 +25,7 @@ from atelier.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceEr
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import file_hashes
 from atelier.settings import Settings
-from atelier.storage import atomic_dir, check_customer, check_slug, write_json_atomic, write_text_atomic
+from atelier.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
 
 MARKER = Path(".atelier") / "workspace.json"
 TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
@@ -146,9 +147,31 @@ def check_class_noun(class_noun: str) -> str:
     return class_noun.strip()
 
 
+@contextlib.contextmanager
+def changing_workspace(settings: Settings, on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
+    """One command at a time changes the workspace's git index, subjects.yaml and DVC files; a second
+    waits its turn (`on_wait` says so). A `dvc` command run by hand that holds DVC's own lock is a
+    clear WorkspaceError, not a crash."""
+    from dvc.lock import LockError
+
+    ws = require_workspace(settings)
+    with file_lock(ws / ".atelier" / "workspace.lock", on_wait):
+        try:
+            yield ws
+        except LockError as exc:
+            raise WorkspaceError(f"workspace {ws}", f"DVC is locked by another command ({exc})",
+                                 "wait for the other `dvc` or `atelier` command to finish, then run this one again") from None
+
+
 def add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path],
-                replace: bool = False) -> str:
-    """Copy validated photos into data/subjects/, track them with DVC, push, commit. Returns the rev."""
+                replace: bool = False, on_wait: Callable[[], None] | None = None) -> str:
+    """Copy validated photos into data/subjects/, track them with DVC, push, commit. Returns the rev.
+    Concurrent adds run one after the other (`on_wait` is told when this one waits)."""
+    with changing_workspace(settings, on_wait):
+        return _add_subject(settings, customer, subject, class_noun, photos, replace)
+
+
+def _add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path], replace: bool) -> str:
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
@@ -212,11 +235,11 @@ def commit_stage(settings: Settings, stage: str, message: str) -> str:
     outside `dvc repro` (the demo runs the fine-tune flow itself), and commit dvc.lock."""
     from dvc.repo import Repo
 
-    ws = require_workspace(settings)
-    _require_stage(ws, stage)
-    with contextlib.chdir(ws), Repo(str(ws)) as repo:
-        repo.commit(stage, force=True)
-    return _commit_lock(ws, message)
+    with changing_workspace(settings) as ws:
+        _require_stage(ws, stage)
+        with contextlib.chdir(ws), Repo(str(ws)) as repo:
+            repo.commit(stage, force=True)
+        return _commit_lock(ws, message)
 
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:

@@ -100,7 +100,8 @@ def subject_add(
                                          label=f"{customer}/{subject}")
     if not report.success:
         raise DataValidationError(f"photos for {customer}/{subject}", report.failures)
-    rev = add_subject(settings, customer, subject, class_noun, [p.resolve() for p in photos], replace=replace)
+    rev = add_subject(settings, customer, subject, class_noun, [p.resolve() for p in photos], replace=replace,
+                      on_wait=lambda: typer.echo("another command is changing the workspace; waiting for it to finish", err=True))
     typer.echo(f"added {len(photos)} photos as {customer}/{subject} (class {class_noun}) at data revision {rev[:12]}")
 
 

@@ -64,3 +64,46 @@ def test_duplicate_names_refused_and_nothing_left_behind(ws, photos, tmp_path):
 def test_uninitialised_workspace(tmp_path):
     with pytest.raises(WorkspaceError, match="atelier init"):
         subject_revision(Settings(workspace=tmp_path / "none"), "a", "b")
+
+
+def test_concurrent_subject_adds_wait_their_turn_and_both_land(ws, photos):
+    import threading
+
+    from atelier.storage import file_lock
+
+    waited, results, errors = [], {}, []
+
+    def add(name):
+        try:
+            results[name] = add_subject(ws, "acme", name, "toy", photos[:4], on_wait=lambda: waited.append(name))
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    with file_lock(ws.workspace / ".atelier" / "workspace.lock"):  # a command already changing the workspace
+        threads = [threading.Thread(target=add, args=(name,)) for name in ("one", "two")]
+        for t in threads:
+            t.start()
+        for _ in range(100):
+            if len(waited) == 2:
+                break
+            threading.Event().wait(0.05)
+        assert sorted(waited) == ["one", "two"] and not results
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert list_subjects(ws) == ["acme/one", "acme/two"]
+    assert results["one"] == subject_revision(ws, "acme", "one") and results["two"] == subject_revision(ws, "acme", "two")
+
+
+def test_a_dvc_command_holding_dvcs_lock_is_a_clear_error_not_a_crash(ws, photos):
+    import zc.lockfile
+
+    lock = zc.lockfile.LockFile(str(ws.workspace / ".dvc" / "tmp" / "lock"))
+    try:
+        with pytest.raises(WorkspaceError, match="DVC is locked by another command") as err:
+            add_subject(ws, "acme", "robot", "toy", photos[:4])
+        assert "run this one again" in err.value.fix
+    finally:
+        lock.close()
+    assert list_subjects(ws) == []  # nothing half-added
+    add_subject(ws, "acme", "robot", "toy", photos[:4])
