@@ -72,3 +72,11 @@ class DiskError(AtelierError):
     lost or half-written)."""
 
     exit_code = 6
+
+
+class PartlyDone(AtelierError):
+    """A batch (or a folder of documents) finished, but some of its items were not done: each one is
+    named on stderr and in the report, and the rest were done and kept. Exit code 7, so a script can
+    tell "all done" (0) and "nothing done" (2) from "fix these items and run again" (a rerun does only them)."""
+
+    exit_code = 7

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from atelier.errors import GateRefused, NotFound
+from atelier.errors import GateRefused, NotFound, PartlyDone
 from cli.common import cli_settings, friendly, prefect_ready
 from cli.progress import Progress
 
@@ -138,7 +138,7 @@ def ocr_cmd(
 ) -> None:
     """Read documents with a registered OCR model, loaded once for all of them: pages are detected and
     read in reading order, lines of all files batched together. A bad file gets an `error` naming it
-    and the fix, and the rest are still read; exit 0 when every file was read, 2 when some were not."""
+    and the fix, and the rest are still read; exit 0 when every file was read, 7 when some were not, 2 when none was."""
     from atelier.storage import write_text_atomic
     from models.ocr.engine import read_documents
     from models.ocr.langs import language
@@ -173,5 +173,8 @@ def ocr_cmd(
                    f"({flagged} flagged for review, {len(failed)} not readable)", err=True)
     else:
         typer.echo(text, nl=False)
-    if failed:
+    if failed and len(failed) == len(result):
         raise typer.Exit(2)
+    if failed:
+        raise PartlyDone(f"{len(failed)} of {len(result)} file(s)", "could not be read (named above; the others were read)",
+                         "fix or remove those files and run again")

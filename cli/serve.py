@@ -13,10 +13,18 @@ from atelier.errors import AtelierError
 
 
 def _report(result: dict) -> None:
+    """The batch's counts; each item not done is named on stderr, and then the exit code is 7."""
+    from atelier.errors import PartlyDone
+
     typer.echo(f"{result['model']}: {result['written']} new, {result['done_before']} already done, "
                f"{len(result['invalid'])} invalid, {len(result['failed'])} failed -> {result['manifest']}")
-    for bad in result["invalid"] + result["failed"]:
+    not_done = result["invalid"] + result["failed"]
+    for bad in not_done:
         typer.echo(f"  not done: {bad.get('error')}", err=True)
+    if not_done:
+        raise PartlyDone(f"{len(not_done)} item(s) of the batch",
+                         f"were not done (named above and in {result['report']})",
+                         "fix them and run the same command again: it does only the items not done yet")
 
 
 def _check_local(path: str, what: str, fix: str) -> None:

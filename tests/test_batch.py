@@ -251,8 +251,17 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     assert [r["path"] for r in rows] == ["broken.png", "one.png", "sub dir/two.png"]
     assert "not an image" in rows[0]["error"] and rows[1]["error"] == "" and rows[1]["model"] == f"ocr/{reg.version}"
     assert first["written"] == 3 and len(first["failed"]) == 1
+    assert f"{docs}/broken.png" in rows[0]["error"] and "atelier-ocr-" not in rows[0]["error"]  # the user's file, not a temporary copy
     again = batch_ocr(str(docs), str(out), model=f"ocr/{reg.version}", lang="en", kind="line")
     assert again["written"] == 0 and again["done_before"] == 3
+    # the command: a batch with items not done is exit 7 (not 0), each one named by the user's path
+    from prefect.settings import PREFECT_API_URL
+
+    done = subprocess.run([sys.executable, "-m", "cli", "batch-ocr", str(docs), "--out", str(tmp_path / "cli"), "--model",
+                           f"ocr/{reg.version}", "--lang", "en", "--lines"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert done.returncode == 7, done.stdout + done.stderr[-3000:]
+    assert f"not done: {docs}/broken.png" in done.stderr and "1 item(s) of the batch" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.slow

@@ -34,12 +34,13 @@ def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang
     with tempfile.TemporaryDirectory(prefix="atelier-ocr-") as tmp:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            rows = []
-            for i in part:
-                local = Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}"
+            locals_ = {i: Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}" for i in part}
+            for i, local in locals_.items():
                 local.write_bytes(inputs.read_bytes(ids[i]))
-                rows.append({"path": str(local), "lang": lang, "kind": kind})
+            rows = [{"path": str(locals_[i]), "lang": lang, "kind": kind} for i in part]
             for i, row in zip(part, read_documents(engine, rows)):
+                if row["error"]:  # the engine read a temporary copy: name the user's file instead
+                    row["error"] = row["error"].replace(str(locals_[i]), f"{inputs.url}/{ids[i]}")
                 result = {**row, "path": ids[i], "lines": json.loads(row["lines"]), "model": model}
                 payload = json.dumps(result, ensure_ascii=False, sort_keys=True).encode()
                 records[i] = commit(out, i, f"results/{i}.json", payload, {"path": ids[i], "model": model,
@@ -47,8 +48,8 @@ def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang
                 progress.written.append(i)
                 if row["error"]:
                     progress.failed.append({"id": ids[i], "error": row["error"]})
-            for i in part:
-                (Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}").unlink(missing_ok=True)
+            for local in locals_.values():
+                local.unlink(missing_ok=True)
             if on_progress:
                 on_progress(len(records), len(ids))
     return records, progress
