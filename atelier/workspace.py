@@ -24,6 +24,7 @@ import yaml
 from atelier.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceError
 from atelier.gitinfo import SOURCE_ROOT
 from atelier.hashing import file_hashes
+from atelier.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
 from atelier.settings import Settings
 from atelier.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
 
@@ -110,6 +111,7 @@ def init_workspace(settings: Settings) -> list[str]:
     for sub in ("data/subjects", "data/class-priors"):
         (ws / sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws / MARKER, {"version": 1})
+    write_launcher(ws)
     git(ws, "add", ".gitignore", ".dvc", *[n for n in (".dvcignore", *TEMPLATES) if (ws / n).exists()])
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", "atelier init")
@@ -156,6 +158,7 @@ def changing_workspace(settings: Settings, on_wait: Callable[[], None] | None = 
 
     ws = require_workspace(settings)
     with file_lock(ws / ".atelier" / "workspace.lock", on_wait):
+        write_launcher(ws)
         try:
             yield ws
         except LockError as exc:
@@ -195,12 +198,13 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
             repo.add(rel)
             _push(settings, repo)
-        listed = _list_in_pipeline(ws, customer, subject)
+        listed = list_subject(ws, customer, subject, class_noun)
         git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *listed)
         git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}")
     except BaseException:
-        if (ws / SUBJECTS_FILE).is_file() and git(ws, "ls-files", SUBJECTS_FILE):
-            git(ws, "checkout", "--", SUBJECTS_FILE)
+        for name in (SUBJECTS_FILE, PARAMS_FILE):
+            if (ws / name).is_file() and git(ws, "ls-files", name):
+                git(ws, "checkout", "--", name)
         if tracked:  # put the committed state back: photos from DVC's cache, metadata from git
             git(ws, "checkout", "--", f"{rel}.dvc", f"{rel}.yaml")
             with contextlib.chdir(ws), Repo(str(ws)) as repo:
@@ -211,23 +215,6 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
                 dest.with_suffix(suffix).unlink(missing_ok=True)
         raise
     return subject_revision(settings, customer, subject)
-
-
-SUBJECTS_FILE = "subjects.yaml"
-
-
-def _list_in_pipeline(ws: Path, customer: str, subject: str) -> list[str]:
-    """Add the subject to subjects.yaml (dvc.yaml's finetune stage iterates over it); returns the file
-    to commit, or nothing for a workspace made before the stage existed."""
-    path = ws / SUBJECTS_FILE
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    listed = dict((yaml.safe_load(text) or {}).get("subjects") or {})
-    listed[f"{customer}.{subject}"] = {"customer": customer, "subject": subject}
-    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
-    write_text_atomic(path, header + yaml.safe_dump({"subjects": dict(sorted(listed.items()))}, sort_keys=False))
-    return [SUBJECTS_FILE]
 
 
 def commit_stage(settings: Settings, stage: str, message: str) -> str:
@@ -335,15 +322,15 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     import yaml
     from dvc.repo import Repo
 
-    ws = require_workspace(settings)
-    _require_stage(ws, stage)
-    # the stage's command is `atelier ...`: the interpreter's own bin directory goes first on PATH, so it
-    # is found when Atelier runs from a virtual environment that is not activated
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
-        repo.reproduce(stage)
-        _push(settings, repo)
-    return _commit_lock(ws, message)
+    with changing_workspace(settings) as ws:
+        _require_stage(ws, stage)
+        # a workspace made before .atelier/bin/atelier runs a bare `atelier ...`: the interpreter's own
+        # bin directory goes first on PATH, so it is found in a virtual environment that is not activated
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
+            repo.reproduce(stage)
+            _push(settings, repo)
+        return _commit_lock(ws, message)
 
 
 def _commit_lock(ws: Path, message: str) -> str:
