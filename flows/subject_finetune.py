@@ -76,7 +76,8 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
                 print(note)
                 summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
                 return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
-                        "run_id": existing["run_id"], "gate": existing["gate"], "training_key": key,
+                        "run_id": existing["run_id"], "training_key": key,
+                        "gate": existing["gate"] or {"passed": "champion" in existing["aliases"], "reasons": []},
                         "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
         return _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors)
 
@@ -98,7 +99,9 @@ def _train_register_gate(customer, subject, settings, base, embedded, config, sn
         "prefect.flow_run_id": str(flow_run.id), "eval.summary": samples["health"],
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
-    if settings.judge.backend != "none":  # scores go on the version before the gate reads them
+    # scores go on the version before the gate reads them; a version this judge already scored is not
+    # asked again (a rerun of unchanged inputs makes no request), and a gate decision that stands writes no row
+    if settings.judge.backend != "none" and not (registered["reused"] and judge_tasks.judged_before(registered)):
         judge_tasks.record_judgment(registered, judge_tasks.judge_samples(samples, snapshot, priors, config["identifier"]))
     gate = promotion_gate(registered, str(flow_run.id))
     summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},

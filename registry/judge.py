@@ -27,6 +27,12 @@ def record_judgment(settings: Settings, name: str, version: str, run_id: str, su
         client.log_metric(run_id, key, value)
 
 
+def recorded_judgment(settings: Settings, name: str, version: str) -> dict | None:
+    """The judgement summary on the version's card, or None."""
+    tag = client_for(settings).get_model_version(name, version).tags.get(JUDGE_TAG)
+    return json.loads(tag) if tag else None
+
+
 def _thumbnail(path: str | None):
     from pathlib import Path
 

@@ -118,6 +118,10 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     gate = json.loads(result.as_json())
     from_alias = CANDIDATE if CANDIDATE in (mv.aliases or []) else None
     if not result.passed:
+        last = _latest_verdict(rows, str(version))
+        if action == "promote" and last is not None and last.action == "refuse" and last.replaced_version == previous \
+                and json.loads(last.gate or "{}") == gate:
+            return Promotion(name, str(version), False, result.reasons, previous, last)  # the same refusal again: nothing to add
         row = append(client, ledger, model=name, version=str(version), action="refuse", actor=actor, reason=reason, gate=gate,
                      metrics=summary, from_alias=from_alias, to_alias=None, replaced_version=previous, flow_run_id=flow_run_id)
         client.set_model_version_tag(name, str(version), REFUSED_TAG, "; ".join(result.reasons)[:4000])
@@ -127,6 +131,11 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     row = move_champion(client, ledger, name, str(version), action=action, actor=actor, reason=reason, gate=gate,
                         metrics=summary, from_alias=from_alias, flow_run_id=flow_run_id)
     return Promotion(name, str(version), True, [], str(version), row)
+
+
+def _latest_verdict(rows: list[LedgerRow], version: str) -> LedgerRow | None:
+    verdicts = [r for r in rows if r.version == version and (r.action == "refuse" or r.action in CONFIRMS)]
+    return verdicts[-1] if verdicts else None
 
 
 def _against_champion(client: MlflowClient, name: str, champion: str, result: GateResult, summary: dict, rules: GateRules) -> GateResult:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
-VERSIONS = {"judge-samples": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
+VERSIONS = {"judge-samples": "1", "judged-before": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
 MAX_CLASS_IMAGES = 4
 
 
@@ -44,7 +44,7 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
 
         summary.update(ClassicMetrics(s.judge.clip_weights, s.judge.dino_weights).score([(png, prompt) for _, png, prompt in items], refs))
     usage = judge.usage
-    summary.update(judge=judge.name, requests=usage.requests, retries=usage.retries, cache_hits=scorer.cache.hits,
+    summary.update(judge=judge.name, judge_config=judge_config(s.judge), requests=usage.requests, retries=usage.retries, cache_hits=scorer.cache.hits,
                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                    cost_usd=usage.cost(s.judge.usd_per_million_input, s.judge.usd_per_million_output))
     logger().info("VLM judge %s%s: prompt %.2f, fidelity %s, prior leak %s, %d failed, %d requests (%d cached), %d+%d tokens",
@@ -57,6 +57,30 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("objects", "path")} for r in rows]
     create_table_artifact(table, description=f"VLM judgments ({judge.name}{'' if summary['calibrated'] else ', uncalibrated'})")
     return {"summary": summary, "rows": rows}
+
+
+def judge_config(cfg) -> str:
+    """What makes two judgements of the same images comparable: the judge and how it is asked."""
+    from atelier.hashing import value_hash
+
+    return value_hash({"backend": cfg.backend, "model": cfg.model, "base_url": cfg.base_url, "weights": str(cfg.local_weights),
+                       "captions": cfg.captions, "clip": str(cfg.clip_weights), "dino": str(cfg.dino_weights),
+                       "task": VERSIONS["judge-samples"]})[:16]
+
+
+@task(name="judged-before", version=VERSIONS["judged-before"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
+      retry_delay_seconds=5)
+@tracked
+def judged_before(registered: dict) -> bool:
+    """The version (same content: same training key) holds a judgement by this judge that did not fail."""
+    from registry.judge import recorded_judgment
+
+    summary = recorded_judgment(settings(), registered["name"], registered["version"])
+    ok = summary is not None and not summary.get("error") and summary.get("judge_config") == judge_config(settings().judge)
+    if ok:
+        logger().info("%s v%s was judged before by %s: reusing that judgement (no request)", registered["name"],
+                      registered["version"], summary.get("judge"))
+    return ok
 
 
 @task(name="record-judgment", version=VERSIONS["record-judgment"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,

@@ -72,14 +72,15 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
       retry_delay_seconds=5)
 @tracked
 def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
-    """The version already registered from exactly these inputs (training key), or None."""
+    """The version already registered from exactly these inputs (training key), or None; its `gate` is
+    the decision recorded on its card, or None if it was never gated."""
     from registry.dreambooth import find_version, model_name
 
     name = model_name(customer, subject)
     mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)
     if mv is None:
         return None
-    gate = json.loads(mv.tags["atelier.gate"]) if "atelier.gate" in mv.tags else {"passed": "champion" in mv.aliases, "reasons": []}
+    gate = json.loads(mv.tags["atelier.gate"]) if "atelier.gate" in mv.tags else None  # None: never gated (interrupted)
     return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "run_id": mv.run_id, "gate": gate}
 
 

@@ -151,11 +151,13 @@ def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspac
     assert "IMAGE (64, 64) RGB" in done.stdout
 
 
-def test_rerun_with_same_inputs_registers_nothing_new(first_run):
+def test_rerun_with_same_inputs_registers_nothing_new(first_run, workspace):
     from flows.subject_finetune import subject_finetune
 
+    rows = len(workspace_ledger_rows(workspace))
     again = subject_finetune("acme", "robot")
-    assert again["version"] == first_run["version"] and again["registered_before"]
+    assert again["version"] == first_run["version"] and again["registered_before"] and again["gate"]["passed"]
+    assert len(workspace_ledger_rows(workspace)) == rows  # the recorded decision stands: no new intent/promote rows
 
 
 def test_second_subject_of_the_same_class_reuses_class_priors(first_run, workspace, client, tmp_path):

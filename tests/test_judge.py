@@ -168,9 +168,10 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
     monkeypatch.setenv("ATELIER_JUDGE__BASE_URL", server.url)
     faults.extend(["yes:0.95"] * 200)
     assert subject_finetune("judgeco", "robot")["gate"]["passed"]  # the same version, judged again, within the rules
-    rows = len(open_ledger(workspace).rows(high["model"]))
+    rows, asked = len(open_ledger(workspace).rows(high["model"])), len(server.app.state.seen)
     again = subject_finetune("judgeco", "robot")  # already the champion: nothing moves, so the ledger is unchanged
     assert again["gate"]["passed"] and len(open_ledger(workspace).rows(high["model"])) == rows
+    assert len(server.app.state.seen) == asked  # and the judgement of that content stands: no request
 
 
 def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monkeypatch):

@@ -61,6 +61,15 @@ def test_promotions_refusals_and_candidates_verify_clean_and_a_refused_version_l
     assert "atelier.refused" in client.get_model_version(NAME, bad).tags
     assert [r.action for r in ledger.rows()] == ["candidate", "intent", "promote", "candidate", "refuse"]
     assert _problems(client, ledger) == []
+    # promoting it again, and the champion again, decides nothing new: the ledger is unchanged
+    again = _promote(client, ledger, bad)
+    assert not again.passed and again.reasons == refused.reasons and again.row.seq == refused.row.seq
+    assert _promote(client, ledger, "1").passed and len(ledger.rows()) == 5
+    # the same version against another champion is a new decision, and is written
+    third = _version(client, ledger)
+    assert _promote(client, ledger, third).passed
+    assert not _promote(client, ledger, bad).passed and [r.action for r in ledger.rows()][-1] == "refuse"
+    assert ledger.rows()[-1].replaced_version == third
 
 
 @pytest.mark.parametrize("delete", ["newest row", "the model's only row", "every row"])
