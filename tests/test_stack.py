@@ -29,7 +29,9 @@ def test_up_starts_on_postgres_and_s3_and_is_idempotent(stack):
 
 
 def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_process(stack):
-    (stack.ws / "schedules.yaml").write_text('retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\n')
+    # the ledger audit every minute: the next test checks that the schedule fired while this one trained
+    (stack.ws / "schedules.yaml").write_text('retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\n'
+                                             'audit: {cron: "* * * * *"}\n')
     deployed = stack.run(ATELIER, "deploy")
     assert "work pool 'atelier'" in deployed.stdout
     # the worker that `atelier up` started picks the run up from the pool and runs it in its own process
@@ -56,6 +58,19 @@ def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_proc
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ROWS 1" in done.stdout
     assert stack.mlflow().get_experiment_by_name("atelier-acme").artifact_location.startswith(f"s3://{BUCKET}/mlflow/acme")
+
+
+def test_a_cron_schedule_fires_on_the_stack(stack):
+    """The stack's Prefect server schedules the audit deployed a test ago, and the stack's worker runs it."""
+    query = ("SELECT r.state_type, r.auto_scheduled FROM flow_run r JOIN deployment d ON d.id = r.deployment_id "
+             "WHERE d.name = %s AND r.state_type = 'COMPLETED'")
+    deadline, done = time.monotonic() + 180, []
+    while time.monotonic() < deadline and not done:
+        done = stack.sql("prefect", query, "ledger-audit")
+        time.sleep(0 if done else 5)
+    assert done and done[0][1] is True, "no scheduled ledger-audit run completed on the stack"
+    (stack.ws / "schedules.yaml").write_text('audit: {cron: "* * * * *", paused: true}\n')  # quiet for the tests after this
+    stack.run(ATELIER, "deploy")
 
 
 def test_batch_generation_reads_and_writes_s3(stack):
