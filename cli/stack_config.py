@@ -16,7 +16,8 @@ from atelier.settings import Settings
 from atelier.storage import write_secret_file
 
 DATABASE_PARTS = ("prefect", "mlflow", "mlflow_auth", "ledger")
-MLFLOW_ADMIN = "atelier-ops"  # the platform's identity on MLflow (admin); customers are users beside it
+MLFLOW_ADMIN = "atelier-ops"  # the operator's identity on MLflow (admin); customers are users beside it
+MLFLOW_WORKER = "atelier-worker"  # the worker's: not an admin, MANAGE on every experiment and model (registry/auth_app.py)
 PREFECT_USER = "atelier"
 PLATFORM_IDENTITY = "atelier-platform"  # the platform's S3 identity (read/write); customers' readers sit beside it
 # what a server or worker inherits from the caller's environment; everything else it gets is named
@@ -57,16 +58,22 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
 
     path = secrets_file(settings)
     try:
-        return json.loads(path.read_text())
+        kept = json.loads(path.read_text())
     except FileNotFoundError:
-        pass
+        kept = None
     except json.JSONDecodeError:
         raise ConfigError(str(path), "is not valid JSON", "restore it from a backup, or remove it and run `atelier down --drop-databases` "
                           "then `atelier up` (new credentials; the stored data stays in S3 and is readable only with the old keys)") from None
+    if kept is not None:
+        if "mlflow_worker_password" not in kept:  # a stack made before the worker had an identity of its own
+            kept["mlflow_worker_password"] = rng.token_urlsafe(24)
+            write_secret_file(path, json.dumps(kept, indent=1))
+        return kept
     values = {
         "s3_access_key": "atelier" + rng.token_hex(8),
         "s3_secret_key": rng.token_urlsafe(30),
         "mlflow_admin_password": rng.token_urlsafe(24),
+        "mlflow_worker_password": rng.token_urlsafe(24),
         "mlflow_flask_secret": rng.token_urlsafe(32),
         "prefect_auth_string": f"{PREFECT_USER}:{rng.token_urlsafe(24)}",
         **{f"s3_jwt_{name}": rng.token_urlsafe(32) for name in ("write", "read", "filer_write", "filer_read")},
@@ -220,6 +227,8 @@ def mlflow_env(settings: Settings) -> dict[str, str]:
             "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
             # server-side jobs (online scoring, prompt optimisation) are features the platform does not use: no executor runs
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # the worker's identity (registry/auth_app.py): its name for the server, its password for the bootstrap only
+            "ATELIER_AUTH_WORKER_USER": MLFLOW_WORKER,
             # failed logins counted across the server's worker processes (registry/auth_policy.py)
             "ATELIER_AUTH_THROTTLE_DB": str(stack_dir(settings) / "mlflow-login-failures.db"),
             "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
@@ -237,7 +246,8 @@ def prepare_mlflow(settings: Settings) -> None:
         f"admin_username = {MLFLOW_ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "grant_default_workspace_access = false\n"))
-    env = {**inherited_environment(), **mlflow_env(settings)}
+    env = {**inherited_environment(), **mlflow_env(settings),
+           "ATELIER_AUTH_WORKER_PASSWORD": stack_secrets(settings)["mlflow_worker_password"]}
     done = subprocess.run([sys.executable, "-m", "registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise ServiceUnavailable("MLflow's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",

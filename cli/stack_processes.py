@@ -38,7 +38,7 @@ from typing import Callable
 
 from atelier.errors import ConfigError, ServiceUnavailable
 from atelier.settings import Settings
-from cli.stack_config import (MLFLOW_ADMIN, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
+from cli.stack_config import (MLFLOW_ADMIN, MLFLOW_WORKER, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
                                   seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
                                   database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
                                   stack_secrets)
@@ -108,7 +108,10 @@ def services(settings: Settings) -> list[Service]:
                    # the UI's settings name the API it sends the auth string to: this server's, not Prefect's default 4200
                    "PREFECT_SERVER_UI_API_URL": client["ATELIER_PREFECT_API_URL"]}
     # what flows need, and no more: the platform's clients' settings, Prefect's client settings
-    worker_env = {**client, "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"],
+    # its own MLflow identity, not the operator's admin: it can run every flow but not touch users
+    worker_env = {**client, "ATELIER_TRACKING_USERNAME": MLFLOW_WORKER,
+                  "ATELIER_TRACKING_PASSWORD": stack_secrets(settings)["mlflow_worker_password"],
+                  "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"],
                   "PREFECT_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
                   "PREFECT_HOME": str(home / "prefect-worker"), "PREFECT_WORKER_QUERY_SECONDS": "3",
                   # the flow-run processes it starts read these when Prefect is imported, before any Atelier code runs:

@@ -5,9 +5,10 @@ own it lets any authenticated user *create* experiments and registered models, a
 their manager: a customer could create `dreambooth-acme-new` (or the experiment `atelier-newco`)
 before the platform does and so own a name that the platform later fills with another customer's
 model. This app adds one rule in front of the resource checks: a user who is not an admin may only
-read. Every experiment, run, registered model, version, alias and tag is created by the platform's
-service identity (the admin), which then grants each customer READ on its own; nothing a customer
-can write decides who owns what.
+read. Every experiment, run, registered model, version, alias and tag is created by the platform: the
+operator (the admin) or the worker's own identity (not an admin: MANAGE on every experiment and model
+through a role, no say over users), which then grants each customer READ on its own; nothing a
+customer can write decides who owns what.
 
 Reads are GET/HEAD/OPTIONS and the POST endpoints that only search (`.../search`, `/graphql`, whose
 "mutations" are searches, `.../batch-get`). The basic-auth app's own checks still apply to them.
@@ -19,12 +20,25 @@ server's workers start (they would otherwise race to migrate a new database).
 
 from __future__ import annotations
 
+import os
+
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_POST_SUFFIXES = ("/search", "/graphql", "/batch-get")
 
 
 def is_read(method: str, path: str) -> bool:
     return method in READ_METHODS or (method == "POST" and path.rstrip("/").endswith(READ_POST_SUFFIXES))
+
+
+PLATFORM_ROLE = "atelier-platform"
+WORKER_USER_ENV = "ATELIER_AUTH_WORKER_USER"  # in the MLflow server's environment: the worker's user name
+WORKER_PASSWORD_ENV = "ATELIER_AUTH_WORKER_PASSWORD"  # (bootstrap only)
+
+
+def is_platform_user(username: str) -> bool:
+    """The worker's identity writes like the admin does, within its role's rights (see ensure_worker_user)."""
+    worker = os.environ.get(WORKER_USER_ENV)
+    return bool(worker) and username == worker
 
 
 def _only_admins_write():
@@ -37,7 +51,7 @@ def _only_admins_write():
     authorization = auth.authenticate_request()
     if not isinstance(authorization, auth.Authorization):
         return authorization  # the 401 asking for credentials
-    if auth.store.get_user(authorization.username).is_admin:
+    if auth.store.get_user(authorization.username).is_admin or is_platform_user(authorization.username):
         return None
     return auth.make_forbidden_response()
 
@@ -58,9 +72,38 @@ def create_app():
 
 
 def bootstrap() -> None:
-    from mlflow.server.auth import bootstrap_admin_user
+    from mlflow.server.auth import bootstrap_admin_user, store
 
     bootstrap_admin_user()
+    worker, password = os.environ.get(WORKER_USER_ENV), os.environ.get(WORKER_PASSWORD_ENV)
+    if worker and password:
+        ensure_worker_user(store, worker, password)
+
+
+def ensure_worker_user(store, username: str, password: str) -> None:
+    """The identity flows run under on a worker: not an admin, so it cannot create users, change anyone's
+    password or make an admin, but MANAGE on every experiment and registered model through a role in
+    MLflow's default workspace, which is what registering, promoting and granting a customer READ need.
+    Idempotent: `atelier up` runs it on every start (and so rotates nothing by accident: the password
+    comes from the stack's secrets)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.workspace_utils import DEFAULT_WORKSPACE_NAME
+
+    if store.has_user(username, use_primary=True):
+        store.update_user(username, password=password, is_admin=False)
+    else:
+        store.create_user(username, password, is_admin=False)
+    try:
+        role = store.get_role_by_name(DEFAULT_WORKSPACE_NAME, PLATFORM_ROLE)
+    except MlflowException:
+        role = store.create_role(PLATFORM_ROLE, DEFAULT_WORKSPACE_NAME, "Atelier's worker: manages every experiment and model")
+    granted = {(p.resource_type, p.resource_pattern) for p in store.list_role_permissions(role.id)}
+    for resource_type in ("experiment", "registered_model"):
+        if (resource_type, "*") not in granted:
+            store.add_role_permission(role.id, resource_type, "*", "MANAGE")
+    user = store.get_user(username)
+    if role.id not in {r.id for r in store.list_user_roles(user.id)}:
+        store.assign_role_to_user(user.id, role.id)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ servers, OTLP ingestion) that the Flask-side permission checks never see; the as
 commands on the server. This ASGI layer runs before any of them and decides on the route a request
 matches:
 
-    platform (MLflow admin)   every Flask route; native routes only from NATIVE_ROUTES (health, server
-                              info, artifact transfer): the assistant, jobs, gateway, MCP and OTLP are off
+    platform (admin, worker)  every Flask route (MLflow's own checks keep user management to the admin);
+                              native routes only from NATIVE_ROUTES (health, server info, artifact
+                              transfer): the assistant, jobs, gateway, MCP and OTLP are off
     customer                  only the read routes in CUSTOMER_ROUTES (MLflow's own per-resource checks
                               still apply to them: a customer reads only what it was granted)
     anonymous                 health, static UI files and server info; everything else 401
@@ -194,7 +195,9 @@ def _mlflow_users(username: str, password: str) -> Caller | None:
 
     if not store.authenticate_user(username, password):
         return None
-    return Caller(username, bool(store.get_user(username).is_admin))
+    from registry.auth_app import is_platform_user
+
+    return Caller(username, bool(store.get_user(username).is_admin) or is_platform_user(username))
 
 
 async def _respond(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:

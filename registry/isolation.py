@@ -98,24 +98,28 @@ def _user_exists(auth, username: str) -> bool:
         return False
 
 
-def _grant_read(auth, customer: str, resource_type: str, resource_id: str) -> None:
-    """READ for the customer's user; a grant it already has is done, not an error (`customer add` resets)."""
+def _grant_read(auth, customer: str, resource_type: str, resource_id: str) -> bool:
+    """READ for the customer's user; a grant it already has is done, not an error (`customer add` resets).
+    False where the customer has no user yet (`customer add` grants everything when it makes one)."""
     try:
         auth.grant_user_permission(customer, resource_type, resource_id, "READ")
     except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
         if "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
+    return True
 
 
 def grant_customer_read(settings: Settings, name: str, customer: str) -> bool:
     """With basic auth on, give the customer's user READ on `name` and on its experiment (where the
-    model's artifacts live), if the user exists."""
+    model's artifacts live), if the user exists. The platform's worker identity may do this: it
+    manages every model, though it may not create or look up users."""
     if not auth_enabled(settings):
         return False
-    auth = auth_client(settings)
-    if not _user_exists(auth, customer):
+    auth = auth_client(settings)  # the worker may not look users up (only the admin may): the grant itself says
+    if not _grant_read(auth, customer, "registered_model", name):
         return False
-    _grant_read(auth, customer, "registered_model", name)
     _grant_experiment(settings, auth, customer)
     return True
 

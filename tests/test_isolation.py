@@ -20,6 +20,7 @@ from registry.isolation import AccessDenied, add_customer, require_owner
 
 pytestmark = pytest.mark.slow
 OPS, OPS_PW = "ops", "ops-Secret-pw-1"
+WORKER, WORKER_PW = "atelier-worker", "worker-Secret-pw-2"
 
 
 def _free_port() -> int:
@@ -39,6 +40,9 @@ def server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": OPS_PW,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update({"ATELIER_AUTH_WORKER_USER": WORKER, "ATELIER_AUTH_WORKER_PASSWORD": WORKER_PW})
+    subprocess.run([sys.executable, "-m", "registry.auth_app"], env=env, check=True, timeout=120)  # as `atelier up` does
+    env.pop("ATELIER_AUTH_WORKER_PASSWORD")  # the server needs the worker's name only
     # the stack's app: MLflow's basic auth plus "only the platform writes" (registry/auth_app.py)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "atelier-auth", "--host", "127.0.0.1",
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
@@ -155,3 +159,33 @@ def test_wrong_password_is_refused(server, registered):
     assert resp.status_code == 401
     anonymous = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"}, timeout=10)
     assert anonymous.status_code == 401
+
+
+def test_the_worker_identity_runs_the_flows_work_but_cannot_manage_users(server, registered, tiny_model, monkeypatch, tmp_path):
+    """The stack's worker is not the admin: MANAGE on every experiment and model through a role (it
+    registers a version of a model the operator made, a new model, grants the customer READ, moves
+    aliases), and no say over users."""
+    from registry.isolation import auth_client
+
+    settings, passwords = registered
+    worker = settings.model_copy(update={"tracking_username": WORKER, "tracking_password": WORKER_PW})
+    sample = tmp_path / "000.png"
+    Image.new("RGB", (8, 8), "blue").save(sample)
+    client, versions = _as(monkeypatch, server, WORKER, WORKER_PW), {}
+    for subject in ("robot", "lamp"):  # a model the operator registered, and a new one
+        versions[subject] = reg = register_dreambooth(worker, "acme", subject, tiny_model, {"training.key": f"w-{subject}", "customer": "acme"},
+                                  {"lr": 1}, [1.0, 0.5], {"m": 1.0}, [sample], sample, "dpmsolver++", 2, 2.0)
+        client.set_registered_model_alias(reg.name, "champion", reg.version)
+    auth = auth_client(worker)
+    for call in (lambda: auth.create_user("mallory", "Mallory-pw-123456"), lambda: auth.update_user_admin(WORKER, True),
+                 lambda: auth.update_user_password("acme", "Taken-over-123456"), lambda: auth.get_user("acme"),
+                 lambda: auth.delete_user("globex")):
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+            call()
+    _as(monkeypatch, server, OPS, OPS_PW)
+    auth_client(settings).update_user_password("acme", "acme-Worker-test-789")  # (a password only: no grant)
+    acme = _as(monkeypatch, server, "acme", "acme-Worker-test-789")  # the customer reads both: the worker granted them
+    assert acme.get_model_version_by_alias("dreambooth-acme-lamp", "champion").tags["atelier.customer"] == "acme"
+    assert acme.get_model_version_by_alias("dreambooth-acme-robot", "champion").version == versions["robot"].version
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
+        _as(monkeypatch, server, "globex", passwords["globex"]).get_registered_model("dreambooth-acme-lamp")

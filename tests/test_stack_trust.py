@@ -260,6 +260,14 @@ def test_no_secret_in_any_process_argv_or_in_info(stack, tenants):
     environ = psutil.Process(record["pid"]).environ()
     assert "PREFECT_SERVER_API_AUTH_STRING" not in environ and "MLFLOW_AUTH_ADMIN_PASSWORD" not in environ
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in environ and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environ
+    # and its own MLflow identity, not the operator's admin: it may not create users or make itself an admin
+    admin_password = json.loads((stack.ws / ".atelier/stack/secrets.json").read_text())["mlflow_admin_password"]
+    assert environ["ATELIER_TRACKING_USERNAME"] == "atelier-worker" and admin_password not in environ.values()
+    base, as_worker = stack.env["ATELIER_TRACKING_URI"], (environ["ATELIER_TRACKING_USERNAME"], environ["ATELIER_TRACKING_PASSWORD"])
+    assert requests.post(f"{base}/api/2.0/mlflow/users/create", json={"username": "mallory", "password": "Mallory-pw-12345"},
+                         auth=as_worker, timeout=10).status_code == 403
+    assert requests.patch(f"{base}/api/2.0/mlflow/users/update-admin", json={"username": "atelier-worker", "is_admin": True},
+                          auth=as_worker, timeout=10).status_code == 403
 
 
 def test_side_doors_of_the_mlflow_server_are_shut(stack, tenants):
