@@ -39,7 +39,7 @@ test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 layers:
-	$(PY) ../shared/checks/layers.py
+	$(PY) checks/layers.py
 
 ## Re-resolve requirements/base.in into requirements/lock.txt.
 lock:

@@ -35,15 +35,15 @@ def main() -> None:
     ap.add_argument("--model", default="dreambooth-acme-robot@champion")
     args = ap.parse_args()
 
-    from atelier.settings import load_settings
+    from atelier.kernel.settings import load_settings
 
     settings = load_settings()
     settings.apply_environment()
-    from atelier.objectstore import LocalStore
-    from models.batch.generate import run_generation
-    from models.batch.manifest import parse_generation_manifest
-    from models.dreambooth.sampling import GenerationRequest, generate
-    from registry.serving import load_python_model, pin
+    from atelier.kernel.objectstore import LocalStore
+    from atelier.models.batch.generate import run_generation
+    from atelier.models.batch.manifest import parse_generation_manifest
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate
+    from atelier.registry.serving import load_python_model, pin
 
     pinned = pin(settings, args.model)
     model = load_python_model(settings, pinned["name"], pinned["version"])
@@ -73,7 +73,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
 
-    from flows.batch import batch_generate
+    from atelier.flows.batch import batch_generate
 
     manifest = tmp / "manifest.jsonl"
     manifest.write_text(text)

@@ -70,8 +70,8 @@ def baseline_job(base: Path, instance: Path, work: Path, count: int, steps: int,
     from diffusers import StableDiffusionPipeline
 
     from benchmarks.dreambooth_gpu import example_ids, example_models, example_step
-    from models.dreambooth.config import TrainConfig
-    from models.dreambooth.images import stack_folder
+    from atelier.models.dreambooth.config import TrainConfig
+    from atelier.models.dreambooth.images import stack_folder
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -117,8 +117,8 @@ def baseline_job(base: Path, instance: Path, work: Path, count: int, steps: int,
 def _fingerprint(base: Path, cache: Path) -> str:
     """The base model's content hash as the flow gets it: hashed once, then cached by the files'
     paths, sizes and mtimes (the fingerprint-base-model task), so a warm job does not re-read 4 GB."""
-    from atelier.hashing import stat_signature
-    from models.dreambooth.base import model_hash
+    from atelier.kernel.hashing import stat_signature
+    from atelier.models.dreambooth.base import model_hash
 
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     signature = stat_signature(base)
@@ -130,9 +130,9 @@ def _fingerprint(base: Path, cache: Path) -> str:
 
 
 def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, compiled: bool) -> dict:
-    from models.dreambooth.config import load_train_config
-    from models.dreambooth.priors import PriorSpec, ensure_class_priors
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.models.dreambooth.config import load_train_config
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = load_train_config(ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps,
                                                                             "num_class_images": count})

@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli.demo_data import draw_robot  # noqa: E402
-from models.dreambooth.config import LoraConfig, TrainConfig  # noqa: E402
-from models.dreambooth.trainer import TrainInputs, train  # noqa: E402
+from atelier.cli.demo_data import draw_robot  # noqa: E402
+from atelier.models.dreambooth.config import LoraConfig, TrainConfig  # noqa: E402
+from atelier.models.dreambooth.trainer import TrainInputs, train  # noqa: E402
 
 
 def build_sd15(out: Path, bpe: Path | None) -> Path:
@@ -40,7 +40,7 @@ def build_sd15(out: Path, bpe: Path | None) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from models.dreambooth.tokenizer import write_clip_tokenizer
+    from atelier.models.dreambooth.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
@@ -134,7 +134,7 @@ def example_ids(base: Path, cfg: TrainConfig, device: str) -> torch.Tensor:
 
 def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str) -> dict:
     """The loop of diffusers' train_dreambooth.py, reduced to what runs per step."""
-    from models.dreambooth.images import stack_folder
+    from atelier.models.dreambooth.images import stack_folder
 
     _reset_memory(device)
     m = example_models(base, cfg, device)
@@ -191,7 +191,7 @@ def class_images(base: Path, count: int, size: int, device: str, baseline: bool,
                  steps: int = 25, batch: int = 16) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
     _reset_memory(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -232,7 +232,7 @@ def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int
     for n in sorted({1, gpus}):
         result = tmp / f"scaling-{n}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "models.dreambooth.launch", "--config", str(config), "--base", str(base), "--instance", str(instance),
+               "-m", "atelier.models.dreambooth.launch", "--config", str(config), "--base", str(base), "--instance", str(instance),
                "--class-dir", str(klass), "--class-noun", "toy", "--work", str(tmp / f"scaling-work-{n}"),
                "--step-budget", str(warmup + steps), "--result", str(result)]
         done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
@@ -295,7 +295,7 @@ def main() -> None:
 
         run_row(args.e2e_row, args.e2e_base, args.e2e_instance, args.e2e_tmp, args.class_images, args.e2e_steps, args.e2e_size, args.json)
         return
-    from models.dreambooth.trainer import LOSS_READBACK_STEPS
+    from atelier.models.dreambooth.trainer import LOSS_READBACK_STEPS
 
     if args.warmup % LOSS_READBACK_STEPS or args.steps % LOSS_READBACK_STEPS:
         ap.error(f"--warmup and --steps must be multiples of {LOSS_READBACK_STEPS}: the trainer reads losses back in bursts")
@@ -303,7 +303,7 @@ def main() -> None:
     tmp = args.tmp or Path(tempfile.mkdtemp(prefix="atelier-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        from models.dreambooth.tiny import write_tiny_model
+        from atelier.models.dreambooth.tiny import write_tiny_model
 
         base, size = write_tiny_model(tmp / "tiny"), 64
     elif (tmp / "sd15" / "model_index.json").is_file():  # built by an earlier command with the same --tmp

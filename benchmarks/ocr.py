@@ -37,10 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.ocr.engine import load_engine, read_documents, shipped_engine_files  # noqa: E402
-from models.ocr.langs import LANGUAGES  # noqa: E402
-from models.ocr.metrics import summarise  # noqa: E402
-from models.ocr.render import RenderSpec, read_labels, render_set  # noqa: E402
+from atelier.models.ocr.engine import load_engine, read_documents, shipped_engine_files  # noqa: E402
+from atelier.models.ocr.langs import LANGUAGES  # noqa: E402
+from atelier.models.ocr.metrics import summarise  # noqa: E402
+from atelier.models.ocr.render import RenderSpec, read_labels, render_set  # noqa: E402
 
 TESS, TUNED = "Tesseract alone, language given", "Tesseract tuned (1 thread x cores), language given"
 ROUTES = {**{lang: "ppocr" for lang in ("zh", "ja", "en", "fr", "es", "de")}, "ko": "tesseract", "ru": "tesseract"}
@@ -61,8 +61,8 @@ def tesseract_cli(path: Path, lang: str, kind: str, tuned: bool) -> str:
 
 
 def registered_engine(ref: str):
-    from atelier.settings import load_settings
-    from registry.serving import load_ocr_engine
+    from atelier.kernel.settings import load_settings
+    from atelier.registry.serving import load_ocr_engine
 
     settings = load_settings()
     settings.apply_environment()
@@ -110,7 +110,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.threads) as pool:
         rows[TUNED] = timed(lambda: list(pool.map(lambda pr: tesseract_cli(pr[0], pr[1]["lang"], pr[1]["kind"], True), zip(paths, labels))))
     for generation, model in (("PP-OCRv4", "ppocrv4-rec"), ("PP-OCRv5", "ppocrv5-rec"), ("PP-OCRv6 small", "ppocrv6s-rec")):
-        from models.ocr.shipped import shipped
+        from atelier.models.ocr.shipped import shipped
 
         files, spec = shipped_engine_files({lang: "ppocr" for lang in LANGUAGES})
         rec, charset = shipped(model)

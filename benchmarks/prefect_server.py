@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _timed(env: dict[str, str], *args: str) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", *args], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise SystemExit(f"atelier {' '.join(args)} failed: {done.stderr[-800:]}")
     return time.perf_counter() - t0

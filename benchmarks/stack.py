@@ -56,10 +56,10 @@ def main() -> None:
              "ATELIER_STACK__S3_PORT": str(_port())}
     try:
         print(f"atelier up: {_run(stack, 'up'):.1f} s")
-        from cli.stack_processes import read_env_file
+        from atelier.cli.stack_processes import read_env_file
 
         stack.update(read_env_file(root / "stack" / ".atelier" / "stack" / "stack.env"))
-        from cli.demo_data import write_demo_photos
+        from atelier.cli.demo_data import write_demo_photos
 
         times: dict[str, dict[str, list[float]]] = {"embedded": {}, "stack": {}}
         for env in (embedded, stack):

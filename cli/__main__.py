@@ -1,5 +1,5 @@
-"""`python -m cli ...` is `atelier ...`."""
+"""`python -m atelier.cli ...` is `atelier ...`."""
 
-from cli.main import main
+from atelier.cli.main import main
 
 main()

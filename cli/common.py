@@ -7,8 +7,8 @@ from typing import Callable
 
 import typer
 
-from atelier.errors import AtelierError
-from atelier.settings import Settings, load_settings
+from atelier.kernel.errors import AtelierError
+from atelier.kernel.settings import Settings, load_settings
 
 
 def cli_settings() -> Settings:
@@ -21,13 +21,13 @@ def prefect_ready(settings: Settings) -> None:
     """Before a command runs a flow or reads Prefect (after its own checks, so a typo never waits for
     a server): on the embedded default, point Prefect's client at the workspace's background server,
     starting it the first time."""
-    from cli.local_servers import use_background_prefect
+    from atelier.cli.local_servers import use_background_prefect
 
     use_background_prefect(settings, lambda message: typer.echo(message, err=True))
 
 
 def _outage(exc: BaseException):
-    from atelier.outages import classify
+    from atelier.kernel.outages import classify
 
     try:
         return classify(exc, load_settings())
@@ -79,7 +79,7 @@ def friendly(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         import os
 
-        from cli.progress import bars
+        from atelier.cli.progress import bars
 
         _quiet_known_tracebacks()
         try:
@@ -113,7 +113,7 @@ def expand_photos(paths: list) -> list:
     hidden ones are left for the photo rules to name)."""
     from pathlib import Path
 
-    from atelier.errors import NotFound
+    from atelier.kernel.errors import NotFound
 
     out = []
     for path in map(Path, paths):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import cli_settings, friendly
+from atelier.cli.common import cli_settings, friendly
 
 
 @friendly
@@ -19,9 +19,9 @@ def judge_cmd(
 ) -> None:
     """One JSON line per image: P(yes) that it shows PROMPT, fidelity to the reference photos, caption.
     The judge is the settings' `judge` (ATELIER_JUDGE__BACKEND=http|local ...); answers are cached."""
-    from atelier.errors import NotFound
-    from models.vlm.factory import make_judge
-    from models.vlm.scoring import Cache, Scorer, judge_images
+    from atelier.kernel.errors import NotFound
+    from atelier.models.vlm.factory import make_judge
+    from atelier.models.vlm.scoring import Cache, Scorer, judge_images
 
     settings = cli_settings()
     for p in [*images, *reference]:

@@ -24,11 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from atelier.errors import ServiceUnavailable
-from atelier.settings import Settings
-from atelier.storage import write_secret_file
-from cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environment
-from cli.stack_processes import Service, _alive, _healthy, _read_record, _start, stop
+from atelier.kernel.errors import ServiceUnavailable
+from atelier.kernel.settings import Settings
+from atelier.kernel.storage import write_secret_file
+from atelier.cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environment
+from atelier.cli.stack_processes import Service, _alive, _healthy, _read_record, _start, stop
 
 NAMES = ("prefect", "mlflow")
 
@@ -87,7 +87,7 @@ def _mlflow_service(settings: Settings, port: int) -> Service:
                                f"database_uri = sqlite:///{home / 'mlflow-auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n"
                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                                "grant_default_workspace_access = false\n")
-        done = subprocess.run([sys.executable, "-m", "registry.auth_app"], env={**inherited_environment(), **env},
+        done = subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env={**inherited_environment(), **env},
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise ServiceUnavailable("the MLflow UI's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",

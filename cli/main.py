@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
-from cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
-from atelier.errors import ConfigError, GateRefused
+from atelier.cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
+from atelier.cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
+from atelier.kernel.errors import ConfigError, GateRefused
 
 app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
                   no_args_is_help=True, add_completion=False)
@@ -19,7 +19,7 @@ app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect,
 
 def _version(value: bool) -> None:
     if value:
-        from atelier.gitinfo import code_version
+        from atelier.kernel.gitinfo import code_version
 
         v = code_version()
         state = {True: ", with local changes", False: "", None: ""}[v.dirty]
@@ -40,8 +40,8 @@ app.add_typer(subject_app, name="subject")
 def init() -> None:
     """Create the workspace: git + DVC repo with a local remote, MLflow and Prefect stores, tiny base model."""
     settings = cli_settings()
-    from atelier.workspace import init_workspace
-    from models.dreambooth.tiny import write_tiny_model
+    from atelier.kernel.workspace import init_workspace
+    from atelier.models.dreambooth.tiny import write_tiny_model
 
     done = init_workspace(settings)
     if settings.base_model is None and not (settings.tiny_model_dir / "model_index.json").is_file():
@@ -77,13 +77,13 @@ def subject_add(
     """Validate photos, copy them into data/subjects/CUSTOMER/SUBJECT/, track with DVC and commit."""
     import tempfile
 
-    from atelier.errors import DataValidationError
-    from atelier.storage import check_customer, check_slug
-    from atelier.workspace import add_subject, require_workspace
-    from models.validation.subject_suite import validate_subject_images
+    from atelier.kernel.errors import DataValidationError
+    from atelier.kernel.storage import check_customer, check_slug
+    from atelier.kernel.workspace import add_subject, require_workspace
+    from atelier.models.validation.subject_suite import validate_subject_images
 
-    from atelier.workspace import check_class_noun
-    from models.photos import is_hidden
+    from atelier.kernel.workspace import check_class_noun
+    from atelier.models.photos import is_hidden
 
     settings = cli_settings()
     require_workspace(settings)
@@ -109,7 +109,7 @@ def subject_add(
 @friendly
 def subject_list() -> None:
     """List the workspace's subjects as CUSTOMER/SUBJECT."""
-    from atelier.workspace import list_subjects
+    from atelier.kernel.workspace import list_subjects
 
     for name in list_subjects(cli_settings()):
         typer.echo(name)
@@ -117,7 +117,7 @@ def subject_list() -> None:
 
 def _run_finetune(customer: str, subject: str, base_model: Optional[Path], config: Optional[Path], rev: Optional[str]) -> dict:
     prefect_ready(cli_settings())
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.subject_finetune import subject_finetune
 
     return subject_finetune(customer, subject, str(base_model) if base_model else None, str(config) if config else None, rev)
 
@@ -139,7 +139,7 @@ def _print_result(result: dict) -> None:
 
 def _write_record(path: Path, result: dict) -> None:
     """What the fine-tune made, for DVC to track as the finetune stage's output."""
-    from atelier.storage import write_json_atomic
+    from atelier.kernel.storage import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {k: result.get(k) for k in ("model", "version", "run_id", "data_rev", "training_key", "steps", "flow_run_id")}
@@ -161,13 +161,13 @@ def finetune(
     import os
 
     settings = cli_settings()
-    from atelier.storage import check_customer, check_slug
-    from atelier.workspace import require_workspace, subject_revision
-    from models.dreambooth.base import check_sd_directory
-    from models.dreambooth.config import load_train_config
+    from atelier.kernel.storage import check_customer, check_slug
+    from atelier.kernel.workspace import require_workspace, subject_revision
+    from atelier.models.dreambooth.base import check_sd_directory
+    from atelier.models.dreambooth.config import load_train_config
 
     # Pre-flight: bad input and a server that is down are refused in a second, before a Prefect run starts.
-    from atelier.outages import preflight
+    from atelier.kernel.outages import preflight
 
     preflight(settings)
     require_workspace(settings)
@@ -178,7 +178,7 @@ def finetune(
     check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     subject_revision(settings, customer, subject)
     if rev is not None:
-        from atelier.workspace import check_revision
+        from atelier.kernel.workspace import check_revision
 
         check_revision(settings, customer, subject, rev)  # a typo is exit 2 here, not a failed flow run
     if refresh:
@@ -205,10 +205,10 @@ def priors(
     function, same seeds), so reproducing the stage after a fine-tune costs a copy."""
     import shutil
 
-    from atelier.storage import atomic_dir
-    from cli.progress import Progress
-    from models.dreambooth.base import check_sd_directory, model_hash
-    from models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.kernel.storage import atomic_dir
+    from atelier.cli.progress import Progress
+    from atelier.models.dreambooth.base import check_sd_directory, model_hash
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 
     settings = cli_settings()
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
@@ -242,11 +242,11 @@ def generate(
     from mlflow import MlflowClient
     from PIL.PngImagePlugin import PngInfo
 
-    from atelier.errors import ConfigError
-    from atelier.outages import preflight
-    from atelier.storage import write_bytes_atomic
-    from registry.lineage import resolve
-    from registry.pyfunc import decode_png
+    from atelier.kernel.errors import ConfigError
+    from atelier.kernel.outages import preflight
+    from atelier.kernel.storage import write_bytes_atomic
+    from atelier.registry.lineage import resolve
+    from atelier.registry.pyfunc import decode_png
 
     if size is not None and size % 8:
         raise ConfigError(f"--size {size}", "is not a multiple of 8", f"use {size - size % 8} or {size - size % 8 + 8}")
@@ -257,11 +257,11 @@ def generate(
     mv = resolve(client, model)  # an unknown name, alias or version: exit 2 naming what exists
     uri = f"models:/{mv.name}/{mv.version}"  # pinned: the alias cannot move under this command
     if customer:
-        from registry.isolation import require_owner
+        from atelier.registry.isolation import require_owner
 
         require_owner(client, mv.name, customer)
     typer.echo(f"loading {uri} (checking its files against the ledger) ...", err=True)
-    from registry.serving import load_pyfunc
+    from atelier.registry.serving import load_pyfunc
 
     loaded = load_pyfunc(settings, mv.name, str(mv.version))
     rows = {"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}
@@ -291,8 +291,8 @@ def demo() -> None:
     import tempfile
     import time
 
-    from cli.demo_data import DEMO_CLASS, DEMO_CUSTOMER, DEMO_SUBJECT, write_demo_photos
-    from atelier.workspace import list_subjects
+    from atelier.cli.demo_data import DEMO_CLASS, DEMO_CUSTOMER, DEMO_SUBJECT, write_demo_photos
+    from atelier.kernel.workspace import list_subjects
 
     t0 = time.perf_counter()
     init()
@@ -303,7 +303,7 @@ def demo() -> None:
             subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
     result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
     _print_result(result)
-    from atelier.workspace import commit_stage, reproduce_stage
+    from atelier.kernel.workspace import commit_stage, reproduce_stage
 
     # the workspace's DVC pipeline holds what the flow used and made, so `dvc status` is clean after
     # the demo and `dvc dag` draws photos and class priors -> finetune
@@ -319,7 +319,7 @@ def demo() -> None:
     if missing:
         typer.echo(f"\nOCR part skipped: {missing} is missing (make ocr-system-deps installs it)")
     else:
-        from flows.ocr_calibrate import ocr_calibrate
+        from atelier.flows.ocr_calibrate import ocr_calibrate
 
         typer.echo("\nOCR: calibrating and quantizing the recogniser (ocr-calibrate flow)")
         cli_ocr.report_calibration(ocr_calibrate())

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from atelier.errors import GateRefused, NotFound, PartlyDone
-from cli.common import cli_settings, friendly, prefect_ready
-from cli.progress import Progress
+from atelier.kernel.errors import GateRefused, NotFound, PartlyDone
+from atelier.cli.common import cli_settings, friendly, prefect_ready
+from atelier.cli.progress import Progress
 
 
 
@@ -21,17 +21,17 @@ def ocr_calibrate_cmd(
     calibration_lines: int = typer.Option(64, help="calibration lines fed to the quantizer"),
 ) -> None:
     """Run the ocr-calibrate flow: document sets -> validate -> baselines -> int8 -> evaluate -> register -> gate."""
-    from atelier.workspace import require_workspace
+    from atelier.kernel.workspace import require_workspace
 
     if method not in ("MinMax", "Entropy", "Percentile"):
         raise typer.BadParameter("use MinMax, Entropy or Percentile", param_hint="--method")
-    from atelier.outages import preflight
+    from atelier.kernel.outages import preflight
 
     settings = cli_settings()
     preflight(settings)
     require_workspace(settings)
     prefect_ready(settings)
-    from flows.ocr_calibrate import ocr_calibrate  # Prefect reads its settings when imported: after prefect_ready
+    from atelier.flows.ocr_calibrate import ocr_calibrate  # Prefect reads its settings when imported: after prefect_ready
 
     result = ocr_calibrate(method=method, calibration_lines=calibration_lines)
     report_calibration(result)
@@ -59,7 +59,7 @@ def ocr_dependencies_missing() -> str | None:
     """What the OCR flow lacks on this machine (Tesseract, the fonts its sets are rendered with), or None."""
     import shutil
 
-    from models.ocr.render import missing_fonts
+    from atelier.models.ocr.render import missing_fonts
 
     if shutil.which("tesseract") is None:
         return "tesseract"
@@ -75,8 +75,8 @@ def documents_render_cmd(
     """Render the synthetic multilingual document sets (the dvc.yaml documents stage calls this)."""
     import yaml
 
-    from atelier.errors import ConfigError
-    from models.ocr.render import RenderSpec, render_splits
+    from atelier.kernel.errors import ConfigError
+    from atelier.models.ocr.render import RenderSpec, render_splits
 
     try:
         block = yaml.safe_load(params.read_text())["documents"]
@@ -91,7 +91,7 @@ def documents_render_cmd(
 def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(files to read, files skipped): a named path is always read (a bad one gets its error row); a
     folder is read for its images (by suffix or content), hidden files and other files skipped."""
-    from models.ocr.images import looks_like_image
+    from atelier.models.ocr.images import looks_like_image
 
     files: list[Path] = []
     skipped: list[Path] = []
@@ -139,10 +139,10 @@ def ocr_cmd(
     """Read documents with a registered OCR model, loaded once for all of them: pages are detected and
     read in reading order, lines of all files batched together. A bad file gets an `error` naming it
     and the fix, and the rest are still read; exit 0 when every file was read, 7 when some were not, 2 when none was."""
-    from atelier.storage import write_text_atomic
-    from models.ocr.engine import read_documents
-    from models.ocr.langs import language
-    from registry.serving import load_ocr_engine
+    from atelier.kernel.storage import write_text_atomic
+    from atelier.models.ocr.engine import read_documents
+    from atelier.models.ocr.langs import language
+    from atelier.registry.serving import load_ocr_engine
 
     if lang:
         language(lang)

@@ -1,6 +1,6 @@
 """Progress bars of the command line: counts, elapsed time and ETA for every long piece of work.
 
-Work below the command line reports through `atelier.progress`; while a command runs, `bars()`
+Work below the command line reports through `atelier.kernel.progress`; while a command runs, `bars()`
 listens and draws one bar per piece of work (training steps, class images, batch items, OCR files)
 on a terminal. Log lines (Prefect's console handler) are printed above the bars, not through them.
 Off a terminal nothing is drawn: the tasks' own log lines every 10% are the record there, and
@@ -17,7 +17,7 @@ from typing import Iterator
 
 import typer
 
-from atelier import progress
+from atelier.kernel import progress
 
 
 class _Board:

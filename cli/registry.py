@@ -8,20 +8,20 @@ from typing import Optional
 
 import typer
 
-from cli.common import cli_settings, friendly
-from atelier.errors import GateRefused
+from atelier.cli.common import cli_settings, friendly
+from atelier.kernel.errors import GateRefused
 
 ledger_app = typer.Typer(help="The tamper-evident promotion ledger.", no_args_is_help=True)
 customer_app = typer.Typer(help="Customers and their access to the registry.", no_args_is_help=True)
 
 
 def _registry():
-    from registry.dreambooth import client_for
-    from registry.ledger import open_ledger
+    from atelier.registry.dreambooth import client_for
+    from atelier.registry.ledger import open_ledger
 
     settings = cli_settings()
     if settings.tracking_uri is None or settings.ledger_url is None:  # embedded stores live in the workspace
-        from atelier.workspace import require_workspace
+        from atelier.kernel.workspace import require_workspace
 
         require_workspace(settings)
     return settings, client_for(settings), open_ledger(settings)
@@ -34,7 +34,7 @@ def lineage_cmd(
     verify: bool = typer.Option(False, "--verify", help="re-hash model artifacts and input data; exit 4 on drift"),
 ) -> None:
     """Walk a registered version back to its run, flow run, data files, base model, priors, code and promotions."""
-    from registry.lineage import lineage, verify as verify_lineage
+    from atelier.registry.lineage import lineage, verify as verify_lineage
 
     settings, client, ledger = _registry()
     report = lineage(client, ledger, ref)
@@ -77,7 +77,7 @@ def promote_cmd(
     reason: str = typer.Option(..., "--reason", help="why (kept in the ledger)"),
 ) -> None:
     """Make VERSION the champion, if it passes the gate; the ledger records the outcome."""
-    from registry.promotion import promote
+    from atelier.registry.promotion import promote
 
     settings, client, ledger = _registry()
     done = promote(client, ledger, model, version, actor=settings.actor, reason=reason, rules=settings.gate)
@@ -94,7 +94,7 @@ def rollback_cmd(
                                      "before the current one; versions rolled back or refused are skipped)"),
 ) -> None:
     """Move champion back to the last good version before it, through the gate and the ledger."""
-    from registry.promotion import rollback
+    from atelier.registry.promotion import rollback
 
     settings, client, ledger = _registry()
     done = rollback(client, ledger, model, actor=settings.actor, reason=reason, rules=settings.gate, to=to)
@@ -107,7 +107,7 @@ def ledger_verify() -> None:
     """Check the hash chain, its anchor in the registry and every champion/candidate alias against the
     ledger (after settling what a crash left half-done); exit 5 if anything was tampered with or moved
     outside Atelier."""
-    from registry.audit import verify_all
+    from atelier.registry.audit import verify_all
 
     _, client, ledger = _registry()
     settled, problems = verify_all(client, ledger)
@@ -132,12 +132,12 @@ def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champio
     """Reconcile interrupted promotions, verify the ledger against the registry and, with --restore,
     undo alias moves made outside Atelier. Exit 5 while a problem remains. `schedules.yaml`'s `audit`
     entry runs the same as a flow."""
-    from registry.audit import restore as restore_aliases
-    from registry.audit import verify_all
+    from atelier.registry.audit import restore as restore_aliases
+    from atelier.registry.audit import verify_all
 
     settings, client, ledger = _registry()
     if adopt:
-        from registry.ledger_anchor import AnchorStore
+        from atelier.registry.ledger_anchor import AnchorStore
 
         head = AnchorStore(client).adopt(ledger, actor=f"{settings.actor} via atelier audit --adopt")
         typer.echo(f"adopted the ledger: signed and anchored at row {head.split(':')[0]}" if head
@@ -154,7 +154,7 @@ def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champio
 @friendly
 def ledger_key() -> None:
     """Print the ledger's verify key (public: hand it to auditors; it checks row signatures and cannot make them)."""
-    from registry.ledger_keys import load_key
+    from atelier.registry.ledger_keys import load_key
 
     settings = cli_settings()
     typer.echo(load_key(settings.resolved_ledger_keys).verify_pem.decode().strip())
@@ -185,8 +185,8 @@ def customer_add(
     import functools
     import sys
 
-    from cli import stack_processes as stack
-    from registry.isolation import add_customer, write_customer_env
+    from atelier.cli import stack_processes as stack
+    from atelier.registry.isolation import add_customer, write_customer_env
 
     settings = cli_settings()
     password = sys.stdin.readline().strip() if password_stdin else None

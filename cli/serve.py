@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from cli.common import cli_settings, friendly, prefect_ready
-from atelier.errors import AtelierError
+from atelier.cli.common import cli_settings, friendly, prefect_ready
+from atelier.kernel.errors import AtelierError
 
 
 def _report(result: dict) -> None:
     """The batch's counts; each item not done is named on stderr, and then the exit code is 7."""
-    from atelier.errors import PartlyDone
+    from atelier.kernel.errors import PartlyDone
 
     typer.echo(f"{result['model']}: {result['written']} new, {result['done_before']} already done, "
                f"{len(result['invalid'])} invalid, {len(result['failed'])} failed -> {result['manifest']}")
@@ -29,7 +29,7 @@ def _report(result: dict) -> None:
 
 def _check_local(path: str, what: str, fix: str) -> None:
     """A local path a batch reads must exist before a flow run starts (an s3:// one is checked by the flow)."""
-    from atelier.errors import NotFound
+    from atelier.kernel.errors import NotFound
 
     if not path.startswith("s3://") and not Path(path).exists():
         raise NotFound(f"{what} {path}", "does not exist", fix)
@@ -40,8 +40,8 @@ def _check_model(settings, ref: str, customer: str | None = None) -> None:
     exit 2 in a second, with one line, not a failed flow run with Prefect's traceback above it."""
     from mlflow import MlflowClient
 
-    from registry.isolation import require_owner
-    from registry.lineage import resolve
+    from atelier.registry.isolation import require_owner
+    from atelier.registry.lineage import resolve
 
     client = MlflowClient(settings.resolved_tracking_uri)
     mv = resolve(client, ref)
@@ -59,8 +59,8 @@ def batch_generate_cmd(
 ) -> None:
     """Generate every manifest item once with one pinned model version (a rerun resumes, skipping
     items whose outputs exist and verify)."""
-    from atelier.outages import preflight
-    from atelier.storage import check_customer, check_slug
+    from atelier.kernel.outages import preflight
+    from atelier.kernel.storage import check_customer, check_slug
 
     settings = cli_settings()
     preflight(settings)
@@ -69,7 +69,7 @@ def batch_generate_cmd(
     _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion", customer)
     prefect_ready(settings)
-    from flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready
+    from atelier.flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready
 
     _report(batch_generate(customer, subject, manifest, out, model, batch_size))
 
@@ -83,14 +83,14 @@ def batch_ocr_cmd(
     lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines"),
 ) -> None:
     """Read every image once with the pinned OCR model; results.jsonl and report.json in OUT."""
-    from atelier.outages import preflight
+    from atelier.kernel.outages import preflight
 
     settings = cli_settings()
     preflight(settings)
     _check_local(inputs, "input folder", "name a folder of images or an s3://bucket/prefix")
     _check_model(settings, model)
     prefect_ready(settings)
-    from flows.batch import batch_ocr
+    from atelier.flows.batch import batch_ocr
 
     _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
 
@@ -105,7 +105,7 @@ def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
     in the settings (`atelier up` sets one) they go to that pool, whose workers run them."""
     settings = cli_settings()
     prefect_ready(settings)
-    from flows.schedules import deployments, load_schedules
+    from atelier.flows.schedules import deployments, load_schedules
 
     path = _schedule_file(file)
     for d in deployments(load_schedules(path)):
@@ -136,7 +136,7 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
     prefect_ready(settings)
     from prefect import serve
 
-    from flows.schedules import deployments, load_schedules
+    from atelier.flows.schedules import deployments, load_schedules
 
     deps = deployments(load_schedules(_schedule_file(file)))
     if not deps:
@@ -148,7 +148,7 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
 def run_cmd(deployment: str = typer.Argument(..., help="a deployment's name as `atelier deploy` printed it (FLOW/NAME, or NAME alone)")) -> None:
     """Start a deployment's flow now, outside its schedule; the worker serving it (`atelier worker`, or the
     stack's) picks it up at once."""
-    from atelier.errors import NotFound
+    from atelier.kernel.errors import NotFound
 
     settings = cli_settings()
     prefect_ready(settings)
@@ -170,7 +170,7 @@ def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] 
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Recent flow runs: state, the model version each used or made, and its outputs."""
     prefect_ready(cli_settings())
-    from flows.runs import recent_runs
+    from atelier.flows.runs import recent_runs
 
     rows = recent_runs(limit, flow)
     if as_json:

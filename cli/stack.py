@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 
 import typer
 
-from cli.common import cli_settings, friendly
-from atelier.errors import ConfigError
+from atelier.cli.common import cli_settings, friendly
+from atelier.kernel.errors import ConfigError
 
 
 @friendly
@@ -19,14 +19,14 @@ def up_cmd() -> None:
     """Start PostgreSQL databases, S3 (SeaweedFS, on disk), Prefect server, MLflow server and a worker on
     this machine, each requiring credentials; only what is not running yet. Writes the platform's client
     settings and credentials to .atelier/stack/stack.env (0600)."""
-    from cli import stack_processes as stack
+    from atelier.cli import stack_processes as stack
 
     settings = cli_settings()
     stack.up(settings, stack.SERVERS, typer.echo)
     # configured from a process that has the stack's settings, so Prefect talks to the stack's server
     env = {**os.environ, **stack.client_environment(settings)}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-m", "cli", "stack-init"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "stack-init"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise ConfigError("stack-init", (done.stderr or done.stdout).strip()[-800:], "read the message; `atelier status` shows the logs")
     typer.echo(done.stdout.rstrip())
@@ -42,7 +42,7 @@ def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
                                                  help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
     """Stop what `atelier up` and `atelier ui` started (by process id), and the workspace's background
     Prefect server. The databases and S3's data (.atelier/stack/s3/) stay; --drop-databases drops the databases."""
-    from cli import local_servers, stack_processes as stack
+    from atelier.cli import local_servers, stack_processes as stack
 
     settings = cli_settings()
     stopped = stack.down(settings) + [f"the workspace's {name} server" for name in local_servers.down(settings)]
@@ -51,7 +51,7 @@ def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
         dropped = stack.drop_databases(settings)
         typer.echo(f"dropped {', '.join(dropped)}" if dropped else "no databases to drop")
         if settings.ledger_url is None or any(name.endswith("_ledger") for name in dropped):
-            from registry.ledger_keys import HeadWitness
+            from atelier.registry.ledger_keys import HeadWitness
 
             HeadWitness(settings.resolved_ledger_keys, settings.resolved_ledger_url).path.unlink(missing_ok=True)  # its ledger is gone
 
@@ -65,7 +65,7 @@ def _print_status(states) -> None:
 @friendly
 def status_cmd() -> None:
     """What `atelier up` started and whether it still runs, with its log file."""
-    from cli import stack_processes as stack
+    from atelier.cli import stack_processes as stack
 
     states = stack.status(cli_settings())
     _print_status(states)
@@ -77,8 +77,8 @@ def status_cmd() -> None:
 def stack_init_cmd() -> None:
     """Configure a running stack (idempotent): S3 buckets, Prefect's default result storage on S3,
     the process work pool. Uses ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
-    from atelier.objectstore import open_store
-    from flows.stack_setup import configure_result_storage, ensure_work_pool
+    from atelier.kernel.objectstore import open_store
+    from atelier.flows.stack_setup import configure_result_storage, ensure_work_pool
 
     settings = cli_settings()
     if not settings.prefect_api_url:
@@ -99,8 +99,8 @@ def stack_init_cmd() -> None:
 def ui_urls(settings) -> list[str]:
     """Start what the UIs need and say where they are: on the embedded default the workspace's
     background Prefect server and an MLflow UI over the workspace's store; on the stack, its servers."""
-    from cli import local_servers
-    from cli.stack_config import MLFLOW_ADMIN
+    from atelier.cli import local_servers
+    from atelier.cli.stack_config import MLFLOW_ADMIN
 
     if settings.prefect_api_url:  # the stack (or another configured deployment): its own servers
         return [f"Prefect UI:  {settings.prefect_api_url.removesuffix('/api')}   (log in with the auth string of stack.env)",
@@ -116,7 +116,7 @@ def ui_urls(settings) -> list[str]:
 @friendly
 def ui_cmd() -> None:
     """Start the Prefect and MLflow UIs of this workspace in the background (once) and print their URLs."""
-    from atelier.workspace import require_workspace
+    from atelier.kernel.workspace import require_workspace
 
     settings = cli_settings()
     require_workspace(settings)

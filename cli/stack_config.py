@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from atelier.errors import ConfigError, ServiceUnavailable
-from atelier.settings import Settings
-from atelier.storage import write_secret_file
+from atelier.kernel.errors import ConfigError, ServiceUnavailable
+from atelier.kernel.settings import Settings
+from atelier.kernel.storage import write_secret_file
 
 DATABASE_PARTS = ("prefect", "mlflow", "mlflow_auth", "ledger")
 MLFLOW_ADMIN = "atelier-ops"  # the operator's identity on MLflow (admin); customers are users beside it
@@ -153,7 +153,7 @@ def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> 
     toml = "".join(f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
                    for section, name in (("signing", "write"), ("signing.read", "read"), ("filer_signing", "filer_write"),
                                          ("filer_signing.read", "filer_read")))
-    from cli.stack_tls import ensure_certificates, security_sections
+    from atelier.cli.stack_tls import ensure_certificates, security_sections
 
     toml += security_sections(ensure_certificates(s3_dir(settings) / "tls", settings.stack.host))
     write_secret_file(s3_dir(settings) / "security.toml", toml)
@@ -248,7 +248,7 @@ def prepare_mlflow(settings: Settings) -> None:
         "grant_default_workspace_access = false\n"))
     env = {**inherited_environment(), **mlflow_env(settings),
            "ATELIER_AUTH_WORKER_PASSWORD": stack_secrets(settings)["mlflow_worker_password"]}
-    done = subprocess.run([sys.executable, "-m", "registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise ServiceUnavailable("MLflow's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",
                                  "check that PostgreSQL answers (ATELIER_STACK__POSTGRES_URL)")

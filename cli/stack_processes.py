@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from atelier.errors import ConfigError, ServiceUnavailable
-from atelier.settings import Settings
-from cli.stack_config import (MLFLOW_ADMIN, MLFLOW_WORKER, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
+from atelier.kernel.errors import ConfigError, ServiceUnavailable
+from atelier.kernel.settings import Settings
+from atelier.cli.stack_config import (MLFLOW_ADMIN, MLFLOW_WORKER, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
                                   seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
                                   database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
                                   stack_secrets)
-from atelier.storage import write_secret_file, write_text_atomic
+from atelier.kernel.storage import write_secret_file, write_text_atomic
 
 # the configuration lives in stack_config; callers reach these through this module
 __all__ = ["MLFLOW_ADMIN", "client_environment", "database_names", "database_url", "reader_identity", "secrets_file", "stack_dir",

@@ -14,7 +14,7 @@ import datetime
 import ipaddress
 from pathlib import Path
 
-from atelier.storage import write_bytes_atomic, write_secret_file
+from atelier.kernel.storage import write_bytes_atomic, write_secret_file
 
 CA_CERT, NODE_CERT, NODE_KEY = "ca.crt", "node.crt", "node.key"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.runs import claim_and_sweep, run_name
-from tasks.common import summary_artifact
-from tasks.registry import audit_ledger
+from atelier.flows.runs import claim_and_sweep, run_name
+from atelier.tasks.common import summary_artifact
+from atelier.tasks.registry import audit_ledger
 
 FLOW_VERSION = "1"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from atelier.gitinfo import code_version
-from flows.runs import claim_and_sweep, finished, run_name
-from tasks import judge as judge_tasks
-from tasks import ocr as ocr_tasks
-from tasks.common import summary_artifact
-from tasks.ocr import cer_of as _cer
-from tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
+from atelier.kernel.gitinfo import code_version
+from atelier.flows.runs import claim_and_sweep, finished, run_name
+from atelier.tasks import judge as judge_tasks
+from atelier.tasks import ocr as ocr_tasks
+from atelier.tasks.common import summary_artifact
+from atelier.tasks.ocr import cer_of as _cer
+from atelier.tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
 
 FLOW_VERSION = "2"
 MAIN, PROBES = "ppocrv6s-rec", {"ppocrv6t": "ppocrv6t-rec", "ppocrv5": "ppocrv5-rec"}

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 
-from tasks.common import SUMMARY_KEY
+from atelier.tasks.common import SUMMARY_KEY
 
 PROCESS_PREFIX = "atelier"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from atelier.errors import ConfigError
-from atelier.storage import check_slug
+from atelier.kernel.errors import ConfigError
+from atelier.kernel.storage import check_slug
 
 
 class _Entry(BaseModel):
@@ -107,10 +107,10 @@ def deployments(schedules: Schedules) -> list:
     """RunnerDeployments (module entrypoints, so a worker anywhere with Atelier installed runs them)."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.audit import ledger_audit
-    from flows.batch import batch_generate, batch_ocr
-    from flows.ocr_calibrate import ocr_calibrate
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.audit import ledger_audit
+    from atelier.flows.batch import batch_generate, batch_ocr
+    from atelier.flows.ocr_calibrate import ocr_calibrate
+    from atelier.flows.subject_finetune import subject_finetune
 
     out = []
     def module(entry: _Entry) -> dict:

@@ -11,20 +11,20 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from atelier.errors import ConfigError
-from atelier.gitinfo import code_version
-from atelier.hashing import stat_signature
-from atelier.settings import load_settings
-from atelier.storage import check_customer, check_slug, file_lock
-from flows.runs import claim_and_sweep, finished, run_name
-from tasks import data as data_tasks
-from tasks import dreambooth as db_tasks
-from tasks import judge as judge_tasks
-from tasks import registry as reg_tasks
-from tasks.common import summary_artifact
-from tasks.data import pull_subject, validate_subject
-from tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
-from tasks.registry import promotion_gate, register_model
+from atelier.kernel.errors import ConfigError
+from atelier.kernel.gitinfo import code_version
+from atelier.kernel.hashing import stat_signature
+from atelier.kernel.settings import load_settings
+from atelier.kernel.storage import check_customer, check_slug, file_lock
+from atelier.flows.runs import claim_and_sweep, finished, run_name
+from atelier.tasks import data as data_tasks
+from atelier.tasks import dreambooth as db_tasks
+from atelier.tasks import judge as judge_tasks
+from atelier.tasks import registry as reg_tasks
+from atelier.tasks.common import summary_artifact
+from atelier.tasks.data import pull_subject, validate_subject
+from atelier.tasks.dreambooth import class_priors, fingerprint_base_model, resolve_config, sample_images, train_dreambooth
+from atelier.tasks.registry import promotion_gate, register_model
 
 FLOW_VERSION = "1"
 EMBEDDED_BASE_ID = "atelier/tiny-sd-v1 (embedded, random weights)"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from registry.gate import CANDIDATE, CHAMPION
-from registry.ledger import CONFIRMS, Ledger, Problem, aliases, open_intents
-from registry.ledger_anchor import AnchorStore, append
-from registry.promotion import current_alias, move_champion
+from atelier.registry.gate import CANDIDATE, CHAMPION
+from atelier.registry.ledger import CONFIRMS, Ledger, Problem, aliases, open_intents
+from atelier.registry.ledger_anchor import AnchorStore, append
+from atelier.registry.promotion import current_alias, move_champion
 
 PLATFORM_TAGS = ("atelier.kind", "atelier.customer")
 

@@ -66,7 +66,7 @@ def create_app():
     app.before_request(_only_admins_write)
     if served is app:  # gunicorn or waitress: Flask alone, no native routes to guard
         return served
-    from registry.auth_policy import DenyByDefault
+    from atelier.registry.auth_policy import DenyByDefault
 
     return DenyByDefault(served, app)
 

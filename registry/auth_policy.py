@@ -195,7 +195,7 @@ def _mlflow_users(username: str, password: str) -> Caller | None:
 
     if not store.authenticate_user(username, password):
         return None
-    from registry.auth_app import is_platform_user
+    from atelier.registry.auth_app import is_platform_user
 
     return Caller(username, bool(store.get_user(username).is_admin) or is_platform_user(username))
 

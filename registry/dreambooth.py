@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import warnings
@@ -13,27 +14,44 @@ import mlflow
 from mlflow import MlflowClient
 from PIL import Image
 
-from atelier.hashing import tree_hash, value_hash
-from atelier.settings import Settings
-from registry.gate import CANDIDATE
-from registry.lineage import LINEAGE_HASH_TAG
-from registry.isolation import ensure_experiment, grant_customer_read, require_owner
-from registry.ledger import open_ledger
-from registry.model_files import MANIFEST_TAG, manifest_of, record_manifest
-from registry.pyfunc import SIGNATURE
-from registry.tracking import abandon_stale_runs
-from registry.training_run import LOSS
+from atelier.kernel.hashing import tree_hash, value_hash
+from atelier.kernel.settings import Settings
+from atelier.registry.gate import CANDIDATE
+from atelier.registry.lineage import LINEAGE_HASH_TAG
+from atelier.registry.isolation import ensure_experiment, grant_customer_read, require_owner
+from atelier.registry.ledger import open_ledger
+from atelier.registry.model_files import MANIFEST_TAG, manifest_of, record_manifest
+from atelier.registry.pyfunc import SIGNATURE
+from atelier.registry.tracking import abandon_stale_runs
+from atelier.registry.training_run import LOSS
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
-CODE_DIRS = ("atelier", "models", "registry")
+CODE_PARTS = ("kernel", "models", "registry")  # what a model's code imports, below the `atelier` root
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "dreambooth_model.py"
 
 
+@functools.cache
 def code_paths() -> list[str]:
-    """The packages a model's code imports, shipped in its `code/` folder (no caches: only source is hashed and shipped)."""
-    root = Path(__file__).resolve().parents[1]
-    return [str(root / d) for d in CODE_DIRS]
+    """The packages a model's code imports, shipped in its `code/` folder as one `atelier` package
+    (MLflow copies each path by its base name, and the parts live in separate folders of the source
+    tree): staged once per process, sources only (MLflow leaves out __pycache__)."""
+    import atexit
+    import importlib
+    import shutil
+    import tempfile
+
+    import atelier
+
+    staging = tempfile.TemporaryDirectory(prefix="atelier-code-")
+    atexit.register(staging.cleanup)
+    root = Path(staging.name) / "atelier"
+    root.mkdir()
+    shutil.copy2(atelier.__file__, root / "__init__.py")
+    for part in CODE_PARTS:
+        source = Path(importlib.import_module(f"atelier.{part}").__path__[0])
+        shutil.copytree(source, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(root)]
 TAG_VALUE_LIMIT = 5000  # MLflow's
 SHORT_TAG_LIMIT = 200
 GATE_INPUTS = ("eval.summary",)  # structured, but the gate reads it from the version
@@ -90,7 +108,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
 
     Registration comes last: if anything before it fails, no version exists.
     """
-    from registry.promotion import record_candidate  # promotion -> judge -> this module
+    from atelier.registry.promotion import record_candidate  # promotion -> judge -> this module
 
     client = configure(settings, customer)
     name = model_name(customer, subject)

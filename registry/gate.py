@@ -11,8 +11,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from atelier.settings import ChallengerRules, GateRules, JudgeGateRules, OcrGateRules
-from models.dreambooth.health import Health
+from atelier.kernel.settings import ChallengerRules, GateRules, JudgeGateRules, OcrGateRules
+from atelier.models.dreambooth.health import Health
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 

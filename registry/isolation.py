@@ -20,9 +20,9 @@ from typing import Callable
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from atelier.errors import AtelierError, NotFound
-from atelier.settings import Settings
-from atelier.storage import check_customer, write_secret_file
+from atelier.kernel.errors import AtelierError, NotFound
+from atelier.kernel.settings import Settings
+from atelier.kernel.storage import check_customer, write_secret_file
 
 CUSTOMER_TAG = "atelier.customer"
 

@@ -8,8 +8,8 @@ import json
 
 import mlflow
 
-from atelier.settings import Settings
-from registry.dreambooth import client_for
+from atelier.kernel.settings import Settings
+from atelier.registry.dreambooth import client_for
 
 JUDGE_TAG = "atelier.eval.judge"
 

@@ -30,10 +30,10 @@ from sqlalchemy import Integer, String, Text, create_engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from atelier.errors import AtelierError
-from atelier.settings import Settings
-from atelier.storage import file_lock
-from registry.ledger_keys import HeadWitness, LedgerKey
+from atelier.kernel.errors import AtelierError
+from atelier.kernel.settings import Settings
+from atelier.kernel.storage import file_lock
+from atelier.registry.ledger_keys import HeadWitness, LedgerKey
 
 GENESIS = "0" * 64
 
@@ -315,7 +315,7 @@ class Ledger:
 
 def open_ledger(settings: Settings, upgrade: bool = True) -> Ledger:
     """The platform's ledger: its database, with the signing key and head witness from the keys folder."""
-    from registry.ledger_keys import load_key
+    from atelier.registry.ledger_keys import load_key
 
     folder = settings.resolved_ledger_keys
     url = settings.resolved_ledger_url

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
-from registry.ledger import Ledger, LedgerRow, LedgerTampered, head_of
+from atelier.registry.ledger import Ledger, LedgerRow, LedgerTampered, head_of
 
 EXPERIMENT = "atelier-ledger"
 HEAD_TAG, PENDING_TAG = "atelier.ledger.head", "atelier.ledger.pending"

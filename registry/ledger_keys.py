@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from atelier.errors import ConfigError
-from atelier.storage import write_bytes_atomic, write_secret_file
+from atelier.kernel.errors import ConfigError
+from atelier.kernel.storage import write_bytes_atomic, write_secret_file
 
 SIGNING_FILE, VERIFY_FILE, HEAD_FILE = "ledger-signing.pem", "ledger-verify.pem", "ledger-head"
 
@@ -110,7 +110,7 @@ class HeadWitness:
     def __init__(self, folder: Path, ledger_url: str = "") -> None:
         import hashlib
 
-        from atelier.settings import mask_url
+        from atelier.kernel.settings import mask_url
 
         name = mask_url(ledger_url)
         self.path = folder / (f"{HEAD_FILE}-{hashlib.sha256(name.encode()).hexdigest()[:12]}" if name else HEAD_FILE)

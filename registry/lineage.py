@@ -10,11 +10,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from atelier.errors import NotFound
-from atelier.hashing import tree_hash, value_hash
-from atelier.settings import Settings
-from atelier.workspace import checkout_subject
-from registry.ledger import Ledger
+from atelier.kernel.errors import NotFound
+from atelier.kernel.hashing import tree_hash, value_hash
+from atelier.kernel.settings import Settings
+from atelier.kernel.workspace import checkout_subject
+from atelier.registry.ledger import Ledger
 
 LINEAGE_HASH_TAG = "atelier.lineage.sha256"
 
@@ -102,16 +102,16 @@ def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
 def verify(settings: Settings, report: dict) -> list[str]:
     """Re-hash the model artifacts, the input photos at their revision, the base model and the class
     priors; return one line per drift (empty: everything matches)."""
-    from models.dreambooth.base import model_hash  # diffusers and torch: only where a subject model is verified
-    from models.dreambooth.priors import prior_images_hash
+    from atelier.models.dreambooth.base import model_hash  # diffusers and torch: only where a subject model is verified
+    from atelier.models.dreambooth.priors import prior_images_hash
 
     drift: list[str] = []
     if report.get("lineage_record", {}).get("sha256_matches_tag") is False:
         drift.append("lineage.json: missing, or changed since registration (its sha256 differs from the version's "
                      f"{LINEAGE_HASH_TAG} tag)")
-    from registry.dreambooth import client_for  # dreambooth imports this module
-    from registry.ledger import open_ledger
-    from registry.model_files import ModelTampered, verified_copy
+    from atelier.registry.dreambooth import client_for  # dreambooth imports this module
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.model_files import ModelTampered, verified_copy
 
     with tempfile.TemporaryDirectory() as tmp:
         try:  # every stored file (weights, MLmodel, wrapper code, code/, requirements) against the ledger's manifest

@@ -21,9 +21,9 @@ from typing import Iterator
 
 from mlflow import MlflowClient
 
-from atelier.errors import AtelierError
-from atelier.hashing import sha256_file
-from atelier.storage import write_text_atomic
+from atelier.kernel.errors import AtelierError
+from atelier.kernel.hashing import sha256_file
+from atelier.kernel.storage import write_text_atomic
 
 MANIFEST = "model_manifest.json"
 MANIFEST_TAG = "atelier.model.manifest.sha256"

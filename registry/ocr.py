@@ -23,12 +23,12 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from atelier.hashing import sha256_file
-from atelier.settings import Settings
-from registry.dreambooth import Registered, _missing, _tags, client_for, code_paths, find_version, quiet_logger
-from registry.ledger import open_ledger
-from registry.model_files import MANIFEST_TAG, record_manifest
-from registry.promotion import record_candidate
+from atelier.kernel.hashing import sha256_file
+from atelier.kernel.settings import Settings
+from atelier.registry.dreambooth import Registered, _missing, _tags, client_for, code_paths, find_version, quiet_logger
+from atelier.registry.ledger import open_ledger
+from atelier.registry.model_files import MANIFEST_TAG, record_manifest
+from atelier.registry.promotion import record_candidate
 
 MODEL_NAME = "ocr"
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "ocr_model.py"
@@ -52,8 +52,8 @@ class OCRModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import logging
 
-        from models.ocr.engine import load_engine
-        from registry.model_files import ModelTampered
+        from atelier.models.ocr.engine import load_engine
+        from atelier.registry.model_files import ModelTampered
 
         config = context.model_config or {}
         self.review_below = float(config.get("review_below", self.review_below))
@@ -70,7 +70,7 @@ class OCRModel(mlflow.pyfunc.PythonModel):
                                   glm_weights=Path(glm) if glm else None, log=logging.getLogger("atelier.ocr").warning)
 
     def predict(self, context, model_input, params=None):
-        from models.ocr.engine import read_documents
+        from atelier.models.ocr.engine import read_documents
 
         frame = pd.DataFrame(model_input)
         if "path" not in frame.columns or frame.empty:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from atelier.errors import GateRefused, NotFound
-from atelier.settings import GateRules
-from models.dreambooth.health import Health
-from registry.gate import (CANDIDATE, CHAMPION, GateResult, evaluate_challenger, evaluate_judge, evaluate_ocr,
+from atelier.kernel.errors import GateRefused, NotFound
+from atelier.kernel.settings import GateRules
+from atelier.models.dreambooth.health import Health
+from atelier.registry.gate import (CANDIDATE, CHAMPION, GateResult, evaluate_challenger, evaluate_judge, evaluate_ocr,
                            evaluate_training_health)
-from registry.judge import JUDGE_TAG
-from registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
-from registry.ledger_anchor import AnchorStore, append, require_intact
+from atelier.registry.judge import JUDGE_TAG
+from atelier.registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
+from atelier.registry.ledger_anchor import AnchorStore, append, require_intact
 
 REFUSED_TAG = "atelier.refused"
 
@@ -87,7 +87,7 @@ def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: s
     """Make `version` the candidate, with its ledger row (once: a retry only puts the alias back). The
     row carries the sha256 of the version's file manifest (registry/model_files.py): signed, it is what
     vouches for the stored files."""
-    from registry.audit import reconcile
+    from atelier.registry.audit import reconcile
 
     reconcile(client, ledger, name)
     if aliases(ledger.rows(name)).candidate != str(version):
@@ -100,7 +100,7 @@ def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: s
 def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str, reason: str, rules: GateRules,
             flow_run_id: str | None = None, action: str = "promote") -> Promotion:
     """Gate `version`; if it passes, make it champion. Either way, the ledger says what happened."""
-    from registry.audit import reconcile
+    from atelier.registry.audit import reconcile
 
     reconcile(client, ledger, name)
     rows, previous = ledger.rows(name), current_alias(client, name)

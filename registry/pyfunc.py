@@ -49,7 +49,7 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
         self.defaults = {**DEFAULTS, "steps": default_steps, "guidance_scale": default_guidance}
 
     def load_context(self, context) -> None:
-        from models.dreambooth.sampling import load_pipeline
+        from atelier.models.dreambooth.sampling import load_pipeline
 
         config = context.model_config or {}
         self.sampler = config.get("sampler", self.sampler)
@@ -59,7 +59,7 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
         self.pipe = load_pipeline(context.artifacts["pipeline"], self.sampler)
 
     def predict(self, context, model_input, params=None):
-        from models.dreambooth.sampling import GenerationRequest, generate
+        from atelier.models.dreambooth.sampling import GenerationRequest, generate
 
         frame = pd.DataFrame(model_input)
         if "prompt" not in frame.columns or frame.empty:
@@ -88,7 +88,7 @@ def check_artifact_files(folder: str, expected: dict[str, str] | None) -> None:
         return
     from pathlib import Path
 
-    from registry.model_files import check_files
+    from atelier.registry.model_files import check_files
 
     check_files(Path(folder), expected, f"pipeline files in {folder}")
 

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from atelier.settings import Settings
-from registry.dreambooth import client_for
-from registry.isolation import require_owner
-from registry.lineage import resolve
+from atelier.kernel.settings import Settings
+from atelier.registry.dreambooth import client_for
+from atelier.registry.isolation import require_owner
+from atelier.registry.lineage import resolve
 
 
 def pin(settings: Settings, ref: str, customer: str | None = None) -> dict:
@@ -28,8 +28,8 @@ def load_pyfunc(settings: Settings, name: str, version: str):
 
     from mlflow.models import Model
 
-    from registry.ledger import open_ledger
-    from registry.model_files import SELF_CHECK_KEYS, verified_copy
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.model_files import SELF_CHECK_KEYS, verified_copy
 
     client = client_for(settings)  # sets the tracking URI
     path = list(sys.path)
@@ -51,7 +51,7 @@ def load_python_model(settings: Settings, name: str, version: str):
 def load_ocr_engine(settings: Settings, ref: str):
     """(model version, the routed OCR engine) of a registered OCR model, pinned: NAME@ALIAS resolves
     once. A model that is not an OCR engine is refused by name."""
-    from atelier.errors import NotFound
+    from atelier.kernel.errors import NotFound
 
     mv = resolve(client_for(settings), ref)
     if mv.tags.get("atelier.kind") != "ocr":

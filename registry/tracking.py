@@ -9,10 +9,10 @@ from typing import Iterator
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from atelier.errors import ServiceUnavailable
-from atelier.outages import MLFLOW_UNREACHABLE as _UNREACHABLE
-from atelier.outages import classify
-from atelier.settings import Settings
+from atelier.kernel.errors import ServiceUnavailable
+from atelier.kernel.outages import MLFLOW_UNREACHABLE as _UNREACHABLE
+from atelier.kernel.outages import classify
+from atelier.kernel.settings import Settings
 
 ABANDONED_TAG = "atelier.abandoned"
 

@@ -16,9 +16,9 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from atelier.settings import Settings
-from registry.isolation import ensure_experiment
-from registry.tracking import abandon_stale_runs
+from atelier.kernel.settings import Settings
+from atelier.registry.isolation import ensure_experiment
+from atelier.registry.tracking import abandon_stale_runs
 
 # The curves sit in the "train" section of the run's charts, above the single values ("validation/...")
 LOSS, LEARNING_RATE = "train/loss", "train/learning_rate"

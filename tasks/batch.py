@@ -8,11 +8,11 @@ from dataclasses import asdict
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from atelier.errors import AtelierError, ConfigError
-from atelier.objectstore import open_store, split_file_url
-from models.batch.manifest import GenItem, parse_generation_manifest
-from models.batch.outputs import finish
-from tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, tracked
+from atelier.kernel.errors import AtelierError, ConfigError
+from atelier.kernel.objectstore import open_store, split_file_url
+from atelier.models.batch.manifest import GenItem, parse_generation_manifest
+from atelier.models.batch.outputs import finish
+from atelier.tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, tracked
 
 VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-batch": "1", "write-outputs": "1"}
 
@@ -23,7 +23,7 @@ VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-
 def pin_model(ref: str, customer: str | None = None) -> dict:
     """Resolve NAME@ALIAS (or NAME/VERSION) to one version, once, for the whole run; refuse a model of
     another customer."""
-    from registry.serving import pin
+    from atelier.registry.serving import pin
 
     pinned = pin(settings(), ref, customer)
     logger().info("%s is %s: pinned for this run", ref, pinned["model"])
@@ -51,8 +51,8 @@ def read_manifest(url: str) -> dict:
 @tracked
 def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 8) -> dict:
     """Generate the items not yet done in `out` with the pinned version (a retry or a rerun resumes)."""
-    from models.batch.generate import run_generation
-    from registry.serving import load_python_model
+    from atelier.models.batch.generate import run_generation
+    from atelier.registry.serving import load_python_model
 
     s = settings()
     store = open_store(out, s.s3_endpoint_url)
@@ -69,9 +69,9 @@ def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 
       retry_delay_seconds=5)
 @tracked
 def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) -> dict:
-    from models.batch.ocr import list_images, run_ocr
-    from models.ocr.langs import language
-    from registry.serving import load_python_model
+    from atelier.models.batch.ocr import list_images, run_ocr
+    from atelier.models.ocr.langs import language
+    from atelier.registry.serving import load_python_model
 
     if lang:
         language(lang)

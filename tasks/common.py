@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from atelier.errors import AtelierError
-from atelier.settings import Settings, load_settings
-from tasks import results as _results  # noqa: F401 (registers the atelier-json result serializer, guards stored records)
+from atelier.kernel.errors import AtelierError
+from atelier.kernel.settings import Settings, load_settings
+from atelier.tasks import results as _results  # noqa: F401 (registers the atelier-json result serializer, guards stored records)
 
 # Inputs and the task's own code: a rerun with the same inputs and code reuses the result.
 BY_INPUTS = INPUTS + TASK_SOURCE
@@ -42,7 +42,7 @@ def tracked(fn):
     HTTP errors."""
     import functools
 
-    from registry.tracking import service_errors
+    from atelier.registry.tracking import service_errors
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
@@ -65,11 +65,11 @@ def logger():
 
 
 def progress_logger(label: str, total: int, unit: str = "items", every: float = 0.1):
-    """A callback for `label`'s progress: every call goes to `atelier.progress` (the command line's
+    """A callback for `label`'s progress: every call goes to `atelier.kernel.progress` (the command line's
     bars); about every 10% a log line and the Prefect progress artifact (the UI)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from atelier import progress
+    from atelier.kernel import progress
 
     log = logger()
     artifact_id = create_progress_artifact(progress=0.0, description=label)

@@ -7,10 +7,10 @@ from dataclasses import asdict
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from atelier.errors import DataValidationError
-from atelier.workspace import checkout_subject, subject_revision
-from models.validation.subject_suite import validate_subject_images
-from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
+from atelier.kernel.errors import DataValidationError
+from atelier.kernel.workspace import checkout_subject, subject_revision
+from atelier.models.validation.subject_suite import validate_subject_images
+from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
 PULL_VERSION = "1"
 VALIDATE_VERSION = "1"

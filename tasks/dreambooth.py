@@ -7,14 +7,14 @@ from pathlib import Path
 
 from prefect import task
 
-from atelier.gitinfo import SOURCE_ROOT
-from atelier.hashing import value_hash
-from atelier.storage import write_json_atomic
-from models.dreambooth.base import check_sd_directory, model_hash
-from models.dreambooth.config import TrainConfig, load_train_config
-from models.dreambooth.health import assess, sample_grid
-from models.dreambooth.priors import PriorSpec, ensure_class_priors
-from tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
+from atelier.kernel.gitinfo import SOURCE_ROOT
+from atelier.kernel.hashing import value_hash
+from atelier.kernel.storage import write_json_atomic
+from atelier.models.dreambooth.base import check_sd_directory, model_hash
+from atelier.models.dreambooth.config import TrainConfig, load_train_config
+from atelier.models.dreambooth.health import assess, sample_grid
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
 
 TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
 VERSIONS = {"fingerprint-base-model": "1", "class-priors": "1", "train-dreambooth": "1", "sample-images": "1"}
@@ -76,8 +76,8 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     """Train (or resume an interrupted run of) the subject model; the output folder is keyed by inputs.
     With `processes` > 1 the task starts `accelerate launch` with that many processes: one per GPU
     (DDP), or CPU processes with gloo where there is no GPU."""
-    from models.dreambooth.launch import train_launched
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.models.dreambooth.launch import train_launched
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = TrainConfig(**config)
     keep_compiles(cfg.compile_unet)
@@ -125,8 +125,8 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
 def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: str):
     """The MLflow run this training reports to live (loss, learning rate, system metrics), tagged so
     that registration resumes it and a later attempt at the same training abandons it if it died."""
-    from registry.dreambooth import dataset_inputs
-    from registry.training_run import TrainingRun
+    from atelier.registry.dreambooth import dataset_inputs
+    from atelier.registry.training_run import TrainingRun
 
     customer, subject = snapshot["customer"], snapshot["subject"]
     facts = {"data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
@@ -137,7 +137,7 @@ def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: s
     try:
         run = TrainingRun.open(s, customer, subject, tags, config, dataset_inputs(s, customer, subject, facts))
     except Exception as exc:  # noqa: BLE001 (only an unreachable server is let through; anything else is raised)
-        from registry.tracking import unreachable
+        from atelier.registry.tracking import unreachable
 
         if not unreachable(exc):
             raise
@@ -166,8 +166,8 @@ class _Unreported:
 @task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)
 def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list[float]) -> dict:
     """Generate the gate's evidence: samples_per_prompt images for each sample prompt, and a grid."""
-    from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
-    from atelier.storage import atomic_dir
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+    from atelier.kernel.storage import atomic_dir
 
     cfg = TrainConfig(**config)
     pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler, compile_mode=cfg.sampling.compile_mode)

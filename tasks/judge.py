@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
+from atelier.tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"judge-samples": "1", "judged-before": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
 MAX_CLASS_IMAGES = 4
@@ -18,9 +18,9 @@ MAX_CLASS_IMAGES = 4
 @task(name="judge-samples", version=VERSIONS["judge-samples"], cache_policy=UNCACHED)
 def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier: str) -> dict:
     """Scores and per-image rows; a judge that cannot be reached gives {"error": ...}, which fails the gate."""
-    from models.vlm.base import JudgeError
-    from models.vlm.factory import make_judge
-    from models.vlm.scoring import Cache, Scorer, judge_images
+    from atelier.models.vlm.base import JudgeError
+    from atelier.models.vlm.factory import make_judge
+    from atelier.models.vlm.scoring import Cache, Scorer, judge_images
 
     s = settings()
     sample_dir = Path(samples["dir"])
@@ -40,7 +40,7 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
         logger().warning("VLM judge failed: %s; the gate will refuse", exc)
         return {"summary": {"error": str(exc), "calibrated": False}, "rows": []}
     if s.judge.clip_weights or s.judge.dino_weights:  # the DreamBooth paper's metrics, reported beside the judge's
-        from models.vlm.classic import ClassicMetrics
+        from atelier.models.vlm.classic import ClassicMetrics
 
         summary.update(ClassicMetrics(s.judge.clip_weights, s.judge.dino_weights).score([(png, prompt) for _, png, prompt in items], refs))
     usage = judge.usage
@@ -61,7 +61,7 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
 
 def judge_config(cfg) -> str:
     """What makes two judgements of the same images comparable: the judge and how it is asked."""
-    from atelier.hashing import value_hash
+    from atelier.kernel.hashing import value_hash
 
     return value_hash({"backend": cfg.backend, "model": cfg.model, "base_url": cfg.base_url, "weights": str(cfg.local_weights),
                        "captions": cfg.captions, "clip": str(cfg.clip_weights), "dino": str(cfg.dino_weights),
@@ -73,7 +73,7 @@ def judge_config(cfg) -> str:
 @tracked
 def judged_before(registered: dict) -> bool:
     """The version (same content: same training key) holds a judgement by this judge that did not fail."""
-    from registry.judge import recorded_judgment
+    from atelier.registry.judge import recorded_judgment
 
     summary = recorded_judgment(settings(), registered["name"], registered["version"])
     ok = summary is not None and not summary.get("error") and summary.get("judge_config") == judge_config(settings().judge)
@@ -87,7 +87,7 @@ def judged_before(registered: dict) -> bool:
       retry_delay_seconds=5)
 @tracked
 def record_judgment(registered: dict, judgment: dict) -> None:
-    from registry.judge import record_judgment as record
+    from atelier.registry.judge import record_judgment as record
 
     record(settings(), registered["name"], registered["version"], registered["run_id"], judgment["summary"], judgment["rows"])
 
@@ -96,12 +96,12 @@ def record_judgment(registered: dict, judgment: dict) -> None:
 def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_pages: int = 8) -> dict:
     """The VLM judge reads the set's pages; its agreement (CER) with the routed engine's reading is a
     label-free quality signal. A judge that fails gives {"error": ...}; the OCR gate does not use it."""
-    from models.ocr.engine import load_engine
-    from models.ocr.images import load_document
-    from models.ocr.render import read_labels
-    from models.vlm.base import JudgeError
-    from models.vlm.factory import make_judge
-    from models.vlm.scoring import Cache, Scorer, ocr_agreement
+    from atelier.models.ocr.engine import load_engine
+    from atelier.models.ocr.images import load_document
+    from atelier.models.ocr.render import read_labels
+    from atelier.models.vlm.base import JudgeError
+    from atelier.models.vlm.factory import make_judge
+    from atelier.models.vlm.scoring import Cache, Scorer, ocr_agreement
 
     s = settings()
     root = Path(document_set["path"])

@@ -10,10 +10,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from atelier.errors import DataValidationError
-from atelier.hashing import sha256_file, tree_hash
-from atelier.workspace import documents_dir, track_folder
-from tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
+from atelier.kernel.errors import DataValidationError
+from atelier.kernel.hashing import sha256_file, tree_hash
+from atelier.kernel.workspace import documents_dir, track_folder
+from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "3", "prepare-recogniser": "2", "quantize-recogniser": "3",
             "compare-speed": "3", "choose-variant": "1", "fit-confidence": "1", "evaluate-engine": "1", "register-ocr": "2"}
@@ -24,7 +24,7 @@ SETS = ("calibration", "evaluation")
 def document_sets() -> dict:
     """The workspace's own sets in data/documents/{calibration,evaluation} (tracked with `dvc add`), or
     else the synthetic ones of dvc.yaml's `documents` stage (`dvc repro documents`, dvc.lock committed)."""
-    from atelier.workspace import reproduce_stage
+    from atelier.kernel.workspace import reproduce_stage
 
     s = settings()
     root = documents_dir(s)
@@ -39,7 +39,7 @@ def document_sets() -> dict:
 
 @task(name="validate-documents", version=VERSIONS["validate-documents"], cache_policy=BY_INPUTS)
 def validate_documents(name: str, document_set: dict) -> dict:
-    from models.validation.document_suite import validate_document_set
+    from atelier.models.validation.document_suite import validate_document_set
 
     report_dir = settings().state_dir / "reports" / "documents" / name / document_set["sha256"][:12]
     report = validate_document_set(Path(document_set["path"]), report_dir, docs_root=settings().data_docs_root,
@@ -52,7 +52,7 @@ def validate_documents(name: str, document_set: dict) -> dict:
 
 def shipped_models() -> dict[str, dict]:
     """The shipped det/cls/rec files (models/ocr/shipped.py) with their hashes."""
-    from models.ocr.shipped import SHIPPED, shipped
+    from atelier.models.ocr.shipped import SHIPPED, shipped
 
     out = {}
     for name in SHIPPED:
@@ -63,10 +63,10 @@ def shipped_models() -> dict[str, dict]:
 
 def _backend(kind: str, rec: str | None, charset: str | None = None):
     """`rec`: the recogniser file for PP-OCR, the weights directory for GLM-OCR."""
-    from models.ocr.backends import PPOCR, Tesseract
+    from atelier.models.ocr.backends import PPOCR, Tesseract
 
     if kind == "glm":
-        from models.ocr.glm import GlmOcr
+        from atelier.models.ocr.glm import GlmOcr
 
         return GlmOcr(Path(rec))
     if kind == "tesseract":
@@ -78,7 +78,7 @@ def _backend(kind: str, rec: str | None, charset: str | None = None):
 def evaluate(backend: str, document_set: dict, rec: str | None = None, charset: str | None = None,
              rec_sha256: str | None = None, label: str | None = None) -> dict:  # noqa: ARG001 (rec_sha256: cache key)
     """CER per language (language given, as a user who knows it would) and lines/s of one backend on a set's lines."""
-    from models.ocr.evaluate import evaluate_lines, load_set
+    from atelier.models.ocr.evaluate import evaluate_lines, load_set
 
     records, images = load_set(Path(document_set["path"]))
     result = evaluate_lines(_backend(backend, rec, charset).read_lines, records, images)
@@ -93,7 +93,7 @@ def evaluate(backend: str, document_set: dict, rec: str | None = None, charset: 
 @task(name="prepare-recogniser", version=VERSIONS["prepare-recogniser"], cache_policy=BY_INPUTS)
 def prepare_recogniser(source: str, source_sha256: str) -> dict:
     """The shipped recogniser rewritten exactly (models/ocr/graph.py): a fp32 variant and the quantization source."""
-    from models.ocr.quantize import write_simplified
+    from atelier.models.ocr.quantize import write_simplified
 
     out = settings().state_dir / "ocr" / "fp32" / f"rec-{source_sha256[:12]}.onnx"
     counts = write_simplified(Path(source), out)
@@ -103,9 +103,9 @@ def prepare_recogniser(source: str, source_sha256: str) -> dict:
 
 @task(name="quantize-recogniser", version=VERSIONS["quantize-recogniser"], cache_policy=BY_INPUTS, retries=0)
 def quantize(calibration: dict, fp32: dict, charset: str | None, langs: list[str], config: dict) -> dict:
-    from models.ocr.backends import PPOCR
-    from models.ocr.evaluate import load_set
-    from models.ocr.quantize import QuantizeConfig, quantize_model
+    from atelier.models.ocr.backends import PPOCR
+    from atelier.models.ocr.evaluate import load_set
+    from atelier.models.ocr.quantize import QuantizeConfig, quantize_model
 
     cfg = QuantizeConfig(**config)
     _, images = load_set(Path(calibration["path"]), langs=tuple(langs) or None)
@@ -120,9 +120,9 @@ def compare_speed(document_set: dict, variants: dict[str, str], charset: str | N
     """Recognition lines/s of each variant (shipped fp32, fp32 rewrite, int8) on this machine: interleaved
     passes over the same lines of the languages the recogniser serves, so a busy neighbour slows all
     alike. Never cached: the answer belongs to the machine that runs it."""
-    from models.ocr.backends import PPOCR
-    from models.ocr.evaluate import load_set
-    from models.ocr.variants import cpu_signature, measure
+    from atelier.models.ocr.backends import PPOCR
+    from atelier.models.ocr.evaluate import load_set
+    from atelier.models.ocr.variants import cpu_signature, measure
 
     _, images = load_set(Path(document_set["path"]), langs=tuple(langs) or None)
     readers = {k: PPOCR(Path(v), Path(charset) if charset else None).read_lines for k, v in variants.items()}
@@ -137,8 +137,8 @@ def compare_speed(document_set: dict, variants: dict[str, str], charset: str | N
 def choose_variant(fp32: dict, int8: dict, timing: dict, langs: list[str]) -> dict:
     """The variant to serve here: int8 when it holds accuracy (the gate's rules against fp32) and is at
     least gate.ocr.min_speedup x the faster exact fp32 form (shipped or rewritten), else that fp32 form."""
-    from models.ocr.variants import choose
-    from registry.gate import evaluate_ocr
+    from atelier.models.ocr.variants import choose
+    from atelier.registry.gate import evaluate_ocr
 
     rules = settings().gate.ocr
     speed = timing["speed"]
@@ -156,7 +156,7 @@ def choose_variant(fp32: dict, int8: dict, timing: dict, langs: list[str]) -> di
 @task(name="fit-confidence", version=VERSIONS["fit-confidence"], cache_policy=BY_INPUTS)
 def fit_confidence(calibration_eval: dict, evaluation_eval: dict) -> dict:
     """Isotonic map fitted on the calibration split, judged by ECE on the evaluation split."""
-    from models.ocr.confidence import expected_calibration_error, fit_isotonic
+    from atelier.models.ocr.confidence import expected_calibration_error, fit_isotonic
 
     cal, ev = calibration_eval["rows"], evaluation_eval["rows"]
     mapping = fit_isotonic([r["confidence"] for r in cal], [r["exact"] for r in cal])
@@ -171,9 +171,9 @@ def fit_confidence(calibration_eval: dict, evaluation_eval: dict) -> dict:
 def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confidence: dict) -> dict:
     """The routed engine as users run it, on the whole evaluation split (lines and pages): with no
     language given and with it given, CER per language and images/s; the router's confusion table."""
-    from models.ocr.engine import load_engine, read_documents
-    from models.ocr.metrics import summarise
-    from models.ocr.render import read_labels
+    from atelier.models.ocr.engine import load_engine, read_documents
+    from atelier.models.ocr.metrics import summarise
+    from atelier.models.ocr.render import read_labels
 
     root = Path(document_set["path"])
     labels = read_labels(root)
@@ -205,7 +205,7 @@ def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confi
       retry_delay_seconds=5)
 @tracked
 def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
-    from registry.ocr import register_ocr
+    from atelier.registry.ocr import register_ocr
 
     reg = register_ocr(settings(), {k: Path(v) for k, v in files.items()}, spec, confidence, lineage, metrics, tables, review_below)
     logger().info("%s %s as %s version %s", "already registered" if reg.reused else "registered", "the OCR engine", reg.name, reg.version)
@@ -228,7 +228,7 @@ def cer_of(evaluation: dict) -> dict[str, float]:
 
 def routes(evaluations: dict[str, dict], first_pass: str = "ppocr", probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5")) -> dict:
     """The routing table (as a dict) from backend -> evaluation results."""
-    from models.ocr.router import choose_routes
+    from atelier.models.ocr.router import choose_routes
 
     return choose_routes({k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()},
                          first_pass, probes).to_dict()
@@ -240,7 +240,7 @@ def glm_weights() -> tuple[str, str] | None:
     if weights is None:
         return None
     if not weights.is_dir():
-        from atelier.errors import NotFound
+        from atelier.kernel.errors import NotFound
 
         raise NotFound(str(weights), "ATELIER_GLM_OCR_WEIGHTS names no directory", "point it at a local GLM-OCR directory or unset it")
     return str(weights), tree_hash(weights)

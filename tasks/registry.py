@@ -8,11 +8,11 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from models.dreambooth.config import TrainConfig
-from registry.dreambooth import client_for, record_gate_on_card, register_dreambooth
-from registry.ledger import open_ledger
-from registry.promotion import promote
-from tasks.common import UNCACHED, logger, retry_transient, settings, tracked
+from atelier.models.dreambooth.config import TrainConfig
+from atelier.registry.dreambooth import client_for, record_gate_on_card, register_dreambooth
+from atelier.registry.ledger import open_ledger
+from atelier.registry.promotion import promote
+from atelier.tasks.common import UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1", "audit-ledger": "1"}
 
@@ -40,7 +40,7 @@ def register_model(customer: str, subject: str, training: dict, samples: dict, l
 def link_to_mlflow(name: str, version: str, run_id: str) -> None:
     """Prefect artifacts that open the model version and its training run in the MLflow UI (on the
     embedded default once `atelier ui` has started it; before that, the models:/ URI)."""
-    from registry.tracking import ui_links
+    from atelier.registry.tracking import ui_links
 
     for link, text, description in ui_links(settings(), name, version, run_id):
         create_link_artifact(link, link_text=text, description=description)
@@ -74,7 +74,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
 def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
     """The version already registered from exactly these inputs (training key), or None; its `gate` is
     the decision recorded on its card, or None if it was never gated."""
-    from registry.dreambooth import find_version, model_name
+    from atelier.registry.dreambooth import find_version, model_name
 
     name = model_name(customer, subject)
     mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)
@@ -89,8 +89,8 @@ def find_registered(customer: str, subject: str, training_key: str) -> dict | No
 @tracked
 def audit_ledger(restore: bool = False) -> dict:
     """Reconcile, verify, and with `restore` put drifted aliases back; problems are logged by name."""
-    from registry.audit import restore as restore_aliases
-    from registry.audit import verify_all
+    from atelier.registry.audit import restore as restore_aliases
+    from atelier.registry.audit import verify_all
 
     s = settings()
     client, ledger = client_for(s), open_ledger(s)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 
 from prefect.serializers import JSONSerializer
 
-from atelier.errors import AtelierError
+from atelier.kernel.errors import AtelierError
 
 # What a stored result may name, looked up in this table and never imported by name: value types with no
 # behaviour on construction, each rebuilt by a function of ours from plain JSON, and the project's own

@@ -21,7 +21,7 @@ os.environ["ATELIER_PREFECT_SERVER"] = "temporary"  # CLI subprocesses leave no 
 os.environ.pop("ATELIER_CONFIG", None)
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-from atelier.settings import load_settings  # noqa: E402
+from atelier.kernel.settings import load_settings  # noqa: E402
 
 load_settings().apply_environment()
 
@@ -40,8 +40,8 @@ def settings():
 @pytest.fixture(scope="session")
 def workspace(settings):
     """The session's initialised workspace, with the tiny base model built once."""
-    from atelier.workspace import init_workspace
-    from models.dreambooth.tiny import write_tiny_model
+    from atelier.kernel.workspace import init_workspace
+    from atelier.models.dreambooth.tiny import write_tiny_model
 
     init_workspace(settings)
     write_tiny_model(settings.tiny_model_dir)
@@ -63,14 +63,14 @@ def prefect_harness():
 
 @pytest.fixture
 def photos(tmp_path) -> list[Path]:
-    from cli.demo_data import write_demo_photos
+    from atelier.cli.demo_data import write_demo_photos
 
     return write_demo_photos(tmp_path / "photos", count=5)
 
 
 @pytest.fixture
 def tiny_config():
-    from models.dreambooth.config import load_train_config
-    from tasks.dreambooth import TINY_CONFIG
+    from atelier.models.dreambooth.config import load_train_config
+    from atelier.tasks.dreambooth import TINY_CONFIG
 
     return load_train_config(TINY_CONFIG)

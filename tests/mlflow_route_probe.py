@@ -28,7 +28,7 @@ def main(folder: str) -> None:
     from fastapi.testclient import TestClient
     from starlette.routing import Mount
 
-    from registry.auth_app import create_app
+    from atelier.registry.auth_app import create_app
 
     app = create_app()
     from mlflow.server import app as flask_app

@@ -70,7 +70,7 @@ class Stack:
         return done
 
     def load_env_file(self) -> None:
-        from cli.stack_processes import read_env_file
+        from atelier.cli.stack_processes import read_env_file
 
         self.env.update(read_env_file(self.ws / ".atelier" / "stack" / "stack.env"))
 
@@ -123,7 +123,7 @@ def stack(tmp_path_factory):
         assert not any(secret in up.stdout + up.stderr for secret in json.loads((s.ws / ".atelier/stack/secrets.json").read_text()).values())
         s.load_env_file()
         s.run(ATELIER, "init")
-        from cli.demo_data import write_demo_photos
+        from atelier.cli.demo_data import write_demo_photos
 
         for subject in ("robot", "robot2", "robot3"):
             photos = write_demo_photos(s.ws.parent / f"photos-{subject}", count=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.batch.manifest import default_seed, parse_generation_manifest
+from atelier.models.batch.manifest import default_seed, parse_generation_manifest
 
 CUSTOMER, SUBJECT = "batchco", "robot"
 
@@ -43,7 +43,7 @@ def test_manifest_names_each_bad_line_and_keeps_the_good_ones():
 
 
 def test_store_keys_cannot_escape_and_local_writes_are_atomic(tmp_path):
-    from atelier.objectstore import StoreError, open_store
+    from atelier.kernel.objectstore import StoreError, open_store
 
     store = open_store(str(tmp_path / "out"))
     for bad in ("../x", "/abs", "a/../../b", ""):
@@ -60,10 +60,10 @@ def test_store_keys_cannot_escape_and_local_writes_are_atomic(tmp_path):
 @pytest.fixture(scope="module")
 def versions(prefect_harness, workspace, tmp_path_factory):
     """dreambooth-batchco-robot v1 (champion) and v2 (a different step count), both registered."""
-    from cli.demo_data import write_demo_photos
-    from atelier.workspace import add_subject
-    from flows.subject_finetune import subject_finetune
-    from tasks.dreambooth import TINY_CONFIG
+    from atelier.cli.demo_data import write_demo_photos
+    from atelier.kernel.workspace import add_subject
+    from atelier.flows.subject_finetune import subject_finetune
+    from atelier.tasks.dreambooth import TINY_CONFIG
 
     photos = write_demo_photos(tmp_path_factory.mktemp("photos"), count=5)
     add_subject(workspace, CUSTOMER, SUBJECT, "toy", photos)
@@ -81,11 +81,11 @@ def versions(prefect_harness, workspace, tmp_path_factory):
 def _promote(workspace, name: str, version: str) -> None:
     """Through the gate and the ledger, as an operator would (an alias moved with the MLflow client is
     drift that `atelier ledger verify` reports)."""
-    from registry.dreambooth import client_for
-    from registry.ledger import open_ledger
-    from registry.promotion import promote
+    from atelier.registry.dreambooth import client_for
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.promotion import promote
 
-    from atelier.settings import ChallengerRules
+    from atelier.kernel.settings import ChallengerRules
 
     # these tests move the alias between two trainings on purpose: the champion/challenger comparison is not their subject
     rules = workspace.gate.model_copy(update={"challenger": ChallengerRules(enabled=False)})
@@ -107,7 +107,7 @@ def records(out: Path) -> dict[str, dict]:
 def test_a_batch_for_another_customers_model_is_refused_before_any_run(versions, workspace, tmp_path):
     """Exit 2 with one line naming the owner, no Prefect run and no traceback (it was a failed flow run)."""
     name, _, _ = versions
-    done = subprocess.run([sys.executable, "-m", "cli", "batch-generate", "globex", "widget", "--model", f"{name}@champion",
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "batch-generate", "globex", "widget", "--model", f"{name}@champion",
                            "--manifest", str(manifest(tmp_path / "m.jsonl", 1)), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and f"belongs to customer {CUSTOMER!r}" in done.stderr, done.stderr[-2000:]
@@ -118,13 +118,13 @@ def test_a_batch_for_another_customers_model_is_refused_before_any_run(versions,
 def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, workspace, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.batch import batch_generate
+    from atelier.flows.batch import batch_generate
 
     name, v1, _ = versions
     m = manifest(tmp_path / "m.jsonl", 16, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "batch-generate", CUSTOMER, SUBJECT, "--manifest", str(m),
+    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "batch-generate", CUSTOMER, SUBJECT, "--manifest", str(m),
                              "--out", str(out), "--batch-size", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "items").glob("*.json"))) < 3:
@@ -154,7 +154,7 @@ def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, work
 
 @pytest.mark.slow
 def test_a_moved_alias_each_output_names_the_version_that_made_it(versions, workspace, tmp_path):
-    from flows.batch import batch_generate
+    from atelier.flows.batch import batch_generate
 
     name, v1, v2 = versions
     m1 = manifest(tmp_path / "m1.jsonl", 3)
@@ -174,8 +174,8 @@ def test_a_moved_alias_each_output_names_the_version_that_made_it(versions, work
 
 @pytest.mark.slow
 def test_bad_references_are_named(versions, workspace, tmp_path):
-    from atelier.errors import AtelierError
-    from flows.batch import batch_generate
+    from atelier.kernel.errors import AtelierError
+    from atelier.flows.batch import batch_generate
 
     name, _, _ = versions
     m = manifest(tmp_path / "m.jsonl", 1)
@@ -214,7 +214,7 @@ def moto_s3(monkeypatch):
 
 @pytest.mark.slow
 def test_batch_generate_reads_and_writes_s3(versions, moto_s3, tmp_path):
-    from flows.batch import batch_generate
+    from atelier.flows.batch import batch_generate
 
     name, v1, _ = versions
     moto_s3.put_object(Bucket="atelier", Key="in/prompts.jsonl", Body=manifest(tmp_path / "m.jsonl", 3).read_bytes())
@@ -232,9 +232,9 @@ def test_batch_generate_reads_and_writes_s3(versions, moto_s3, tmp_path):
 def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, workspace, tmp_path):
     from PIL import Image, ImageDraw
 
-    from flows.batch import batch_ocr
-    from models.ocr.engine import shipped_engine_files
-    from registry.ocr import register_ocr
+    from atelier.flows.batch import batch_ocr
+    from atelier.models.ocr.engine import shipped_engine_files
+    from atelier.registry.ocr import register_ocr
 
     files, spec = shipped_engine_files({"en": "ppocr", "zh": "ppocr"})
     reg = register_ocr(workspace, files, spec, {}, {"calibration.key": "batch-test"}, {}, {}, 0.5)
@@ -257,7 +257,7 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     # the command: a batch with items not done is exit 7 (not 0), each one named by the user's path
     from prefect.settings import PREFECT_API_URL
 
-    done = subprocess.run([sys.executable, "-m", "cli", "batch-ocr", str(docs), "--out", str(tmp_path / "cli"), "--model",
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "batch-ocr", str(docs), "--out", str(tmp_path / "cli"), "--model",
                            f"ocr/{reg.version}", "--lang", "en", "--lines"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert done.returncode == 7, done.stdout + done.stderr[-3000:]
@@ -270,7 +270,7 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    from flows.runs import recent_runs
+    from atelier.flows.runs import recent_runs
 
     sched = tmp_path / "schedules.yaml"
     sched.write_text(yaml.safe_dump({
@@ -279,7 +279,7 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
                             "out": str(tmp_path / "sched-{date}"), "cron": "0 2 * * *"}],
         "ocr_recalibrate": {"cron": "0 4 * * 0"}}))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    done = subprocess.run([sys.executable, "-m", "cli", "deploy", "--file", str(sched)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "deploy", "--file", str(sched)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with get_client(sync_client=True) as client:
@@ -290,7 +290,7 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
         assert retrain.parameters["skip_if_unchanged"] is True
         client.read_deployment_by_name("ocr-calibrate/ocr-recalibrate")
 
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--file", str(sched)], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "atelier.cli", "worker", "--file", str(sched)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         run = run_deployment(f"subject-finetune/retrain-{CUSTOMER}-{SUBJECT}", timeout=240)
@@ -308,6 +308,6 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
     assert rows[str(run.id)]["deployment"] == f"retrain-{CUSTOMER}-{SUBJECT}"
     assert rows[str(gen.id)]["model"].startswith(f"dreambooth-{CUSTOMER}-{SUBJECT}/") and "manifest.jsonl" in rows[str(gen.id)]["outputs"]
     assert len(list(tmp_path.glob("sched-*/images/*.png"))) == 2
-    shown = subprocess.run([sys.executable, "-m", "cli", "runs", "--flow", "subject-finetune", "--limit", "5"], env=env,
+    shown = subprocess.run([sys.executable, "-m", "atelier.cli", "runs", "--flow", "subject-finetune", "--limit", "5"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and f"retrain-{CUSTOMER}-{SUBJECT}" in shown.stdout and "no-op" in shown.stdout, shown.stdout + shown.stderr

@@ -7,7 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from atelier.cli.main import app
 
 runner = CliRunner()
 
@@ -57,7 +57,7 @@ def test_finetune_bad_config_key_exits_non_zero(workspace, tmp_path):
     """In a real process: exit code and a one-line error, no traceback."""
     config = tmp_path / "c.yaml"
     config.write_text("max_steps: 10\n")
-    done = subprocess.run([sys.executable, "-m", "cli", "finetune", "acme", "robot", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "finetune", "acme", "robot", "--config", str(config)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "max_steps" in done.stderr and "Traceback" not in done.stderr
@@ -104,7 +104,7 @@ def test_no_command_answers_a_typo_with_a_traceback(workspace, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     def run(args):
-        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "atelier.cli", *args], capture_output=True, text=True, timeout=300)
 
     labels = list(cases)
     results = {labels[0]: run(cases[labels[0]])}  # alone first: it may create the stores the others then only read
@@ -119,7 +119,7 @@ def test_no_command_answers_a_typo_with_a_traceback(workspace, tmp_path):
 
 
 def test_version_and_photo_folder(workspace, photos):
-    from atelier.gitinfo import code_version
+    from atelier.kernel.gitinfo import code_version
 
     out = runner.invoke(app, ["--version"]).output
     assert out.startswith("atelier ") and code_version().git_sha[:12] in out

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.dreambooth.base import model_hash
-from models.dreambooth.priors import PriorSpec, ensure_class_priors
-from models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
-from tasks.dreambooth import TINY_CONFIG
+from atelier.models.dreambooth.base import model_hash
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+from atelier.models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
+from atelier.tasks.dreambooth import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -31,7 +31,7 @@ def priors(tiny_model, tmp_path_factory):
 def _launch(tiny_model, photos, priors, work, result, processes, step_budget=None):
     # torchrun: accelerate picks up its environment and uses gloo on the CPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "models.dreambooth.launch",
+           "-m", "atelier.models.dreambooth.launch",
            "--config", str(TINY_CONFIG), "--overrides", json.dumps({**COMMON, "train_batch_size": 1}),
            "--base", str(tiny_model), "--instance", str(photos[0].parent), "--class-dir", str(priors),
            "--class-noun", "toy", "--work", str(work), "--result", str(result)]
@@ -79,8 +79,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny_model, photos, priors, 
 
 
 def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_the_whole_batch(tiny_model, photos, priors, tmp_path, tiny_config):
-    from models.dreambooth.launch import train_launched
-    from tasks.dreambooth import training_key
+    from atelier.models.dreambooth.launch import train_launched
+    from atelier.tasks.dreambooth import training_key
 
     single = train(tiny_config.model_copy(update={**COMMON, "train_batch_size": 2}),
                    TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "one", tmp_path / "one" / "pipeline", priors))

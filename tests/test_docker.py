@@ -32,7 +32,7 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_compose_gives_clients_the_settings_that_atelier_up_writes(settings):
-    from cli.stack_processes import client_environment, database_names
+    from atelier.cli.stack_processes import client_environment, database_names
 
     compose = _compose()
     env = compose["x-atelier-env"]
@@ -70,11 +70,11 @@ def test_compose_requires_credentials_everywhere_and_publishes_on_loopback_only(
 def test_images_install_the_lock_and_every_package_of_the_project():
     import tomllib
 
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     for name in ("Dockerfile.worker", "Dockerfile.trainer"):
         text = (DOCKER / name).read_text()
         assert "pip install --no-deps -r requirements/lock.txt" in text
         assert "torch==2.13.0" in text
-        for package in packages:
-            assert f"COPY {package.rstrip('*')} {package.rstrip('*')}" in text, f"{name} does not copy {package}"
+        for folder in folders:  # every folder of the atelier import root
+            assert f"COPY {folder} {folder}" in text, f"{name} does not copy {folder}"
     assert "prefecthq/prefect:3.8.8" in _compose()["services"]["prefect"]["image"]  # the server matches the client pin

@@ -8,9 +8,9 @@ import sys
 import pytest
 import yaml
 
-from atelier.hashing import file_hashes
-from models.dreambooth.base import model_hash
-from models.dreambooth.priors import PriorSpec, ensure_class_priors
+from atelier.kernel.hashing import file_hashes
+from atelier.models.dreambooth.base import model_hash
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
     """As `make demo` does it (reproduce_stage, the stage's `atelier priors` reading the flow's cache):
     afterwards `dvc status` is clean and git has nothing uncommitted."""
-    from atelier.workspace import reproduce_stage
+    from atelier.kernel.workspace import reproduce_stage
 
     ws = workspace.workspace
     reproduce_stage(workspace, "class_priors", "class priors (test)")
@@ -39,8 +39,8 @@ def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
 def test_a_stage_the_workspace_does_not_have_is_a_clear_error(workspace):
     """A subject missing from subjects.yaml (or a workspace made before the finetune stage) is exit 2
     naming the fix, not a DVC traceback."""
-    from atelier.errors import ConfigError
-    from atelier.workspace import commit_stage, reproduce_stage
+    from atelier.kernel.errors import ConfigError
+    from atelier.kernel.workspace import commit_stage, reproduce_stage
 
     for call in (commit_stage, reproduce_stage):
         with pytest.raises(ConfigError, match="subjects.yaml"):
@@ -55,8 +55,8 @@ def test_a_new_class_gets_its_own_priors_stage_and_dvc_runs_without_an_activated
     `.venv/bin/dvc` with a PATH that has no venv runs the stage's `atelier` all the same."""
     from dvc.repo import Repo
 
-    from atelier.workspace import add_subject
-    from cli.demo_data import write_demo_photos
+    from atelier.kernel.workspace import add_subject
+    from atelier.cli.demo_data import write_demo_photos
 
     ws = workspace.workspace
     add_subject(workspace, "dvcco", "bag", "Red backpack", write_demo_photos(tmp_path / "bag", count=4))

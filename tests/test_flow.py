@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cli.demo_data import write_demo_photos
-from atelier.errors import DataValidationError, ModelFormatError
-from atelier.hashing import sha256_file
-from atelier.workspace import add_subject, subject_revision
-from models.dreambooth.base import model_hash
+from atelier.cli.demo_data import write_demo_photos
+from atelier.kernel.errors import DataValidationError, ModelFormatError
+from atelier.kernel.hashing import sha256_file
+from atelier.kernel.workspace import add_subject, subject_revision
+from atelier.models.dreambooth.base import model_hash
 
 pytestmark = pytest.mark.slow
 NAME = "dreambooth-acme-robot"
 
 
 def stored_files(client, mv) -> dict:
-    from registry.dreambooth import stored_model_files
+    from atelier.registry.dreambooth import stored_model_files
 
     return stored_model_files(client, mv)
 
@@ -57,7 +57,7 @@ def robot_photos(workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, robot_photos):
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.subject_finetune import subject_finetune
 
     return subject_finetune("acme", "robot")
 
@@ -79,7 +79,7 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     record = json.loads(Path(client.download_artifacts(champion.run_id, "lineage.json", str(tmp_path))).read_text())
     assert record["data.files"] == {p.name: sha256_file(p) for p in robot_photos}
     assert record["task_versions"]["train-dreambooth"] == "1" and record["params"]["max_train_steps"] == 60
-    from atelier.hashing import value_hash
+    from atelier.kernel.hashing import value_hash
 
     assert tags["atelier.lineage.sha256"] == value_hash(record)
     run = client.get_run(champion.run_id)
@@ -124,7 +124,7 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
 def test_generate_takes_the_models_options_and_writes_provenance_into_the_png(first_run, tmp_path):
     from PIL import Image
 
-    done = subprocess.run([sys.executable, "-m", "cli", "generate", f"{NAME}@champion", "--prompt", "a sks toy in the snow",
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "generate", f"{NAME}@champion", "--prompt", "a sks toy in the snow",
                            "--seed", "7", "--steps", "2", "--guidance", "3.5", "--size", "32", "--negative-prompt", "blurry",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -152,7 +152,7 @@ def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspac
 
 
 def test_rerun_with_same_inputs_registers_nothing_new(first_run, workspace):
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.subject_finetune import subject_finetune
 
     rows = len(workspace_ledger_rows(workspace))
     again = subject_finetune("acme", "robot")
@@ -161,8 +161,8 @@ def test_rerun_with_same_inputs_registers_nothing_new(first_run, workspace):
 
 
 def test_second_subject_of_the_same_class_reuses_class_priors(first_run, workspace, client, tmp_path):
-    from cli.demo_data import draw_robot
-    from flows.subject_finetune import subject_finetune
+    from atelier.cli.demo_data import draw_robot
+    from atelier.flows.subject_finetune import subject_finetune
 
     folder = tmp_path / "other"
     folder.mkdir()
@@ -180,8 +180,8 @@ def test_second_subject_of_the_same_class_reuses_class_priors(first_run, workspa
 
 
 def test_failed_gate_leaves_the_champion_alone(first_run, client, monkeypatch, tmp_path):
-    from flows.subject_finetune import subject_finetune
-    from tasks.dreambooth import TINY_CONFIG
+    from atelier.flows.subject_finetune import subject_finetune
+    from atelier.tasks.dreambooth import TINY_CONFIG
 
     config = tmp_path / "short.yaml"
     config.write_text(TINY_CONFIG.read_text().replace("max_train_steps: 60", "max_train_steps: 6"))
@@ -200,7 +200,7 @@ def test_failed_gate_leaves_the_champion_alone(first_run, client, monkeypatch, t
 
 
 def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, client, robot_photos, tmp_path):
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.subject_finetune import subject_finetune
 
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff not an image")
@@ -215,7 +215,7 @@ def test_bad_photos_stop_the_flow_before_training(prefect_harness, workspace, cl
 
 
 def test_a_base_model_that_is_not_sd_is_refused(prefect_harness, robot_photos, tmp_path):
-    from flows.subject_finetune import subject_finetune
+    from atelier.flows.subject_finetune import subject_finetune
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ModelFormatError, match="FluxPipeline"):
@@ -223,8 +223,8 @@ def test_a_base_model_that_is_not_sd_is_refused(prefect_harness, robot_photos, t
 
 
 def test_lineage_of_the_champion_reaches_every_input_file(first_run, workspace, client, robot_photos):
-    from registry.ledger import open_ledger
-    from registry.lineage import lineage, verify
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.lineage import lineage, verify
 
     report = lineage(client, open_ledger(workspace), f"{NAME}@champion")
     assert report["version"] == first_run["version"]
@@ -242,7 +242,7 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
     from sqlalchemy import create_engine, text
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from atelier.cli.main import app
 
     runner = CliRunner()
     refused = [r for r in client.search_model_versions(f"name = '{NAME}'") if r.tags.get("atelier.gate") and
@@ -273,8 +273,8 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
 
 
 def test_lineage_verify_reports_tampered_model_artifacts(first_run, workspace, client):
-    from registry.ledger import open_ledger
-    from registry.lineage import lineage, verify
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.lineage import lineage, verify
 
     versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
     victim = versions[-1]
@@ -311,7 +311,7 @@ def test_a_rewritten_wrapper_or_code_file_in_the_artifact_store_never_runs(first
         original = victim.read_text()
         victim.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n" + original)
         try:
-            done = subprocess.run([sys.executable, "-m", "cli", "generate", f"{NAME}@champion", "--prompt", "x", "--steps", "1",
+            done = subprocess.run([sys.executable, "-m", "atelier.cli", "generate", f"{NAME}@champion", "--prompt", "x", "--steps", "1",
                                    "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
         finally:
             victim.write_text(original)
@@ -325,7 +325,7 @@ def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, 
     of that stage runs the flow (cached: nothing new is registered) and records it in dvc.lock."""
     import yaml
 
-    from atelier.workspace import reproduce_stage
+    from atelier.kernel.workspace import reproduce_stage
 
     ws = workspace.workspace
     assert "acme.robot" in yaml.safe_load((ws / "subjects.yaml").read_text())["subjects"]  # `subject add` listed it
@@ -348,7 +348,7 @@ def test_two_identical_finetunes_at_once_train_once_and_register_once(first_run,
     before = len(workspace_ledger_rows(workspace))
     procs = []
     for _ in range(2):  # 5 s apart: each command's temporary Prefect server migrates the same database on start
-        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "finetune", "acme", "twin"], stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, "-m", "atelier.cli", "finetune", "acme", "twin"], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
         time.sleep(5)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
@@ -361,6 +361,6 @@ def test_two_identical_finetunes_at_once_train_once_and_register_once(first_run,
 
 
 def workspace_ledger_rows(workspace):
-    from registry.ledger import open_ledger
+    from atelier.registry.ledger import open_ledger
 
     return open_ledger(workspace).rows()

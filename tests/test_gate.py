@@ -2,9 +2,9 @@
 
 from PIL import Image
 
-from atelier.settings import GateRules
-from models.dreambooth.health import assess
-from registry.gate import evaluate_training_health
+from atelier.kernel.settings import GateRules
+from atelier.models.dreambooth.health import assess
+from atelier.registry.gate import evaluate_training_health
 
 
 def _noise(seed):
@@ -38,8 +38,8 @@ def test_loss_threshold_is_configurable():
 
 
 def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule():
-    from atelier.settings import OcrGateRules
-    from registry.gate import evaluate_ocr
+    from atelier.kernel.settings import OcrGateRules
+    from atelier.registry.gate import evaluate_ocr
 
     summary = {"cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01}, "cer_served": {"overall": 0.024, "zh": 0.004, "en": 0.012},
                "served": "int8", "langs": ["zh", "en"], "engine_cer": 0.01}
@@ -56,8 +56,8 @@ def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule()
     assert evaluate_ocr(old, OcrGateRules()).passed
 
 def test_the_challenger_is_compared_with_the_champion_on_what_both_were_measured_by():
-    from atelier.settings import ChallengerRules
-    from registry.gate import evaluate_challenger
+    from atelier.kernel.settings import ChallengerRules
+    from atelier.registry.gate import evaluate_challenger
 
     rules = ChallengerRules()
     judged = {"calibrated": True, "prompt_score": 0.8, "fidelity": 0.7}

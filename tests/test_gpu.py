@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
-    from cli.demo_data import write_demo_photos
-    from models.dreambooth.base import model_hash
-    from models.dreambooth.config import load_train_config
-    from models.dreambooth.priors import PriorSpec, ensure_class_priors
-    from models.dreambooth.tiny import write_tiny_model
+    from atelier.cli.demo_data import write_demo_photos
+    from atelier.models.dreambooth.base import model_hash
+    from atelier.models.dreambooth.config import load_train_config
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.models.dreambooth.tiny import write_tiny_model
 
     root = tmp_path_factory.mktemp("gpu")
     base = write_tiny_model(root / "tiny")
@@ -32,7 +32,7 @@ def gpu_setup(tmp_path_factory):
 
 
 def _train(cfg, gpu_setup, work: Path):
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     base, photos, priors, _ = gpu_setup
     return train(cfg, TrainInputs(base, photos, "toy", work, work / "pipeline", priors))
@@ -46,7 +46,7 @@ def test_fp16_training_writes_validation_samples(gpu_setup, tmp_path):
 
 
 def test_lora_bf16_compiled_trains_and_fuses(gpu_setup, tmp_path):
-    from models.dreambooth.config import LoraConfig
+    from atelier.models.dreambooth.config import LoraConfig
 
     cfg = gpu_setup[3].model_copy(update={"max_train_steps": 4, "validation_steps": 2, "mixed_precision": "bf16",
                                            "lora": LoraConfig(rank=4), "compile_unet": True})
@@ -59,7 +59,7 @@ def test_lora_bf16_compiled_trains_and_fuses(gpu_setup, tmp_path):
 def test_cuda_graph_step_follows_the_eager_loss_curve_and_resumes(gpu_setup, tmp_path):
     """The captured step trains as the eager one does (same draws, same update), and a captured run
     checkpointed mid-way resumes onto the same curve."""
-    from models.dreambooth.trainer import uses_cuda_graphs
+    from atelier.models.dreambooth.trainer import uses_cuda_graphs
 
     cfg = gpu_setup[3].model_copy(update={"max_train_steps": 12, "validation_steps": 6, "checkpointing_steps": 100,
                                            "mixed_precision": "bf16", "lr_scheduler": "linear", "lr_warmup_steps": 2})
@@ -69,7 +69,7 @@ def test_cuda_graph_step_follows_the_eager_loss_curve_and_resumes(gpu_setup, tmp
     assert graphs.timings["capture"] > 0 and eager.timings["capture"] == 0
     assert graphs.losses == pytest.approx(eager.losses, rel=2e-2)
     assert len(list(graphs.validation_dirs[0].glob("*.png"))) == len(cfg.validation_prompts)  # sampling between replays
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     base, photos, priors, _ = gpu_setup
     inputs = TrainInputs(base, photos, "toy", tmp_path / "resume", tmp_path / "resume" / "pipeline", priors)
@@ -80,7 +80,7 @@ def test_cuda_graph_step_follows_the_eager_loss_curve_and_resumes(gpu_setup, tmp
 
 
 def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
-    from models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
+    from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 
     weights = {"w": torch.randn(1024, 1024, device="cuda"), "steps": torch.tensor(3, device="cuda")}
     ckpt = AsyncCheckpointer(tmp_path, keep=1)
@@ -95,7 +95,7 @@ def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
 
 @pytest.mark.parametrize("mode", ["reduce-overhead"])
 def test_compiled_sampling_matches_eager(gpu_setup, mode):
-    from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
     base = gpu_setup[0]
     requests = [GenerationRequest("a photo of toy", seed, 8, 5.0, 64, 64) for seed in range(4)]
@@ -110,8 +110,8 @@ def test_compiled_sampling_matches_eager(gpu_setup, mode):
 def test_glm_models_run_on_cuda_in_bf16_and_match_the_cpu_reading(tmp_path):
     """GLM-OCR and the local GLM-4.1V judge pick CUDA and bf16 on their own; greedy readings of the
     tiny random models agree with fp32 on the CPU for the first tokens (bf16 may differ later)."""
-    from models.ocr.glm import GlmOcr
-    from models.vlm.local import LocalJudge
+    from atelier.models.ocr.glm import GlmOcr
+    from atelier.models.vlm.local import LocalJudge
     from tests.tiny_glm import build_tiny_glm4v, build_tiny_glm_ocr
 
     rng = np.random.default_rng(0)
@@ -137,8 +137,8 @@ def test_glm_models_run_on_cuda_in_bf16_and_match_the_cpu_reading(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_training_task_launches_accelerate_with_one_process_per_gpu(gpu_setup, tmp_path):
     """train_processes: 2 on a 2-GPU node: accelerate launch --multi_gpu (NCCL) trains as one GPU with the whole batch."""
-    from models.dreambooth.launch import train_launched
-    from models.dreambooth.trainer import TrainInputs
+    from atelier.models.dreambooth.launch import train_launched
+    from atelier.models.dreambooth.trainer import TrainInputs
 
     base, photos, priors, cfg = gpu_setup
     common = {"max_train_steps": 8, "validation_steps": 1000, "checkpointing_steps": 1000, "mixed_precision": "no",
@@ -158,8 +158,8 @@ def test_the_live_training_run_samples_the_gpu(tmp_path, monkeypatch):
 
     from mlflow import MlflowClient
 
-    from atelier.settings import Settings
-    from registry.training_run import TrainingRun
+    from atelier.kernel.settings import Settings
+    from atelier.registry.training_run import TrainingRun
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     settings = Settings(workspace=tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from atelier.settings import Settings
-from registry.dreambooth import register_dreambooth
-from registry.isolation import AccessDenied, add_customer, require_owner
+from atelier.kernel.settings import Settings
+from atelier.registry.dreambooth import register_dreambooth
+from atelier.registry.isolation import AccessDenied, add_customer, require_owner
 
 pytestmark = pytest.mark.slow
 OPS, OPS_PW = "ops", "ops-Secret-pw-1"
@@ -41,7 +41,7 @@ def server(tmp_path_factory):
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update({"ATELIER_AUTH_WORKER_USER": WORKER, "ATELIER_AUTH_WORKER_PASSWORD": WORKER_PW})
-    subprocess.run([sys.executable, "-m", "registry.auth_app"], env=env, check=True, timeout=120)  # as `atelier up` does
+    subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env=env, check=True, timeout=120)  # as `atelier up` does
     env.pop("ATELIER_AUTH_WORKER_PASSWORD")  # the server needs the worker's name only
     # the stack's app: MLflow's basic auth plus "only the platform writes" (registry/auth_app.py)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "atelier-auth", "--host", "127.0.0.1",
@@ -165,7 +165,7 @@ def test_the_worker_identity_runs_the_flows_work_but_cannot_manage_users(server,
     """The stack's worker is not the admin: MANAGE on every experiment and model through a role (it
     registers a version of a model the operator made, a new model, grants the customer READ, moves
     aliases), and no say over users."""
-    from registry.isolation import auth_client
+    from atelier.registry.isolation import auth_client
 
     settings, passwords = registered
     worker = settings.model_copy(update={"tracking_username": WORKER, "tracking_password": WORKER_PW})

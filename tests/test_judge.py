@@ -11,9 +11,9 @@ import time
 import pytest
 from PIL import Image
 
-from models.vlm.base import JudgeError, JudgeUnavailable
-from models.vlm.http import HttpJudge
-from models.vlm.scoring import Cache, Scorer, judge_images, p_yes, parse_caption
+from atelier.models.vlm.base import JudgeError, JudgeUnavailable
+from atelier.models.vlm.http import HttpJudge
+from atelier.models.vlm.scoring import Cache, Scorer, judge_images, p_yes, parse_caption
 from tests.judge_server import Server, make_app
 from tests.tiny_glm import build_tiny_glm4v
 
@@ -28,7 +28,7 @@ def png(colour: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from models.vlm.local import LocalJudge
+    from atelier.models.vlm.local import LocalJudge
 
     local = LocalJudge(build_tiny_glm4v(tmp_path_factory.mktemp("glm4v")))
     with Server(make_app(local)) as srv:
@@ -110,8 +110,8 @@ def test_judgments_are_cached_by_image_prompt_and_model(server, faults, tmp_path
 
 
 def test_judge_images_summary_and_the_gate_checks(server, faults):
-    from atelier.settings import JudgeGateRules
-    from registry.gate import evaluate_judge
+    from atelier.kernel.settings import JudgeGateRules
+    from atelier.registry.gate import evaluate_judge
 
     # 2 samples (prompt + fidelity each), 1 class image (leak): scripted answers
     faults.extend(["yes:0.9", "yes:0.8", "yes:0.7", "yes:0.6", "yes:0.1"])
@@ -135,10 +135,10 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
 
     from mlflow import MlflowClient
 
-    from cli.demo_data import write_demo_photos
-    from atelier.workspace import add_subject
-    from flows.subject_finetune import subject_finetune
-    from registry.ledger import open_ledger
+    from atelier.cli.demo_data import write_demo_photos
+    from atelier.kernel.workspace import add_subject
+    from atelier.flows.subject_finetune import subject_finetune
+    from atelier.registry.ledger import open_ledger
 
     add_subject(workspace, "judgeco", "robot", "toy", write_demo_photos(tmp_path_factory.mktemp("p"), count=5))
     for key, value in {"ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url, "ATELIER_JUDGE__API_KEY": KEY,
@@ -182,13 +182,13 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
     env = {**__import__("os").environ, "ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url,
            "ATELIER_JUDGE__API_KEY": KEY, "ATELIER_WORKSPACE": str(tmp_path / "nowhere")}
     faults.extend(["yes:0.7", '''text:{"caption": "a red square", "objects": [{"label": "square", "box": [0, 0, 1000, 1000]}]}'''])
-    done = subprocess.run([sys.executable, "-m", "cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.splitlines()[0])
     assert row["prompt_score"] == pytest.approx(0.7) and row["caption"] == "a red square" and row["objects"][0]["label"] == "square"
     assert KEY not in done.stdout + done.stderr
-    missing = subprocess.run([sys.executable, "-m", "cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
+    missing = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
 
@@ -196,10 +196,10 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
 def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
     from pathlib import Path
 
-    from models.ocr.engine import load_engine, shipped_engine_files
-    from models.ocr.images import load_document
-    from models.ocr.render import RenderSpec, missing_fonts, read_labels, render_set
-    from models.vlm.scoring import ocr_agreement
+    from atelier.models.ocr.engine import load_engine, shipped_engine_files
+    from atelier.models.ocr.images import load_document
+    from atelier.models.ocr.render import RenderSpec, missing_fonts, read_labels, render_set
+    from atelier.models.vlm.scoring import ocr_agreement
 
     if missing_fonts():
         pytest.skip("needs Debian's fonts (make ocr-system-deps)")
@@ -224,9 +224,9 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
     from prefect import flow
 
-    from models.ocr.engine import shipped_engine_files
-    from models.ocr.render import RenderSpec, missing_fonts, render_set
-    from tasks.judge import ocr_cross_check
+    from atelier.models.ocr.engine import shipped_engine_files
+    from atelier.models.ocr.render import RenderSpec, missing_fonts, render_set
+    from atelier.tasks.judge import ocr_cross_check
 
     if missing_fonts():
         pytest.skip("needs Debian's fonts (make ocr-system-deps)")
@@ -245,7 +245,7 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
 
 def test_clip_and_dino_metrics_from_local_weights(tmp_path):
-    from models.vlm.classic import ClassicMetrics
+    from atelier.models.vlm.classic import ClassicMetrics
     from tests.tiny_glm import build_tiny_clip_and_dino
 
     clip_dir, dino_dir = build_tiny_clip_and_dino(tmp_path)

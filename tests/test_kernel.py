@@ -3,10 +3,10 @@ import time
 
 import pytest
 
-from atelier.errors import ConfigError, InvalidIdentifier
-from atelier.hashing import tree_hash, value_hash
-from atelier.settings import Settings, load_settings
-from atelier.storage import atomic_dir, check_slug, write_json_atomic
+from atelier.kernel.errors import ConfigError, InvalidIdentifier
+from atelier.kernel.hashing import tree_hash, value_hash
+from atelier.kernel.settings import Settings, load_settings
+from atelier.kernel.storage import atomic_dir, check_slug, write_json_atomic
 
 
 @pytest.mark.parametrize("good", ["acme", "acme-2", "a_b", "0x"])
@@ -88,7 +88,7 @@ def test_derived_locations_live_in_the_workspace(tmp_path):
 
 @pytest.mark.parametrize("reserved", ["ledger", "admin", "atelier", "atelier-ops", "atelier_platform", "root", "default"])
 def test_platform_names_refused_as_customers(reserved):
-    from atelier.storage import check_customer
+    from atelier.kernel.storage import check_customer
 
     with pytest.raises(InvalidIdentifier) as err:
         check_customer(reserved)

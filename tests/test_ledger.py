@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, text
 
-from registry.ledger import Ledger
-from registry.ledger_keys import HeadWitness, load_key
+from atelier.registry.ledger import Ledger
+from atelier.registry.ledger_keys import HeadWitness, load_key
 
 PG_ADMIN = os.environ.get("ATELIER_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -147,7 +147,7 @@ def test_a_row_signed_with_another_key_or_unsigned_is_refused(ledger, tmp_path):
 
 
 def test_keys_are_private_and_the_verify_key_cannot_sign(tmp_path):
-    from atelier.errors import ConfigError
+    from atelier.kernel.errors import ConfigError
 
     key = load_key(tmp_path / "k")
     assert oct((tmp_path / "k" / "ledger-signing.pem").stat().st_mode & 0o777) == "0o600"

@@ -15,10 +15,10 @@ import pytest
 from mlflow import MlflowClient
 from sqlalchemy import text
 
-from atelier.settings import GateRules
-from registry.audit import alias_drift, reconcile, restore, verify_all
-from registry.ledger import Ledger
-from registry.promotion import current_alias, promote, record_candidate
+from atelier.kernel.settings import GateRules
+from atelier.registry.audit import alias_drift, reconcile, restore, verify_all
+from atelier.registry.ledger import Ledger
+from atelier.registry.promotion import current_alias, promote, record_candidate
 
 GOOD = {"steps": 60, "loss_finite": True, "final_loss": 0.5, "first_loss": 1.0, "sample_count": 4, "min_sample_std": 0.2,
         "blank_samples": 0, "distinct_share": 1.0}
@@ -89,7 +89,7 @@ def test_deleted_rows_are_caught_by_the_chain_anchor(registry, delete):
     with ledger.engine.begin() as conn:
         conn.execute(text(statement))
     assert "anchor_mismatch" in _problems(client, ledger)
-    from registry.ledger import LedgerTampered
+    from atelier.registry.ledger import LedgerTampered
 
     with pytest.raises(LedgerTampered, match="does not match its anchor"):  # and nothing is written over the gap
         _promote(client, ledger, "1")
@@ -116,10 +116,10 @@ def test_alias_moves_through_the_mlflow_client_are_reported_and_restored(registr
 CRASH = """
 import os, sys
 from mlflow import MlflowClient
-import registry.ledger_anchor as anchor
-from atelier.settings import GateRules
-from registry.ledger import Ledger
-from registry.promotion import promote
+import atelier.registry.ledger_anchor as anchor
+from atelier.kernel.settings import GateRules
+from atelier.registry.ledger import Ledger
+from atelier.registry.promotion import promote
 
 step = sys.argv[1]
 client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -169,9 +169,9 @@ def test_a_kill_at_each_promotion_step_leaves_the_ledger_explaining_the_champion
 def test_a_ledger_written_before_signatures_is_adopted_with_a_row_that_says_so(registry):
     """Rows from before signatures are refused by a signed ledger (exit 5: not signed) until `audit --adopt`
     signs them, once their chain verifies, and appends an `adopt` row; after that every row verifies."""
-    from registry.ledger import Ledger, LedgerTampered
-    from registry.ledger_anchor import AnchorStore, require_intact
-    from registry.ledger_keys import HeadWitness, load_key
+    from atelier.registry.ledger import Ledger, LedgerTampered
+    from atelier.registry.ledger_anchor import AnchorStore, require_intact
+    from atelier.registry.ledger_keys import HeadWitness, load_key
 
     client, old, _, tmp_path = registry
     _promote(client, old, _version(client, old))
@@ -206,8 +206,8 @@ def test_a_worse_challenger_stays_candidate_and_a_close_one_becomes_champion(reg
 
 
 def test_a_rollback_of_a_rollback_never_brings_back_the_rolled_back_version(registry):
-    from atelier.errors import NotFound
-    from registry.promotion import rollback
+    from atelier.kernel.errors import NotFound
+    from atelier.registry.promotion import rollback
 
     client, ledger, _, _ = registry
     v1, v2 = _version(client, ledger), None

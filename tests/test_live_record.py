@@ -16,7 +16,7 @@ def tracking(workspace):
 
 
 def _open(workspace, subject: str, key: str):
-    from registry.training_run import TrainingRun
+    from atelier.registry.training_run import TrainingRun
 
     tags = {"atelier.customer": "livecust", "atelier.subject": subject, "atelier.training.key": key}
     return TrainingRun.open(workspace, "livecust", subject, tags, {"learning_rate": 1e-4, "max_train_steps": 6})
@@ -54,7 +54,7 @@ def test_a_tracking_server_that_goes_away_never_stops_training(workspace, tracki
 
 
 def test_registration_resumes_only_the_open_run_of_the_same_training(workspace, tracking):
-    from registry.dreambooth import _live_run
+    from atelier.registry.dreambooth import _live_run
 
     run = _open(workspace, "resume", "k3")
     assert _live_run(tracking, run.run_id, "resume", "k3") == run.run_id
@@ -75,8 +75,8 @@ class _Terminal(io.StringIO):
 def test_progress_reported_below_the_command_line_is_drawn_as_a_bar_with_log_lines_above_it(monkeypatch):
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from atelier import progress
-    from cli.progress import bars
+    from atelier.kernel import progress
+    from atelier.cli.progress import bars
 
     screen = _Terminal()
     monkeypatch.setattr("sys.stderr", screen)
@@ -101,8 +101,8 @@ def test_progress_reported_below_the_command_line_is_drawn_as_a_bar_with_log_lin
 
 
 def test_off_a_terminal_nothing_is_drawn(monkeypatch):
-    from atelier import progress
-    from cli.progress import bars
+    from atelier.kernel import progress
+    from atelier.cli.progress import bars
 
     plain = io.StringIO()
     monkeypatch.setattr("sys.stderr", plain)
@@ -112,7 +112,7 @@ def test_off_a_terminal_nothing_is_drawn(monkeypatch):
 
 
 def test_a_judge_answer_that_does_not_decode_reads_as_a_note():
-    from models.vlm.scoring import readable
+    from atelier.models.vlm.scoring import readable
 
     assert readable("\ufffd\ufffd\x07") == "(no readable text: 3 characters that do not decode)"
     assert readable("yes \ufffd") == "yes" and readable("是的") == "是的" and readable("") == ""
@@ -121,7 +121,7 @@ def test_a_judge_answer_that_does_not_decode_reads_as_a_note():
 def test_the_mlflow_ui_url_is_the_tracking_server_or_the_background_ui(workspace, tmp_path):
     import json
 
-    from atelier.settings import Settings
+    from atelier.kernel.settings import Settings
 
     local = Settings(workspace=tmp_path)
     assert local.mlflow_ui_url() is None  # `atelier ui` not run yet

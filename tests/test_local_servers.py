@@ -36,7 +36,7 @@ def test_background_servers_start_once_ask_for_credentials_and_stop(tmp_path):
     env["ATELIER_WORKSPACE"] = str(tmp_path / "ws")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "atelier.cli", *args], env=env, capture_output=True, text=True, timeout=300)
 
     assert cli("init").returncode == 0
     local = tmp_path / "ws" / ".atelier" / "local"

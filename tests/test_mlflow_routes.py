@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.auth_policy import CUSTOMER_ROUTES
+from atelier.registry.auth_policy import CUSTOMER_ROUTES
 from tests.mlflow_route_probe import snapshot
 
 TABLE = Path(__file__).parent / "mlflow_routes.txt"

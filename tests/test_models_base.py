@@ -6,13 +6,13 @@ import shutil
 import pytest
 import yaml
 
-from atelier.errors import ConfigError, ModelFormatError
-from atelier.hashing import tree_hash
-from models.dreambooth.base import check_sd_directory
-from models.dreambooth.config import TrainConfig, load_train_config
-from models.dreambooth.tiny import write_tiny_model
-from models.dreambooth.tokenizer import write_clip_tokenizer
-from tasks.dreambooth import TINY_CONFIG
+from atelier.kernel.errors import ConfigError, ModelFormatError
+from atelier.kernel.hashing import tree_hash
+from atelier.models.dreambooth.base import check_sd_directory
+from atelier.models.dreambooth.config import TrainConfig, load_train_config
+from atelier.models.dreambooth.tiny import write_tiny_model
+from atelier.models.dreambooth.tokenizer import write_clip_tokenizer
+from atelier.tasks.dreambooth import TINY_CONFIG
 
 
 def test_tokenizer_gives_clip_ids(tmp_path):
@@ -71,7 +71,7 @@ def test_config_bad_values_and_yaml(tmp_path):
 
 def test_documented_sd15_file_matches_the_defaults():
     """configs/dreambooth/sd15.yaml documents every default; keep the two in step."""
-    from atelier.gitinfo import SOURCE_ROOT
+    from atelier.kernel.gitinfo import SOURCE_ROOT
 
     documented = yaml.safe_load((SOURCE_ROOT / "configs" / "dreambooth" / "sd15.yaml").read_text())
     assert set(documented) == set(TrainConfig.model_fields)

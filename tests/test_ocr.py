@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from models.ocr.confidence import expected_calibration_error, fit_isotonic
-from models.ocr.images import BadDocument, load_document
-from models.ocr.langid import from_probe, is_blank, latin_language
-from models.ocr.langs import UnknownLanguage, language, script_of
-from models.ocr.metrics import edit_distance, summarise
-from models.ocr.normalize import normalize
-from models.ocr.render import RenderSpec, missing_fonts, read_labels, render_splits
-from models.ocr.router import choose_routes
+from atelier.models.ocr.confidence import expected_calibration_error, fit_isotonic
+from atelier.models.ocr.images import BadDocument, load_document
+from atelier.models.ocr.langid import from_probe, is_blank, latin_language
+from atelier.models.ocr.langs import UnknownLanguage, language, script_of
+from atelier.models.ocr.metrics import edit_distance, summarise
+from atelier.models.ocr.normalize import normalize
+from atelier.models.ocr.render import RenderSpec, missing_fonts, read_labels, render_splits
+from atelier.models.ocr.router import choose_routes
 
 pytestmark = pytest.mark.skipif(bool(missing_fonts()), reason="needs Debian's font packages (make ocr-system-deps)")
 needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs Debian's tesseract-ocr (make ocr-system-deps)")
@@ -48,7 +48,7 @@ DEFAULT_ROUTES = {**{lang: "ppocr" for lang in ("zh", "ja", "en", "fr", "es", "d
 @pytest.fixture(scope="module")
 def engine():
     """The routed engine as the calibration flow builds it, from the shipped models (fp32, no calibration)."""
-    from models.ocr.engine import load_engine, shipped_engine_files
+    from atelier.models.ocr.engine import load_engine, shipped_engine_files
 
     files, spec = shipped_engine_files(DEFAULT_ROUTES)
     return load_engine(files, spec, {}, threads=2)
@@ -128,8 +128,8 @@ def test_routes_prefer_the_first_pass_within_a_point_else_the_best():
 
 
 def test_variant_choice_and_cpu_recheck(monkeypatch):
-    from models.ocr import engine as eng
-    from models.ocr.variants import choose, cpu_signature
+    from atelier.models.ocr import engine as eng
+    from atelier.models.ocr.variants import choose, cpu_signature
 
     assert choose({"fp32": 40.0, "int8": 70.0}, 1.1) == "int8"
     assert choose({"fp32": 40.0, "int8": 42.0}, 1.1) == "fp32"  # int8 must pay for reading slightly differently
@@ -157,7 +157,7 @@ def test_isotonic_calibration_lowers_the_calibration_error():
 
 
 def test_document_suite_names_each_bad_item(sets, tmp_path):
-    from models.validation.document_suite import validate_document_set
+    from atelier.models.validation.document_suite import validate_document_set
 
     folder = tmp_path / "set"
     shutil.copytree(sets["evaluation"], folder)
@@ -199,7 +199,7 @@ def test_no_hint_korean_and_russian_go_to_tesseract_with_korean_words_spaced(eng
 @needs_tesseract
 def test_tesseract_reads_korean_at_any_size(engine):
     """Tesseract's Korean misreads some fonts at some heights; lines are scaled to one text height first."""
-    from models.ocr.backends import Tesseract
+    from atelier.models.ocr.backends import Tesseract
 
     text = "내일 밤에는 북부 지방을"
     images = [line_image(text, "/usr/share/fonts/truetype/unfonts-core/UnBatang.ttf", 0, size) for size in (20, 34, 56, 80)]
@@ -231,10 +231,10 @@ def test_pages_of_the_rendered_sets_lose_no_line(engine, sets):
 def test_int8_recogniser_keeps_its_dictionary_and_reads(sets, tmp_path):
     import onnx
 
-    from models.ocr.backends import PPOCR
-    from models.ocr.evaluate import load_set
-    from models.ocr.quantize import QuantizeConfig, quantize_model
-    from models.ocr.shipped import shipped
+    from atelier.models.ocr.backends import PPOCR
+    from atelier.models.ocr.evaluate import load_set
+    from atelier.models.ocr.quantize import QuantizeConfig, quantize_model
+    from atelier.models.ocr.shipped import shipped
 
     model, charset = shipped("ppocrv6s-rec")
     fp32 = PPOCR(model, charset, threads=2)
@@ -275,7 +275,7 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
 
 
 def test_bad_inputs_are_named_and_the_rest_is_read(engine, tmp_path):
-    from models.ocr.engine import read_documents
+    from atelier.models.ocr.engine import read_documents
 
     expected = write_bad_inputs(tmp_path / "in")
     sixteen = (np.asarray(Image.fromarray(line_image("Sixteen bit scan")).convert("L"), dtype=np.uint16) * 257)

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is 
 
 @pytest.fixture(scope="module")
 def calibrated(prefect_harness, workspace, tmp_path_factory):
-    from flows.ocr_calibrate import ocr_calibrate
+    from atelier.flows.ocr_calibrate import ocr_calibrate
     from tests.tiny_glm import build_tiny_glm_ocr
 
     glm = build_tiny_glm_ocr(tmp_path_factory.mktemp("glm-ocr"))
@@ -63,7 +63,7 @@ def test_flow_registers_the_fastest_accurate_variant_and_gates_on_accuracy(calib
 
 
 def test_rerun_registers_nothing_new(calibrated, workspace):
-    from flows.ocr_calibrate import ocr_calibrate
+    from atelier.flows.ocr_calibrate import ocr_calibrate
 
     again = ocr_calibrate(method="MinMax", calibration_lines=24)
     assert again["registered_before"] and again["version"] == calibrated["version"]
@@ -75,7 +75,7 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
     zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
     (tmp_path / "broken.png").write_bytes(b"nope")
     out = tmp_path / "out.jsonl"
-    done = subprocess.run([sys.executable, "-m", "cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
                            "--lines", "--lang", "zh", "--model", f"ocr/{calibrated['version']}", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 7, done.stderr[-2000:]  # one file was not readable; the other was read (partly done)
@@ -84,6 +84,6 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
     assert rows[0]["language"] == "zh" and rows[0]["text"] and rows[0]["model"] == f"ocr/{calibrated['version']}"
     assert "not an image" in rows[1]["error"]
     page = next(r for r in labels if r["lang"] == "en" and r["kind"] == "page")
-    text = subprocess.run([sys.executable, "-m", "cli", "ocr", str(ev / page["file"]), "--format", "markdown"],
+    text = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / page["file"]), "--format", "markdown"],
                           capture_output=True, text=True, timeout=300, env={**os.environ})
     assert text.returncode == 0 and text.stdout.startswith(f"## {page['file']} (en)") and text.stdout.count("\n") >= 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atelier.errors import NotFound
+from atelier.kernel.errors import NotFound
 from tests.tiny_glm import build_tiny_glm_ocr
 
 
@@ -20,7 +20,7 @@ def lines():
 
 
 def test_glm_ocr_reads_a_batch_deterministically_with_confidences(tiny_glm):
-    from models.ocr.glm import GlmOcr
+    from atelier.models.ocr.glm import GlmOcr
 
     glm = GlmOcr(tiny_glm, batch_size=2)
     first, again = glm.read_lines(lines(), "en"), glm.read_lines(lines(), "en")
@@ -30,14 +30,14 @@ def test_glm_ocr_reads_a_batch_deterministically_with_confidences(tiny_glm):
 
 
 def test_glm_ocr_directory_errors_name_the_path(tmp_path, tiny_glm):
-    from models.ocr.glm import GlmOcr
+    from atelier.models.ocr.glm import GlmOcr
 
     with pytest.raises(NotFound, match=str(tmp_path)):
         GlmOcr(tmp_path)
 
 
 def test_routed_engine_sends_a_language_to_glm_and_needs_its_weights(tiny_glm):
-    from models.ocr.engine import load_engine, shipped_engine_files
+    from atelier.models.ocr.engine import load_engine, shipped_engine_files
 
     files, spec = shipped_engine_files({"zh": "ppocr", "en": "glm"})
     with pytest.raises(NotFound, match="ATELIER_GLM_OCR_WEIGHTS"):

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models.ocr.graph import simplify
+from atelier.models.ocr.graph import simplify
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_a_tensor_read_twice_is_not_folded():
 
 @pytest.mark.slow
 def test_shipped_recogniser_rewrite_matches_and_drops_the_elementwise_ops():
-    from models.ocr.shipped import shipped
+    from atelier.models.ocr.shipped import shipped
 
     source = onnx.load(str(shipped("ppocrv4-rec")[0]))
     simple, counts = simplify(source)
@@ -87,7 +87,7 @@ def test_shipped_recogniser_rewrite_matches_and_drops_the_elementwise_ops():
 def test_interleaved_speed_ranks_readers_by_their_cost():
     import time
 
-    from models.ocr.variants import measure as interleaved_speed
+    from atelier.models.ocr.variants import measure as interleaved_speed
 
     def reader(cost: float):
         def read(images):
@@ -103,7 +103,7 @@ def test_interleaved_speed_ranks_readers_by_their_cost():
 @pytest.mark.slow
 def test_v6_small_rewrite_is_exact():
     """The recogniser that is quantized and served: its fp32 rewrite reads what the shipped model reads."""
-    from models.ocr.shipped import shipped
+    from atelier.models.ocr.shipped import shipped
 
     source = onnx.load(str(shipped("ppocrv6s-rec")[0]))
     simple, counts = simplify(source)

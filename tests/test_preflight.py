@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atelier.errors import ConfigError, DiskError, InvalidIdentifier, ModelFormatError
-from models.dreambooth.config import load_train_config
+from atelier.kernel.errors import ConfigError, DiskError, InvalidIdentifier, ModelFormatError
+from atelier.models.dreambooth.config import load_train_config
 
 ATELIER = str(Path(sys.executable).parent / "atelier")
 
@@ -56,8 +56,8 @@ def test_yaml_floats_without_a_dot_still_load(tmp_path):
 
 
 def test_one_definition_of_a_photo_by_content(tmp_path):
-    from models.dreambooth.images import load_rgb
-    from models.photos import list_photos
+    from atelier.models.dreambooth.images import load_rgb
+    from atelier.models.photos import list_photos
 
     folder = tmp_path / "set"
     folder.mkdir()
@@ -84,13 +84,13 @@ def test_subject_add_refuses_hidden_names_empty_class_and_names_the_subject(work
     done = _cli("subject", "add", "acme", "few", *map(str, photos[:2]), "--class", "toy")
     assert done.returncode == 2 and "acme/few fails count" in done.stderr and "/tmp" not in done.stderr.split("fails count")[0]
     with pytest.raises(InvalidIdentifier):
-        from atelier.workspace import check_class_noun
+        from atelier.kernel.workspace import check_class_noun
 
         check_class_noun("{identifier}")
 
 
 def test_truncated_base_model_weights_are_refused_before_training(tiny_model, tmp_path):
-    from models.dreambooth.base import check_sd_directory
+    from atelier.models.dreambooth.base import check_sd_directory
 
     broken = tmp_path / "sd"
     shutil.copytree(tiny_model, broken)
@@ -110,7 +110,7 @@ def test_unknown_model_and_missing_alias_exit_2_saying_what_exists(workspace):
 def test_a_dropped_ledger_table_is_tampering_exit_5(tmp_path):
     from sqlalchemy import text
 
-    from registry.ledger import Ledger, LedgerTampered
+    from atelier.registry.ledger import Ledger, LedgerTampered
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     with ledger.engine.begin() as conn:
@@ -140,9 +140,9 @@ def test_a_read_only_workspace_is_exit_6_before_anything_starts(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_is_exit_6_and_leaves_no_partial_checkpoint(tiny_model, photos, tmp_path, tiny_config):
-    from models.dreambooth.priors import PriorSpec, ensure_class_priors
-    from models.dreambooth.base import model_hash
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.models.dreambooth.base import model_hash
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     spec = PriorSpec(model_hash(tiny_model), "a photo of toy", 2, 64, 0, "dpmsolver++", 2, 5.0)
     priors = ensure_class_priors(tmp_path / "priors", spec, tiny_model).path
@@ -163,10 +163,10 @@ def test_a_full_disk_during_a_checkpoint_is_exit_6_and_leaves_no_partial_checkpo
 
 def test_identical_weights_hash_the_same_in_two_workspaces(tiny_model, photos, tmp_path, tiny_config):
     """The saved pipeline's configs no longer embed the base model's absolute path."""
-    from atelier.hashing import tree_hash
-    from models.dreambooth.priors import PriorSpec, ensure_class_priors
-    from models.dreambooth.base import model_hash
-    from models.dreambooth.trainer import TrainInputs, train
+    from atelier.kernel.hashing import tree_hash
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.models.dreambooth.base import model_hash
+    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = tiny_config.model_copy(update={"max_train_steps": 2, "checkpointing_steps": 100, "validation_steps": 100})
     hashes = []
@@ -182,14 +182,14 @@ def test_identical_weights_hash_the_same_in_two_workspaces(tiny_model, photos, t
 
 
 def test_an_item_id_with_a_newline_is_an_invalid_line(tmp_path):
-    from models.batch.manifest import parse_generation_manifest
+    from atelier.models.batch.manifest import parse_generation_manifest
 
     items, invalid = parse_generation_manifest(json.dumps({"id": "nl\n", "prompt": "x"}) + "\n" + json.dumps({"id": "ok", "prompt": "y"}))
     assert [i.id for i in items] == ["ok"] and len(invalid) == 1 and invalid[0].line == 1
 
 
 def test_a_killed_writers_temporary_folder_is_swept_by_the_next_writer(tmp_path):
-    from atelier.storage import atomic_dir
+    from atelier.kernel.storage import atomic_dir
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f".priors.tmp-{dead}-abcd1234"

@@ -1,8 +1,8 @@
 """Class priors are seeded, content-addressed and reused from the cache."""
 
-from atelier.hashing import file_hashes
-from models.dreambooth.base import model_hash
-from models.dreambooth.priors import PriorSpec, ensure_class_priors, read_manifest
+from atelier.kernel.hashing import file_hashes
+from atelier.models.dreambooth.base import model_hash
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors, read_manifest
 
 
 def _spec(tiny_model, **change):

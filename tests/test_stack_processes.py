@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from cli import stack_processes as stack
-from atelier.errors import ConfigError, ServiceUnavailable
-from atelier.settings import load_settings
+from atelier.cli import stack_processes as stack
+from atelier.kernel.errors import ConfigError, ServiceUnavailable
+from atelier.kernel.settings import load_settings
 
 
 def _settings(tmp_path, **stack_values):

@@ -30,7 +30,7 @@ def _read_env(path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tenants(stack):
     """acme's robot (registered by test_stack.py, or here) and globex's widget, and both customers' credentials."""
-    from cli.demo_data import write_demo_photos
+    from atelier.cli.demo_data import write_demo_photos
 
     if not stack.sql("mlflow", "SELECT 1 FROM registered_models WHERE name = %s", "dreambooth-acme-robot"):
         stack.run(ATELIER, "finetune", "acme", "robot")
@@ -337,7 +337,7 @@ def test_a_rerun_repairs_a_version_whose_files_were_lost_instead_of_promoting_it
 
 
 def test_s3_killed_mid_run_exits_6_naming_s3_and_loses_nothing_registered(stack, tenants):
-    from cli.demo_data import write_demo_photos
+    from atelier.cli.demo_data import write_demo_photos
 
     photos = write_demo_photos(stack.ws.parent / "photos-acme-lamp", count=4)
     stack.run(ATELIER, "subject", "add", "acme", "lamp", *map(str, photos), "--class", "toy")
@@ -386,7 +386,7 @@ def test_a_rewritten_ledger_row_with_a_recomputed_hash_and_a_reserved_name_are_r
     """Whoever can write the ledger's database rewrites a row's actor and reason and recomputes its sha256:
     `ledger verify` exits 5 (the row's signature is the platform's key's, which the database does not hold).
     The row is put back afterwards. A customer named like a platform object is refused."""
-    from registry.ledger import LedgerRow
+    from atelier.registry.ledger import LedgerRow
 
     (seq, actor, reason, row_hash), = stack.sql("ledger", "SELECT seq, actor, reason, row_hash FROM promotion_ledger "
                                                           "ORDER BY seq DESC LIMIT 1")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.dreambooth.priors import PriorSpec, ensure_class_priors
-from models.dreambooth.base import model_hash
-from models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+from atelier.models.dreambooth.base import model_hash
+from atelier.models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_model, photos, prior_dir, tmp_pat
 def test_lora_trains_adapters_only_and_fuses_them_into_the_output(tiny_model, photos, prior_dir, tmp_path, tiny_config):
     from diffusers import StableDiffusionPipeline
 
-    from models.dreambooth.config import LoraConfig
+    from atelier.models.dreambooth.config import LoraConfig
 
     cfg = tiny_config.model_copy(update={"max_train_steps": 6, "lora": LoraConfig(rank=4), "validation_steps": 3,
                                           "checkpointing_steps": 100, "learning_rate": 1e-2})
@@ -101,7 +101,7 @@ def test_lora_trains_adapters_only_and_fuses_them_into_the_output(tiny_model, ph
 def test_adam_state_made_up_front_trains_as_the_lazy_one():
     """The CUDA-graph path creates AdamW's state before the first step (so it never lands in blocks
     that activations freed); the updates must be the ones AdamW makes when it creates the state itself."""
-    from models.dreambooth.trainer import _init_adam_state
+    from atelier.models.dreambooth.trainer import _init_adam_state
 
     torch.manual_seed(0)
     a = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
@@ -122,7 +122,7 @@ def test_adam_state_made_up_front_trains_as_the_lazy_one():
 def test_checkpoint_keeps_layouts(tmp_path):
     """Host copies keep each tensor's strides: a channels_last moment loaded back contiguous is refused
     by the fused optimizer."""
-    from models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
+    from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 
     w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
     ckpt = AsyncCheckpointer(tmp_path, keep=1)

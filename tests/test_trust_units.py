@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from atelier.errors import ServiceUnavailable
-from atelier.outages import classify, preflight
-from atelier.settings import load_settings, mask_url
+from atelier.kernel.errors import ServiceUnavailable
+from atelier.kernel.outages import classify, preflight
+from atelier.kernel.settings import load_settings, mask_url
 
 
 def _dead_port() -> int:
@@ -70,7 +70,7 @@ def test_a_server_answering_500_because_its_database_is_down_names_postgresql(tm
 def test_prefect_unreachable_and_bad_input_are_told_apart(tmp_path):
     import httpx
 
-    from atelier.errors import ConfigError
+    from atelier.kernel.errors import ConfigError
 
     settings = load_settings(workspace=tmp_path, prefect_api_url="http://127.0.0.1:4200/api")
     outage = classify(httpx.ConnectError("All connection attempts failed"), settings)
@@ -90,7 +90,7 @@ def test_only_allowlisted_result_types_and_the_json_serializer_load():
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
     from prefect.serializers import JSONSerializer, PickleSerializer
 
-    from tasks.results import AtelierJSONSerializer, UnsafeResult
+    from atelier.tasks.results import AtelierJSONSerializer, UnsafeResult
 
     ours = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result={"path": Path("/w/x"), "n": 1})
     assert ResultRecord.deserialize(ours.serialize()).result == {"path": Path("/w/x"), "n": 1}
@@ -111,14 +111,14 @@ def test_a_record_naming_one_of_our_functions_is_refused_and_nothing_is_called(t
     with the record's data. Now only the listed value types and registered result data classes are built."""
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 
-    import atelier.storage
-    from tasks.results import AtelierJSONSerializer, UnsafeResult
+    import atelier.kernel.storage
+    from atelier.tasks.results import AtelierJSONSerializer, UnsafeResult
 
     called = []
-    monkeypatch.setattr(atelier.storage, "write_text_atomic", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(atelier.kernel.storage, "write_text_atomic", lambda *a, **k: called.append(a))
     ours = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result={"n": 1})
-    for name, data in (("atelier.storage.write_text_atomic", {"path": str(tmp_path / "x.pth"), "text": "import os"}),
-                       ("registry.ledger.Ledger", {"url": "sqlite://"}), ("models.photos", {}), ("builtins.eval", "1+1"),
+    for name, data in (("atelier.kernel.storage.write_text_atomic", {"path": str(tmp_path / "x.pth"), "text": "import os"}),
+                       ("atelier.registry.ledger.Ledger", {"url": "sqlite://"}), ("atelier.models.photos", {}), ("builtins.eval", "1+1"),
                        ("pathlib.Path.write_text", "x")):
         planted = json.loads(ours.serialize())
         planted["result"] = json.dumps({"x": {"__class__": name, "data": data}})
@@ -134,8 +134,8 @@ def test_value_types_result_data_classes_and_exceptions_round_trip():
 
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 
-    from atelier.errors import ConfigError
-    from tasks.results import AtelierJSONSerializer, result_type
+    from atelier.kernel.errors import ConfigError
+    from atelier.tasks.results import AtelierJSONSerializer, result_type
 
     @result_type
     @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def test_a_refused_record_stops_the_cache_lookup_naming_its_key(tmp_path):
     from prefect.filesystems import LocalFileSystem
     from prefect.results import ResultStore
 
-    from tasks.results import AtelierJSONSerializer, UnsafeResult
+    from atelier.tasks.results import AtelierJSONSerializer, UnsafeResult
 
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)), serializer=AtelierJSONSerializer())
     (tmp_path / "good").write_bytes(store.create_result_record({"n": 1}, key="good").serialize())
@@ -172,7 +172,7 @@ def test_a_refused_record_stops_the_cache_lookup_naming_its_key(tmp_path):
 
 
 def test_the_auth_app_counts_only_reads_and_searches_as_reads():
-    from registry.auth_app import is_read
+    from atelier.registry.auth_app import is_read
 
     assert is_read("GET", "/api/2.0/mlflow/registered-models/get")
     assert is_read("POST", "/api/2.0/mlflow/runs/search") and is_read("POST", "/graphql")
@@ -193,7 +193,7 @@ def test_info_masks_passwords_in_urls(tmp_path):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_failed_logins_are_throttled_per_user_and_address(shared, tmp_path):
-    from registry.auth_policy import Throttle
+    from atelier.registry.auth_policy import Throttle
 
     path = str(tmp_path / "failures.db") if shared else None
     throttle = Throttle(per_user=3, per_address=5, window=60, path=path)

@@ -5,8 +5,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from atelier.settings import ImageRules
-from models.validation.subject_suite import validate_subject_images
+from atelier.kernel.settings import ImageRules
+from atelier.models.validation.subject_suite import validate_subject_images
 
 RULES = ImageRules()
 
@@ -80,7 +80,7 @@ def test_each_bad_file_is_named_with_its_rule(tmp_path, photos):
 
 @pytest.mark.parametrize("count", [2, 21])
 def test_too_few_or_too_many(tmp_path, count):
-    from cli.demo_data import write_demo_photos
+    from atelier.cli.demo_data import write_demo_photos
 
     folder = tmp_path / "set"
     write_demo_photos(folder, count=count, size=260)

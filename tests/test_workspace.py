@@ -2,10 +2,10 @@
 
 import pytest
 
-from atelier.errors import NotFound, WorkspaceError
-from atelier.hashing import sha256_file
-from atelier.settings import Settings
-from atelier.workspace import add_subject, checkout_subject, init_workspace, list_subjects, subject_revision
+from atelier.kernel.errors import NotFound, WorkspaceError
+from atelier.kernel.hashing import sha256_file
+from atelier.kernel.settings import Settings
+from atelier.kernel.workspace import add_subject, checkout_subject, init_workspace, list_subjects, subject_revision
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_uninitialised_workspace(tmp_path):
 def test_concurrent_subject_adds_wait_their_turn_and_both_land(ws, photos):
     import threading
 
-    from atelier.storage import file_lock
+    from atelier.kernel.storage import file_lock
 
     waited, results, errors = [], {}, []
 

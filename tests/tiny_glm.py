@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.vlm.tiny import build_tiny_glm4v, build_tiny_glm_ocr  # noqa: F401 (tests import them from here)
+from atelier.models.vlm.tiny import build_tiny_glm4v, build_tiny_glm_ocr  # noqa: F401 (tests import them from here)
 
 
 def build_tiny_clip_and_dino(out: Path) -> tuple[Path, Path]:
@@ -13,7 +13,7 @@ def build_tiny_clip_and_dino(out: Path) -> tuple[Path, Path]:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, ViTConfig, ViTImageProcessorPil, ViTModel
 
-    from models.dreambooth.tokenizer import write_clip_tokenizer
+    from atelier.models.dreambooth.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     clip_dir, dino_dir = Path(out) / "clip", Path(out) / "dino"

@@ -6,9 +6,9 @@ import io
 import time
 from typing import Callable
 
-from atelier.objectstore import Store
-from models.batch.manifest import GenItem
-from models.batch.outputs import Progress, commit, split_done
+from atelier.kernel.objectstore import Store
+from atelier.models.batch.manifest import GenItem
+from atelier.models.batch.outputs import Progress, commit, split_done
 
 
 def _png(image, level: int) -> bytes:
@@ -26,7 +26,7 @@ def run_generation(pipe, items: list[GenItem], store: Store, model: str, default
     make) is listed in Progress.failed; the others go on. `png_level`: zlib level of the (lossless)
     PNGs; on a 512 px image of noise Pillow's default 6 took 56 ms here and level 1 33 ms.
     """
-    from models.dreambooth.sampling import GenerationRequest, generate
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate
 
     progress = Progress()
     by_id = {item.id: item for item in items}

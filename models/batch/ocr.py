@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from atelier.objectstore import Store
-from models.batch.outputs import Progress, commit, split_done
-from models.ocr.images import IMAGE_SUFFIXES
+from atelier.kernel.objectstore import Store
+from atelier.models.batch.outputs import Progress, commit, split_done
+from atelier.models.ocr.images import IMAGE_SUFFIXES
 
 
 
@@ -26,7 +26,7 @@ def list_images(store: Store) -> list[str]:
 def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang: str | None = None, kind: str = "page",
             chunk: int = 16, on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], Progress]:
     """Read every key not already done; a bad image gets a result with `error` (the batch goes on)."""
-    from models.ocr.engine import read_documents
+    from atelier.models.ocr.engine import read_documents
 
     progress = Progress()
     ids = {item_id(k): k for k in keys}

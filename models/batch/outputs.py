@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from atelier.objectstore import Store
+from atelier.kernel.objectstore import Store
 
 RECORDS = "items/"
 

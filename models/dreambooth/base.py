@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from atelier.errors import ModelFormatError
-from atelier.hashing import tree_hash
+from atelier.kernel.errors import ModelFormatError
+from atelier.kernel.hashing import tree_hash
 
 SUPPORTED = {"StableDiffusionPipeline"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -146,7 +146,7 @@ class AsyncCheckpointer:
 def _disk_error(root: Path, step: int, exc: BaseException) -> BaseException:
     free = shutil.disk_usage(root if root.exists() else root.parent).free
     if isinstance(exc, OSError) or "No space left" in str(exc) or free < 64 * 2**20:
-        from atelier.errors import DiskError
+        from atelier.kernel.errors import DiskError
 
         return DiskError(f"disk holding {root}", f"could not take checkpoint {step} ({free // 2**20} MiB free: {exc})"[:300],
                          "free some space and rerun: training resumes from the last whole checkpoint")

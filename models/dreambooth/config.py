@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from atelier.errors import ConfigError
+from atelier.kernel.errors import ConfigError
 
 Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
 

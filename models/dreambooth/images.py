@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.photos import list_photos, to_rgb
+from atelier.models.photos import list_photos, to_rgb
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -31,7 +31,7 @@ def to_training_tensor(img: Image.Image, resolution: int, center_crop: bool = Tr
 def stack_folder(folder: Path, resolution: int, center_crop: bool = True) -> torch.Tensor:
     files = list_photos(folder)
     if not files:
-        from atelier.errors import DataValidationError
+        from atelier.kernel.errors import DataValidationError
 
         raise DataValidationError(str(folder), [(str(folder), "count", "holds no photo (JPEG, PNG or WebP by content)")])
     return torch.stack([to_training_tensor(load_rgb(f), resolution, center_crop) for f in files])

@@ -22,10 +22,10 @@ from typing import Callable
 
 import yaml
 
-from atelier.errors import AtelierError
-from atelier.storage import write_json_atomic, write_text_atomic
-from models.dreambooth.config import TrainConfig, load_train_config
-from models.dreambooth.trainer import TrainInputs, TrainResult, train
+from atelier.kernel.errors import AtelierError
+from atelier.kernel.storage import write_json_atomic, write_text_atomic
+from atelier.models.dreambooth.config import TrainConfig, load_train_config
+from atelier.models.dreambooth.trainer import TrainInputs, TrainResult, train
 
 
 class LaunchFailed(AtelierError):
@@ -38,7 +38,7 @@ def launch_command(processes: int, args: list[str], gpu: bool) -> list[str]:
     with socket.socket() as sock:  # a free rendezvous port, so two trainings on one node do not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    module = ["-m", "models.dreambooth.launch", *args]
+    module = ["-m", "atelier.models.dreambooth.launch", *args]
     if not gpu:
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", *module]

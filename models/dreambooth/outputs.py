@@ -9,9 +9,9 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
-from atelier.storage import atomic_dir
-from models.dreambooth.config import TrainConfig
-from models.dreambooth.sampling import GenerationRequest, generate, use_sampler
+from atelier.kernel.storage import atomic_dir
+from atelier.models.dreambooth.config import TrainConfig
+from atelier.models.dreambooth.sampling import GenerationRequest, generate, use_sampler
 
 
 def pipeline_of(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:

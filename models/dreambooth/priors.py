@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from atelier.hashing import file_hashes, value_hash
-from atelier.storage import atomic_dir, write_json_atomic
-from models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+from atelier.kernel.hashing import file_hashes, value_hash
+from atelier.kernel.storage import atomic_dir, write_json_atomic
+from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
 MANIFEST = "manifest.json"
 

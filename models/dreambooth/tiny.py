@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from atelier.storage import atomic_dir
-from models.dreambooth.tokenizer import write_clip_tokenizer
+from atelier.kernel.storage import atomic_dir
+from atelier.models.dreambooth.tokenizer import write_clip_tokenizer
 
 TINY_MODEL_ID = "atelier/tiny-sd-v1"
 

@@ -12,8 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from atelier.errors import NotFound
-from atelier.storage import write_text_atomic
+from atelier.kernel.errors import NotFound
+from atelier.kernel.storage import write_text_atomic
 
 N_MERGES = 49152 - 256 - 2
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"

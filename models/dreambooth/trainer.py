@@ -38,12 +38,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from atelier.storage import write_json_atomic
-from models.dreambooth.base import check_sd_directory
-from models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
-from models.dreambooth.config import TrainConfig
-from models.dreambooth.images import stack_folder
-from models.dreambooth.outputs import save_pipeline, validation_samples
+from atelier.kernel.storage import write_json_atomic
+from atelier.models.dreambooth.base import check_sd_directory
+from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
+from atelier.models.dreambooth.config import TrainConfig
+from atelier.models.dreambooth.images import stack_folder
+from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "LOSS_READBACK_STEPS"]
 

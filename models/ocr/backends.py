@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from atelier.errors import AtelierError, NotFound
-from models.ocr.langs import NO_SPACES, language
-from models.ocr.recognizer import CTCRecognizer, level_line
+from atelier.kernel.errors import AtelierError, NotFound
+from atelier.models.ocr.langs import NO_SPACES, language
+from atelier.models.ocr.recognizer import CTCRecognizer, level_line
 
 TESSERACT_TEXT_HEIGHT = 32
 _SPECKS = "`'‘’\"“”„,.:;|_~^-"  # what noise at a line's ends reads as

@@ -17,7 +17,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from models.ocr.recognizer import ort_session
+from atelier.models.ocr.recognizer import ort_session
 
 
 @dataclass

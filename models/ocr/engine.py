@@ -16,14 +16,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from atelier.errors import AtelierError, NotFound
-from models.ocr.backends import PPOCR, Tesseract
-from models.ocr.confidence import IsotonicMap
-from models.ocr.detector import LineDetector
-from models.ocr.images import load_document
-from models.ocr.langs import language
-from models.ocr.router import Reading, Request, RoutedOCR, RoutingTable
-from models.ocr.variants import choose, cpu_signature, measure
+from atelier.kernel.errors import AtelierError, NotFound
+from atelier.models.ocr.backends import PPOCR, Tesseract
+from atelier.models.ocr.confidence import IsotonicMap
+from atelier.models.ocr.detector import LineDetector
+from atelier.models.ocr.images import load_document
+from atelier.models.ocr.langs import language
+from atelier.models.ocr.router import Reading, Request, RoutedOCR, RoutingTable
+from atelier.models.ocr.variants import choose, cpu_signature, measure
 
 CHUNK = 32  # documents per router call
 
@@ -53,7 +53,7 @@ def load_engine(files: dict[str, Path], spec: dict, confidence: dict, review_bel
     if "tesseract" in table.routes.values():
         backends["tesseract"] = Tesseract()
     if "glm" in table.routes.values():
-        from models.ocr.glm import GlmOcr
+        from atelier.models.ocr.glm import GlmOcr
 
         weights = glm_weights or spec.get("glm_weights")
         if not weights:
@@ -82,7 +82,7 @@ def engine_files(folder: Path, spec: dict) -> dict[str, Path]:
 def shipped_engine_files(routes: dict[str, str]) -> tuple[dict[str, Path], dict]:
     """(files, spec) of an engine made of the shipped models as they are (fp32, no calibration): what
     the calibration flow starts from, and what benchmarks and tests compare against."""
-    from models.ocr.shipped import shipped
+    from atelier.models.ocr.shipped import shipped
 
     files: dict[str, Path] = {}
     for key, name in (("rec", "ppocrv6s-rec"), ("ppocrv6t", "ppocrv6t-rec"), ("ppocrv5", "ppocrv5-rec"), ("det", "ppocrv5-det"), ("cls", "cls")):

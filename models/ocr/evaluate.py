@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ocr.images import load_document
-from models.ocr.metrics import cer_counts, summarise
-from models.ocr.render import read_labels
+from atelier.models.ocr.images import load_document
+from atelier.models.ocr.metrics import cer_counts, summarise
+from atelier.models.ocr.render import read_labels
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ocr.backends import Line
-from models.vlm.local import LocalVLM
+from atelier.models.ocr.backends import Line
+from atelier.models.vlm.local import LocalVLM
 
 PROMPT = "Text Recognition:"
 

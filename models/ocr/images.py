@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from atelier.errors import AtelierError
-from models.photos import to_rgb
+from atelier.kernel.errors import AtelierError
+from atelier.models.photos import to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")  # what a folder is read for
 MAX_PIXELS = 40_000_000  # larger pages are scaled down to this before OCR

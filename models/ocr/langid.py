@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models.ocr.langs import script_of, script_of_char
+from atelier.models.ocr.langs import script_of, script_of_char
 
 SCRIPT_LANG = {"han": "zh", "kana": "ja", "hangul": "ko", "cyrillic": "ru"}
 

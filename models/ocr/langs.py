@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from atelier.errors import AtelierError
+from atelier.kernel.errors import AtelierError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from models.ocr.detector import Box
+from atelier.models.ocr.detector import Box
 
 WIDE = 0.6  # a line at least this share of the text's width spans the page: it separates bands
 

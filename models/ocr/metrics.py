@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from models.ocr.langs import NO_SPACES
+from atelier.models.ocr.langs import NO_SPACES
 
 
 def normalise(text: str, lang: str | None) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from models.ocr.langs import script_of_char
+from atelier.models.ocr.langs import script_of_char
 
 _FULL = {"zh": {",": "，", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"},
          "ja": {",": "、", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"}}

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
-from atelier.storage import write_bytes_atomic
-from models.ocr.graph import simplify
+from atelier.kernel.storage import write_bytes_atomic
+from atelier.models.ocr.graph import simplify
 
 Method = Literal["MinMax", "Entropy", "Percentile"]
 

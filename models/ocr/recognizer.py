@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from atelier.errors import NotFound
+from atelier.kernel.errors import NotFound
 
 
 @dataclass

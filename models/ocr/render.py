@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from atelier.errors import NotFound
-from atelier.storage import atomic_dir
-from models.ocr.langs import LANGUAGES, NO_SPACES
-from models.ocr.sentences import SENTENCES
+from atelier.kernel.errors import NotFound
+from atelier.kernel.storage import atomic_dir
+from atelier.models.ocr.langs import LANGUAGES, NO_SPACES
+from atelier.models.ocr.sentences import SENTENCES
 
 LABELS = "labels.jsonl"
 _NOTO = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc")

@@ -21,12 +21,12 @@ from typing import Protocol
 
 import numpy as np
 
-from models.ocr.backends import Line, joiner
-from models.ocr.confidence import IsotonicMap
-from models.ocr.langid import NO_SCRIPT, PROBE_CUTS, compatible, from_probe, is_blank, language_of_text, letters, page_language
-from models.ocr.langs import LANGUAGES
-from models.ocr.layout import reading_order
-from models.ocr.normalize import normalize
+from atelier.models.ocr.backends import Line, joiner
+from atelier.models.ocr.confidence import IsotonicMap
+from atelier.models.ocr.langid import NO_SCRIPT, PROBE_CUTS, compatible, from_probe, is_blank, language_of_text, letters, page_language
+from atelier.models.ocr.langs import LANGUAGES
+from atelier.models.ocr.layout import reading_order
+from atelier.models.ocr.normalize import normalize
 
 LINE_ASPECT, LINE_HEIGHT = 4.0, 160  # an image at least this wide for its height, and no higher, is one line
 TIE_POINTS = 1.0  # CER points within which backends count as equal for a language (see choose_routes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from atelier.errors import NotFound
+from atelier.kernel.errors import NotFound
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from models.ocr.images import IMAGE_SUFFIXES
-from models.ocr.langs import LANGUAGES
-from models.validation.gx_runner import run_suite
+from atelier.models.ocr.images import IMAGE_SUFFIXES
+from atelier.models.ocr.langs import LANGUAGES
+from atelier.models.validation.gx_runner import run_suite
 
 SUITE = "document-set"
 LABELS = "labels.jsonl"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from atelier.storage import file_lock, write_json_atomic
+from atelier.kernel.storage import file_lock, write_json_atomic
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _run(name, df, named, report_dir, facts, project, asset, run_name) -> SuiteR
         if facts is not None:
             write_json_atomic(Path(report_dir) / "facts.json", facts)
     if project is not None:
-        from models.validation.data_docs import make_offline
+        from atelier.models.validation.data_docs import make_offline
 
         sites = context.get_docs_sites_urls()
         docs = sites[0]["site_url"] if sites else None

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from atelier.hashing import sha256_file
-from models.photos import to_rgb
+from atelier.kernel.hashing import sha256_file
+from atelier.models.photos import to_rgb
 
 
 @dataclass

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from atelier.settings import ImageRules
-from models.photos import candidate_files
-from models.validation.gx_runner import run_suite
-from models.validation.image_facts import inspect_images
+from atelier.kernel.settings import ImageRules
+from atelier.models.photos import candidate_files
+from atelier.models.validation.gx_runner import run_suite
+from atelier.models.validation.image_facts import inspect_images
 
 SUITE = "subject-images"
 

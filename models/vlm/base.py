@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from atelier.errors import AtelierError
+from atelier.kernel.errors import AtelierError
 
 
 class JudgeError(AtelierError):

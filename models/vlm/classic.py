@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from atelier.errors import NotFound
+from atelier.kernel.errors import NotFound
 
 
 def _images(pngs: list[bytes]) -> list[Image.Image]:

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from models.vlm.base import Answer, JudgeError, JudgeUnavailable, Usage
+from atelier.models.vlm.base import Answer, JudgeError, JudgeUnavailable, Usage
 
 
 def _retry_after(value: str | None, default: float) -> float:

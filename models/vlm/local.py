@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from atelier.errors import NotFound
-from models.vlm.base import Answer, JudgeError, Usage
+from atelier.kernel.errors import NotFound
+from atelier.models.vlm.base import Answer, JudgeError, Usage
 
 REQUIRED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
 IMAGE_TOKEN = "<|image|>"

@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atelier.storage import write_text_atomic
-from models.vlm.base import JudgeError
+from atelier.kernel.storage import write_text_atomic
+from atelier.models.vlm.base import JudgeError
 
 METHOD_VERSION = "1"
 YES, NO = {"yes", "y", "是"}, {"no", "n", "否"}
@@ -144,7 +144,7 @@ def ocr_agreement(scorer: Scorer, pages: list[dict]) -> tuple[list[dict], dict]:
     """pages: {name, png, ocr_text, lang, label (optional)}. The judge reads each page; its CER against
     the OCR model's text is a quality signal that needs no labels. Where labels exist, the judge's
     own CER is reported beside it, so the signal can be trusted or not."""
-    from models.ocr.metrics import cer_counts
+    from atelier.models.ocr.metrics import cer_counts
 
     rows = []
     for p in pages:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atelier.storage import atomic_dir
+from atelier.kernel.storage import atomic_dir
 
 SPECIAL = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|image|>", "<|begin_of_image|>", "<|end_of_image|>",
            "<|video|>", "<|begin_of_video|>", "<|end_of_video|>"]

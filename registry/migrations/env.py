@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from registry.ledger import Base
+from atelier.registry.ledger import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

@@ -3,6 +3,6 @@ model (nothing is unpickled); the settings come from the MLmodel's model_config.
 
 from mlflow.models import set_model
 
-from registry.pyfunc import DreamBoothModel
+from atelier.registry.pyfunc import DreamBoothModel
 
 set_model(DreamBoothModel())

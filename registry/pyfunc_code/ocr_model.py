@@ -3,6 +3,6 @@ is unpickled); the settings come from the MLmodel's model_config. Not imported b
 
 from mlflow.models import set_model
 
-from registry.ocr import OCRModel
+from atelier.registry.ocr import OCRModel
 
 set_model(OCRModel())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from atelier.storage import write_bytes_atomic, write_text_atomic
+from atelier.kernel.storage import write_bytes_atomic, write_text_atomic
 
 SUBJECTS_FILE = "subjects.yaml"
 PARAMS_FILE = "params.yaml"
@@ -91,7 +91,7 @@ def write_launcher(ws: Path) -> Path:
     virtual environment. It is machine-local (the git-ignored .atelier/), so dvc.lock records the same
     command on every machine; every command that changes the workspace refreshes it."""
     exe = Path(sys.executable).parent / "atelier"
-    command = shlex.quote(str(exe)) if exe.is_file() else shlex.join([sys.executable, "-m", "cli"])
+    command = shlex.quote(str(exe)) if exe.is_file() else shlex.join([sys.executable, "-m", "atelier.cli"])
     text = f'#!/bin/sh\n# written by Atelier: the atelier that dvc.yaml\'s stages run on this machine\nexec {command} "$@"\n'
     path = ws / LAUNCHER
     if not path.is_file() or path.read_text() != text:

@@ -18,8 +18,8 @@ import errno
 import os
 import tempfile
 
-from atelier.errors import AtelierError, DiskError, ServiceUnavailable
-from atelier.settings import Settings
+from atelier.kernel.errors import AtelierError, DiskError, ServiceUnavailable
+from atelier.kernel.settings import Settings
 
 # MLflow's REST client, when its server is gone, restarting or behind a failing proxy
 MLFLOW_UNREACHABLE = ("failed with exception", "Max retries exceeded", "Connection refused", "Connection aborted",
@@ -169,6 +169,6 @@ def preflight(settings: Settings) -> None:
     for service, url, default_port in checks:
         address = _host_port(url, default_port)
         if address is not None and not _accepts(address):
-            from atelier.settings import mask_url
+            from atelier.kernel.settings import mask_url
 
             raise ServiceUnavailable(f"{service} at {mask_url(url)}", "does not accept connections", f"{RESTART}; nothing was started")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from atelier.errors import InvalidIdentifier
+from atelier.kernel.errors import InvalidIdentifier
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from atelier.errors import AtelierError, NotFound, ServiceUnavailable
-from atelier.storage import write_bytes_atomic
+from atelier.kernel.errors import AtelierError, NotFound, ServiceUnavailable
+from atelier.kernel.storage import write_bytes_atomic
 
 
 class StoreError(AtelierError):

@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 
 import yaml
 
-from atelier.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceError
-from atelier.gitinfo import SOURCE_ROOT
-from atelier.hashing import file_hashes
-from atelier.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
-from atelier.settings import Settings
-from atelier.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
+from atelier.kernel.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceError
+from atelier.kernel.gitinfo import SOURCE_ROOT
+from atelier.kernel.hashing import file_hashes
+from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
+from atelier.kernel.settings import Settings
+from atelier.kernel.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
 
 MARKER = Path(".atelier") / "workspace.json"
 TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
