@@ -28,12 +28,15 @@ def load_pyfunc(settings: Settings, name: str, version: str):
 
     from mlflow.models import Model
 
+    from atelier.registry import legacy_names
     from atelier.registry.ledger import open_ledger
     from atelier.registry.model_files import SELF_CHECK_KEYS, verified_copy
 
     client = client_for(settings)  # sets the tracking URI
     path = list(sys.path)
     with verified_copy(client, open_ledger(settings), name, version) as local:
+        if legacy_names.is_legacy_layout(local / "code"):  # registered before the one import root
+            legacy_names.install()
         config = Model.load(str(local)).flavors["python_function"].get("config") or {}
         checked = {key: None for key in SELF_CHECK_KEYS if key in config}  # every file was just checked: not again
         try:
