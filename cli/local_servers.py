@@ -28,7 +28,7 @@ from atelier.kernel.errors import ServiceUnavailable
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file
 from atelier.cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environment
-from atelier.cli.stack_processes import Service, _alive, _healthy, _read_record, _start, stop
+from atelier.cli.stack_processes import Service, is_alive, is_healthy, read_record, start_service, stop
 
 NAMES = ("prefect", "mlflow")
 
@@ -59,8 +59,8 @@ def _free_port() -> int:
 
 
 def _running(settings: Settings, name: str) -> dict | None:
-    record = _read_record(settings, name, local_dir(settings))
-    if record is not None and _alive(record) and record.get("health") and _healthy(record["health"]):
+    record = read_record(settings, name, local_dir(settings))
+    if record is not None and is_alive(record) and record.get("health") and is_healthy(record["health"]):
         return record
     return None
 
@@ -110,7 +110,7 @@ def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:
     stop(settings, name, home=home)  # a recorded one that no longer answers
     svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, _free_port())
     on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
-    return _start(settings, svc, home)
+    return start_service(settings, svc, home)
 
 
 def use_background_prefect(settings: Settings, on_progress=lambda _m: None) -> str | None:

@@ -16,7 +16,7 @@ customer_app = typer.Typer(help="Customers and their access to the registry.", n
 
 
 def _registry():
-    from atelier.registry.dreambooth import client_for
+    from atelier.registry.client import client_for
     from atelier.registry.ledger import open_ledger
 
     settings = cli_settings()
@@ -34,7 +34,8 @@ def lineage_cmd(
     verify: bool = typer.Option(False, "--verify", help="re-hash model artifacts and input data; exit 4 on drift"),
 ) -> None:
     """Walk a registered version back to its run, flow run, data files, base model, priors, code and promotions."""
-    from atelier.registry.lineage import lineage, verify as verify_lineage
+    from atelier.registry.lineage import lineage
+    from atelier.registry.lineage import verify as verify_lineage
 
     settings, client, ledger = _registry()
     report = lineage(client, ledger, ref)

@@ -81,8 +81,8 @@ def add_s3_reader(settings: Settings, identity: dict) -> bool:
     if not s3_identities_file(settings).is_file():
         return False
     write_s3_config(settings, [*(i for i in customer_identities(settings) if i["name"] != identity["name"]), identity])
-    record = _read_record(settings, "s3")
-    if record is not None and _alive(record):
+    record = read_record(settings, "s3")
+    if record is not None and is_alive(record):
         os.killpg(record["pid"], signal.SIGHUP)
         time.sleep(1.0)  # the gateway reloads within a few hundred ms
     return True
@@ -191,7 +191,7 @@ def _started_at(pid: int) -> float | None:
         return None
 
 
-def _alive(record: dict) -> bool:
+def is_alive(record: dict) -> bool:
     """The recorded process, not a later one with its pid, and not a zombie nobody reaped."""
     import psutil
 
@@ -202,7 +202,7 @@ def _alive(record: dict) -> bool:
         return False
 
 
-def _read_record(settings: Settings, name: str, home: Path | None = None) -> dict | None:
+def read_record(settings: Settings, name: str, home: Path | None = None) -> dict | None:
     path = _record_path(settings, name, home)
     try:
         return json.loads(path.read_text())
@@ -216,7 +216,7 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _healthy(check: str | Callable[[], bool]) -> bool:
+def is_healthy(check: str | Callable[[], bool]) -> bool:
     if callable(check):
         return check()
     try:
@@ -235,7 +235,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
+def start_service(settings: Settings, svc: Service, home: Path | None = None) -> dict:
     """Start `svc` in its own session, record its pid and start time under `home` (the stack's
     folder by default), and wait until it answers its health check."""
     home = home or stack_dir(settings)
@@ -265,7 +265,7 @@ def _start(settings: Settings, svc: Service, home: Path | None = None) -> dict:
             _record_path(settings, svc.name, home).unlink(missing_ok=True)
             raise ServiceUnavailable(f"{svc.name} ({' '.join(svc.argv[:3])})", f"exited with code {proc.returncode}:\n{_log_tail(log)}",
                                      f"read {log}")
-        if svc.health is not None and _healthy(svc.health):
+        if svc.health is not None and is_healthy(svc.health):
             return record
         if time.monotonic() >= deadline:
             break
@@ -290,13 +290,13 @@ def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[
     for svc in services(settings):
         if svc.name not in only:
             continue
-        record = _read_record(settings, svc.name)
-        if record is not None and _alive(record):
+        record = read_record(settings, svc.name)
+        if record is not None and is_alive(record):
             states.append(ServiceState(svc.name, svc.url, record["pid"], True, record["log"]))
             continue
         on_progress(f"starting {svc.name} ({svc.url})...")
         t0 = time.monotonic()
-        record = _start(settings, svc)
+        record = start_service(settings, svc)
         on_progress(f"  {svc.name} up in {time.monotonic() - t0:.1f} s (pid {record['pid']})")
         states.append(ServiceState(svc.name, svc.url, record["pid"], True, record["log"]))
     return states
@@ -305,18 +305,18 @@ def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[
 def status(settings: Settings) -> list[ServiceState]:
     out = []
     for svc in services(settings):
-        record = _read_record(settings, svc.name)
-        running = record is not None and _alive(record)
+        record = read_record(settings, svc.name)
+        running = record is not None and is_alive(record)
         out.append(ServiceState(svc.name, svc.url, record["pid"] if record else None, running, record["log"] if record else ""))
     return out
 
 
 def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float = 15.0, home: Path | None = None) -> bool:
     """Stop one service's process group; True when something was running. SIGKILL after `wait` s."""
-    record = _read_record(settings, name, home)
+    record = read_record(settings, name, home)
     if record is None:
         return False
-    was_running = _alive(record)
+    was_running = is_alive(record)
     if was_running:
         for current in (sig, signal.SIGKILL):
             try:
@@ -324,9 +324,9 @@ def stop(settings: Settings, name: str, sig: int = signal.SIGTERM, wait: float =
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(record):
+            while time.monotonic() < deadline and is_alive(record):
                 time.sleep(0.2)
-            if not _alive(record):
+            if not is_alive(record):
                 break
     _record_path(settings, name, home).unlink(missing_ok=True)
     return was_running

@@ -43,7 +43,6 @@ def is_platform_user(username: str) -> bool:
 
 def _only_admins_write():
     from flask import request
-
     from mlflow.server import auth
 
     if is_read(request.method, request.path) or auth.is_unprotected_route(request.path):

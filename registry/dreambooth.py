@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from PIL import Image
 
-from atelier.kernel.hashing import tree_hash, value_hash
+from atelier.kernel.hashing import tree_hash
 from atelier.kernel.settings import Settings
+from atelier.registry.client import (
+    LINEAGE_HASH_TAG,
+    Registered,
+    client_for,
+    code_paths,
+    find_version,
+    lineage_tags,
+    model_missing,
+    quiet_logger,
+)
 from atelier.registry.gate import CANDIDATE
-from atelier.registry.lineage import LINEAGE_HASH_TAG
-from atelier.registry.isolation import ensure_experiment, grant_customer_read, require_owner
+from atelier.registry.isolation import (
+    ensure_experiment,
+    grant_customer_read,
+    require_owner,
+)
 from atelier.registry.ledger import open_ledger
 from atelier.registry.model_files import MANIFEST_TAG, manifest_of, record_manifest
 from atelier.registry.pyfunc import SIGNATURE
@@ -27,34 +36,9 @@ from atelier.registry.training_run import LOSS
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
                     "pandas", "pillow", "mlflow==3.17.2"]
-CODE_PARTS = ("kernel", "models", "registry")  # what a model's code imports, below the `atelier` root
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "dreambooth_model.py"
 
 
-@functools.cache
-def code_paths() -> list[str]:
-    """The packages a model's code imports, shipped in its `code/` folder as one `atelier` package
-    (MLflow copies each path by its base name, and the parts live in separate folders of the source
-    tree): staged once per process, sources only (MLflow leaves out __pycache__)."""
-    import atexit
-    import importlib
-    import shutil
-    import tempfile
-
-    import atelier
-
-    staging = tempfile.TemporaryDirectory(prefix="atelier-code-")
-    atexit.register(staging.cleanup)
-    root = Path(staging.name) / "atelier"
-    root.mkdir()
-    shutil.copy2(atelier.__file__, root / "__init__.py")
-    for part in CODE_PARTS:
-        source = Path(importlib.import_module(f"atelier.{part}").__path__[0])
-        shutil.copytree(source, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return [str(root)]
-TAG_VALUE_LIMIT = 5000  # MLflow's
-SHORT_TAG_LIMIT = 200
-GATE_INPUTS = ("eval.summary",)  # structured, but the gate reads it from the version
 DAMAGED_TAG = "atelier.artifacts.damaged"
 
 
@@ -62,41 +46,11 @@ def model_name(customer: str, subject: str) -> str:
     return f"dreambooth-{customer}-{subject}"
 
 
-@dataclass(frozen=True)
-class Registered:
-    name: str
-    version: str
-    run_id: str
-    model_uri: str
-    reused: bool = False
-
-
-def client_for(settings: Settings) -> MlflowClient:
-    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    return MlflowClient(settings.resolved_tracking_uri)
-
-
 def configure(settings: Settings, customer: str) -> MlflowClient:
     """Point MLflow at the tracking URI and use the customer's experiment (own artifact prefix)."""
     client = client_for(settings)
     mlflow.set_experiment(experiment_id=ensure_experiment(client, settings, customer))
     return client
-
-
-def _tags(lineage: dict) -> dict[str, str]:
-    """The searchable part of the lineage as MLflow tags: short scalars (revisions, hashes, keys, ids),
-    the evaluation summary the gate reads, and the sha256 of the whole lineage. The whole record (file
-    hashes, parameters, task versions) is the run's `lineage.json`, which `atelier lineage` reads and
-    checks against that hash."""
-    tags = {LINEAGE_HASH_TAG: value_hash(lineage)}
-    for key, value in lineage.items():
-        structured = isinstance(value, (dict, list))
-        if structured and key not in GATE_INPUTS:
-            continue
-        text = json.dumps(value, sort_keys=True) if structured or not isinstance(value, str) else value
-        if len(text) <= (TAG_VALUE_LIMIT if key in GATE_INPUTS else SHORT_TAG_LIMIT):
-            tags[f"atelier.{key}"] = text
-    return tags
 
 
 def register_dreambooth(settings: Settings, customer: str, subject: str, pipeline_dir: Path, lineage: dict,
@@ -108,13 +62,15 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
 
     Registration comes last: if anything before it fails, no version exists.
     """
-    from atelier.registry.promotion import record_candidate  # promotion -> judge -> this module
+    from atelier.registry.promotion import (
+        record_candidate,  # promotion -> judge -> this module
+    )
 
     client = configure(settings, customer)
     name = model_name(customer, subject)
     require_owner(client, name, customer)
     lineage = {**lineage, "model.sha256": tree_hash(Path(pipeline_dir))}
-    tags = _tags(lineage)
+    tags = lineage_tags(lineage)
     existing = find_version(client, name, "atelier.training.key", lineage.get("training.key"))
     if existing is not None:  # the same training outputs are registered once, however often the flow reruns...
         lost = missing_artifacts(client, existing, Path(pipeline_dir))
@@ -162,7 +118,7 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
                 code_paths=code_paths(),
             )
         _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
-    if _missing(client, name):
+    if model_missing(client, name):
         client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
                                        description=model_description(customer, subject, lineage))
         grant_customer_read(settings, name, customer)
@@ -187,18 +143,6 @@ def input_example(params: dict, lineage: dict, steps: int, guidance: float):
     prompt = f"a {params.get('identifier', 'sks')} {lineage.get('data.class_noun', 'subject')} on the beach"
     return pd.DataFrame({"prompt": [prompt], "seed": [0], "steps": [int(steps)], "guidance_scale": [float(guidance)],
                          "height": [size], "width": [size]})
-
-
-@contextlib.contextmanager
-def quiet_logger(logger: str):
-    """A library logger's WARNING lines kept out of the output while the block runs (errors still show)."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _live_run(client: MlflowClient, run_id: str | None, subject: str, training_key: str | None) -> str | None:
@@ -312,7 +256,9 @@ def record_gate_on_card(client: MlflowClient, name: str, version: str, gate: dic
 
 def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
     """Every file of a version's stored MLflow model (relative path -> size), read from the artifact store."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
 
     source = mv.source or ""
     model_id = mv.model_id or (source.split("/")[-1] if source.startswith("models:/m-") else None)
@@ -339,25 +285,6 @@ def missing_artifacts(client: MlflowClient, mv, pipeline_dir: Path) -> list[str]
         if path.is_file():
             expected[f"artifacts/pipeline/{path.relative_to(pipeline_dir).as_posix()}"] = path.stat().st_size
     return [p for p, size in expected.items() if p not in stored or (size is not None and stored[p] not in (None, size))]
-
-
-def find_version(client: MlflowClient, name: str, tag: str, value: str | None):
-    """The newest version of `name` whose tag `tag` equals `value`, or None."""
-    if value is None or _missing(client, name):
-        return None
-    versions = client.search_model_versions(f"name = '{name}'")
-    hits = [v for v in versions if v.tags.get(tag) == value]
-    return max(hits, key=lambda v: int(v.version)) if hits else None
-
-
-def _missing(client: MlflowClient, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return False
-    except MlflowException:
-        return True
 
 
 def _loss_figure(losses: list[float]):

@@ -9,7 +9,7 @@ import json
 import mlflow
 
 from atelier.kernel.settings import Settings
-from atelier.registry.dreambooth import client_for
+from atelier.registry.client import client_for
 
 JUDGE_TAG = "atelier.eval.judge"
 

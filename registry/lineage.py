@@ -14,9 +14,8 @@ from atelier.kernel.errors import NotFound
 from atelier.kernel.hashing import tree_hash, value_hash
 from atelier.kernel.settings import Settings
 from atelier.kernel.workspace import checkout_subject
+from atelier.registry.client import LINEAGE_HASH_TAG, client_for
 from atelier.registry.ledger import Ledger
-
-LINEAGE_HASH_TAG = "atelier.lineage.sha256"
 
 
 def resolve(client: MlflowClient, ref: str):
@@ -109,7 +108,6 @@ def verify(settings: Settings, report: dict) -> list[str]:
     if report.get("lineage_record", {}).get("sha256_matches_tag") is False:
         drift.append("lineage.json: missing, or changed since registration (its sha256 differs from the version's "
                      f"{LINEAGE_HASH_TAG} tag)")
-    from atelier.registry.dreambooth import client_for  # dreambooth imports this module
     from atelier.registry.ledger import open_ledger
     from atelier.registry.model_files import ModelTampered, verified_copy
 

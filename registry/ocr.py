@@ -25,7 +25,15 @@ from mlflow.types import ColSpec, Schema
 
 from atelier.kernel.hashing import sha256_file
 from atelier.kernel.settings import Settings
-from atelier.registry.dreambooth import Registered, _missing, _tags, client_for, code_paths, find_version, quiet_logger
+from atelier.registry.client import (
+    Registered,
+    client_for,
+    code_paths,
+    find_version,
+    lineage_tags,
+    model_missing,
+    quiet_logger,
+)
 from atelier.registry.ledger import open_ledger
 from atelier.registry.model_files import MANIFEST_TAG, record_manifest
 from atelier.registry.promotion import record_candidate
@@ -93,7 +101,7 @@ def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confide
         client.create_experiment(experiment, artifact_location=settings.artifact_root_for(EXPERIMENT))
     mlflow.set_experiment(experiment)
     lineage = {**lineage, "kind": "ocr", "model.sha256": file_hashes_of(files)}
-    tags = _tags(lineage)
+    tags = lineage_tags(lineage)
     existing = find_version(client, MODEL_NAME, "atelier.calibration.key", lineage.get("calibration.key"))
     if existing is not None:
         return Registered(MODEL_NAME, str(existing.version), existing.run_id, existing.source, reused=True)
@@ -116,7 +124,7 @@ def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confide
                 model_config={"review_below": review_below, "artifact_files": {k: sha256_file(Path(v)) for k, v in artifacts.items()}},
                 artifacts=artifacts, code_paths=code_paths())
         _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
-    if _missing(client, MODEL_NAME):
+    if model_missing(client, MODEL_NAME):
         client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
     version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha},
                                           model_id=info.model_id)

@@ -20,8 +20,15 @@ from mlflow.exceptions import MlflowException
 from atelier.kernel.errors import GateRefused, NotFound
 from atelier.kernel.settings import GateRules
 from atelier.models.dreambooth.health import Health
-from atelier.registry.gate import (CANDIDATE, CHAMPION, GateResult, evaluate_challenger, evaluate_judge, evaluate_ocr,
-                           evaluate_training_health)
+from atelier.registry.gate import (
+    CANDIDATE,
+    CHAMPION,
+    GateResult,
+    evaluate_challenger,
+    evaluate_judge,
+    evaluate_ocr,
+    evaluate_training_health,
+)
 from atelier.registry.judge import JUDGE_TAG
 from atelier.registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
 from atelier.registry.ledger_anchor import AnchorStore, append, require_intact

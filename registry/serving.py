@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from atelier.kernel.settings import Settings
-from atelier.registry.dreambooth import client_for
+from atelier.registry.client import client_for
 from atelier.registry.isolation import require_owner
 from atelier.registry.lineage import resolve
 
@@ -25,7 +25,6 @@ def load_pyfunc(settings: Settings, name: str, version: str):
     import sys
 
     import mlflow.pyfunc
-
     from mlflow.models import Model
 
     from atelier.registry import legacy_names

@@ -9,7 +9,8 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from atelier.models.dreambooth.config import TrainConfig
-from atelier.registry.dreambooth import client_for, record_gate_on_card, register_dreambooth
+from atelier.registry.client import client_for
+from atelier.registry.dreambooth import record_gate_on_card, register_dreambooth
 from atelier.registry.ledger import open_ledger
 from atelier.registry.promotion import promote
 from atelier.tasks.common import UNCACHED, logger, retry_transient, settings, tracked
@@ -74,7 +75,8 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
 def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
     """The version already registered from exactly these inputs (training key), or None; its `gate` is
     the decision recorded on its card, or None if it was never gated."""
-    from atelier.registry.dreambooth import find_version, model_name
+    from atelier.registry.client import find_version
+    from atelier.registry.dreambooth import model_name
 
     name = model_name(customer, subject)
     mv = find_version(client_for(settings()), name, "atelier.training.key", training_key)

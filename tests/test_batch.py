@@ -61,8 +61,8 @@ def test_store_keys_cannot_escape_and_local_writes_are_atomic(tmp_path):
 def versions(prefect_harness, workspace, tmp_path_factory):
     """dreambooth-batchco-robot v1 (champion) and v2 (a different step count), both registered."""
     from atelier.cli.demo_data import write_demo_photos
-    from atelier.kernel.workspace import add_subject
     from atelier.flows.subject_finetune import subject_finetune
+    from atelier.kernel.workspace import add_subject
     from atelier.tasks.dreambooth import TINY_CONFIG
 
     photos = write_demo_photos(tmp_path_factory.mktemp("photos"), count=5)
@@ -81,11 +81,10 @@ def versions(prefect_harness, workspace, tmp_path_factory):
 def _promote(workspace, name: str, version: str) -> None:
     """Through the gate and the ledger, as an operator would (an alias moved with the MLflow client is
     drift that `atelier ledger verify` reports)."""
-    from atelier.registry.dreambooth import client_for
+    from atelier.kernel.settings import ChallengerRules
+    from atelier.registry.client import client_for
     from atelier.registry.ledger import open_ledger
     from atelier.registry.promotion import promote
-
-    from atelier.kernel.settings import ChallengerRules
 
     # these tests move the alias between two trainings on purpose: the champion/challenger comparison is not their subject
     rules = workspace.gate.model_copy(update={"challenger": ChallengerRules(enabled=False)})
@@ -174,8 +173,8 @@ def test_a_moved_alias_each_output_names_the_version_that_made_it(versions, work
 
 @pytest.mark.slow
 def test_bad_references_are_named(versions, workspace, tmp_path):
-    from atelier.kernel.errors import AtelierError
     from atelier.flows.batch import batch_generate
+    from atelier.kernel.errors import AtelierError
 
     name, _, _ = versions
     m = manifest(tmp_path / "m.jsonl", 1)

@@ -49,7 +49,7 @@ def test_a_server_that_exits_at_once_is_reported_with_its_log(tmp_path):
     s = _settings(tmp_path)
     svc = stack.Service("mlflow", [sys.executable, "-c", "print('no such database'); raise SystemExit(3)"], "http://x", "http://127.0.0.1:1/", None)
     with pytest.raises(ServiceUnavailable, match=r"exited with code 3:\nno such database"):
-        stack._start(s, svc)
+        stack.start_service(s, svc)
     assert stack.status(s)[2].running is False
 
 
@@ -57,7 +57,7 @@ def test_down_stops_the_whole_process_group_and_never_a_recycled_pid(tmp_path):
     s = _settings(tmp_path)
     # a "server" that starts a child, as mlflow's server starts its workers
     code = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
-    record = stack._start(s, stack.Service("worker", [sys.executable, "-c", code], "pool", None, None))
+    record = stack.start_service(s, stack.Service("worker", [sys.executable, "-c", code], "pool", None, None))
     import psutil
 
     children = psutil.Process(record["pid"]).children()
