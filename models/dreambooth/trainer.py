@@ -42,8 +42,8 @@ from atelier.kernel.storage import write_json_atomic
 from atelier.models.dreambooth.base import check_sd_directory
 from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 from atelier.models.dreambooth.config import TrainConfig
-from atelier.models.dreambooth.images import stack_folder
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
+from atelier.models.dreambooth.train_setup import Encoded, add_lora, fresh_accelerator, token_ids
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "LOSS_READBACK_STEPS"]
 
@@ -93,36 +93,6 @@ class LoopState:
         self.generator.set_state(state["rng"])
 
 
-class _Encoded:
-    """Latent distributions (mean, std) of a folder of images under the frozen VAE."""
-
-    def __init__(self, vae: AutoencoderKL, folder: Path, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
-        pixels = stack_folder(folder, cfg.resolution, cfg.center_crop)
-        means, stds = [], []
-        with torch.no_grad():
-            for chunk in pixels.split(8):
-                dist = vae.encode(chunk.to(device, dtype)).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
-        self.mean, self.std = torch.cat(means), torch.cat(stds)
-        self.scaling = vae.config.scaling_factor
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def sample(self, batch: int, gen: torch.Generator, world: int = 1, rank: int = 0) -> torch.Tensor:
-        """Draw the global batch (every process draws the same), return this process's slice."""
-        idx = torch.randint(len(self), (batch * world,), generator=gen, device=gen.device)
-        eps = torch.randn(self.mean[idx].shape, generator=gen, device=gen.device)
-        mine = slice(rank * batch, (rank + 1) * batch)
-        return (self.mean[idx][mine] + self.std[idx][mine] * eps[mine]) * self.scaling
-
-
-def _ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids.to(device)
-
-
 def uses_cuda_graphs(cfg: TrainConfig, precision: str, processes: int) -> bool:
     """Whether a run captures its step as a CUDA graph: on CUDA, one process, no gradient accumulation
     or checkpointing (both step outside a fixed graph), bf16 or fp32 (fp16's grad scaler reads back
@@ -148,7 +118,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     precision = cfg.resolved_precision(torch.cuda.is_available())
     graphs = uses_cuda_graphs(cfg, precision, int(os.environ.get("WORLD_SIZE", "1")))
     # a captured step casts under its own autocast (without a cast cache, which a graph must not keep)
-    acc = _fresh_accelerator("no" if graphs else precision, cfg.gradient_accumulation_steps)
+    acc = fresh_accelerator("no" if graphs else precision, cfg.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
@@ -161,7 +131,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     if cfg.lora is not None:
         with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
             torch.manual_seed(cfg.seed)
-            _add_lora(cfg, unet, text_encoder, weight_dtype)
+            add_lora(cfg, unet, text_encoder, weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -216,10 +186,10 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit)
     if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
         checkpointer.reserve(_checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
-    instance = _Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
-    prior = _Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
-    ids = _ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
-    class_ids = _ids(tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
+    instance = Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
+    prior = Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
+    ids = token_ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
+    class_ids = token_ids(tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
     bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
     world, rank = acc.num_processes, acc.process_index
     batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
@@ -462,37 +432,3 @@ def _restore(ckpt: dict, trained: dict, optimizer, scheduler, scaler, state: Loo
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     state.load_state_dict(ckpt["loop"])
-
-
-def _add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) -> None:
-    """Freeze the base weights (kept in the mixed-precision dtype: half the memory) and add trainable
-    LoRA adapters, kept in fp32 so that small updates are not rounded away."""
-    from peft import LoraConfig as PeftLoraConfig
-
-    rank = cfg.lora.rank
-    unet.requires_grad_(False)
-    unet.to(dtype=weight_dtype)
-    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=cfg.lora.unet_target_modules))
-    models = [unet]
-    if cfg.train_text_encoder:
-        text_encoder.requires_grad_(False)
-        text_encoder.to(dtype=weight_dtype)
-        text_encoder.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                target_modules=cfg.lora.text_encoder_target_modules))
-        models.append(text_encoder)
-    for m in models:
-        for p in m.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-
-
-def _fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
-    """accelerate keeps one process-wide state; a long-lived worker trains many models with different
-    precision and accumulation, so each run starts from a clean state (the process group is kept)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False)

@@ -1,0 +1,78 @@
+"""What the DreamBooth trainer sets up before its loop: the frozen VAE's latents of an image folder,
+prompt token ids, LoRA adapters, and a clean accelerate state for each run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from transformers import CLIPTokenizer
+
+from atelier.models.dreambooth.config import TrainConfig
+from atelier.models.dreambooth.images import stack_folder
+
+
+class Encoded:
+    """Latent distributions (mean, std) of a folder of images under the frozen VAE."""
+
+    def __init__(self, vae: AutoencoderKL, folder: Path, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+        pixels = stack_folder(folder, cfg.resolution, cfg.center_crop)
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels.split(8):
+                dist = vae.encode(chunk.to(device, dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.scaling = vae.config.scaling_factor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, batch: int, gen: torch.Generator, world: int = 1, rank: int = 0) -> torch.Tensor:
+        """Draw the global batch (every process draws the same), return this process's slice."""
+        idx = torch.randint(len(self), (batch * world,), generator=gen, device=gen.device)
+        eps = torch.randn(self.mean[idx].shape, generator=gen, device=gen.device)
+        mine = slice(rank * batch, (rank + 1) * batch)
+        return (self.mean[idx][mine] + self.std[idx][mine] * eps[mine]) * self.scaling
+
+
+def token_ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) -> None:
+    """Freeze the base weights (kept in the mixed-precision dtype: half the memory) and add trainable
+    LoRA adapters, kept in fp32 so that small updates are not rounded away."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    rank = cfg.lora.rank
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=cfg.lora.unet_target_modules))
+    models = [unet]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(False)
+        text_encoder.to(dtype=weight_dtype)
+        text_encoder.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                target_modules=cfg.lora.text_encoder_target_modules))
+        models.append(text_encoder)
+    for m in models:
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
+    """accelerate keeps one process-wide state; a long-lived worker trains many models with different
+    precision and accumulation, so each run starts from a clean state (the process group is kept)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
