@@ -47,9 +47,13 @@ def main() -> None:
 
     pinned = pin(settings, args.model)
     model = load_python_model(settings, pinned["name"], pinned["version"])
-    text = "".join(json.dumps({"id": f"i{k:04d}", "prompt": f"a sks toy, picture {k}", "steps": args.steps}) + "\n" for k in range(args.items))
+    text = "".join(
+        json.dumps({"id": f"i{k:04d}", "prompt": f"a sks toy, picture {k}", "steps": args.steps}) + "\n" for k in range(args.items)
+    )
     items, _ = parse_generation_manifest(text)
-    requests = [GenerationRequest(prompt=i.prompt, seed=i.seed, steps=args.steps, guidance_scale=model.defaults["guidance_scale"]) for i in items]
+    requests = [
+        GenerationRequest(prompt=i.prompt, seed=i.seed, steps=args.steps, guidance_scale=model.defaults["guidance_scale"]) for i in items
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="atelier-batch-bench-"))
 
     def direct() -> None:
@@ -84,15 +88,21 @@ def main() -> None:
 
     # the fastest of the interleaved runs: this work is deterministic, so the spread is other load
     base = min(times["direct"])
-    print(f"\n{args.items} items, {args.steps} steps, batch {args.batch_size}, {pinned['model']}, fastest of {args.repeats} interleaved runs")
+    print(
+        f"\n{args.items} items, {args.steps} steps, batch {args.batch_size}, {pinned['model']}, fastest of {args.repeats} interleaved runs"
+    )
     print(f"{'variant':<14}{'seconds':>9}{'ms/item':>9}{'overhead/item':>15}{'ratio':>8}{'median s':>10}{'cpu s':>8}")
     for name, ts in times.items():
         m = min(ts)
-        print(f"{name:<14}{m:>9.2f}{1000 * m / args.items:>9.1f}{1000 * (m - base) / args.items:>12.2f} ms{m / base:>8.3f}"
-              f"{statistics.median(ts):>10.2f}{min(cpu[name]):>8.1f}")
+        print(
+            f"{name:<14}{m:>9.2f}{1000 * m / args.items:>9.1f}{1000 * (m - base) / args.items:>12.2f} ms{m / base:>8.3f}"
+            f"{statistics.median(ts):>10.2f}{min(cpu[name]):>8.1f}"
+        )
     core_ratio = min(times["batch core"]) / base
-    print(f"\nbatch core per-item overhead over direct: {100 * (core_ratio - 1):+.1f}% (target <= 5%); "
-          f"the flow adds a fixed {min(times['batch flow']) - min(times['batch core']):.1f} s per run (Prefect, registry load)")
+    print(
+        f"\nbatch core per-item overhead over direct: {100 * (core_ratio - 1):+.1f}% (target <= 5%); "
+        f"the flow adds a fixed {min(times['batch flow']) - min(times['batch core']):.1f} s per run (Prefect, registry load)"
+    )
 
 
 if __name__ == "__main__":

@@ -101,14 +101,22 @@ def baseline_job(base: Path, instance: Path, work: Path, count: int, steps: int,
         if step + 1 == 500:  # the example's default checkpointing_steps
             c = time.perf_counter()
             (work / "checkpoint-500").mkdir()
-            torch.save({"unet": m["unet"].state_dict(), "text_encoder": m["text"].state_dict(), "optimizer": m["opt"].state_dict(),
-                        "scaler": m["scaler"].state_dict()}, work / "checkpoint-500" / "state.pt")
+            torch.save(
+                {
+                    "unet": m["unet"].state_dict(),
+                    "text_encoder": m["text"].state_dict(),
+                    "optimizer": m["opt"].state_dict(),
+                    "scaler": m["scaler"].state_dict(),
+                },
+                work / "checkpoint-500" / "state.pt",
+            )
             checkpoints += time.perf_counter() - c
     split["training steps"] = time.perf_counter() - t - checkpoints
     split["checkpoints"] = checkpoints
     t = time.perf_counter()
-    out = StableDiffusionPipeline.from_pretrained(str(base), unet=m["unet"], text_encoder=m["text"], safety_checker=None,
-                                                  requires_safety_checker=False)
+    out = StableDiffusionPipeline.from_pretrained(
+        str(base), unet=m["unet"], text_encoder=m["text"], safety_checker=None, requires_safety_checker=False
+    )
     out.save_pretrained(work / "pipeline", safe_serialization=True)
     split["save"] = time.perf_counter() - t
     return split
@@ -134,8 +142,9 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
     from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.trainer import TrainInputs, train
 
-    cfg = load_train_config(ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps,
-                                                                            "num_class_images": count})
+    cfg = load_train_config(
+        ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps, "num_class_images": count}
+    )
     if compiled:
         cfg = cfg.model_copy(update={"compile_unet": True})
     split = {}
@@ -149,10 +158,18 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
     split["class images"] = time.perf_counter() - t
     result = train(cfg, TrainInputs(base, instance, "toy", work, work / "pipeline", priors.path))
     timings = result.timings
-    split.update({"start": timings["load"], "compile": timings["capture"], "training steps": timings["steps"] - timings["capture"],
-                  "checkpoints": timings["checkpoints"], "validation": timings["validation"], "save": timings["save"],
-                  "priors reused": priors.reused,
-                  **{k: round(v, 2) for k, v in timings.items() if k.startswith(("capture_", "peak_", "checkpoint_"))}})
+    split.update(
+        {
+            "start": timings["load"],
+            "compile": timings["capture"],
+            "training steps": timings["steps"] - timings["capture"],
+            "checkpoints": timings["checkpoints"],
+            "validation": timings["validation"],
+            "save": timings["save"],
+            "priors reused": priors.reused,
+            **{k: round(v, 2) for k, v in timings.items() if k.startswith(("capture_", "peak_", "checkpoint_"))},
+        }
+    )
     return split
 
 
@@ -170,8 +187,14 @@ def run_row(row: str, base: Path, instance: Path, tmp: Path, count: int, steps: 
                 split = baseline_job(base, instance, work, count, steps, size)
             else:
                 split = atelier_job(base, instance, work, tmp / "priors-cache", count, steps, size, compiled="compiled" in row)
-        result = {"row": row, "total": time.perf_counter() - t, "split": split, "peak_gib": _peak(), "device_peak_gib": device_memory.peak,
-                  "job": f"{count} class images + {steps} steps + save"}
+        result = {
+            "row": row,
+            "total": time.perf_counter() - t,
+            "split": split,
+            "peak_gib": _peak(),
+            "device_peak_gib": device_memory.peak,
+            "job": f"{count} class images + {steps} steps + save",
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)  # a row's checkpoints and pipeline never fill the disk for the next
     out.write_text(json.dumps(result))
@@ -187,9 +210,26 @@ def run_all(rows: list[str], base: Path, instance: Path, tmp: Path, count: int, 
     for row in rows:
         one = tmp / "row.json"
         one.unlink(missing_ok=True)
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "dreambooth_gpu.py"), "--e2e-row", row, "--e2e-base", str(base),
-               "--e2e-instance", str(instance), "--e2e-tmp", str(tmp), "--class-images", str(count), "--e2e-steps", str(steps),
-               "--e2e-size", str(size), "--json", str(one)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "dreambooth_gpu.py"),
+            "--e2e-row",
+            row,
+            "--e2e-base",
+            str(base),
+            "--e2e-instance",
+            str(instance),
+            "--e2e-tmp",
+            str(tmp),
+            "--class-images",
+            str(count),
+            "--e2e-steps",
+            str(steps),
+            "--e2e-size",
+            str(size),
+            "--json",
+            str(one),
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or not one.is_file():
             done[row] = {"row": row, "error": (proc.stderr or proc.stdout)[-1500:]}
@@ -204,10 +244,18 @@ def print_table(done: dict) -> None:
     parts = ("fingerprint", "start", "compile", "class images", "training steps", "checkpoints", "validation", "save")
     base = done.get("baseline", {}).get("total")
     first = next((r for r in done.values() if "job" in r), {})
-    print(f"\n{first.get('job', 'job'):<34}{'wall s':>8}{'vs base':>8}" + "".join(f"{p:>15}" for p in parts) + f"{'peak GiB':>9}{'smi GiB':>9}")
+    print(
+        f"\n{first.get('job', 'job'):<34}{'wall s':>8}{'vs base':>8}"
+        + "".join(f"{p:>15}" for p in parts)
+        + f"{'peak GiB':>9}{'smi GiB':>9}"
+    )
     for row, r in done.items():
         if "error" in r:
             print(f"{row:<34} failed: {r['error'][-300:]}")
             continue
         ratio = f"{base / r['total']:.2f}x" if base else "no base"
-        print(f"{row:<34}{r['total']:>8.1f}{ratio:>8}" + "".join(f"{r['split'].get(p, 0.0):>15.1f}" for p in parts) + f"{r['peak_gib']:>9.1f}{r.get('device_peak_gib', float('nan')):>9.1f}")
+        print(
+            f"{row:<34}{r['total']:>8.1f}{ratio:>8}"
+            + "".join(f"{r['split'].get(p, 0.0):>15.1f}" for p in parts)
+            + f"{r['peak_gib']:>9.1f}{r.get('device_peak_gib', float('nan')):>9.1f}"
+        )

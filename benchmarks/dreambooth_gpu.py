@@ -43,21 +43,49 @@ def build_sd15(out: Path, bpe: Path | None) -> Path:
     from atelier.models.dreambooth.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=512,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    )
     tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp()), bpe)
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out, safe_serialization=True)
-    print(f"SD1.5-shape model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
-          f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M parameters", flush=True)
+    print(
+        f"SD1.5-shape model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+        f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M parameters",
+        flush=True,
+    )
     return out
 
 
@@ -92,12 +120,22 @@ def example_models(base: Path, cfg: TrainConfig, device: str) -> dict:
     unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").to(device)
     vae.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+    )
     unet.train()
     text.train()
-    return {"text": text, "vae": vae, "unet": unet, "sched": DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
-            "params": params, "opt": opt, "scaler": torch.amp.GradScaler(device, enabled=fp16), "device": device, "fp16": fp16}
+    return {
+        "text": text,
+        "vae": vae,
+        "unet": unet,
+        "sched": DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
+        "params": params,
+        "opt": opt,
+        "scaler": torch.amp.GradScaler(device, enabled=fp16),
+        "device": device,
+        "fp16": fp16,
+    }
 
 
 def example_step(m: dict, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig) -> float:
@@ -128,8 +166,13 @@ def example_ids(base: Path, cfg: TrainConfig, device: str) -> torch.Tensor:
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
-    return tok([cfg.fill(cfg.instance_prompt, "toy"), cfg.fill(cfg.class_prompt, "toy")], padding="max_length",
-               max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    return tok(
+        [cfg.fill(cfg.instance_prompt, "toy"), cfg.fill(cfg.class_prompt, "toy")],
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
 
 
 def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str) -> dict:
@@ -150,8 +193,7 @@ def baseline_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig,
     return out
 
 
-def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str,
-                     work: Path) -> dict:
+def atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, warmup: int, device: str, work: Path) -> dict:
     _reset_memory(device)
     try:
         return _atelier_training(base, instance, klass, cfg, steps, warmup, work)
@@ -169,10 +211,18 @@ def _atelier_training(base: Path, instance: Path, klass: Path, cfg: TrainConfig,
         stamps[step] = time.perf_counter()
 
     shutil.rmtree(work, ignore_errors=True)
-    train(cfg.model_copy(update={"max_train_steps": total}), TrainInputs(base, instance, "toy", work, work / "out", klass),
-          on_progress=progress, step_budget=warmup + steps)
+    train(
+        cfg.model_copy(update={"max_train_steps": total}),
+        TrainInputs(base, instance, "toy", work, work / "out", klass),
+        on_progress=progress,
+        step_budget=warmup + steps,
+    )
     timed = stamps[warmup + steps] - stamps[warmup]
-    return {"steps_per_s": steps / timed, "ms_per_step": 1000 * timed / steps, "peak_gib": _peak_gib("cuda" if torch.cuda.is_available() else "cpu")}
+    return {
+        "steps_per_s": steps / timed,
+        "ms_per_step": 1000 * timed / steps,
+        "peak_gib": _peak_gib("cuda" if torch.cuda.is_available() else "cpu"),
+    }
 
 
 def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, work: Path, out: Path) -> None:
@@ -187,8 +237,9 @@ def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, s
     print(table, flush=True)
 
 
-def class_images(base: Path, count: int, size: int, device: str, baseline: bool, compile_mode: str = "none",
-                 steps: int = 25, batch: int = 16) -> dict:
+def class_images(
+    base: Path, count: int, size: int, device: str, baseline: bool, compile_mode: str = "none", steps: int = 25, batch: int = 16
+) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
@@ -196,11 +247,14 @@ def class_images(base: Path, count: int, size: int, device: str, baseline: bool,
     _reset_memory(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     if baseline:
-        pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False).to(device)
+        pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype, safety_checker=None, requires_safety_checker=False).to(
+            device
+        )
         pipe.set_progress_bar_config(disable=True)
-        run = lambda n: [pipe(["a photo of toy"] * min(4, n - i), num_inference_steps=50, height=size, width=size).images  # noqa: E731
-                         for i in range(0, n, 4)]
+        run = lambda n: [
+            pipe(["a photo of toy"] * min(4, n - i), num_inference_steps=50, height=size, width=size).images  # noqa: E731
+            for i in range(0, n, 4)
+        ]
     else:
         pipe = load_pipeline(base, "dpmsolver++", compile_mode=compile_mode)
         reqs = lambda n: [GenerationRequest("a photo of toy", i, steps, 7.5, size, size) for i in range(n)]  # noqa: E731
@@ -231,12 +285,39 @@ def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int
     out = {}
     for n in sorted({1, gpus}):
         result = tmp / f"scaling-{n}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "atelier.models.dreambooth.launch", "--config", str(config), "--base", str(base), "--instance", str(instance),
-               "--class-dir", str(klass), "--class-noun", "toy", "--work", str(tmp / f"scaling-work-{n}"),
-               "--step-budget", str(warmup + steps), "--result", str(result)]
-        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
-                              capture_output=True, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            "-m",
+            "atelier.models.dreambooth.launch",
+            "--config",
+            str(config),
+            "--base",
+            str(base),
+            "--instance",
+            str(instance),
+            "--class-dir",
+            str(klass),
+            "--class-noun",
+            "toy",
+            "--work",
+            str(tmp / f"scaling-work-{n}"),
+            "--step-budget",
+            str(warmup + steps),
+            "--result",
+            str(result),
+        ]
+        done = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             out[n] = {"error": (done.stderr or done.stdout)[-1500:]}
             print(f"{n} GPU(s): failed\n{out[n]['error']}", flush=True)
@@ -248,20 +329,32 @@ def scaling(base: Path, instance: Path, klass: Path, cfg: TrainConfig, gpus: int
         print(f"{n} GPU(s): {rate:.2f} steps/s, {rate * per_step:.2f} images/s", flush=True)
     if all("images_per_s" in out.get(n, {}) for n in (1, gpus)):
         speedup = out[gpus]["images_per_s"] / out[1]["images_per_s"]
-        print(f"scaling {gpus} GPUs vs 1: {speedup:.2f}x images/s (efficiency {speedup / gpus:.0%}); "
-              f"effective batch {gpus}x larger, same LR (see README: multi-GPU)", flush=True)
+        print(
+            f"scaling {gpus} GPUs vs 1: {speedup:.2f}x images/s (efficiency {speedup / gpus:.0%}); "
+            f"effective batch {gpus}x larger, same LR (see README: multi-GPU)",
+            flush=True,
+        )
     return out
 
 
 def check_graphs(base: Path, instance: Path, klass: Path, cfg: TrainConfig, steps: int, tmp: Path) -> dict:
     """Same seed, same steps: the CUDA-graph trainer must follow the eager one's loss curve."""
-    eager = train(cfg.model_copy(update={"mixed_precision": "bf16"}),
-                  TrainInputs(base, instance, "toy", tmp / "eager", tmp / "eager" / "out", klass), step_budget=steps)
-    graphs = train(cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True, "compile_mode": "reduce-overhead"}),
-                   TrainInputs(base, instance, "toy", tmp / "graphs", tmp / "graphs" / "out", klass), step_budget=steps)
+    eager = train(
+        cfg.model_copy(update={"mixed_precision": "bf16"}),
+        TrainInputs(base, instance, "toy", tmp / "eager", tmp / "eager" / "out", klass),
+        step_budget=steps,
+    )
+    graphs = train(
+        cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True, "compile_mode": "reduce-overhead"}),
+        TrainInputs(base, instance, "toy", tmp / "graphs", tmp / "graphs" / "out", klass),
+        step_budget=steps,
+    )
     rel = max(abs(a - b) / abs(a) for a, b in zip(eager.losses, graphs.losses))
-    print(f"eager  {[round(x, 4) for x in eager.losses]}\ngraphs {[round(x, 4) for x in graphs.losses]}\n"
-          f"max relative loss difference over {steps} steps: {rel:.4f}", flush=True)
+    print(
+        f"eager  {[round(x, 4) for x in eager.losses]}\ngraphs {[round(x, 4) for x in graphs.losses]}\n"
+        f"max relative loss difference over {steps} steps: {rel:.4f}",
+        flush=True,
+    )
     return {"eager": eager.losses, "graphs": graphs.losses, "max_rel_diff": rel}
 
 
@@ -276,8 +369,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--check-graphs", action="store_true", help="instead of the table: eager vs CUDA-graph loss curves")
     ap.add_argument("--gpus", type=int, default=0, help="instead of the table: Atelier's trainer on 1 and on N GPUs (DDP)")
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="instead of the table: profile Atelier's bf16 trainer and write the top CUDA kernels here",
+    )
     ap.add_argument("--tmp", type=Path, default=None, help="work folder (default: a new temporary one); the built model is reused")
     ap.add_argument("--e2e", action="store_true", help="instead of the table: the whole job, wall clock (benchmarks/dreambooth_e2e.py)")
     ap.add_argument("--e2e-rows", default="", help="comma list of e2e rows (default: baseline, atelier cold, atelier warm (priors cached))")
@@ -319,8 +416,7 @@ def main() -> None:
         print_table(run_all(rows, base, instance, tmp, args.class_images, args.e2e_steps, size, results))
         return
     klass = write_images(tmp / "class", 10, size, 2000)
-    cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000,
-                      learning_rate=5e-6)
+    cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000, learning_rate=5e-6)
     if args.check_graphs:
         result = check_graphs(base, instance, klass, cfg, args.steps, tmp)
         if args.json:
@@ -335,47 +431,104 @@ def main() -> None:
         profile_trainer(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16"}), args.steps, tmp / "prof", args.profile)
         return
     variants = {
-        "baseline (diffusers example: fp16 + GradScaler, foreach AdamW)":
-            lambda: baseline_training(base, instance, klass, cfg, args.steps, args.warmup, device),
-        "atelier default (bf16, whole step as a CUDA graph)":
-            lambda: atelier_training(base, instance, klass, cfg, args.steps, args.warmup, device, tmp / "w0"),
-        "atelier fp16 (cached latents, fused AdamW, channels_last)":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "fp16" if device == "cuda" else "no"}),
-                                     args.steps, args.warmup, device, tmp / "w1"),
-        "atelier bf16 eager":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "cuda_graphs": False}),
-                                     args.steps, args.warmup, device, tmp / "w2"),
-        "atelier bf16 + torch.compile":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
-                                     args.steps, args.warmup, device, tmp / "w3"),
-        "atelier bf16 + torch.compile reduce-overhead (CUDA graphs)":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
-                                                                                  "compile_mode": "reduce-overhead"}),
-                                     args.steps, args.warmup, device, tmp / "w6"),
-        "atelier bf16 + torch.compile, text encoder frozen":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True,
-                                                                                  "train_text_encoder": False}),
-                                     args.steps, args.warmup, device, tmp / "w5"),
-        "atelier LoRA r4 bf16":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4),
-                                                                                  "learning_rate": 1e-4}),
-                                     args.steps, args.warmup, device, tmp / "w7"),
-        "atelier LoRA r4 bf16 + torch.compile":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4),
-                                                                                  "learning_rate": 1e-4, "compile_unet": True}),
-                                     args.steps, args.warmup, device, tmp / "w8"),
-        "atelier bf16, text encoder frozen":
-            lambda: atelier_training(base, instance, klass, cfg.model_copy(update={"mixed_precision": "bf16", "train_text_encoder": False}),
-                                     args.steps, args.warmup, device, tmp / "w4"),
+        "baseline (diffusers example: fp16 + GradScaler, foreach AdamW)": lambda: baseline_training(
+            base, instance, klass, cfg, args.steps, args.warmup, device
+        ),
+        "atelier default (bf16, whole step as a CUDA graph)": lambda: atelier_training(
+            base, instance, klass, cfg, args.steps, args.warmup, device, tmp / "w0"
+        ),
+        "atelier fp16 (cached latents, fused AdamW, channels_last)": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "fp16" if device == "cuda" else "no"}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w1",
+        ),
+        "atelier bf16 eager": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "cuda_graphs": False}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w2",
+        ),
+        "atelier bf16 + torch.compile": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w3",
+        ),
+        "atelier bf16 + torch.compile reduce-overhead (CUDA graphs)": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True, "compile_mode": "reduce-overhead"}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w6",
+        ),
+        "atelier bf16 + torch.compile, text encoder frozen": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "compile_unet": True, "train_text_encoder": False}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w5",
+        ),
+        "atelier LoRA r4 bf16": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4), "learning_rate": 1e-4}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w7",
+        ),
+        "atelier LoRA r4 bf16 + torch.compile": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "lora": LoraConfig(rank=4), "learning_rate": 1e-4, "compile_unet": True}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w8",
+        ),
+        "atelier bf16, text encoder frozen": lambda: atelier_training(
+            base,
+            instance,
+            klass,
+            cfg.model_copy(update={"mixed_precision": "bf16", "train_text_encoder": False}),
+            args.steps,
+            args.warmup,
+            device,
+            tmp / "w4",
+        ),
         "class images baseline (PNDM 50 steps, batch 4)": lambda: class_images(base, args.images, size, device, True),
         "class images atelier (DPM-Solver++ 25, batch 16)": lambda: class_images(base, args.images, size, device, False),
         "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, "default"),
-        "class images atelier + CUDA graphs (reduce-overhead)":
-            lambda: class_images(base, args.images, size, device, False, "reduce-overhead"),
-        "class images atelier + CUDA graphs, DPM-Solver++ 20 steps":
-            lambda: class_images(base, args.images, size, device, False, "reduce-overhead", steps=20),
-        "class images atelier + CUDA graphs, batch 32":
-            lambda: class_images(base, args.images, size, device, False, "reduce-overhead", batch=32),
+        "class images atelier + CUDA graphs (reduce-overhead)": lambda: class_images(
+            base, args.images, size, device, False, "reduce-overhead"
+        ),
+        "class images atelier + CUDA graphs, DPM-Solver++ 20 steps": lambda: class_images(
+            base, args.images, size, device, False, "reduce-overhead", steps=20
+        ),
+        "class images atelier + CUDA graphs, batch 32": lambda: class_images(
+            base, args.images, size, device, False, "reduce-overhead", batch=32
+        ),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     if only:  # a ratio needs its baseline: the chosen rows' baselines run too

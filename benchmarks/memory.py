@@ -58,12 +58,20 @@ def main() -> None:
         fresh = {**env, "PREFECT_TASKS_REFRESH_CACHE": "true"}  # both recompute every task, as the demo's first run did
         rows.append(("atelier ocr-calibrate --method MinMax (default)", measure([atelier, "ocr-calibrate", "--method", "MinMax"], fresh)))
         if not args.skip_baseline:
-            rows.append(("atelier ocr-calibrate --method Percentile (baseline)",
-                         measure([atelier, "ocr-calibrate", "--method", "Percentile"], fresh)))
+            rows.append(
+                (
+                    "atelier ocr-calibrate --method Percentile (baseline)",
+                    measure([atelier, "ocr-calibrate", "--method", "Percentile"], fresh),
+                )
+            )
         subprocess.run([atelier, "down"], env=env, capture_output=True)
     base = rows[-1][1] if not args.skip_baseline else None
     for name, (wall, peak, code) in rows:
-        ratio = f"  ({peak / base[1]:.2f}x the baseline's memory, {wall / base[0]:.2f}x its time)" if base and name.endswith("(default)") else ""
+        ratio = (
+            f"  ({peak / base[1]:.2f}x the baseline's memory, {wall / base[0]:.2f}x its time)"
+            if base and name.endswith("(default)")
+            else ""
+        )
         print(f"{name}: {wall:.1f} s, peak {peak:.2f} GB{'' if code == 0 else f', exit {code}'}{ratio}", flush=True)
 
 

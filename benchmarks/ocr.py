@@ -55,8 +55,12 @@ def timed(fn):
 def tesseract_cli(path: Path, lang: str, kind: str, tuned: bool) -> str:
     pack = LANGUAGES[lang].tesseract
     env = {k: v for k, v in os.environ.items() if k != "OMP_THREAD_LIMIT"}
-    done = subprocess.run(["tesseract", str(path), "stdout", "-l", pack, "--psm", "7" if kind == "line" else "3"],
-                          capture_output=True, text=True, env={**env, "OMP_THREAD_LIMIT": "1"} if tuned else env)
+    done = subprocess.run(
+        ["tesseract", str(path), "stdout", "-l", pack, "--psm", "7" if kind == "line" else "3"],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_THREAD_LIMIT": "1"} if tuned else env,
+    )
     return done.stdout.strip()
 
 
@@ -85,12 +89,16 @@ def main() -> None:
     folder = args.set
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="atelier-ocr-bench-")) / "set"
-        render_set(folder, RenderSpec(lines_per_lang=args.lines_per_lang, pages_per_lang=args.pages_per_lang, seed=args.seed, part="evaluation"))
+        render_set(
+            folder, RenderSpec(lines_per_lang=args.lines_per_lang, pages_per_lang=args.pages_per_lang, seed=args.seed, part="evaluation")
+        )
     labels = read_labels(folder)
     paths = [folder / r["file"] for r in labels]
     langs = sorted({r["lang"] for r in labels})
-    print(f"set: {folder} ({sum(r['kind'] == 'line' for r in labels)} lines, {sum(r['kind'] == 'page' for r in labels)} pages, "
-          f"{len(langs)} languages); {args.threads} threads")
+    print(
+        f"set: {folder} ({sum(r['kind'] == 'line' for r in labels)} lines, {sum(r['kind'] == 'page' for r in labels)} pages, "
+        f"{len(langs)} languages); {args.threads} threads"
+    )
 
     if args.shipped:
         name, engine = "shipped fp32", load_engine(*shipped_engine_files(ROUTES), {}, threads=args.threads)
@@ -127,21 +135,31 @@ def main() -> None:
     for label, (texts, seconds) in rows.items():
         s = summarise([{"lang": r["lang"], "text": r["text"], "predicted": t} for r, t in zip(labels, texts)])
         ips = len(labels) / seconds
-        print(f"{label:<52}{ips:>9.2f}{ips / tess_ips:>7.2f}x{ips / tuned_ips:>6.2f}x" + "".join(f"{100 * s[lang]['cer']:>7.2f}" for lang in langs)
-              + f"{100 * s['overall']['cer']:>7.2f}")
+        print(
+            f"{label:<52}{ips:>9.2f}{ips / tess_ips:>7.2f}x{ips / tuned_ips:>6.2f}x"
+            + "".join(f"{100 * s[lang]['cer']:>7.2f}" for lang in langs)
+            + f"{100 * s['overall']['cer']:>7.2f}"
+        )
 
     if args.command and not args.shipped:
         atelier = str(ROOT / ".venv" / "bin" / "atelier") if (ROOT / ".venv" / "bin" / "atelier").is_file() else shutil.which("atelier")
         with tempfile.TemporaryDirectory() as tmp:
-            done, seconds = timed(lambda: subprocess.run([atelier, "ocr", str(folder), "--model", args.model, "--out", str(Path(tmp) / "o.jsonl")],
-                                                         capture_output=True, text=True))
+            done, seconds = timed(
+                lambda: subprocess.run(
+                    [atelier, "ocr", str(folder), "--model", args.model, "--out", str(Path(tmp) / "o.jsonl")],
+                    capture_output=True,
+                    text=True,
+                )
+            )
         if done.returncode not in (0, 2):
             print(f"\n`atelier ocr` failed: {done.stderr[-500:]}")
             return
         command_ips = len(labels) / seconds
-        print(f"\nwhole command `atelier ocr {folder.name} --out ...` (start, model load, reading): {seconds:.1f} s, {command_ips:.2f} images/s: "
-              f"{command_ips / tess_ips:.2f}x Tesseract as users run it ({rows[TESS][1]:.1f} s), "
-              f"{command_ips / tuned_ips:.2f}x tuned Tesseract ({rows[TUNED][1]:.1f} s)")
+        print(
+            f"\nwhole command `atelier ocr {folder.name} --out ...` (start, model load, reading): {seconds:.1f} s, {command_ips:.2f} images/s: "
+            f"{command_ips / tess_ips:.2f}x Tesseract as users run it ({rows[TESS][1]:.1f} s), "
+            f"{command_ips / tuned_ips:.2f}x tuned Tesseract ({rows[TUNED][1]:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

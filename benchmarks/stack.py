@@ -51,9 +51,14 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ATELIER_", "AWS_"))}
     base["PREFECT_LOGGING_LEVEL"] = "WARNING"
     embedded = {**base, "ATELIER_WORKSPACE": str(root / "embedded")}
-    stack = {**base, "ATELIER_WORKSPACE": str(root / "stack"), "ATELIER_STACK__DATABASE_PREFIX": prefix,
-             "ATELIER_STACK__PREFECT_PORT": str(_port()), "ATELIER_STACK__MLFLOW_PORT": str(_port()),
-             "ATELIER_STACK__S3_PORT": str(_port())}
+    stack = {
+        **base,
+        "ATELIER_WORKSPACE": str(root / "stack"),
+        "ATELIER_STACK__DATABASE_PREFIX": prefix,
+        "ATELIER_STACK__PREFECT_PORT": str(_port()),
+        "ATELIER_STACK__MLFLOW_PORT": str(_port()),
+        "ATELIER_STACK__S3_PORT": str(_port()),
+    }
     try:
         print(f"atelier up: {_run(stack, 'up'):.1f} s")
         from atelier.cli.stack_processes import read_env_file
@@ -77,8 +82,13 @@ def main() -> None:
                 if name == "stack":
                     import boto3
 
-                    s3 = boto3.client("s3", endpoint_url=env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+                    s3 = boto3.client(
+                        "s3",
+                        endpoint_url=env["ATELIER_S3_ENDPOINT_URL"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                        region_name=env["AWS_DEFAULT_REGION"],
+                    )
                     s3.upload_file(str(manifest), "atelier", manifest.name)
                     src, out = f"s3://atelier/{manifest.name}", f"s3://atelier/bench-out/{i}"
                 else:

@@ -10,6 +10,7 @@ imports it. Prefect is imported only by flows/ and tasks/ (and cli/), MLflow onl
 usage: python3 checks/layers.py [REPO_ROOT]
 Exit 1 and one line per breach; exit 0 and a summary line when the layers hold.
 """
+
 import ast
 import sys
 from pathlib import Path

@@ -38,9 +38,12 @@ def _outage(exc: BaseException):
 def _path_error(exc: OSError) -> str | None:
     """A path the user named that cannot be used: the message names it and says what to do."""
     name = exc.filename or "a path"
-    fixes = {FileNotFoundError: "does not exist: check the path", IsADirectoryError: "is a folder where a file was expected: name a file in it",
-             NotADirectoryError: "is a file where a folder was expected: name its folder", PermissionError: "cannot be read or written by this user: "
-             "fix its permissions or choose another path"}
+    fixes = {
+        FileNotFoundError: "does not exist: check the path",
+        IsADirectoryError: "is a folder where a file was expected: name a file in it",
+        NotADirectoryError: "is a file where a folder was expected: name its folder",
+        PermissionError: "cannot be read or written by this user: fix its permissions or choose another path",
+    }
     for kind, text in fixes.items():
         if isinstance(exc, kind):
             return f"{name}: {text}"
@@ -101,8 +104,12 @@ def friendly(fn: Callable) -> Callable:
                 raise typer.Exit(2) from None
             if os.environ.get("ATELIER_DEBUG"):
                 raise
-            typer.secho(f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}. This is a bug in Atelier: rerun with "
-                        "ATELIER_DEBUG=1 for the traceback and report it", fg=typer.colors.RED, err=True)
+            typer.secho(
+                f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}. This is a bug in Atelier: rerun with "
+                "ATELIER_DEBUG=1 for the traceback and report it",
+                fg=typer.colors.RED,
+                err=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -27,11 +27,18 @@ def judge_cmd(
     for p in [*images, *reference]:
         if not p.is_file():
             raise NotFound(str(p), "does not exist", "pass image files")
-    scorer = Scorer(make_judge(settings.judge, settings.tiny_judge_dir), Cache(settings.state_dir / "judge-cache" if settings.workspace.is_dir() else None))
-    rows, summary = judge_images(scorer, [(str(p), p.read_bytes(), prompt) for p in images], [p.read_bytes() for p in reference], [],
-                                 captions=caption)
+    scorer = Scorer(
+        make_judge(settings.judge, settings.tiny_judge_dir),
+        Cache(settings.state_dir / "judge-cache" if settings.workspace.is_dir() else None),
+    )
+    rows, summary = judge_images(
+        scorer, [(str(p), p.read_bytes(), prompt) for p in images], [p.read_bytes() for p in reference], [], captions=caption
+    )
     for row in rows:
         typer.echo(json.dumps({**row, "objects": json.loads(row.get("objects", "[]"))}, ensure_ascii=False))
     label = "" if summary["calibrated"] else " (uncalibrated judge: not a judgment)"
-    typer.echo(f"{scorer.judge.name}{label}: prompt {summary['prompt_score']}, fidelity {summary['fidelity']}, "
-               f"{summary['failures']} failed, {scorer.judge.usage.requests} requests, {scorer.cache.hits} cached", err=True)
+    typer.echo(
+        f"{scorer.judge.name}{label}: prompt {summary['prompt_score']}, fidelity {summary['fidelity']}, "
+        f"{summary['failures']} failed, {scorer.judge.usage.requests} requests, {scorer.cache.hits} cached",
+        err=True,
+    )

@@ -45,8 +45,11 @@ def local_secrets(settings: Settings) -> dict[str, str]:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         pass
-    values = {"prefect_auth_string": f"atelier:{rng.token_urlsafe(24)}", "mlflow_admin_password": rng.token_urlsafe(24),
-              "mlflow_flask_secret": rng.token_urlsafe(32)}
+    values = {
+        "prefect_auth_string": f"atelier:{rng.token_urlsafe(24)}",
+        "mlflow_admin_password": rng.token_urlsafe(24),
+        "mlflow_flask_secret": rng.token_urlsafe(32),
+    }
     local_dir(settings).mkdir(parents=True, exist_ok=True)
     write_secret_file(path, json.dumps(values, indent=1))
     return values
@@ -67,37 +70,76 @@ def _running(settings: Settings, name: str) -> dict | None:
 
 def _prefect_service(settings: Settings, port: int) -> Service:
     url = f"http://127.0.0.1:{port}"
-    env = {"PREFECT_HOME": str(settings.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_API_AUTH_STRING": local_secrets(settings)["prefect_auth_string"],
-           "PREFECT_SERVER_UI_API_URL": f"{url}/api", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    return Service("prefect", [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], url,
-                   f"{url}/api/health", port, env)
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_AUTH_STRING": local_secrets(settings)["prefect_auth_string"],
+        "PREFECT_SERVER_UI_API_URL": f"{url}/api",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    return Service(
+        "prefect", [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], url, f"{url}/api/health", port, env
+    )
 
 
 def _mlflow_service(settings: Settings, port: int) -> Service:
     home = local_dir(settings)
     secret = local_secrets(settings)
     ini = home / "mlflow-auth.ini"
-    env = {"MLFLOW_BACKEND_STORE_URI": settings.resolved_tracking_uri, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"], "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
-           "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true"}
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": settings.resolved_tracking_uri,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
+        "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
+    }
 
     def prepare() -> None:
-        write_secret_file(ini, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                               f"database_uri = sqlite:///{home / 'mlflow-auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n"
-                               "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                               "grant_default_workspace_access = false\n")
-        done = subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env={**inherited_environment(), **env},
-                              capture_output=True, text=True, timeout=300)
+        write_secret_file(
+            ini,
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{home / 'mlflow-auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "grant_default_workspace_access = false\n",
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "atelier.registry.auth_app"],
+            env={**inherited_environment(), **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
-            raise ServiceUnavailable("the MLflow UI's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",
-                                     f"read the message; remove {home / 'mlflow-auth.db'} to start it afresh")
+            raise ServiceUnavailable(
+                "the MLflow UI's auth database",
+                f"could not be prepared: {done.stderr.strip()[-600:]}",
+                f"read the message; remove {home / 'mlflow-auth.db'} to start it afresh",
+            )
         (home / "mlflow-auth.db").chmod(0o600)  # the users' password hashes
 
     url = f"http://127.0.0.1:{port}"
-    return Service("mlflow", [bin_path("mlflow"), "server", "--app-name", "atelier-auth", "--default-artifact-root",
-                              settings.resolved_artifact_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                   url, f"{url}/health", port, env, before=prepare)
+    return Service(
+        "mlflow",
+        [
+            bin_path("mlflow"),
+            "server",
+            "--app-name",
+            "atelier-auth",
+            "--default-artifact-root",
+            settings.resolved_artifact_root,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        url,
+        f"{url}/health",
+        port,
+        env,
+        before=prepare,
+    )
 
 
 def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:

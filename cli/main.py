@@ -13,8 +13,11 @@ from atelier.cli import judge as cli_judge, ocr as cli_ocr, registry as cli_regi
 from atelier.cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
 from atelier.kernel.errors import ConfigError, GateRefused
 
-app = typer.Typer(help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def _version(value: bool) -> None:
@@ -28,9 +31,14 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                            help="print Atelier's version and source revision, then exit")) -> None:
+def _main(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print Atelier's version and source revision, then exit"
+    ),
+) -> None:
     quiet_third_parties()
+
+
 subject_app = typer.Typer(help="Manage customers' subject photo sets (DVC-tracked).", no_args_is_help=True)
 app.add_typer(subject_app, name="subject")
 
@@ -69,8 +77,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
 def subject_add(
     customer: str = typer.Argument(..., help="customer id (slug: a-z, 0-9, '-', '_')"),
     subject: str = typer.Argument(..., help="subject id (slug)"),
-    photos: list[Path] = typer.Argument(..., help="3-20 photos of the subject: files, or a folder holding them", exists=True,
-                                        readable=True),
+    photos: list[Path] = typer.Argument(
+        ..., help="3-20 photos of the subject: files, or a folder holding them", exists=True, readable=True
+    ),
     class_noun: str = typer.Option(..., "--class", help="what the subject is, e.g. dog, toy, person"),
     replace: bool = typer.Option(False, "--replace", help="replace an existing photo set (history is kept)"),
 ) -> None:
@@ -93,15 +102,25 @@ def subject_add(
     photos = expand_photos(photos)
     hidden = [p.name for p in photos if is_hidden(p)]
     if hidden:
-        raise DataValidationError(f"photos for {customer}/{subject}", [(name, "file_name", "starts with '.', which marks a hidden file, "
-                                                                      "never a photo: rename it") for name in hidden])
+        raise DataValidationError(
+            f"photos for {customer}/{subject}",
+            [(name, "file_name", "starts with '.', which marks a hidden file, never a photo: rename it") for name in hidden],
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_subject_images(Path(tmp), settings.images, None, files=[p.resolve() for p in photos],
-                                         label=f"{customer}/{subject}")
+        report = validate_subject_images(
+            Path(tmp), settings.images, None, files=[p.resolve() for p in photos], label=f"{customer}/{subject}"
+        )
     if not report.success:
         raise DataValidationError(f"photos for {customer}/{subject}", report.failures)
-    rev = add_subject(settings, customer, subject, class_noun, [p.resolve() for p in photos], replace=replace,
-                      on_wait=lambda: typer.echo("another command is changing the workspace; waiting for it to finish", err=True))
+    rev = add_subject(
+        settings,
+        customer,
+        subject,
+        class_noun,
+        [p.resolve() for p in photos],
+        replace=replace,
+        on_wait=lambda: typer.echo("another command is changing the workspace; waiting for it to finish", err=True),
+    )
     typer.echo(f"added {len(photos)} photos as {customer}/{subject} (class {class_noun}) at data revision {rev[:12]}")
 
 
@@ -127,14 +146,19 @@ def _print_result(result: dict) -> None:
     if result.get("noop"):
         typer.echo(f"\n{result['note']}; gate {'passed' if gate['passed'] else 'refused'} for it")
         return
-    typer.echo(f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
-               f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f} "
-               "(mean of the last 10% of steps; MLflow's train/loss has every step)")
+    typer.echo(
+        f"\nregistered {result['model']} version {result['version']} (MLflow run {result['run_id']}), "
+        f"data revision {result['data_rev'][:12]}, {result['steps']} steps, final loss {result['final_loss']:.4f} "
+        "(mean of the last 10% of steps; MLflow's train/loss has every step)"
+    )
     if gate["passed"]:
         typer.secho(f"gate passed: models:/{result['model']}@champion is version {result['version']}", fg=typer.colors.GREEN)
     else:
-        typer.secho(f"gate refused version {result['version']}: {'; '.join(gate['reasons'])}. "
-                    f"Champion unchanged ({gate.get('champion') or 'none'}).", fg=typer.colors.YELLOW)
+        typer.secho(
+            f"gate refused version {result['version']}: {'; '.join(gate['reasons'])}. "
+            f"Champion unchanged ({gate.get('champion') or 'none'}).",
+            fg=typer.colors.YELLOW,
+        )
 
 
 def _write_record(path: Path, result: dict) -> None:
@@ -142,8 +166,11 @@ def _write_record(path: Path, result: dict) -> None:
     from atelier.kernel.storage import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {k: result.get(k) for k in ("model", "version", "run_id", "data_rev", "training_key", "steps", "flow_run_id")}
-                      | {"gate_passed": result["gate"]["passed"], "model_uri": f"models:/{result['model']}/{result['version']}"})
+    write_json_atomic(
+        path,
+        {k: result.get(k) for k in ("model", "version", "run_id", "data_rev", "training_key", "steps", "flow_run_id")}
+        | {"gate_passed": result["gate"]["passed"], "model_uri": f"models:/{result['model']}/{result['version']}"},
+    )
 
 
 @app.command()
@@ -151,11 +178,15 @@ def _write_record(path: Path, result: dict) -> None:
 def finetune(
     customer: str = typer.Argument(..., help="customer id"),
     subject: str = typer.Argument(..., help="subject id"),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="diffusers SD 1.x/2.x directory (default: settings.base_model or the embedded tiny model)"),
+    base_model: Optional[Path] = typer.Option(
+        None, "--base-model", help="diffusers SD 1.x/2.x directory (default: settings.base_model or the embedded tiny model)"
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="training YAML (see configs/dreambooth/sd15.yaml)"),
     rev: Optional[str] = typer.Option(None, "--rev", help="workspace git revision of the photos (default: newest)"),
     refresh: bool = typer.Option(False, "--refresh", help="ignore cached task results and recompute"),
-    record: Optional[Path] = typer.Option(None, "--record", help="write the registered version's record (JSON) here: dvc.yaml's finetune stage output"),
+    record: Optional[Path] = typer.Option(
+        None, "--record", help="write the registered version's record (JSON) here: dvc.yaml's finetune stage output"
+    ),
 ) -> None:
     """Run the subject-finetune flow: pull -> validate -> class priors -> train -> samples -> register -> gate."""
     import os
@@ -196,8 +227,12 @@ def finetune(
 def priors(
     class_prompt: str = typer.Option(..., help="prompt for the class, e.g. 'a photo of dog'"),
     out: Path = typer.Option(..., help="output folder (replaced atomically)"),
-    count: int = typer.Option(100), resolution: int = typer.Option(512), seed: int = typer.Option(0),
-    sampler: str = typer.Option("dpmsolver++"), steps: int = typer.Option(25), guidance: float = typer.Option(7.5),
+    count: int = typer.Option(100),
+    resolution: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    sampler: str = typer.Option("dpmsolver++"),
+    steps: int = typer.Option(25),
+    guidance: float = typer.Option(7.5),
     base_model: Optional[Path] = typer.Option(None, "--base-model"),
 ) -> None:
     """Generate class-prior images into OUT (the dvc.yaml class_priors stage calls this). The images
@@ -228,8 +263,12 @@ def generate(
     out: Path = typer.Option(Path("generated"), help="folder for the PNGs"),
     seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, seed+2, ..."),
     steps: Optional[int] = typer.Option(None, min=1, max=200, help="sampler steps (default: the model's)"),
-    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, max=50.0, help="classifier-free guidance scale (default: the model's)"),
-    size: Optional[int] = typer.Option(None, min=32, max=2048, help="image width and height in pixels, a multiple of 8 (default: the model's)"),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", min=0.0, max=50.0, help="classifier-free guidance scale (default: the model's)"
+    ),
+    size: Optional[int] = typer.Option(
+        None, min=32, max=2048, help="image width and height in pixels, a multiple of 8 (default: the model's)"
+    ),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="what the images should not show"),
     customer: Optional[str] = typer.Option(None, "--customer", help="refuse unless the model belongs to this customer"),
 ) -> None:
@@ -265,7 +304,13 @@ def generate(
 
     loaded = load_pyfunc(settings, mv.name, str(mv.version))
     rows = {"prompt": prompt, "seed": [seed + i for i in range(len(prompt))]}
-    for column, value in (("steps", steps), ("guidance_scale", guidance), ("height", size), ("width", size), ("negative_prompt", negative_prompt)):
+    for column, value in (
+        ("steps", steps),
+        ("guidance_scale", guidance),
+        ("height", size),
+        ("width", size),
+        ("negative_prompt", negative_prompt),
+    ):
         if value is not None:
             rows[column] = [value] * len(prompt)
     typer.echo(f"generating {len(prompt)} image(s) ...", err=True)
@@ -273,8 +318,16 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     for i, (text, row_prompt, row_seed) in enumerate(zip(frame["image_png_base64"], frame["prompt"], frame["seed"])):
         meta = PngInfo()
-        for key, value in {"prompt": row_prompt, "seed": row_seed, "model": mv.name, "model_version": mv.version, "steps": steps,
-                           "guidance_scale": guidance, "negative_prompt": negative_prompt, "software": "Atelier"}.items():
+        for key, value in {
+            "prompt": row_prompt,
+            "seed": row_seed,
+            "model": mv.name,
+            "model_version": mv.version,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "negative_prompt": negative_prompt,
+            "software": "Atelier",
+        }.items():
             if value is not None:
                 meta.add_text(key, str(value))
         buf = io.BytesIO()
@@ -311,7 +364,9 @@ def demo() -> None:
     stage = f"{DEMO_CUSTOMER}.{DEMO_SUBJECT}"
     _write_record(settings.workspace / "models" / f"{stage}.json", result)
     try:
-        commit_stage(settings, f"finetune@{stage}", f"fine-tune of {DEMO_CUSTOMER}/{DEMO_SUBJECT}: version {result['version']} (dvc commit)")
+        commit_stage(
+            settings, f"finetune@{stage}", f"fine-tune of {DEMO_CUSTOMER}/{DEMO_SUBJECT}: version {result['version']} (dvc commit)"
+        )
         typer.echo("class priors reproduced and the fine-tune recorded in the workspace's DVC pipeline (`dvc dag` draws it)")
     except ConfigError as exc:  # a workspace made before the finetune stage: the demo goes on
         typer.echo(f"class priors reproduced; the fine-tune is not in this workspace's DVC pipeline: {exc}")
@@ -328,7 +383,9 @@ def demo() -> None:
     for line in cli_stack.ui_urls(settings):  # what `atelier ui` prints
         typer.echo(f"  {line}")
     typer.echo(f"  generate:    {env} {sys.prefix}/bin/atelier generate {result['model']}@champion --prompt 'a sks toy on the beach'")
-    typer.echo(f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/synthetic/evaluation --out ocr.jsonl")
+    typer.echo(
+        f"  read:        {env} {sys.prefix}/bin/atelier ocr {settings.workspace}/data/documents/synthetic/evaluation --out ocr.jsonl"
+    )
     typer.echo(f"  where:       {env} {sys.prefix}/bin/atelier info")
 
 

@@ -13,11 +13,11 @@ from atelier.cli.common import cli_settings, friendly, prefect_ready
 from atelier.cli.progress import Progress
 
 
-
 @friendly
 def ocr_calibrate_cmd(
-    method: str = typer.Option("MinMax", help="calibration method: MinMax (about 2 GB), Entropy or Percentile "
-                               "(histograms of every activation: 15 GB and more)"),
+    method: str = typer.Option(
+        "MinMax", help="calibration method: MinMax (about 2 GB), Entropy or Percentile (histograms of every activation: 15 GB and more)"
+    ),
     calibration_lines: int = typer.Option(64, help="calibration lines fed to the quantizer"),
 ) -> None:
     """Run the ocr-calibrate flow: document sets -> validate -> baselines -> int8 -> evaluate -> register -> gate."""
@@ -36,16 +36,21 @@ def ocr_calibrate_cmd(
     result = ocr_calibrate(method=method, calibration_lines=calibration_lines)
     report_calibration(result)
     if not result["gate"]["passed"]:
-        raise GateRefused(f"{result['model']} version {result['version']}", "; ".join(result["gate"]["reasons"]),
-                          "keep the current champion, or loosen gate.ocr in the settings if the loss is acceptable")
+        raise GateRefused(
+            f"{result['model']} version {result['version']}",
+            "; ".join(result["gate"]["reasons"]),
+            "keep the current champion, or loosen gate.ocr in the settings if the loss is acceptable",
+        )
 
 
 def report_calibration(result: dict) -> None:
     s = result["summary"]
     speed = s.get("speed", {})
-    typer.echo(f"{result['model']} version {result['version']}: serving the {s['served']} recogniser ({s.get('served_why', '')}); "
-               f"routed engine with no language given: CER {s['engine_cer']:.2%} at {s['engine_images_per_s']:.1f} images/s, "
-               f"router {s['router_accuracy']:.0%} right (language given: {s['engine_cer_hint']:.2%})")
+    typer.echo(
+        f"{result['model']} version {result['version']}: serving the {s['served']} recogniser ({s.get('served_why', '')}); "
+        f"routed engine with no language given: CER {s['engine_cer']:.2%} at {s['engine_images_per_s']:.1f} images/s, "
+        f"router {s['router_accuracy']:.0%} right (language given: {s['engine_cer_hint']:.2%})"
+    )
     if speed:
         typer.echo("  recogniser lines/s here: " + ", ".join(f"{k} {v:.0f}" for k, v in speed.items()) + f"; routes {result['routes']}")
     if result["gate"]["passed"]:
@@ -82,8 +87,11 @@ def documents_render_cmd(
         block = yaml.safe_load(params.read_text())["documents"]
         specs = {name: RenderSpec(**block[name]) for name in ("calibration", "evaluation")}
     except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
-        raise ConfigError(str(params), f"has no usable `documents` block ({exc})",
-                          "give documents.calibration and documents.evaluation with lines_per_lang, pages_per_lang, seed") from None
+        raise ConfigError(
+            str(params),
+            f"has no usable `documents` block ({exc})",
+            "give documents.calibration and documents.evaluation with lines_per_lang, pages_per_lang, seed",
+        ) from None
     sets = render_splits(out, specs["calibration"], specs["evaluation"], replace=True)
     typer.echo("; ".join(f"{name}: {sum(1 for _ in open(path / 'labels.jsonl'))} images in {path}" for name, path in sets.items()))
 
@@ -151,10 +159,16 @@ def ocr_cmd(
     settings = cli_settings()
     files, skipped = _inputs(paths)
     if skipped:
-        typer.echo(f"skipped {len(skipped)} file(s) that are not images: " + ", ".join(str(s) for s in skipped[:5])
-                   + (" ..." if len(skipped) > 5 else ""), err=True)
+        typer.echo(
+            f"skipped {len(skipped)} file(s) that are not images: "
+            + ", ".join(str(s) for s in skipped[:5])
+            + (" ..." if len(skipped) > 5 else ""),
+            err=True,
+        )
     if not files:
-        raise NotFound(", ".join(str(p) for p in paths), "holds no image to read", "pass image files, or folders of PNG/JPEG/TIFF/WebP/BMP images")
+        raise NotFound(
+            ", ".join(str(p) for p in paths), "holds no image to read", "pass image files, or folders of PNG/JPEG/TIFF/WebP/BMP images"
+        )
     mv, engine = load_ocr_engine(settings, model)
     rows = [{"path": str(f), "lang": lang, "kind": "line" if lines else "page"} for f in files]
     progress = Progress(f"ocr {mv.name} v{mv.version}", "files")
@@ -169,12 +183,18 @@ def ocr_cmd(
     if out:
         write_text_atomic(out, text)
         flagged = sum(1 for r in result if r["flagged"] and not r["error"])
-        typer.echo(f"{len(result) - len(failed)} of {len(result)} file(s) read with {mv.name} v{mv.version} -> {out} "
-                   f"({flagged} flagged for review, {len(failed)} not readable)", err=True)
+        typer.echo(
+            f"{len(result) - len(failed)} of {len(result)} file(s) read with {mv.name} v{mv.version} -> {out} "
+            f"({flagged} flagged for review, {len(failed)} not readable)",
+            err=True,
+        )
     else:
         typer.echo(text, nl=False)
     if failed and len(failed) == len(result):
         raise typer.Exit(2)
     if failed:
-        raise PartlyDone(f"{len(failed)} of {len(result)} file(s)", "could not be read (named above; the others were read)",
-                         "fix or remove those files and run again")
+        raise PartlyDone(
+            f"{len(failed)} of {len(result)} file(s)",
+            "could not be read (named above; the others were read)",
+            "fix or remove those files and run again",
+        )

@@ -45,9 +45,17 @@ class _Board:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self._live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True,
-                              console=Console(stderr=True))
+        self._live = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=True,
+            console=Console(stderr=True),
+        )
         self._live.start()
         for handler in _console_handlers():  # their lines go above the bars instead of through them
             self._handlers.append((handler, handler.console))
@@ -116,8 +124,10 @@ class Progress:
             self._last_decile = decile
             elapsed = time.monotonic() - self.start
             eta = elapsed / done * (total - done) if done else 0.0
-            typer.echo(f"{self.label}: {done}/{total} {self.unit}, {elapsed:.0f} s" + (f", about {eta:.0f} s left" if done < total else ""),
-                       err=True)
+            typer.echo(
+                f"{self.label}: {done}/{total} {self.unit}, {elapsed:.0f} s" + (f", about {eta:.0f} s left" if done < total else ""),
+                err=True,
+            )
 
     def close(self) -> None:
         if self.tty:

@@ -53,7 +53,9 @@ def _print_lineage(r: dict) -> None:
     typer.echo(f"{r['model']} version {r['version']}  aliases: {', '.join(r['aliases']) or '-'}  customer: {r['customer']}")
     typer.echo(f"  model sha256     {r['model_sha256']}")
     typer.echo(f"  MLflow run       {r['run']['id']} ({r['run']['status']}), artifacts {r['run']['artifact_uri']}")
-    typer.echo(f"  Prefect run      {r['prefect_flow_run']['id']} ({r['prefect_flow_run']['flow']} v{r['prefect_flow_run']['flow_version']})")
+    typer.echo(
+        f"  Prefect run      {r['prefect_flow_run']['id']} ({r['prefect_flow_run']['flow']} v{r['prefect_flow_run']['flow_version']})"
+    )
     typer.echo(f"  data             {r['customer']}/{r['subject']} at workspace commit {r['data']['rev']} (DVC md5 {r['data']['dvc_md5']})")
     for name, digest in sorted((r["data"]["files"] or {}).items()):
         typer.echo(f"                     {name}  sha256 {digest}")
@@ -61,12 +63,16 @@ def _print_lineage(r: dict) -> None:
     typer.echo(f"  class priors     {r['class_priors']['key']}  sha256 {r['class_priors']['sha256']}")
     typer.echo(f"  code             git {r['code']['git_sha']} (dirty: {r['code']['dirty']}), atelier {r['code']['version']}")
     summary = r["evaluation"]["summary"] or {}
-    typer.echo(f"  evaluation       final loss {summary.get('final_loss')}, {summary.get('sample_count')} samples; "
-               f"gate passed: {(r['evaluation']['gate'] or {}).get('passed')}")
+    typer.echo(
+        f"  evaluation       final loss {summary.get('final_loss')}, {summary.get('sample_count')} samples; "
+        f"gate passed: {(r['evaluation']['gate'] or {}).get('passed')}"
+    )
     typer.echo("  promotions")
     for row in r["promotions"]:
-        typer.echo(f"    #{row['seq']} {row['created_at'][:19]} {row['action']:<8} v{row['version']} "
-                   f"(was v{row['replaced_version'] or '-'}) by {row['actor']}: {row['reason']}")
+        typer.echo(
+            f"    #{row['seq']} {row['created_at'][:19]} {row['action']:<8} v{row['version']} "
+            f"(was v{row['replaced_version'] or '-'}) by {row['actor']}: {row['reason']}"
+        )
     for line in r.get("drift", []) or (["  verify: everything matches"] if "drift" in r else []):
         typer.echo(f"  drift: {line}" if not line.startswith("  verify") else line)
 
@@ -91,8 +97,12 @@ def promote_cmd(
 def rollback_cmd(
     model: str = typer.Argument(..., help="registered model name"),
     reason: str = typer.Option("rollback", "--reason", help="why (kept in the ledger)"),
-    to: Optional[str] = typer.Option(None, "--to", metavar="VERSION", help="this version (default: the last good champion "
-                                     "before the current one; versions rolled back or refused are skipped)"),
+    to: Optional[str] = typer.Option(
+        None,
+        "--to",
+        metavar="VERSION",
+        help="this version (default: the last good champion before the current one; versions rolled back or refused are skipped)",
+    ),
 ) -> None:
     """Move champion back to the last good version before it, through the gate and the ledger."""
     from atelier.registry.promotion import rollback
@@ -126,10 +136,19 @@ def _report_audit(settled: list[str], problems, rows: int) -> None:
 
 
 @friendly
-def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champion/candidate aliases moved outside Atelier "
-                                                                   "back to the ledger's versions (each correction is a ledger row)"),
-              adopt: bool = typer.Option(False, "--adopt", help="take over a ledger written before anchors or signatures existed "
-                                                               "(only when its chain verifies): sign its rows, anchor it, and record a row that says so")) -> None:
+def audit_cmd(
+    restore: bool = typer.Option(
+        False,
+        "--restore",
+        help="put champion/candidate aliases moved outside Atelier back to the ledger's versions (each correction is a ledger row)",
+    ),
+    adopt: bool = typer.Option(
+        False,
+        "--adopt",
+        help="take over a ledger written before anchors or signatures existed "
+        "(only when its chain verifies): sign its rows, anchor it, and record a row that says so",
+    ),
+) -> None:
     """Reconcile interrupted promotions, verify the ledger against the registry and, with --restore,
     undo alias moves made outside Atelier. Exit 5 while a problem remains. `schedules.yaml`'s `audit`
     entry runs the same as a flow."""
@@ -141,8 +160,11 @@ def audit_cmd(restore: bool = typer.Option(False, "--restore", help="put champio
         from atelier.registry.ledger_anchor import AnchorStore
 
         head = AnchorStore(client).adopt(ledger, actor=f"{settings.actor} via atelier audit --adopt")
-        typer.echo(f"adopted the ledger: signed and anchored at row {head.split(':')[0]}" if head
-                   else "nothing to adopt: the ledger is signed and anchored, empty, or broken")
+        typer.echo(
+            f"adopted the ledger: signed and anchored at row {head.split(':')[0]}"
+            if head
+            else "nothing to adopt: the ledger is signed and anchored, empty, or broken"
+        )
     settled, problems = verify_all(client, ledger)
     if restore and any(p.kind == "alias_drift" for p in problems):
         for line in restore_aliases(client, ledger, f"{settings.actor} via atelier audit"):
@@ -167,18 +189,24 @@ def ledger_show(model: str = typer.Argument(None, help="only this model")) -> No
     """List promotions, refusals and rollbacks, oldest first."""
     _, _, ledger = _registry()
     for row in ledger.rows(model):
-        typer.echo(f"#{row.seq} {row.created_at[:19]} {row.model} v{row.version} {row.action} "
-                   f"(replaced v{row.replaced_version or '-'}) by {row.actor}: {row.reason}")
+        typer.echo(
+            f"#{row.seq} {row.created_at[:19]} {row.model} v{row.version} {row.action} "
+            f"(replaced v{row.replaced_version or '-'}) by {row.actor}: {row.reason}"
+        )
 
 
 @customer_app.command("add")
 @friendly
 def customer_add(
     name: str = typer.Argument(..., help="customer id (slug)"),
-    out: Path = typer.Option(None, "--out", help="where to write the customer's credentials (0600 env file); "
-                             "default: WORKSPACE/.atelier/customers/NAME.env"),
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the MLflow password from standard input "
-                                        "(default: a random one); never pass a password as an argument"),
+    out: Path = typer.Option(
+        None, "--out", help="where to write the customer's credentials (0600 env file); default: WORKSPACE/.atelier/customers/NAME.env"
+    ),
+    password_stdin: bool = typer.Option(
+        False,
+        "--password-stdin",
+        help="read the MLflow password from standard input (default: a random one); never pass a password as an argument",
+    ),
 ) -> None:
     """Create (or reset) the customer's MLflow user with READ on its own experiment and registered models;
     on `atelier up`'s stack also S3 keys that read only its own artifacts. The credentials go to a 0600
@@ -193,8 +221,10 @@ def customer_add(
     password = sys.stdin.readline().strip() if password_stdin else None
     access = add_customer(settings, name, password or None, grant_s3_reader=functools.partial(stack.grant_s3_reader, settings))
     path = write_customer_env(out or settings.state_dir / "customers" / f"{name}.env", access)
-    typer.echo(f"customer {name}: MLflow user with READ on its experiment and {len(access.models)} model(s): "
-               f"{', '.join(access.models) or '-'}" + ("; S3 keys that read only its artifacts" if access.s3_access_key else ""))
+    typer.echo(
+        f"customer {name}: MLflow user with READ on its experiment and {len(access.models)} model(s): "
+        f"{', '.join(access.models) or '-'}" + ("; S3 keys that read only its artifacts" if access.s3_access_key else "")
+    )
     typer.echo(f"credentials (0600, hand them over securely): {path}")
 
 

@@ -16,15 +16,19 @@ def _report(result: dict) -> None:
     """The batch's counts; each item not done is named on stderr, and then the exit code is 7."""
     from atelier.kernel.errors import PartlyDone
 
-    typer.echo(f"{result['model']}: {result['written']} new, {result['done_before']} already done, "
-               f"{len(result['invalid'])} invalid, {len(result['failed'])} failed -> {result['manifest']}")
+    typer.echo(
+        f"{result['model']}: {result['written']} new, {result['done_before']} already done, "
+        f"{len(result['invalid'])} invalid, {len(result['failed'])} failed -> {result['manifest']}"
+    )
     not_done = result["invalid"] + result["failed"]
     for bad in not_done:
         typer.echo(f"  not done: {bad.get('error')}", err=True)
     if not_done:
-        raise PartlyDone(f"{len(not_done)} item(s) of the batch",
-                         f"were not done (named above and in {result['report']})",
-                         "fix them and run the same command again: it does only the items not done yet")
+        raise PartlyDone(
+            f"{len(not_done)} item(s) of the batch",
+            f"were not done (named above and in {result['report']})",
+            "fix them and run the same command again: it does only the items not done yet",
+        )
 
 
 def _check_local(path: str, what: str, fix: str) -> None:
@@ -51,7 +55,8 @@ def _check_model(settings, ref: str, customer: str | None = None) -> None:
 
 @friendly
 def batch_generate_cmd(
-    customer: str = typer.Argument(...), subject: str = typer.Argument(...),
+    customer: str = typer.Argument(...),
+    subject: str = typer.Argument(...),
     manifest: str = typer.Option(..., help="JSONL manifest (id, prompt, seed, guidance, steps, size): a path or s3://bucket/key"),
     out: str = typer.Option(..., help="output folder or s3://bucket/prefix; may hold {date}"),
     model: Optional[str] = typer.Option(None, help="NAME@ALIAS or NAME/VERSION; default dreambooth-CUSTOMER-SUBJECT@champion"),
@@ -66,7 +71,7 @@ def batch_generate_cmd(
     preflight(settings)
     check_customer(customer)
     check_slug(subject, "subject")
-    _check_local(manifest, "manifest", "write a JSONL manifest (one {\"id\", \"prompt\", \"seed\"} per line) or give its s3:// key")
+    _check_local(manifest, "manifest", 'write a JSONL manifest (one {"id", "prompt", "seed"} per line) or give its s3:// key')
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion", customer)
     prefect_ready(settings)
     from atelier.flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready
@@ -121,8 +126,10 @@ def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
 
 
 @friendly
-def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml"),
-               limit: int = typer.Option(4, help="flow runs at once in this worker")) -> None:
+def worker_cmd(
+    file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml"),
+    limit: int = typer.Option(4, help="flow runs at once in this worker"),
+) -> None:
     """Run scheduled flows, each due run in its own process. With a work pool in the settings: a Prefect
     process worker polling that pool (deployments come from `atelier deploy`); without: serve the
     schedule file's deployments from this process. Stop with Ctrl-C."""
@@ -140,12 +147,16 @@ def worker_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedul
 
     deps = deployments(load_schedules(_schedule_file(file)))
     if not deps:
-        raise AtelierError(str(_schedule_file(file)), "schedules nothing", "add batch_generate, batch_ocr, retrain or ocr_recalibrate entries")
+        raise AtelierError(
+            str(_schedule_file(file)), "schedules nothing", "add batch_generate, batch_ocr, retrain or ocr_recalibrate entries"
+        )
     serve(*deps, limit=limit, pause_on_shutdown=False)  # stopping one worker must not pause the team's schedules
 
 
 @friendly
-def run_cmd(deployment: str = typer.Argument(..., help="a deployment's name as `atelier deploy` printed it (FLOW/NAME, or NAME alone)")) -> None:
+def run_cmd(
+    deployment: str = typer.Argument(..., help="a deployment's name as `atelier deploy` printed it (FLOW/NAME, or NAME alone)"),
+) -> None:
     """Start a deployment's flow now, outside its schedule; the worker serving it (`atelier worker`, or the
     stack's) picks it up at once."""
     from atelier.kernel.errors import NotFound
@@ -159,15 +170,21 @@ def run_cmd(deployment: str = typer.Argument(..., help="a deployment's name as `
         known = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
     matches = [full for full in known if deployment in (full, full.split("/", 1)[1])]
     if len(matches) != 1:
-        raise NotFound(f"deployment {deployment!r}", "is not one of this workspace's deployments" if not matches else "names several",
-                       f"use one of: {', '.join(sorted(known)) or '(none: run `atelier deploy` first)'}")
+        raise NotFound(
+            f"deployment {deployment!r}",
+            "is not one of this workspace's deployments" if not matches else "names several",
+            f"use one of: {', '.join(sorted(known)) or '(none: run `atelier deploy` first)'}",
+        )
     run = run_deployment(matches[0], timeout=0)
     typer.echo(f"flow run {run.name} ({run.id}) of {matches[0]} starts now; `atelier runs` shows it")
 
 
 @friendly
-def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] = typer.Option(None, help="only this flow name"),
-             as_json: bool = typer.Option(False, "--json")) -> None:
+def runs_cmd(
+    limit: int = typer.Option(20, min=1, max=200),
+    flow: Optional[str] = typer.Option(None, help="only this flow name"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Recent flow runs: state, the model version each used or made, and its outputs."""
     prefect_ready(cli_settings())
     from atelier.flows.runs import recent_runs
@@ -189,8 +206,16 @@ def runs_cmd(limit: int = typer.Option(20, min=1, max=200), flow: Optional[str] 
     for r in rows:
         started = str(r["start"])[:16].replace("T", " ") if r["start"] else "not started"
         outputs = r["outputs"] if r["outputs"] and r["outputs"] != "{}" else ""
-        table.add_row(started, str(r["id"])[:8], r["name"], r["state"], r["flow"], r["deployment"] or "-", r["model"] or "-",
-                      " ".join(x for x in (r["note"] or "", f"-> {outputs}" if outputs else "") if x))
+        table.add_row(
+            started,
+            str(r["id"])[:8],
+            r["name"],
+            r["state"],
+            r["flow"],
+            r["deployment"] or "-",
+            r["model"] or "-",
+            " ".join(x for x in (r["note"] or "", f"-> {outputs}" if outputs else "") if x),
+        )
     Console(width=max(200, Console().width), soft_wrap=False).print(table)
     typer.echo("full ids and outputs: atelier runs --json")
 

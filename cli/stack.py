@@ -33,13 +33,18 @@ def up_cmd() -> None:
     stack.up(settings, ("worker",), typer.echo)
     path = stack.write_env_file(settings)
     _print_status(stack.status(settings))
-    typer.echo(f"\nclients' settings: {path}\n  use them with:  set -a; . {path}; set +a\n"
-               "  then `atelier init` moves the workspace's DVC remote to S3 (copying its data), and every command uses the stack")
+    typer.echo(
+        f"\nclients' settings: {path}\n  use them with:  set -a; . {path}; set +a\n"
+        "  then `atelier init` moves the workspace's DVC remote to S3 (copying its data), and every command uses the stack"
+    )
 
 
 @friendly
-def down_cmd(drop_databases: bool = typer.Option(False, "--drop-databases",
-                                                 help="also drop the stack's databases: every flow run, model version and ledger row in them")) -> None:
+def down_cmd(
+    drop_databases: bool = typer.Option(
+        False, "--drop-databases", help="also drop the stack's databases: every flow run, model version and ledger row in them"
+    ),
+) -> None:
     """Stop what `atelier up` and `atelier ui` started (by process id), and the workspace's background
     Prefect server. The databases and S3's data (.atelier/stack/s3/) stay; --drop-databases drops the databases."""
     from atelier.cli import local_servers, stack_processes as stack
@@ -82,8 +87,11 @@ def stack_init_cmd() -> None:
 
     settings = cli_settings()
     if not settings.prefect_api_url:
-        raise ConfigError("ATELIER_PREFECT_API_URL", "is not set: there is no Prefect server to configure",
-                          "set it (or source the stack.env that `atelier up` writes)")
+        raise ConfigError(
+            "ATELIER_PREFECT_API_URL",
+            "is not set: there is no Prefect server to configure",
+            "set it (or source the stack.env that `atelier up` writes)",
+        )
     urls = [u for u in (settings.artifact_root, settings.dvc_remote, settings.prefect_results) if u and u.startswith("s3://")]
     for bucket in sorted({urlparse(u).netloc for u in urls}):
         created = open_store(f"s3://{bucket}", settings.s3_endpoint_url).ensure_bucket()
@@ -103,14 +111,18 @@ def ui_urls(settings) -> list[str]:
     from atelier.cli.stack_config import MLFLOW_ADMIN
 
     if settings.prefect_api_url:  # the stack (or another configured deployment): its own servers
-        return [f"Prefect UI:  {settings.prefect_api_url.removesuffix('/api')}   (log in with the auth string of stack.env)",
-                f"MLflow UI:   {settings.resolved_tracking_uri}   (your MLflow user)"]
+        return [
+            f"Prefect UI:  {settings.prefect_api_url.removesuffix('/api')}   (log in with the auth string of stack.env)",
+            f"MLflow UI:   {settings.resolved_tracking_uri}   (your MLflow user)",
+        ]
     secrets = local_servers.local_dir(settings) / "secrets.json"
     prefect = local_servers.ensure(settings, "prefect", lambda m: typer.echo(m, err=True))
     mlflow = local_servers.ensure(settings, "mlflow", lambda m: typer.echo(m, err=True))
-    return [f"Prefect UI:  {prefect['url']}   (it asks for the auth string: prefect_auth_string in {secrets})",
-            f"MLflow UI:   {mlflow['url']}   (user {MLFLOW_ADMIN}, password: mlflow_admin_password in {secrets})",
-            "both run in the background until `atelier down`"]
+    return [
+        f"Prefect UI:  {prefect['url']}   (it asks for the auth string: prefect_auth_string in {secrets})",
+        f"MLflow UI:   {mlflow['url']}   (user {MLFLOW_ADMIN}, password: mlflow_admin_password in {secrets})",
+        "both run in the background until `atelier down`",
+    ]
 
 
 @friendly

@@ -21,8 +21,20 @@ MLFLOW_WORKER = "atelier-worker"  # the worker's: not an admin, MANAGE on every 
 PREFECT_USER = "atelier"
 PLATFORM_IDENTITY = "atelier-platform"  # the platform's S3 identity (read/write); customers' readers sit beside it
 # what a server or worker inherits from the caller's environment; everything else it gets is named
-INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SSL_CERT_FILE",
-             "REQUESTS_CA_BUNDLE", "ATELIER_ACTOR")
+INHERITED = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "USER",
+    "LOGNAME",
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "ATELIER_ACTOR",
+)
 
 
 def stack_dir(settings: Settings) -> Path:
@@ -48,6 +60,7 @@ def bin_path(name: str) -> str:
 
 # Secrets ------------------------------------------------------------------------------------------
 
+
 def secrets_file(settings: Settings) -> Path:
     return stack_dir(settings) / "secrets.json"
 
@@ -62,8 +75,12 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
     except FileNotFoundError:
         kept = None
     except json.JSONDecodeError:
-        raise ConfigError(str(path), "is not valid JSON", "restore it from a backup, or remove it and run `atelier down --drop-databases` "
-                          "then `atelier up` (new credentials; the stored data stays in S3 and is readable only with the old keys)") from None
+        raise ConfigError(
+            str(path),
+            "is not valid JSON",
+            "restore it from a backup, or remove it and run `atelier down --drop-databases` "
+            "then `atelier up` (new credentials; the stored data stays in S3 and is readable only with the old keys)",
+        ) from None
     if kept is not None:
         if "mlflow_worker_password" not in kept:  # a stack made before the worker had an identity of its own
             kept["mlflow_worker_password"] = rng.token_urlsafe(24)
@@ -113,6 +130,7 @@ def inherited_environment() -> dict[str, str]:
 
 # S3: SeaweedFS ----------------------------------------------------------------------------------------
 
+
 def s3_dir(settings: Settings) -> Path:
     return stack_dir(settings) / "s3"
 
@@ -123,15 +141,21 @@ def s3_identities_file(settings: Settings) -> Path:
 
 def platform_identity(settings: Settings) -> dict:
     secret = stack_secrets(settings)
-    return {"name": PLATFORM_IDENTITY, "credentials": [{"accessKey": secret["s3_access_key"], "secretKey": secret["s3_secret_key"]}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
+    return {
+        "name": PLATFORM_IDENTITY,
+        "credentials": [{"accessKey": secret["s3_access_key"], "secretKey": secret["s3_secret_key"]}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
 
 
 def reader_identity(settings: Settings, name: str, prefix: str, access_key: str, secret_key: str) -> dict:
     """An S3 identity that may list and read `bucket/prefix/*` and nothing else."""
     resource = f"{settings.stack.bucket}/{prefix.strip('/')}/*"
-    return {"name": name, "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-            "actions": [f"Read:{resource}", f"List:{resource}"]}
+    return {
+        "name": name,
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": [f"Read:{resource}", f"List:{resource}"],
+    }
 
 
 def customer_identities(settings: Settings) -> list[dict]:
@@ -150,9 +174,15 @@ def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> 
     customers = customer_identities(settings) if customers is None else customers
     write_secret_file(s3_identities_file(settings), json.dumps({"identities": [platform_identity(settings), *customers]}, indent=1))
     secret = stack_secrets(settings)
-    toml = "".join(f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
-                   for section, name in (("signing", "write"), ("signing.read", "read"), ("filer_signing", "filer_write"),
-                                         ("filer_signing.read", "filer_read")))
+    toml = "".join(
+        f'[jwt.{section}]\nkey = "{secret["s3_jwt_" + name]}"\nexpires_after_seconds = 30\n'
+        for section, name in (
+            ("signing", "write"),
+            ("signing.read", "read"),
+            ("filer_signing", "filer_write"),
+            ("filer_signing.read", "filer_read"),
+        )
+    )
     from atelier.cli.stack_tls import ensure_certificates, security_sections
 
     toml += security_sections(ensure_certificates(s3_dir(settings) / "tls", settings.stack.host))
@@ -167,9 +197,14 @@ def s3_ready(settings: Settings) -> Callable[[], bool]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     env = client_environment(settings)
-    client = boto3.client("s3", endpoint_url=env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["ATELIER_S3_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
 
     def check() -> bool:
         try:
@@ -190,11 +225,24 @@ def seaweed_ports(settings: Settings) -> dict[str, int]:
 def seaweed_argv(settings: Settings) -> list[str]:
     s = settings.stack
     ports = seaweed_ports(settings)
-    return [bin_path("weed"), f"-logdir={s3_dir(settings) / 'logs'}", "server", f"-dir={s3_dir(settings) / 'data'}",
-            f"-ip={s.host}", f"-ip.bind={s.host}",
-            *(f"-{k}={v}" for k, v in ports.items()), "-s3", f"-s3.port={s.s3_port}",
-            f"-s3.config={s3_identities_file(settings)}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
-            "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-master.defaultReplication=000"]
+    return [
+        bin_path("weed"),
+        f"-logdir={s3_dir(settings) / 'logs'}",
+        "server",
+        f"-dir={s3_dir(settings) / 'data'}",
+        f"-ip={s.host}",
+        f"-ip.bind={s.host}",
+        *(f"-{k}={v}" for k, v in ports.items()),
+        "-s3",
+        f"-s3.port={s.s3_port}",
+        f"-s3.config={s3_identities_file(settings)}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-s3.iam=false",
+        "-volume.max=0",
+        "-master.volumeSizeLimitMB=1024",
+        "-master.defaultReplication=000",
+    ]
 
 
 def prepare_s3(settings: Settings) -> None:
@@ -213,6 +261,7 @@ def _private_tree(folder: Path) -> None:
 
 # MLflow: basic auth, only the platform writes -------------------------------------------------------
 
+
 def mlflow_auth_ini(settings: Settings) -> Path:
     return stack_dir(settings) / "mlflow-auth.ini"
 
@@ -220,35 +269,47 @@ def mlflow_auth_ini(settings: Settings) -> Path:
 def mlflow_env(settings: Settings) -> dict[str, str]:
     secret = stack_secrets(settings)
     client = client_environment(settings)
-    return {"MLFLOW_BACKEND_STORE_URI": database_url(settings, "mlflow"),  # holds the database password: never in argv
-            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_ini(settings)),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
-            "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
-            # server-side jobs (online scoring, prompt optimisation) are features the platform does not use: no executor runs
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            # the worker's identity (registry/auth_app.py): its name for the server, its password for the bootstrap only
-            "ATELIER_AUTH_WORKER_USER": MLFLOW_WORKER,
-            # failed logins counted across the server's worker processes (registry/auth_policy.py)
-            "ATELIER_AUTH_THROTTLE_DB": str(stack_dir(settings) / "mlflow-login-failures.db"),
-            "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
-            **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    return {
+        "MLFLOW_BACKEND_STORE_URI": database_url(settings, "mlflow"),  # holds the database password: never in argv
+        "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_ini(settings)),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_flask_secret"],
+        "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
+        # server-side jobs (online scoring, prompt optimisation) are features the platform does not use: no executor runs
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # the worker's identity (registry/auth_app.py): its name for the server, its password for the bootstrap only
+        "ATELIER_AUTH_WORKER_USER": MLFLOW_WORKER,
+        # failed logins counted across the server's worker processes (registry/auth_policy.py)
+        "ATELIER_AUTH_THROTTLE_DB": str(stack_dir(settings) / "mlflow-login-failures.db"),
+        "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
+        **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+    }
 
 
 def prepare_mlflow(settings: Settings) -> None:
     """The auth app's configuration (0600: it names the auth database), then its database and admin
     user, once, before the server's workers start."""
-    write_secret_file(mlflow_auth_ini(settings), (
-        "[mlflow]\n"
-        "# nobody reads anything unless granted: `atelier customer add` grants each customer its own models\n"
-        "default_permission = NO_PERMISSIONS\n"
-        f"database_uri = {database_url(settings, 'mlflow_auth')}\n"
-        f"admin_username = {MLFLOW_ADMIN}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "grant_default_workspace_access = false\n"))
-    env = {**inherited_environment(), **mlflow_env(settings),
-           "ATELIER_AUTH_WORKER_PASSWORD": stack_secrets(settings)["mlflow_worker_password"]}
+    write_secret_file(
+        mlflow_auth_ini(settings),
+        (
+            "[mlflow]\n"
+            "# nobody reads anything unless granted: `atelier customer add` grants each customer its own models\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = {database_url(settings, 'mlflow_auth')}\n"
+            f"admin_username = {MLFLOW_ADMIN}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "grant_default_workspace_access = false\n"
+        ),
+    )
+    env = {
+        **inherited_environment(),
+        **mlflow_env(settings),
+        "ATELIER_AUTH_WORKER_PASSWORD": stack_secrets(settings)["mlflow_worker_password"],
+    }
     done = subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise ServiceUnavailable("MLflow's auth database", f"could not be prepared: {done.stderr.strip()[-600:]}",
-                                 "check that PostgreSQL answers (ATELIER_STACK__POSTGRES_URL)")
+        raise ServiceUnavailable(
+            "MLflow's auth database",
+            f"could not be prepared: {done.stderr.strip()[-600:]}",
+            "check that PostgreSQL answers (ATELIER_STACK__POSTGRES_URL)",
+        )

@@ -38,16 +38,58 @@ from typing import Callable
 
 from atelier.kernel.errors import ConfigError, ServiceUnavailable
 from atelier.kernel.settings import Settings
-from atelier.cli.stack_config import (MLFLOW_ADMIN, MLFLOW_WORKER, bin_path, customer_identities, inherited_environment, mlflow_env, prepare_mlflow, prepare_s3, s3_ready,
-                                  seaweed_argv, seaweed_ports, write_s3_config, client_environment, database_names,
-                                  database_url, reader_identity, s3_dir, s3_identities_file, secrets_file, stack_dir,
-                                  stack_secrets)
+from atelier.cli.stack_config import (
+    MLFLOW_ADMIN,
+    MLFLOW_WORKER,
+    bin_path,
+    customer_identities,
+    inherited_environment,
+    mlflow_env,
+    prepare_mlflow,
+    prepare_s3,
+    s3_ready,
+    seaweed_argv,
+    seaweed_ports,
+    write_s3_config,
+    client_environment,
+    database_names,
+    database_url,
+    reader_identity,
+    s3_dir,
+    s3_identities_file,
+    secrets_file,
+    stack_dir,
+    stack_secrets,
+)
 from atelier.kernel.storage import write_secret_file, write_text_atomic
 
 # the configuration lives in stack_config; callers reach these through this module
-__all__ = ["MLFLOW_ADMIN", "client_environment", "database_names", "database_url", "reader_identity", "secrets_file", "stack_dir",
-           "stack_secrets", "add_s3_reader", "grant_s3_reader", "up", "down", "status", "stop", "services", "ensure_databases", "drop_databases",
-           "write_env_file", "read_env_file", "env_file", "Service", "ServiceState", "SERVERS", "ORDER"]
+__all__ = [
+    "MLFLOW_ADMIN",
+    "client_environment",
+    "database_names",
+    "database_url",
+    "reader_identity",
+    "secrets_file",
+    "stack_dir",
+    "stack_secrets",
+    "add_s3_reader",
+    "grant_s3_reader",
+    "up",
+    "down",
+    "status",
+    "stop",
+    "services",
+    "ensure_databases",
+    "drop_databases",
+    "write_env_file",
+    "read_env_file",
+    "env_file",
+    "Service",
+    "ServiceState",
+    "SERVERS",
+    "ORDER",
+]
 
 SERVERS = ("s3", "prefect", "mlflow")
 ORDER = (*SERVERS, "worker")
@@ -59,7 +101,7 @@ class Service:
     argv: list[str]
     url: str  # what it serves, for people
     health: str | Callable[[], bool] | None  # a URL answering 200 (401 counts: it asks for credentials), a check,
-    port: int | None                         # or None: staying alive is enough (the worker)
+    port: int | None  # or None: staying alive is enough (the worker)
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     internal_ports: tuple[int, ...] = ()  # its own, not served to clients (SeaweedFS's master, volume, filer)
@@ -102,38 +144,95 @@ def services(settings: Settings) -> list[Service]:
     s = settings.stack
     client = client_environment(settings)
     home = stack_dir(settings)
-    prefect_env = {"PREFECT_HOME": str(home / "prefect-server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg"),
-                   "PREFECT_SERVER_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
-                   # the UI's settings name the API it sends the auth string to: this server's, not Prefect's default 4200
-                   "PREFECT_SERVER_UI_API_URL": client["ATELIER_PREFECT_API_URL"]}
+    prefect_env = {
+        "PREFECT_HOME": str(home / "prefect-server"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg"),
+        "PREFECT_SERVER_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
+        # the UI's settings name the API it sends the auth string to: this server's, not Prefect's default 4200
+        "PREFECT_SERVER_UI_API_URL": client["ATELIER_PREFECT_API_URL"],
+    }
     # what flows need, and no more: the platform's clients' settings, Prefect's client settings
     # its own MLflow identity, not the operator's admin: it can run every flow but not touch users
-    worker_env = {**client, "ATELIER_TRACKING_USERNAME": MLFLOW_WORKER,
-                  "ATELIER_TRACKING_PASSWORD": stack_secrets(settings)["mlflow_worker_password"],
-                  "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"],
-                  "PREFECT_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
-                  "PREFECT_HOME": str(home / "prefect-worker"), "PREFECT_WORKER_QUERY_SECONDS": "3",
-                  # the flow-run processes it starts read these when Prefect is imported, before any Atelier code runs:
-                  # without them their task results would be written with Prefect's default serializer, a pickle
-                  **{k: v for k, v in settings.prefect_environment().items() if k.startswith("PREFECT_RESULTS_")}}
+    worker_env = {
+        **client,
+        "ATELIER_TRACKING_USERNAME": MLFLOW_WORKER,
+        "ATELIER_TRACKING_PASSWORD": stack_secrets(settings)["mlflow_worker_password"],
+        "PREFECT_API_URL": client["ATELIER_PREFECT_API_URL"],
+        "PREFECT_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
+        "PREFECT_HOME": str(home / "prefect-worker"),
+        "PREFECT_WORKER_QUERY_SECONDS": "3",
+        # the flow-run processes it starts read these when Prefect is imported, before any Atelier code runs:
+        # without them their task results would be written with Prefect's default serializer, a pickle
+        **{k: v for k, v in settings.prefect_environment().items() if k.startswith("PREFECT_RESULTS_")},
+    }
     return [
-        Service("s3", seaweed_argv(settings), client["ATELIER_S3_ENDPOINT_URL"], s3_ready(settings), s.s3_port,
-                cwd=s3_dir(settings), internal_ports=tuple(seaweed_ports(settings).values()), before=lambda: prepare_s3(settings)),
-        Service("prefect", [bin_path("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
-                f"http://{s.host}:{s.prefect_port}", f"{client['ATELIER_PREFECT_API_URL']}/health", s.prefect_port, prefect_env),
-        Service("mlflow", [bin_path("mlflow"), "server", "--app-name", "atelier-auth",
-                           "--default-artifact-root", client["ATELIER_ARTIFACT_ROOT"], "--no-serve-artifacts",
-                           "--host", s.host, "--port", str(s.mlflow_port), "--workers", "2"],
-                client["ATELIER_TRACKING_URI"], f"{client['ATELIER_TRACKING_URI']}/health", s.mlflow_port, mlflow_env(settings),
-                before=lambda: prepare_mlflow(settings)),
-        Service("worker", [bin_path("prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
-                           "--limit", str(s.worker_limit), "--name", f"atelier-{socket.gethostname()}"],
-                f"work pool {s.work_pool!r}", None, None, worker_env),
+        Service(
+            "s3",
+            seaweed_argv(settings),
+            client["ATELIER_S3_ENDPOINT_URL"],
+            s3_ready(settings),
+            s.s3_port,
+            cwd=s3_dir(settings),
+            internal_ports=tuple(seaweed_ports(settings).values()),
+            before=lambda: prepare_s3(settings),
+        ),
+        Service(
+            "prefect",
+            [bin_path("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
+            f"http://{s.host}:{s.prefect_port}",
+            f"{client['ATELIER_PREFECT_API_URL']}/health",
+            s.prefect_port,
+            prefect_env,
+        ),
+        Service(
+            "mlflow",
+            [
+                bin_path("mlflow"),
+                "server",
+                "--app-name",
+                "atelier-auth",
+                "--default-artifact-root",
+                client["ATELIER_ARTIFACT_ROOT"],
+                "--no-serve-artifacts",
+                "--host",
+                s.host,
+                "--port",
+                str(s.mlflow_port),
+                "--workers",
+                "2",
+            ],
+            client["ATELIER_TRACKING_URI"],
+            f"{client['ATELIER_TRACKING_URI']}/health",
+            s.mlflow_port,
+            mlflow_env(settings),
+            before=lambda: prepare_mlflow(settings),
+        ),
+        Service(
+            "worker",
+            [
+                bin_path("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                s.work_pool,
+                "--type",
+                "process",
+                "--limit",
+                str(s.worker_limit),
+                "--name",
+                f"atelier-{socket.gethostname()}",
+            ],
+            f"work pool {s.work_pool!r}",
+            None,
+            None,
+            worker_env,
+        ),
     ]
 
 
 # Databases ---------------------------------------------------------------------------------------
+
 
 def _maintenance_connection(settings: Settings):
     """An autocommit connection to the server's `postgres` database (CREATE/DROP DATABASE)."""
@@ -142,11 +241,20 @@ def _maintenance_connection(settings: Settings):
 
     url = make_url(settings.stack.postgres_url)
     try:
-        conn = psycopg2.connect(host=url.host or "127.0.0.1", port=url.port or 5432, user=url.username or "postgres",
-                                password=url.password, dbname="postgres", connect_timeout=5)
+        conn = psycopg2.connect(
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            user=url.username or "postgres",
+            password=url.password,
+            dbname="postgres",
+            connect_timeout=5,
+        )
     except psycopg2.OperationalError as exc:
-        raise ServiceUnavailable(f"PostgreSQL at {url.host}:{url.port or 5432}", f"did not answer ({' '.join(str(exc).split())})",
-                                 "start it (pg_ctlcluster, or `docker compose up postgres`) or set ATELIER_STACK__POSTGRES_URL") from None
+        raise ServiceUnavailable(
+            f"PostgreSQL at {url.host}:{url.port or 5432}",
+            f"did not answer ({' '.join(str(exc).split())})",
+            "start it (pg_ctlcluster, or `docker compose up postgres`) or set ATELIER_STACK__POSTGRES_URL",
+        ) from None
     conn.autocommit = True
     return conn
 
@@ -177,6 +285,7 @@ def drop_databases(settings: Settings) -> list[str]:
 
 
 # Processes ---------------------------------------------------------------------------------------
+
 
 def _record_path(settings: Settings, name: str, home: Path | None = None) -> Path:
     return (home or stack_dir(settings)) / f"{name}.json"
@@ -243,28 +352,49 @@ def start_service(settings: Settings, svc: Service, home: Path | None = None) ->
     log.touch(mode=0o600, exist_ok=True)
     os.chmod(home, 0o700)
     if svc.port is not None and _port_open(settings.stack.host, svc.port):
-        raise ConfigError(f"port {svc.port} ({svc.name})", "is taken by a program `atelier up` did not start",
-                          f"stop that program, or choose another port with ATELIER_STACK__{svc.name.upper()}_PORT")
+        raise ConfigError(
+            f"port {svc.port} ({svc.name})",
+            "is taken by a program `atelier up` did not start",
+            f"stop that program, or choose another port with ATELIER_STACK__{svc.name.upper()}_PORT",
+        )
     taken = [port for port in svc.internal_ports if _port_open(settings.stack.host, port)]
     if taken:
-        raise ConfigError(f"port(s) {', '.join(map(str, taken))} ({svc.name}'s internal servers)", "are taken by another program",
-                          "stop it, or move them with ATELIER_STACK__S3_INTERNAL_PORT (the first of 7 ports in a row)")
+        raise ConfigError(
+            f"port(s) {', '.join(map(str, taken))} ({svc.name}'s internal servers)",
+            "are taken by another program",
+            "stop it, or move them with ATELIER_STACK__S3_INTERNAL_PORT (the first of 7 ports in a row)",
+        )
     if svc.before is not None:
         svc.before()
     env = {**inherited_environment(), **svc.env}  # never the caller's whole environment: its secrets are not the server's
     with open(log, "ab") as out:
         # umask 077: every file a server writes (SeaweedFS's volumes, Prefect's and MLflow's state, logs) is its own user's alone
-        proc = subprocess.Popen(svc.argv, env=env, cwd=svc.cwd or home, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
-    record = {"pid": proc.pid, "create_time": _started_at(proc.pid) or time.time(), "argv": svc.argv, "log": str(log),
-              "url": svc.url, "health": svc.health if isinstance(svc.health, str) else None}
+        proc = subprocess.Popen(
+            svc.argv,
+            env=env,
+            cwd=svc.cwd or home,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            umask=0o077,
+        )
+    record = {
+        "pid": proc.pid,
+        "create_time": _started_at(proc.pid) or time.time(),
+        "argv": svc.argv,
+        "log": str(log),
+        "url": svc.url,
+        "health": svc.health if isinstance(svc.health, str) else None,
+    }
     write_text_atomic(_record_path(settings, svc.name, home), json.dumps(record, indent=1))
     deadline = time.monotonic() + (settings.stack.start_timeout if svc.health else 3.0)
     while True:
         if proc.poll() is not None:
             _record_path(settings, svc.name, home).unlink(missing_ok=True)
-            raise ServiceUnavailable(f"{svc.name} ({' '.join(svc.argv[:3])})", f"exited with code {proc.returncode}:\n{_log_tail(log)}",
-                                     f"read {log}")
+            raise ServiceUnavailable(
+                f"{svc.name} ({' '.join(svc.argv[:3])})", f"exited with code {proc.returncode}:\n{_log_tail(log)}", f"read {log}"
+            )
         if svc.health is not None and is_healthy(svc.health):
             return record
         if time.monotonic() >= deadline:
@@ -275,8 +405,11 @@ def start_service(settings: Settings, svc: Service, home: Path | None = None) ->
     os.killpg(proc.pid, signal.SIGKILL)  # half-started: not left behind holding its ports
     proc.wait()
     _record_path(settings, svc.name, home).unlink(missing_ok=True)
-    raise ServiceUnavailable(f"{svc.name} at {svc.url}", f"did not answer within {settings.stack.start_timeout:.0f} s:\n{_log_tail(log)}",
-                             f"read {log}; raise ATELIER_STACK__START_TIMEOUT on a slow machine")
+    raise ServiceUnavailable(
+        f"{svc.name} at {svc.url}",
+        f"did not answer within {settings.stack.start_timeout:.0f} s:\n{_log_tail(log)}",
+        f"read {log}; raise ATELIER_STACK__START_TIMEOUT on a slow machine",
+    )
 
 
 def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[[str], None] = lambda _m: None) -> list[ServiceState]:
@@ -339,11 +472,16 @@ def down(settings: Settings) -> list[str]:
 
 # Configuration of the running stack ---------------------------------------------------------------
 
+
 def write_env_file(settings: Settings) -> Path:
     path = env_file(settings)
     lines = [f"{k}={v}" for k, v in client_environment(settings).items()]
-    write_secret_file(path, "# written by `atelier up` (the platform's credentials: keep it 0600); use with: set -a; . THIS_FILE; set +a\n"
-                      + "\n".join(lines) + "\n")
+    write_secret_file(
+        path,
+        "# written by `atelier up` (the platform's credentials: keep it 0600); use with: set -a; . THIS_FILE; set +a\n"
+        + "\n".join(lines)
+        + "\n",
+    )
     return path
 
 

@@ -33,31 +33,57 @@ def ensure_certificates(folder: Path, host: str) -> dict[str, Path]:
     lifetime = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=3650))
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atelier-seaweedfs-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(lifetime[0]).not_valid_after(lifetime[1])
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                                       decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(lifetime[0])
+        .not_valid_after(lifetime[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost")]
     try:
         names.append(x509.IPAddress(ipaddress.ip_address(host)))
     except ValueError:
         names.append(x509.DNSName(host))
-    node = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atelier-seaweedfs")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(lifetime[0]).not_valid_after(lifetime[1])
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    node = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atelier-seaweedfs")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(lifetime[0])
+        .not_valid_after(lifetime[1])
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     # the CA's key is not kept: nothing else is ever signed, so a stolen CA key cannot mint a client
     write_bytes_atomic(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), mode=0o600)
     write_bytes_atomic(paths["cert"], node.public_bytes(serialization.Encoding.PEM), mode=0o600)
-    write_secret_file(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()).decode())
+    write_secret_file(
+        paths["key"],
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
+    )
     return paths
 
 
@@ -67,6 +93,8 @@ def security_sections(paths: dict[str, Path]) -> str:
     node = f'cert = "{cert}"\nkey = "{key}"\n'
     grpc = "".join(f"[grpc.{part}]\n{node}" for part in ("master", "volume", "filer", "s3", "client"))
     https = "".join(f'[https.{part}]\n{node}ca = "{ca}"\n' for part in ("master", "volume", "filer"))
-    return (f'[grpc]\nca = "{ca}"\n{grpc}{https}'
-            f'[https.client]\nenabled = true\n{node}ca = "{ca}"\n'
-            "[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n")
+    return (
+        f'[grpc]\nca = "{ca}"\n{grpc}{https}'
+        f'[https.client]\nenabled = true\n{node}ca = "{ca}"\n'
+        "[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n"
+    )

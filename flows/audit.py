@@ -19,8 +19,12 @@ FLOW_VERSION = "1"
 @flow(name="ledger-audit", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
 def ledger_audit(restore: bool = False) -> dict:
     result = audit_ledger(restore)
-    summary_artifact("ledger-audit", "-", {"rows": result["rows"], "restored": len(result["restored"])},
-                     note="intact" if not result["problems"] else f"{len(result['problems'])} problem(s)")
+    summary_artifact(
+        "ledger-audit",
+        "-",
+        {"rows": result["rows"], "restored": len(result["restored"])},
+        note="intact" if not result["problems"] else f"{len(result['problems'])} problem(s)",
+    )
     if result["problems"]:
         raise RuntimeError("ledger audit: " + "; ".join(result["problems"]))
     return result

@@ -36,13 +36,19 @@ def batch_generate(customer: str, subject: str, manifest: str, out: str, model: 
     out = _expand(out)
     pinned = batch_tasks.pin_model(model or f"dreambooth-{customer}-{subject}@champion", customer)
     parsed = batch_tasks.read_manifest(manifest)
-    result = batch_tasks.generate_batch(pinned, parsed["items"], out, batch_size) if parsed["items"] else \
-        {"records": {}, "progress": {"written": [], "done_before": [], "redone": [], "failed": []}}
+    result = (
+        batch_tasks.generate_batch(pinned, parsed["items"], out, batch_size)
+        if parsed["items"]
+        else {"records": {}, "progress": {"written": [], "done_before": [], "redone": [], "failed": []}}
+    )
     report = batch_tasks.report_of(pinned, out, result, parsed["invalid"])
     written = batch_tasks.write_outputs(out, "manifest.jsonl", result, report)
-    summary_artifact("batch-generate", pinned["model"], written,
-                                 f"{report['written']} new, {report['done_before']} already done, {len(report['invalid'])} invalid, "
-                                 f"{len(report['failed'])} failed")
+    summary_artifact(
+        "batch-generate",
+        pinned["model"],
+        written,
+        f"{report['written']} new, {report['done_before']} already done, {len(report['invalid'])} invalid, {len(report['failed'])} failed",
+    )
     batch_tasks.check_not_empty(parsed["items"], parsed["invalid"], manifest)
     return {**report, **written}
 
@@ -54,6 +60,10 @@ def batch_ocr(inputs: str, out: str, model: str = "ocr@champion", lang: str | No
     result = batch_tasks.ocr_batch(pinned, inputs, out, lang, kind)
     report = batch_tasks.report_of(pinned, out, result, [])
     written = batch_tasks.write_outputs(out, "results.jsonl", result, report, payload_lines=True)
-    summary_artifact("batch-ocr", pinned["model"], written,
-                                 f"{report['written']} new, {report['done_before']} already done, {len(report['failed'])} with errors")
+    summary_artifact(
+        "batch-ocr",
+        pinned["model"],
+        written,
+        f"{report['written']} new, {report['done_before']} already done, {len(report['failed'])} with errors",
+    )
     return {**report, **written}

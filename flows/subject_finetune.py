@@ -32,14 +32,23 @@ EMBEDDED_BASE_ID = "atelier/tiny-sd-v1 (embedded, random weights)"
 
 def task_versions() -> dict[str, str]:
     return {
-        "pull-subject": data_tasks.PULL_VERSION, "validate-subject": data_tasks.VALIDATE_VERSION,
-        **db_tasks.VERSIONS, **reg_tasks.VERSIONS, **judge_tasks.VERSIONS,
+        "pull-subject": data_tasks.PULL_VERSION,
+        "validate-subject": data_tasks.VALIDATE_VERSION,
+        **db_tasks.VERSIONS,
+        **reg_tasks.VERSIONS,
+        **judge_tasks.VERSIONS,
     }
 
 
 @flow(name="subject-finetune", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
-def subject_finetune(customer: str, subject: str, base_model: str | None = None, config_path: str | None = None,
-                     data_rev: str | None = None, skip_if_unchanged: bool = False) -> dict:
+def subject_finetune(
+    customer: str,
+    subject: str,
+    base_model: str | None = None,
+    config_path: str | None = None,
+    data_rev: str | None = None,
+    skip_if_unchanged: bool = False,
+) -> dict:
     """`skip_if_unchanged` (scheduled retraining): when a version was already registered from the same
     photos (DVC hashes), config, base model and class priors, stop before training and say so."""
     check_customer(customer)
@@ -48,8 +57,11 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
     base = Path(base_model).resolve() if base_model else settings.resolved_base_model
     embedded = base == settings.tiny_model_dir
     if not base.exists():
-        raise ConfigError(f"base model {base}", "does not exist",
-                          "pass --base-model DIR with a diffusers Stable Diffusion directory, or run `atelier init` for the embedded one")
+        raise ConfigError(
+            f"base model {base}",
+            "does not exist",
+            "pass --base-model DIR with a diffusers Stable Diffusion directory, or run `atelier init` for the embedded one",
+        )
     config = resolve_config(config_path, embedded)
 
     snapshot = pull_subject(customer, subject, data_rev)
@@ -71,14 +83,23 @@ def subject_finetune(customer: str, subject: str, base_model: str | None = None,
         if skip_if_unchanged or waited:
             existing = reg_tasks.find_registered(customer, subject, key)
             if existing is not None:
-                note = (f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
-                        f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})")
+                note = (
+                    f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
+                    f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})"
+                )
                 print(note)
                 summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
-                return {"model": existing["name"], "version": existing["version"], "noop": True, "note": note,
-                        "run_id": existing["run_id"], "training_key": key,
-                        "gate": existing["gate"] or {"passed": "champion" in existing["aliases"], "reasons": []},
-                        "data_rev": snapshot["rev"], "flow_run_id": str(flow_run.id)}
+                return {
+                    "model": existing["name"],
+                    "version": existing["version"],
+                    "noop": True,
+                    "note": note,
+                    "run_id": existing["run_id"],
+                    "training_key": key,
+                    "gate": existing["gate"] or {"passed": "champion" in existing["aliases"], "reasons": []},
+                    "data_rev": snapshot["rev"],
+                    "flow_run_id": str(flow_run.id),
+                }
         return _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors)
 
 
@@ -88,15 +109,27 @@ def _train_register_gate(customer, subject, settings, base, embedded, config, sn
 
     code = code_version()
     lineage = {
-        "customer": customer, "subject": subject,
-        "data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"], "data.class_noun": snapshot["class_noun"],
+        "customer": customer,
+        "subject": subject,
+        "data.rev": snapshot["rev"],
+        "data.dvc_md5": snapshot["dvc_md5"],
+        "data.files": snapshot["files"],
+        "data.class_noun": snapshot["class_noun"],
         "data.validation_report": validation["report_dir"],
-        "base_model.id": EMBEDDED_BASE_ID if embedded else str(base), "base_model.sha256": base_hash,
-        "class_priors.key": priors["key"] if priors else "none", "class_priors.sha256": priors["sha256"] if priors else "none",
-        "code.git_sha": code.git_sha, "code.dirty": str(code.dirty).lower(), "code.version": code.package_version,
-        "flow.name": "subject-finetune", "flow.version": FLOW_VERSION, "task_versions": task_versions(),
-        "params": config, "training.key": training["key"],
-        "prefect.flow_run_id": str(flow_run.id), "eval.summary": samples["health"],
+        "base_model.id": EMBEDDED_BASE_ID if embedded else str(base),
+        "base_model.sha256": base_hash,
+        "class_priors.key": priors["key"] if priors else "none",
+        "class_priors.sha256": priors["sha256"] if priors else "none",
+        "code.git_sha": code.git_sha,
+        "code.dirty": str(code.dirty).lower(),
+        "code.version": code.package_version,
+        "flow.name": "subject-finetune",
+        "flow.version": FLOW_VERSION,
+        "task_versions": task_versions(),
+        "params": config,
+        "training.key": training["key"],
+        "prefect.flow_run_id": str(flow_run.id),
+        "eval.summary": samples["health"],
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
     # scores go on the version before the gate reads them; a version this judge already scored is not
@@ -104,9 +137,25 @@ def _train_register_gate(customer, subject, settings, base, embedded, config, sn
     if settings.judge.backend != "none" and not (registered["reused"] and judge_tasks.judged_before(registered)):
         judge_tasks.record_judgment(registered, judge_tasks.judge_samples(samples, snapshot, priors, config["identifier"]))
     gate = promotion_gate(registered, str(flow_run.id))
-    summary_artifact("subject-finetune", f"{registered['name']}/{registered['version']}", {"run_id": registered["run_id"]},
-                               f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}")
-    return finished({"model": registered["name"], "version": registered["version"], "run_id": registered["run_id"],
-                     "gate": gate, "data_rev": snapshot["rev"], "training_key": training["key"],
-                     "registered_before": registered["reused"], "flow_run_id": str(flow_run.id),
-                     "steps": training["steps"], "final_loss": samples["health"]["final_loss"], "noop": False}, gate)
+    summary_artifact(
+        "subject-finetune",
+        f"{registered['name']}/{registered['version']}",
+        {"run_id": registered["run_id"]},
+        f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}",
+    )
+    return finished(
+        {
+            "model": registered["name"],
+            "version": registered["version"],
+            "run_id": registered["run_id"],
+            "gate": gate,
+            "data_rev": snapshot["rev"],
+            "training_key": training["key"],
+            "registered_before": registered["reused"],
+            "flow_run_id": str(flow_run.id),
+            "steps": training["steps"],
+            "final_loss": samples["health"]["final_loss"],
+            "noop": False,
+        },
+        gate,
+    )

@@ -42,6 +42,5 @@ def value_hash(value: Any) -> str:
 def stat_signature(root: Path) -> str:
     """Cheap fingerprint of a tree (paths, sizes, mtimes): a cache key for its expensive content hash."""
     root = Path(root)
-    entries = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-               for p in sorted(root.rglob("*")) if p.is_file()]
+    entries = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()]
     return value_hash([str(root.resolve()), entries])

@@ -61,7 +61,9 @@ class LocalStore:
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))  # dot files: temporaries
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )  # dot files: temporaries
 
 
 class S3Store:
@@ -87,12 +89,18 @@ class S3Store:
                 raise NotFound(f"s3://{self.bucket}/{kw.get('Key', '')}", "does not exist", "check the bucket and key") from None
             if code == "NoSuchBucket":
                 raise NotFound(f"s3://{self.bucket}", "bucket does not exist", "create it or fix the URL") from None
-            raise StoreError(f"s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))}", f"{what} failed ({code}: {exc})",
-                             "check the credentials and the endpoint (s3_endpoint_url)") from None
+            raise StoreError(
+                f"s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))}",
+                f"{what} failed ({code}: {exc})",
+                "check the credentials and the endpoint (s3_endpoint_url)",
+            ) from None
         except BotoCoreError as exc:
             endpoint = self.client.meta.endpoint_url
-            raise ServiceUnavailable(f"S3 at {endpoint}", f"did not answer ({what} {self.url}: {exc})",
-                                     "start it again (`atelier up` restarts the stack's) and rerun; nothing was half-written") from None
+            raise ServiceUnavailable(
+                f"S3 at {endpoint}",
+                f"did not answer ({what} {self.url}: {exc})",
+                "start it again (`atelier up` restarts the stack's) and rerun; nothing was half-written",
+            ) from None
 
     def ensure_bucket(self) -> bool:
         """Create the bucket when missing; True when created."""

@@ -22,13 +22,36 @@ from atelier.kernel.errors import AtelierError, DiskError, ServiceUnavailable
 from atelier.kernel.settings import Settings
 
 # MLflow's REST client, when its server is gone, restarting or behind a failing proxy
-MLFLOW_UNREACHABLE = ("failed with exception", "Max retries exceeded", "Connection refused", "Connection aborted",
-                      "RemoteDisconnected", "Read timed out", "error code 502", "error code 503", "error code 504")
-_S3_CLASSES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
-               "ServerDisconnectedError", "ConnectionClosedError", "S3UploadFailedError"}
+MLFLOW_UNREACHABLE = (
+    "failed with exception",
+    "Max retries exceeded",
+    "Connection refused",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "Read timed out",
+    "error code 502",
+    "error code 503",
+    "error code 504",
+)
+_S3_CLASSES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ConnectionClosedError",
+    "S3UploadFailedError",
+}
 _S3_TEXT = ("Could not connect to the endpoint URL", "Cannot connect to host", "Connect timeout on endpoint URL")
-_CONNECT_TEXT = ("Connection refused", "All connection attempts failed", "Failed to reach API", "Name or service not known",
-                 "Connection reset by peer", "RemoteProtocolError", "Server disconnected")
+_CONNECT_TEXT = (
+    "Connection refused",
+    "All connection attempts failed",
+    "Failed to reach API",
+    "Name or service not known",
+    "Connection reset by peer",
+    "RemoteProtocolError",
+    "Server disconnected",
+)
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -72,9 +95,12 @@ def _postgres_down(settings: Settings, behind: str) -> ServiceUnavailable | None
     address = _postgres(settings)
     if address is None or _accepts(address):
         return None
-    return ServiceUnavailable(f"PostgreSQL at {address[0]}:{address[1]}", f"did not answer ({behind} could not reach its database)",
-                              "start it (`pg_ctlcluster ... start`, or `docker compose up -d postgres`) and rerun; "
-                              "what was registered before is intact, and the next run marks the interrupted flow run crashed")
+    return ServiceUnavailable(
+        f"PostgreSQL at {address[0]}:{address[1]}",
+        f"did not answer ({behind} could not reach its database)",
+        "start it (`pg_ctlcluster ... start`, or `docker compose up -d postgres`) and rerun; "
+        "what was registered before is intact, and the next run marks the interrupted flow run crashed",
+    )
 
 
 def _say(service: str, reason: str, fix: str) -> ServiceUnavailable:
@@ -89,11 +115,20 @@ def disk_error(exc: BaseException, settings: Settings) -> DiskError | None:
     for err in causes(exc):
         where = getattr(err, "filename", None) or str(settings.workspace)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DiskError(f"disk holding {where}", "is full", "free some space (or move the workspace) and rerun; writes are "
-                             "atomic, so nothing already stored was lost, and training resumes from its last whole checkpoint")
-        if (isinstance(err, OSError) and err.errno == errno.EROFS) or "readonly database" in str(err) or "read-only file system" in str(err):
-            return DiskError(f"storage holding {where}", "is read-only", "make it writable (or point ATELIER_WORKSPACE at a writable "
-                             "copy) and rerun")
+            return DiskError(
+                f"disk holding {where}",
+                "is full",
+                "free some space (or move the workspace) and rerun; writes are "
+                "atomic, so nothing already stored was lost, and training resumes from its last whole checkpoint",
+            )
+        if (
+            (isinstance(err, OSError) and err.errno == errno.EROFS)
+            or "readonly database" in str(err)
+            or "read-only file system" in str(err)
+        ):
+            return DiskError(
+                f"storage holding {where}", "is read-only", "make it writable (or point ATELIER_WORKSPACE at a writable copy) and rerun"
+            )
     return None
 
 
@@ -112,22 +147,29 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
         module = type(err).__module__ or ""
         if name in _S3_CLASSES or any(marker in text for marker in _S3_TEXT):
             endpoint = settings.s3_endpoint_url or "AWS"
-            return _say(f"S3 at {endpoint}", text,
-                        f"{RESTART}; objects stored before the outage are kept (SeaweedFS keeps them on disk), and a "
-                        "registration that was cut off left no version")
+            return _say(
+                f"S3 at {endpoint}",
+                text,
+                f"{RESTART}; objects stored before the outage are kept (SeaweedFS keeps them on disk), and a "
+                "registration that was cut off left no version",
+            )
         if name == "OperationalError" and ("sqlalchemy" in module or "psycopg2" in module):
             if _postgres(settings) is None or _accepts(_postgres(settings)):
                 continue  # not a connection failure (a missing table, a lock): not an outage
             address = _postgres(settings)
-            return _say(f"PostgreSQL at {address[0]}:{address[1]}", text,
-                        f"{RESTART}; the ledger is unchanged (a row is written in one transaction)")
+            return _say(
+                f"PostgreSQL at {address[0]}:{address[1]}",
+                text,
+                f"{RESTART}; the ledger is unchanged (a row is written in one transaction)",
+            )
         if "OperationalError" in text or "could not connect to server" in text or "server closed the connection" in text:
             return _postgres_down(settings, "a server") or _say("PostgreSQL", text, RESTART)
         if "prefect" in module or "httpx" in module or "/api/" in text and settings.prefect_api_url and settings.prefect_api_url in text:
             status = getattr(getattr(err, "response", None), "status_code", None)
             if status is not None and status >= 500:
                 return _postgres_down(settings, f"the Prefect server at {settings.prefect_api_url}") or _say(
-                    f"Prefect server at {settings.prefect_api_url}", f"answered {status}: {text}", RESTART)
+                    f"Prefect server at {settings.prefect_api_url}", f"answered {status}: {text}", RESTART
+                )
             if any(marker in text for marker in _CONNECT_TEXT) or name in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
                 return _say(f"Prefect server at {settings.prefect_api_url or 'its local temporary server'}", text, RESTART)
         if "mlflow" in module and any(marker in text for marker in MLFLOW_UNREACHABLE):
@@ -149,8 +191,11 @@ def require_writable(settings: Settings) -> None:
         with tempfile.NamedTemporaryFile(dir=state, prefix=".write-check-"):
             pass
     except OSError as exc:
-        raise DiskError(f"workspace {settings.workspace}", f"cannot be written ({os.strerror(exc.errno or 0) or exc})",
-                        "make it writable (or point ATELIER_WORKSPACE at a writable copy) and rerun; nothing was started") from None
+        raise DiskError(
+            f"workspace {settings.workspace}",
+            f"cannot be written ({os.strerror(exc.errno or 0) or exc})",
+            "make it writable (or point ATELIER_WORKSPACE at a writable copy) and rerun; nothing was started",
+        ) from None
 
 
 def preflight(settings: Settings) -> None:
@@ -163,8 +208,9 @@ def preflight(settings: Settings) -> None:
         ("Prefect server", settings.prefect_api_url, 80),
         ("PostgreSQL (ledger)", settings.ledger_url if (settings.ledger_url or "").startswith("postgresql") else None, 5432),
     ]
-    if settings.s3_endpoint_url and any((u or "").startswith("s3://") for u in (settings.artifact_root, settings.dvc_remote,
-                                                                               settings.prefect_results)):
+    if settings.s3_endpoint_url and any(
+        (u or "").startswith("s3://") for u in (settings.artifact_root, settings.dvc_remote, settings.prefect_results)
+    ):
         checks.append(("S3", settings.s3_endpoint_url, 80))
     for service, url, default_port in checks:
         address = _host_port(url, default_port)

@@ -46,7 +46,10 @@ def list_subject(ws: Path, customer: str, subject: str, class_noun: str) -> list
             entry["class_priors"] = class_key(_class_of(ws, entry["customer"], entry["subject"]))
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
     write_text_atomic(path, header + yaml.safe_dump({"subjects": dict(sorted(listed.items()))}, sort_keys=False, allow_unicode=True))
-    return [SUBJECTS_FILE, *_add_class_priors(ws, {e["class_priors"]: _noun(ws, e, customer, subject, class_noun) for e in listed.values()})]
+    return [
+        SUBJECTS_FILE,
+        *_add_class_priors(ws, {e["class_priors"]: _noun(ws, e, customer, subject, class_noun) for e in listed.values()}),
+    ]
 
 
 def _class_of(ws: Path, customer: str, subject: str) -> str:
@@ -73,8 +76,9 @@ def _add_class_priors(ws: Path, nouns: dict[str, str]) -> list[str]:
     if not missing or "class_priors" not in params:
         return []
     template = {k: v for k, v in (next(iter(known.values())) if known else DEFAULT_PRIORS).items() if k != "prompt"}
-    block = yaml.safe_dump({k: {"prompt": f"a photo of {n}", **template} for k, n in sorted(missing.items())},
-                           sort_keys=False, allow_unicode=True)
+    block = yaml.safe_dump(
+        {k: {"prompt": f"a photo of {n}", **template} for k, n in sorted(missing.items())}, sort_keys=False, allow_unicode=True
+    )
     indented = "".join(f"  {line}\n" for line in block.splitlines())
     lines = text.splitlines(keepends=True)
     at = next(i for i, line in enumerate(lines) if line.rstrip() == "class_priors:" or line.startswith("class_priors:"))

@@ -39,8 +39,12 @@ class OcrGateRules(BaseModel):
     max_cer: float = Field(0.05, ge=0, le=1, description="overall CER of the routed engine with no language given, on the evaluation split")
     # not a gate: int8 reads slightly differently, so it is served only where it pays (models/ocr/variants.py);
     # it measured 1.75x the fp32 rewrite on an AMD EPYC (AVX-512 VNNI) and 0.9x on a Xeon with AMX
-    min_speedup: float = Field(1.1, ge=0, description="int8 is served when its lines/s are at least this times the fastest "
-                               "fp32 variant's on the machine (the flow measures; another CPU re-measures at load time)")
+    min_speedup: float = Field(
+        1.1,
+        ge=0,
+        description="int8 is served when its lines/s are at least this times the fastest "
+        "fp32 variant's on the machine (the flow measures; another CPU re-measures at load time)",
+    )
 
 
 class JudgeGateRules(BaseModel):
@@ -90,8 +94,12 @@ class StackSettings(BaseModel):
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     s3_port: int = Field(9000, ge=1, le=65535, description="SeaweedFS's S3 gateway (the MinIO port in docker/compose.yaml)")
-    s3_internal_port: int = Field(19333, ge=1, le=65528, description="first of 7 ports for SeaweedFS's master, volume and "
-                                  "filer servers and their gRPC (bound to `host` only)")
+    s3_internal_port: int = Field(
+        19333,
+        ge=1,
+        le=65528,
+        description="first of 7 ports for SeaweedFS's master, volume and filer servers and their gRPC (bound to `host` only)",
+    )
     bucket: str = Field("atelier", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     work_pool: str = "atelier"
     worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
@@ -103,10 +111,19 @@ class ChallengerRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    max_final_loss_increase: float = Field(0.10, ge=0, description="the challenger's final loss may exceed the champion's by "
-                                           "this share (0.10: 10%); training loss is noisy, a worse model is not")
-    max_judge_drop: float = Field(0.05, ge=0, le=1, description="prompt score and fidelity may be this much under the champion's "
-                                  "(both judged by a calibrated judge; an uncalibrated judge's scores are not compared)")
+    max_final_loss_increase: float = Field(
+        0.10,
+        ge=0,
+        description="the challenger's final loss may exceed the champion's by "
+        "this share (0.10: 10%); training loss is noisy, a worse model is not",
+    )
+    max_judge_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="prompt score and fidelity may be this much under the champion's "
+        "(both judged by a calibrated judge; an uncalibrated judge's scores are not compared)",
+    )
 
 
 class GateRules(BaseModel):
@@ -152,33 +169,64 @@ def _default_workspace() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ATELIER_", env_nested_delimiter="__", extra="forbid")
 
-    workspace: Path = Field(default_factory=lambda: _default_workspace(),
-                            description="git + DVC repo holding data/ and the local stores; default: the current directory when it is a workspace, else ./workspace")
+    workspace: Path = Field(
+        default_factory=lambda: _default_workspace(),
+        description="git + DVC repo holding data/ and the local stores; default: the current directory when it is a workspace, else ./workspace",
+    )
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in the workspace")
     artifact_root: str | None = Field(None, description="MLflow artifact root; default: a folder in the workspace")
     prefect_api_url: str | None = Field(None, description="Prefect server API; default: Prefect's local SQLite")
-    prefect_api_auth_string: SecretStr | None = Field(None, description="USER:PASSWORD of a Prefect server started with "
-                                                      "PREFECT_SERVER_API_AUTH_STRING (`atelier up` generates one)")
-    prefect_results: str | None = Field(None, description="s3://bucket/prefix for Prefect's task results (the server's default "
-                                        "result storage, set by `atelier up` or `atelier stack-init`); default: a workspace folder")
-    work_pool: str | None = Field(None, description="Prefect work pool that `atelier deploy` targets and `atelier worker` polls; "
-                                  "default: none, `atelier worker` serves the deployments itself")
+    prefect_api_auth_string: SecretStr | None = Field(
+        None, description="USER:PASSWORD of a Prefect server started with PREFECT_SERVER_API_AUTH_STRING (`atelier up` generates one)"
+    )
+    prefect_results: str | None = Field(
+        None,
+        description="s3://bucket/prefix for Prefect's task results (the server's default "
+        "result storage, set by `atelier up` or `atelier stack-init`); default: a workspace folder",
+    )
+    work_pool: str | None = Field(
+        None,
+        description="Prefect work pool that `atelier deploy` targets and `atelier worker` polls; "
+        "default: none, `atelier worker` serves the deployments itself",
+    )
     dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto) for s3:// batch inputs and outputs; "
-                                        "default: AWS, or boto3's AWS_ENDPOINT_URL")
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, moto) for s3:// batch inputs and outputs; default: AWS, or boto3's AWS_ENDPOINT_URL",
+    )
     base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
-    train_processes: int = Field(1, ge=1, le=64, description="processes per DreamBooth training: above 1 the training task starts "
-                                 "`accelerate launch` with one process per GPU (DDP); each trains train_batch_size images per step")
-    glm_ocr_weights: Path | None = Field(None, description="local GLM-OCR directory (save_pretrained layout); when set, "
-                                         "ocr-calibrate measures it and routes languages to it where it reads best")
+    train_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes per DreamBooth training: above 1 the training task starts "
+        "`accelerate launch` with one process per GPU (DDP); each trains train_batch_size images per step",
+    )
+    glm_ocr_weights: Path | None = Field(
+        None,
+        description="local GLM-OCR directory (save_pretrained layout); when set, "
+        "ocr-calibrate measures it and routes languages to it where it reads best",
+    )
     experiment: str = Field("atelier", description="MLflow experiment prefix: one experiment per customer, <prefix>-<customer>")
     ledger_url: str | None = Field(None, description="SQLAlchemy URL of the promotion ledger; default: SQLite in the workspace")
-    outage_budget: float = Field(120.0, gt=0, le=3600, description="seconds a flow keeps retrying a server that does not answer, "
-                                 "counted from the first failed call; then it stops with exit 6 naming the server")
-    ledger_keys: Path | None = Field(None, description="folder of the ledger's signing key (0600, made on first use), its "
-                                     "verify key and head witness; default: .atelier/keys in the workspace. Never in the ledger's database")
-    actor: str = Field(default_factory=lambda: _default_actor(), min_length=1, description="who promotes, for the ledger: "
-                       "default USER@HOST from the account database, not only $USER (a cron job or container may not set it)")
+    outage_budget: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="seconds a flow keeps retrying a server that does not answer, "
+        "counted from the first failed call; then it stops with exit 6 naming the server",
+    )
+    ledger_keys: Path | None = Field(
+        None,
+        description="folder of the ledger's signing key (0600, made on first use), its "
+        "verify key and head witness; default: .atelier/keys in the workspace. Never in the ledger's database",
+    )
+    actor: str = Field(
+        default_factory=lambda: _default_actor(),
+        min_length=1,
+        description="who promotes, for the ledger: "
+        "default USER@HOST from the account database, not only $USER (a cron job or container may not set it)",
+    )
     tracking_username: str | None = Field(None, description="MLflow basic-auth user (the operations user)")
     tracking_password: SecretStr | None = Field(None, description="MLflow basic-auth password")
     images: ImageRules = ImageRules()
@@ -341,8 +389,12 @@ class Settings(BaseSettings):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         # each call to a server that does not answer gives up within ~a minute (MLflow's defaults: 7 retries of 120 s
         # each, 12 minutes and more); the flow's own retries then stop at outage_budget (tasks/common.retry_transient)
-        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
-                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("AWS_MAX_ATTEMPTS", "3")):
+        for key, value in (
+            ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+            ("AWS_MAX_ATTEMPTS", "3"),
+        ):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -355,7 +407,9 @@ class Settings(BaseSettings):
             "MLflow user": self.tracking_username or "(none: no basic auth)",
             "MLflow artifact root": self.resolved_artifact_root,
             "promotion ledger": mask_url(self.resolved_ledger_url),
-            "Prefect API": mask_url(self.prefect_api_url) if self.prefect_api_url else f"local SQLite in {self.prefect_home} (the workspace's background server; `atelier ui` prints its URL)",
+            "Prefect API": mask_url(self.prefect_api_url)
+            if self.prefect_api_url
+            else f"local SQLite in {self.prefect_home} (the workspace's background server; `atelier ui` prints its URL)",
             "Prefect API auth": "set (PREFECT_API_AUTH_STRING)" if self.prefect_api_auth_string else "(none)",
             "Prefect results": self.prefect_results or str(self.prefect_home / "results"),
             "Prefect work pool": self.work_pool or "(none: `atelier worker` serves deployments itself)",
@@ -388,4 +442,6 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"setting {key!r}", first["msg"], "correct it in atelier.yaml or the ATELIER_* environment (see `atelier info`)") from None
+        raise ConfigError(
+            f"setting {key!r}", first["msg"], "correct it in atelier.yaml or the ATELIER_* environment (see `atelier info`)"
+        ) from None

@@ -31,9 +31,32 @@ def check_slug(value: str, what: str) -> str:
 # Names the platform uses for itself: its MLflow users and experiments (`atelier-ops`, `atelier-ledger`), its S3
 # identities (`atelier-platform`), and words an operator would read as the platform's. A customer with one of them
 # would collide with (or pass for) a platform object: `ledger`'s experiment would be `atelier-ledger`, the anchor's.
-RESERVED_CUSTOMERS = frozenset({"admin", "administrator", "root", "ledger", "platform", "system", "ops", "operator",
-                                "default", "mlflow", "prefect", "worker", "seaweedfs", "s3", "dvc", "anonymous",
-                                "guest", "public", "everyone", "all", "none", "null"})
+RESERVED_CUSTOMERS = frozenset(
+    {
+        "admin",
+        "administrator",
+        "root",
+        "ledger",
+        "platform",
+        "system",
+        "ops",
+        "operator",
+        "default",
+        "mlflow",
+        "prefect",
+        "worker",
+        "seaweedfs",
+        "s3",
+        "dvc",
+        "anonymous",
+        "guest",
+        "public",
+        "everyone",
+        "all",
+        "none",
+        "null",
+    }
+)
 RESERVED_PREFIXES = ("atelier",)
 
 
@@ -41,9 +64,11 @@ def check_customer(value: str) -> str:
     """A customer id: a slug (check_slug) that is not one of the platform's own names."""
     check_slug(value, "customer")
     if value in RESERVED_CUSTOMERS or value.startswith(RESERVED_PREFIXES):
-        raise InvalidIdentifier(f"customer {value!r}", "is a name the platform reserves for itself (its users, experiments "
-                                "and keys are named this way)", "choose another customer id, e.g. "
-                                f"{value.removeprefix('atelier').strip('-_') or 'acme'}-co")
+        raise InvalidIdentifier(
+            f"customer {value!r}",
+            "is a name the platform reserves for itself (its users, experiments and keys are named this way)",
+            f"choose another customer id, e.g. {value.removeprefix('atelier').strip('-_') or 'acme'}-co",
+        )
     return value
 
 
@@ -87,7 +112,7 @@ def write_json_atomic(path: Path, value: Any) -> Path:
 def _sweep_dead_temporaries(final: Path) -> None:
     """Temporary siblings of `final` left by a process that was killed (its pid is in the name)."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        match = re.match(r"^\d+", stale.name[len(f".{final.name}.tmp-"):])
+        match = re.match(r"^\d+", stale.name[len(f".{final.name}.tmp-") :])
         if match is None:
             continue
         try:

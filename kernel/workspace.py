@@ -1,11 +1,11 @@
 """The workspace: a git + DVC repository that holds customers' data, plus the embedded local stores.
 
-    workspace/
-      data/subjects/<customer>/<subject>/      photos (DVC-tracked; the .dvc file is in git)
-      data/subjects/<customer>/<subject>.yaml  subject metadata (class noun), in git
-      data/class-priors/                       outputs of the dvc.yaml class_priors stage
-      dvc.yaml, params.yaml                     the DVC pipeline (copied from Atelier's source root)
-      .atelier/                                 embedded stores (git-ignored): MLflow, Prefect, caches
+workspace/
+  data/subjects/<customer>/<subject>/      photos (DVC-tracked; the .dvc file is in git)
+  data/subjects/<customer>/<subject>.yaml  subject metadata (class noun), in git
+  data/class-priors/                       outputs of the dvc.yaml class_priors stage
+  dvc.yaml, params.yaml                     the DVC pipeline (copied from Atelier's source root)
+  .atelier/                                 embedded stores (git-ignored): MLflow, Prefect, caches
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _run(args: list[str], cwd: Path) -> str:
     try:
         done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True)
     except subprocess.CalledProcessError as exc:
-        raise WorkspaceError(" ".join(args[:3]), f"failed: {(exc.stderr or exc.stdout).strip()[-400:]}",
-                             f"check the workspace at {cwd}") from None
+        raise WorkspaceError(
+            " ".join(args[:3]), f"failed: {(exc.stderr or exc.stdout).strip()[-400:]}", f"check the workspace at {cwd}"
+        ) from None
     return done.stdout.strip()
 
 
@@ -62,8 +63,11 @@ def is_workspace(path: Path) -> bool:
 
 def require_workspace(settings: Settings) -> Path:
     if not is_workspace(settings.workspace):
-        raise WorkspaceError(str(settings.workspace), "is not an initialised Atelier workspace",
-                             "run `atelier init` (or set ATELIER_WORKSPACE to an existing workspace)")
+        raise WorkspaceError(
+            str(settings.workspace),
+            "is not an initialised Atelier workspace",
+            "run `atelier init` (or set ATELIER_WORKSPACE to an existing workspace)",
+        )
     return settings.workspace
 
 
@@ -131,8 +135,11 @@ def _push(settings: Settings, repo) -> None:
     """Push to the workspace remote, after checking that it is the one the settings name."""
     configured = repo.config["remote"].get("workspace", {}).get("url")
     if configured != settings.resolved_dvc_remote:
-        raise WorkspaceError(f"DVC remote of {settings.workspace}", f"is {configured}, the settings name {settings.resolved_dvc_remote}",
-                             "run `atelier init` to move the workspace to the remote of the settings (it copies the data)")
+        raise WorkspaceError(
+            f"DVC remote of {settings.workspace}",
+            f"is {configured}, the settings name {settings.resolved_dvc_remote}",
+            "run `atelier init` to move the workspace to the remote of the settings (it copies the data)",
+        )
     repo.push()
 
 
@@ -144,8 +151,11 @@ def _git_config(ws: Path, key: str) -> str:
 def check_class_noun(class_noun: str) -> str:
     """What the subject is ("dog", "red backpack"): it goes into every prompt, so it must say something."""
     if not class_noun.strip() or len(class_noun) > 64 or not class_noun.isprintable() or any(c in class_noun for c in "{}"):
-        raise InvalidIdentifier(f"class noun {class_noun!r}", "is empty, over 64 characters, or holds control characters or braces",
-                                "name what the subject is in a few words, e.g. --class dog or --class 'red backpack'")
+        raise InvalidIdentifier(
+            f"class noun {class_noun!r}",
+            "is empty, over 64 characters, or holds control characters or braces",
+            "name what the subject is in a few words, e.g. --class dog or --class 'red backpack'",
+        )
     return class_noun.strip()
 
 
@@ -162,12 +172,22 @@ def changing_workspace(settings: Settings, on_wait: Callable[[], None] | None = 
         try:
             yield ws
         except LockError as exc:
-            raise WorkspaceError(f"workspace {ws}", f"DVC is locked by another command ({exc})",
-                                 "wait for the other `dvc` or `atelier` command to finish, then run this one again") from None
+            raise WorkspaceError(
+                f"workspace {ws}",
+                f"DVC is locked by another command ({exc})",
+                "wait for the other `dvc` or `atelier` command to finish, then run this one again",
+            ) from None
 
 
-def add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path],
-                replace: bool = False, on_wait: Callable[[], None] | None = None) -> str:
+def add_subject(
+    settings: Settings,
+    customer: str,
+    subject: str,
+    class_noun: str,
+    photos: list[Path],
+    replace: bool = False,
+    on_wait: Callable[[], None] | None = None,
+) -> str:
     """Copy validated photos into data/subjects/, track them with DVC, push, commit. Returns the rev.
     Concurrent adds run one after the other (`on_wait` is told when this one waits)."""
     with changing_workspace(settings, on_wait):
@@ -185,7 +205,11 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
     rel = dest.relative_to(ws).as_posix()
     tracked = dest.with_suffix(".dvc").is_file()
     if tracked and not replace:
-        raise WorkspaceError(f"subject {customer}/{subject}", "already exists", "pass --replace to swap in a new photo set (the old one stays in git/DVC history)")
+        raise WorkspaceError(
+            f"subject {customer}/{subject}",
+            "already exists",
+            "pass --replace to swap in a new photo set (the old one stays in git/DVC history)",
+        )
     names = [p.name for p in photos]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -235,8 +259,11 @@ def subject_revision(settings: Settings, customer: str, subject: str) -> str:
     rev = git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")
     if not rev:
         known = ", ".join(list_subjects(settings)) or "none yet"
-        raise NotFound(f"subject {customer}/{subject}", f"is not in the workspace (known: {known})",
-                       f"add it first: atelier subject add {customer} {subject} --class NOUN PHOTOS...")
+        raise NotFound(
+            f"subject {customer}/{subject}",
+            f"is not in the workspace (known: {known})",
+            f"add it first: atelier subject add {customer} {subject} --class NOUN PHOTOS...",
+        )
     return rev
 
 
@@ -253,8 +280,11 @@ def check_revision(settings: Settings, customer: str, subject: str, rev: str) ->
         return commit
     except WorkspaceError:
         known = git(ws, "log", "-n", "5", "--format=%h", "--", f"{rel}.dvc").split() or ["none"]
-        raise NotFound(f"revision {rev!r} of subject {customer}/{subject}", problem,
-                       f"pass one of the subject's revisions ({', '.join(known)}: `git -C {ws} log -- {rel}.dvc`), or leave --rev out") from None
+        raise NotFound(
+            f"revision {rev!r} of subject {customer}/{subject}",
+            problem,
+            f"pass one of the subject's revisions ({', '.join(known)}: `git -C {ws} log -- {rel}.dvc`), or leave --rev out",
+        ) from None
 
 
 def list_subjects(settings: Settings) -> list[str]:
@@ -273,7 +303,9 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
     rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
     fs = DVCFileSystem(str(ws), rev=rev)
     if not fs.exists(rel):
-        raise NotFound(f"subject {customer}/{subject} at {rev[:12]}", "has no photos at that revision", "pass a revision after `atelier subject add`")
+        raise NotFound(
+            f"subject {customer}/{subject} at {rev[:12]}", "has no photos at that revision", "pass a revision after `atelier subject add`"
+        )
     meta = yaml.safe_load(fs.read_text(f"{rel}.yaml"))
     dvc_md5 = yaml.safe_load(fs.read_text(f"{rel}.dvc"))["outs"][0]["md5"]
     with atomic_dir(Path(dest), replace=True) as tmp:
@@ -282,7 +314,6 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
             os.replace(item, tmp / item.name)
         (tmp / "images").rmdir()
     return SubjectSnapshot(customer, subject, meta["class_noun"], rev, dvc_md5, Path(dest), file_hashes(Path(dest)))
-
 
 
 def documents_dir(settings: Settings) -> Path:
@@ -311,9 +342,12 @@ def _require_stage(ws: Path, stage: str) -> None:
         listed = (yaml.safe_load((ws / SUBJECTS_FILE).read_text()) or {}) if (ws / SUBJECTS_FILE).is_file() else {}
         missing = item not in (listed.get("subjects") or {})
     if missing:
-        raise ConfigError(f"{ws / 'dvc.yaml'}", f"has no {stage!r} stage (the workspace predates it)",
-                          f"copy {', '.join(TEMPLATES)} from {SOURCE_ROOT} into the workspace, list the subject in "
-                          f"{SUBJECTS_FILE} (`atelier subject add --replace` does it) and commit them")
+        raise ConfigError(
+            f"{ws / 'dvc.yaml'}",
+            f"has no {stage!r} stage (the workspace predates it)",
+            f"copy {', '.join(TEMPLATES)} from {SOURCE_ROOT} into the workspace, list the subject in "
+            f"{SUBJECTS_FILE} (`atelier subject add --replace` does it) and commit them",
+        )
 
 
 def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
@@ -336,8 +370,16 @@ def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
 def _commit_lock(ws: Path, message: str) -> str:
     """Commit dvc.lock with what a stage left for git (its outputs' .gitignore files, the finetune
     records in models/, which are git-tracked outs); returns the commit that pins them."""
-    git(ws, "add", "dvc.lock", *[p for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore",
-                                             "models") if (ws / p).exists()])
+    git(
+        ws,
+        "add",
+        "dvc.lock",
+        *[
+            p
+            for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore", "models")
+            if (ws / p).exists()
+        ],
+    )
     if git(ws, "diff", "--cached", "--name-only"):
         git(ws, "commit", "-q", "-m", message)
     return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")

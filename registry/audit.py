@@ -32,15 +32,35 @@ def reconcile(client: MlflowClient, ledger: Ledger, model: str | None = None) ->
     for intent in intents:
         action, _, reason = intent.reason.partition(": ")
         live = current_alias(client, intent.model)
-        common = dict(model=intent.model, version=intent.version, actor=f"{intent.actor} (reconciled)", gate={}, metrics={},
-                      flow_run_id=intent.flow_run_id, from_alias=intent.from_alias, replaced_version=intent.replaced_version)
+        common = dict(
+            model=intent.model,
+            version=intent.version,
+            actor=f"{intent.actor} (reconciled)",
+            gate={},
+            metrics={},
+            flow_run_id=intent.flow_run_id,
+            from_alias=intent.from_alias,
+            replaced_version=intent.replaced_version,
+        )
         if live == intent.version:
-            append(client, ledger, action=action if action in CONFIRMS else "promote", to_alias=CHAMPION,
-                   reason=f"confirmed by reconciliation: the promoting process stopped after moving the alias ({reason})", **common)
+            append(
+                client,
+                ledger,
+                action=action if action in CONFIRMS else "promote",
+                to_alias=CHAMPION,
+                reason=f"confirmed by reconciliation: the promoting process stopped after moving the alias ({reason})",
+                **common,
+            )
             settled.append(f"{intent.model} v{intent.version}: the alias had moved; intent #{intent.seq} confirmed")
         else:
-            append(client, ledger, action="abandon", to_alias=None,
-                   reason=f"the promoting process stopped before moving the alias ({reason})", **common)
+            append(
+                client,
+                ledger,
+                action="abandon",
+                to_alias=None,
+                reason=f"the promoting process stopped before moving the alias ({reason})",
+                **common,
+            )
             settled.append(f"{intent.model} v{intent.version}: the alias never moved; intent #{intent.seq} abandoned")
     return settled
 
@@ -69,11 +89,22 @@ def alias_drift(client: MlflowClient, ledger: Ledger) -> list[Problem]:
         for alias, want in checks:
             have = live.get(alias)
             if have != want:
-                problems.append(Problem(None, "alias_drift", (
-                    f"{name}@{alias} is {'version ' + have if have else 'not set'} in MLflow, but the ledger says "
-                    f"{'version ' + want if want else 'no ' + alias}: it was changed outside Atelier (the MLflow UI or a client). "
-                    f"Fix: `atelier audit --restore` puts the ledger's {alias} back"
-                    + (f", or `atelier promote {name} {have} --reason ...` records the move through the gate" if have and alias == CHAMPION else ""))))
+                problems.append(
+                    Problem(
+                        None,
+                        "alias_drift",
+                        (
+                            f"{name}@{alias} is {'version ' + have if have else 'not set'} in MLflow, but the ledger says "
+                            f"{'version ' + want if want else 'no ' + alias}: it was changed outside Atelier (the MLflow UI or a client). "
+                            f"Fix: `atelier audit --restore` puts the ledger's {alias} back"
+                            + (
+                                f", or `atelier promote {name} {have} --reason ...` records the move through the gate"
+                                if have and alias == CHAMPION
+                                else ""
+                            )
+                        ),
+                    )
+                )
     return problems
 
 
@@ -88,18 +119,47 @@ def restore(client: MlflowClient, ledger: Ledger, actor: str) -> list[str]:
                 move_champion(client, ledger, name, expected.champion, action="restore", actor=actor, reason=reason)
             else:
                 client.delete_registered_model_alias(name, CHAMPION)
-                append(client, ledger, model=name, version=live[CHAMPION], action="restore", actor=actor, reason=reason,
-                       from_alias=CHAMPION, to_alias=None, replaced_version=live[CHAMPION])
+                append(
+                    client,
+                    ledger,
+                    model=name,
+                    version=live[CHAMPION],
+                    action="restore",
+                    actor=actor,
+                    reason=reason,
+                    from_alias=CHAMPION,
+                    to_alias=None,
+                    replaced_version=live[CHAMPION],
+                )
             done.append(f"{name}@champion -> {expected.champion or 'removed'}")
         if expected.candidate_tracked and live.get(CANDIDATE) != expected.candidate:
             reason = f"restored by audit: {name}@candidate had been moved outside Atelier to {live.get(CANDIDATE) or 'nothing'}"
             if expected.candidate:
-                append(client, ledger, model=name, version=expected.candidate, action="restore", actor=actor, reason=reason,
-                       to_alias=CANDIDATE, replaced_version=live.get(CANDIDATE))
+                append(
+                    client,
+                    ledger,
+                    model=name,
+                    version=expected.candidate,
+                    action="restore",
+                    actor=actor,
+                    reason=reason,
+                    to_alias=CANDIDATE,
+                    replaced_version=live.get(CANDIDATE),
+                )
                 client.set_registered_model_alias(name, CANDIDATE, expected.candidate)
             else:
-                append(client, ledger, model=name, version=live[CANDIDATE], action="restore", actor=actor, reason=reason,
-                       from_alias=CANDIDATE, to_alias=None, replaced_version=live[CANDIDATE])
+                append(
+                    client,
+                    ledger,
+                    model=name,
+                    version=live[CANDIDATE],
+                    action="restore",
+                    actor=actor,
+                    reason=reason,
+                    from_alias=CANDIDATE,
+                    to_alias=None,
+                    replaced_version=live[CANDIDATE],
+                )
                 client.delete_registered_model_alias(name, CANDIDATE)
             done.append(f"{name}@candidate -> {expected.candidate or 'removed'}")
     return done

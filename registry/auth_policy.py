@@ -31,20 +31,44 @@ READ_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/"
 # The reads a customer's client and the MLflow UI need to look at and load the customer's own models (rule
 # suffixes under each of READ_PREFIXES, as MLflow's Flask url_map spells them).
 CUSTOMER_READS = (
-    ("GET", "registered-models/get"), ("GET", "registered-models/search"), ("GET", "registered-models/alias"),
-    ("GET", "registered-models/get-latest-versions"), ("POST", "registered-models/get-latest-versions"),
-    ("GET", "model-versions/get"), ("GET", "model-versions/search"), ("GET", "model-versions/get-download-uri"),
-    ("GET", "experiments/get"), ("GET", "experiments/get-by-name"), ("POST", "experiments/search"),
+    ("GET", "registered-models/get"),
+    ("GET", "registered-models/search"),
+    ("GET", "registered-models/alias"),
+    ("GET", "registered-models/get-latest-versions"),
+    ("POST", "registered-models/get-latest-versions"),
+    ("GET", "model-versions/get"),
+    ("GET", "model-versions/search"),
+    ("GET", "model-versions/get-download-uri"),
+    ("GET", "experiments/get"),
+    ("GET", "experiments/get-by-name"),
+    ("POST", "experiments/search"),
     ("GET", "experiments/search"),
-    ("GET", "runs/get"), ("POST", "runs/search"), ("GET", "metrics/get-history"), ("GET", "metrics/get-history-bulk"),
-    ("GET", "metrics/get-history-bulk-interval"), ("GET", "artifacts/list"),
-    ("GET", "logged-models/<model_id>"), ("POST", "logged-models/search"), ("GET", "logged-models/<model_id>/artifacts/directories"),
-    ("GET", "users/current"), ("GET", "users/current/permissions"), ("GET", "server-info"),
+    ("GET", "runs/get"),
+    ("POST", "runs/search"),
+    ("GET", "metrics/get-history"),
+    ("GET", "metrics/get-history-bulk"),
+    ("GET", "metrics/get-history-bulk-interval"),
+    ("GET", "artifacts/list"),
+    ("GET", "logged-models/<model_id>"),
+    ("POST", "logged-models/search"),
+    ("GET", "logged-models/<model_id>/artifacts/directories"),
+    ("GET", "users/current"),
+    ("GET", "users/current/permissions"),
+    ("GET", "server-info"),
 )
 CUSTOMER_ROUTES = frozenset(
     {(method, prefix + suffix) for method, suffix in CUSTOMER_READS for prefix in READ_PREFIXES}
-    | {("GET", "/"), ("GET", "/static-files/<path:path>"), ("GET", "/favicon.ico"), ("GET", "/health"), ("GET", "/version"),
-       ("POST", "/graphql"), ("GET", "/get-artifact"), ("GET", "/model-versions/get-artifact")})
+    | {
+        ("GET", "/"),
+        ("GET", "/static-files/<path:path>"),
+        ("GET", "/favicon.ico"),
+        ("GET", "/health"),
+        ("GET", "/version"),
+        ("POST", "/graphql"),
+        ("GET", "/get-artifact"),
+        ("GET", "/model-versions/get-artifact"),
+    }
+)
 NATIVE_ROUTES = ("/health", "/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info")
 NATIVE_PLATFORM_PREFIXES = ("/api/2.0/mlflow-artifacts/", "/ajax-api/2.0/mlflow-artifacts/")
 ANONYMOUS_PREFIXES = ("/static-files/", "/favicon.ico", "/health", "/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info")
@@ -66,8 +90,9 @@ class Throttle:
     with `path`, in a file that every worker process of the server shares (`ATELIER_AUTH_THROTTLE_DB`; the
     stack sets it), so a guesser gets no more tries by landing on another worker."""
 
-    def __init__(self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW,
-                 path: str | None = None) -> None:
+    def __init__(
+        self, per_user: int = FAILURES_PER_USER, per_address: int = FAILURES_PER_ADDRESS, window: float = WINDOW, path: str | None = None
+    ) -> None:
         import sqlite3
 
         self.per_user, self.per_address, self.window = per_user, per_address, window
@@ -88,8 +113,9 @@ class Throttle:
         waits = []
         with self._lock:
             for key, limit in zip(self._keys(user, address), (self.per_user, self.per_address)):
-                count, oldest = self._db.execute("SELECT count(*), min(at) FROM failures WHERE key = ? AND at > ?",
-                                                 (key, now - self.window)).fetchone()
+                count, oldest = self._db.execute(
+                    "SELECT count(*), min(at) FROM failures WHERE key = ? AND at > ?", (key, now - self.window)
+                ).fetchone()
                 if count >= limit:
                     waits.append(oldest + self.window - now)
         return int(max(waits) + 1) if waits else 0
@@ -133,8 +159,12 @@ class DenyByDefault:
         username, password = _basic_credentials(scope)
         wait = self.throttle.retry_after(username or "", address)
         if wait:
-            await _respond(send, 429, f"too many failed logins for {username or 'this address'}: try again in {wait} s",
-                           [(b"retry-after", str(wait).encode())])
+            await _respond(
+                send,
+                429,
+                f"too many failed logins for {username or 'this address'}: try again in {wait} s",
+                [(b"retry-after", str(wait).encode())],
+            )
             return
         caller = await self._caller(username, password) if username is not None else None
         if caller is None:
@@ -201,8 +231,14 @@ def _mlflow_users(username: str, password: str) -> Caller | None:
 
 
 async def _respond(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error_code": {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}[status],
-                       "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    body = json.dumps(
+        {"error_code": {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}[status], "message": message}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -42,6 +42,8 @@ def code_paths() -> list[str]:
         source = Path(importlib.import_module(f"atelier.{part}").__path__[0])
         shutil.copytree(source, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return [str(root)]
+
+
 TAG_VALUE_LIMIT = 5000  # MLflow's
 SHORT_TAG_LIMIT = 200
 GATE_INPUTS = ("eval.summary",)  # structured, but the gate reads it from the version

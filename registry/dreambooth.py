@@ -34,8 +34,16 @@ from atelier.registry.pyfunc import SIGNATURE
 from atelier.registry.tracking import abandon_stale_runs
 from atelier.registry.training_run import LOSS
 
-PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "accelerate", "safetensors",
-                    "pandas", "pillow", "mlflow==3.17.2"]
+PIP_REQUIREMENTS = [
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+    "transformers==5.23.0",
+    "accelerate",
+    "safetensors",
+    "pandas",
+    "pillow",
+    "mlflow==3.17.2",
+]
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "dreambooth_model.py"
 
 
@@ -53,9 +61,22 @@ def configure(settings: Settings, customer: str) -> MlflowClient:
     return client
 
 
-def register_dreambooth(settings: Settings, customer: str, subject: str, pipeline_dir: Path, lineage: dict,
-                        params: dict, losses: list[float], metrics: dict[str, float], samples: list[Path],
-                        grid: Path, sampler: str, steps: int, guidance: float, training_run_id: str | None = None) -> Registered:
+def register_dreambooth(
+    settings: Settings,
+    customer: str,
+    subject: str,
+    pipeline_dir: Path,
+    lineage: dict,
+    params: dict,
+    losses: list[float],
+    metrics: dict[str, float],
+    samples: list[Path],
+    grid: Path,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    training_run_id: str | None = None,
+) -> Registered:
     """One MLflow run with params, loss curve, samples and the pyfunc model; then a registered version.
     `training_run_id` is the run training reported to live (`registry.training_run`): it is resumed
     and ended here, so the run's duration, metrics and datasets are the training's own.
@@ -76,28 +97,42 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
         lost = missing_artifacts(client, existing, Path(pipeline_dir))
         if not lost:
             if not existing.aliases and CANDIDATE not in client.get_registered_model(name).aliases:  # an attempt died before aliasing it
-                record_candidate(client, open_ledger(settings), name, str(existing.version), actor=settings.actor,
-                                 flow_run_id=lineage.get("prefect.flow_run_id"), manifest_sha256=existing.tags.get(MANIFEST_TAG))
+                record_candidate(
+                    client,
+                    open_ledger(settings),
+                    name,
+                    str(existing.version),
+                    actor=settings.actor,
+                    flow_run_id=lineage.get("prefect.flow_run_id"),
+                    manifest_sha256=existing.tags.get(MANIFEST_TAG),
+                )
             return Registered(name, str(existing.version), existing.run_id, existing.source, reused=True)
         # ...unless its stored files are gone or damaged: never reuse (or re-promote) a version that cannot load;
         # register the same outputs again as a new version, which goes through the gate like any other
-        client.set_model_version_tag(name, existing.version, DAMAGED_TAG,
-                                     f"{len(lost)} stored file(s) missing or changed (first: {lost[0]}); re-registered from the "
-                                     "training outputs as a newer version")
+        client.set_model_version_tag(
+            name,
+            existing.version,
+            DAMAGED_TAG,
+            f"{len(lost)} stored file(s) missing or changed (first: {lost[0]}); re-registered from the training outputs as a newer version",
+        )
         if CANDIDATE in (existing.aliases or []):
             client.delete_registered_model_alias(name, CANDIDATE)
     live = _live_run(client, training_run_id, subject, tags.get("atelier.training.key"))
     if tags.get("atelier.training.key"):  # one subject's attempts only: another subject may share the key
-        abandon_stale_runs(client, mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
-                           {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]}, keep=live)
-    with (mlflow.start_run(run_id=live) if live else mlflow.start_run(run_name=f"{customer}-{subject}")) as run:
+        abandon_stale_runs(
+            client,
+            mlflow.get_experiment_by_name(settings.experiment_for(customer)).experiment_id,
+            {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]},
+            keep=live,
+        )
+    with mlflow.start_run(run_id=live) if live else mlflow.start_run(run_name=f"{customer}-{subject}") as run:
         mlflow.set_tags(tags)
         if not live:  # training did not report live (it was reused from an earlier attempt): its record goes in now
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             client.log_inputs(run.info.run_id, datasets=dataset_inputs(settings, customer, subject, lineage))
-            client.log_batch(run.info.run_id, metrics=[
-                mlflow.entities.Metric(LOSS, loss, 0, step) for step, loss in enumerate(losses, start=1)
-            ])
+            client.log_batch(
+                run.info.run_id, metrics=[mlflow.entities.Metric(LOSS, loss, 0, step) for step, loss in enumerate(losses, start=1)]
+            )
         mlflow.log_metrics(metrics)
         mlflow.log_dict(lineage, "lineage.json")
         for path in samples:
@@ -111,26 +146,49 @@ def register_dreambooth(settings: Settings, customer: str, subject: str, pipelin
             # first). The input example is one image at the model's own settings: MLflow generates it once
             # while logging, so a version that cannot serve its own example says so here rather than in production.
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
-                model_config={"sampler": sampler, "default_steps": steps, "default_guidance": guidance,
-                              "pipeline_files": manifest_of(Path(pipeline_dir))},
-                artifacts={"pipeline": str(pipeline_dir)}, input_example=input_example(params, lineage, steps, guidance),
+                name="model",
+                python_model=str(MODEL_CODE),
+                signature=SIGNATURE,
+                pip_requirements=PIP_REQUIREMENTS,
+                model_config={
+                    "sampler": sampler,
+                    "default_steps": steps,
+                    "default_guidance": guidance,
+                    "pipeline_files": manifest_of(Path(pipeline_dir)),
+                },
+                artifacts={"pipeline": str(pipeline_dir)},
+                input_example=input_example(params, lineage, steps, guidance),
                 code_paths=code_paths(),
             )
         _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
     if model_missing(client, name):
-        client.create_registered_model(name, tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
-                                       description=model_description(customer, subject, lineage))
+        client.create_registered_model(
+            name,
+            tags={"atelier.customer": customer, "atelier.subject": subject, "atelier.kind": "dreambooth"},
+            description=model_description(customer, subject, lineage),
+        )
         grant_customer_read(settings, name, customer)
     card = version_card(name, lineage, metrics)
-    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha},
-                                          model_id=info.model_id, description=card)
+    version = client.create_model_version(
+        name, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha}, model_id=info.model_id, description=card
+    )
     # the run's description in the UI: the same card, pointing at the version it became
-    client.set_tag(run.info.run_id, "mlflow.note.content", card.replace(
-        "- gate: not yet run", f"- registered as `{name}` version {version.version} (its card has the gate's result)").replace(
-        f"{name}/VERSION", f"{name}/{version.version}"))
-    record_candidate(client, open_ledger(settings), name, str(version.version), actor=settings.actor,
-                     flow_run_id=lineage.get("prefect.flow_run_id"), manifest_sha256=manifest_sha)
+    client.set_tag(
+        run.info.run_id,
+        "mlflow.note.content",
+        card.replace("- gate: not yet run", f"- registered as `{name}` version {version.version} (its card has the gate's result)").replace(
+            f"{name}/VERSION", f"{name}/{version.version}"
+        ),
+    )
+    record_candidate(
+        client,
+        open_ledger(settings),
+        name,
+        str(version.version),
+        actor=settings.actor,
+        flow_run_id=lineage.get("prefect.flow_run_id"),
+        manifest_sha256=manifest_sha,
+    )
     return Registered(name, str(version.version), run.info.run_id, info.model_uri)
 
 
@@ -141,8 +199,9 @@ def input_example(params: dict, lineage: dict, steps: int, guidance: float):
 
     size = int(params.get("resolution", 512))
     prompt = f"a {params.get('identifier', 'sks')} {lineage.get('data.class_noun', 'subject')} on the beach"
-    return pd.DataFrame({"prompt": [prompt], "seed": [0], "steps": [int(steps)], "guidance_scale": [float(guidance)],
-                         "height": [size], "width": [size]})
+    return pd.DataFrame(
+        {"prompt": [prompt], "seed": [0], "steps": [int(steps)], "guidance_scale": [float(guidance)], "height": [size], "width": [size]}
+    )
 
 
 def _live_run(client: MlflowClient, run_id: str | None, subject: str, training_key: str | None) -> str | None:
@@ -187,18 +246,29 @@ def dataset_inputs(settings: Settings, customer: str, subject: str, lineage: dic
             return resolve_dataset_source(path.as_uri())
 
     def entry(dataset: MetaDataset, context: str, tags: dict[str, str]) -> DatasetInput:
-        return DatasetInput(dataset=dataset._to_mlflow_entity(),
-                            tags=[InputTag(k, v) for k, v in tags.items()] + [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        return DatasetInput(
+            dataset=dataset._to_mlflow_entity(),
+            tags=[InputTag(k, v) for k, v in tags.items()] + [InputTag(MLFLOW_DATASET_CONTEXT, context)],
+        )
 
     rev = str(lineage.get("data.rev", ""))
-    photos = MetaDataset(local(settings.subject_dir(customer, subject)),
-                         name=f"photos {customer}/{subject}@{rev[:12]}", digest=str(lineage.get("data.dvc_md5", ""))[:36] or None)
-    inputs = [entry(photos, "training", {"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev,
-                                         "files": str(len(lineage.get("data.files") or {}))})]
+    photos = MetaDataset(
+        local(settings.subject_dir(customer, subject)),
+        name=f"photos {customer}/{subject}@{rev[:12]}",
+        digest=str(lineage.get("data.dvc_md5", ""))[:36] or None,
+    )
+    inputs = [
+        entry(
+            photos,
+            "training",
+            {"dvc_md5": str(lineage.get("data.dvc_md5", "")), "data_rev": rev, "files": str(len(lineage.get("data.files") or {}))},
+        )
+    ]
     key = lineage.get("class_priors.key")
     if key and key != "none":
-        priors = MetaDataset(local(settings.priors_cache / key), name=f"class priors {key}",
-                             digest=str(lineage.get("class_priors.sha256", ""))[:36] or None)
+        priors = MetaDataset(
+            local(settings.priors_cache / key), name=f"class priors {key}", digest=str(lineage.get("class_priors.sha256", ""))[:36] or None
+        )
         inputs.append(entry(priors, "prior preservation", {"sha256": str(lineage.get("class_priors.sha256", ""))}))
     return inputs
 
@@ -206,14 +276,16 @@ def dataset_inputs(settings: Settings, customer: str, subject: str, lineage: dic
 def model_description(customer: str, subject: str, lineage: dict) -> str:
     """The registered model's description in the MLflow UI: what it is and how to use it."""
     name = model_name(customer, subject)
-    return (f"DreamBooth subject model of **{customer}/{subject}**, fine-tuned by Atelier from "
-            f"`{lineage.get('base_model.id', '?')}`.\n\n"
-            f"- `champion` is the version in production, `candidate` the newest that awaits or failed the gate; "
-            f"every move is a row in Atelier's ledger (`atelier ledger show {name}`).\n"
-            f"- Generate: `atelier generate {name}@champion --prompt \"a {(lineage.get('params') or {}).get('identifier', 'sks')} "
-            f"{lineage.get('data.class_noun', 'subject')} on the beach\"`, "
-            f"or `mlflow models serve -m models:/{name}@champion` and POST a `prompt` column.\n"
-            f"- Lineage of a version: `atelier lineage {name}/VERSION`, or its run's `lineage.json`.")
+    return (
+        f"DreamBooth subject model of **{customer}/{subject}**, fine-tuned by Atelier from "
+        f"`{lineage.get('base_model.id', '?')}`.\n\n"
+        f"- `champion` is the version in production, `candidate` the newest that awaits or failed the gate; "
+        f"every move is a row in Atelier's ledger (`atelier ledger show {name}`).\n"
+        f'- Generate: `atelier generate {name}@champion --prompt "a {(lineage.get("params") or {}).get("identifier", "sks")} '
+        f'{lineage.get("data.class_noun", "subject")} on the beach"`, '
+        f"or `mlflow models serve -m models:/{name}@champion` and POST a `prompt` column.\n"
+        f"- Lineage of a version: `atelier lineage {name}/VERSION`, or its run's `lineage.json`."
+    )
 
 
 def version_card(name: str, lineage: dict, metrics: dict[str, float]) -> str:
@@ -246,8 +318,11 @@ def record_gate_on_card(client: MlflowClient, name: str, version: str, gate: dic
         summary = json.loads(judged)
         scores = {k: v for k, v in summary.items() if "score" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
         calibrated = "" if summary.get("calibrated", True) else " (uncalibrated judge: recorded, not enforced)"
-        line += "\n- judge: " + (", ".join(f"{k} {v:.3g}" for k, v in scores.items()) or "no scores") + \
-            f" over {summary.get('images', '?')} images{calibrated}"
+        line += (
+            "\n- judge: "
+            + (", ".join(f"{k} {v:.3g}" for k, v in scores.items()) or "no scores")
+            + f" over {summary.get('images', '?')} images{calibrated}"
+        )
     text = (mv.description or "").replace(f"{name}/VERSION", f"{name}/{version}")
     gate_line = re.compile(r"^- gate: .*$", flags=re.M)
     text = gate_line.sub(lambda _: line, text, count=1) if gate_line.search(text) else f"{text}\n{line}".strip()
@@ -262,8 +337,9 @@ def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
 
     source = mv.source or ""
     model_id = mv.model_id or (source.split("/")[-1] if source.startswith("models:/m-") else None)
-    location = client.get_logged_model(model_id).artifact_location if model_id else \
-        client.get_model_version_download_uri(mv.name, mv.version)
+    location = (
+        client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
+    )
     repo = get_artifact_repository(location)
     files: dict[str, int | None] = {}
     pending: list[str | None] = [None]

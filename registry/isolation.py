@@ -47,12 +47,18 @@ def require_owner(client: MlflowClient, name: str, customer: str) -> None:
         return
     owner = model.tags.get(CUSTOMER_TAG)
     if owner is None:
-        raise AccessDenied(f"model {name}", "exists but was not created by the platform (it has no atelier.customer tag)",
-                           "an operator should inspect and delete it (`mlflow` UI or client as the operations user); "
-                           "customers are never given a name someone else made")
+        raise AccessDenied(
+            f"model {name}",
+            "exists but was not created by the platform (it has no atelier.customer tag)",
+            "an operator should inspect and delete it (`mlflow` UI or client as the operations user); "
+            "customers are never given a name someone else made",
+        )
     if owner != customer:
-        raise AccessDenied(f"model {name}", f"belongs to customer {owner!r}, not {customer!r}",
-                           "use a model of this customer; customers never share models")
+        raise AccessDenied(
+            f"model {name}",
+            f"belongs to customer {owner!r}, not {customer!r}",
+            "use a model of this customer; customers never share models",
+        )
 
 
 # the MLflow UI opens an experiment of this kind on its training runs, not on the GenAI traces view
@@ -65,12 +71,18 @@ def ensure_experiment(client: MlflowClient, settings: Settings, customer: str) -
     name = settings.experiment_for(customer)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=settings.artifact_root_for(customer),
-                                        tags={CUSTOMER_TAG: customer, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(
+            name,
+            artifact_location=settings.artifact_root_for(customer),
+            tags={CUSTOMER_TAG: customer, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
     owner = experiment.tags.get(CUSTOMER_TAG)
     if owner != customer:
-        raise AccessDenied(f"experiment {name}", f"was not created by the platform for customer {customer!r} (owner tag: {owner!r})",
-                           "an operator should inspect and delete it, then rerun; its runs would otherwise be visible to its creator")
+        raise AccessDenied(
+            f"experiment {name}",
+            f"was not created by the platform for customer {customer!r} (owner tag: {owner!r})",
+            "an operator should inspect and delete it, then rerun; its runs would otherwise be visible to its creator",
+        )
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
@@ -144,16 +156,20 @@ class CustomerAccess:
 S3ReaderGrant = Callable[[str, str, str, str], bool]
 
 
-def add_customer(settings: Settings, customer: str, password: str | None = None,
-                 grant_s3_reader: S3ReaderGrant | None = None) -> CustomerAccess:
+def add_customer(
+    settings: Settings, customer: str, password: str | None = None, grant_s3_reader: S3ReaderGrant | None = None
+) -> CustomerAccess:
     """Create (or reset) the customer's MLflow user with READ on its experiment and registered models;
     the platform creates the experiment first, so nobody else can. With `grant_s3_reader` (on `atelier
     up`'s stack), also S3 keys that read the customer's artifact prefix only."""
     check_customer(customer)
     if not auth_enabled(settings):
-        raise NotFound("MLflow basic auth", f"is not in use at {settings.resolved_tracking_uri}",
-                       "run `atelier up` and use its stack.env, or start `mlflow server --app-name atelier-auth` and set "
-                       "ATELIER_TRACKING_URI, ATELIER_TRACKING_USERNAME and ATELIER_TRACKING_PASSWORD")
+        raise NotFound(
+            "MLflow basic auth",
+            f"is not in use at {settings.resolved_tracking_uri}",
+            "run `atelier up` and use its stack.env, or start `mlflow server --app-name atelier-auth` and set "
+            "ATELIER_TRACKING_URI, ATELIER_TRACKING_USERNAME and ATELIER_TRACKING_PASSWORD",
+        )
     client = MlflowClient(settings.resolved_tracking_uri)
     ensure_experiment(client, settings, customer)
     auth = auth_client(settings)
@@ -166,8 +182,11 @@ def add_customer(settings: Settings, customer: str, password: str | None = None,
     for name in models:
         _grant_read(auth, customer, "registered_model", name)
     _grant_experiment(settings, auth, customer)
-    env = {"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_TRACKING_USERNAME": customer,
-           "MLFLOW_TRACKING_PASSWORD": password}
+    env = {
+        "MLFLOW_TRACKING_URI": settings.resolved_tracking_uri,
+        "MLFLOW_TRACKING_USERNAME": customer,
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
     access_key = _s3_reader(settings, customer, env, grant_s3_reader) if grant_s3_reader else None
     return CustomerAccess(customer, password, models, access_key, env)
 
@@ -181,15 +200,23 @@ def _s3_reader(settings: Settings, customer: str, env: dict[str, str], grant: S3
     prefix = root.split("/", 3)[3]
     if not grant(f"customer-{customer}", prefix, access_key, secret_key):
         return None
-    env.update({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1",
-                "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url or ""})
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        }
+    )
     return access_key
 
 
 def write_customer_env(path: Path, access: CustomerAccess) -> Path:
     """The customer's credentials as an env file (0600): hand it over, never print it."""
-    lines = [f"# Atelier customer {access.customer}: MLflow READ on its own models"
-             + (", S3 read on its own artifacts" if access.s3_access_key else "") + ". Keep it secret.",
-             *(f"{k}={v}" for k, v in access.env.items())]
+    lines = [
+        f"# Atelier customer {access.customer}: MLflow READ on its own models"
+        + (", S3 read on its own artifacts" if access.s3_access_key else "")
+        + ". Keep it secret.",
+        *(f"{k}={v}" for k, v in access.env.items()),
+    ]
     return write_secret_file(path, "\n".join(lines) + "\n")
-

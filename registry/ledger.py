@@ -42,8 +42,24 @@ class LedgerTampered(AtelierError):
     """The ledger does not match its anchor: nothing more is written onto it until someone looks."""
 
     exit_code = 5
-HASHED_FIELDS = ("seq", "model", "version", "action", "from_alias", "to_alias", "replaced_version", "actor", "reason",
-                 "gate", "metrics", "flow_run_id", "created_at", "prev_hash")
+
+
+HASHED_FIELDS = (
+    "seq",
+    "model",
+    "version",
+    "action",
+    "from_alias",
+    "to_alias",
+    "replaced_version",
+    "actor",
+    "reason",
+    "gate",
+    "metrics",
+    "flow_run_id",
+    "created_at",
+    "prev_hash",
+)
 
 
 class Base(DeclarativeBase):
@@ -182,20 +198,42 @@ class Ledger:
         with file_lock(Path(f"{database}.lock")):
             yield
 
-    def append(self, *, model: str, version: str, action: str, actor: str, reason: str, gate: dict | None = None,
-               metrics: dict | None = None, from_alias: str | None = None, to_alias: str | None = None,
-               replaced_version: str | None = None, flow_run_id: str | None = None, before_commit=None,
-               attempts: int = 5) -> LedgerRow:
+    def append(
+        self,
+        *,
+        model: str,
+        version: str,
+        action: str,
+        actor: str,
+        reason: str,
+        gate: dict | None = None,
+        metrics: dict | None = None,
+        from_alias: str | None = None,
+        to_alias: str | None = None,
+        replaced_version: str | None = None,
+        flow_run_id: str | None = None,
+        before_commit=None,
+        attempts: int = 5,
+    ) -> LedgerRow:
         """Append one row. `before_commit(row)` runs inside the transaction (move the alias there):
         if it raises, nothing is written. Concurrent writers collide on the unique seq/prev_hash and retry."""
         for attempt in range(attempts):
             with self.session() as s, self._table_errors():
                 last = s.scalars(select(LedgerRow).order_by(LedgerRow.seq.desc()).limit(1)).first()
                 row = LedgerRow(
-                    seq=(last.seq + 1) if last else 1, model=model, version=str(version), action=action,
-                    from_alias=from_alias, to_alias=to_alias, replaced_version=replaced_version, actor=actor,
-                    reason=reason, gate=json.dumps(gate or {}, sort_keys=True), metrics=json.dumps(metrics or {}, sort_keys=True),
-                    flow_run_id=flow_run_id, created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                    seq=(last.seq + 1) if last else 1,
+                    model=model,
+                    version=str(version),
+                    action=action,
+                    from_alias=from_alias,
+                    to_alias=to_alias,
+                    replaced_version=replaced_version,
+                    actor=actor,
+                    reason=reason,
+                    gate=json.dumps(gate or {}, sort_keys=True),
+                    metrics=json.dumps(metrics or {}, sort_keys=True),
+                    flow_run_id=flow_run_id,
+                    created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                     prev_hash=last.row_hash if last else GENESIS,
                 )
                 row.row_hash = row.compute_hash()
@@ -240,9 +278,11 @@ class Ledger:
             if "no such table" in text or "does not exist" in text or "UndefinedTable" in text:
                 from sqlalchemy.engine import make_url
 
-                raise LedgerTampered(f"promotion ledger at {make_url(self.url).render_as_string(hide_password=True)}",
-                                     "has no promotion_ledger table: it was dropped", "restore the ledger database from a backup; "
-                                     "nothing is promoted or verified until then") from None
+                raise LedgerTampered(
+                    f"promotion ledger at {make_url(self.url).render_as_string(hide_password=True)}",
+                    "has no promotion_ledger table: it was dropped",
+                    "restore the ledger database from a backup; nothing is promoted or verified until then",
+                ) from None
             raise
 
     def verify(self, anchor: str | None = None, pending: str | None = None, anchored: bool = True) -> list[Problem]:
@@ -254,17 +294,35 @@ class Ledger:
         prev_hash, prev_seq = GENESIS, 0
         for row in rows:
             if row.seq != prev_seq + 1:
-                problems.append(Problem(row.seq, "sequence_gap", f"row {row.seq} follows row {prev_seq}: rows are missing or were inserted"))
+                problems.append(
+                    Problem(row.seq, "sequence_gap", f"row {row.seq} follows row {prev_seq}: rows are missing or were inserted")
+                )
             if row.prev_hash != prev_hash:
-                problems.append(Problem(row.seq, "broken_link", f"row {row.seq} does not link to the row before it: a row was deleted, inserted or edited"))
+                problems.append(
+                    Problem(
+                        row.seq, "broken_link", f"row {row.seq} does not link to the row before it: a row was deleted, inserted or edited"
+                    )
+                )
             if row.compute_hash() != row.row_hash:
-                problems.append(Problem(row.seq, "edited", f"row {row.seq} ({row.model} v{row.version} {row.action}) does not match its hash: it was edited"))
+                problems.append(
+                    Problem(
+                        row.seq, "edited", f"row {row.seq} ({row.model} v{row.version} {row.action}) does not match its hash: it was edited"
+                    )
+                )
             elif self.key is not None and not self.key.verifies(row.row_hash, row.signature):
-                problems.append(Problem(row.seq, "forged" if row.signature else "unsigned",
-                                        f"row {row.seq} ({row.model} v{row.version} {row.action}) "
-                                        + ("has a signature the platform's key did not make: it was rewritten (hash recomputed)"
-                                           if row.signature else "is not signed: it was written outside Atelier, or predates "
-                                           "signatures (then `atelier audit --adopt` signs the old rows)")))
+                problems.append(
+                    Problem(
+                        row.seq,
+                        "forged" if row.signature else "unsigned",
+                        f"row {row.seq} ({row.model} v{row.version} {row.action}) "
+                        + (
+                            "has a signature the platform's key did not make: it was rewritten (hash recomputed)"
+                            if row.signature
+                            else "is not signed: it was written outside Atelier, or predates "
+                            "signatures (then `atelier audit --adopt` signs the old rows)"
+                        ),
+                    )
+                )
             prev_hash, prev_seq = row.row_hash, row.seq
         if not anchored:
             return problems
@@ -272,16 +330,31 @@ class Ledger:
         witnessed = self.witness_problems(rows)  # reported when the anchor did not already say it
         if anchor is None and pending is None:
             if rows:
-                problems.append(Problem(None, "unanchored", f"the ledger holds {len(rows)} rows but the registry holds no anchor for it: "
-                                                            "the anchor was removed, or this ledger was not written by this registry"))
+                problems.append(
+                    Problem(
+                        None,
+                        "unanchored",
+                        f"the ledger holds {len(rows)} rows but the registry holds no anchor for it: "
+                        "the anchor was removed, or this ledger was not written by this registry",
+                    )
+                )
         elif newest is None or newest not in {a for a in (anchor, pending) if a}:
             said = anchor or pending
             said_seq = int(said.split(":")[0])
-            what = ("rows were deleted from its end" if newest is None or said_seq > int(newest.split(":")[0])
-                    else "rows were added or the chain rewritten")
-            problems.append(Problem(None, "anchor_mismatch", f"the registry's anchor says the ledger ends at row {said_seq} "
-                                                             f"({said.split(':')[1][:12]}...), but it ends at "
-                                                             f"{'no row at all' if newest is None else 'row ' + newest.split(':')[0]}: {what}"))
+            what = (
+                "rows were deleted from its end"
+                if newest is None or said_seq > int(newest.split(":")[0])
+                else "rows were added or the chain rewritten"
+            )
+            problems.append(
+                Problem(
+                    None,
+                    "anchor_mismatch",
+                    f"the registry's anchor says the ledger ends at row {said_seq} "
+                    f"({said.split(':')[1][:12]}...), but it ends at "
+                    f"{'no row at all' if newest is None else 'row ' + newest.split(':')[0]}: {what}",
+                )
+            )
         if not any(p.kind == "anchor_mismatch" for p in problems):
             problems += witnessed
         return problems
@@ -294,9 +367,15 @@ class Ledger:
         seq, _, digest = said.partition(":")
         held = next((r for r in rows if r.seq == int(seq)), None)
         if held is None:
-            return [Problem(None, "anchor_mismatch", f"the platform wrote row {seq} ({digest[:12]}...), but the ledger "
-                                                     f"ends at {'row ' + str(rows[-1].seq) if rows else 'no row at all'}: "
-                                                     "rows were deleted from its end")]
+            return [
+                Problem(
+                    None,
+                    "anchor_mismatch",
+                    f"the platform wrote row {seq} ({digest[:12]}...), but the ledger "
+                    f"ends at {'row ' + str(rows[-1].seq) if rows else 'no row at all'}: "
+                    "rows were deleted from its end",
+                )
+            ]
         if held.row_hash != digest:
             return [Problem(held.seq, "anchor_mismatch", f"row {seq} is not the row the platform wrote: the chain was rewritten")]
         return []

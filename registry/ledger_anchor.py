@@ -35,9 +35,17 @@ class AnchorStore:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(EXPERIMENT)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(
-                EXPERIMENT, tags={"atelier.kind": "ledger-anchor", "mlflow.note.content":
-                                  "Anchor of Atelier's promotion ledger (`atelier ledger verify`). Do not edit."})
+            self._experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(
+                    EXPERIMENT,
+                    tags={
+                        "atelier.kind": "ledger-anchor",
+                        "mlflow.note.content": "Anchor of Atelier's promotion ledger (`atelier ledger verify`). Do not edit.",
+                    },
+                )
+            )
         return self._experiment_id
 
     def read(self) -> Anchor:
@@ -66,9 +74,18 @@ class AnchorStore:
         newest = head_of(ledger.rows())
         if newest:
             self.commit(newest)
-            row = append(self.client, ledger, model="atelier-ledger", version="0", action="adopt", actor=actor, gate={}, metrics={},
-                         reason=f"adopted by `atelier audit --adopt`: {signed} rows written before signatures were signed and the "
-                                "ledger anchored; rows before this one were verified by their hash chain only")
+            row = append(
+                self.client,
+                ledger,
+                model="atelier-ledger",
+                version="0",
+                action="adopt",
+                actor=actor,
+                gate={},
+                metrics={},
+                reason=f"adopted by `atelier audit --adopt`: {signed} rows written before signatures were signed and the "
+                "ledger anchored; rows before this one were verified by their hash chain only",
+            )
             newest = f"{row.seq}:{row.row_hash}"
         return newest
 
@@ -92,10 +109,13 @@ def require_intact(store: AnchorStore, ledger: Ledger) -> None:
     newest = head_of(rows)
     said = {a for a in (anchor.head, anchor.pending) if a}
     if (said and newest not in said) or (not said and rows) or ledger.verify(anchored=False) or ledger.witness_problems(rows):
-        raise LedgerTampered("promotion ledger", f"does not match its anchor in the registry (its newest row is "
-                             f"{newest.split(':')[0] if newest else 'none'}; the anchor says {', '.join(sorted(said)) or 'nothing'})",
-                             "run `atelier ledger verify` to see what changed; nothing is written onto it until the ledger is "
-                             "restored from a backup (or, for a ledger that predates anchors, `atelier audit --adopt`)")
+        raise LedgerTampered(
+            "promotion ledger",
+            f"does not match its anchor in the registry (its newest row is "
+            f"{newest.split(':')[0] if newest else 'none'}; the anchor says {', '.join(sorted(said)) or 'nothing'})",
+            "run `atelier ledger verify` to see what changed; nothing is written onto it until the ledger is "
+            "restored from a backup (or, for a ledger that predates anchors, `atelier audit --adopt`)",
+        )
 
 
 def append(client: MlflowClient, ledger: Ledger, before_commit=None, **row) -> LedgerRow:

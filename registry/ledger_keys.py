@@ -38,8 +38,11 @@ class LedgerKey:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         if self.signing_pem is None:
-            raise ConfigError("ledger signing key", "is not available to this process (only the verify key is)",
-                              "promote from the platform's account, where ATELIER_LEDGER_KEYS holds ledger-signing.pem")
+            raise ConfigError(
+                "ledger signing key",
+                "is not available to this process (only the verify key is)",
+                "promote from the platform's account, where ATELIER_LEDGER_KEYS holds ledger-signing.pem",
+            )
         return load_pem_private_key(self.signing_pem, password=None)
 
     @cached_property
@@ -74,13 +77,17 @@ def load_key(folder: Path, create: bool = True) -> LedgerKey:
     if verify.is_file():
         return LedgerKey(verify.read_bytes())
     if not create:
-        raise ConfigError(f"ledger keys in {folder}", "are missing", "copy the platform's ledger-verify.pem there "
-                          "(`atelier ledger key` prints it) or set ATELIER_LEDGER_KEYS")
+        raise ConfigError(
+            f"ledger keys in {folder}",
+            "are missing",
+            "copy the platform's ledger-verify.pem there (`atelier ledger key` prints it) or set ATELIER_LEDGER_KEYS",
+        )
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption())
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     write_secret_file(signing, pem.decode())
@@ -92,15 +99,21 @@ def _public_of(private_pem: bytes) -> bytes:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    return load_pem_private_key(private_pem, password=None).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return (
+        load_pem_private_key(private_pem, password=None)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def _require_private(path: Path) -> None:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise ConfigError(str(path), f"is readable by others (mode {mode:o}): whoever reads it can sign ledger rows",
-                          f"chmod 600 {path}, and make a new key if others may have read it")
+        raise ConfigError(
+            str(path),
+            f"is readable by others (mode {mode:o}): whoever reads it can sign ledger rows",
+            f"chmod 600 {path}, and make a new key if others may have read it",
+        )
 
 
 class HeadWitness:

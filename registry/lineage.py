@@ -25,8 +25,11 @@ def resolve(client: MlflowClient, ref: str):
     elif "/" in ref:
         name, version = ref.rsplit("/", 1)
     else:
-        raise NotFound(f"model reference {ref!r}", "is neither NAME@ALIAS nor NAME/VERSION",
-                       "write e.g. dreambooth-acme-robot@champion or dreambooth-acme-robot/3")
+        raise NotFound(
+            f"model reference {ref!r}",
+            "is neither NAME@ALIAS nor NAME/VERSION",
+            "write e.g. dreambooth-acme-robot@champion or dreambooth-acme-robot/3",
+        )
     try:
         return client.get_model_version_by_alias(name, alias) if "@" in ref else client.get_model_version(name, version)
     except MlflowException:
@@ -43,12 +46,18 @@ def resolve(client: MlflowClient, ref: str):
         except MlflowException:
             known = []
         close = difflib.get_close_matches(name, known, n=3)
-        raise NotFound(f"model {name}", "is not in the registry" + (f" (did you mean {', '.join(close)}?)" if close else ""),
-                       "check the name with `atelier ledger show` or the MLflow UI") from None
+        raise NotFound(
+            f"model {name}",
+            "is not in the registry" + (f" (did you mean {', '.join(close)}?)" if close else ""),
+            "check the name with `atelier ledger show` or the MLflow UI",
+        ) from None
     listed = ", ".join(f"{v.version}" + (" (refused by the gate)" if "atelier.refused" in v.tags else "") for v in versions[-5:])
     what = f"has no alias {alias!r}" if "@" in ref else f"has no version {version}"
-    raise NotFound(f"model {ref}", f"{what}; its versions: {listed}",
-                   f"pick one explicitly, e.g. {name}/{versions[-1].version}, or promote one: atelier promote {name} VERSION --reason ...") from None
+    raise NotFound(
+        f"model {ref}",
+        f"{what}; its versions: {listed}",
+        f"pick one explicitly, e.g. {name}/{versions[-1].version}, or promote one: atelier promote {name} VERSION --reason ...",
+    ) from None
 
 
 def _value(text: str):
@@ -77,16 +86,35 @@ def lineage(client: MlflowClient, ledger: Ledger, ref: str) -> dict:
     tags = {**{k.removeprefix("atelier."): _value(v) for k, v in mv.tags.items() if k.startswith("atelier.")}, **record}
     run = client.get_run(mv.run_id)
     return {
-        "model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []), "source": mv.source,
-        "customer": tags.get("customer"), "subject": tags.get("subject"),
+        "model": mv.name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases or []),
+        "source": mv.source,
+        "customer": tags.get("customer"),
+        "subject": tags.get("subject"),
         "model_sha256": tags.get("model.sha256"),
-        "run": {"id": run.info.run_id, "status": run.info.status, "experiment_id": run.info.experiment_id,
-                "start_time": run.info.start_time, "end_time": run.info.end_time, "artifact_uri": run.info.artifact_uri,
-                "params": dict(run.data.params), "metrics": dict(run.data.metrics)},
-        "prefect_flow_run": {"id": tags.get("prefect.flow_run_id"), "flow": tags.get("flow.name"), "flow_version": tags.get("flow.version"),
-                             "task_versions": tags.get("task_versions")},
-        "data": {"rev": tags.get("data.rev"), "dvc_md5": tags.get("data.dvc_md5"), "files": tags.get("data.files"),
-                 "validation_report": tags.get("data.validation_report")},
+        "run": {
+            "id": run.info.run_id,
+            "status": run.info.status,
+            "experiment_id": run.info.experiment_id,
+            "start_time": run.info.start_time,
+            "end_time": run.info.end_time,
+            "artifact_uri": run.info.artifact_uri,
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+        },
+        "prefect_flow_run": {
+            "id": tags.get("prefect.flow_run_id"),
+            "flow": tags.get("flow.name"),
+            "flow_version": tags.get("flow.version"),
+            "task_versions": tags.get("task_versions"),
+        },
+        "data": {
+            "rev": tags.get("data.rev"),
+            "dvc_md5": tags.get("data.dvc_md5"),
+            "files": tags.get("data.files"),
+            "validation_report": tags.get("data.validation_report"),
+        },
         "base_model": {"id": tags.get("base_model.id"), "sha256": tags.get("base_model.sha256")},
         "class_priors": {"key": tags.get("class_priors.key"), "sha256": tags.get("class_priors.sha256")},
         "code": {"git_sha": tags.get("code.git_sha"), "dirty": tags.get("code.dirty"), "version": tags.get("code.version")},
@@ -106,8 +134,7 @@ def verify(settings: Settings, report: dict) -> list[str]:
 
     drift: list[str] = []
     if report.get("lineage_record", {}).get("sha256_matches_tag") is False:
-        drift.append("lineage.json: missing, or changed since registration (its sha256 differs from the version's "
-                     f"{LINEAGE_HASH_TAG} tag)")
+        drift.append(f"lineage.json: missing, or changed since registration (its sha256 differs from the version's {LINEAGE_HASH_TAG} tag)")
     from atelier.registry.ledger import open_ledger
     from atelier.registry.model_files import ModelTampered, verified_copy
 
@@ -125,7 +152,9 @@ def verify(settings: Settings, report: dict) -> list[str]:
             for name in sorted(set(snap.files) | set(data["files"] or {})):
                 want, have = (data["files"] or {}).get(name), snap.files.get(name)
                 if want != have:
-                    drift.append(f"input {name}: " + ("missing" if have is None else "not in the lineage" if want is None else "content changed"))
+                    drift.append(
+                        f"input {name}: " + ("missing" if have is None else "not in the lineage" if want is None else "content changed")
+                    )
     base = report["base_model"]
     base_dir = settings.tiny_model_dir if str(base.get("id", "")).startswith("atelier/tiny-sd") else Path(str(base.get("id")))
     if base_dir.is_dir():
@@ -141,4 +170,3 @@ def verify(settings: Settings, report: dict) -> list[str]:
         elif prior_images_hash(folder) != priors.get("sha256"):
             drift.append(f"class priors {priors['key']}: content changed since training")
     return drift
-

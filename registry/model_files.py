@@ -83,9 +83,12 @@ def check_files(local: Path, manifest: dict[str, str], what: str) -> None:
     problems += [f"{p}: missing" for p in sorted(manifest) if p not in have]
     problems += [f"{p}: not registered (added later)" for p in sorted(have) if p not in manifest]
     if problems:
-        raise ModelTampered(what, f"{len(problems)} stored file(s) differ from what was registered ({'; '.join(problems[:5])})",
-                            "do not load it: restore the files from a backup, or retrain to register a new version; then check "
-                            "who can write the artifact store")
+        raise ModelTampered(
+            what,
+            f"{len(problems)} stored file(s) differ from what was registered ({'; '.join(problems[:5])})",
+            "do not load it: restore the files from a backup, or retrain to register a new version; then check "
+            "who can write the artifact store",
+        )
 
 
 @contextmanager
@@ -97,20 +100,29 @@ def verified_copy(client: MlflowClient, ledger, name: str, version: str) -> Iter
     want = vouched_hash(ledger, name, version)
     mv = client.get_model_version(name, str(version))
     if want is None:
-        raise ModelTampered(what, "has no file manifest in the ledger (registered before manifests, or not by Atelier)",
-                            "register it again (rerun its fine-tune or calibration); only versions whose files the ledger "
-                            "vouches for are loaded")
+        raise ModelTampered(
+            what,
+            "has no file manifest in the ledger (registered before manifests, or not by Atelier)",
+            "register it again (rerun its fine-tune or calibration); only versions whose files the ledger vouches for are loaded",
+        )
     if mv.tags.get(MANIFEST_TAG) != want:
-        raise ModelTampered(what, "carries a manifest tag that is not the one its ledger row vouches for", "check who can write the registry")
+        raise ModelTampered(
+            what, "carries a manifest tag that is not the one its ledger row vouches for", "check who can write the registry"
+        )
     with tempfile.TemporaryDirectory(prefix="atelier-model-") as tmp:
         try:
             text = Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text()
             manifest = json.loads(text)
         except (OSError, ValueError) as exc:
-            raise ModelTampered(what, f"its file manifest is unreadable ({exc.__class__.__name__})", "check who can write the artifact store") from None
+            raise ModelTampered(
+                what, f"its file manifest is unreadable ({exc.__class__.__name__})", "check who can write the artifact store"
+            ) from None
         if manifest_hash(manifest) != want:
-            raise ModelTampered(f"{what} ({MANIFEST})", "is not the manifest that was registered (its sha256 differs from the ledger's)",
-                                "check who can write the artifact store; do not load this version")
+            raise ModelTampered(
+                f"{what} ({MANIFEST})",
+                "is not the manifest that was registered (its sha256 differs from the ledger's)",
+                "check who can write the artifact store; do not load this version",
+            )
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")))
         check_files(local, manifest, what)
         yield local

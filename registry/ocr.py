@@ -41,13 +41,30 @@ from atelier.registry.promotion import record_candidate
 MODEL_NAME = "ocr"
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "ocr_model.py"
 EXPERIMENT = "ocr"
-PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "rapidocr-onnxruntime==1.4.4", "onnx==1.23.2", "opencv-python", "pandas", "pillow",
-                    "mlflow==3.17.2", "pydantic-settings"]
+PIP_REQUIREMENTS = [
+    "onnxruntime==1.32.0",
+    "rapidocr-onnxruntime==1.4.4",
+    "onnx==1.23.2",
+    "opencv-python",
+    "pandas",
+    "pillow",
+    "mlflow==3.17.2",
+    "pydantic-settings",
+]
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "path"), ColSpec("string", "lang", required=False), ColSpec("string", "kind", required=False)]),
-    outputs=Schema([ColSpec("string", "path"), ColSpec("string", "text"), ColSpec("string", "language"), ColSpec("string", "backend"),
-                    ColSpec("double", "confidence"), ColSpec("boolean", "flagged"), ColSpec("string", "lines"),
-                    ColSpec("string", "error")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "path"),
+            ColSpec("string", "text"),
+            ColSpec("string", "language"),
+            ColSpec("string", "backend"),
+            ColSpec("double", "confidence"),
+            ColSpec("boolean", "flagged"),
+            ColSpec("string", "lines"),
+            ColSpec("string", "error"),
+        ]
+    ),
 )
 
 
@@ -69,13 +86,22 @@ class OCRModel(mlflow.pyfunc.PythonModel):
             for name, want in config["artifact_files"].items():
                 path = Path(context.artifacts[name])
                 if sha256_file(path) != want:
-                    raise ModelTampered(f"OCR artifact {name} ({path.name})", "is not the file that was registered",
-                                        "do not load this version; check who can write the artifact store")
+                    raise ModelTampered(
+                        f"OCR artifact {name} ({path.name})",
+                        "is not the file that was registered",
+                        "do not load this version; check who can write the artifact store",
+                    )
 
         a = {k: Path(v) for k, v in context.artifacts.items()}
         glm = os.environ.get("ATELIER_GLM_OCR_WEIGHTS")  # where this machine keeps GLM-OCR, if routed to
-        self.engine = load_engine(a, json.loads(a["spec"].read_text()), json.loads(a["confidence"].read_text()), self.review_below,
-                                  glm_weights=Path(glm) if glm else None, log=logging.getLogger("atelier.ocr").warning)
+        self.engine = load_engine(
+            a,
+            json.loads(a["spec"].read_text()),
+            json.loads(a["confidence"].read_text()),
+            self.review_below,
+            glm_weights=Path(glm) if glm else None,
+            log=logging.getLogger("atelier.ocr").warning,
+        )
 
     def predict(self, context, model_input, params=None):
         from atelier.models.ocr.engine import read_documents
@@ -91,8 +117,16 @@ def _opt(value):
     return None if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else str(value)
 
 
-def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confidence: dict, lineage: dict,
-                 metrics: dict[str, float], tables: dict[str, list[dict]], review_below: float) -> Registered:
+def register_ocr(
+    settings: Settings,
+    files: dict[str, Path],
+    spec: dict,
+    confidence: dict,
+    lineage: dict,
+    metrics: dict[str, float],
+    tables: dict[str, list[dict]],
+    review_below: float,
+) -> Registered:
     """One MLflow run (experiment `<prefix>-ocr`) with metrics and per-language tables; then a version of `ocr`
     aliased candidate. The same calibration key is registered once."""
     client = client_for(settings)
@@ -120,14 +154,20 @@ def register_ocr(settings: Settings, files: dict[str, Path], spec: dict, confide
         with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
             warnings.filterwarnings("ignore", message=".*input example.*")
             info = mlflow.pyfunc.log_model(  # as code (registry/pyfunc_code/ocr_model.py), never a pickle
-                name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, pip_requirements=PIP_REQUIREMENTS,
+                name="model",
+                python_model=str(MODEL_CODE),
+                signature=SIGNATURE,
+                pip_requirements=PIP_REQUIREMENTS,
                 model_config={"review_below": review_below, "artifact_files": {k: sha256_file(Path(v)) for k, v in artifacts.items()}},
-                artifacts=artifacts, code_paths=code_paths())
+                artifacts=artifacts,
+                code_paths=code_paths(),
+            )
         _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
     if model_missing(client, MODEL_NAME):
         client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
-    version = client.create_model_version(MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha},
-                                          model_id=info.model_id)
+    version = client.create_model_version(
+        MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha}, model_id=info.model_id
+    )
     record_candidate(client, open_ledger(settings), MODEL_NAME, str(version.version), actor=settings.actor, manifest_sha256=manifest_sha)
     return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
 

@@ -57,15 +57,21 @@ def model_version(client: MlflowClient, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
-        raise NotFound(f"model {name} version {version}", "is not in the registry",
-                       "check the name and version with `atelier lineage NAME@champion` or the MLflow UI") from None
+        raise NotFound(
+            f"model {name} version {version}",
+            "is not in the registry",
+            "check the name and version with `atelier lineage NAME@champion` or the MLflow UI",
+        ) from None
 
 
 def gate_for(mv, rules: GateRules) -> tuple[GateResult, dict]:
     summary = json.loads(mv.tags.get("atelier.eval.summary") or "{}")
     if not summary:
-        raise NotFound(f"model {mv.name} version {mv.version}", "has no evaluation summary (atelier.eval.summary tag)",
-                       "register it through the subject-finetune flow so the gate has evidence")
+        raise NotFound(
+            f"model {mv.name} version {mv.version}",
+            "has no evaluation summary (atelier.eval.summary tag)",
+            "register it through the subject-finetune flow so the gate has evidence",
+        )
     if mv.tags.get("atelier.kind") == "ocr":
         return evaluate_ocr(summary, rules.ocr), summary
     result = evaluate_training_health(Health(**summary), rules)
@@ -77,20 +83,48 @@ def gate_for(mv, rules: GateRules) -> tuple[GateResult, dict]:
     return result, summary
 
 
-def move_champion(client: MlflowClient, ledger: Ledger, name: str, version: str, *, action: str, actor: str, reason: str,
-                  gate: dict | None = None, metrics: dict | None = None, from_alias: str | None = None,
-                  flow_run_id: str | None = None) -> LedgerRow:
+def move_champion(
+    client: MlflowClient,
+    ledger: Ledger,
+    name: str,
+    version: str,
+    *,
+    action: str,
+    actor: str,
+    reason: str,
+    gate: dict | None = None,
+    metrics: dict | None = None,
+    from_alias: str | None = None,
+    flow_run_id: str | None = None,
+) -> LedgerRow:
     """intent row -> alias move -> confirming row (`action`)."""
     previous = current_alias(client, name)
-    common = dict(model=name, version=str(version), actor=actor, gate=gate, metrics=metrics, from_alias=from_alias,
-                  to_alias=CHAMPION, replaced_version=previous, flow_run_id=flow_run_id)
+    common = dict(
+        model=name,
+        version=str(version),
+        actor=actor,
+        gate=gate,
+        metrics=metrics,
+        from_alias=from_alias,
+        to_alias=CHAMPION,
+        replaced_version=previous,
+        flow_run_id=flow_run_id,
+    )
     append(client, ledger, action="intent", reason=f"{action}: {reason}", **common)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return append(client, ledger, action=action, reason=reason, **common)
 
 
-def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str,
-                     flow_run_id: str | None = None, manifest_sha256: str | None = None) -> None:
+def record_candidate(
+    client: MlflowClient,
+    ledger: Ledger,
+    name: str,
+    version: str,
+    *,
+    actor: str,
+    flow_run_id: str | None = None,
+    manifest_sha256: str | None = None,
+) -> None:
     """Make `version` the candidate, with its ledger row (once: a retry only puts the alias back). The
     row carries the sha256 of the version's file manifest (registry/model_files.py): signed, it is what
     vouches for the stored files."""
@@ -98,14 +132,34 @@ def record_candidate(client: MlflowClient, ledger: Ledger, name: str, version: s
 
     reconcile(client, ledger, name)
     if aliases(ledger.rows(name)).candidate != str(version):
-        append(client, ledger, model=name, version=str(version), action="candidate", actor=actor, reason="registered",
-               to_alias=CANDIDATE, replaced_version=current_alias(client, name, CANDIDATE), flow_run_id=flow_run_id,
-               metrics={"manifest_sha256": manifest_sha256} if manifest_sha256 else {})
+        append(
+            client,
+            ledger,
+            model=name,
+            version=str(version),
+            action="candidate",
+            actor=actor,
+            reason="registered",
+            to_alias=CANDIDATE,
+            replaced_version=current_alias(client, name, CANDIDATE),
+            flow_run_id=flow_run_id,
+            metrics={"manifest_sha256": manifest_sha256} if manifest_sha256 else {},
+        )
     client.set_registered_model_alias(name, CANDIDATE, str(version))
 
 
-def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, actor: str, reason: str, rules: GateRules,
-            flow_run_id: str | None = None, action: str = "promote") -> Promotion:
+def promote(
+    client: MlflowClient,
+    ledger: Ledger,
+    name: str,
+    version: str,
+    *,
+    actor: str,
+    reason: str,
+    rules: GateRules,
+    flow_run_id: str | None = None,
+    action: str = "promote",
+) -> Promotion:
     """Gate `version`; if it passes, make it champion. Either way, the ledger says what happened."""
     from atelier.registry.audit import reconcile
 
@@ -126,17 +180,46 @@ def promote(client: MlflowClient, ledger: Ledger, name: str, version: str, *, ac
     from_alias = CANDIDATE if CANDIDATE in (mv.aliases or []) else None
     if not result.passed:
         last = _latest_verdict(rows, str(version))
-        if action == "promote" and last is not None and last.action == "refuse" and last.replaced_version == previous \
-                and json.loads(last.gate or "{}") == gate:
+        if (
+            action == "promote"
+            and last is not None
+            and last.action == "refuse"
+            and last.replaced_version == previous
+            and json.loads(last.gate or "{}") == gate
+        ):
             return Promotion(name, str(version), False, result.reasons, previous, last)  # the same refusal again: nothing to add
-        row = append(client, ledger, model=name, version=str(version), action="refuse", actor=actor, reason=reason, gate=gate,
-                     metrics=summary, from_alias=from_alias, to_alias=None, replaced_version=previous, flow_run_id=flow_run_id)
+        row = append(
+            client,
+            ledger,
+            model=name,
+            version=str(version),
+            action="refuse",
+            actor=actor,
+            reason=reason,
+            gate=gate,
+            metrics=summary,
+            from_alias=from_alias,
+            to_alias=None,
+            replaced_version=previous,
+            flow_run_id=flow_run_id,
+        )
         client.set_model_version_tag(name, str(version), REFUSED_TAG, "; ".join(result.reasons)[:4000])
         if from_alias == CANDIDATE:  # a refused version is nobody's candidate
             client.delete_registered_model_alias(name, CANDIDATE)
         return Promotion(name, str(version), False, result.reasons, previous, row)
-    row = move_champion(client, ledger, name, str(version), action=action, actor=actor, reason=reason, gate=gate,
-                        metrics=summary, from_alias=from_alias, flow_run_id=flow_run_id)
+    row = move_champion(
+        client,
+        ledger,
+        name,
+        str(version),
+        action=action,
+        actor=actor,
+        reason=reason,
+        gate=gate,
+        metrics=summary,
+        from_alias=from_alias,
+        flow_run_id=flow_run_id,
+    )
     return Promotion(name, str(version), True, [], str(version), row)
 
 
@@ -170,8 +253,9 @@ def rollback_target(rows: list[LedgerRow], current: str) -> str | None:
     return None
 
 
-def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, reason: str, rules: GateRules,
-             to: str | None = None) -> Promotion:
+def rollback(
+    client: MlflowClient, ledger: Ledger, name: str, *, actor: str, reason: str, rules: GateRules, to: str | None = None
+) -> Promotion:
     """Move champion back to the last good version before it (or to `to`, named), through the gate and the
     ledger. Versions that were rolled back or refused are skipped, so a rollback of a rollback never
     quietly brings back what was rolled back."""
@@ -180,11 +264,16 @@ def rollback(client: MlflowClient, ledger: Ledger, name: str, *, actor: str, rea
         raise NotFound(f"model {name}", "has no champion to roll back", "promote a version first: atelier promote NAME VERSION")
     target = str(to) if to is not None else rollback_target(ledger.rows(name), current)
     if target is None:
-        raise NotFound(f"model {name}", f"has no good champion before version {current} in the ledger (earlier ones were rolled "
-                       "back or refused)", "name the version: atelier rollback NAME --to VERSION --reason ...")
+        raise NotFound(
+            f"model {name}",
+            f"has no good champion before version {current} in the ledger (earlier ones were rolled back or refused)",
+            "name the version: atelier rollback NAME --to VERSION --reason ...",
+        )
     if target == current:
         raise NotFound(f"model {name}", f"version {target} is already the champion", "name another version with --to")
     done = promote(client, ledger, name, target, actor=actor, reason=reason, rules=rules, action="rollback")
     if not done.passed:
-        raise GateRefused(f"rollback of {name} to version {target}", "; ".join(done.reasons), "fix the gate rules or promote another version")
+        raise GateRefused(
+            f"rollback of {name} to version {target}", "; ".join(done.reasons), "fix the gate rules or promote another version"
+        )
     return done

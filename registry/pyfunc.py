@@ -21,15 +21,17 @@ from mlflow.types import ColSpec, Schema
 DEFAULTS = {"seed": 0, "steps": 25, "guidance_scale": 7.5}
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([
-        ColSpec("string", "prompt"),
-        ColSpec("long", "seed", required=False),
-        ColSpec("long", "steps", required=False),
-        ColSpec("double", "guidance_scale", required=False),
-        ColSpec("long", "height", required=False),
-        ColSpec("long", "width", required=False),
-        ColSpec("string", "negative_prompt", required=False),
-    ]),
+    inputs=Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("long", "seed", required=False),
+            ColSpec("long", "steps", required=False),
+            ColSpec("double", "guidance_scale", required=False),
+            ColSpec("long", "height", required=False),
+            ColSpec("long", "width", required=False),
+            ColSpec("string", "negative_prompt", required=False),
+        ]
+    ),
     outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image_png_base64")]),
 )
 
@@ -53,8 +55,11 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
 
         config = context.model_config or {}
         self.sampler = config.get("sampler", self.sampler)
-        self.defaults = {**self.defaults, "steps": int(config.get("default_steps", self.defaults["steps"])),
-                         "guidance_scale": float(config.get("default_guidance", self.defaults["guidance_scale"]))}
+        self.defaults = {
+            **self.defaults,
+            "steps": int(config.get("default_steps", self.defaults["steps"])),
+            "guidance_scale": float(config.get("default_guidance", self.defaults["guidance_scale"])),
+        }
         check_artifact_files(context.artifacts["pipeline"], config.get("pipeline_files"))
         self.pipe = load_pipeline(context.artifacts["pipeline"], self.sampler)
 
@@ -77,8 +82,13 @@ class DreamBoothModel(mlflow.pyfunc.PythonModel):
             for _, row in frame.iterrows()
         ]
         images = generate(self.pipe, requests)
-        return pd.DataFrame({"prompt": [r.prompt for r in requests], "seed": [r.seed for r in requests],
-                             "image_png_base64": [encode_png(img) for img in images]})
+        return pd.DataFrame(
+            {
+                "prompt": [r.prompt for r in requests],
+                "seed": [r.seed for r in requests],
+                "image_png_base64": [encode_png(img) for img in images],
+            }
+        )
 
 
 def check_artifact_files(folder: str, expected: dict[str, str] | None) -> None:

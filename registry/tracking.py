@@ -35,10 +35,13 @@ def tracking_errors(tracking_uri: str) -> Iterator[None]:
         if not unreachable(exc):
             raise
         reason = str(exc).split("(Caused by")[-1].strip(" ()'\"")[:200]
-        raise ServiceUnavailable(f"MLflow tracking server at {tracking_uri}", f"did not answer ({reason})",
-                                 "start it again (`atelier up` restarts a stopped one; `docker compose up -d mlflow`) and rerun; "
-                                 "a model version is created only after its artifacts, in one call with its lineage tags, "
-                                 "so nothing was half-registered") from None
+        raise ServiceUnavailable(
+            f"MLflow tracking server at {tracking_uri}",
+            f"did not answer ({reason})",
+            "start it again (`atelier up` restarts a stopped one; `docker compose up -d mlflow`) and rerun; "
+            "a model version is created only after its artifacts, in one call with its lineage tags, "
+            "so nothing was half-registered",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -77,6 +80,11 @@ def ui_links(settings: Settings, name: str, version: str, run_id: str) -> list[t
     if ui is None:
         return [(f"models:/{name}/{version}", f"{name} v{version}", "registered model version (`atelier ui` serves the MLflow UI)")]
     experiment = MlflowClient(settings.resolved_tracking_uri).get_run(run_id).info.experiment_id
-    return [(f"{ui}/#/models/{name}/versions/{version}", f"{name} v{version}", "registered model version in the MLflow UI"),
-            (f"{ui}/#/experiments/{experiment}/runs/{run_id}", f"training run {run_id[:8]}",
-             "its MLflow run: loss curve, system metrics, datasets, samples")]
+    return [
+        (f"{ui}/#/models/{name}/versions/{version}", f"{name} v{version}", "registered model version in the MLflow UI"),
+        (
+            f"{ui}/#/experiments/{experiment}/runs/{run_id}",
+            f"training run {run_id[:8]}",
+            "its MLflow run: loss curve, system metrics, datasets, samples",
+        ),
+    ]

@@ -45,8 +45,9 @@ class TrainingRun:
         self._sender.start()
 
     @classmethod
-    def open(cls, settings: Settings, customer: str, subject: str, tags: dict[str, str], params: dict,
-             datasets: list | None = None) -> "TrainingRun":
+    def open(
+        cls, settings: Settings, customer: str, subject: str, tags: dict[str, str], params: dict, datasets: list | None = None
+    ) -> "TrainingRun":
         """Create the run in the customer's experiment; an earlier attempt at the same training (same
         subject and training key) that died while RUNNING is marked FAILED first."""
         client = MlflowClient(settings.resolved_tracking_uri)
@@ -76,7 +77,7 @@ class TrainingRun:
                 return
             try:
                 for i in range(0, len(pending), 1000):  # MLflow's batch limit
-                    self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+                    self.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
             except Exception as exc:  # noqa: BLE001 (any failure to report is the same to training)
                 self.broken = f"{type(exc).__name__}: {str(exc)[:200]}"
 
@@ -90,8 +91,9 @@ class TrainingRun:
         waits at most `wait` seconds for the tracking server, else the run is marked broken."""
         now_ms = int(time.time() * 1000)
         with self._lock:
-            self._pending.extend(Metric(LOSS, float(v), now_ms, step)
-                                 for step, v in enumerate(losses or [], start=1) if step not in self._logged)
+            self._pending.extend(
+                Metric(LOSS, float(v), now_ms, step) for step, v in enumerate(losses or [], start=1) if step not in self._logged
+            )
         self._stopping = True
         self._wake.set()
         self._sender.join(wait)

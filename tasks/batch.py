@@ -17,8 +17,14 @@ from atelier.tasks.common import UNCACHED, logger, progress_logger, retry_transi
 VERSIONS = {"pin-model": "1", "read-manifest": "1", "generate-batch": "1", "ocr-batch": "1", "write-outputs": "1"}
 
 
-@task(name="pin-model", version=VERSIONS["pin-model"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=3)
+@task(
+    name="pin-model",
+    version=VERSIONS["pin-model"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=3,
+)
 @tracked
 def pin_model(ref: str, customer: str | None = None) -> dict:
     """Resolve NAME@ALIAS (or NAME/VERSION) to one version, once, for the whole run; refuse a model of
@@ -30,8 +36,14 @@ def pin_model(ref: str, customer: str | None = None) -> dict:
     return pinned
 
 
-@task(name="read-manifest", version=VERSIONS["read-manifest"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=3)
+@task(
+    name="read-manifest",
+    version=VERSIONS["read-manifest"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=3,
+)
 @tracked
 def read_manifest(url: str) -> dict:
     """Valid items and the invalid lines (each named with its line number and the problem)."""
@@ -39,15 +51,21 @@ def read_manifest(url: str) -> dict:
     text = open_store(folder, settings().s3_endpoint_url).read_bytes(name).decode("utf-8", errors="replace")
     items, invalid = parse_generation_manifest(text)
     if not items and not invalid:
-        raise ConfigError(url, "is an empty manifest", "write one JSON object per line: {\"id\": ..., \"prompt\": ...}")
+        raise ConfigError(url, "is an empty manifest", 'write one JSON object per line: {"id": ..., "prompt": ...}')
     for bad in invalid:
         logger().warning("manifest %s: %s (skipped)", url, bad.error)
     logger().info("manifest %s: %d valid item(s), %d invalid", url, len(items), len(invalid))
     return {"items": [asdict(i) for i in items], "invalid": [b.to_dict() for b in invalid]}
 
 
-@task(name="generate-batch", version=VERSIONS["generate-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
-      retry_delay_seconds=5)
+@task(
+    name="generate-batch",
+    version=VERSIONS["generate-batch"],
+    cache_policy=UNCACHED,
+    retries=1,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=5,
+)
 @tracked
 def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 8) -> dict:
     """Generate the items not yet done in `out` with the pinned version (a retry or a rerun resumes)."""
@@ -58,15 +76,33 @@ def generate_batch(pinned: dict, items: list[dict], out: str, batch_size: int = 
     store = open_store(out, s.s3_endpoint_url)
     model = load_python_model(s, pinned["name"], pinned["version"])  # the pipeline itself: no base64 round trip per image
     report = progress_logger(f"batch generate {pinned['model']}", max(1, len(items)), "images")
-    records, progress = run_generation(model.pipe, [GenItem(**i) for i in items], store, pinned["model"], model.defaults,
-                                       batch_size, on_progress=lambda done, total: report(done))
-    logger().info("%d generated, %d already done (verified), %d redone, %d failed", len(progress.written),
-                  len(progress.done_before), len(progress.redone), len(progress.failed))
+    records, progress = run_generation(
+        model.pipe,
+        [GenItem(**i) for i in items],
+        store,
+        pinned["model"],
+        model.defaults,
+        batch_size,
+        on_progress=lambda done, total: report(done),
+    )
+    logger().info(
+        "%d generated, %d already done (verified), %d redone, %d failed",
+        len(progress.written),
+        len(progress.done_before),
+        len(progress.redone),
+        len(progress.failed),
+    )
     return {"records": records, "progress": asdict(progress)}
 
 
-@task(name="ocr-batch", version=VERSIONS["ocr-batch"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient,
-      retry_delay_seconds=5)
+@task(
+    name="ocr-batch",
+    version=VERSIONS["ocr-batch"],
+    cache_policy=UNCACHED,
+    retries=1,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=5,
+)
 @tracked
 def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) -> dict:
     from atelier.models.batch.ocr import list_images, run_ocr
@@ -83,12 +119,20 @@ def ocr_batch(pinned: dict, inputs: str, out: str, lang: str | None, kind: str) 
     engine = load_python_model(s, pinned["name"], pinned["version"]).engine
     report = progress_logger(f"batch OCR {pinned['model']}", len(keys), "files")
     records, progress = run_ocr(engine, source, keys, store, pinned["model"], lang, kind, on_progress=lambda done, total: report(done))
-    logger().info("%d read, %d already done (verified), %d with errors", len(progress.written), len(progress.done_before), len(progress.failed))
+    logger().info(
+        "%d read, %d already done (verified), %d with errors", len(progress.written), len(progress.done_before), len(progress.failed)
+    )
     return {"records": records, "progress": asdict(progress)}
 
 
-@task(name="write-outputs", version=VERSIONS["write-outputs"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=3)
+@task(
+    name="write-outputs",
+    version=VERSIONS["write-outputs"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=3,
+)
 @tracked
 def write_outputs(out: str, manifest_key: str, result: dict, report: dict, payload_lines: bool = False) -> dict:
     """The output manifest (records sorted by id, or for OCR each result in input order) and the report."""
@@ -111,12 +155,23 @@ def write_outputs(out: str, manifest_key: str, result: dict, report: dict, paylo
 
 def report_of(pinned: dict, out: str, result: dict, invalid: list[dict]) -> dict:
     p = result["progress"]
-    return {"model": pinned["model"], "requested": pinned["ref"], "out": out, "items": len(result["records"]),
-            "written": len(p["written"]), "done_before": len(p["done_before"]), "redone": p["redone"],
-            "invalid": invalid, "failed": p["failed"]}
+    return {
+        "model": pinned["model"],
+        "requested": pinned["ref"],
+        "out": out,
+        "items": len(result["records"]),
+        "written": len(p["written"]),
+        "done_before": len(p["done_before"]),
+        "redone": p["redone"],
+        "invalid": invalid,
+        "failed": p["failed"],
+    }
 
 
 def check_not_empty(items: list[dict], invalid: list[dict], manifest: str) -> None:
     if not items:
-        raise AtelierError(manifest, f"has no valid item ({len(invalid)} invalid line(s): {invalid[0]['error']})",
-                           "fix the lines named in the log and run again")
+        raise AtelierError(
+            manifest,
+            f"has no valid item ({len(invalid)} invalid line(s): {invalid[0]['error']})",
+            "fix the lines named in the log and run again",
+        )

@@ -93,5 +93,8 @@ def summary_artifact(flow: str, model: str, outputs: dict, note: str = "") -> No
 
     from prefect.artifacts import create_table_artifact
 
-    create_table_artifact([{"flow": flow, "model": model, "outputs": json.dumps(outputs, sort_keys=True), "note": note}],
-                          key=SUMMARY_KEY, description=f"{flow}: model and outputs")
+    create_table_artifact(
+        [{"flow": flow, "model": model, "outputs": json.dumps(outputs, sort_keys=True), "note": note}],
+        key=SUMMARY_KEY,
+        description=f"{flow}: model and outputs",
+    )

@@ -16,7 +16,9 @@ PULL_VERSION = "1"
 VALIDATE_VERSION = "1"
 
 
-@task(name="pull-subject", version=PULL_VERSION, cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=3)
+@task(
+    name="pull-subject", version=PULL_VERSION, cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=3
+)
 @tracked  # the DVC remote on S3 that does not answer: exit 6 naming S3
 def pull_subject(customer: str, subject: str, rev: str | None = None) -> dict:
     s = settings()
@@ -33,16 +35,28 @@ def validate_subject(snapshot: dict) -> dict:
     s = settings()
     report_dir = s.state_dir / "reports" / "validation" / snapshot["customer"] / snapshot["subject"] / snapshot["rev"][:12]
     label = f"{snapshot['customer']}/{snapshot['subject']}"
-    report = validate_subject_images(snapshot["path"], s.images, report_dir, label=label, docs_root=s.data_docs_root,
-                                     run_name=f"{label}@{snapshot['rev'][:12]}")
-    rows = [{"file": f["file"], "format": f["format"], "size": f"{f['width']}x{f['height']}", "ok": all(x[0] != f["file"] for x in report.failures)}
-            for f in report.facts]
-    create_table_artifact(rows, key=f"validation-{snapshot['customer']}-{snapshot['subject']}",
-                          description=f"Photos of {snapshot['customer']}/{snapshot['subject']} (data docs: {report.data_docs})")
+    report = validate_subject_images(
+        snapshot["path"], s.images, report_dir, label=label, docs_root=s.data_docs_root, run_name=f"{label}@{snapshot['rev'][:12]}"
+    )
+    rows = [
+        {
+            "file": f["file"],
+            "format": f["format"],
+            "size": f"{f['width']}x{f['height']}",
+            "ok": all(x[0] != f["file"] for x in report.failures),
+        }
+        for f in report.facts
+    ]
+    create_table_artifact(
+        rows,
+        key=f"validation-{snapshot['customer']}-{snapshot['subject']}",
+        description=f"Photos of {snapshot['customer']}/{snapshot['subject']} (data docs: {report.data_docs})",
+    )
     if not report.success:
-        create_markdown_artifact("\n".join(["| file | rule | detail |", "|---|---|---|"] +
-                                           [f"| {f} | {r} | {d} |" for f, r, d in report.failures]),
-                                 description="validation failures")
+        create_markdown_artifact(
+            "\n".join(["| file | rule | detail |", "|---|---|---|"] + [f"| {f} | {r} | {d} |" for f, r, d in report.failures]),
+            description="validation failures",
+        )
         raise DataValidationError(f"subject {snapshot['customer']}/{snapshot['subject']}", report.failures, str(report_dir))
     logger().info("validation passed: %d photos; report %s", len(report.facts), report.data_docs)
     return {"success": True, "report_dir": str(report_dir), "data_docs": report.data_docs, "count": len(report.facts)}

@@ -38,12 +38,26 @@ def fingerprint_base_model(path: str, stat_signature: str) -> str:
 @task(name="class-priors", version=VERSIONS["class-priors"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient)
 def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dict) -> dict:
     cfg = TrainConfig(**config)
-    spec = PriorSpec(base_hash, class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed,
-                     cfg.class_sampling.sampler, cfg.class_sampling.steps, cfg.class_sampling.guidance_scale)
+    spec = PriorSpec(
+        base_hash,
+        class_prompt,
+        cfg.num_class_images,
+        cfg.resolution,
+        cfg.class_prior_seed,
+        cfg.class_sampling.sampler,
+        cfg.class_sampling.steps,
+        cfg.class_sampling.guidance_scale,
+    )
     report = progress_logger(f"class priors '{class_prompt}'", spec.count, "images")
     keep_compiles(cfg.class_sampling.compile_mode != "none")
-    prior = ensure_class_priors(settings().priors_cache, spec, Path(base_model), cfg.class_sampling.batch_size,
-                                on_progress=lambda done, total: report(done), compile_mode=cfg.class_sampling.compile_mode)
+    prior = ensure_class_priors(
+        settings().priors_cache,
+        spec,
+        Path(base_model),
+        cfg.class_sampling.batch_size,
+        on_progress=lambda done, total: report(done),
+        compile_mode=cfg.class_sampling.compile_mode,
+    )
     if prior.reused:
         report(spec.count)  # the progress artifact says done, not 0%
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
@@ -64,8 +78,14 @@ def keep_compiles(compiling: bool) -> None:
 def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict, processes: int = 1) -> str:
     """What the trained weights depend on. N processes train with N times the batch, so N is part of
     the key (left out at 1, which keeps the keys of versions registered before it existed)."""
-    inputs = {"base": base_hash, "files": snapshot["files"], "class": snapshot["class_noun"],
-              "priors": prior_key, "config": config, "task": VERSIONS["train-dreambooth"]}
+    inputs = {
+        "base": base_hash,
+        "files": snapshot["files"],
+        "class": snapshot["class_noun"],
+        "priors": prior_key,
+        "config": config,
+        "task": VERSIONS["train-dreambooth"],
+    }
     if processes > 1:
         inputs["processes"] = processes
     return value_hash(inputs)[:24]
@@ -83,23 +103,34 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     keep_compiles(cfg.compile_unet)
     key = training_key(base_hash, snapshot, priors["key"] if priors else None, config, processes)
     work = settings().runs_dir / snapshot["customer"] / key
-    inputs = TrainInputs(Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline",
-                         Path(priors["path"]) if priors else None)
+    inputs = TrainInputs(
+        Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline", Path(priors["path"]) if priors else None
+    )
     done_file, run_file = work / "training.json", work / "mlflow-run.json"
     if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():
         record = json.loads(done_file.read_text())
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
         live_record = json.loads(run_file.read_text()) if run_file.is_file() else {}
         run_id = live_record.get("run_id") if live_record.get("complete") else None  # a curve with gaps is logged again
-        return {"key": key, "output_dir": str(inputs.output_dir), "losses": record["losses"], "steps": record["steps"],
-                "seconds": record.get("seconds", 0.0), "resumed_from": record.get("resumed_from"), "reused": True, "run_id": run_id}
+        return {
+            "key": key,
+            "output_dir": str(inputs.output_dir),
+            "losses": record["losses"],
+            "steps": record["steps"],
+            "seconds": record.get("seconds", 0.0),
+            "resumed_from": record.get("resumed_from"),
+            "reused": True,
+            "run_id": run_id,
+        }
     live = _open_training_run(snapshot, priors, config, key)
     if live is None:  # MLflow did not answer: train anyway, registration logs the whole record (and retries the server)
         live = _Unreported()
     try:
         if processes > 1:
             logger().info("training with %d processes: accelerate launch -m models.dreambooth.launch", processes)
-            result = train_launched(cfg, inputs, processes, on_line=lambda line: logger().info(line) if line.startswith("trained") else None)
+            result = train_launched(
+                cfg, inputs, processes, on_line=lambda line: logger().info(line) if line.startswith("trained") else None
+            )
         else:
             report = progress_logger("DreamBooth training", cfg.max_train_steps, "steps")
 
@@ -118,8 +149,16 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     if result.resumed_from:
         logger().info("resumed from checkpoint at step %d", result.resumed_from)
     logger().info("trained %d steps in %.1f s (%.2f steps/s)", result.step, result.seconds, result.step / max(result.seconds, 1e-9))
-    return {"key": key, "output_dir": str(result.output_dir), "losses": result.losses, "steps": result.step,
-            "seconds": result.seconds, "resumed_from": result.resumed_from, "reused": False, "run_id": live.usable}
+    return {
+        "key": key,
+        "output_dir": str(result.output_dir),
+        "losses": result.losses,
+        "steps": result.step,
+        "seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "reused": False,
+        "run_id": live.usable,
+    }
 
 
 def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: str):
@@ -129,10 +168,20 @@ def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: s
     from atelier.registry.training_run import TrainingRun
 
     customer, subject = snapshot["customer"], snapshot["subject"]
-    facts = {"data.rev": snapshot["rev"], "data.dvc_md5": snapshot["dvc_md5"], "data.files": snapshot["files"],
-             "class_priors.key": priors["key"] if priors else "none", "class_priors.sha256": priors["sha256"] if priors else "none"}
-    tags = {"atelier.customer": customer, "atelier.subject": subject, "atelier.training.key": key,
-            "atelier.data.rev": snapshot["rev"], "atelier.class_priors.key": facts["class_priors.key"]}
+    facts = {
+        "data.rev": snapshot["rev"],
+        "data.dvc_md5": snapshot["dvc_md5"],
+        "data.files": snapshot["files"],
+        "class_priors.key": priors["key"] if priors else "none",
+        "class_priors.sha256": priors["sha256"] if priors else "none",
+    }
+    tags = {
+        "atelier.customer": customer,
+        "atelier.subject": subject,
+        "atelier.training.key": key,
+        "atelier.data.rev": snapshot["rev"],
+        "atelier.class_priors.key": facts["class_priors.key"],
+    }
     s = settings()
     try:
         run = TrainingRun.open(s, customer, subject, tags, config, dataset_inputs(s, customer, subject, facts))
@@ -141,8 +190,9 @@ def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: s
 
         if not unreachable(exc):
             raise
-        logger().warning("MLflow at %s did not answer: training goes on without live metrics; registration logs them",
-                         s.resolved_tracking_uri)
+        logger().warning(
+            "MLflow at %s did not answer: training goes on without live metrics; registration logs them", s.resolved_tracking_uri
+        )
         return None
     logger().info("MLflow run %s takes the training's metrics live", run.run_id)
     return run
@@ -171,9 +221,13 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
 
     cfg = TrainConfig(**config)
     pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler, compile_mode=cfg.sampling.compile_mode)
-    requests = [GenerationRequest(cfg.fill(p, class_noun), cfg.seed + j, cfg.sampling.steps, cfg.sampling.guidance_scale,
-                                  cfg.resolution, cfg.resolution)
-                for p in cfg.sample_prompts for j in range(cfg.samples_per_prompt)]
+    requests = [
+        GenerationRequest(
+            cfg.fill(p, class_noun), cfg.seed + j, cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.resolution, cfg.resolution
+        )
+        for p in cfg.sample_prompts
+        for j in range(cfg.samples_per_prompt)
+    ]
     images = generate(pipe, requests, cfg.sampling.batch_size)
     out = Path(pipeline_dir).parent / "samples"
     with atomic_dir(out, replace=True) as tmp:
@@ -182,7 +236,9 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
             img.save(tmp / f"{i:03d}.png")
             paths.append(f"{i:03d}.png")
         sample_grid(images, cfg.samples_per_prompt).save(tmp / "grid.png")
-        (tmp / "prompts.json").write_text(json.dumps([{"file": p, "prompt": r.prompt, "seed": r.seed} for p, r in zip(paths, requests)], indent=1))
+        (tmp / "prompts.json").write_text(
+            json.dumps([{"file": p, "prompt": r.prompt, "seed": r.seed} for p, r in zip(paths, requests)], indent=1)
+        )
     health = assess(losses, images, settings().gate.min_sample_std)
     logger().info("%d samples written to %s", len(images), out)
     return {"dir": str(out), "files": [str(out / p) for p in paths], "grid": str(out / "grid.png"), "health": health.as_dict()}

@@ -15,8 +15,18 @@ from atelier.kernel.hashing import sha256_file, tree_hash
 from atelier.kernel.workspace import documents_dir, track_folder
 from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
-VERSIONS = {"document-sets": "2", "validate-documents": "1", "evaluate-ocr": "3", "prepare-recogniser": "2", "quantize-recogniser": "3",
-            "compare-speed": "3", "choose-variant": "1", "fit-confidence": "1", "evaluate-engine": "1", "register-ocr": "2"}
+VERSIONS = {
+    "document-sets": "2",
+    "validate-documents": "1",
+    "evaluate-ocr": "3",
+    "prepare-recogniser": "2",
+    "quantize-recogniser": "3",
+    "compare-speed": "3",
+    "choose-variant": "1",
+    "fit-confidence": "1",
+    "evaluate-engine": "1",
+    "register-ocr": "2",
+}
 SETS = ("calibration", "evaluation")
 
 
@@ -29,8 +39,10 @@ def document_sets() -> dict:
     s = settings()
     root = documents_dir(s)
     if all((root / name / "labels.jsonl").is_file() for name in SETS):
-        return {name: {"path": str(root / name), "rev": track_folder(s, root / name, f"document set {name}"),
-                       "sha256": tree_hash(root / name)} for name in SETS}
+        return {
+            name: {"path": str(root / name), "rev": track_folder(s, root / name, f"document set {name}"), "sha256": tree_hash(root / name)}
+            for name in SETS
+        }
     logger().info("no document sets of the workspace's own in %s: the synthetic ones of the documents stage", root)
     rev = reproduce_stage(s, "documents", "synthetic OCR document sets (dvc repro documents)")
     synthetic = root / "synthetic"
@@ -42,8 +54,13 @@ def validate_documents(name: str, document_set: dict) -> dict:
     from atelier.models.validation.document_suite import validate_document_set
 
     report_dir = settings().state_dir / "reports" / "documents" / name / document_set["sha256"][:12]
-    report = validate_document_set(Path(document_set["path"]), report_dir, docs_root=settings().data_docs_root,
-                                   label=f"documents/{name}", run_name=f"documents/{name}@{document_set['sha256'][:12]}")
+    report = validate_document_set(
+        Path(document_set["path"]),
+        report_dir,
+        docs_root=settings().data_docs_root,
+        label=f"documents/{name}",
+        run_name=f"documents/{name}@{document_set['sha256'][:12]}",
+    )
     if not report.success:
         raise DataValidationError(f"document set {name}", report.failures, str(report_dir))
     logger().info("document set %s: %d labelled images pass the suite", name, report.rows)
@@ -75,8 +92,14 @@ def _backend(kind: str, rec: str | None, charset: str | None = None):
 
 
 @task(name="evaluate-ocr", version=VERSIONS["evaluate-ocr"], cache_policy=BY_INPUTS)
-def evaluate(backend: str, document_set: dict, rec: str | None = None, charset: str | None = None,
-             rec_sha256: str | None = None, label: str | None = None) -> dict:  # noqa: ARG001 (rec_sha256: cache key)
+def evaluate(
+    backend: str,
+    document_set: dict,
+    rec: str | None = None,
+    charset: str | None = None,
+    rec_sha256: str | None = None,
+    label: str | None = None,
+) -> dict:  # noqa: ARG001 (rec_sha256: cache key)
     """CER per language (language given, as a user who knows it would) and lines/s of one backend on a set's lines."""
     from atelier.models.ocr.evaluate import evaluate_lines, load_set
 
@@ -84,10 +107,18 @@ def evaluate(backend: str, document_set: dict, rec: str | None = None, charset: 
     result = evaluate_lines(_backend(backend, rec, charset).read_lines, records, images)
     label = label or backend
     logger().info("%s: overall CER %.2f%% at %.1f lines/s", label, 100 * result.summary["overall"]["cer"], result.lines_per_s)
-    create_table_artifact([{"language": k, "cer_percent": round(100 * v["cer"], 2), "lines": v["lines"], "exact": round(v["exact"], 3)}
-                           for k, v in result.summary.items()], description=f"CER per language: {label}")
-    return {"summary": result.summary, "lines_per_s": result.lines_per_s,
-            "rows": [{k: r[k] for k in ("file", "lang", "confidence", "exact")} for r in result.rows]}
+    create_table_artifact(
+        [
+            {"language": k, "cer_percent": round(100 * v["cer"], 2), "lines": v["lines"], "exact": round(v["exact"], 3)}
+            for k, v in result.summary.items()
+        ],
+        description=f"CER per language: {label}",
+    )
+    return {
+        "summary": result.summary,
+        "lines_per_s": result.lines_per_s,
+        "rows": [{k: r[k] for k in ("file", "lang", "confidence", "exact")} for r in result.rows],
+    }
 
 
 @task(name="prepare-recogniser", version=VERSIONS["prepare-recogniser"], cache_policy=BY_INPUTS)
@@ -111,7 +142,9 @@ def quantize(calibration: dict, fp32: dict, charset: str | None, langs: list[str
     _, images = load_set(Path(calibration["path"]), langs=tuple(langs) or None)
     out = settings().state_dir / "ocr" / calibration["sha256"][:12] / f"rec-int8-{cfg.method.lower()}-{fp32['sha256'][:12]}.onnx"
     quantize_model(Path(fp32["path"]), out, cfg, images, PPOCR(Path(fp32["path"]), Path(charset) if charset else None).preprocess_line)
-    logger().info("int8 recogniser written to %s (%.1f MB, fp32 %.1f MB)", out, out.stat().st_size / 1e6, Path(fp32["path"]).stat().st_size / 1e6)
+    logger().info(
+        "int8 recogniser written to %s (%.1f MB, fp32 %.1f MB)", out, out.stat().st_size / 1e6, Path(fp32["path"]).stat().st_size / 1e6
+    )
     return {"path": str(out), "sha256": sha256_file(out), "config": asdict(cfg)}
 
 
@@ -128,8 +161,13 @@ def compare_speed(document_set: dict, variants: dict[str, str], charset: str | N
     readers = {k: PPOCR(Path(v), Path(charset) if charset else None).read_lines for k, v in variants.items()}
     speed = measure(readers, images, repeats)
     cpu = cpu_signature()
-    logger().info("recognition on %s, median of %d interleaved passes over %d lines: %s", cpu, repeats, len(images),
-                  ", ".join(f"{k} {v:.1f} lines/s" for k, v in speed.items()))
+    logger().info(
+        "recognition on %s, median of %d interleaved passes over %d lines: %s",
+        cpu,
+        repeats,
+        len(images),
+        ", ".join(f"{k} {v:.1f} lines/s" for k, v in speed.items()),
+    )
     return {"speed": speed, "cpu": cpu}
 
 
@@ -146,9 +184,13 @@ def choose_variant(fp32: dict, int8: dict, timing: dict, langs: list[str]) -> di
     held = evaluate_ocr({"cer_fp32": cer_of(fp32), "cer_served": cer_of(int8), "served": "int8", "langs": langs}, rules)
     served = choose({"fp32": speed[fp32_form], **({"int8": speed["int8"]} if held.passed else {})}, rules.min_speedup)
     ratio = speed["int8"] / max(speed[fp32_form], 1e-9)
-    why = (f"int8 holds accuracy and runs {ratio:.2f}x the fp32 {fp32_form} here" if served == "int8" else
-           f"int8 loses accuracy ({'; '.join(held.reasons)})" if not held.passed else
-           f"int8 runs {ratio:.2f}x the fp32 {fp32_form} here, under gate.ocr.min_speedup {rules.min_speedup:.2f}x")
+    why = (
+        f"int8 holds accuracy and runs {ratio:.2f}x the fp32 {fp32_form} here"
+        if served == "int8"
+        else f"int8 loses accuracy ({'; '.join(held.reasons)})"
+        if not held.passed
+        else f"int8 runs {ratio:.2f}x the fp32 {fp32_form} here, under gate.ocr.min_speedup {rules.min_speedup:.2f}x"
+    )
     logger().info("serving the %s recogniser on %s: %s", served, timing["cpu"], why)
     return {"served": served, "fp32_form": fp32_form, "why": why, "min_speedup": rules.min_speedup}
 
@@ -180,7 +222,9 @@ def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confi
     engine = load_engine({k: Path(v) for k, v in files.items()}, spec, confidence)
     out: dict = {}
     for mode in ("no_hint", "hint"):
-        rows = [{"path": str(root / r["file"]), "lang": r["lang"] if mode == "hint" else None, "kind": r.get("kind", "line")} for r in labels]
+        rows = [
+            {"path": str(root / r["file"]), "lang": r["lang"] if mode == "hint" else None, "kind": r.get("kind", "line")} for r in labels
+        ]
         t0 = time.perf_counter()
         read = read_documents(engine, rows)
         seconds = time.perf_counter() - t0
@@ -193,16 +237,28 @@ def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confi
                 confusion[key] = confusion.get(key, 0) + 1
             out["confusion"] = [{"language": a, "identified_as": b, "images": n} for (a, b), n in sorted(confusion.items())]
             out["router_accuracy"] = sum(n for (a, b), n in confusion.items() if a == b) / max(len(labels), 1)
-    logger().info("routed engine on %d images: no language given %.2f%% CER at %.1f images/s (router %.1f%% right); "
-                  "language given %.2f%% at %.1f images/s", len(labels), 100 * out["no_hint"]["summary"]["overall"]["cer"],
-                  out["no_hint"]["images_per_s"], 100 * out["router_accuracy"], 100 * out["hint"]["summary"]["overall"]["cer"],
-                  out["hint"]["images_per_s"])
+    logger().info(
+        "routed engine on %d images: no language given %.2f%% CER at %.1f images/s (router %.1f%% right); "
+        "language given %.2f%% at %.1f images/s",
+        len(labels),
+        100 * out["no_hint"]["summary"]["overall"]["cer"],
+        out["no_hint"]["images_per_s"],
+        100 * out["router_accuracy"],
+        100 * out["hint"]["summary"]["overall"]["cer"],
+        out["hint"]["images_per_s"],
+    )
     create_table_artifact(out["confusion"], description="OCR router: language given in the labels vs identified with no hint")
     return out
 
 
-@task(name="register-ocr", version=VERSIONS["register-ocr"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=5)
+@task(
+    name="register-ocr",
+    version=VERSIONS["register-ocr"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=5,
+)
 @tracked
 def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
     from atelier.registry.ocr import register_ocr
@@ -230,8 +286,9 @@ def routes(evaluations: dict[str, dict], first_pass: str = "ppocr", probes: tupl
     """The routing table (as a dict) from backend -> evaluation results."""
     from atelier.models.ocr.router import choose_routes
 
-    return choose_routes({k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()},
-                         first_pass, probes).to_dict()
+    return choose_routes(
+        {k: cer_of(v) for k, v in evaluations.items()}, {k: v["lines_per_s"] for k, v in evaluations.items()}, first_pass, probes
+    ).to_dict()
 
 
 def glm_weights() -> tuple[str, str] | None:

@@ -19,17 +19,36 @@ VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"
 
 
 # a tracking server that is away gets three more tries over about 45 s (it may be restarting)
-@task(name="register-model", version=VERSIONS["register-model"], cache_policy=UNCACHED, retries=3, retry_condition_fn=retry_transient,
-      retry_delay_seconds=[3, 10, 30])
+@task(
+    name="register-model",
+    version=VERSIONS["register-model"],
+    cache_policy=UNCACHED,
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[3, 10, 30],
+)
 @tracked
 def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
     cfg = TrainConfig(**config)
     # one value each: under "validation/" (sample health, the judge's scores), below the "train/" curves in the UI
     metrics = {f"validation/health_{k}": float(v) for k, v in samples["health"].items()}
     metrics.update({"train/seconds": float(training["seconds"]), "train/steps": float(training["steps"])})
-    reg = register_dreambooth(settings(), customer, subject, Path(training["output_dir"]), lineage, config,
-                              training["losses"], metrics, [Path(p) for p in samples["files"]], Path(samples["grid"]),
-                              cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.guidance_scale, training.get("run_id"))
+    reg = register_dreambooth(
+        settings(),
+        customer,
+        subject,
+        Path(training["output_dir"]),
+        lineage,
+        config,
+        training["losses"],
+        metrics,
+        [Path(p) for p in samples["files"]],
+        Path(samples["grid"]),
+        cfg.sampling.sampler,
+        cfg.sampling.steps,
+        cfg.sampling.guidance_scale,
+        training.get("run_id"),
+    )
     if reg.reused:
         logger().info("these training outputs are already registered as %s version %s; not registering again", reg.name, reg.version)
     else:
@@ -47,30 +66,56 @@ def link_to_mlflow(name: str, version: str, run_id: str) -> None:
         create_link_artifact(link, link_text=text, description=description)
 
 
-@task(name="promotion-gate", version=VERSIONS["promotion-gate"], cache_policy=UNCACHED, retries=2,
-      retry_condition_fn=retry_transient, retry_delay_seconds=5)
+@task(
+    name="promotion-gate",
+    version=VERSIONS["promotion-gate"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=5,
+)
 @tracked
 def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> dict:
     """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
-    result = promote(client_for(s), open_ledger(s), registered["name"], registered["version"],
-                     actor=f"{s.actor} via {flow_name}", reason=f"new version from the {flow_name} flow",
-                     rules=s.gate, flow_run_id=flow_run_id)
+    result = promote(
+        client_for(s),
+        open_ledger(s),
+        registered["name"],
+        registered["version"],
+        actor=f"{s.actor} via {flow_name}",
+        reason=f"new version from the {flow_name} flow",
+        rules=s.gate,
+        flow_run_id=flow_run_id,
+    )
     record_gate_on_card(client_for(s), registered["name"], registered["version"], {"passed": result.passed, "reasons": result.reasons})
     checks = json.loads(result.row.gate)["checks"]
     lines = [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in checks]
-    create_markdown_artifact("\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
-                             description=f"promotion gate for {registered['name']} v{registered['version']}")
+    create_markdown_artifact(
+        "\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
+        description=f"promotion gate for {registered['name']} v{registered['version']}",
+    )
     if result.passed:
         logger().info("gate passed: %s v%s is champion (ledger row %d)", result.model, result.version, result.row.seq)
     else:
-        logger().warning("gate refused %s v%s: %s; champion stays %s", result.model, result.version,
-                         "; ".join(result.reasons), result.champion or "(none)")
+        logger().warning(
+            "gate refused %s v%s: %s; champion stays %s",
+            result.model,
+            result.version,
+            "; ".join(result.reasons),
+            result.champion or "(none)",
+        )
     return {"passed": result.passed, "reasons": result.reasons, "champion": result.champion, "ledger_seq": result.row.seq}
 
 
-@task(name="find-registered", version=VERSIONS["find-registered"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=5)
+@task(
+    name="find-registered",
+    version=VERSIONS["find-registered"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=5,
+)
 @tracked
 def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
     """The version already registered from exactly these inputs (training key), or None; its `gate` is
@@ -86,8 +131,14 @@ def find_registered(customer: str, subject: str, training_key: str) -> dict | No
     return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "run_id": mv.run_id, "gate": gate}
 
 
-@task(name="audit-ledger", version=VERSIONS["audit-ledger"], cache_policy=UNCACHED, retries=2, retry_condition_fn=retry_transient,
-      retry_delay_seconds=10)
+@task(
+    name="audit-ledger",
+    version=VERSIONS["audit-ledger"],
+    cache_policy=UNCACHED,
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=10,
+)
 @tracked
 def audit_ledger(restore: bool = False) -> dict:
     """Reconcile, verify, and with `restore` put drifted aliases back; problems are logged by name."""

@@ -34,11 +34,15 @@ from atelier.kernel.errors import AtelierError
 # behaviour on construction, each rebuilt by a function of ours from plain JSON, and the project's own
 # result data classes (`result_type`). Nothing else is constructed, called or imported.
 _VALUE_TYPES: dict[str, Callable[[Any], Any]] = {
-    **{f"pathlib.{name}": (lambda data, cls=getattr(pathlib, name): cls(str(data)))
-       for name in ("Path", "PosixPath", "PurePath", "PurePosixPath")},
+    **{
+        f"pathlib.{name}": (lambda data, cls=getattr(pathlib, name): cls(str(data)))
+        for name in ("Path", "PosixPath", "PurePath", "PurePosixPath")
+    },
     # pydantic parses what Prefect's encoder (pydantic's) wrote: ISO 8601 times and durations, numbers as text
-    **{f"{cls.__module__}.{cls.__qualname__}": (lambda data, cls=cls: _parse(cls, data))
-       for cls in (datetime.datetime, datetime.date, datetime.timedelta, uuid.UUID, decimal.Decimal)},
+    **{
+        f"{cls.__module__}.{cls.__qualname__}": (lambda data, cls=cls: _parse(cls, data))
+        for cls in (datetime.datetime, datetime.date, datetime.timedelta, uuid.UUID, decimal.Decimal)
+    },
     "builtins.set": lambda data: set(_plain_list(data)),
     "builtins.frozenset": lambda data: frozenset(_plain_list(data)),
     "builtins.tuple": lambda data: tuple(_plain_list(data)),
@@ -93,8 +97,12 @@ class UnsafeResult(AtelierError):
     exit_code = 5
 
     def __init__(self, problem: str, record: str = "stored task result") -> None:
-        super().__init__(record, problem, "check who can write to the result store (PREFECT_RESULTS / the prefect-results/ "
-                         "prefix); remove the object (or rerun with --refresh) to recompute it")
+        super().__init__(
+            record,
+            problem,
+            "check who can write to the result store (PREFECT_RESULTS / the prefect-results/ "
+            "prefix); remove the object (or rerun with --refresh) to recompute it",
+        )
         logging.getLogger("atelier.results").warning("refused a stored task result: %s", self)
 
 
@@ -160,11 +168,15 @@ class AtelierJSONSerializer(JSONSerializer):
 
 def _check_serializer(spec: Any, where: str) -> None:
     expected = AtelierJSONSerializer()
-    ok = (isinstance(spec, dict) and spec.get("type") == expected.type
-          and spec.get("jsonlib", expected.jsonlib) == expected.jsonlib
-          and spec.get("object_decoder", expected.object_decoder) == expected.object_decoder
-          and spec.get("object_encoder", expected.object_encoder) == expected.object_encoder
-          and not spec.get("loads_kwargs") and not spec.get("dumps_kwargs"))
+    ok = (
+        isinstance(spec, dict)
+        and spec.get("type") == expected.type
+        and spec.get("jsonlib", expected.jsonlib) == expected.jsonlib
+        and spec.get("object_decoder", expected.object_decoder) == expected.object_decoder
+        and spec.get("object_encoder", expected.object_encoder) == expected.object_encoder
+        and not spec.get("loads_kwargs")
+        and not spec.get("dumps_kwargs")
+    )
     if not ok:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
         raise UnsafeResult(f"{where} asks for serializer {kind!r} with settings Atelier never writes; refused before decoding it")

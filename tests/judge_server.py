@@ -55,11 +55,16 @@ def make_app(judge) -> FastAPI:
         logprobs = None
         if body.get("logprobs") and top:
             first = max(top, key=top.get)
-            logprobs = {"content": [{"token": first, "logprob": top[first],
-                                     "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()]}]}
-        return {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10 + 64 * len(images), "completion_tokens": 3, "total_tokens": 13 + 64 * len(images)}}
+            logprobs = {
+                "content": [{"token": first, "logprob": top[first], "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()]}]
+            }
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10 + 64 * len(images), "completion_tokens": 3, "total_tokens": 13 + 64 * len(images)},
+        }
 
     return app
 

@@ -17,13 +17,24 @@ from pathlib import Path
 
 def main(folder: str) -> None:
     root = Path(folder)
-    (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
-                                   "admin_username = atelier-ops\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                                   "grant_default_workspace_access = false\n")
-    os.environ.update({"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": "platform-pw-123456",
-                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32, "_MLFLOW_SGI_NAME": "uvicorn", "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
-                       "_MLFLOW_SERVER_FILE_STORE": f"sqlite:///{root / 'mlflow.db'}", "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
-                       "_MLFLOW_SERVER_ARTIFACT_ROOT": str(root / "artifacts"), "_MLFLOW_SERVER_SERVE_ARTIFACTS": "false"})
+    (root / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        "admin_username = atelier-ops\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+    os.environ.update(
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "platform-pw-123456",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+            "_MLFLOW_SGI_NAME": "uvicorn",
+            "MLFLOW_BASIC_AUTH_FAIL_CLOSED": "true",
+            "_MLFLOW_SERVER_FILE_STORE": f"sqlite:///{root / 'mlflow.db'}",
+            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "_MLFLOW_SERVER_ARTIFACT_ROOT": str(root / "artifacts"),
+            "_MLFLOW_SERVER_SERVE_ARTIFACTS": "false",
+        }
+    )
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
     from starlette.routing import Mount
@@ -49,7 +60,10 @@ def main(folder: str) -> None:
             else:  # FastAPI's included router
                 inner = getattr(route, "router", None) or getattr(route, "original_router", None)
                 context = getattr(route, "include_context", None)
-                walk(inner.routes if inner is not None else [], prefix + (getattr(context, "prefix", "") or getattr(route, "prefix", "") or ""))
+                walk(
+                    inner.routes if inner is not None else [],
+                    prefix + (getattr(context, "prefix", "") or getattr(route, "prefix", "") or ""),
+                )
 
     walk(app.app.routes)
     client = TestClient(app, raise_server_exceptions=False)
@@ -57,7 +71,11 @@ def main(folder: str) -> None:
     for method, rule in sorted(routes | native):
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>|\{([^}:]+)(?::[^}]+)?\}", lambda m: "x1", rule) or "/"
         results = {}
-        for who, auth in (("customer", ("acme", "acme-pw-123456")), ("anonymous", None), ("platform", ("atelier-ops", "platform-pw-123456"))):
+        for who, auth in (
+            ("customer", ("acme", "acme-pw-123456")),
+            ("anonymous", None),
+            ("platform", ("atelier-ops", "platform-pw-123456")),
+        ):
             if who == "platform" and (method, rule) not in native:
                 continue  # the platform's Flask calls are the server's own business; only the switched-off features are asked
             resp = client.request(method, path, auth=auth, json={} if method in ("POST", "PUT", "PATCH") else None)
@@ -70,11 +88,13 @@ def main(folder: str) -> None:
 def snapshot(routes: dict[str, dict[str, bool]]) -> str:
     """One line per route: who gets past the policy layer (customer, anonymous; platform or off for the
     native FastAPI routes). tests/mlflow_routes.txt holds the decided table."""
+
     def who(result: dict[str, bool]) -> str:
         reached = [w for w in ("anonymous", "customer") if result.get(w)]
         if "platform" in result:
             reached.append("platform" if result["platform"] else "off")
         return ",".join(reached) or "platform"
+
     return "".join(f"{route}  {who(result)}\n" for route, result in sorted(routes.items()))
 
 

@@ -55,16 +55,24 @@ class Stack:
         self.ws = root / "ws"
         self.prefix = f"atelier_it_{os.getpid()}"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ATELIER_", "AWS_"))}
-        base.update({"ATELIER_WORKSPACE": str(self.ws), "ATELIER_STACK__DATABASE_PREFIX": self.prefix,
-                     "ATELIER_STACK__PREFECT_PORT": str(_free_port()), "ATELIER_STACK__MLFLOW_PORT": str(_free_port()),
-                     "ATELIER_STACK__S3_PORT": str(_free_port()), "ATELIER_STACK__S3_INTERNAL_PORT": str(_free_port_run(7)),
-                     "ATELIER_STACK__WORKER_LIMIT": "1",
-                     "PREFECT_LOGGING_LEVEL": "INFO"})
+        base.update(
+            {
+                "ATELIER_WORKSPACE": str(self.ws),
+                "ATELIER_STACK__DATABASE_PREFIX": self.prefix,
+                "ATELIER_STACK__PREFECT_PORT": str(_free_port()),
+                "ATELIER_STACK__MLFLOW_PORT": str(_free_port()),
+                "ATELIER_STACK__S3_PORT": str(_free_port()),
+                "ATELIER_STACK__S3_INTERNAL_PORT": str(_free_port_run(7)),
+                "ATELIER_STACK__WORKER_LIMIT": "1",
+                "PREFECT_LOGGING_LEVEL": "INFO",
+            }
+        )
         self.env = base
 
     def run(self, *args: str, check: bool = True, extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(args), env={**self.env, **(extra or {})}, capture_output=True, text=True, timeout=timeout,
-                              cwd=self.ws.parent)
+        done = subprocess.run(
+            list(args), env={**self.env, **(extra or {})}, capture_output=True, text=True, timeout=timeout, cwd=self.ws.parent
+        )
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args[:4])} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return done
@@ -77,8 +85,13 @@ class Stack:
     def s3(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.env["ATELIER_S3_ENDPOINT_URL"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
 
     def keys(self, prefix: str) -> list[str]:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
@@ -110,6 +123,7 @@ class Stack:
         record = json.loads((self.ws / ".atelier" / "stack" / f"{service}.json").read_text())
         os.killpg(record["pid"], signal.SIGKILL)
 
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     if not _postgres_up():
@@ -120,7 +134,9 @@ def stack(tmp_path_factory):
         up = s.run(ATELIER, "up")
         print(f"atelier up: {time.perf_counter() - t0:.1f} s\n{up.stdout}")
         assert "worker   running" in up.stdout
-        assert not any(secret in up.stdout + up.stderr for secret in json.loads((s.ws / ".atelier/stack/secrets.json").read_text()).values())
+        assert not any(
+            secret in up.stdout + up.stderr for secret in json.loads((s.ws / ".atelier/stack/secrets.json").read_text()).values()
+        )
         s.load_env_file()
         s.run(ATELIER, "init")
         from atelier.cli.demo_data import write_demo_photos

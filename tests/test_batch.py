@@ -21,18 +21,20 @@ CUSTOMER, SUBJECT = "batchco", "robot"
 
 
 def test_manifest_names_each_bad_line_and_keeps_the_good_ones():
-    text = "\n".join([
-        json.dumps({"id": "a", "prompt": "a sks toy", "seed": 3, "size": [64, 48], "steps": 4}),
-        "{not json",
-        json.dumps({"id": "a", "prompt": "again"}),
-        json.dumps({"prompt": "no id"}),
-        json.dumps({"id": "../../etc/passwd", "prompt": "x"}),
-        json.dumps({"id": "b", "prompt": "p", "size": 60}),
-        json.dumps({"id": "c", "prompt": "p", "colour": "red"}),
-        json.dumps({"id": "d", "prompt": "p", "steps": 2.5}),
-        "",
-        json.dumps({"id": "e", "prompt": "fine"}),
-    ])
+    text = "\n".join(
+        [
+            json.dumps({"id": "a", "prompt": "a sks toy", "seed": 3, "size": [64, 48], "steps": 4}),
+            "{not json",
+            json.dumps({"id": "a", "prompt": "again"}),
+            json.dumps({"prompt": "no id"}),
+            json.dumps({"id": "../../etc/passwd", "prompt": "x"}),
+            json.dumps({"id": "b", "prompt": "p", "size": 60}),
+            json.dumps({"id": "c", "prompt": "p", "colour": "red"}),
+            json.dumps({"id": "d", "prompt": "p", "steps": 2.5}),
+            "",
+            json.dumps({"id": "e", "prompt": "fine"}),
+        ]
+    )
     items, invalid = parse_generation_manifest(text)
     assert [i.id for i in items] == ["a", "e"]
     assert (items[0].width, items[0].height, items[0].seed) == (64, 48, 3)
@@ -93,8 +95,11 @@ def _promote(workspace, name: str, version: str) -> None:
 
 
 def manifest(path: Path, n: int, steps: int = 4, start: int = 0) -> Path:
-    path.write_text("".join(json.dumps({"id": f"item-{i:03d}", "prompt": f"a sks toy number {i}", "steps": steps}) + "\n"
-                            for i in range(start, start + n)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"item-{i:03d}", "prompt": f"a sks toy number {i}", "steps": steps}) + "\n" for i in range(start, start + n)
+        )
+    )
     return path
 
 
@@ -106,9 +111,25 @@ def records(out: Path) -> dict[str, dict]:
 def test_a_batch_for_another_customers_model_is_refused_before_any_run(versions, workspace, tmp_path):
     """Exit 2 with one line naming the owner, no Prefect run and no traceback (it was a failed flow run)."""
     name, _, _ = versions
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "batch-generate", "globex", "widget", "--model", f"{name}@champion",
-                           "--manifest", str(manifest(tmp_path / "m.jsonl", 1)), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atelier.cli",
+            "batch-generate",
+            "globex",
+            "widget",
+            "--model",
+            f"{name}@champion",
+            "--manifest",
+            str(manifest(tmp_path / "m.jsonl", 1)),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and f"belongs to customer {CUSTOMER!r}" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr and not (tmp_path / "out").exists()
 
@@ -123,8 +144,25 @@ def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, work
     m = manifest(tmp_path / "m.jsonl", 16, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "batch-generate", CUSTOMER, SUBJECT, "--manifest", str(m),
-                             "--out", str(out), "--batch-size", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atelier.cli",
+            "batch-generate",
+            CUSTOMER,
+            SUBJECT,
+            "--manifest",
+            str(m),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "items").glob("*.json"))) < 3:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -200,8 +238,12 @@ def moto_s3(monkeypatch):
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "ATELIER_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "ATELIER_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
         monkeypatch.setenv(key, value)
     import boto3
 
@@ -256,9 +298,26 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     # the command: a batch with items not done is exit 7 (not 0), each one named by the user's path
     from prefect.settings import PREFECT_API_URL
 
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "batch-ocr", str(docs), "--out", str(tmp_path / "cli"), "--model",
-                           f"ocr/{reg.version}", "--lang", "en", "--lines"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atelier.cli",
+            "batch-ocr",
+            str(docs),
+            "--out",
+            str(tmp_path / "cli"),
+            "--model",
+            f"ocr/{reg.version}",
+            "--lang",
+            "en",
+            "--lines",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
     assert done.returncode == 7, done.stdout + done.stderr[-3000:]
     assert f"not done: {docs}/broken.png" in done.stderr and "1 item(s) of the batch" in done.stderr and "Traceback" not in done.stderr
 
@@ -272,14 +331,27 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
     from atelier.flows.runs import recent_runs
 
     sched = tmp_path / "schedules.yaml"
-    sched.write_text(yaml.safe_dump({
-        "retrain": [{"customer": CUSTOMER, "subject": SUBJECT, "cron": "0 3 * * *"}],
-        "batch_generate": [{"customer": CUSTOMER, "subject": SUBJECT, "manifest": str(manifest(tmp_path / "m.jsonl", 2)),
-                            "out": str(tmp_path / "sched-{date}"), "cron": "0 2 * * *"}],
-        "ocr_recalibrate": {"cron": "0 4 * * 0"}}))
+    sched.write_text(
+        yaml.safe_dump(
+            {
+                "retrain": [{"customer": CUSTOMER, "subject": SUBJECT, "cron": "0 3 * * *"}],
+                "batch_generate": [
+                    {
+                        "customer": CUSTOMER,
+                        "subject": SUBJECT,
+                        "manifest": str(manifest(tmp_path / "m.jsonl", 2)),
+                        "out": str(tmp_path / "sched-{date}"),
+                        "cron": "0 2 * * *",
+                    }
+                ],
+                "ocr_recalibrate": {"cron": "0 4 * * 0"},
+            }
+        )
+    )
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "deploy", "--file", str(sched)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "deploy", "--file", str(sched)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with get_client(sync_client=True) as client:
         retrain = client.read_deployment_by_name(f"subject-finetune/retrain-{CUSTOMER}-{SUBJECT}")
@@ -289,8 +361,9 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
         assert retrain.parameters["skip_if_unchanged"] is True
         client.read_deployment_by_name("ocr-calibrate/ocr-recalibrate")
 
-    worker = subprocess.Popen([sys.executable, "-m", "atelier.cli", "worker", "--file", str(sched)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "atelier.cli", "worker", "--file", str(sched)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         run = run_deployment(f"subject-finetune/retrain-{CUSTOMER}-{SUBJECT}", timeout=240)
         assert run.state.is_completed(), run.state
@@ -307,6 +380,13 @@ def test_deployments_are_served_by_the_worker_and_a_triggered_retrain_is_a_noop(
     assert rows[str(run.id)]["deployment"] == f"retrain-{CUSTOMER}-{SUBJECT}"
     assert rows[str(gen.id)]["model"].startswith(f"dreambooth-{CUSTOMER}-{SUBJECT}/") and "manifest.jsonl" in rows[str(gen.id)]["outputs"]
     assert len(list(tmp_path.glob("sched-*/images/*.png"))) == 2
-    shown = subprocess.run([sys.executable, "-m", "atelier.cli", "runs", "--flow", "subject-finetune", "--limit", "5"], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and f"retrain-{CUSTOMER}-{SUBJECT}" in shown.stdout and "no-op" in shown.stdout, shown.stdout + shown.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "runs", "--flow", "subject-finetune", "--limit", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and f"retrain-{CUSTOMER}-{SUBJECT}" in shown.stdout and "no-op" in shown.stdout, (
+        shown.stdout + shown.stderr
+    )

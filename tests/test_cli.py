@@ -57,8 +57,12 @@ def test_finetune_bad_config_key_exits_non_zero(workspace, tmp_path):
     """In a real process: exit code and a one-line error, no traceback."""
     config = tmp_path / "c.yaml"
     config.write_text("max_steps: 10\n")
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "finetune", "acme", "robot", "--config", str(config)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "finetune", "acme", "robot", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "max_steps" in done.stderr and "Traceback" not in done.stderr
 

@@ -30,11 +30,32 @@ def priors(tiny_model, tmp_path_factory):
 
 def _launch(tiny_model, photos, priors, work, result, processes, step_budget=None):
     # torchrun: accelerate picks up its environment and uses gloo on the CPU
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "atelier.models.dreambooth.launch",
-           "--config", str(TINY_CONFIG), "--overrides", json.dumps({**COMMON, "train_batch_size": 1}),
-           "--base", str(tiny_model), "--instance", str(photos[0].parent), "--class-dir", str(priors),
-           "--class-noun", "toy", "--work", str(work), "--result", str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "atelier.models.dreambooth.launch",
+        "--config",
+        str(TINY_CONFIG),
+        "--overrides",
+        json.dumps({**COMMON, "train_batch_size": 1}),
+        "--base",
+        str(tiny_model),
+        "--instance",
+        str(photos[0].parent),
+        "--class-dir",
+        str(priors),
+        "--class-noun",
+        "toy",
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+    ]
     if step_budget:
         cmd += ["--step-budget", str(step_budget)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,16 +99,21 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny_model, photos, priors, 
     _assert_same_weights(_unet(straight.output_dir), _unet(resumed.output_dir), _unet(tiny_model), cfg.learning_rate)
 
 
-def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_the_whole_batch(tiny_model, photos, priors, tmp_path, tiny_config):
+def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_the_whole_batch(
+    tiny_model, photos, priors, tmp_path, tiny_config
+):
     from atelier.models.dreambooth.launch import train_launched
     from atelier.tasks.dreambooth import training_key
 
-    single = train(tiny_config.model_copy(update={**COMMON, "train_batch_size": 2}),
-                   TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "one", tmp_path / "one" / "pipeline", priors))
+    single = train(
+        tiny_config.model_copy(update={**COMMON, "train_batch_size": 2}),
+        TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "one", tmp_path / "one" / "pipeline", priors),
+    )
     lines: list[str] = []
     cfg = tiny_config.model_copy(update={**COMMON, "train_batch_size": 1})
-    launched = train_launched(cfg, TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "acc", tmp_path / "acc" / "pipeline", priors),
-                              2, lines.append)
+    launched = train_launched(
+        cfg, TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "acc", tmp_path / "acc" / "pipeline", priors), 2, lines.append
+    )
     assert launched.finished and launched.step == STEPS and launched.output_dir == tmp_path / "acc" / "pipeline"
     assert "trained 4 steps with 2 processes" in lines
     assert launched.losses == pytest.approx(single.losses, rel=1e-4)

@@ -20,14 +20,18 @@ def _compose() -> dict:
 
 
 def test_compose_file_follows_the_compose_specification():
-    done = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DOCKER / "compose.yaml")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DOCKER / "compose.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_dockerfiles_pass_hadolint():
-    done = subprocess.run([str(BIN / "hadolint"), str(DOCKER / "Dockerfile.worker"), str(DOCKER / "Dockerfile.trainer")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "hadolint"), str(DOCKER / "Dockerfile.worker"), str(DOCKER / "Dockerfile.trainer")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -47,8 +51,10 @@ def test_compose_gives_clients_the_settings_that_atelier_up_writes(settings):
         assert f"CREATE DATABASE {db};" in init
         assert any(db in str(v) for v in (env["ATELIER_LEDGER_URL"], mlflow["environment"], compose["services"]["prefect"]["environment"]))
     # the same bucket layout as `atelier up`: mlflow/, dvc/, prefect-results/
-    assert compose["services"]["mlflow"]["command"][compose["services"]["mlflow"]["command"].index("--default-artifact-root") + 1] \
+    assert (
+        compose["services"]["mlflow"]["command"][compose["services"]["mlflow"]["command"].index("--default-artifact-root") + 1]
         == env["ATELIER_ARTIFACT_ROOT"]
+    )
     assert all(env[k].startswith("s3://atelier/") for k in ("ATELIER_ARTIFACT_ROOT", "ATELIER_DVC_REMOTE", "ATELIER_PREFECT_RESULTS"))
 
 

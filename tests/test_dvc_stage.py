@@ -23,14 +23,27 @@ def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
     ws = workspace.workspace
     reproduce_stage(workspace, "class_priors", "class priors (test)")
     params = yaml.safe_load((ws / "params.yaml").read_text())["class_priors"]["toy"]
-    spec = PriorSpec(model_hash(workspace.tiny_model_dir), params["prompt"], params["count"], params["resolution"],
-                     params["seed"], params["sampler"], params["steps"], params["guidance"])
+    spec = PriorSpec(
+        model_hash(workspace.tiny_model_dir),
+        params["prompt"],
+        params["count"],
+        params["resolution"],
+        params["seed"],
+        params["sampler"],
+        params["steps"],
+        params["guidance"],
+    )
     cached = ensure_class_priors(tmp_path, spec, workspace.tiny_model_dir)
     staged = {k: v for k, v in file_hashes(ws / "data" / "class-priors" / "toy").items() if k.endswith(".png")}
     assert staged and staged == {k: v for k, v in file_hashes(cached.path).items() if k.endswith(".png")}
     assert (ws / "dvc.lock").is_file()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "class_priors@toy"], cwd=ws, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "class_priors@toy"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert status.returncode == 0 and ("up to date" in status.stdout.lower() or not status.stdout.strip()), status.stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "data/class-priors"], cwd=ws, capture_output=True, text=True)
     assert dirty.stdout.strip() == "", dirty.stdout
@@ -72,7 +85,13 @@ def test_a_new_class_gets_its_own_priors_stage_and_dvc_runs_without_an_activated
     assert "class_priors@red-backpack" in stages
 
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": "/usr/bin:/bin"}
-    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "repro", "class_priors@red-backpack"],
-                          cwd=ws, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "dvc"), "repro", "class_priors@red-backpack"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list((ws / "data" / "class-priors" / "red-backpack").glob("*.png"))) == params["red-backpack"]["count"]

@@ -74,7 +74,11 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     assert tags["atelier.prefect.flow_run_id"] == first_run["flow_run_id"]
     assert json.loads(tags["atelier.gate"])["passed"] is True
     # tags are short and searchable; the whole lineage (file hashes, params, task versions) is lineage.json, hashed into a tag
-    lineage_tags = {k: v for k, v in tags.items() if k.startswith("atelier.") and k not in ("atelier.gate", "atelier.eval.judge", "atelier.eval.summary")}
+    lineage_tags = {
+        k: v
+        for k, v in tags.items()
+        if k.startswith("atelier.") and k not in ("atelier.gate", "atelier.eval.judge", "atelier.eval.summary")
+    }
     assert "atelier.data.files" not in tags and "atelier.params" not in tags and max(map(len, lineage_tags.values())) <= 200
     record = json.loads(Path(client.download_artifacts(champion.run_id, "lineage.json", str(tmp_path))).read_text())
     assert record["data.files"] == {p.name: sha256_file(p) for p in robot_photos}
@@ -124,9 +128,32 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
 def test_generate_takes_the_models_options_and_writes_provenance_into_the_png(first_run, tmp_path):
     from PIL import Image
 
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "generate", f"{NAME}@champion", "--prompt", "a sks toy in the snow",
-                           "--seed", "7", "--steps", "2", "--guidance", "3.5", "--size", "32", "--negative-prompt", "blurry",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atelier.cli",
+            "generate",
+            f"{NAME}@champion",
+            "--prompt",
+            "a sks toy in the snow",
+            "--seed",
+            "7",
+            "--steps",
+            "2",
+            "--guidance",
+            "3.5",
+            "--size",
+            "32",
+            "--negative-prompt",
+            "blurry",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (png,) = tmp_path.glob("*.png")
     image = Image.open(png)
@@ -246,12 +273,16 @@ def test_promote_rollback_and_ledger_through_the_cli(first_run, workspace, clien
     from atelier.cli.main import app
 
     runner = CliRunner()
-    refused = [r for r in client.search_model_versions(f"name = '{NAME}'") if r.tags.get("atelier.gate") and
-               not json.loads(r.tags["atelier.gate"])["passed"]]
+    refused = [
+        r
+        for r in client.search_model_versions(f"name = '{NAME}'")
+        if r.tags.get("atelier.gate") and not json.loads(r.tags["atelier.gate"])["passed"]
+    ]
     other = str(refused[0].version)  # refused under a strict gate earlier; passes the default rules
     # the operator promotes another training on purpose (the comparison with the champion is test_ledger_audit's)
-    out = runner.invoke(app, ["promote", NAME, other, "--reason", "reviewed the samples by hand"],
-                        env={"ATELIER_GATE__CHALLENGER__ENABLED": "false"})
+    out = runner.invoke(
+        app, ["promote", NAME, other, "--reason", "reviewed the samples by hand"], env={"ATELIER_GATE__CHALLENGER__ENABLED": "false"}
+    )
     assert out.exit_code == 0, out.output
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == other
     out = runner.invoke(app, ["rollback", NAME, "--reason", "customer preferred the old one"])
@@ -312,8 +343,24 @@ def test_a_rewritten_wrapper_or_code_file_in_the_artifact_store_never_runs(first
         original = victim.read_text()
         victim.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n" + original)
         try:
-            done = subprocess.run([sys.executable, "-m", "atelier.cli", "generate", f"{NAME}@champion", "--prompt", "x", "--steps", "1",
-                                   "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "atelier.cli",
+                    "generate",
+                    f"{NAME}@champion",
+                    "--prompt",
+                    "x",
+                    "--steps",
+                    "1",
+                    "--out",
+                    str(tmp_path / "out"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         finally:
             victim.write_text(original)
         assert done.returncode == 5, done.stderr[-2000:]
@@ -331,7 +378,9 @@ def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, 
     ws = workspace.workspace
     assert "acme.robot" in yaml.safe_load((ws / "subjects.yaml").read_text())["subjects"]  # `subject add` listed it
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    dag = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot", "finetune@acme.robot"], cwd=ws, capture_output=True, text=True, env=env)
+    dag = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--dot", "finetune@acme.robot"], cwd=ws, capture_output=True, text=True, env=env
+    )
     assert dag.returncode == 0, dag.stderr
     edges = dag.stdout.replace('"', "")
     assert "data/subjects/acme/robot.dvc -> finetune@acme.robot" in edges and "class_priors@toy -> finetune@acme.robot" in edges, edges
@@ -349,8 +398,14 @@ def test_two_identical_finetunes_at_once_train_once_and_register_once(first_run,
     before = len(workspace_ledger_rows(workspace))
     procs = []
     for _ in range(2):  # 5 s apart: each command's temporary Prefect server migrates the same database on start
-        procs.append(subprocess.Popen([sys.executable, "-m", "atelier.cli", "finetune", "acme", "twin"], stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "atelier.cli", "finetune", "acme", "twin"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         time.sleep(5)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs

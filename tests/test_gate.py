@@ -41,8 +41,13 @@ def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule()
     from atelier.kernel.settings import OcrGateRules
     from atelier.registry.gate import evaluate_ocr
 
-    summary = {"cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01}, "cer_served": {"overall": 0.024, "zh": 0.004, "en": 0.012},
-               "served": "int8", "langs": ["zh", "en"], "engine_cer": 0.01}
+    summary = {
+        "cer_fp32": {"overall": 0.02, "zh": 0.0, "en": 0.01},
+        "cer_served": {"overall": 0.024, "zh": 0.004, "en": 0.012},
+        "served": "int8",
+        "langs": ["zh", "en"],
+        "engine_cer": 0.01,
+    }
     assert evaluate_ocr(summary, OcrGateRules()).passed
     worse = {**summary, "cer_served": {"overall": 0.03, "zh": 0.03, "en": 0.012}}
     result = evaluate_ocr(worse, OcrGateRules())
@@ -54,6 +59,7 @@ def test_ocr_gate_weighs_the_served_variant_and_the_engine_and_names_each_rule()
     # speed is no gate any more: a version registered with int8 slower than fp32 passes on accuracy
     old = {"cer_fp32": summary["cer_fp32"], "cer_int8": summary["cer_served"], "speed_fp32": 10.0, "speed_int8": 8.0, "langs": ["zh"]}
     assert evaluate_ocr(old, OcrGateRules()).passed
+
 
 def test_the_challenger_is_compared_with_the_champion_on_what_both_were_measured_by():
     from atelier.kernel.settings import ChallengerRules

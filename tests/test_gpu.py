@@ -48,8 +48,9 @@ def test_fp16_training_writes_validation_samples(gpu_setup, tmp_path):
 def test_lora_bf16_compiled_trains_and_fuses(gpu_setup, tmp_path):
     from atelier.models.dreambooth.config import LoraConfig
 
-    cfg = gpu_setup[3].model_copy(update={"max_train_steps": 4, "validation_steps": 2, "mixed_precision": "bf16",
-                                           "lora": LoraConfig(rank=4), "compile_unet": True})
+    cfg = gpu_setup[3].model_copy(
+        update={"max_train_steps": 4, "validation_steps": 2, "mixed_precision": "bf16", "lora": LoraConfig(rank=4), "compile_unet": True}
+    )
     result = _train(cfg, gpu_setup, tmp_path)
     assert result.finished and all(np.isfinite(result.losses))
     assert (result.output_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -61,8 +62,16 @@ def test_cuda_graph_step_follows_the_eager_loss_curve_and_resumes(gpu_setup, tmp
     checkpointed mid-way resumes onto the same curve."""
     from atelier.models.dreambooth.trainer import uses_cuda_graphs
 
-    cfg = gpu_setup[3].model_copy(update={"max_train_steps": 12, "validation_steps": 6, "checkpointing_steps": 100,
-                                           "mixed_precision": "bf16", "lr_scheduler": "linear", "lr_warmup_steps": 2})
+    cfg = gpu_setup[3].model_copy(
+        update={
+            "max_train_steps": 12,
+            "validation_steps": 6,
+            "checkpointing_steps": 100,
+            "mixed_precision": "bf16",
+            "lr_scheduler": "linear",
+            "lr_warmup_steps": 2,
+        }
+    )
     assert uses_cuda_graphs(cfg, "bf16", 1) and not uses_cuda_graphs(cfg.model_copy(update={"cuda_graphs": False}), "bf16", 1)
     graphs = _train(cfg, gpu_setup, tmp_path / "graphs")
     eager = _train(cfg.model_copy(update={"cuda_graphs": False}), gpu_setup, tmp_path / "eager")
@@ -141,12 +150,21 @@ def test_training_task_launches_accelerate_with_one_process_per_gpu(gpu_setup, t
     from atelier.models.dreambooth.trainer import TrainInputs
 
     base, photos, priors, cfg = gpu_setup
-    common = {"max_train_steps": 8, "validation_steps": 1000, "checkpointing_steps": 1000, "mixed_precision": "no",
-              "lr_scheduler": "linear"}
+    common = {
+        "max_train_steps": 8,
+        "validation_steps": 1000,
+        "checkpointing_steps": 1000,
+        "mixed_precision": "no",
+        "lr_scheduler": "linear",
+    }
     single = _train(cfg.model_copy(update={**common, "train_batch_size": 2}), gpu_setup, tmp_path / "one")
     lines: list[str] = []
-    launched = train_launched(cfg.model_copy(update={**common, "train_batch_size": 1}),
-                              TrainInputs(base, photos, "toy", tmp_path / "ddp", tmp_path / "ddp" / "pipeline", priors), 2, lines.append)
+    launched = train_launched(
+        cfg.model_copy(update={**common, "train_batch_size": 1}),
+        TrainInputs(base, photos, "toy", tmp_path / "ddp", tmp_path / "ddp" / "pipeline", priors),
+        2,
+        lines.append,
+    )
     assert "trained 8 steps with 2 processes" in lines, lines[-20:]
     assert launched.finished and (launched.output_dir / "model_index.json").is_file()
     assert launched.losses == pytest.approx(single.losses, rel=2e-2)

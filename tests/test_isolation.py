@@ -33,21 +33,46 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-auth")
     ini = root / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root}/auth.db\n"
-                   f"admin_username = {OPS}\nadmin_password = {OPS_PW}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini.write_text(
+        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root}/auth.db\n"
+        f"admin_username = {OPS}\nadmin_password = {OPS_PW}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     port = _free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": OPS_PW,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret"}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": OPS_PW,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "atelier-test-secret",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update({"ATELIER_AUTH_WORKER_USER": WORKER, "ATELIER_AUTH_WORKER_PASSWORD": WORKER_PW})
     subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env=env, check=True, timeout=120)  # as `atelier up` does
     env.pop("ATELIER_AUTH_WORKER_PASSWORD")  # the server needs the worker's name only
     # the stack's app: MLflow's basic auth plus "only the platform writes" (registry/auth_app.py)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "atelier-auth", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--app-name",
+            "atelier-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -78,13 +103,31 @@ def registered(server, workspace, tiny_model, tmp_path_factory):
     sample = folder / "000.png"
     Image.new("RGB", (8, 8), "red").save(sample)
     # a ledger of its own: a ledger belongs to one registry (its anchor lives there)
-    settings = Settings(workspace=workspace.workspace, tracking_uri=server, tracking_username=OPS, tracking_password=OPS_PW,
-                        ledger_url=f"sqlite:///{folder / 'ledger.db'}")
+    settings = Settings(
+        workspace=workspace.workspace,
+        tracking_uri=server,
+        tracking_username=OPS,
+        tracking_password=OPS_PW,
+        ledger_url=f"sqlite:///{folder / 'ledger.db'}",
+    )
     with pytest.MonkeyPatch.context() as mp:
         _as(mp, server, OPS, OPS_PW)
         for customer in ("acme", "globex"):
-            register_dreambooth(settings, customer, "robot", tiny_model, {"training.key": customer, "customer": customer},
-                                {"lr": 1}, [1.0, 0.5], {"m": 1.0}, [sample], sample, "dpmsolver++", 2, 2.0)
+            register_dreambooth(
+                settings,
+                customer,
+                "robot",
+                tiny_model,
+                {"training.key": customer, "customer": customer},
+                {"lr": 1},
+                [1.0, 0.5],
+                {"m": 1.0},
+                [sample],
+                sample,
+                "dpmsolver++",
+                2,
+                2.0,
+            )
         passwords = {c: add_customer(settings, c, f"{c}-Password-123").password for c in ("acme", "globex")}
     return settings, passwords
 
@@ -110,9 +153,11 @@ def test_customer_reads_and_loads_only_its_own_model(server, registered, monkeyp
 def test_other_customer_is_refused_everything(server, registered, monkeypatch):
     _, passwords = registered
     client = _as(monkeypatch, server, "globex", passwords["globex"])
-    for call in (lambda: client.get_registered_model("dreambooth-acme-robot"),
-                 lambda: client.get_model_version_by_alias("dreambooth-acme-robot", "candidate"),
-                 lambda: client.set_registered_model_alias("dreambooth-acme-robot", "champion", "1")):
+    for call in (
+        lambda: client.get_registered_model("dreambooth-acme-robot"),
+        lambda: client.get_model_version_by_alias("dreambooth-acme-robot", "candidate"),
+        lambda: client.set_registered_model_alias("dreambooth-acme-robot", "champion", "1"),
+    ):
         with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
             call()
 
@@ -130,9 +175,11 @@ def test_a_customer_cannot_create_a_name_first_or_write_anything(server, registe
     would own (and read) what the platform later puts there."""
     _, passwords = registered
     client = _as(monkeypatch, server, "globex", passwords["globex"])
-    for call in (lambda: client.create_registered_model("dreambooth-acme-squat", tags={"atelier.customer": "acme"}),
-                 lambda: client.create_experiment("atelier-newco"),
-                 lambda: client.set_registered_model_tag("dreambooth-globex-robot", "atelier.customer", "acme")):
+    for call in (
+        lambda: client.create_registered_model("dreambooth-acme-squat", tags={"atelier.customer": "acme"}),
+        lambda: client.create_experiment("atelier-newco"),
+        lambda: client.set_registered_model_tag("dreambooth-globex-robot", "atelier.customer", "acme"),
+    ):
         with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
             call()
     ops = _as(monkeypatch, server, OPS, OPS_PW)
@@ -154,8 +201,12 @@ def test_customer_add_again_resets_the_password_and_keeps_the_grants(server, reg
 
 
 def test_wrong_password_is_refused(server, registered):
-    resp = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"},
-                        auth=("acme", "not-the-password"), timeout=10)
+    resp = requests.get(
+        f"{server}/api/2.0/mlflow/registered-models/get",
+        params={"name": "dreambooth-acme-robot"},
+        auth=("acme", "not-the-password"),
+        timeout=10,
+    )
     assert resp.status_code == 401
     anonymous = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "dreambooth-acme-robot"}, timeout=10)
     assert anonymous.status_code == 401
@@ -173,13 +224,30 @@ def test_the_worker_identity_runs_the_flows_work_but_cannot_manage_users(server,
     Image.new("RGB", (8, 8), "blue").save(sample)
     client, versions = _as(monkeypatch, server, WORKER, WORKER_PW), {}
     for subject in ("robot", "lamp"):  # a model the operator registered, and a new one
-        versions[subject] = reg = register_dreambooth(worker, "acme", subject, tiny_model, {"training.key": f"w-{subject}", "customer": "acme"},
-                                  {"lr": 1}, [1.0, 0.5], {"m": 1.0}, [sample], sample, "dpmsolver++", 2, 2.0)
+        versions[subject] = reg = register_dreambooth(
+            worker,
+            "acme",
+            subject,
+            tiny_model,
+            {"training.key": f"w-{subject}", "customer": "acme"},
+            {"lr": 1},
+            [1.0, 0.5],
+            {"m": 1.0},
+            [sample],
+            sample,
+            "dpmsolver++",
+            2,
+            2.0,
+        )
         client.set_registered_model_alias(reg.name, "champion", reg.version)
     auth = auth_client(worker)
-    for call in (lambda: auth.create_user("mallory", "Mallory-pw-123456"), lambda: auth.update_user_admin(WORKER, True),
-                 lambda: auth.update_user_password("acme", "Taken-over-123456"), lambda: auth.get_user("acme"),
-                 lambda: auth.delete_user("globex")):
+    for call in (
+        lambda: auth.create_user("mallory", "Mallory-pw-123456"),
+        lambda: auth.update_user_admin(WORKER, True),
+        lambda: auth.update_user_password("acme", "Taken-over-123456"),
+        lambda: auth.get_user("acme"),
+        lambda: auth.delete_user("globex"),
+    ):
         with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
             call()
     _as(monkeypatch, server, OPS, OPS_PW)

@@ -52,8 +52,10 @@ def test_yes_probability_from_logprobs_or_text():
     assert p_yes({" Yes": math.log(0.9), "No.": math.log(0.1)}, "") == pytest.approx(0.9)
     assert p_yes(None, "No, it does not.") == 0.0 and p_yes({"the": -0.1}, "Yes.") == 1.0
     assert p_yes(None, "It is hard to say") is None
-    assert parse_caption('```json\n{"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}, {"label": 5}]}\n```') == \
-        ({"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}]}, "")
+    assert parse_caption('```json\n{"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}, {"label": 5}]}\n```') == (
+        {"caption": "a toy", "objects": [{"label": "toy", "box": [1, 2, 3, 4]}]},
+        "",
+    )
     assert parse_caption("I'm sorry, I can't do that")[1] == "refused" and parse_caption("{}")[1] == "no caption field"
 
 
@@ -89,7 +91,9 @@ def test_timeouts_then_unavailable_and_malformed_answers_are_errors(server, faul
 
 
 def test_refusals_and_bad_json_are_retried_once_then_counted_as_failures_never_passes(server, faults, tmp_path):
-    faults.extend(["refuse", "refuse", "text:not json", '''text:{"caption": "a red square", "objects": []}''', "text:perhaps", "text:unclear"])
+    faults.extend(
+        ["refuse", "refuse", "text:not json", """text:{"caption": "a red square", "objects": []}""", "text:perhaps", "text:unclear"]
+    )
     scorer = Scorer(judge(server), Cache(tmp_path))
     assert scorer.caption(png("red"), "a.png")["caption"] is None  # refused twice
     assert scorer.caption(png("blue"), "b.png")["caption"] == "a red square"  # bad JSON, then good on the stricter retry
@@ -115,8 +119,13 @@ def test_judge_images_summary_and_the_gate_checks(server, faults):
 
     # 2 samples (prompt + fidelity each), 1 class image (leak): scripted answers
     faults.extend(["yes:0.9", "yes:0.8", "yes:0.7", "yes:0.6", "yes:0.1"])
-    rows, summary = judge_images(Scorer(judge(server, concurrency=1)), [("0.png", png("red"), "a toy"), ("1.png", png("blue"), "a toy")],
-                                 [png("red")], [("c.png", png("grey"))], captions=False)
+    rows, summary = judge_images(
+        Scorer(judge(server, concurrency=1)),
+        [("0.png", png("red"), "a toy"), ("1.png", png("blue"), "a toy")],
+        [png("red")],
+        [("c.png", png("grey"))],
+        captions=False,
+    )
     assert summary["prompt_score"] == pytest.approx(0.8) and summary["fidelity"] == pytest.approx(0.7)
     assert summary["prior_leak"] == pytest.approx(0.1) and summary["failures"] == 0 and summary["calibrated"]
     rules = JudgeGateRules()
@@ -129,8 +138,9 @@ def test_judge_images_summary_and_the_gate_checks(server, faults):
 
 
 @pytest.mark.slow
-def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_down(server, faults, prefect_harness, workspace,
-                                                                                     monkeypatch, tmp_path_factory):
+def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_down(
+    server, faults, prefect_harness, workspace, monkeypatch, tmp_path_factory
+):
     from pathlib import Path
 
     from mlflow import MlflowClient
@@ -141,8 +151,13 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
     from atelier.registry.ledger import open_ledger
 
     add_subject(workspace, "judgeco", "robot", "toy", write_demo_photos(tmp_path_factory.mktemp("p"), count=5))
-    for key, value in {"ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url, "ATELIER_JUDGE__API_KEY": KEY,
-                       "ATELIER_JUDGE__CAPTIONS": "false", "ATELIER_JUDGE__MAX_RETRIES": "1"}.items():
+    for key, value in {
+        "ATELIER_JUDGE__BACKEND": "http",
+        "ATELIER_JUDGE__BASE_URL": server.url,
+        "ATELIER_JUDGE__API_KEY": KEY,
+        "ATELIER_JUDGE__CAPTIONS": "false",
+        "ATELIER_JUDGE__MAX_RETRIES": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     faults.extend(["yes:0.95"] * 200)  # every sample shows its prompt and the subject, every class image does not... see below
     high = subject_finetune("judgeco", "robot")
@@ -179,17 +194,32 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
     import sys
 
     (tmp_path / "a.png").write_bytes(png("red"))
-    env = {**__import__("os").environ, "ATELIER_JUDGE__BACKEND": "http", "ATELIER_JUDGE__BASE_URL": server.url,
-           "ATELIER_JUDGE__API_KEY": KEY, "ATELIER_WORKSPACE": str(tmp_path / "nowhere")}
-    faults.extend(["yes:0.7", '''text:{"caption": "a red square", "objects": [{"label": "square", "box": [0, 0, 1000, 1000]}]}'''])
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **__import__("os").environ,
+        "ATELIER_JUDGE__BACKEND": "http",
+        "ATELIER_JUDGE__BASE_URL": server.url,
+        "ATELIER_JUDGE__API_KEY": KEY,
+        "ATELIER_WORKSPACE": str(tmp_path / "nowhere"),
+    }
+    faults.extend(["yes:0.7", """text:{"caption": "a red square", "objects": [{"label": "square", "box": [0, 0, 1000, 1000]}]}"""])
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "a.png"), "--prompt", "a red square"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.splitlines()[0])
     assert row["prompt_score"] == pytest.approx(0.7) and row["caption"] == "a red square" and row["objects"][0]["label"] == "square"
     assert KEY not in done.stdout + done.stderr
-    missing = subprocess.run([sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"], env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "b.png"), "--prompt", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
 
 
@@ -208,8 +238,15 @@ def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
     pages = []
     for r in read_labels(tmp_path / "docs"):
         reading = engine.read_page(load_document(tmp_path / "docs" / r["file"]), r["lang"])
-        pages.append({"name": r["file"], "png": (tmp_path / "docs" / r["file"]).read_bytes(), "lang": r["lang"], "label": r["text"],
-                      "ocr_text": reading.text})
+        pages.append(
+            {
+                "name": r["file"],
+                "png": (tmp_path / "docs" / r["file"]).read_bytes(),
+                "lang": r["lang"],
+                "label": r["text"],
+                "ocr_text": reading.text,
+            }
+        )
     # the scripted judge reads the first page right and refuses the second twice
     faults.extend(["text:" + json.dumps({"text": pages[0]["label"]}), "refuse", "refuse"])
     rows, summary = ocr_agreement(Scorer(judge(server)), pages)

@@ -40,9 +40,19 @@ def ledger(request, tmp_path):
 def _fill(ledger: Ledger, n: int = 4):
     rows = []
     for i in range(n):
-        rows.append(ledger.append(model="m", version=str(i + 1), action="promote", actor="ops", reason=f"r{i}",
-                                  gate={"passed": True}, metrics={"loss": 0.5}, to_alias="champion",
-                                  replaced_version=str(i) if i else None))
+        rows.append(
+            ledger.append(
+                model="m",
+                version=str(i + 1),
+                action="promote",
+                actor="ops",
+                reason=f"r{i}",
+                gate={"passed": True},
+                metrics={"loss": 0.5},
+                to_alias="champion",
+                replaced_version=str(i) if i else None,
+            )
+        )
     return rows
 
 
@@ -75,8 +85,7 @@ def test_deleted_middle_row_is_detected(ledger):
 def test_inserted_row_is_detected(ledger):
     rows = _fill(ledger, 2)
     _sql(ledger, "UPDATE promotion_ledger SET seq = seq + 10 WHERE seq = 2")
-    forged = {**rows[0].as_dict(), "seq": 2, "version": "99", "reason": "forged", "prev_hash": "e" * 64,
-              "row_hash": "f" * 64}
+    forged = {**rows[0].as_dict(), "seq": 2, "version": "99", "reason": "forged", "prev_hash": "e" * 64, "row_hash": "f" * 64}
     cols = ", ".join(forged)
     _sql(ledger, f"INSERT INTO promotion_ledger ({cols}) VALUES ({', '.join(':' + c for c in forged)})", **forged)
     problems = ledger.verify(anchored=False)

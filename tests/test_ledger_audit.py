@@ -20,8 +20,16 @@ from atelier.registry.audit import alias_drift, reconcile, restore, verify_all
 from atelier.registry.ledger import Ledger
 from atelier.registry.promotion import current_alias, promote, record_candidate
 
-GOOD = {"steps": 60, "loss_finite": True, "final_loss": 0.5, "first_loss": 1.0, "sample_count": 4, "min_sample_std": 0.2,
-        "blank_samples": 0, "distinct_share": 1.0}
+GOOD = {
+    "steps": 60,
+    "loss_finite": True,
+    "final_loss": 0.5,
+    "first_loss": 1.0,
+    "sample_count": 4,
+    "min_sample_std": 0.2,
+    "blank_samples": 0,
+    "distinct_share": 1.0,
+}
 BAD = {**GOOD, "final_loss": 99.0}
 NAME = "dreambooth-acme-robot"
 
@@ -83,8 +91,10 @@ def test_deleted_rows_are_caught_by_the_chain_anchor(registry, delete):
         statement = "DELETE FROM promotion_ledger WHERE model = 'ocr'"
     else:
         _promote(client, ledger, _version(client, ledger))
-        statement = {"newest row": "DELETE FROM promotion_ledger WHERE seq = (SELECT max(seq) FROM promotion_ledger)",
-                     "every row": "DELETE FROM promotion_ledger"}[delete]
+        statement = {
+            "newest row": "DELETE FROM promotion_ledger WHERE seq = (SELECT max(seq) FROM promotion_ledger)",
+            "every row": "DELETE FROM promotion_ledger",
+        }[delete]
     assert _problems(client, ledger) == []
     with ledger.engine.begin() as conn:
         conn.execute(text(statement))
@@ -144,14 +154,20 @@ promote(client, Ledger(os.environ["LEDGER"]), "dreambooth-acme-robot", sys.argv[
 """
 
 
-@pytest.mark.parametrize("step,champion", [("before alias move", "1"), ("after alias move", "2"),
-                                           ("after confirm row, before anchor", "2")])
+@pytest.mark.parametrize(
+    "step,champion", [("before alias move", "1"), ("after alias move", "2"), ("after confirm row, before anchor", "2")]
+)
 def test_a_kill_at_each_promotion_step_leaves_the_ledger_explaining_the_champion(registry, step, champion):
     client, ledger, uri, tmp = registry
     _promote(client, ledger, _version(client, ledger))
     v2 = _version(client, ledger)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH), step, v2], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "LEDGER": str(ledger.url)})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH), step, v2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "LEDGER": str(ledger.url)},
+    )
     assert done.returncode == 137, done.stderr[-2000:]
     assert current_alias(client, NAME) == champion
     settled, problems = verify_all(client, ledger)  # the next run settles what the kill left, either way

@@ -28,7 +28,8 @@ def test_a_pyfunc_of_the_old_layout_loads_with_the_installed_code(tmp_path):
     shipped.mkdir(parents=True)
     (shipped / "__init__.py").write_text("raise ImportError('the stale copy shipped with the model was imported')\n")
     wrapper = tmp_path / "dreambooth_model.py"
-    wrapper.write_text(textwrap.dedent('''
+    wrapper.write_text(
+        textwrap.dedent("""
         import mlflow
         from models.dreambooth.config import TrainConfig   # 0.1's names
         from atelier.storage import write_text_atomic
@@ -38,12 +39,15 @@ def test_a_pyfunc_of_the_old_layout_loads_with_the_installed_code(tmp_path):
                 return [TrainConfig.__module__, write_text_atomic.__module__]
 
         mlflow.models.set_model(Model())
-    '''))
+    """)
+    )
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(wrapper), code_paths=[str(shipped)])
-    code = ("import mlflow.pyfunc, pathlib; from atelier.registry import legacy_names;"
-            f"assert legacy_names.is_legacy_layout(pathlib.Path({str(tmp_path / 'model' / 'code')!r}));"
-            "legacy_names.install();"
-            f"print(mlflow.pyfunc.load_model({str(tmp_path / 'model')!r}).predict(['x']))")
+    code = (
+        "import mlflow.pyfunc, pathlib; from atelier.registry import legacy_names;"
+        f"assert legacy_names.is_legacy_layout(pathlib.Path({str(tmp_path / 'model' / 'code')!r}));"
+        "legacy_names.install();"
+        f"print(mlflow.pyfunc.load_model({str(tmp_path / 'model')!r}).predict(['x']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "['atelier.models.dreambooth.config', 'atelier.kernel.storage']" in done.stdout

@@ -61,8 +61,10 @@ def test_background_servers_start_once_ask_for_credentials_and_stop(tmp_path):
         assert _status(f"{prefect['url']}/api/flows/filter", post=True) == 401  # no credentials, no API
         assert _status(f"{prefect['url']}/api/flows/filter", secrets["prefect_auth_string"], post=True) == 200
         assert _status(f"{mlflow['url']}/api/2.0/mlflow/experiments/search?max_results=1") == 401
-        assert _status(f"{mlflow['url']}/api/2.0/mlflow/experiments/search?max_results=1",
-                       f"atelier-ops:{secrets['mlflow_admin_password']}") == 200
+        assert (
+            _status(f"{mlflow['url']}/api/2.0/mlflow/experiments/search?max_results=1", f"atelier-ops:{secrets['mlflow_admin_password']}")
+            == 200
+        )
     finally:
         stopped = cli("down")
     assert "prefect server" in stopped.stdout and "mlflow server" in stopped.stdout, stopped.stdout + stopped.stderr

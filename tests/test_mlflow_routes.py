@@ -22,8 +22,13 @@ TABLE = Path(__file__).parent / "mlflow_routes.txt"
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory):
-    done = subprocess.run([sys.executable, "-m", "tests.mlflow_route_probe", str(tmp_path_factory.mktemp("mlflow"))],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.mlflow_route_probe", str(tmp_path_factory.mktemp("mlflow"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])["routes"]
 
@@ -43,8 +48,13 @@ def test_nobody_reaches_the_assistant_jobs_gateway_mcp_or_otlp(routes):
             assert not result["customer"] and not result["anonymous"] and not result.get("platform", False), route
     assert routes["PUT /ajax-api/3.0/mlflow/assistant/config"] == {"customer": False, "anonymous": False, "platform": False}
     anonymous = {route for route, result in routes.items() if result["anonymous"]}
-    assert anonymous <= {"GET /health", "GET /static-files/<path:path>", "GET /api/3.0/mlflow/server-info",
-                         "GET /ajax-api/3.0/mlflow/server-info", "GET /favicon.ico"}
+    assert anonymous <= {
+        "GET /health",
+        "GET /static-files/<path:path>",
+        "GET /api/3.0/mlflow/server-info",
+        "GET /ajax-api/3.0/mlflow/server-info",
+        "GET /favicon.ico",
+    }
 
 
 def test_the_route_table_is_the_decided_one(routes):

@@ -38,11 +38,15 @@ def line_image(text: str, font: str = DEJAVU, index: int = 0, size: int = 34) ->
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
-    return render_splits(root, RenderSpec(lines_per_lang=4, pages_per_lang=1, seed=1), RenderSpec(lines_per_lang=3, pages_per_lang=1, seed=2))
+    return render_splits(
+        root, RenderSpec(lines_per_lang=4, pages_per_lang=1, seed=1), RenderSpec(lines_per_lang=3, pages_per_lang=1, seed=2)
+    )
 
 
-DEFAULT_ROUTES = {**{lang: "ppocr" for lang in ("zh", "ja", "en", "fr", "es", "de")},
-                  **({"ko": "tesseract", "ru": "tesseract"} if shutil.which("tesseract") else {})}
+DEFAULT_ROUTES = {
+    **{lang: "ppocr" for lang in ("zh", "ja", "en", "fr", "es", "de")},
+    **({"ko": "tesseract", "ru": "tesseract"} if shutil.which("tesseract") else {}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +70,12 @@ def test_splits_share_no_line_and_cover_every_language(sets):
 
 
 def test_rendering_is_reproducible(tmp_path):
-    a = render_splits(tmp_path / "a", RenderSpec(langs=("ko",), lines_per_lang=2, seed=5), RenderSpec(langs=("ko",), lines_per_lang=2, seed=6))
-    b = render_splits(tmp_path / "b", RenderSpec(langs=("ko",), lines_per_lang=2, seed=5), RenderSpec(langs=("ko",), lines_per_lang=2, seed=6))
+    a = render_splits(
+        tmp_path / "a", RenderSpec(langs=("ko",), lines_per_lang=2, seed=5), RenderSpec(langs=("ko",), lines_per_lang=2, seed=6)
+    )
+    b = render_splits(
+        tmp_path / "b", RenderSpec(langs=("ko",), lines_per_lang=2, seed=5), RenderSpec(langs=("ko",), lines_per_lang=2, seed=6)
+    )
     assert read_labels(a["evaluation"]) == read_labels(b["evaluation"])
     first = read_labels(a["evaluation"])[0]["file"]
     assert (a["evaluation"] / first).read_bytes() == (b["evaluation"] / first).read_bytes()
@@ -83,12 +91,19 @@ def test_cer_and_scripts():
         language("xx")
 
 
-@pytest.mark.parametrize("text, lang", [
-    ("Die Sitzung beginnt pünktlich um neun Uhr", "de"), ("Bitte schließen Sie die Tür", "de"),
-    ("Nous sommes très heureux de vous accueillir", "fr"), ("Le chat dort sur la chaise", "fr"),
-    ("Quiero un café con leche", "es"), ("¿Dónde está la estación?", "es"),
-    ("The weather will be fine tomorrow", "en"), ("Shipping takes three to five days", "en"),
-])
+@pytest.mark.parametrize(
+    "text, lang",
+    [
+        ("Die Sitzung beginnt pünktlich um neun Uhr", "de"),
+        ("Bitte schließen Sie die Tür", "de"),
+        ("Nous sommes très heureux de vous accueillir", "fr"),
+        ("Le chat dort sur la chaise", "fr"),
+        ("Quiero un café con leche", "es"),
+        ("¿Dónde está la estación?", "es"),
+        ("The weather will be fine tomorrow", "en"),
+        ("Shipping takes three to five days", "en"),
+    ],
+)
 def test_latin_languages_by_their_letters_and_words(text, lang):
     assert latin_language(text) == lang
 
@@ -105,25 +120,30 @@ def test_blank_readings_and_probes_tell_korean_from_russian():
     assert from_probe("Ma3 mepe", 10.0, (0.5, 1.1)) is None  # between the fast probe's cuts: ask the next one
 
 
-@pytest.mark.parametrize("raw, lang, written", [
-    ("保管本说明书,", "zh", "保管本说明书，"),
-    ("应付总额:4318.75元(含增值税13%)", "zh", "应付总额：4318.75元（含增值税13%）"),
-    ("会议改在 三月十四日 星期四上午10:30", "zh", "会议改在三月十四日星期四上午10:30"),
-    ("ロータリ一を左に曲がり", "ja", "ロータリーを左に曲がり"),
-    ("統一された", "ja", "統一された"),
-    ("これは, テスト.", "ja", "これは、テスト。"),
-    ("１２３ＡＢ", "zh", "123AB"),
-    ("Hello , world .", "en", "Hello, world."),
-    ("ﬁnal ofﬁce", "en", "final office"),
-    ("모든 인간은  태어날 때부터", "ko", "모든 인간은 태어날 때부터"),
-])
+@pytest.mark.parametrize(
+    "raw, lang, written",
+    [
+        ("保管本说明书,", "zh", "保管本说明书，"),
+        ("应付总额:4318.75元(含增值税13%)", "zh", "应付总额：4318.75元（含增值税13%）"),
+        ("会议改在 三月十四日 星期四上午10:30", "zh", "会议改在三月十四日星期四上午10:30"),
+        ("ロータリ一を左に曲がり", "ja", "ロータリーを左に曲がり"),
+        ("統一された", "ja", "統一された"),
+        ("これは, テスト.", "ja", "これは、テスト。"),
+        ("１２３ＡＢ", "zh", "123AB"),
+        ("Hello , world .", "en", "Hello, world."),
+        ("ﬁnal ofﬁce", "en", "final office"),
+        ("모든 인간은  태어날 때부터", "ko", "모든 인간은 태어날 때부터"),
+    ],
+)
 def test_output_is_written_as_the_language_writes(raw, lang, written):
     assert normalize(raw, lang) == written
 
 
 def test_routes_prefer_the_first_pass_within_a_point_else_the_best():
-    table = choose_routes({"ppocr": {"zh": 0.0, "en": 0.008, "de": 0.03, "ru": 0.9}, "tesseract": {"zh": 0.05, "en": 0.0, "de": 0.0, "ru": 0.01}},
-                          {"ppocr": 30.0, "tesseract": 60.0})
+    table = choose_routes(
+        {"ppocr": {"zh": 0.0, "en": 0.008, "de": 0.03, "ru": 0.9}, "tesseract": {"zh": 0.05, "en": 0.0, "de": 0.0, "ru": 0.01}},
+        {"ppocr": 30.0, "tesseract": 60.0},
+    )
     assert table.routes == {"zh": "ppocr", "en": "ppocr", "de": "tesseract", "ru": "tesseract"}
 
 
@@ -173,9 +193,15 @@ def test_document_suite_names_each_bad_item(sets, tmp_path):
     report = validate_document_set(folder, tmp_path / "report")
     found = {(item, rule) for item, rule, _ in report.failures}
     assert not report.success
-    assert {(labels[0]["file"], "has_text"), (labels[1]["file"], "lang"), ("../../etc/passwd", "inside"),
-            ("gone.png", "exists"), (labels[4]["file"], "decodable"), ("stray.png", "labelled"),
-            (f"labels.jsonl:{len(lines)}", "json")} <= found
+    assert {
+        (labels[0]["file"], "has_text"),
+        (labels[1]["file"], "lang"),
+        ("../../etc/passwd", "inside"),
+        ("gone.png", "exists"),
+        (labels[4]["file"], "decodable"),
+        ("stray.png", "labelled"),
+        (f"labels.jsonl:{len(lines)}", "json"),
+    } <= found
     assert (tmp_path / "report" / "validation.json").is_file()
     assert validate_document_set(sets["evaluation"]).success
 
@@ -239,7 +265,9 @@ def test_int8_recogniser_keeps_its_dictionary_and_reads(sets, tmp_path):
     model, charset = shipped("ppocrv6s-rec")
     fp32 = PPOCR(model, charset, threads=2)
     _, images = load_set(sets["calibration"], langs=("zh", "en"))
-    out = quantize_model(model, tmp_path / "rec-int8.onnx", QuantizeConfig(method="MinMax", calibration_lines=8), images, fp32.preprocess_line)
+    out = quantize_model(
+        model, tmp_path / "rec-int8.onnx", QuantizeConfig(method="MinMax", calibration_lines=8), images, fp32.preprocess_line
+    )
     quantized = onnx.load(str(out))
     assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) > 10
@@ -267,18 +295,29 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     side = 30000  # 900 megapixels in a few hundred kilobytes: a decompression bomb
     z = zlib.compressobj(9)
     body = b"".join(z.compress(b"\x00" + b"\xff" * side) for _ in range(side)) + z.flush()
-    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                                      + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    (folder / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", body)
+        + chunk(b"IEND", b"")
+    )
     os.mkfifo(folder / "pipe.png")
-    return {"empty.png": "empty", "notes.png": "not an image", "truncated.png": "truncated", "anim.gif": "2 frames",
-            "tiny.png": "too small", "bomb.png": "too large", "pipe.png": "not a regular file"}
+    return {
+        "empty.png": "empty",
+        "notes.png": "not an image",
+        "truncated.png": "truncated",
+        "anim.gif": "2 frames",
+        "tiny.png": "too small",
+        "bomb.png": "too large",
+        "pipe.png": "not a regular file",
+    }
 
 
 def test_bad_inputs_are_named_and_the_rest_is_read(engine, tmp_path):
     from atelier.models.ocr.engine import read_documents
 
     expected = write_bad_inputs(tmp_path / "in")
-    sixteen = (np.asarray(Image.fromarray(line_image("Sixteen bit scan")).convert("L"), dtype=np.uint16) * 257)
+    sixteen = np.asarray(Image.fromarray(line_image("Sixteen bit scan")).convert("L"), dtype=np.uint16) * 257
     Image.fromarray(sixteen).save(tmp_path / "in" / "sixteen.png")
     Image.fromarray(line_image("CMYK scan")).convert("CMYK").save(tmp_path / "in" / "cmyk.jpg")
     rgba = Image.new("RGBA", (420, 60), (0, 0, 0, 0))
@@ -290,7 +329,12 @@ def test_bad_inputs_are_named_and_the_rest_is_read(engine, tmp_path):
     for name, needle in expected.items():
         assert name in got[name]["error"] and needle in got[name]["error"] and "Fix:" in got[name]["error"], got[name]
     read = {n: got[n]["text"] for n in ("good.png", "sixteen.png", "cmyk.jpg", "alpha.png")}
-    assert read == {"good.png": "Readable text", "sixteen.png": "Sixteen bit scan", "cmyk.jpg": "CMYK scan", "alpha.png": "Transparent page"}
+    assert read == {
+        "good.png": "Readable text",
+        "sixteen.png": "Sixteen bit scan",
+        "cmyk.jpg": "CMYK scan",
+        "alpha.png": "Transparent page",
+    }
     assert all(not got[n]["error"] for n in read)
 
 

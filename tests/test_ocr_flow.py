@@ -15,8 +15,13 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tesseract") is None or not os.path.isfile("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
-                                                    reason="needs tesseract and fonts (make ocr-system-deps)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("tesseract") is None or not os.path.isfile("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
+        reason="needs tesseract and fonts (make ocr-system-deps)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +50,24 @@ def test_flow_registers_the_fastest_accurate_variant_and_gates_on_accuracy(calib
     routes = calibrated["routes"]
     assert routes["ru"] == "tesseract" and routes["ko"] == "tesseract"  # no shipped recogniser has Hangul or Cyrillic
     assert all(routes[lang] == "ppocr" for lang in ("zh", "ja"))
-    spec = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="spec.json", tracking_uri=workspace.resolved_tracking_uri)).read_text())
+    spec = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="spec.json", tracking_uri=workspace.resolved_tracking_uri)
+        ).read_text()
+    )
     assert spec["recognisers"]["ppocr"]["serve"] == summary["served"] and set(spec["recognisers"]["ppocr"]["variants"]) == {"fp32", "int8"}
     assert spec["cer"]["glm"]["overall"] > 0.5 and "glm" not in routes.values()  # measured; random weights never win
     assert spec["glm_weights"]
     gate = json.loads(mv.tags["atelier.gate"])
     assert {c["name"] for c in gate["checks"]} >= {"gate.ocr.max_cer_increase", "gate.ocr.max_cer"}
     run = client.get_run(mv.run_id)
-    confusion = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="tables/router_confusion.json",
-                                                                    tracking_uri=workspace.resolved_tracking_uri)).read_text())
+    confusion = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="tables/router_confusion.json", tracking_uri=workspace.resolved_tracking_uri
+            )
+        ).read_text()
+    )
     assert set(confusion["columns"]) >= {"language", "identified_as", "images"}
     assert {"router_accuracy", "engine_no_hint_cer_overall", "engine_hint_cer_overall"} <= set(run.data.metrics)
     lock = yaml.safe_load((workspace.workspace / "dvc.lock").read_text())  # the documents stage made and pinned the sets
@@ -75,15 +89,38 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
     zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
     (tmp_path / "broken.png").write_bytes(b"nope")
     out = tmp_path / "out.jsonl"
-    done = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / zh["file"]), str(tmp_path / "broken.png"),
-                           "--lines", "--lang", "zh", "--model", f"ocr/{calibrated['version']}", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atelier.cli",
+            "ocr",
+            str(ev / zh["file"]),
+            str(tmp_path / "broken.png"),
+            "--lines",
+            "--lang",
+            "zh",
+            "--model",
+            f"ocr/{calibrated['version']}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
     assert done.returncode == 7, done.stderr[-2000:]  # one file was not readable; the other was read (partly done)
     assert "broken.png" in done.stderr and "Traceback" not in done.stderr
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert rows[0]["language"] == "zh" and rows[0]["text"] and rows[0]["model"] == f"ocr/{calibrated['version']}"
     assert "not an image" in rows[1]["error"]
     page = next(r for r in labels if r["lang"] == "en" and r["kind"] == "page")
-    text = subprocess.run([sys.executable, "-m", "atelier.cli", "ocr", str(ev / page["file"]), "--format", "markdown"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    text = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "ocr", str(ev / page["file"]), "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
     assert text.returncode == 0 and text.stdout.startswith(f"## {page['file']} (en)") and text.stdout.count("\n") >= 4

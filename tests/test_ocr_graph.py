@@ -21,28 +21,52 @@ def paddle_style_block(channels: int = 4) -> onnx.ModelProto:
     Paddle2ONNX writes PP-OCR."""
     rng = np.random.default_rng(0)
     consts = {
-        "w0": rng.normal(size=(channels, 3, 3, 3)), "bn_s": rng.uniform(0.5, 2, channels), "bn_b": rng.normal(size=channels),
-        "bn_m": rng.normal(size=channels), "bn_v": rng.uniform(0.5, 2, channels), "s1": [1.7], "t1": [0.3],
-        "three": [3.0], "zero": 0.0, "six_c": 6.0, "six": [6.0], "s2": [0.6], "t2": [-0.4],
-        "w1": rng.normal(size=(channels, 1, 3, 3)), "b1": rng.normal(size=channels), "s3": [1.3], "t3": [0.8],
-        "w2": rng.normal(size=(5, channels, 1, 1)), "b2": rng.normal(size=5),
+        "w0": rng.normal(size=(channels, 3, 3, 3)),
+        "bn_s": rng.uniform(0.5, 2, channels),
+        "bn_b": rng.normal(size=channels),
+        "bn_m": rng.normal(size=channels),
+        "bn_v": rng.uniform(0.5, 2, channels),
+        "s1": [1.7],
+        "t1": [0.3],
+        "three": [3.0],
+        "zero": 0.0,
+        "six_c": 6.0,
+        "six": [6.0],
+        "s2": [0.6],
+        "t2": [-0.4],
+        "w1": rng.normal(size=(channels, 1, 3, 3)),
+        "b1": rng.normal(size=channels),
+        "s3": [1.3],
+        "t3": [0.8],
+        "w2": rng.normal(size=(5, channels, 1, 1)),
+        "b2": rng.normal(size=5),
     }
     nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(np.asarray(v, np.float32), k)) for k, v in consts.items()]
     nodes += [
         helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c0", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
-        helper.make_node("Mul", ["s1", "bn"], ["m1"]), helper.make_node("Add", ["m1", "t1"], ["a1"]),
-        helper.make_node("Add", ["a1", "three"], ["h0"]), helper.make_node("Clip", ["h0", "zero", "six_c"], ["h1"]),
-        helper.make_node("Mul", ["a1", "h1"], ["h2"]), helper.make_node("Div", ["h2", "six"], ["hs"]),
-        helper.make_node("Mul", ["s2", "hs"], ["m2"]), helper.make_node("Add", ["m2", "t2"], ["a2"]),
+        helper.make_node("Mul", ["s1", "bn"], ["m1"]),
+        helper.make_node("Add", ["m1", "t1"], ["a1"]),
+        helper.make_node("Add", ["a1", "three"], ["h0"]),
+        helper.make_node("Clip", ["h0", "zero", "six_c"], ["h1"]),
+        helper.make_node("Mul", ["a1", "h1"], ["h2"]),
+        helper.make_node("Div", ["h2", "six"], ["hs"]),
+        helper.make_node("Mul", ["s2", "hs"], ["m2"]),
+        helper.make_node("Add", ["m2", "t2"], ["a2"]),
         helper.make_node("Conv", ["a2", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], group=channels),
-        helper.make_node("Mul", ["c1", "s3"], ["m3"]), helper.make_node("Add", ["m3", "t3"], ["a3"]),
+        helper.make_node("Mul", ["c1", "s3"], ["m3"]),
+        helper.make_node("Add", ["m3", "t3"], ["a3"]),
         helper.make_node("Relu", ["a3"], ["r3"]),
-        helper.make_node("Mul", ["r3", "s2"], ["m4"]), helper.make_node("Add", ["m4", "t1"], ["a4"]),
+        helper.make_node("Mul", ["r3", "s2"], ["m4"]),
+        helper.make_node("Add", ["m4", "t1"], ["a4"]),
         helper.make_node("Conv", ["a4", "w2", "b2"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
 
 
@@ -93,6 +117,7 @@ def test_interleaved_speed_ranks_readers_by_their_cost():
         def read(images):
             time.sleep(cost * len(images))
             return images
+
         return read
 
     images = [np.zeros((4, 4, 3), np.uint8)] * 20

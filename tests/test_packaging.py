@@ -27,8 +27,10 @@ def test_every_source_package_is_listed_under_the_atelier_root():
 
 def test_no_generic_top_level_module_outside_the_repository(tmp_path):
     """From anywhere but the source tree, `models`, `tasks`, `registry`, `flows`, `cli` are not Atelier's."""
-    code = ("import importlib.util, atelier.flows, atelier.kernel.errors;"
-            "print([n for n in ('models', 'tasks', 'registry', 'flows', 'cli', 'kernel') if importlib.util.find_spec(n)])")
+    code = (
+        "import importlib.util, atelier.flows, atelier.kernel.errors;"
+        "print([n for n in ('models', 'tasks', 'registry', 'flows', 'cli', 'kernel') if importlib.util.find_spec(n)])"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -22,19 +22,21 @@ ATELIER = str(Path(sys.executable).parent / "atelier")
 
 
 def _cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([ATELIER, *args], capture_output=True, text=True, timeout=300, input=stdin,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([ATELIER, *args], capture_output=True, text=True, timeout=300, input=stdin, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("text,message", [
-    ("max_train_steps: true\n", "max_train_steps must be a number, not true"),
-    ("resolution: 17\n", "multiple of 8"),
-    ("resolution: 8\n", "greater than or equal to 64"),
-    ("max_train_steps: 0\n", "greater than or equal to 1"),
-    ("learning_rate: 5e-6\nmax_train_steps: '60'\n", "max_train_steps must be a number"),
-    ("- a\n- b\n", "must be a mapping"),
-    ("1: 2\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("max_train_steps: true\n", "max_train_steps must be a number, not true"),
+        ("resolution: 17\n", "multiple of 8"),
+        ("resolution: 8\n", "greater than or equal to 64"),
+        ("max_train_steps: 0\n", "greater than or equal to 1"),
+        ("learning_rate: 5e-6\nmax_train_steps: '60'\n", "max_train_steps must be a number"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("1: 2\n", "must be a mapping"),
+    ],
+)
 def test_config_preflight_refuses_what_would_train_wrong(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)

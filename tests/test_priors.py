@@ -6,8 +6,16 @@ from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors, rea
 
 
 def _spec(tiny_model, **change):
-    base = dict(base_model_hash=model_hash(tiny_model), class_prompt="a photo of toy", count=3, resolution=64,
-                seed=0, sampler="dpmsolver++", steps=4, guidance_scale=5.0)
+    base = dict(
+        base_model_hash=model_hash(tiny_model),
+        class_prompt="a photo of toy",
+        count=3,
+        resolution=64,
+        seed=0,
+        sampler="dpmsolver++",
+        steps=4,
+        guidance_scale=5.0,
+    )
     return PriorSpec(**{**base, **change})
 
 
@@ -23,8 +31,14 @@ def test_cache_hit_reuses_without_regenerating(tiny_model, tmp_path):
 
 def test_every_part_of_the_key_matters(tiny_model):
     keys = {_spec(tiny_model).key}
-    for change in ({"seed": 1}, {"count": 4}, {"resolution": 32}, {"class_prompt": "a photo of dog"},
-                   {"sampler": "ddim"}, {"base_model_hash": "0" * 64}):
+    for change in (
+        {"seed": 1},
+        {"count": 4},
+        {"resolution": 32},
+        {"class_prompt": "a photo of dog"},
+        {"sampler": "ddim"},
+        {"base_model_hash": "0" * 64},
+    ):
         keys.add(_spec(tiny_model, **change).key)
     assert len(keys) == 7
 

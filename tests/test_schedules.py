@@ -29,8 +29,13 @@ def test_a_cron_schedule_starts_and_finishes_a_run_within_its_minute(tmp_path):
     try:
         deployed = _cli(env, "deploy")
         assert deployed.returncode == 0 and "ledger-audit" in deployed.stdout, deployed.stderr[-2000:]
-        worker = subprocess.Popen([sys.executable, "-m", "atelier.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "atelier.cli", "worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             deadline, finished = time.monotonic() + 300, None  # the scheduler's loop is 60 s; a loaded CI machine is slow
             while time.monotonic() < deadline and finished is None:

@@ -30,16 +30,31 @@ def test_up_starts_on_postgres_and_s3_and_is_idempotent(stack):
 
 def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_process(stack):
     # the ledger audit every minute: the next test checks that the schedule fired while this one trained
-    (stack.ws / "schedules.yaml").write_text('retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\n'
-                                             'audit: {cron: "* * * * *"}\n')
+    (stack.ws / "schedules.yaml").write_text(
+        'retrain:\n  - {customer: acme, subject: robot, cron: "0 3 * * *", paused: true}\naudit: {cron: "* * * * *"}\n'
+    )
     deployed = stack.run(ATELIER, "deploy")
     assert "work pool 'atelier'" in deployed.stdout
     # the worker that `atelier up` started picks the run up from the pool and runs it in its own process
-    stack.run(PREFECT, "deployment", "run", "subject-finetune/retrain-acme-robot", "--watch", "--watch-timeout", "600",
-              extra={"PREFECT_API_URL": stack.env["ATELIER_PREFECT_API_URL"],
-                     "PREFECT_API_AUTH_STRING": stack.env["ATELIER_PREFECT_API_AUTH_STRING"]})
-    rows = stack.sql("prefect", "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id "
-                                "JOIN deployment d ON d.id = r.deployment_id WHERE d.name = %s", "retrain-acme-robot")
+    stack.run(
+        PREFECT,
+        "deployment",
+        "run",
+        "subject-finetune/retrain-acme-robot",
+        "--watch",
+        "--watch-timeout",
+        "600",
+        extra={
+            "PREFECT_API_URL": stack.env["ATELIER_PREFECT_API_URL"],
+            "PREFECT_API_AUTH_STRING": stack.env["ATELIER_PREFECT_API_AUTH_STRING"],
+        },
+    )
+    rows = stack.sql(
+        "prefect",
+        "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+        "JOIN deployment d ON d.id = r.deployment_id WHERE d.name = %s",
+        "retrain-acme-robot",
+    )
     assert rows == [("subject-finetune", "COMPLETED")]
     # the registry is in PostgreSQL; the model's files are in S3; Prefect's task results too
     assert stack.sql("mlflow", "SELECT version FROM model_versions WHERE name = %s", "dreambooth-acme-robot") == [(1,)]
@@ -48,12 +63,19 @@ def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_proc
     mv = stack.mlflow().get_model_version_by_alias("dreambooth-acme-robot", "champion")
     assert mv.tags["atelier.customer"] == "acme" and mv.tags["atelier.training.key"]
     # a fresh process that knows only the tracking server and S3 pulls the champion through S3
-    code = ("import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/dreambooth-acme-robot@champion');"
-            "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1]}))))")
+    code = (
+        "import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/dreambooth-acme-robot@champion');"
+        "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1]}))))"
+    )
     env = {k: v for k, v in stack.env.items() if not k.startswith("ATELIER_")}
-    env.update({"MLFLOW_TRACKING_URI": stack.env["ATELIER_TRACKING_URI"], "MLFLOW_S3_ENDPOINT_URL": stack.env["ATELIER_S3_ENDPOINT_URL"],
-                "MLFLOW_TRACKING_USERNAME": stack.env["ATELIER_TRACKING_USERNAME"],
-                "MLFLOW_TRACKING_PASSWORD": stack.env["ATELIER_TRACKING_PASSWORD"]})
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": stack.env["ATELIER_TRACKING_URI"],
+            "MLFLOW_S3_ENDPOINT_URL": stack.env["ATELIER_S3_ENDPOINT_URL"],
+            "MLFLOW_TRACKING_USERNAME": stack.env["ATELIER_TRACKING_USERNAME"],
+            "MLFLOW_TRACKING_PASSWORD": stack.env["ATELIER_TRACKING_PASSWORD"],
+        }
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ROWS 1" in done.stdout
@@ -62,8 +84,10 @@ def test_finetune_by_a_worker_lands_in_s3_and_postgres_and_loads_in_a_fresh_proc
 
 def test_a_cron_schedule_fires_on_the_stack(stack):
     """The stack's Prefect server schedules the audit deployed a test ago, and the stack's worker runs it."""
-    query = ("SELECT r.state_type, r.auto_scheduled FROM flow_run r JOIN deployment d ON d.id = r.deployment_id "
-             "WHERE d.name = %s AND r.state_type = 'COMPLETED'")
+    query = (
+        "SELECT r.state_type, r.auto_scheduled FROM flow_run r JOIN deployment d ON d.id = r.deployment_id "
+        "WHERE d.name = %s AND r.state_type = 'COMPLETED'"
+    )
     deadline, done = time.monotonic() + 180, []
     while time.monotonic() < deadline and not done:
         done = stack.sql("prefect", query, "ledger-audit")
@@ -76,12 +100,15 @@ def test_a_cron_schedule_fires_on_the_stack(stack):
 def test_batch_generation_reads_and_writes_s3(stack):
     lines = "".join(json.dumps({"id": f"item-{i}", "prompt": f"a sks toy number {i}", "steps": 4}) + "\n" for i in range(3))
     stack.s3().put_object(Bucket=BUCKET, Key="in/prompts.jsonl", Body=lines.encode())
-    done = stack.run(ATELIER, "batch-generate", "acme", "robot", "--manifest", f"s3://{BUCKET}/in/prompts.jsonl",
-                     "--out", f"s3://{BUCKET}/out/nightly")
+    done = stack.run(
+        ATELIER, "batch-generate", "acme", "robot", "--manifest", f"s3://{BUCKET}/in/prompts.jsonl", "--out", f"s3://{BUCKET}/out/nightly"
+    )
     assert "3 new" in done.stdout
     keys = stack.keys("out/nightly/")
     assert {f"out/nightly/images/item-{i}.png" for i in range(3)} <= set(keys)
-    records = [json.loads(x) for x in stack.s3().get_object(Bucket=BUCKET, Key="out/nightly/manifest.jsonl")["Body"].read().decode().splitlines()]
+    records = [
+        json.loads(x) for x in stack.s3().get_object(Bucket=BUCKET, Key="out/nightly/manifest.jsonl")["Body"].read().decode().splitlines()
+    ]
     assert {r["model"] for r in records} == {"dreambooth-acme-robot/1"}
 
 
@@ -106,8 +133,9 @@ def _wait_for_registration(stack, before: int, proc: subprocess.Popen, timeout: 
 def _start_finetune(stack, subject: str) -> subprocess.Popen:
     # MLflow's own HTTP retries off: the task's retries are what is under test
     env = {**stack.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-    return subprocess.Popen([ATELIER, "finetune", "acme", subject], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=stack.ws.parent)
+    return subprocess.Popen(
+        [ATELIER, "finetune", "acme", subject], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=stack.ws.parent
+    )
 
 
 def _versions(stack, name: str) -> list[int]:

@@ -47,7 +47,9 @@ def test_unreachable_postgres_names_the_server_and_the_fix(tmp_path):
 
 def test_a_server_that_exits_at_once_is_reported_with_its_log(tmp_path):
     s = _settings(tmp_path)
-    svc = stack.Service("mlflow", [sys.executable, "-c", "print('no such database'); raise SystemExit(3)"], "http://x", "http://127.0.0.1:1/", None)
+    svc = stack.Service(
+        "mlflow", [sys.executable, "-c", "print('no such database'); raise SystemExit(3)"], "http://x", "http://127.0.0.1:1/", None
+    )
     with pytest.raises(ServiceUnavailable, match=r"exited with code 3:\nno such database"):
         stack.start_service(s, svc)
     assert stack.status(s)[2].running is False
@@ -91,7 +93,7 @@ def test_env_file_holds_the_clients_settings_and_only_its_owner_reads_it(tmp_pat
         argv = " ".join(svc.argv)
         assert not any(secret in argv for secret in stack.stack_secrets(s).values()), svc.name
         assert "postgresql" not in argv, svc.name
-    loaded = load_settings(**{k[len("ATELIER_"):].lower(): v for k, v in values.items() if k.startswith("ATELIER_")})
+    loaded = load_settings(**{k[len("ATELIER_") :].lower(): v for k, v in values.items() if k.startswith("ATELIER_")})
     assert loaded.artifact_root_for("acme") == "s3://team-bucket/mlflow/acme"
 
 

@@ -48,9 +48,14 @@ def tenants(stack):
     client = stack.mlflow()
     acme = client.get_model_version_by_alias("dreambooth-acme-robot", "champion")
     model_files = [k for k in stack.keys("mlflow/acme/") if k.endswith("MLmodel")]
-    return {"creds": creds, "acme_version": acme, "acme_run": acme.run_id, "acme_object": model_files[0],
-            "acme_experiment": client.get_experiment_by_name("atelier-acme").experiment_id,
-            "globex_object": next(k for k in stack.keys("mlflow/globex/") if k.endswith("MLmodel"))}
+    return {
+        "creds": creds,
+        "acme_version": acme,
+        "acme_run": acme.run_id,
+        "acme_object": model_files[0],
+        "acme_experiment": client.get_experiment_by_name("atelier-acme").experiment_id,
+        "globex_object": next(k for k in stack.keys("mlflow/globex/") if k.endswith("MLmodel")),
+    }
 
 
 def _mlflow(stack, method: str, path: str, auth=None, **kw) -> int:
@@ -64,10 +69,16 @@ def _s3(stack, key: str | None, secret: str | None):
     from botocore.config import Config
 
     if key is None:
-        return boto3.client("s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], region_name="us-east-1",
-                            config=Config(signature_version=UNSIGNED))
-    return boto3.client("s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], aws_access_key_id=key,
-                        aws_secret_access_key=secret, region_name="us-east-1")
+        return boto3.client(
+            "s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], region_name="us-east-1", config=Config(signature_version=UNSIGNED)
+        )
+    return boto3.client(
+        "s3",
+        endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"],
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+    )
 
 
 def _s3_refused(call) -> bool:
@@ -90,36 +101,53 @@ def test_anonymous_and_cross_tenant_requests_are_all_refused(stack, tenants):
     refused: dict[str, bool] = {}
     # MLflow, anonymous: reads and writes alike get 401
     for name, (method, path, body) in {
-        "search models": ("GET", "registered-models/search", None), "get model": ("GET", f"registered-models/get?name={model}", None),
+        "search models": ("GET", "registered-models/search", None),
+        "get model": ("GET", f"registered-models/get?name={model}", None),
         "search versions": ("GET", f"model-versions/search?filter=name%3D%27{model}%27", None),
         "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
-        "get run": ("GET", f"runs/get?run_id={run}", None), "search runs": ("POST", "runs/search", {"experiment_ids": ["0", "1"]}),
-        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None), "set alias": ("POST", "registered-models/alias", alias),
-        "set tag": ("POST", "registered-models/set-tag", tag), "create run": ("POST", "runs/create", {"experiment_id": "1"}),
+        "get run": ("GET", f"runs/get?run_id={run}", None),
+        "search runs": ("POST", "runs/search", {"experiment_ids": ["0", "1"]}),
+        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
+        "set alias": ("POST", "registered-models/alias", alias),
+        "set tag": ("POST", "registered-models/set-tag", tag),
+        "create run": ("POST", "runs/create", {"experiment_id": "1"}),
     }.items():
         refused[f"mlflow anonymous {name}"] = _mlflow(stack, method, path, json=body) == 401
-    graphql = requests.post(f"{stack.env['ATELIER_TRACKING_URI']}/graphql", json={"query": f'{{mlflowGetRun(input: {{runId: "{run}"}}) {{run {{info {{runId}}}}}}}}'}, timeout=30)
+    graphql = requests.post(
+        f"{stack.env['ATELIER_TRACKING_URI']}/graphql",
+        json={"query": f'{{mlflowGetRun(input: {{runId: "{run}"}}) {{run {{info {{runId}}}}}}}}'},
+        timeout=30,
+    )
     refused["mlflow anonymous graphql"] = graphql.status_code == 401
     refused["mlflow wrong password"] = _mlflow(stack, "GET", f"registered-models/get?name={model}", auth=(acme[0], "not-it")) == 401
     # MLflow, globex against acme's model and run: 403
     for name, (method, path, body) in {
         "get model": ("GET", f"registered-models/get?name={model}", None),
         "get by alias": ("GET", f"registered-models/alias?name={model}&alias=champion", None),
-        "get run": ("GET", f"runs/get?run_id={run}", None), "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
+        "get run": ("GET", f"runs/get?run_id={run}", None),
+        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
         "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
-        "set alias": ("POST", "registered-models/alias", alias), "set owner tag": ("POST", "registered-models/set-tag", tag),
+        "set alias": ("POST", "registered-models/alias", alias),
+        "set owner tag": ("POST", "registered-models/set-tag", tag),
         "delete model": ("DELETE", "registered-models/delete", {"name": model}),
         "delete version": ("DELETE", "model-versions/delete", {"name": model, "version": version.version}),
         "create run in acme's experiment": ("POST", "runs/create", {"experiment_id": tenants["acme_experiment"]}),
-        "squat a name of acme": ("POST", "registered-models/create", {"name": "dreambooth-acme-squat", "tags": [{"key": "atelier.customer", "value": "acme"}]}),
+        "squat a name of acme": (
+            "POST",
+            "registered-models/create",
+            {"name": "dreambooth-acme-squat", "tags": [{"key": "atelier.customer", "value": "acme"}]},
+        ),
         "pre-create a new customer's experiment": ("POST", "experiments/create", {"name": "atelier-newco"}),
     }.items():
         refused[f"mlflow globex {name}"] = _mlflow(stack, method, path, auth=globex, json=body) == 403
     searched = requests.get(f"{stack.env['ATELIER_TRACKING_URI']}/api/2.0/mlflow/registered-models/search", auth=globex, timeout=30).json()
-    refused["mlflow globex search sees no acme model"] = all(m["name"].startswith("dreambooth-globex") for m in searched.get("registered_models", []))
+    refused["mlflow globex search sees no acme model"] = all(
+        m["name"].startswith("dreambooth-globex") for m in searched.get("registered_models", [])
+    )
     # MLflow, acme on its own model: read-only
     for name, (method, path, body) in {
-        "move its own alias": ("POST", "registered-models/alias", alias), "tag its own model": ("POST", "registered-models/set-tag", tag),
+        "move its own alias": ("POST", "registered-models/alias", alias),
+        "tag its own model": ("POST", "registered-models/set-tag", tag),
         "delete its own model": ("DELETE", "registered-models/delete", {"name": model}),
         "create a model": ("POST", "registered-models/create", {"name": "dreambooth-acme-extra"}),
     }.items():
@@ -131,7 +159,8 @@ def test_anonymous_and_cross_tenant_requests_are_all_refused(stack, tenants):
     anon, madeup = _s3(stack, None, None), _s3(stack, "AKIAMADEUP", "made-up-secret")
     wrong = _s3(stack, stack.env["AWS_ACCESS_KEY_ID"], "not-the-secret")
     for name, call in {
-        "anonymous get": lambda: anon.get_object(Bucket=BUCKET, Key=acme_key), "anonymous list": lambda: anon.list_objects_v2(Bucket=BUCKET),
+        "anonymous get": lambda: anon.get_object(Bucket=BUCKET, Key=acme_key),
+        "anonymous list": lambda: anon.list_objects_v2(Bucket=BUCKET),
         "anonymous put": lambda: anon.put_object(Bucket=BUCKET, Key="mlflow/acme/x", Body=b"x"),
         "made-up keys list": lambda: madeup.list_objects_v2(Bucket=BUCKET),
         "platform key, wrong secret": lambda: wrong.get_object(Bucket=BUCKET, Key=acme_key),
@@ -148,13 +177,21 @@ def test_anonymous_and_cross_tenant_requests_are_all_refused(stack, tenants):
     # Prefect: no auth, a wrong one, and a flow run that tries to choose the worker's command or environment
     api, auth = stack.env["ATELIER_PREFECT_API_URL"], tuple(stack.env["ATELIER_PREFECT_API_AUTH_STRING"].split(":", 1))
     refused["prefect anonymous read"] = requests.post(f"{api}/deployments/filter", json={}, timeout=30).status_code == 401
-    refused["prefect wrong auth"] = requests.post(f"{api}/deployments/filter", json={}, auth=("atelier", "nope"), timeout=30).status_code == 401
+    refused["prefect wrong auth"] = (
+        requests.post(f"{api}/deployments/filter", json={}, auth=("atelier", "nope"), timeout=30).status_code == 401
+    )
     deployment = _ensure_deployment(stack)
-    refused["prefect anonymous flow run"] = requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={}, timeout=30).status_code == 401
+    refused["prefect anonymous flow run"] = (
+        requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={}, timeout=30).status_code == 401
+    )
     marker = stack.ws.parent / "command-override-ran"
     for name, variables in {"command": {"command": f"touch {marker}"}, "env": {"env": {"PYTHONPATH": "/tmp/evil"}}}.items():
-        answer = requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={"job_variables": variables, "state": {"type": "SCHEDULED"}},
-                               auth=auth, timeout=30)
+        answer = requests.post(
+            f"{api}/deployments/{deployment}/create_flow_run",
+            json={"job_variables": variables, "state": {"type": "SCHEDULED"}},
+            auth=auth,
+            timeout=30,
+        )
         refused[f"prefect flow run overriding {name}"] = answer.status_code == 422
     # SeaweedFS's own ports are not a way around S3's authentication: every HTTP and gRPC port is mutual TLS
     refused.update(_seaweed_internal_ports_refused(stack, acme_key))
@@ -189,12 +226,16 @@ def _seaweed_internal_ports_refused(stack, acme_key: str) -> dict[str, bool]:
                 return False
         return True
 
-    for name, (url, method) in {"master assign a write token": (f"{master}/dir/assign", "GET"),
-                                "master lookup a read token": (f"{master}/dir/lookup?volumeId=1&read=yes", "GET"),
-                                "master status": (f"{master}/dir/status", "GET"), "master cluster status": (f"{master}/cluster/status", "GET"),
-                                "volume status": (f"{volume}/status", "GET"), "volume read": (f"{volume}/1,01", "GET"),
-                                "filer read": (f"{filer}/buckets/{BUCKET}/{acme_key}", "GET"),
-                                "filer write": (f"{filer}/buckets/{BUCKET}/evil.txt", "POST")}.items():
+    for name, (url, method) in {
+        "master assign a write token": (f"{master}/dir/assign", "GET"),
+        "master lookup a read token": (f"{master}/dir/lookup?volumeId=1&read=yes", "GET"),
+        "master status": (f"{master}/dir/status", "GET"),
+        "master cluster status": (f"{master}/cluster/status", "GET"),
+        "volume status": (f"{volume}/status", "GET"),
+        "volume read": (f"{volume}/1,01", "GET"),
+        "filer read": (f"{filer}/buckets/{BUCKET}/{acme_key}", "GET"),
+        "filer write": (f"{filer}/buckets/{BUCKET}/evil.txt", "POST"),
+    }.items():
         refused[f"s3 internal {name}"] = http_refused(url, method)
     for name, port in {"master": base + 1, "volume": base + 3, "filer": base + 5, "s3": base + 6}.items():
         context = ssl.create_default_context()
@@ -216,8 +257,14 @@ def test_seaweedfs_files_and_the_stack_folder_are_private(stack, tenants):
     home = stack.ws / ".atelier" / "stack"
     folders = [p for p in [home, *home.rglob("*")] if p.is_dir() and not p.is_symlink()]
     assert [str(p) for p in folders if p.stat().st_mode & 0o077] == []
-    private = [*home.glob("s3/data/*.dat"), *home.glob("s3/data/*.idx"), *home.glob("s3/tls/*"), home / "secrets.json",
-               home / "s3" / "security.toml", home / "s3" / "identities.json"]
+    private = [
+        *home.glob("s3/data/*.dat"),
+        *home.glob("s3/data/*.idx"),
+        *home.glob("s3/tls/*"),
+        home / "secrets.json",
+        home / "s3" / "security.toml",
+        home / "s3" / "identities.json",
+    ]
     assert len(private) > 6 and [str(p) for p in private if p.stat().st_mode & 0o077] == []
 
 
@@ -228,8 +275,10 @@ def _ensure_deployment(stack) -> str:
 
 
 def _load(env: dict[str, str], model: str) -> subprocess.CompletedProcess:
-    code = (f"import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{model}');"
-            "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1], 'steps': [2]}))))")
+    code = (
+        f"import mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{model}');"
+        "print('ROWS', len(m.predict(pd.DataFrame({'prompt': ['a sks toy'], 'seed': [1], 'steps': [2]}))))"
+    )
     base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
     return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=300, cwd="/")
 
@@ -264,10 +313,18 @@ def test_no_secret_in_any_process_argv_or_in_info(stack, tenants):
     admin_password = json.loads((stack.ws / ".atelier/stack/secrets.json").read_text())["mlflow_admin_password"]
     assert environ["ATELIER_TRACKING_USERNAME"] == "atelier-worker" and admin_password not in environ.values()
     base, as_worker = stack.env["ATELIER_TRACKING_URI"], (environ["ATELIER_TRACKING_USERNAME"], environ["ATELIER_TRACKING_PASSWORD"])
-    assert requests.post(f"{base}/api/2.0/mlflow/users/create", json={"username": "mallory", "password": "Mallory-pw-12345"},
-                         auth=as_worker, timeout=10).status_code == 403
-    assert requests.patch(f"{base}/api/2.0/mlflow/users/update-admin", json={"username": "atelier-worker", "is_admin": True},
-                          auth=as_worker, timeout=10).status_code == 403
+    assert (
+        requests.post(
+            f"{base}/api/2.0/mlflow/users/create", json={"username": "mallory", "password": "Mallory-pw-12345"}, auth=as_worker, timeout=10
+        ).status_code
+        == 403
+    )
+    assert (
+        requests.patch(
+            f"{base}/api/2.0/mlflow/users/update-admin", json={"username": "atelier-worker", "is_admin": True}, auth=as_worker, timeout=10
+        ).status_code
+        == 403
+    )
 
 
 def test_side_doors_of_the_mlflow_server_are_shut(stack, tenants):
@@ -290,8 +347,10 @@ def test_side_doors_of_the_mlflow_server_are_shut(stack, tenants):
             status = requests.request(method, base + path, auth=auth, json=body, timeout=30).status_code
             assert status in (401, 403), f"{who} {name}: {status}"
     assert requests.post(f"{base}/api/3.0/mlflow/gateway/secrets/create", auth=globex, json={}, timeout=30).status_code == 403
-    statuses = [requests.get(f"{base}/api/2.0/mlflow/registered-models/search", auth=("guesser", f"pw{i}"), timeout=30).status_code
-                for i in range(12)]
+    statuses = [
+        requests.get(f"{base}/api/2.0/mlflow/registered-models/search", auth=("guesser", f"pw{i}"), timeout=30).status_code
+        for i in range(12)
+    ]
     assert statuses[:10] == [401] * 10 and statuses[-1] == 429, statuses
     assert requests.get(f"{base}/api/2.0/mlflow/registered-models/search", auth=globex, timeout=30).status_code == 200
 
@@ -307,9 +366,16 @@ def test_a_planted_pickle_result_is_refused_with_exit_5_never_run(stack, tenants
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    record = {"metadata": {"storage_key": None, "expiration": None, "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
-                           "prefect_version": "3.8.8", "storage_block_id": None},
-              "result": PickleSerializer().dumps(Planted()).decode()}
+    record = {
+        "metadata": {
+            "storage_key": None,
+            "expiration": None,
+            "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
+            "prefect_version": "3.8.8",
+            "storage_block_id": None,
+        },
+        "result": PickleSerializer().dumps(Planted()).decode(),
+    }
     s3 = stack.s3()
     keys = stack.keys("prefect-results/")
     for key in keys:
@@ -342,8 +408,9 @@ def test_s3_killed_mid_run_exits_6_naming_s3_and_loses_nothing_registered(stack,
     photos = write_demo_photos(stack.ws.parent / "photos-acme-lamp", count=4)
     stack.run(ATELIER, "subject", "add", "acme", "lamp", *map(str, photos), "--class", "toy")
     env = {**stack.env, "AWS_MAX_ATTEMPTS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    proc = subprocess.Popen([ATELIER, "finetune", "acme", "lamp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=stack.ws.parent)
+    proc = subprocess.Popen(
+        [ATELIER, "finetune", "acme", "lamp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=stack.ws.parent
+    )
     deadline = time.monotonic() + 400
     while not any("train-dreambooth" in r[0] for r in stack.sql("prefect", "SELECT name FROM task_run")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -376,8 +443,9 @@ def test_down_and_up_keep_every_model_and_the_dvc_remote(stack, tenants):
     subprocess.run(["git", "clone", "-q", str(stack.ws), str(clone)], check=True)
     dvc = str(os.path.join(os.path.dirname(sys.executable), "dvc"))
     # the subject's photos (dvc.yaml's stages have outputs of their own that were never produced here)
-    pulled = subprocess.run([dvc, "pull", "data/subjects/acme/robot.dvc"], cwd=clone, env={**stack.env}, capture_output=True,
-                            text=True, timeout=300)
+    pulled = subprocess.run(
+        [dvc, "pull", "data/subjects/acme/robot.dvc"], cwd=clone, env={**stack.env}, capture_output=True, text=True, timeout=300
+    )
     assert pulled.returncode == 0, (pulled.stdout + pulled.stderr)[-2000:]
     assert len(list((clone / "data" / "subjects" / "acme" / "robot").iterdir())) == 5
 
@@ -388,23 +456,51 @@ def test_a_rewritten_ledger_row_with_a_recomputed_hash_and_a_reserved_name_are_r
     The row is put back afterwards. A customer named like a platform object is refused."""
     from atelier.registry.ledger import LedgerRow
 
-    (seq, actor, reason, row_hash), = stack.sql("ledger", "SELECT seq, actor, reason, row_hash FROM promotion_ledger "
-                                                          "ORDER BY seq DESC LIMIT 1")
-    row = LedgerRow(**{c: v for c, v in zip(("seq", "model", "version", "action", "from_alias", "to_alias", "replaced_version",
-                                              "gate", "metrics", "flow_run_id", "created_at", "prev_hash"),
-                                             stack.sql("ledger", "SELECT seq, model, version, action, from_alias, to_alias, "
-                                                                 "replaced_version, gate, metrics, flow_run_id, created_at, prev_hash "
-                                                                 "FROM promotion_ledger WHERE seq = %s", seq)[0])})
+    ((seq, actor, reason, row_hash),) = stack.sql(
+        "ledger", "SELECT seq, actor, reason, row_hash FROM promotion_ledger ORDER BY seq DESC LIMIT 1"
+    )
+    row = LedgerRow(
+        **{
+            c: v
+            for c, v in zip(
+                (
+                    "seq",
+                    "model",
+                    "version",
+                    "action",
+                    "from_alias",
+                    "to_alias",
+                    "replaced_version",
+                    "gate",
+                    "metrics",
+                    "flow_run_id",
+                    "created_at",
+                    "prev_hash",
+                ),
+                stack.sql(
+                    "ledger",
+                    "SELECT seq, model, version, action, from_alias, to_alias, "
+                    "replaced_version, gate, metrics, flow_run_id, created_at, prev_hash "
+                    "FROM promotion_ledger WHERE seq = %s",
+                    seq,
+                )[0],
+            )
+        }
+    )
     row.actor, row.reason = "nobody", "nothing happened"
     forged = row.compute_hash()
-    stack.sql("ledger", "UPDATE promotion_ledger SET actor = %s, reason = %s, row_hash = %s WHERE seq = %s", row.actor, row.reason, forged, seq)
+    stack.sql(
+        "ledger", "UPDATE promotion_ledger SET actor = %s, reason = %s, row_hash = %s WHERE seq = %s", row.actor, row.reason, forged, seq
+    )
     anchor = stack.sql("mlflow", "SELECT value FROM experiment_tags WHERE key = 'atelier.ledger.head'")[0][0]
     stack.sql("mlflow", "UPDATE experiment_tags SET value = %s WHERE key = 'atelier.ledger.head'", f"{seq}:{forged}")
     try:
         done = stack.run(ATELIER, "ledger", "verify", check=False)
         assert done.returncode == 5 and f"row {seq}" in done.stderr and "signature" in done.stderr, done.stderr[-2000:]
     finally:
-        stack.sql("ledger", "UPDATE promotion_ledger SET actor = %s, reason = %s, row_hash = %s WHERE seq = %s", actor, reason, row_hash, seq)
+        stack.sql(
+            "ledger", "UPDATE promotion_ledger SET actor = %s, reason = %s, row_hash = %s WHERE seq = %s", actor, reason, row_hash, seq
+        )
         stack.sql("mlflow", "UPDATE experiment_tags SET value = %s WHERE key = 'atelier.ledger.head'", anchor)
     assert stack.run(ATELIER, "ledger", "verify").returncode == 0
     for reserved in ("ledger", "admin", "atelier-ops"):

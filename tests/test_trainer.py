@@ -24,9 +24,16 @@ def _weights(path):
 
 
 def test_resume_continues_the_loss_curve_exactly(tiny_model, photos, prior_dir, tmp_path, tiny_config):
-    cfg = tiny_config.model_copy(update={"max_train_steps": 12, "gradient_accumulation_steps": 2,
-                                          "checkpointing_steps": 100, "validation_steps": 100,
-                                          "lr_scheduler": "linear", "lr_warmup_steps": 2})
+    cfg = tiny_config.model_copy(
+        update={
+            "max_train_steps": 12,
+            "gradient_accumulation_steps": 2,
+            "checkpointing_steps": 100,
+            "validation_steps": 100,
+            "lr_scheduler": "linear",
+            "lr_warmup_steps": 2,
+        }
+    )
     straight = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "a"))
     first = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "b"), step_budget=5)
     assert not first.finished and first.step == 5 and first.output_dir is None
@@ -39,14 +46,22 @@ def test_resume_continues_the_loss_curve_exactly(tiny_model, photos, prior_dir, 
 
 
 def test_training_changes_weights_and_frozen_text_encoder_stays(tiny_model, photos, prior_dir, tmp_path, tiny_config):
-    cfg = tiny_config.model_copy(update={"max_train_steps": 4, "train_text_encoder": False, "validation_steps": 2,
-                                          "checkpointing_steps": 1, "checkpoints_total_limit": 2})
+    cfg = tiny_config.model_copy(
+        update={
+            "max_train_steps": 4,
+            "train_text_encoder": False,
+            "validation_steps": 2,
+            "checkpointing_steps": 1,
+            "checkpoints_total_limit": 2,
+        }
+    )
     result = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "w"))
     base_unet, new_unet = _weights(tiny_model), _weights(result.output_dir)
     assert any(not torch.equal(base_unet[k], new_unet[k]) for k in base_unet)
     te = "text_encoder/model.safetensors"
     assert (tiny_model / te).read_bytes() == (result.output_dir / te).read_bytes() or all(
-        torch.equal(load_file(str(tiny_model / te))[k], v) for k, v in load_file(str(result.output_dir / te)).items())
+        torch.equal(load_file(str(tiny_model / te))[k], v) for k, v in load_file(str(result.output_dir / te)).items()
+    )
     # total limit honoured; none for the last step (the finished run wrote its pipeline)
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["checkpoint-0000002", "checkpoint-0000003"]
     assert [p.name for p in result.validation_dirs] == ["step-0000002"]  # every N steps, not at the end
@@ -79,8 +94,9 @@ def test_lora_trains_adapters_only_and_fuses_them_into_the_output(tiny_model, ph
 
     from atelier.models.dreambooth.config import LoraConfig
 
-    cfg = tiny_config.model_copy(update={"max_train_steps": 6, "lora": LoraConfig(rank=4), "validation_steps": 3,
-                                          "checkpointing_steps": 100, "learning_rate": 1e-2})
+    cfg = tiny_config.model_copy(
+        update={"max_train_steps": 6, "lora": LoraConfig(rank=4), "validation_steps": 3, "checkpointing_steps": 100, "learning_rate": 1e-2}
+    )
     straight = train(cfg, _inputs(tiny_model, photos, prior_dir, tmp_path / "a"))
     out = straight.output_dir
     adapters = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))

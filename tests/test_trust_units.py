@@ -58,11 +58,15 @@ def test_a_server_answering_500_because_its_database_is_down_names_postgresql(tm
     import httpx
 
     port = _dead_port()
-    settings = load_settings(workspace=tmp_path, prefect_api_url="http://127.0.0.1:4200/api",
-                             ledger_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/ledger")
+    settings = load_settings(
+        workspace=tmp_path,
+        prefect_api_url="http://127.0.0.1:4200/api",
+        ledger_url=f"postgresql+psycopg2://postgres@127.0.0.1:{port}/ledger",
+    )
     request = httpx.Request("POST", "http://127.0.0.1:4200/api/flow_runs/x/set_state")
-    error = httpx.HTTPStatusError("Server error '500 Internal Server Error'", request=request,
-                                  response=httpx.Response(500, request=request))
+    error = httpx.HTTPStatusError(
+        "Server error '500 Internal Server Error'", request=request, response=httpx.Response(500, request=request)
+    )
     outage = classify(error, settings)
     assert outage is not None and outage.item == f"PostgreSQL at 127.0.0.1:{port}" and "Prefect server" in outage.problem
 
@@ -117,9 +121,13 @@ def test_a_record_naming_one_of_our_functions_is_refused_and_nothing_is_called(t
     called = []
     monkeypatch.setattr(atelier.kernel.storage, "write_text_atomic", lambda *a, **k: called.append(a))
     ours = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result={"n": 1})
-    for name, data in (("atelier.kernel.storage.write_text_atomic", {"path": str(tmp_path / "x.pth"), "text": "import os"}),
-                       ("atelier.registry.ledger.Ledger", {"url": "sqlite://"}), ("atelier.models.photos", {}), ("builtins.eval", "1+1"),
-                       ("pathlib.Path.write_text", "x")):
+    for name, data in (
+        ("atelier.kernel.storage.write_text_atomic", {"path": str(tmp_path / "x.pth"), "text": "import os"}),
+        ("atelier.registry.ledger.Ledger", {"url": "sqlite://"}),
+        ("atelier.models.photos", {}),
+        ("builtins.eval", "1+1"),
+        ("pathlib.Path.write_text", "x"),
+    ):
         planted = json.loads(ours.serialize())
         planted["result"] = json.dumps({"x": {"__class__": name, "data": data}})
         with pytest.raises(UnsafeResult, match="never writes"):
@@ -143,9 +151,15 @@ def test_value_types_result_data_classes_and_exceptions_round_trip():
         output_dir: Path
         steps: int
 
-    value = {"trained": Trained(Path("/w/run"), 60), "when": datetime.datetime(2026, 12, 4, 12, 0), "tags": {"a", "b"},
-             "id": uuid.UUID(int=7), "wait": datetime.timedelta(seconds=90), "error": ConfigError("x.yaml", "bad", "fix it"),
-             "other": KeyError("k")}
+    value = {
+        "trained": Trained(Path("/w/run"), 60),
+        "when": datetime.datetime(2026, 12, 4, 12, 0),
+        "tags": {"a", "b"},
+        "id": uuid.UUID(int=7),
+        "wait": datetime.timedelta(seconds=90),
+        "error": ConfigError("x.yaml", "bad", "fix it"),
+        "other": KeyError("k"),
+    }
     record = ResultRecord(metadata=ResultRecordMetadata(serializer=AtelierJSONSerializer()), result=value)
     back = ResultRecord.deserialize(record.serialize()).result
     assert back["trained"] == Trained(Path("/w/run"), 60) and isinstance(back["trained"].output_dir, Path)
@@ -176,17 +190,27 @@ def test_the_auth_app_counts_only_reads_and_searches_as_reads():
 
     assert is_read("GET", "/api/2.0/mlflow/registered-models/get")
     assert is_read("POST", "/api/2.0/mlflow/runs/search") and is_read("POST", "/graphql")
-    for method, path in (("POST", "/api/2.0/mlflow/registered-models/create"), ("POST", "/api/2.0/mlflow/registered-models/alias"),
-                         ("DELETE", "/api/2.0/mlflow/registered-models/delete"), ("PATCH", "/api/2.0/mlflow/registered-models/update"),
-                         ("POST", "/api/2.0/mlflow/experiments/create"), ("POST", "/api/2.0/mlflow/runs/create")):
+    for method, path in (
+        ("POST", "/api/2.0/mlflow/registered-models/create"),
+        ("POST", "/api/2.0/mlflow/registered-models/alias"),
+        ("DELETE", "/api/2.0/mlflow/registered-models/delete"),
+        ("PATCH", "/api/2.0/mlflow/registered-models/update"),
+        ("POST", "/api/2.0/mlflow/experiments/create"),
+        ("POST", "/api/2.0/mlflow/runs/create"),
+    ):
         assert not is_read(method, path), path
 
 
 def test_info_masks_passwords_in_urls(tmp_path):
     assert mask_url("postgresql+psycopg2://atelier:s3cret@db:5432/ledger") == "postgresql+psycopg2://atelier:***@db:5432/ledger"
     assert mask_url("sqlite:////w/ledger.db") == "sqlite:////w/ledger.db"
-    described = load_settings(workspace=tmp_path, ledger_url="postgresql+psycopg2://u:s3cret@db/l", tracking_password="pw-1",
-                              tracking_username="ops", prefect_api_auth_string="atelier:pw-2").describe()
+    described = load_settings(
+        workspace=tmp_path,
+        ledger_url="postgresql+psycopg2://u:s3cret@db/l",
+        tracking_password="pw-1",
+        tracking_username="ops",
+        prefect_api_auth_string="atelier:pw-2",
+    ).describe()
     text = json.dumps(described)
     assert "s3cret" not in text and "pw-1" not in text and "pw-2" not in text
 

@@ -17,8 +17,16 @@ def _png(image, level: int) -> bytes:
     return buf.getvalue()
 
 
-def run_generation(pipe, items: list[GenItem], store: Store, model: str, defaults: dict, batch_size: int = 8,
-                   on_progress: Callable[[int, int], None] | None = None, png_level: int = 1) -> tuple[dict[str, dict], Progress]:
+def run_generation(
+    pipe,
+    items: list[GenItem],
+    store: Store,
+    model: str,
+    defaults: dict,
+    batch_size: int = 8,
+    on_progress: Callable[[int, int], None] | None = None,
+    png_level: int = 1,
+) -> tuple[dict[str, dict], Progress]:
     """Generate every item not already done in `store`; returns all items' records and what happened.
 
     `model`: "name/version" written into each record. `defaults`: steps and guidance_scale of the
@@ -31,19 +39,40 @@ def run_generation(pipe, items: list[GenItem], store: Store, model: str, default
     progress = Progress()
     by_id = {item.id: item for item in items}
     records, todo = split_done(store, [item.id for item in items], progress)
-    requests = [GenerationRequest(prompt=i.prompt, seed=i.seed, steps=i.steps or defaults["steps"],
-                                  guidance_scale=defaults["guidance_scale"] if i.guidance is None else i.guidance,
-                                  height=i.height, width=i.width, negative_prompt=i.negative_prompt)
-                for i in (by_id[t] for t in todo)]
+    requests = [
+        GenerationRequest(
+            prompt=i.prompt,
+            seed=i.seed,
+            steps=i.steps or defaults["steps"],
+            guidance_scale=defaults["guidance_scale"] if i.guidance is None else i.guidance,
+            height=i.height,
+            width=i.width,
+            negative_prompt=i.negative_prompt,
+        )
+        for i in (by_id[t] for t in todo)
+    ]
     clock = [time.perf_counter()]
 
     def save(index: int, image) -> None:
         item, req = by_id[todo[index]], requests[index]
         now = time.perf_counter()
-        records[item.id] = commit(store, item.id, f"images/{item.id}.png", _png(image, png_level), {
-            "model": model, "prompt": item.prompt, "seed": req.seed, "steps": req.steps, "guidance": req.guidance_scale,
-            "width": image.width, "height": image.height, "negative_prompt": req.negative_prompt,
-            "seconds": round(now - clock[0], 4)})
+        records[item.id] = commit(
+            store,
+            item.id,
+            f"images/{item.id}.png",
+            _png(image, png_level),
+            {
+                "model": model,
+                "prompt": item.prompt,
+                "seed": req.seed,
+                "steps": req.steps,
+                "guidance": req.guidance_scale,
+                "width": image.width,
+                "height": image.height,
+                "negative_prompt": req.negative_prompt,
+                "seconds": round(now - clock[0], 4),
+            },
+        )
         clock[0] = now
         progress.written.append(item.id)
         if on_progress:

@@ -95,9 +95,16 @@ def parse_generation_manifest(text: str) -> tuple[list[GenItem], list[Invalid]]:
                 raise ValueError(f"repeats id {obj['id']!r} of line {seen[obj['id']]}")
             seed = _number(obj, "seed", int, 0, 2**63 - 1)
             width, height = _size(obj["size"]) if obj.get("size") is not None else (None, None)
-            item = GenItem(obj["id"], obj["prompt"], default_seed(obj["id"]) if seed is None else seed,
-                           _number(obj, "guidance", float, 0.0, 50.0), _number(obj, "steps", int, 1, 500), width, height,
-                           obj.get("negative_prompt") if isinstance(obj.get("negative_prompt"), str) else None)
+            item = GenItem(
+                obj["id"],
+                obj["prompt"],
+                default_seed(obj["id"]) if seed is None else seed,
+                _number(obj, "guidance", float, 0.0, 50.0),
+                _number(obj, "steps", int, 1, 500),
+                width,
+                height,
+                obj.get("negative_prompt") if isinstance(obj.get("negative_prompt"), str) else None,
+            )
         except json.JSONDecodeError as exc:
             invalid.append(Invalid(n, None, f"line {n} is not JSON ({exc.msg} at column {exc.colno})"))
             continue

@@ -13,7 +13,6 @@ from atelier.models.batch.outputs import Progress, commit, split_done
 from atelier.models.ocr.images import IMAGE_SUFFIXES
 
 
-
 def item_id(key: str) -> str:
     """A stable, path-safe id for an input key (keys may hold spaces, unicode, '/')."""
     return hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -23,8 +22,17 @@ def list_images(store: Store) -> list[str]:
     return [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES)]
 
 
-def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang: str | None = None, kind: str = "page",
-            chunk: int = 16, on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], Progress]:
+def run_ocr(
+    engine,
+    inputs: Store,
+    keys: list[str],
+    out: Store,
+    model: str,
+    lang: str | None = None,
+    kind: str = "page",
+    chunk: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, dict], Progress]:
     """Read every key not already done; a bad image gets a result with `error` (the batch goes on)."""
     from atelier.models.ocr.engine import read_documents
 
@@ -33,7 +41,7 @@ def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang
     records, todo = split_done(out, list(ids), progress)
     with tempfile.TemporaryDirectory(prefix="atelier-ocr-") as tmp:
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+            part = todo[start : start + chunk]
             locals_ = {i: Path(tmp) / f"{i}{Path(ids[i]).suffix.lower()}" for i in part}
             for i, local in locals_.items():
                 local.write_bytes(inputs.read_bytes(ids[i]))
@@ -43,8 +51,13 @@ def run_ocr(engine, inputs: Store, keys: list[str], out: Store, model: str, lang
                     row["error"] = row["error"].replace(str(locals_[i]), f"{inputs.url}/{ids[i]}")
                 result = {**row, "path": ids[i], "lines": json.loads(row["lines"]), "model": model}
                 payload = json.dumps(result, ensure_ascii=False, sort_keys=True).encode()
-                records[i] = commit(out, i, f"results/{i}.json", payload, {"path": ids[i], "model": model,
-                                                                           "error": row["error"], "flagged": bool(row["flagged"])})
+                records[i] = commit(
+                    out,
+                    i,
+                    f"results/{i}.json",
+                    payload,
+                    {"path": ids[i], "model": model, "error": row["error"], "flagged": bool(row["flagged"])},
+                )
                 progress.written.append(i)
                 if row["error"]:
                     progress.failed.append({"id": ids[i], "error": row["error"]})

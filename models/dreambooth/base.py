@@ -34,8 +34,11 @@ def check_sd_directory(path: Path) -> Path:
     for weights in sorted(path.rglob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:
-            raise ModelFormatError(str(weights), problem, "copy the model again (the file is damaged or was cut short); "
-                                   "compare its size and checksum with the source")
+            raise ModelFormatError(
+                str(weights),
+                problem,
+                "copy the model again (the file is damaged or was cut short); compare its size and checksum with the source",
+            )
     return path
 
 

@@ -102,8 +102,7 @@ class AsyncCheckpointer:
             if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
                 # same strides as the tensor (channels_last weights and their Adam moments stay so): the
                 # fused optimizer refuses moments whose layout differs from their parameter's
-                buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu",
-                                          pin_memory=tensor.is_cuda)
+                buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
                 self._buffers[name] = buf
             buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
             copies[name] = buf
@@ -127,7 +126,7 @@ class AsyncCheckpointer:
                 os.fsync(f.fileno())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.root.glob(f"{CKPT_PREFIX}*"))[:-self.keep]:
+            for old in sorted(p for p in self.root.glob(f"{CKPT_PREFIX}*"))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException as exc:  # noqa: BLE001 (raised in the training thread by wait())
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
@@ -148,6 +147,9 @@ def _disk_error(root: Path, step: int, exc: BaseException) -> BaseException:
     if isinstance(exc, OSError) or "No space left" in str(exc) or free < 64 * 2**20:
         from atelier.kernel.errors import DiskError
 
-        return DiskError(f"disk holding {root}", f"could not take checkpoint {step} ({free // 2**20} MiB free: {exc})"[:300],
-                         "free some space and rerun: training resumes from the last whole checkpoint")
+        return DiskError(
+            f"disk holding {root}",
+            f"could not take checkpoint {step} ({free // 2**20} MiB free: {exc})"[:300],
+            "free some space and rerun: training resumes from the last whole checkpoint",
+        )
     return exc

@@ -39,7 +39,8 @@ class SamplingConfig(_Strict):
     guidance_scale: float = Field(7.5, ge=1.0)
     batch_size: int = Field(4, ge=1)
     compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
-        "none", description="CUDA only: torch.compile the UNet and VAE decoder; reduce-overhead adds CUDA graphs")
+        "none", description="CUDA only: torch.compile the UNet and VAE decoder; reduce-overhead adds CUDA graphs"
+    )
 
 
 class LoraConfig(_Strict):
@@ -76,15 +77,23 @@ class TrainConfig(_Strict):
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on CUDA (fp16 where the GPU has no bf16), none on CPU")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on CUDA (fp16 where the GPU has no bf16), none on CPU"
+    )
     # speed levers that keep the training semantics (benchmarks/dreambooth_gpu.py measures them)
     fused_adam: bool = Field(True, description="fused AdamW kernel on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="UNet in channels_last memory format on CUDA")
-    cuda_graphs: bool = Field(True, description="on one CUDA device, capture the whole optimizer step as a CUDA graph after 3 steps "
-                              "(bf16 or fp32, no accumulation or gradient checkpointing): no compile, about 2.5x the eager steps/s")
-    compile_unet: bool = Field(False, description="torch.compile the UNet (and a trained text encoder) on CUDA; pays a compile on the first steps")
+    cuda_graphs: bool = Field(
+        True,
+        description="on one CUDA device, capture the whole optimizer step as a CUDA graph after 3 steps "
+        "(bf16 or fp32, no accumulation or gradient checkpointing): no compile, about 2.5x the eager steps/s",
+    )
+    compile_unet: bool = Field(
+        False, description="torch.compile the UNet (and a trained text encoder) on CUDA; pays a compile on the first steps"
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
-        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (removes per-kernel launch cost)")
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (removes per-kernel launch cost)"
+    )
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -143,7 +152,9 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
-            raise ConfigError(str(path), "is not UTF-8 text (a binary file?)", "pass a YAML file (see configs/dreambooth/sd15.yaml)") from None
+            raise ConfigError(
+                str(path), "is not UTF-8 text (a binary file?)", "pass a YAML file (see configs/dreambooth/sd15.yaml)"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(str(path), f"is not valid YAML ({exc.__class__.__name__})", "fix the YAML syntax") from None
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
@@ -154,5 +165,9 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "config"
-        fix = "remove it or check its spelling against configs/dreambooth/sd15.yaml" if err["type"] == "extra_forbidden" else "correct its value"
+        fix = (
+            "remove it or check its spelling against configs/dreambooth/sd15.yaml"
+            if err["type"] == "extra_forbidden"
+            else "correct its value"
+        )
         raise ConfigError(f"{path or 'config'}: key {key!r}", err["msg"].lower(), fix) from None

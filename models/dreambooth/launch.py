@@ -40,10 +40,37 @@ def launch_command(processes: int, args: list[str], gpu: bool) -> list[str]:
         port = sock.getsockname()[1]
     module = ["-m", "atelier.models.dreambooth.launch", *args]
     if not gpu:
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", *module]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *module]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(processes),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            *module,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        *module,
+    ]
 
 
 def train_launched(cfg: TrainConfig, inputs: TrainInputs, processes: int, on_line: Callable[[str], None] = lambda _l: None) -> TrainResult:
@@ -56,8 +83,20 @@ def train_launched(cfg: TrainConfig, inputs: TrainInputs, processes: int, on_lin
     config, result = work / "launch-config.yaml", work / "launch-result.json"
     write_text_atomic(config, yaml.safe_dump(cfg.model_dump(mode="json")))
     result.unlink(missing_ok=True)
-    args = ["--config", str(config), "--base", str(inputs.base_model), "--instance", str(inputs.instance_dir),
-            "--class-noun", inputs.class_noun, "--work", str(work), "--result", str(result)]
+    args = [
+        "--config",
+        str(config),
+        "--base",
+        str(inputs.base_model),
+        "--instance",
+        str(inputs.instance_dir),
+        "--class-noun",
+        inputs.class_noun,
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+    ]
     if inputs.class_dir is not None:
         args += ["--class-dir", str(inputs.class_dir)]
     cmd = launch_command(processes, args, gpu=torch.cuda.is_available())
@@ -68,11 +107,20 @@ def train_launched(cfg: TrainConfig, inputs: TrainInputs, processes: int, on_lin
             tail.append(line.rstrip())
             on_line(line.rstrip())
     if proc.returncode != 0 or not result.is_file():
-        raise LaunchFailed(f"training with {processes} processes", f"exited with code {proc.returncode}:\n" + "\n".join(tail),
-                           "read the lines above; a rerun resumes from the last checkpoint")
+        raise LaunchFailed(
+            f"training with {processes} processes",
+            f"exited with code {proc.returncode}:\n" + "\n".join(tail),
+            "read the lines above; a rerun resumes from the last checkpoint",
+        )
     data = json.loads(result.read_text())
-    return TrainResult(data["finished"], data["step"], data["losses"], Path(data["output_dir"]) if data["output_dir"] else None,
-                       data.get("resumed_from"), data.get("seconds", 0.0))
+    return TrainResult(
+        data["finished"],
+        data["step"],
+        data["losses"],
+        Path(data["output_dir"]) if data["output_dir"] else None,
+        data.get("resumed_from"),
+        data.get("seconds", 0.0),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,10 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     if args.result and PartialState().is_main_process:
-        write_json_atomic(args.result, {"finished": result.finished, "step": result.step, "losses": result.losses,
-                                        "output_dir": str(result.output_dir) if result.output_dir else None,
-                                        "processes": PartialState().num_processes, "stamps": stamps,
-                                        "resumed_from": result.resumed_from, "seconds": time.perf_counter() - started})
+        write_json_atomic(
+            args.result,
+            {
+                "finished": result.finished,
+                "step": result.step,
+                "losses": result.losses,
+                "output_dir": str(result.output_dir) if result.output_dir else None,
+                "processes": PartialState().num_processes,
+                "stamps": stamps,
+                "resumed_from": result.resumed_from,
+                "seconds": time.perf_counter() - started,
+            },
+        )
         print(f"trained {result.step} steps with {PartialState().num_processes} processes", flush=True)
 
 

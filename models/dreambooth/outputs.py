@@ -17,13 +17,19 @@ from atelier.models.dreambooth.sampling import GenerationRequest, generate, use_
 def pipeline_of(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:
     extra = {"vae": vae, "tokenizer": tokenizer} if vae is not None else {}
     return StableDiffusionPipeline.from_pretrained(
-        str(base), unet=acc.unwrap_model(unet, keep_torch_compile=False),
-        text_encoder=acc.unwrap_model(text_encoder, keep_torch_compile=False), safety_checker=None,
-        requires_safety_checker=False, local_files_only=True, **extra)
+        str(base),
+        unet=acc.unwrap_model(unet, keep_torch_compile=False),
+        text_encoder=acc.unwrap_model(text_encoder, keep_torch_compile=False),
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+        **extra,
+    )
 
 
-def validation_samples(cfg: TrainConfig, work_dir: Path, class_noun: str, acc: Accelerator, unet, text_encoder, vae, tokenizer,
-                       base: Path, step: int, autocast) -> Path:
+def validation_samples(
+    cfg: TrainConfig, work_dir: Path, class_noun: str, acc: Accelerator, unet, text_encoder, vae, tokenizer, base: Path, step: int, autocast
+) -> Path:
     """Samples of the validation prompts at `step`, under `autocast()` (trained weights in fp32, frozen
     ones in the mixed-precision dtype)."""
     out = Path(work_dir) / "validation" / f"step-{step:07d}"
@@ -32,8 +38,10 @@ def validation_samples(cfg: TrainConfig, work_dir: Path, class_noun: str, acc: A
         use_sampler(pipe, cfg.sampling.sampler)
         pipe.set_progress_bar_config(disable=True)
         pipe.vae.enable_slicing()  # one image decoded at a time: sampling mid-run must not raise training's peak memory
-        requests = [GenerationRequest(cfg.fill(p, class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
-                    for i, p in enumerate(cfg.validation_prompts)]
+        requests = [
+            GenerationRequest(cfg.fill(p, class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
+            for i, p in enumerate(cfg.validation_prompts)
+        ]
         with atomic_dir(out, replace=True) as tmp:
             with autocast():
                 images = generate(pipe, requests, cfg.sampling.batch_size)
@@ -45,8 +53,7 @@ def validation_samples(cfg: TrainConfig, work_dir: Path, class_noun: str, acc: A
     return out
 
 
-def save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path,
-                   lora_text_encoder: bool | None = None) -> Path:
+def save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path, lora_text_encoder: bool | None = None) -> Path:
     """Write the fine-tuned pipeline. A LoRA run (`lora_text_encoder` not None) writes its adapters
     under `lora/` and the whole pipeline with them fused into the fp32 base weights, so serving and
     lineage treat both kinds of run alike."""
@@ -59,14 +66,17 @@ def save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: 
         from peft.utils import get_peft_model_state_dict
 
         def adapters(model):
-            return convert_state_dict_to_diffusers(get_peft_model_state_dict(acc.unwrap_model(model, keep_torch_compile=False),
-                                                                    save_embedding_layers=False))
+            return convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(acc.unwrap_model(model, keep_torch_compile=False), save_embedding_layers=False)
+            )
 
-        StableDiffusionPipeline.save_lora_weights(tmp / "lora", unet_lora_layers=adapters(unet),
-                                                  text_encoder_lora_layers=adapters(text_encoder) if lora_text_encoder else None,
-                                                  safe_serialization=True)
-        pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp / "lora",
+            unet_lora_layers=adapters(unet),
+            text_encoder_lora_layers=adapters(text_encoder) if lora_text_encoder else None,
+            safe_serialization=True,
+        )
+        pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False, local_files_only=True)
         pipe.load_lora_weights(str(tmp / "lora"))
         pipe.fuse_lora()
         pipe.unload_lora_weights()

@@ -48,8 +48,14 @@ def prior_seed(base_seed: int, index: int) -> int:
     return base_seed * 1_000_003 + index
 
 
-def ensure_class_priors(cache_root: Path, spec: PriorSpec, base_model_dir: Path, batch_size: int = 4,
-                        on_progress: Callable[[int, int], None] | None = None, compile_mode: str = "none") -> PriorSet:
+def ensure_class_priors(
+    cache_root: Path,
+    spec: PriorSpec,
+    base_model_dir: Path,
+    batch_size: int = 4,
+    on_progress: Callable[[int, int], None] | None = None,
+    compile_mode: str = "none",
+) -> PriorSet:
     """Return the cached set for `spec`, generating it (atomically) when it is missing.
 
     `compile_mode` only changes speed (see sampling.speed_up), so it is not part of the cache key.
@@ -61,12 +67,20 @@ def ensure_class_priors(cache_root: Path, spec: PriorSpec, base_model_dir: Path,
     return PriorSet(final, spec.key, reused, spec.count, read_manifest(final)["images_sha256"])
 
 
-def write_class_priors(out_dir: Path, spec: PriorSpec, base_model_dir: Path, batch_size: int = 4,
-                       on_progress: Callable[[int, int], None] | None = None, replace: bool = False,
-                       compile_mode: str = "none") -> Path:
+def write_class_priors(
+    out_dir: Path,
+    spec: PriorSpec,
+    base_model_dir: Path,
+    batch_size: int = 4,
+    on_progress: Callable[[int, int], None] | None = None,
+    replace: bool = False,
+    compile_mode: str = "none",
+) -> Path:
     pipe = load_pipeline(base_model_dir, spec.sampler, compile_mode=compile_mode)
-    requests = [GenerationRequest(spec.class_prompt, prior_seed(spec.seed, i), spec.steps, spec.guidance_scale,
-                                  spec.resolution, spec.resolution) for i in range(spec.count)]
+    requests = [
+        GenerationRequest(spec.class_prompt, prior_seed(spec.seed, i), spec.steps, spec.guidance_scale, spec.resolution, spec.resolution)
+        for i in range(spec.count)
+    ]
     with atomic_dir(Path(out_dir), replace=replace) as tmp, ThreadPoolExecutor(max_workers=4) as writers:
         done, writes = 0, []
 

@@ -52,11 +52,13 @@ def device() -> str:
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
-def load_pipeline(path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None,
-                  compile_mode: str = "none") -> StableDiffusionPipeline:
+def load_pipeline(
+    path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None, compile_mode: str = "none"
+) -> StableDiffusionPipeline:
     dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
     use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     return speed_up(pipe.to(device()), compile_mode)
@@ -97,8 +99,12 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, requests: list[GenerationRequest], batch_size: int = 4,
-             on_image: Callable[[int, Image.Image], None] | None = None) -> list[Image.Image]:
+def generate(
+    pipe: StableDiffusionPipeline,
+    requests: list[GenerationRequest],
+    batch_size: int = 4,
+    on_image: Callable[[int, Image.Image], None] | None = None,
+) -> list[Image.Image]:
     """Generate one image per request, batching requests that share steps, guidance and size.
 
     Each image's noise comes from its own seeded generator, so an image does not depend on which
@@ -119,12 +125,21 @@ def generate(pipe: StableDiffusionPipeline, requests: list[GenerationRequest], b
             negatives = [r.negative_prompt or "" for r in reqs]
             h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
             w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            latents = torch.stack([
-                torch.randn((pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor), generator=g)
-                for g in gens
-            ]).to(dev, pipe.unet.dtype)
-            images = pipe([r.prompt for r in reqs], negative_prompt=negatives, num_inference_steps=steps,
-                          guidance_scale=guidance, height=h, width=w, latents=latents).images[: len(chunk)]
+            latents = torch.stack(
+                [
+                    torch.randn((pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor), generator=g)
+                    for g in gens
+                ]
+            ).to(dev, pipe.unet.dtype)
+            images = pipe(
+                [r.prompt for r in reqs],
+                negative_prompt=negatives,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=h,
+                width=w,
+                latents=latents,
+            ).images[: len(chunk)]
             for i, img in zip(chunk, images):
                 out[i] = img
                 if on_image:

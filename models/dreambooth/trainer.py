@@ -97,13 +97,18 @@ def uses_cuda_graphs(cfg: TrainConfig, precision: str, processes: int) -> bool:
     """Whether a run captures its step as a CUDA graph: on CUDA, one process, no gradient accumulation
     or checkpointing (both step outside a fixed graph), bf16 or fp32 (fp16's grad scaler reads back
     from the device every step), and no compiler-made graphs already (compile_mode reduce-overhead)."""
-    return (cfg.cuda_graphs and torch.cuda.is_available() and processes == 1 and cfg.gradient_accumulation_steps == 1
-            and not cfg.gradient_checkpointing and precision in ("bf16", "no")
-            and not (cfg.compile_unet and cfg.compile_mode != "default"))
+    return (
+        cfg.cuda_graphs
+        and torch.cuda.is_available()
+        and processes == 1
+        and cfg.gradient_accumulation_steps == 1
+        and not cfg.gradient_checkpointing
+        and precision in ("bf16", "no")
+        and not (cfg.compile_unet and cfg.compile_mode != "default")
+    )
 
 
-def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None = None,
-          step_budget: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None = None, step_budget: int | None = None) -> TrainResult:
     """Train, resuming from the newest checkpoint in `inputs.work_dir` when there is one.
 
     `step_budget` caps the optimizer steps taken by this call (for preemptible machines and tests):
@@ -146,13 +151,20 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     if cfg.train_text_encoder:
         text_encoder.to(acc.device)
     lr = torch.tensor(cfg.learning_rate, device=acc.device) if graphs else cfg.learning_rate  # a graph reads the LR from the device
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                  eps=cfg.adam_epsilon, **({"fused": True} if cuda and cfg.fused_adam else {}),
-                                  **({"capturable": True} if graphs else {}))
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        **({"fused": True} if cuda and cfg.fused_adam else {}),
+        **({"capturable": True} if graphs else {}),
+    )
     # stepped once per optimizer step by the loop (not once per process by accelerate), so its
     # state means the same whatever the number of processes that saved or resume it
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
     raw_optimizer, raw_scheduler = optimizer, lr_scheduler
     if graphs:
         if not cfg.train_text_encoder:
@@ -200,8 +212,11 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
 
     timings["load"] = time.perf_counter() - t0
 
-    autocast = (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False)) if graphs and weight_dtype != torch.float32 \
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False))
+        if graphs and weight_dtype != torch.float32
         else (acc.autocast if not graphs else contextlib.nullcontext)
+    )
     kinds = 2 if prior is not None else 1
 
     def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,17 +225,20 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
         if prior is not None:
             latents = torch.cat([latents, prior.sample(bs, state.generator, world, rank)])
         noise = torch.randn((kinds, world * bs, *latents.shape[1:]), generator=state.generator, device=latents.device)
-        noise = noise[:, rank * bs:(rank + 1) * bs].reshape(latents.shape)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs),
-                                  generator=state.generator, device=latents.device)
-        return latents, noise, timesteps[:, rank * bs:(rank + 1) * bs].reshape(-1)
+        noise = noise[:, rank * bs : (rank + 1) * bs].reshape(latents.shape)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs), generator=state.generator, device=latents.device
+        )
+        return latents, noise, timesteps[:, rank * bs : (rank + 1) * bs].reshape(-1)
 
     def loss_of(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         with autocast():
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
             pred = unet(noisy, timesteps, embeddings).sample
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        target = (
+            noise_scheduler.get_velocity(latents, noise, timesteps) if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        )
         if prior is not None:
             pred, pred_prior = pred.chunk(2)
             target, target_prior = target.chunk(2)
@@ -285,8 +303,9 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
             timings["checkpoints"] += time.perf_counter() - t
         if validate and acc.is_main_process:
             t = time.perf_counter()
-            validation_dirs.append(validation_samples(cfg, work, inputs.class_noun, acc, unet, text_encoder, vae, tokenizer, base,
-                                                      state.step, autocast))
+            validation_dirs.append(
+                validation_samples(cfg, work, inputs.class_noun, acc, unet, text_encoder, vae, tokenizer, base, state.step, autocast)
+            )
             timings["validation"] += time.perf_counter() - t
     flush()
     timings["capture"] = step_fn.capture_seconds if step_fn is not None else 0.0
@@ -303,12 +322,22 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
     if acc.is_main_process:
         checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
     if finished and acc.is_main_process:
-        output = save_pipeline(acc, base, unet, text_encoder, inputs.output_dir,
-                               lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
+        output = save_pipeline(
+            acc, base, unet, text_encoder, inputs.output_dir, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None
+        )
     timings["save"] = time.perf_counter() - t
     if finished and acc.is_main_process:
-        write_json_atomic(work / "training.json", {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from,
-                                                   "seconds": time.perf_counter() - t0, "timings": timings, "cuda_graphs": graphs})
+        write_json_atomic(
+            work / "training.json",
+            {
+                "steps": state.step,
+                "losses": state.losses,
+                "resumed_from": resumed_from,
+                "seconds": time.perf_counter() - t0,
+                "timings": timings,
+                "cuda_graphs": graphs,
+            },
+        )
     acc.wait_for_everyone()
     return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings)
 
@@ -349,9 +378,12 @@ class _GraphedStep:
                 self.loss = self._body()
             self.graph = graph
             self.capture_seconds = time.perf_counter() - t
-            self.memory = {"allocated_gib": torch.cuda.memory_allocated() / 2**30, "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-                           "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+            self.memory = {
+                "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+                "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            }
         if self.graph is not None:
             self.graph.replay()
             return self.loss.float().clone()
@@ -380,8 +412,13 @@ def _trained_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_state(state: LoopState, trained: dict, optimizer, scheduler, scaler) -> dict:
-    return {"models": {k: _trained_tensors(m) for k, m in trained.items()}, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "loop": state.state_dict()}
+    return {
+        "models": {k: _trained_tensors(m) for k, m in trained.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "loop": state.state_dict(),
+    }
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -390,13 +427,16 @@ def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
-def _checkpoint(checkpointer: AsyncCheckpointer, acc: Accelerator, state: LoopState, trained: dict, optimizer, scheduler, scaler,
-                wait: bool) -> None:
+def _checkpoint(
+    checkpointer: AsyncCheckpointer, acc: Accelerator, state: LoopState, trained: dict, optimizer, scheduler, scaler, wait: bool
+) -> None:
     if acc.is_main_process:
         checkpointer.save(state.step, _checkpoint_state(state, trained, optimizer, scheduler, scaler))
         if wait:  # the run stops here: the checkpoint must be on disk before it returns
@@ -410,8 +450,10 @@ def _restore(ckpt: dict, trained: dict, optimizer, scheduler, scaler, state: Loo
         saved = ckpt["models"].get(name, {})
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} trained tensors of the {name} (first: {missing[0]}): "
-                             "it was written by another configuration; remove it to start over")
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trained tensors of the {name} (first: {missing[0]}): "
+                "it was written by another configuration; remove it to start over"
+            )
         with torch.no_grad():
             for n, tensor in saved.items():
                 params[n].copy_(tensor)

@@ -89,8 +89,9 @@ class OCRError(AtelierError):
 class PPOCR:
     """A PP-OCR recogniser as a backend: `name` is what the routing table calls it."""
 
-    def __init__(self, rec: Path, charset: Path | None = None, name: str = "ppocr", threads: int | None = None,
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self, rec: Path, charset: Path | None = None, name: str = "ppocr", threads: int | None = None, batch_size: int = 8
+    ) -> None:
         self.name = name
         self.recognizer = CTCRecognizer(rec, charset, threads=threads, batch_size=batch_size, name=name)
 
@@ -109,8 +110,9 @@ class Tesseract:
     def __init__(self, binary: str = "tesseract", workers: int | None = None, batch_size: int = 16, timeout: float = 120.0) -> None:
         path = shutil.which(binary)
         if path is None:
-            raise NotFound(binary, "Tesseract is not installed",
-                           "install Debian's tesseract-ocr and its language packs (`make ocr-system-deps`)")
+            raise NotFound(
+                binary, "Tesseract is not installed", "install Debian's tesseract-ocr and its language packs (`make ocr-system-deps`)"
+            )
         self.binary = path
         self.workers = workers or (os.cpu_count() or 1)
         self.batch_size = batch_size
@@ -123,8 +125,9 @@ class Tesseract:
         packs = [language(c).tesseract for c in codes]
         missing = [p for p in packs if p not in self.installed]
         if missing:
-            raise NotFound(f"tesseract language pack {missing[0]}", "is not installed",
-                           f"apt-get install tesseract-ocr-{missing[0].replace('_', '-')}")
+            raise NotFound(
+                f"tesseract language pack {missing[0]}", "is not installed", f"apt-get install tesseract-ocr-{missing[0].replace('_', '-')}"
+            )
         return "+".join(packs)
 
     def _run(self, images: list[np.ndarray], packs: str, psm: int) -> list[tuple[str, list[dict]]]:
@@ -136,18 +139,29 @@ class Tesseract:
                 Image.fromarray(img).save(names[-1])
             (Path(tmp) / "list.txt").write_text("\n".join(names) + "\n")
             try:
-                done = subprocess.run([self.binary, str(Path(tmp) / "list.txt"), str(Path(tmp) / "out"), "-l", packs, "--psm", str(psm),
-                                       "txt", "tsv"], capture_output=True, check=False, timeout=self.timeout,
-                                      env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+                done = subprocess.run(
+                    [self.binary, str(Path(tmp) / "list.txt"), str(Path(tmp) / "out"), "-l", packs, "--psm", str(psm), "txt", "tsv"],
+                    capture_output=True,
+                    check=False,
+                    timeout=self.timeout,
+                    env={**os.environ, "OMP_THREAD_LIMIT": "1"},
+                )
             except subprocess.TimeoutExpired:
-                raise OCRError("tesseract", f"did not finish {len(images)} image(s) in {self.timeout:.0f} s",
-                               "split the page or lower its resolution") from None
+                raise OCRError(
+                    "tesseract", f"did not finish {len(images)} image(s) in {self.timeout:.0f} s", "split the page or lower its resolution"
+                ) from None
             if done.returncode != 0:
-                raise OCRError("tesseract", f"failed ({done.stderr.decode(errors='replace')[-300:].strip()})",
-                               "check the image and the language pack")
+                raise OCRError(
+                    "tesseract", f"failed ({done.stderr.decode(errors='replace')[-300:].strip()})", "check the image and the language pack"
+                )
             texts = (Path(tmp) / "out.txt").read_text(encoding="utf-8", errors="replace").split("\f")
-            rows = list(csv.DictReader(io.StringIO((Path(tmp) / "out.tsv").read_text(encoding="utf-8", errors="replace")),
-                                       delimiter="\t", quoting=csv.QUOTE_NONE))
+            rows = list(
+                csv.DictReader(
+                    io.StringIO((Path(tmp) / "out.tsv").read_text(encoding="utf-8", errors="replace")),
+                    delimiter="\t",
+                    quoting=csv.QUOTE_NONE,
+                )
+            )
         words: list[list[dict]] = [[] for _ in images]
         for r in rows:
             if r.get("level") == "5" and (r.get("text") or "").strip():
@@ -175,7 +189,7 @@ class Tesseract:
 
     def _batches(self, images: list[np.ndarray], packs: str) -> list[tuple[str, list[dict]]]:
         size = max(1, min(self.batch_size, -(-len(images) // self.workers)))
-        chunks = [images[i:i + size] for i in range(0, len(images), size)]
+        chunks = [images[i : i + size] for i in range(0, len(images), size)]
         with ThreadPoolExecutor(self.workers) as pool:
             return [r for chunk in pool.map(lambda c: self._run(c, packs, 7), chunks) for r in chunk]
 

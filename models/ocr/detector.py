@@ -43,22 +43,31 @@ def crop_quad(page: np.ndarray, quad: np.ndarray) -> np.ndarray:
     height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
     width, height = max(width, 1), max(height, 1)
     target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
-    crop = cv2.warpPerspective(page, cv2.getPerspectiveTransform(quad, target), (width, height),
-                               borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    crop = cv2.warpPerspective(
+        page, cv2.getPerspectiveTransform(quad, target), (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC
+    )
     return np.rot90(crop) if height >= 1.5 * width else crop
 
 
 class LineDetector:
-    def __init__(self, det: Path, cls: Path | None = None, threads: int | None = None, limit_side_len: int = 960,
-                 box_thresh: float = 0.5, unclip_ratio: float = 1.6) -> None:
+    def __init__(
+        self,
+        det: Path,
+        cls: Path | None = None,
+        threads: int | None = None,
+        limit_side_len: int = 960,
+        box_thresh: float = 0.5,
+        unclip_ratio: float = 1.6,
+    ) -> None:
         from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
 
         self.det = ort_session(det, threads)
         self.det_input = self.det.get_inputs()[0].name
         self.cls = ort_session(cls, threads) if cls else None
         self.limit_side_len = limit_side_len
-        self.post = DBPostProcess(thresh=0.3, box_thresh=box_thresh, max_candidates=1000, unclip_ratio=unclip_ratio,
-                                  use_dilation=True, score_mode="fast")
+        self.post = DBPostProcess(
+            thresh=0.3, box_thresh=box_thresh, max_candidates=1000, unclip_ratio=unclip_ratio, use_dilation=True, score_mode="fast"
+        )
 
     def _input(self, page: np.ndarray) -> np.ndarray:
         """Longest side scaled to at most `limit_side_len` (and at least 32), both sides multiples of 32."""
@@ -99,7 +108,7 @@ class LineDetector:
         name = self.cls.get_inputs()[0].name
         turned = 0
         for start in range(0, len(boxes), 16):
-            batch = np.stack([_cls_input(b.image) for b in boxes[start:start + 16]])
+            batch = np.stack([_cls_input(b.image) for b in boxes[start : start + 16]])
             probs = self.cls.run(None, {name: batch})[0]
             turned += int(((probs.argmax(axis=1) == 1) & (probs.max(axis=1) > threshold)).sum())
         return turned >= 0.5 * len(boxes)

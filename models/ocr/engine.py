@@ -37,13 +37,23 @@ def serving_variant(spec: dict, files: dict[str, Path], threads: int | None = No
     readers = {v: PPOCR(files[a], files.get(spec.get("charset", "")), name=v, threads=threads).read_lines for v, a in variants.items()}
     speeds = measure(readers)
     chosen = choose(speeds, spec.get("min_speedup", 1.1))
-    log(f"CPU differs from the one the OCR model was measured on ({spec.get('cpu')!r}); measured here: "
-        + ", ".join(f"{k} {v:.0f} lines/s" for k, v in speeds.items()) + f"; serving {chosen}")
+    log(
+        f"CPU differs from the one the OCR model was measured on ({spec.get('cpu')!r}); measured here: "
+        + ", ".join(f"{k} {v:.0f} lines/s" for k, v in speeds.items())
+        + f"; serving {chosen}"
+    )
     return chosen
 
 
-def load_engine(files: dict[str, Path], spec: dict, confidence: dict, review_below: float = 0.5, threads: int | None = None,
-                glm_weights: Path | None = None, log: Callable[[str], None] = lambda _m: None) -> RoutedOCR:
+def load_engine(
+    files: dict[str, Path],
+    spec: dict,
+    confidence: dict,
+    review_below: float = 0.5,
+    threads: int | None = None,
+    glm_weights: Path | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> RoutedOCR:
     """`files`: artifact name -> path; `spec`: the engine spec (see the module's doc)."""
     table = RoutingTable.from_dict(spec)
     backends: dict = {}
@@ -58,8 +68,11 @@ def load_engine(files: dict[str, Path], spec: dict, confidence: dict, review_bel
         weights = glm_weights or spec.get("glm_weights")
         if not weights:
             langs = sorted(lang for lang, b in table.routes.items() if b == "glm")
-            raise NotFound("GLM-OCR weights", f"the routing table sends {', '.join(langs)} to GLM-OCR but names no weights",
-                           "set ATELIER_GLM_OCR_WEIGHTS to the local GLM-OCR directory")
+            raise NotFound(
+                "GLM-OCR weights",
+                f"the routing table sends {', '.join(langs)} to GLM-OCR but names no weights",
+                "set ATELIER_GLM_OCR_WEIGHTS to the local GLM-OCR directory",
+            )
         backends["glm"] = GlmOcr(Path(weights))
     detector = LineDetector(files[spec["detector"]], files.get(spec.get("classifier", "")), threads=threads)
     maps = {name: IsotonicMap.from_dict(m) for name, m in confidence.items()}
@@ -85,26 +98,49 @@ def shipped_engine_files(routes: dict[str, str]) -> tuple[dict[str, Path], dict]
     from atelier.models.ocr.shipped import shipped
 
     files: dict[str, Path] = {}
-    for key, name in (("rec", "ppocrv6s-rec"), ("ppocrv6t", "ppocrv6t-rec"), ("ppocrv5", "ppocrv5-rec"), ("det", "ppocrv5-det"), ("cls", "cls")):
+    for key, name in (
+        ("rec", "ppocrv6s-rec"),
+        ("ppocrv6t", "ppocrv6t-rec"),
+        ("ppocrv5", "ppocrv5-rec"),
+        ("det", "ppocrv5-det"),
+        ("cls", "cls"),
+    ):
         model, charset = shipped(name)
         files[key] = model
         if charset:
             files[f"{key}_charset"] = charset
-    spec = {"routes": dict(routes), "first_pass": "ppocr", "probes": ["ppocrv6t", "ppocrv5"], "detector": "det", "classifier": "cls",
-            "recognisers": {"ppocr": {"variants": {"fp32": "rec"}, "charset": "rec_charset"},
-                            "ppocrv6t": {"variants": {"fp32": "ppocrv6t"}, "charset": "ppocrv6t_charset"},
-                            "ppocrv5": {"variants": {"fp32": "ppocrv5"}, "charset": "ppocrv5_charset"}}}
+    spec = {
+        "routes": dict(routes),
+        "first_pass": "ppocr",
+        "probes": ["ppocrv6t", "ppocrv5"],
+        "detector": "det",
+        "classifier": "cls",
+        "recognisers": {
+            "ppocr": {"variants": {"fp32": "rec"}, "charset": "rec_charset"},
+            "ppocrv6t": {"variants": {"fp32": "ppocrv6t"}, "charset": "ppocrv6t_charset"},
+            "ppocrv5": {"variants": {"fp32": "ppocrv5"}, "charset": "ppocrv5_charset"},
+        },
+    }
     return files, spec
 
 
 def _row(path: str, reading: Reading | None, error: str = "") -> dict:
     if reading is None:
         return {"path": path, "text": "", "language": "", "backend": "", "confidence": 0.0, "flagged": True, "lines": "[]", "error": error}
-    lines = [{"text": x.text, "confidence": round(x.confidence, 4), "box": x.box, "language": x.lang or "", "backend": x.backend}
-             for x in reading.lines]
-    return {"path": path, "text": reading.text, "language": reading.language or "", "backend": reading.backend,
-            "confidence": round(reading.confidence, 4), "flagged": reading.flagged, "lines": json.dumps(lines, ensure_ascii=False),
-            "error": ""}
+    lines = [
+        {"text": x.text, "confidence": round(x.confidence, 4), "box": x.box, "language": x.lang or "", "backend": x.backend}
+        for x in reading.lines
+    ]
+    return {
+        "path": path,
+        "text": reading.text,
+        "language": reading.language or "",
+        "backend": reading.backend,
+        "confidence": round(reading.confidence, 4),
+        "flagged": reading.flagged,
+        "lines": json.dumps(lines, ensure_ascii=False),
+        "error": "",
+    }
 
 
 def _start(engine: RoutedOCR, requests: list[Request]):
@@ -134,8 +170,9 @@ def _one_by_one(engine: RoutedOCR, requests: list[Request], paths: list[str]) ->
     return rows
 
 
-def read_documents(engine: RoutedOCR, rows: list[dict], on_progress: Callable[[int, int], None] | None = None,
-                   chunk: int = CHUNK) -> list[dict]:
+def read_documents(
+    engine: RoutedOCR, rows: list[dict], on_progress: Callable[[int, int], None] | None = None, chunk: int = CHUNK
+) -> list[dict]:
     """rows: {path, lang (or None), kind: "line" | "page"} -> one result row each, in order. While one
     chunk's Tesseract lines are read, the next chunk is loaded, detected and read by the first pass."""
     out: list[dict] = []
@@ -143,14 +180,16 @@ def read_documents(engine: RoutedOCR, rows: list[dict], on_progress: Callable[[i
     for start in [*range(0, len(rows), chunk), len(rows)]:
         current = None
         if start < len(rows):
-            part = rows[start:start + chunk]
+            part = rows[start : start + chunk]
             results: list[dict | None] = [None] * len(part)
             requests, where = [], []
             for i, r in enumerate(part):
                 try:
                     if r.get("lang"):
                         language(r["lang"])
-                    requests.append(Request(load_document(Path(r["path"])), "line" if r.get("kind") == "line" else "page", r.get("lang") or None))
+                    requests.append(
+                        Request(load_document(Path(r["path"])), "line" if r.get("kind") == "line" else "page", r.get("lang") or None)
+                    )
                     where.append(i)
                 except AtelierError as exc:
                     results[i] = _row(str(r["path"]), None, str(exc))

@@ -40,6 +40,14 @@ def evaluate_lines(read, records: list[dict], images: list[np.ndarray], by_langu
     rows = []
     for r, p in zip(records, predicted):
         edits, _ = cer_counts(p.text, r["text"], r["lang"])
-        rows.append({"file": r["file"], "lang": r["lang"], "text": r["text"], "predicted": p.text,
-                     "confidence": float(p.confidence), "exact": edits == 0})
+        rows.append(
+            {
+                "file": r["file"],
+                "lang": r["lang"],
+                "text": r["text"],
+                "predicted": p.text,
+                "confidence": float(p.confidence),
+                "exact": edits == 0,
+            }
+        )
     return Evaluation(summarise(rows), len(records) / max(seconds, 1e-9), rows)

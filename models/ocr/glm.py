@@ -23,8 +23,9 @@ PROMPT = "Text Recognition:"
 class GlmOcr:
     name = "glm"
 
-    def __init__(self, weights: Path, device: str | None = None, max_new_tokens: int | None = None, batch_size: int = 4,
-                 prompt: str = PROMPT) -> None:
+    def __init__(
+        self, weights: Path, device: str | None = None, max_new_tokens: int | None = None, batch_size: int = 4, prompt: str = PROMPT
+    ) -> None:
         self.vlm = LocalVLM(weights, ("glm_ocr",), device)
         # the directory's generation_config may set it; a line or a page of text fits in 256 tokens
         self.max_new_tokens = max_new_tokens or self.vlm.model.generation_config.max_new_tokens or 256
@@ -33,7 +34,7 @@ class GlmOcr:
     def read_lines(self, images: list[np.ndarray], lang: str | None = None) -> list[Line]:
         out: list[Line] = []
         for start in range(0, len(images), self.batch_size):
-            for g in self.vlm.generate([[img] for img in images[start:start + self.batch_size]], self.prompt, self.max_new_tokens):
+            for g in self.vlm.generate([[img] for img in images[start : start + self.batch_size]], self.prompt, self.max_new_tokens):
                 out.append(Line(g.text, float(np.exp(g.mean_logprob)), None, self.name, lang))
         return out
 

@@ -94,7 +94,11 @@ def _channel_vector(c: np.ndarray, channels: int) -> np.ndarray | None:
     """`c` as one value per output channel if it broadcasts as a scalar or as [1, C, 1, 1]."""
     if c.size == 1:
         return np.full(channels, float(c.ravel()[0]), np.float32)
-    if c.size == channels and c.ndim in (1, 3, 4) and (c.ndim == 1 or c.shape[-(c.ndim - 1):] == (1,) * (c.ndim - 1) or c.shape == (1, channels, 1, 1)):
+    if (
+        c.size == channels
+        and c.ndim in (1, 3, 4)
+        and (c.ndim == 1 or c.shape[-(c.ndim - 1) :] == (1,) * (c.ndim - 1) or c.shape == (1, channels, 1, 1))
+    ):
         return c.reshape(channels).astype(np.float32)
     return None
 
@@ -249,8 +253,12 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
 
     out = onnx.ModelProto()
     out.CopyFrom(model if opset(model) >= 14 else version_converter.convert_version(model, 14))
-    counts = {"constants": constants_to_initializers(out), "conv_affine": fold_conv_affine(out),
-              "hardswish": fuse_hardswish(out), "affine_into_conv": fold_affine_into_conv(out)}
+    counts = {
+        "constants": constants_to_initializers(out),
+        "conv_affine": fold_conv_affine(out),
+        "hardswish": fuse_hardswish(out),
+        "affine_into_conv": fold_affine_into_conv(out),
+    }
     prune(out)
     onnx.checker.check_model(out)
     return out, counts

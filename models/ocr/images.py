@@ -47,8 +47,9 @@ def _check_file(path: Path) -> None:
     if st.st_size == 0:
         raise BadDocument(str(path), "is empty (0 bytes)", "re-export or re-scan it")
     if st.st_size > MAX_FILE_BYTES:
-        raise BadDocument(str(path), f"is {st.st_size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB a page may be",
-                          "split or downscale it first")
+        raise BadDocument(
+            str(path), f"is {st.st_size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB a page may be", "split or downscale it first"
+        )
 
 
 def load_document(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -60,13 +61,19 @@ def load_document(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS_OPEN:
-                    raise BadDocument(str(path), f"is {im.width}x{im.height} pixels, over the {MAX_PIXELS_OPEN // 1_000_000} megapixels "
-                                      "Atelier opens (a decompression bomb, or a scan at a needless resolution)",
-                                      "downscale it to at most 600 dpi, or split it")
+                    raise BadDocument(
+                        str(path),
+                        f"is {im.width}x{im.height} pixels, over the {MAX_PIXELS_OPEN // 1_000_000} megapixels "
+                        "Atelier opens (a decompression bomb, or a scan at a needless resolution)",
+                        "downscale it to at most 600 dpi, or split it",
+                    )
                 frames = getattr(im, "n_frames", 1)
                 if frames > 1:
-                    raise BadDocument(str(path), f"has {frames} frames (an animation or a multi-page file)",
-                                      "split it into one image per page, e.g. `convert in.tif page-%d.png`, and read those")
+                    raise BadDocument(
+                        str(path),
+                        f"has {frames} frames (an animation or a multi-page file)",
+                        "split it into one image per page, e.g. `convert in.tif page-%d.png`, and read those",
+                    )
                 im.load()
                 img = _rgb_on_white(im)
     except BadDocument:
@@ -74,8 +81,11 @@ def load_document(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadDocument(str(path), f"is too large to open safely ({exc})", "downscale it to at most 600 dpi, or split it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
-        kind = "is not an image Atelier can read" if isinstance(exc, UnidentifiedImageError) else \
-            f"is a damaged or truncated image ({exc.__class__.__name__}: {str(exc)[:120]})"
+        kind = (
+            "is not an image Atelier can read"
+            if isinstance(exc, UnidentifiedImageError)
+            else f"is a damaged or truncated image ({exc.__class__.__name__}: {str(exc)[:120]})"
+        )
         raise BadDocument(str(path), kind, "re-export it as PNG or JPEG, or remove it from the set") from None
     if img.width < 4 or img.height < 4:
         raise BadDocument(str(path), f"is {img.width}x{img.height} pixels, too small to hold text", "remove it from the set")

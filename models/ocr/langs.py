@@ -16,16 +16,19 @@ class Language:
     script: str
 
 
-LANGUAGES: dict[str, Language] = {lang.code: lang for lang in (
-    Language("zh", "Chinese (simplified)", "chi_sim", "han"),
-    Language("en", "English", "eng", "latin"),
-    Language("fr", "French", "fra", "latin"),
-    Language("es", "Spanish", "spa", "latin"),
-    Language("de", "German", "deu", "latin"),
-    Language("ru", "Russian", "rus", "cyrillic"),
-    Language("ja", "Japanese", "jpn", "kana"),
-    Language("ko", "Korean", "kor", "hangul"),
-)}
+LANGUAGES: dict[str, Language] = {
+    lang.code: lang
+    for lang in (
+        Language("zh", "Chinese (simplified)", "chi_sim", "han"),
+        Language("en", "English", "eng", "latin"),
+        Language("fr", "French", "fra", "latin"),
+        Language("es", "Spanish", "spa", "latin"),
+        Language("de", "German", "deu", "latin"),
+        Language("ru", "Russian", "rus", "cyrillic"),
+        Language("ja", "Japanese", "jpn", "kana"),
+        Language("ko", "Korean", "kor", "hangul"),
+    )
+}
 
 
 NO_SPACES = {"zh", "ja"}  # written without spaces between words
@@ -39,8 +42,11 @@ def language(code: str) -> Language:
     try:
         return LANGUAGES[code]
     except KeyError:
-        raise UnknownLanguage(f"language {code!r}", "is not one Atelier's OCR covers",
-                              f"use one of {', '.join(LANGUAGES)} (or leave it out to let the router decide)") from None
+        raise UnknownLanguage(
+            f"language {code!r}",
+            "is not one Atelier's OCR covers",
+            f"use one of {', '.join(LANGUAGES)} (or leave it out to let the router decide)",
+        ) from None
 
 
 def script_of_char(ch: str) -> str | None:

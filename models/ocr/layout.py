@@ -103,10 +103,16 @@ def split_across(box: Box, gutter: tuple[float, float]) -> list[Box]:
     # the page corners follow the same cut (the box's edges are the same lines on a turned page)
     ptl, ptr, pbr, pbl = (np.array(c, np.float64) for c in box.page_corners)
     ptop, pbottom = (ptl + (ptr - ptl) * f).tolist(), (pbl + (pbr - pbl) * f).tolist()
-    first = Box([tl.tolist(), top, bottom, bl.tolist()], np.ascontiguousarray(box.image[:, :cut]),
-                None if box.on_page is None else [ptl.tolist(), ptop, pbottom, pbl.tolist()])
-    second = Box([top, tr.tolist(), br.tolist(), bottom], np.ascontiguousarray(box.image[:, cut:]),
-                 None if box.on_page is None else [ptop, ptr.tolist(), pbr.tolist(), pbottom])
+    first = Box(
+        [tl.tolist(), top, bottom, bl.tolist()],
+        np.ascontiguousarray(box.image[:, :cut]),
+        None if box.on_page is None else [ptl.tolist(), ptop, pbottom, pbl.tolist()],
+    )
+    second = Box(
+        [top, tr.tolist(), br.tolist(), bottom],
+        np.ascontiguousarray(box.image[:, cut:]),
+        None if box.on_page is None else [ptop, ptr.tolist(), pbr.tolist(), pbottom],
+    )
     return [first, second]
 
 

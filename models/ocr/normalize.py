@@ -16,8 +16,10 @@ import unicodedata
 
 from atelier.models.ocr.langs import script_of_char
 
-_FULL = {"zh": {",": "，", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"},
-         "ja": {",": "、", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"}}
+_FULL = {
+    "zh": {",": "，", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"},
+    "ja": {",": "、", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！", "(": "（", ")": "）"},
+}
 _LIGATURES = {"ﬁ": "fi", "ﬂ": "fl", "ﬀ": "ff", "ﬃ": "ffi", "ﬄ": "ffl"}
 
 
@@ -36,7 +38,7 @@ def _cjk_text(text: str, lang: str) -> str:
     out: list[str] = []
     for i, ch in enumerate(chars):
         prev = next((c for c in reversed(out) if not c.isspace()), "")
-        nxt = next((c for c in chars[i + 1:] if not c.isspace()), "")
+        nxt = next((c for c in chars[i + 1 :] if not c.isspace()), "")
         if ch.isspace() and (_cjk(prev) or _cjk(nxt)):
             continue  # no space next to CJK characters
         between_digits = prev.isdigit() and nxt.isdigit()  # 4,318.75 and 10:30 stay as they are

@@ -79,8 +79,13 @@ def write_simplified(src: Path, dst: Path) -> dict[str, int]:
     return counts
 
 
-def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[np.ndarray] | None = None,
-                   preprocess: Callable[[np.ndarray, float], np.ndarray] | None = None) -> Path:
+def quantize_model(
+    src: Path,
+    dst: Path,
+    cfg: QuantizeConfig,
+    calibration: list[np.ndarray] | None = None,
+    preprocess: Callable[[np.ndarray, float], np.ndarray] | None = None,
+) -> Path:
     """Write the int8 model to `dst` (atomically), keeping the source's metadata (PP-OCR stores the
     recogniser's character list there)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -92,8 +97,14 @@ def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[
         onnx.save(with_min_opset(prepared, cfg.min_opset), str(staged))
         out = Path(tmp) / "int8.onnx"
         if cfg.mode == "dynamic":
-            quantize_dynamic(str(staged), str(out), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(cfg.exclude_nodes), op_types_to_quantize=list(cfg.op_types) or None)
+            quantize_dynamic(
+                str(staged),
+                str(out),
+                per_channel=cfg.per_channel,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(cfg.exclude_nodes),
+                op_types_to_quantize=list(cfg.op_types) or None,
+            )
         else:
             if not calibration or preprocess is None:
                 raise ValueError("static quantization needs calibration images and the recogniser's preprocessing")
@@ -101,11 +112,19 @@ def quantize_model(src: Path, dst: Path, cfg: QuantizeConfig, calibration: list[
             extra = {"CalibPercentile": cfg.percentile, **cfg.extra} if cfg.method == "Percentile" else dict(cfg.extra)
             op_types = list(cfg.op_types) or None
             with _without_preprocessing_advice():
-                quantize_static(str(staged), str(out), LineReader(input_name, calibration[: cfg.calibration_lines], preprocess),
-                                quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=getattr(CalibrationMethod, cfg.method),
-                                nodes_to_exclude=list(cfg.exclude_nodes), op_types_to_quantize=op_types, extra_options=extra)
+                quantize_static(
+                    str(staged),
+                    str(out),
+                    LineReader(input_name, calibration[: cfg.calibration_lines], preprocess),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=cfg.per_channel,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, cfg.method),
+                    nodes_to_exclude=list(cfg.exclude_nodes),
+                    op_types_to_quantize=op_types,
+                    extra_options=extra,
+                )
         quantized = onnx.load(str(out))
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(source.metadata_props)

@@ -88,14 +88,23 @@ def level_line(image: np.ndarray, min_degrees: float = 0.4, max_degrees: float =
         return levelled
     top, bottom = inked[0], inked[-1] + 1
     margin = max(2, int(0.15 * (bottom - top)))
-    return levelled[max(0, top - margin): min(h, bottom + margin)]
+    return levelled[max(0, top - margin) : min(h, bottom + margin)]
 
 
 class CTCRecognizer:
     """One PP-OCR recogniser: `read(images)` -> a `Recognition` per RGB line image."""
 
-    def __init__(self, model: Path, charset: Path | None = None, threads: int | None = None, batch_size: int = 8,
-                 height: int = 48, min_width: int = 320, name: str = "ppocr", level: bool = True) -> None:
+    def __init__(
+        self,
+        model: Path,
+        charset: Path | None = None,
+        threads: int | None = None,
+        batch_size: int = 8,
+        height: int = 48,
+        min_width: int = 320,
+        name: str = "ppocr",
+        level: bool = True,
+    ) -> None:
         self.model = Path(model)
         if not self.model.is_file():
             raise NotFound(str(model), "no recogniser model file", "pass an existing ONNX file")
@@ -105,8 +114,11 @@ class CTCRecognizer:
         self.chars = ["", *read_charset(self.model, charset), " "]
         classes = self.session.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and classes != len(self.chars):
-            raise NotFound(str(charset or model), f"lists {len(self.chars) - 2} characters but the model has {classes - 2}",
-                           "pass the dictionary that ships with this model")
+            raise NotFound(
+                str(charset or model),
+                f"lists {len(self.chars) - 2} characters but the model has {classes - 2}",
+                "pass the dictionary that ships with this model",
+            )
         self.height, self.min_ratio, self.batch_size, self.level = height, min_width / height, batch_size, level
 
     def preprocess(self, image: np.ndarray, ratio: float) -> np.ndarray:
@@ -126,7 +138,7 @@ class CTCRecognizer:
         order = np.argsort([img.shape[1] / max(img.shape[0], 1) for img in lines], kind="stable")
         out: list[Recognition | None] = [None] * len(lines)
         for start in range(0, len(lines), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             ratio = max(lines[i].shape[1] / max(lines[i].shape[0], 1) for i in idx)
             batch = np.stack([self.preprocess(lines[i], ratio) for i in idx])
             probs = self.session.run(None, {self.input: batch})[0]

@@ -27,24 +27,45 @@ from atelier.models.ocr.sentences import SENTENCES
 LABELS = "labels.jsonl"
 _NOTO = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc")
 _LATIN = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf", "/usr/share/fonts/truetype/liberation2/LiberationSerif-Regular.ttf",
-    "/usr/share/fonts/truetype/freefont/FreeSans.ttf", "/usr/share/fonts/truetype/freefont/FreeSerif.ttf",
-    "/usr/share/fonts/truetype/paratype/PTS55F.ttf", "/usr/share/fonts/truetype/paratype/PTF55F.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation2/LiberationSerif-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSerif.ttf",
+    "/usr/share/fonts/truetype/paratype/PTS55F.ttf",
+    "/usr/share/fonts/truetype/paratype/PTF55F.ttf",
 ]
 # (file, face index inside a .ttc collection); the first of each family is the one a set cannot do without
 FONT_FILES: dict[str, list[tuple[str, int]]] = {
     "latin": [(f, 0) for f in _LATIN],
     "zh": [(_NOTO[0], 2), (_NOTO[1], 2), ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", 0)],
-    "ja": [(_NOTO[0], 0), (_NOTO[1], 0), ("/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf", 0),
-           ("/usr/share/fonts/opentype/ipafont-mincho/ipam.ttf", 0)],
-    "ko": [(_NOTO[0], 1), (_NOTO[1], 1), ("/usr/share/fonts/truetype/nanum/NanumGothic.ttf", 0),
-           ("/usr/share/fonts/truetype/nanum/NanumMyeongjo.ttf", 0), ("/usr/share/fonts/truetype/unfonts-core/UnBatang.ttf", 0)],
+    "ja": [
+        (_NOTO[0], 0),
+        (_NOTO[1], 0),
+        ("/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf", 0),
+        ("/usr/share/fonts/opentype/ipafont-mincho/ipam.ttf", 0),
+    ],
+    "ko": [
+        (_NOTO[0], 1),
+        (_NOTO[1], 1),
+        ("/usr/share/fonts/truetype/nanum/NanumGothic.ttf", 0),
+        ("/usr/share/fonts/truetype/nanum/NanumMyeongjo.ttf", 0),
+        ("/usr/share/fonts/truetype/unfonts-core/UnBatang.ttf", 0),
+    ],
 }
-FONT_PACKAGES = {"dejavu": "fonts-dejavu-core", "noto": "fonts-noto-cjk", "liberation2": "fonts-liberation2",
-                 "freefont": "fonts-freefont-ttf", "paratype": "fonts-paratype", "wqy": "fonts-wqy-zenhei",
-                 "ipafont-gothic": "fonts-ipafont-gothic", "ipafont-mincho": "fonts-ipafont-mincho", "nanum": "fonts-nanum",
-                 "unfonts-core": "fonts-unfonts-core"}
+FONT_PACKAGES = {
+    "dejavu": "fonts-dejavu-core",
+    "noto": "fonts-noto-cjk",
+    "liberation2": "fonts-liberation2",
+    "freefont": "fonts-freefont-ttf",
+    "paratype": "fonts-paratype",
+    "wqy": "fonts-wqy-zenhei",
+    "ipafont-gothic": "fonts-ipafont-gothic",
+    "ipafont-mincho": "fonts-ipafont-mincho",
+    "nanum": "fonts-nanum",
+    "unfonts-core": "fonts-unfonts-core",
+}
 DEGRADATIONS = ("blur", "rotate", "noise", "jpeg", "contrast", "lowres", "light", "speckle", "ink")
 
 
@@ -72,8 +93,11 @@ def fonts_for(lang: str, size: int) -> list[ImageFont.FreeTypeFont]:
     files = FONT_FILES[family(lang)]
     missing = missing_fonts()
     if missing:
-        raise NotFound(f"fonts for {lang!r}", f"the packages {', '.join(missing)} are not installed",
-                       f"install them: `make ocr-system-deps` (apt-get install {' '.join(missing)})")
+        raise NotFound(
+            f"fonts for {lang!r}",
+            f"the packages {', '.join(missing)} are not installed",
+            f"install them: `make ocr-system-deps` (apt-get install {' '.join(missing)})",
+        )
     return [ImageFont.truetype(f, size, index=index) for f, index in files]
 
 
@@ -100,7 +124,7 @@ def cut_line(lang: str, sentences: list[str], rng: random.Random) -> str:
     low, high = (5, 22) if lang in NO_SPACES else (3, 10)
     size = min(len(units), rng.randint(low, high))
     start = rng.randint(0, len(units) - size)
-    return _join(units[start:start + size], lang)
+    return _join(units[start : start + size], lang)
 
 
 NO_LINE_START = set("、。，．：；？！）」』】〕％")  # CJK punctuation never starts a line (kinsoku)
@@ -178,7 +202,9 @@ def degrade(img: Image.Image, rng: random.Random) -> Image.Image:
         elif kind == "rotate":
             img = img.rotate(rng.uniform(-2.0, 2.0), resample=Image.BICUBIC, expand=True, fillcolor=int(np.median(np.asarray(img))))
         elif kind == "noise":
-            arr = np.asarray(img, dtype=np.float32) + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(6, 14), (img.height, img.width))
+            arr = np.asarray(img, dtype=np.float32) + np.random.default_rng(rng.randrange(2**32)).normal(
+                0, rng.uniform(6, 14), (img.height, img.width)
+            )
             img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
         elif kind == "jpeg":
             buf = io.BytesIO()
@@ -228,8 +254,13 @@ def render_set(out: Path, spec: RenderSpec, exclude: set[str] | None = None, rep
 
             for i in range(spec.lines_per_lang):
                 text = fresh()
-                img = draw_text([text], rng.choice(fonts_for(lang, rng.randint(22, 40))), pad=rng.randint(4, 16),
-                                ink=rng.randint(0, 50), paper=rng.randint(225, 255))
+                img = draw_text(
+                    [text],
+                    rng.choice(fonts_for(lang, rng.randint(22, 40))),
+                    pad=rng.randint(4, 16),
+                    ink=rng.randint(0, 50),
+                    paper=rng.randint(225, 255),
+                )
                 records.append(_save(tmp, f"{lang}-line-{i:04d}.png", img, spec, rng, lang, [text], "line"))
             for i in range(spec.pages_per_lang):
                 img, lines = draw_page(lang, pool, rng)

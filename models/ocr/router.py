@@ -51,12 +51,22 @@ class RoutingTable:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoutingTable":
-        return cls(dict(data["routes"]), data.get("cer", {}), data.get("speed", {}), data.get("first_pass", "ppocr"),
-                   tuple(data.get("probes", ("ppocrv6t", "ppocrv5"))))
+        return cls(
+            dict(data["routes"]),
+            data.get("cer", {}),
+            data.get("speed", {}),
+            data.get("first_pass", "ppocr"),
+            tuple(data.get("probes", ("ppocrv6t", "ppocrv5"))),
+        )
 
 
-def choose_routes(cer: dict[str, dict[str, float]], speed: dict[str, float], first_pass: str = "ppocr",
-                  probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5"), tie_points: float = TIE_POINTS) -> RoutingTable:
+def choose_routes(
+    cer: dict[str, dict[str, float]],
+    speed: dict[str, float],
+    first_pass: str = "ppocr",
+    probes: tuple[str, ...] = ("ppocrv6t", "ppocrv5"),
+    tie_points: float = TIE_POINTS,
+) -> RoutingTable:
     """Per language, among the backends whose CER is within `tie_points` of the best one's, the first
     pass (its reading of a line is already there, so another backend would read the line a second
     time), else the fastest."""
@@ -112,8 +122,14 @@ class _Piece:
 
 
 class RoutedOCR:
-    def __init__(self, backends: dict[str, Backend], table: RoutingTable, detector=None,
-                 confidence: dict[str, IsotonicMap] | None = None, review_below: float = 0.5) -> None:
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        table: RoutingTable,
+        detector=None,
+        confidence: dict[str, IsotonicMap] | None = None,
+        review_below: float = 0.5,
+    ) -> None:
         self.backends = backends
         self.table = table
         self.detector = detector
@@ -138,8 +154,10 @@ class RoutedOCR:
                 p.final = p.first  # the first pass was this language's backend: read once
             else:
                 groups.setdefault((backend, p.lang), []).append(p)
-        futures = [(group, self._pool.submit(self.backends[backend].read_lines, [p.image for p in group], lang))
-                   for (backend, lang), group in groups.items()]
+        futures = [
+            (group, self._pool.submit(self.backends[backend].read_lines, [p.image for p in group], lang))
+            for (backend, lang), group in groups.items()
+        ]
         return Pending(len(requests), pieces, futures)
 
     def finish(self, pending: "Pending") -> list[Reading]:

@@ -53,7 +53,9 @@ def shipped(name: str) -> tuple[Path, Path | None]:
     spec = find_spec(entry.package)
     pip_name = PIP_NAMES[entry.package]
     if spec is None or spec.origin is None:
-        raise NotFound(pip_name, "is not installed", f"install the lock file: `make demo` or `pip install --no-deps {pip_name}=={entry.version}`")
+        raise NotFound(
+            pip_name, "is not installed", f"install the lock file: `make demo` or `pip install --no-deps {pip_name}=={entry.version}`"
+        )
     root = Path(spec.origin).parent
     model = root / entry.model
     charset = root / entry.charset if entry.charset else None

@@ -24,11 +24,13 @@ def _sources() -> dict[str, Path]:
     import xstatic.pkg.font_awesome as font_awesome
     import xstatic.pkg.jquery as jquery
 
-    return {"bootstrap.min.css": Path(bootstrap.BASE_DIR) / "css" / "bootstrap.min.css",
-            "bootstrap.bundle.min.js": Path(bootstrap.BASE_DIR) / "js" / "bootstrap.bundle.min.js",  # Popper included
-            "jquery.min.js": Path(jquery.BASE_DIR) / "jquery.min.js",
-            "table-lite.js": Path(__file__).with_name("table_lite.js"),  # bootstrap-table has no wheel: ours draws the rows
-            "fontawesome": Path(font_awesome.BASE_DIR)}
+    return {
+        "bootstrap.min.css": Path(bootstrap.BASE_DIR) / "css" / "bootstrap.min.css",
+        "bootstrap.bundle.min.js": Path(bootstrap.BASE_DIR) / "js" / "bootstrap.bundle.min.js",  # Popper included
+        "jquery.min.js": Path(jquery.BASE_DIR) / "jquery.min.js",
+        "table-lite.js": Path(__file__).with_name("table_lite.js"),  # bootstrap-table has no wheel: ours draws the rows
+        "fontawesome": Path(font_awesome.BASE_DIR),
+    }
 
 
 def _local(url: str) -> str | None:

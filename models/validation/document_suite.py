@@ -60,12 +60,30 @@ def label_facts(folder: Path) -> tuple[list[dict], list[tuple[str, str, str]]]:
             except Exception:  # noqa: BLE001 - any decoder error means "not decodable"
                 decodable = False
         text = rec.get("text")
-        rows.append({"file": name, "inside": inside, "exists": inside and path.is_file(), "decodable": decodable,
-                     "has_text": isinstance(text, str) and bool(text.strip()), "lang": str(rec.get("lang")), "labelled": True})
+        rows.append(
+            {
+                "file": name,
+                "inside": inside,
+                "exists": inside and path.is_file(),
+                "decodable": decodable,
+                "has_text": isinstance(text, str) and bool(text.strip()),
+                "lang": str(rec.get("lang")),
+                "labelled": True,
+            }
+        )
     for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         if img.name not in labelled:
-            rows.append({"file": img.name, "inside": True, "exists": True, "decodable": True, "has_text": True,
-                         "lang": next(iter(LANGUAGES)), "labelled": False})
+            rows.append(
+                {
+                    "file": img.name,
+                    "inside": True,
+                    "exists": True,
+                    "decodable": True,
+                    "has_text": True,
+                    "lang": next(iter(LANGUAGES)),
+                    "labelled": False,
+                }
+            )
     return rows, broken
 
 
@@ -79,16 +97,22 @@ DETAILS = {
 }
 
 
-def validate_document_set(folder: Path, report_dir: Path | None = None, docs_root: Path | None = None,
-                          label: str | None = None, run_name: str | None = None) -> DocumentReport:
+def validate_document_set(
+    folder: Path, report_dir: Path | None = None, docs_root: Path | None = None, label: str | None = None, run_name: str | None = None
+) -> DocumentReport:
     """Check a labelled document set; with `docs_root` the run joins the workspace's Data Docs as
     data set `label`, named `run_name` (the set at its content hash)."""
     import great_expectations.expectations as gxe
 
     rows, failures = label_facts(folder)
-    named = [("count", gxe.ExpectTableRowCountToBeBetween(min_value=1))] + [
-        (col, gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[True])) for col in ("inside", "exists", "decodable", "has_text", "labelled")
-    ] + [("lang", gxe.ExpectColumnValuesToBeInSet(column="lang", value_set=list(LANGUAGES)))]
+    named = (
+        [("count", gxe.ExpectTableRowCountToBeBetween(min_value=1))]
+        + [
+            (col, gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[True]))
+            for col in ("inside", "exists", "decodable", "has_text", "labelled")
+        ]
+        + [("lang", gxe.ExpectColumnValuesToBeInSet(column="lang", value_set=list(LANGUAGES)))]
+    )
     df = pd.DataFrame(rows, columns=["file", "inside", "exists", "decodable", "has_text", "lang", "labelled"])
     run = run_suite(SUITE, df, named, report_dir, rows, docs_root=docs_root, asset=label or Path(folder).name, run_name=run_name)
     by_file = {r["file"]: r for r in rows}

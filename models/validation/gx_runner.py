@@ -36,9 +36,16 @@ def _asset_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "files"
 
 
-def run_suite(name: str, df: pd.DataFrame, named: list[tuple[str, object]], report_dir: Path | None,
-              facts: list[dict] | None = None, docs_root: Path | None = None, asset: str = "files",
-              run_name: str | None = None) -> SuiteRun:
+def run_suite(
+    name: str,
+    df: pd.DataFrame,
+    named: list[tuple[str, object]],
+    report_dir: Path | None,
+    facts: list[dict] | None = None,
+    docs_root: Path | None = None,
+    asset: str = "files",
+    run_name: str | None = None,
+) -> SuiteRun:
     """Validate `df` (one row per file, a `file` column) against the named expectations. With
     `docs_root` the run goes into that shared GX project and its Data Docs (as `asset`, named
     `run_name`); else, with `report_dir`, into a project of its own there; else into memory."""
@@ -61,11 +68,18 @@ def _run(name, df, named, report_dir, facts, project, asset, run_name) -> SuiteR
     suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=[e for _, e in named]))
     definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=f"{name}.{asset}", data=batch_def, suite=suite))
     actions = [gx.checkpoint.UpdateDataDocsAction(name="data-docs")] if project is not None else []
-    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
-        name=f"{name}.{asset}", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["file"]}))
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=f"{name}.{asset}",
+            validation_definitions=[definition],
+            actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["file"]},
+        )
+    )
     built = time.time()
-    result = checkpoint.run(batch_parameters={"dataframe": df}, run_id=RunIdentifier(run_name=(run_name or asset).replace("/", ".")))  # GX keys are path parts
+    result = checkpoint.run(
+        batch_parameters={"dataframe": df}, run_id=RunIdentifier(run_name=(run_name or asset).replace("/", "."))
+    )  # GX keys are path parts
 
     rule_of = {(e.expectation_type, getattr(e, "column", None)): rule for rule, e in named}
     failed: list[tuple[str, str | None]] = []

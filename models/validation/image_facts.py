@@ -56,8 +56,7 @@ def inspect_file(path: Path) -> ImageFacts:
                 facts.width, facts.height = rgb.size
                 facts.min_side = min(rgb.size)
                 facts.dhash = f"{dhash(rgb):016x}"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         facts.error = f"{exc.__class__.__name__}: {exc}"[:200]
     return facts
 

@@ -50,23 +50,36 @@ def _detail(rule: str, row: dict, rules: ImageRules) -> str:
     }.get(rule, rule)
 
 
-def validate_subject_images(folder: Path, rules: ImageRules, report_dir: Path | None = None,
-                            files: list[Path] | None = None, label: str | None = None, docs_root: Path | None = None,
-                            run_name: str | None = None) -> ValidationReport:
+def validate_subject_images(
+    folder: Path,
+    rules: ImageRules,
+    report_dir: Path | None = None,
+    files: list[Path] | None = None,
+    label: str | None = None,
+    docs_root: Path | None = None,
+    run_name: str | None = None,
+) -> ValidationReport:
     """Check every file in `folder` (or the given files) against the suite; `label` names the set in
     messages (the subject, not a temporary folder) and in the Data Docs of `docs_root` (the
     workspace's one site), where the run is called `run_name` (the subject at its data revision)."""
     files = files if files is not None else candidate_files(folder)
     facts = inspect_images(files, rules.near_duplicate_bits)
-    columns = list(facts[0].keys()) if facts else ["file", "decodable", "rgb_convertible", "format", "min_side", "duplicate_of", "near_duplicate_of"]
+    columns = (
+        list(facts[0].keys())
+        if facts
+        else ["file", "decodable", "rgb_convertible", "format", "min_side", "duplicate_of", "near_duplicate_of"]
+    )
     df = pd.DataFrame(facts, columns=columns).astype({"duplicate_of": object, "near_duplicate_of": object})
-    run = run_suite(SUITE, df, _expectations(rules), report_dir, facts, docs_root=docs_root,
-                    asset=label or Path(folder).name, run_name=run_name)
+    run = run_suite(
+        SUITE, df, _expectations(rules), report_dir, facts, docs_root=docs_root, asset=label or Path(folder).name, run_name=run_name
+    )
     by_file = {row["file"]: row for row in facts}
     failures: list[tuple[str, str, str]] = []
     for rule, file in run.failed:
         if rule == "count":
-            failures.append((label or Path(folder).name, "count", f"{len(facts)} image(s); a subject needs {rules.min_count} to {rules.max_count}"))
+            failures.append(
+                (label or Path(folder).name, "count", f"{len(facts)} image(s); a subject needs {rules.min_count} to {rules.max_count}")
+            )
         elif rule == "rgb_convertible" and not by_file.get(file, {}).get("decodable"):
             continue  # already reported as not decodable
         else:

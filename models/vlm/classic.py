@@ -30,7 +30,9 @@ def _unit(x) -> np.ndarray:
 
 def _check(path: Path, what: str) -> Path:
     if not (Path(path) / "config.json").is_file():
-        raise NotFound(str(path), f"is not a {what} directory (no config.json)", f"point the setting at a local {what} saved with save_pretrained")
+        raise NotFound(
+            str(path), f"is not a {what} directory (no config.json)", f"point the setting at a local {what} saved with save_pretrained"
+        )
     return Path(path)
 
 

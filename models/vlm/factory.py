@@ -20,8 +20,14 @@ def make_judge(cfg: JudgeSettings, embedded_dir: Path | None = None):
     if cfg.backend == "http":
         from atelier.models.vlm.http import HttpJudge
 
-        return HttpJudge(cfg.base_url, cfg.model, cfg.api_key.get_secret_value() if cfg.api_key else None, cfg.timeout,
-                         cfg.max_retries, concurrency=cfg.concurrency)
+        return HttpJudge(
+            cfg.base_url,
+            cfg.model,
+            cfg.api_key.get_secret_value() if cfg.api_key else None,
+            cfg.timeout,
+            cfg.max_retries,
+            concurrency=cfg.concurrency,
+        )
     if cfg.backend == "local":
         from atelier.models.vlm.local import LocalJudge
 

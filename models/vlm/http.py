@@ -28,8 +28,18 @@ def _retry_after(value: str | None, default: float) -> float:
 class HttpJudge:
     calibrated = True
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 4,
-                 backoff: float = 1.0, max_wait: float = 60.0, concurrency: int = 4, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_wait: float = 60.0,
+        concurrency: int = 4,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.base_url, self.model = base_url.rstrip("/"), model
         self.max_retries, self.backoff, self.max_wait = max_retries, backoff, max_wait
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -41,8 +51,12 @@ class HttpJudge:
 
     def ask(self, images: list[bytes], prompt: str, max_tokens: int = 16, logprobs: bool = True) -> Answer:
         content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}} for png in images]
-        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]}
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
+        }
         if logprobs:
             body.update(logprobs=True, top_logprobs=5)
         data = self._post(body)
@@ -54,8 +68,11 @@ class HttpJudge:
             if lp:
                 top = {t["token"]: float(t["logprob"]) for t in lp[0].get("top_logprobs", [])} or {lp[0]["token"]: float(lp[0]["logprob"])}
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise JudgeError(self.name, f"answered without the chat-completions fields ({type(exc).__name__}: {exc})",
-                             "check that the server speaks the OpenAI chat-completions API") from None
+            raise JudgeError(
+                self.name,
+                f"answered without the chat-completions fields ({type(exc).__name__}: {exc})",
+                "check that the server speaks the OpenAI chat-completions API",
+            ) from None
         answer = Answer(text, top, {k: int(v) for k, v in (data.get("usage") or {}).items() if isinstance(v, int)})
         self.usage.add(answer)
         return answer
@@ -63,7 +80,7 @@ class HttpJudge:
     def _post(self, body: dict) -> dict:
         waited, last = 0.0, ""
         for attempt in range(self.max_retries + 1):
-            delay = self.backoff * 2 ** attempt
+            delay = self.backoff * 2**attempt
             try:
                 with self._slots:
                     resp = self._http.post("/chat/completions", json=body)
@@ -79,12 +96,19 @@ class HttpJudge:
                     last = f"HTTP {resp.status_code}"
                     delay = _retry_after(resp.headers.get("Retry-After"), delay)
                 else:
-                    hint = "check the API key (settings judge.api_key)" if resp.status_code in (401, 403) else "check the model name and the request"
+                    hint = (
+                        "check the API key (settings judge.api_key)"
+                        if resp.status_code in (401, 403)
+                        else "check the model name and the request"
+                    )
                     raise JudgeError(self.name, f"refused the request: HTTP {resp.status_code} {resp.text[:200]}", hint)
             if attempt == self.max_retries or waited + delay > self.max_wait:
                 break
             self.usage.retries += 1
             time.sleep(delay)
             waited += delay
-        raise JudgeUnavailable(self.name, f"did not answer after {self.usage.retries} retries ({last})",
-                               "check that the judge is up; the gate fails rather than promote without it")
+        raise JudgeUnavailable(
+            self.name,
+            f"did not answer after {self.usage.retries} retries ({last})",
+            "check that the judge is up; the gate fails rather than promote without it",
+        )

@@ -45,8 +45,11 @@ class LocalVLM:
         weights = Path(weights)
         missing = [f for f in REQUIRED if not (weights / f).is_file()]
         if missing:
-            raise NotFound(str(weights), f"is not a model directory in save_pretrained layout (no {', '.join(missing)})",
-                           "point the setting at a local copy of the model with its tokenizer and image processor")
+            raise NotFound(
+                str(weights),
+                f"is not a model directory in save_pretrained layout (no {', '.join(missing)})",
+                "point the setting at a local copy of the model with its tokenizer and image processor",
+            )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(weights, local_files_only=True)
@@ -54,15 +57,18 @@ class LocalVLM:
         self.images = AutoImageProcessor.from_pretrained(weights, local_files_only=True, backend="pil")
         self.model = AutoModelForImageTextToText.from_pretrained(weights, local_files_only=True, dtype=dtype).to(self.device).eval()
         if self.model.config.model_type not in model_types:
-            raise JudgeError(str(weights), f"holds a {self.model.config.model_type} model, not {' or '.join(model_types)}",
-                             "point the setting at the right model directory")
+            raise JudgeError(
+                str(weights),
+                f"holds a {self.model.config.model_type} model, not {' or '.join(model_types)}",
+                "point the setting at the right model directory",
+            )
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
     def _inputs(self, items: list[list], prompt: str) -> dict:
         flat = [_pil(img) for imgs in items for img in imgs]
         vision = self.images(images=flat, return_tensors="pt")
-        merge = self.images.merge_size ** 2
+        merge = self.images.merge_size**2
         counts = [int(thw.prod() // merge) for thw in vision["image_grid_thw"]]
         texts, k = [], 0
         for imgs in items:
@@ -73,8 +79,11 @@ class LocalVLM:
             k += len(imgs)
             texts.append(text)
         tok = self.tokenizer(texts, return_tensors="pt", padding=True)
-        return {**{key: v.to(self.device) for key, v in tok.items()}, "pixel_values": vision["pixel_values"].to(self.device, self.model.dtype),
-                "image_grid_thw": vision["image_grid_thw"].to(self.device)}
+        return {
+            **{key: v.to(self.device) for key, v in tok.items()},
+            "pixel_values": vision["pixel_values"].to(self.device, self.model.dtype),
+            "image_grid_thw": vision["image_grid_thw"].to(self.device),
+        }
 
     def generate(self, items: list[list], prompt: str, max_new_tokens: int) -> list[Generated]:
         """One generation per item (an item is a list of images), greedy, batched."""
@@ -82,8 +91,10 @@ class LocalVLM:
 
         batch = self._inputs(items, prompt)
         with torch.inference_mode():
-            gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
-        new = gen.sequences[:, batch["input_ids"].shape[1]:]
+            gen = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        new = gen.sequences[:, batch["input_ids"].shape[1] :]
         logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
         out = []
         for row in range(new.shape[0]):

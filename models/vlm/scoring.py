@@ -90,8 +90,13 @@ class Scorer:
 
     def subject_fidelity(self, image: bytes, references: list[bytes], item: str = "") -> dict:
         n = len(references)
-        return self._yes_no("fidelity", references + [image], f"The first {n} images show one specific subject. "
-                            "Does the last image show that same subject (not just the same kind of thing)?", item)
+        return self._yes_no(
+            "fidelity",
+            references + [image],
+            f"The first {n} images show one specific subject. "
+            "Does the last image show that same subject (not just the same kind of thing)?",
+            item,
+        )
 
     def _ask_json(self, method: str, image: bytes, question: str, max_tokens: int, parse, item: str) -> tuple[dict | None, str]:
         """A JSON answer `parse`d to (dict, "") or (None, problem); asked once more with a stricter
@@ -110,8 +115,10 @@ class Scorer:
         return None, problem
 
     def caption(self, image: bytes, item: str = "") -> dict:
-        question = ('Describe the image. Answer only with JSON: {"caption": "<one sentence>", '
-                    '"objects": [{"label": "<name>", "box": [x0, y0, x1, y1]}]} with boxes in 0-1000 coordinates.')
+        question = (
+            'Describe the image. Answer only with JSON: {"caption": "<one sentence>", '
+            '"objects": [{"label": "<name>", "box": [x0, y0, x1, y1]}]} with boxes in 0-1000 coordinates.'
+        )
         parsed, problem = self._ask_json("caption", image, question, 256, parse_caption, item)
         return parsed if parsed is not None else {"caption": None, "objects": [], "problem": problem}
 
@@ -162,8 +169,13 @@ def ocr_agreement(scorer: Scorer, pages: list[dict]) -> tuple[list[dict], dict]:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    return rows, {"agreement_cer": mean("agreement_cer"), "judge_cer": mean("judge_cer"), "pages": len(rows),
-                  "failures": sum(1 for r in rows if r["judge_text"] is None), "calibrated": bool(getattr(scorer.judge, "calibrated", False))}
+    return rows, {
+        "agreement_cer": mean("agreement_cer"),
+        "judge_cer": mean("judge_cer"),
+        "pages": len(rows),
+        "failures": sum(1 for r in rows if r["judge_text"] is None),
+        "calibrated": bool(getattr(scorer.judge, "calibrated", False)),
+    }
 
 
 def readable(text: str, limit: int = 200) -> str:
@@ -181,8 +193,15 @@ def parse_caption(text: str) -> tuple[dict | None, str]:
         return None, problem
     if not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
         return None, "no caption field"
-    objects = [o for o in obj.get("objects", []) if isinstance(o, dict) and isinstance(o.get("label"), str)
-               and isinstance(o.get("box"), list) and len(o["box"]) == 4 and all(isinstance(v, (int, float)) for v in o["box"])]
+    objects = [
+        o
+        for o in obj.get("objects", [])
+        if isinstance(o, dict)
+        and isinstance(o.get("label"), str)
+        and isinstance(o.get("box"), list)
+        and len(o["box"]) == 4
+        and all(isinstance(v, (int, float)) for v in o["box"])
+    ]
     return {"caption": obj["caption"].strip(), "objects": objects}, ""
 
 
@@ -192,12 +211,24 @@ def summarise(rows: list[dict], failures: int, calibrated: bool) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     asked = sum(1 for r in rows for k in ("prompt_score", "fidelity", "prior_leak") if k in r)
-    return {"prompt_score": mean("prompt_score"), "fidelity": mean("fidelity"), "prior_leak": mean("prior_leak"),
-            "failures": failures, "failure_rate": failures / max(1, asked), "images": len(rows), "calibrated": calibrated}
+    return {
+        "prompt_score": mean("prompt_score"),
+        "fidelity": mean("fidelity"),
+        "prior_leak": mean("prior_leak"),
+        "failures": failures,
+        "failure_rate": failures / max(1, asked),
+        "images": len(rows),
+        "calibrated": calibrated,
+    }
 
 
-def judge_images(scorer: Scorer, samples: list[tuple[str, bytes, str]], references: list[bytes], class_images: list[tuple[str, bytes]],
-                 captions: bool = True) -> tuple[list[dict], dict]:
+def judge_images(
+    scorer: Scorer,
+    samples: list[tuple[str, bytes, str]],
+    references: list[bytes],
+    class_images: list[tuple[str, bytes]],
+    captions: bool = True,
+) -> tuple[list[dict], dict]:
     """samples: (name, png, prompt). Per-image rows (in input order) and a summary. Images are judged
     in parallel, up to the judge's `concurrency`. JudgeUnavailable propagates: the caller fails the
     gate with its reason."""
