@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-integration lock layers clean-workspace ocr-system-deps
+.PHONY: demo test test-fast test-integration lock layers lint clean-workspace ocr-system-deps
 OCR_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng tesseract-ocr-fra tesseract-ocr-spa \
 	tesseract-ocr-rus tesseract-ocr-deu tesseract-ocr-jpn tesseract-ocr-kor fonts-noto-cjk fonts-dejavu-core \
 	fonts-liberation2 fonts-freefont-ttf fonts-paratype fonts-wqy-zenhei fonts-ipafont-gothic fonts-ipafont-mincho fonts-nanum fonts-unfonts-core
@@ -40,6 +40,13 @@ test-integration: $(STAMP)
 
 layers:
 	$(PY) checks/layers.py
+
+## Formatting, lint, import layering and types (CI runs it before the tests).
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(PY) checks/layers.py
+	$(BIN)/python checks/typecheck.py
 
 ## Re-resolve requirements/base.in into requirements/lock.txt.
 lock:

@@ -69,9 +69,9 @@ class _DeviceMemory:
 def baseline_job(base: Path, instance: Path, work: Path, count: int, steps: int, size: int) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from benchmarks.dreambooth_gpu import example_ids, example_models, example_step
     from atelier.models.dreambooth.config import TrainConfig
     from atelier.models.dreambooth.images import stack_folder
+    from benchmarks.dreambooth_gpu import example_ids, example_models, example_step
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)

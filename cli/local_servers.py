@@ -24,11 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from atelier.cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environment
+from atelier.cli.stack_processes import Service, is_alive, is_healthy, read_record, start_service, stop
 from atelier.kernel.errors import ServiceUnavailable
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file
-from atelier.cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environment
-from atelier.cli.stack_processes import Service, is_alive, is_healthy, read_record, start_service, stop
 
 NAMES = ("prefect", "mlflow")
 

@@ -9,7 +9,11 @@ from typing import Optional
 
 import typer
 
-from atelier.cli import judge as cli_judge, ocr as cli_ocr, registry as cli_registry, serve as cli_serve, stack as cli_stack
+from atelier.cli import judge as cli_judge
+from atelier.cli import ocr as cli_ocr
+from atelier.cli import registry as cli_registry
+from atelier.cli import serve as cli_serve
+from atelier.cli import stack as cli_stack
 from atelier.cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
 from atelier.kernel.errors import ConfigError, GateRefused
 
@@ -88,11 +92,9 @@ def subject_add(
 
     from atelier.kernel.errors import DataValidationError
     from atelier.kernel.storage import check_customer, check_slug
-    from atelier.kernel.workspace import add_subject, require_workspace
-    from atelier.models.validation.subject_suite import validate_subject_images
-
-    from atelier.kernel.workspace import check_class_noun
+    from atelier.kernel.workspace import add_subject, check_class_noun, require_workspace
     from atelier.models.photos import is_hidden
+    from atelier.models.validation.subject_suite import validate_subject_images
 
     settings = cli_settings()
     require_workspace(settings)
@@ -192,13 +194,12 @@ def finetune(
     import os
 
     settings = cli_settings()
+    # Pre-flight: bad input and a server that is down are refused in a second, before a Prefect run starts.
+    from atelier.kernel.outages import preflight
     from atelier.kernel.storage import check_customer, check_slug
     from atelier.kernel.workspace import require_workspace, subject_revision
     from atelier.models.dreambooth.base import check_sd_directory
     from atelier.models.dreambooth.config import load_train_config
-
-    # Pre-flight: bad input and a server that is down are refused in a second, before a Prefect run starts.
-    from atelier.kernel.outages import preflight
 
     preflight(settings)
     require_workspace(settings)
@@ -240,8 +241,8 @@ def priors(
     function, same seeds), so reproducing the stage after a fine-tune costs a copy."""
     import shutil
 
-    from atelier.kernel.storage import atomic_dir
     from atelier.cli.progress import Progress
+    from atelier.kernel.storage import atomic_dir
     from atelier.models.dreambooth.base import check_sd_directory, model_hash
     from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from atelier.kernel.errors import GateRefused, NotFound, PartlyDone
 from atelier.cli.common import cli_settings, friendly, prefect_ready
 from atelier.cli.progress import Progress
+from atelier.kernel.errors import GateRefused, NotFound, PartlyDone
 
 
 @friendly

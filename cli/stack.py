@@ -47,7 +47,8 @@ def down_cmd(
 ) -> None:
     """Stop what `atelier up` and `atelier ui` started (by process id), and the workspace's background
     Prefect server. The databases and S3's data (.atelier/stack/s3/) stay; --drop-databases drops the databases."""
-    from atelier.cli import local_servers, stack_processes as stack
+    from atelier.cli import local_servers
+    from atelier.cli import stack_processes as stack
 
     settings = cli_settings()
     stopped = stack.down(settings) + [f"the workspace's {name} server" for name in local_servers.down(settings)]
@@ -82,8 +83,8 @@ def status_cmd() -> None:
 def stack_init_cmd() -> None:
     """Configure a running stack (idempotent): S3 buckets, Prefect's default result storage on S3,
     the process work pool. Uses ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
-    from atelier.kernel.objectstore import open_store
     from atelier.flows.stack_setup import configure_result_storage, ensure_work_pool
+    from atelier.kernel.objectstore import open_store
 
     settings = cli_settings()
     if not settings.prefect_api_url:

@@ -36,31 +36,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from atelier.kernel.errors import ConfigError, ServiceUnavailable
-from atelier.kernel.settings import Settings
 from atelier.cli.stack_config import (
     MLFLOW_ADMIN,
     MLFLOW_WORKER,
     bin_path,
+    client_environment,
     customer_identities,
+    database_names,
+    database_url,
     inherited_environment,
     mlflow_env,
     prepare_mlflow,
     prepare_s3,
-    s3_ready,
-    seaweed_argv,
-    seaweed_ports,
-    write_s3_config,
-    client_environment,
-    database_names,
-    database_url,
     reader_identity,
     s3_dir,
     s3_identities_file,
+    s3_ready,
+    seaweed_argv,
+    seaweed_ports,
     secrets_file,
     stack_dir,
     stack_secrets,
+    write_s3_config,
 )
+from atelier.kernel.errors import ConfigError, ServiceUnavailable
+from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file, write_text_atomic
 
 # the configuration lives in stack_config; callers reach these through this module

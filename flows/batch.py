@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from atelier.kernel.storage import check_customer, check_slug
 from atelier.flows.runs import claim_and_sweep, run_name
+from atelier.kernel.storage import check_customer, check_slug
 from atelier.tasks import batch as batch_tasks
 from atelier.tasks.common import summary_artifact
 

@@ -7,18 +7,18 @@ register (alias candidate) -> gate (accuracy of the served variant, the engine's
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from atelier.kernel.gitinfo import code_version
 from atelier.flows.runs import claim_and_sweep, finished, run_name
+from atelier.kernel.gitinfo import code_version
 from atelier.tasks import judge as judge_tasks
 from atelier.tasks import ocr as ocr_tasks
 from atelier.tasks.common import summary_artifact
 from atelier.tasks.ocr import cer_of as _cer
-from atelier.tasks.registry import VERSIONS as REG_VERSIONS, promotion_gate
+from atelier.tasks.registry import VERSIONS as REG_VERSIONS
+from atelier.tasks.registry import promotion_gate
 
 FLOW_VERSION = "2"
 MAIN, PROBES = "ppocrv6s-rec", {"ppocrv6t": "ppocrv6t-rec", "ppocrv5": "ppocrv5-rec"}

@@ -11,12 +11,12 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from atelier.flows.runs import claim_and_sweep, finished, run_name
 from atelier.kernel.errors import ConfigError
 from atelier.kernel.gitinfo import code_version
 from atelier.kernel.hashing import stat_signature
 from atelier.kernel.settings import load_settings
 from atelier.kernel.storage import check_customer, check_slug, file_lock
-from atelier.flows.runs import claim_and_sweep, finished, run_name
 from atelier.tasks import data as data_tasks
 from atelier.tasks import dreambooth as db_tasks
 from atelier.tasks import judge as judge_tasks

@@ -10,13 +10,12 @@ PostgreSQL does not accept a connection, the error names PostgreSQL, not the ser
 
 from __future__ import annotations
 
-import socket
-from typing import Iterator
-from urllib.parse import urlsplit
-
 import errno
 import os
+import socket
 import tempfile
+from typing import Iterator
+from urllib.parse import urlsplit
 
 from atelier.kernel.errors import AtelierError, DiskError, ServiceUnavailable
 from atelier.kernel.settings import Settings
@@ -57,7 +56,7 @@ _CONNECT_TEXT = (
 def causes(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
-    stack = [exc]
+    stack: list[BaseException | None] = [exc]
     while stack:
         current = stack.pop()
         if current is None or id(current) in seen:
@@ -154,9 +153,9 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
                 "registration that was cut off left no version",
             )
         if name == "OperationalError" and ("sqlalchemy" in module or "psycopg2" in module):
-            if _postgres(settings) is None or _accepts(_postgres(settings)):
-                continue  # not a connection failure (a missing table, a lock): not an outage
             address = _postgres(settings)
+            if address is None or _accepts(address):
+                continue  # not a connection failure (a missing table, a lock): not an outage
             return _say(
                 f"PostgreSQL at {address[0]}:{address[1]}",
                 text,
@@ -214,7 +213,7 @@ def preflight(settings: Settings) -> None:
         checks.append(("S3", settings.s3_endpoint_url, 80))
     for service, url, default_port in checks:
         address = _host_port(url, default_port)
-        if address is not None and not _accepts(address):
+        if url is not None and address is not None and not _accepts(address):
             from atelier.kernel.settings import mask_url
 
             raise ServiceUnavailable(f"{service} at {mask_url(url)}", "does not accept connections", f"{RESTART}; nothing was started")

@@ -41,7 +41,7 @@ def list_subject(ws: Path, customer: str, subject: str, class_noun: str) -> list
     text = path.read_text()
     listed = dict((yaml.safe_load(text) or {}).get("subjects") or {})
     listed[f"{customer}.{subject}"] = {"customer": customer, "subject": subject, "class_priors": class_key(class_noun)}
-    for key, entry in listed.items():  # entries written before classes had stages of their own
+    for entry in listed.values():  # entries written before classes had stages of their own
         if "class_priors" not in entry:
             entry["class_priors"] = class_key(_class_of(ws, entry["customer"], entry["subject"]))
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import yaml
 
-from atelier.kernel.errors import InvalidIdentifier, ConfigError, NotFound, WorkspaceError
+from atelier.kernel.errors import ConfigError, InvalidIdentifier, NotFound, WorkspaceError
 from atelier.kernel.gitinfo import SOURCE_ROOT
 from atelier.kernel.hashing import file_hashes
 from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
@@ -353,7 +353,6 @@ def _require_stage(ws: Path, stage: str) -> None:
 def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
     """`dvc repro STAGE` in the workspace, its outputs pushed to the remote and dvc.lock committed;
     returns the commit that pins them. A workspace made before the stage existed gets a clear error."""
-    import yaml
     from dvc.repo import Repo
 
     with changing_workspace(settings) as ws:

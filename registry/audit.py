@@ -10,6 +10,8 @@ them back (champion through intent -> move -> `restore` row) and records each co
 
 from __future__ import annotations
 
+from typing import Any
+
 from mlflow import MlflowClient
 
 from atelier.registry.gate import CANDIDATE, CHAMPION
@@ -26,13 +28,13 @@ def reconcile(client: MlflowClient, ledger: Ledger, model: str | None = None) ->
     store.settle(ledger)
     intents = open_intents(ledger.rows(model))
     anchor = store.read() if intents else None
-    if intents and ledger.verify(anchor.head, anchor.pending):
+    if intents and ledger.verify(anchor.head if anchor else None, anchor.pending if anchor else None):
         return []  # a tampered ledger is reported, never written onto (see ledger_anchor.require_intact)
     settled = []
     for intent in intents:
         action, _, reason = intent.reason.partition(": ")
         live = current_alias(client, intent.model)
-        common = dict(
+        common: dict[str, Any] = dict(
             model=intent.model,
             version=intent.version,
             actor=f"{intent.actor} (reconciled)",

@@ -50,7 +50,8 @@ def _only_admins_write():
     authorization = auth.authenticate_request()
     if not isinstance(authorization, auth.Authorization):
         return authorization  # the 401 asking for credentials
-    if auth.store.get_user(authorization.username).is_admin or is_platform_user(authorization.username):
+    username = authorization.username or ""
+    if auth.store.get_user(username).is_admin or is_platform_user(username):
         return None
     return auth.make_forbidden_response()
 

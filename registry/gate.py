@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import TypeGuard
 
 from atelier.kernel.settings import ChallengerRules, GateRules, JudgeGateRules, OcrGateRules
 from atelier.models.dreambooth.health import Health
@@ -112,7 +113,7 @@ def evaluate_challenger(summary: dict, champion: dict, champion_version: str, ru
     return checks
 
 
-def _number(value) -> bool:
+def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -127,7 +128,7 @@ def evaluate_ocr(summary: dict, rules: OcrGateRules) -> GateResult:
     Versions registered before variants existed carry cer_int8 and are judged as int8.
     """
     fp32 = summary["cer_fp32"]
-    served = summary.get("cer_served", summary.get("cer_int8"))
+    served: dict = summary["cer_served"] if "cer_served" in summary else summary["cer_int8"]
     variant = summary.get("served", "int8")
     overall = served["overall"] - fp32["overall"]
     checks = [

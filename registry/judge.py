@@ -40,7 +40,7 @@ def _thumbnail(path: str | None):
 
     if not path or not Path(path).is_file():
         return None
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        img.thumbnail((128, 128))
-        return img
+    with Image.open(path) as opened:
+        thumbnail = opened.convert("RGB")
+        thumbnail.thumbnail((128, 128))
+        return thumbnail

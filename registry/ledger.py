@@ -340,6 +340,7 @@ class Ledger:
                 )
         elif newest is None or newest not in {a for a in (anchor, pending) if a}:
             said = anchor or pending
+            assert said is not None  # both None is the branch above
             said_seq = int(said.split(":")[0])
             what = (
                 "rows were deleted from its end"

@@ -36,7 +36,7 @@ class _LegacyAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module(current_name(spec.name))  # the module itself, under its old name too
+        return importlib.import_module(current_name(spec.name) or spec.name)  # the module itself, under its old name too
 
     def exec_module(self, module) -> None:
         pass  # already executed under its current name

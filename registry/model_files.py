@@ -109,6 +109,8 @@ def verified_copy(client: MlflowClient, ledger, name: str, version: str) -> Iter
         raise ModelTampered(
             what, "carries a manifest tag that is not the one its ledger row vouches for", "check who can write the registry"
         )
+    if not mv.run_id:
+        raise ModelTampered(what, "has no MLflow run, so no manifest of its files", "register it again with Atelier")
     with tempfile.TemporaryDirectory(prefix="atelier-model-") as tmp:
         try:
             text = Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text()

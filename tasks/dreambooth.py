@@ -216,8 +216,8 @@ class _Unreported:
 @task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)
 def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list[float]) -> dict:
     """Generate the gate's evidence: samples_per_prompt images for each sample prompt, and a grid."""
-    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
     from atelier.kernel.storage import atomic_dir
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
     cfg = TrainConfig(**config)
     pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler, compile_mode=cfg.sampling.compile_mode)
@@ -232,7 +232,7 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
     out = Path(pipeline_dir).parent / "samples"
     with atomic_dir(out, replace=True) as tmp:
         paths = []
-        for i, (req, img) in enumerate(zip(requests, images)):
+        for i, img in enumerate(images):
             img.save(tmp / f"{i:03d}.png")
             paths.append(f"{i:03d}.png")
         sample_grid(images, cfg.samples_per_prompt).save(tmp / "grid.png")

@@ -68,8 +68,8 @@ def test_a_new_class_gets_its_own_priors_stage_and_dvc_runs_without_an_activated
     `.venv/bin/dvc` with a PATH that has no venv runs the stage's `atelier` all the same."""
     from dvc.repo import Repo
 
-    from atelier.kernel.workspace import add_subject
     from atelier.cli.demo_data import write_demo_photos
+    from atelier.kernel.workspace import add_subject
 
     ws = workspace.workspace
     add_subject(workspace, "dvcco", "bag", "Red backpack", write_demo_photos(tmp_path / "bag", count=4))

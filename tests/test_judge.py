@@ -146,8 +146,8 @@ def test_flow_gate_promotes_above_threshold_refuses_below_and_when_the_judge_is_
     from mlflow import MlflowClient
 
     from atelier.cli.demo_data import write_demo_photos
-    from atelier.kernel.workspace import add_subject
     from atelier.flows.subject_finetune import subject_finetune
+    from atelier.kernel.workspace import add_subject
     from atelier.registry.ledger import open_ledger
 
     add_subject(workspace, "judgeco", "robot", "toy", write_demo_photos(tmp_path_factory.mktemp("p"), count=5))
@@ -224,7 +224,6 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
 
 
 def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
-    from pathlib import Path
 
     from atelier.models.ocr.engine import load_engine, shipped_engine_files
     from atelier.models.ocr.images import load_document
@@ -257,7 +256,6 @@ def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):
 
 @pytest.mark.slow
 def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harness, workspace, tmp_path, monkeypatch):
-    from pathlib import Path
 
     from prefect import flow
 

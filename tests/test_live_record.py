@@ -75,8 +75,8 @@ class _Terminal(io.StringIO):
 def test_progress_reported_below_the_command_line_is_drawn_as_a_bar_with_log_lines_above_it(monkeypatch):
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from atelier.kernel import progress
     from atelier.cli.progress import bars
+    from atelier.kernel import progress
 
     screen = _Terminal()
     monkeypatch.setattr("sys.stderr", screen)
@@ -101,8 +101,8 @@ def test_progress_reported_below_the_command_line_is_drawn_as_a_bar_with_log_lin
 
 
 def test_off_a_terminal_nothing_is_drawn(monkeypatch):
-    from atelier.kernel import progress
     from atelier.cli.progress import bars
+    from atelier.kernel import progress
 
     plain = io.StringIO()
     monkeypatch.setattr("sys.stderr", plain)

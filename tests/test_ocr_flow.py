@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import mlflow
+import pytest
 import yaml
 from mlflow import MlflowClient
 

@@ -142,8 +142,8 @@ def test_a_read_only_workspace_is_exit_6_before_anything_starts(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_is_exit_6_and_leaves_no_partial_checkpoint(tiny_model, photos, tmp_path, tiny_config):
-    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.base import model_hash
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.trainer import TrainInputs, train
 
     spec = PriorSpec(model_hash(tiny_model), "a photo of toy", 2, 64, 0, "dpmsolver++", 2, 5.0)
@@ -166,8 +166,8 @@ def test_a_full_disk_during_a_checkpoint_is_exit_6_and_leaves_no_partial_checkpo
 def test_identical_weights_hash_the_same_in_two_workspaces(tiny_model, photos, tmp_path, tiny_config):
     """The saved pipeline's configs no longer embed the base model's absolute path."""
     from atelier.kernel.hashing import tree_hash
-    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.base import model_hash
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = tiny_config.model_copy(update={"max_train_steps": 2, "checkpointing_steps": 100, "validation_steps": 100})

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 from atelier.models.dreambooth.base import model_hash
+from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 from atelier.models.dreambooth.trainer import TrainInputs, latest_checkpoint, train
 
 

@@ -244,7 +244,7 @@ def render_set(out: Path, spec: RenderSpec, exclude: set[str] | None = None, rep
             pool = sentences_for(lang, spec.part)
             seen: set[str] = set()
 
-            def fresh() -> str:
+            def fresh(lang: str = lang, pool=pool, seen: set[str] = seen) -> str:
                 for _ in range(1000):
                     text = cut_line(lang, pool, rng)
                     if text not in exclude and text not in seen:

@@ -74,7 +74,7 @@ def make_offline(site_dir: Path, since: float | None = None) -> int:
             continue
         prefix = os.path.relpath(target, page.parent).replace(os.sep, "/")
 
-        def swap(match: re.Match) -> str:
+        def swap(match: re.Match, prefix: str = prefix) -> str:
             local = _local(match.group(1))
             if local is None:
                 return ""
