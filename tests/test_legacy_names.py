@@ -22,8 +22,6 @@ def test_old_names_map_to_the_modules_under_the_atelier_root(tmp_path):
 def test_a_pyfunc_of_the_old_layout_loads_with_the_installed_code(tmp_path):
     """Its stale shipped `models/` (on sys.path through code/) is never imported: the old name is the
     installed module itself."""
-    import mlflow.pyfunc
-
     shipped = tmp_path / "shipped" / "models"
     shipped.mkdir(parents=True)
     (shipped / "__init__.py").write_text("raise ImportError('the stale copy shipped with the model was imported')\n")
@@ -41,12 +39,13 @@ def test_a_pyfunc_of_the_old_layout_loads_with_the_installed_code(tmp_path):
         mlflow.models.set_model(Model())
     """)
     )
-    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(wrapper), code_paths=[str(shipped)])
+    model = tmp_path / "model"
     code = (
         "import mlflow.pyfunc, pathlib; from atelier.registry import legacy_names;"
-        f"assert legacy_names.is_legacy_layout(pathlib.Path({str(tmp_path / 'model' / 'code')!r}));"
-        "legacy_names.install();"
-        f"print(mlflow.pyfunc.load_model({str(tmp_path / 'model')!r}).predict(['x']))"
+        "legacy_names.install();"  # as 0.1 saved it (MLflow runs the wrapper once to save it), then as the platform loads it
+        f"mlflow.pyfunc.save_model({str(model)!r}, python_model={str(wrapper)!r}, code_paths=[{str(shipped)!r}]);"
+        f"assert legacy_names.is_legacy_layout(pathlib.Path({str(model / 'code')!r}));"
+        f"print(mlflow.pyfunc.load_model({str(model)!r}).predict(['x']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
