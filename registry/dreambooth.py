@@ -29,7 +29,7 @@ from atelier.registry.isolation import (
     require_owner,
 )
 from atelier.registry.ledger import open_ledger
-from atelier.registry.model_files import MANIFEST_TAG, manifest_of, record_manifest
+from atelier.registry.model_files import DAMAGED_TAG, MANIFEST_TAG, manifest_of, record_manifest, stored_model_files
 from atelier.registry.pyfunc import SIGNATURE
 from atelier.registry.tracking import abandon_stale_runs
 from atelier.registry.training_run import LOSS
@@ -45,9 +45,6 @@ PIP_REQUIREMENTS = [
     "mlflow==3.17.2",
 ]
 MODEL_CODE = Path(__file__).parent / "pyfunc_code" / "dreambooth_model.py"
-
-
-DAMAGED_TAG = "atelier.artifacts.damaged"
 
 
 def model_name(customer: str, subject: str) -> str:
@@ -327,29 +324,6 @@ def record_gate_on_card(client: MlflowClient, name: str, version: str, gate: dic
     gate_line = re.compile(r"^- gate: .*$", flags=re.M)
     text = gate_line.sub(lambda _: line, text, count=1) if gate_line.search(text) else f"{text}\n{line}".strip()
     client.update_model_version(name, version, description=text)
-
-
-def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
-    """Every file of a version's stored MLflow model (relative path -> size), read from the artifact store."""
-    from mlflow.store.artifact.artifact_repository_registry import (
-        get_artifact_repository,
-    )
-
-    source = mv.source or ""
-    model_id = mv.model_id or (source.split("/")[-1] if source.startswith("models:/m-") else None)
-    location = (
-        client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
-    )
-    repo = get_artifact_repository(location)
-    files: dict[str, int | None] = {}
-    pending: list[str | None] = [None]
-    while pending:
-        for info in repo.list_artifacts(pending.pop()):
-            if info.is_dir:
-                pending.append(info.path)
-            else:
-                files[info.path] = info.file_size
-    return files
 
 
 def missing_artifacts(client: MlflowClient, mv, pipeline_dir: Path) -> list[str]:

@@ -27,6 +27,7 @@ from atelier.kernel.storage import write_text_atomic
 
 MANIFEST = "model_manifest.json"
 MANIFEST_TAG = "atelier.model.manifest.sha256"
+DAMAGED_TAG = "atelier.artifacts.damaged"  # set when a rerun found a version's stored files missing or changed
 # model_config keys under which the wrappers keep their files' hashes, to check them on any load (registry/pyfunc.py,
 # registry/ocr.py); a copy that verified_copy checked already is loaded with them unset, so no file is hashed twice
 SELF_CHECK_KEYS = ("pipeline_files", "artifact_files")
@@ -128,3 +129,50 @@ def verified_copy(client: MlflowClient, ledger, name: str, version: str) -> Iter
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")))
         check_files(local, manifest, what)
         yield local
+
+
+def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
+    """Every file of a version's stored MLflow model (relative path -> size), read from the artifact store."""
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
+
+    source = mv.source or ""
+    model_id = mv.model_id or (source.split("/")[-1] if source.startswith("models:/m-") else None)
+    location = (
+        client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
+    )
+    repo = get_artifact_repository(location)
+    files: dict[str, int | None] = {}
+    pending: list[str | None] = [None]
+    while pending:
+        for info in repo.list_artifacts(pending.pop()):
+            if info.is_dir:
+                pending.append(info.path)
+            else:
+                files[info.path] = info.file_size
+    return files
+
+
+def refuse_damaged(client: MlflowClient, ledger, mv) -> None:
+    """Before a version becomes champion (promote, rollback): exit 5 if it was marked damaged, or if a file
+    its manifest names is no longer stored (a listing, not a download: contents are checked when it loads).
+    A version registered before manifests has nothing to compare with and passes."""
+    what = f"model {mv.name}/{mv.version}"
+    fix = "promote or roll back to another version (atelier ledger show names them), or rerun its fine-tune to register it again"
+    if mv.tags.get(DAMAGED_TAG):
+        raise ModelTampered(what, f"is marked damaged ({mv.tags[DAMAGED_TAG]})", fix)
+    want = vouched_hash(ledger, mv.name, str(mv.version))
+    if want is None or not mv.run_id:
+        return
+    with tempfile.TemporaryDirectory(prefix="atelier-manifest-") as tmp:
+        try:
+            manifest = json.loads(Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelTampered(what, f"its file manifest is unreadable ({exc.__class__.__name__})", fix) from None
+    if manifest_hash(manifest) != want:
+        raise ModelTampered(f"{what} ({MANIFEST})", "is not the manifest that was registered (its sha256 differs from the ledger's)", fix)
+    stored = stored_model_files(client, mv)
+    missing = sorted(p for p in manifest if p not in stored)
+    if missing:
+        raise ModelTampered(what, f"{len(missing)} registered file(s) are no longer stored (first: {missing[0]})", fix)

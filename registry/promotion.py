@@ -32,6 +32,7 @@ from atelier.registry.gate import (
 from atelier.registry.judge import JUDGE_TAG
 from atelier.registry.ledger import CONFIRMS, Ledger, LedgerRow, aliases
 from atelier.registry.ledger_anchor import AnchorStore, append, require_intact
+from atelier.registry.model_files import refuse_damaged
 
 REFUSED_TAG = "atelier.refused"
 
@@ -172,6 +173,7 @@ def promote(
         confirmed = [r for r in rows if r.action in CONFIRMS and r.to_alias == CHAMPION and r.version == str(version)]
         return Promotion(name, str(version), True, [], str(version), confirmed[-1])
     mv = model_version(client, name, version)
+    refuse_damaged(client, ledger, mv)  # a version whose files are gone never becomes champion (exit 5)
     result, summary = gate_for(mv, rules)
     if action == "promote" and previous not in (None, str(version)) and mv.tags.get("atelier.kind") != "ocr":
         result = _against_champion(client, name, previous, result, summary, rules)

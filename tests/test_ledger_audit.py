@@ -237,3 +237,47 @@ def test_a_rollback_of_a_rollback_never_brings_back_the_rolled_back_version(regi
     assert rollback(client, ledger, NAME, actor="ops", reason="fixed upstream", rules=GateRules(), to=v2).version == v2
     rows = ledger.rows(NAME)
     assert _promote(client, ledger, v2).row.seq == rows[-1].seq and len(ledger.rows(NAME)) == len(rows)  # already champion: no rows
+
+
+def test_a_damaged_version_never_becomes_champion(registry):
+    """promote and rollback refuse (exit 5) a version marked damaged, and one whose stored files no longer
+    match its signed manifest's list; the champion and the ledger stay as they were."""
+    from atelier.registry.model_files import DAMAGED_TAG, MANIFEST, MANIFEST_TAG, ModelTampered, manifest_hash, manifest_of
+    from atelier.registry.promotion import rollback
+
+    client, ledger, _, tmp_path = registry
+    assert _promote(client, ledger, _version(client, ledger)).passed
+    # v2: a version with stored files and a signed manifest, as registration makes them
+    folder = tmp_path / "model"
+    (folder / "artifacts").mkdir(parents=True)
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    (folder / "artifacts" / "unet.bin").write_bytes(b"weights")
+    manifest = manifest_of(folder)
+    experiment = client.create_experiment("atelier-acme", artifact_location=str(tmp_path / "store"))
+    run = client.create_run(experiment).info.run_id
+    client.log_artifacts(run, str(folder), "model")
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    client.log_artifact(run, str(tmp_path / MANIFEST))
+    mv = client.create_model_version(
+        NAME, f"runs:/{run}/model", run_id=run, tags={"atelier.eval.summary": json.dumps(GOOD), MANIFEST_TAG: manifest_hash(manifest)}
+    )
+    record_candidate(client, ledger, NAME, str(mv.version), actor="ops", manifest_sha256=manifest_hash(manifest))
+    assert _promote(client, ledger, str(mv.version)).passed  # whole: it is promoted
+    assert _promote(client, ledger, _version(client, ledger)).passed  # v3 replaces it
+    rows = len(ledger.rows())
+
+    stored = next((tmp_path / "store").rglob("unet.bin"))
+    stored.unlink()  # someone deleted the weights of v2 from the artifact store
+    for attempt in (
+        lambda: _promote(client, ledger, str(mv.version)),
+        lambda: rollback(client, ledger, NAME, actor="ops", reason="test", rules=GateRules()),
+    ):
+        with pytest.raises(ModelTampered, match="no longer stored \\(first: artifacts/unet.bin\\)") as err:
+            attempt()
+        assert err.value.exit_code == 5
+    assert current_alias(client, NAME) == "3" and len(ledger.rows()) == rows
+
+    client.set_model_version_tag(NAME, "1", DAMAGED_TAG, "1 stored file(s) missing")  # marked by a rerun that found it broken
+    with pytest.raises(ModelTampered, match="is marked damaged"):
+        rollback(client, ledger, NAME, actor="ops", reason="test", rules=GateRules(), to="1")
+    assert current_alias(client, NAME) == "3" and len(ledger.rows()) == rows
