@@ -247,6 +247,7 @@ def priors(
     from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 
     settings = cli_settings()
+    PriorSpec("", class_prompt, count, resolution, seed, sampler, steps, guidance).check()  # exit 2 before loading anything
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
     made = ensure_class_priors(settings.priors_cache, spec, base, on_progress=Progress("class images", "images"))

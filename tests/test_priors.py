@@ -47,3 +47,32 @@ def test_same_spec_gives_the_same_images_anywhere(tiny_model, tmp_path):
     a = ensure_class_priors(tmp_path / "a", _spec(tiny_model), tiny_model, batch_size=3)
     b = ensure_class_priors(tmp_path / "b", _spec(tiny_model), tiny_model, batch_size=1)  # batching does not change images
     assert file_hashes(a.path) == file_hashes(b.path)
+
+
+def test_settings_the_sampler_cannot_run_are_refused_before_anything_is_made(tiny_model, tmp_path):
+    """count or steps 0 made nothing or hung, a NaN guidance NaN images, resolution 17 and an unknown
+    sampler crashed: each is a ConfigError naming the value (exit 2), and the command says so in a line."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+    from atelier.kernel.errors import ConfigError
+
+    for change, named in (
+        ({"count": 0}, "count 0"),
+        ({"count": -1}, "count -1"),
+        ({"steps": 0}, "steps 0"),
+        ({"resolution": 17}, "resolution 17"),
+        ({"resolution": 0}, "resolution 0"),
+        ({"guidance_scale": float("nan")}, "guidance nan"),
+        ({"sampler": "lms"}, "sampler 'lms'"),
+        ({"seed": 2**64}, "seed"),
+        ({"class_prompt": " "}, "empty class prompt"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            ensure_class_priors(tmp_path, _spec(tiny_model, **change), tiny_model)
+    assert not any(tmp_path.iterdir())  # nothing was made
+    done = CliRunner().invoke(
+        app, ["priors", "--class-prompt", "a photo of toy", "--out", str(tmp_path / "o"), "--count", "0", "--steps", "0"]
+    )
+    assert done.exit_code == 2 and "count 0" in done.output and "steps 0" in done.output and not (tmp_path / "o").exists()

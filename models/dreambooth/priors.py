@@ -7,14 +7,16 @@ a second subject of the same class on the same base model reuses the set instead
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from atelier.kernel.errors import ConfigError
 from atelier.kernel.hashing import file_hashes, value_hash
 from atelier.kernel.storage import atomic_dir, write_json_atomic
-from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+from atelier.models.dreambooth.sampling import SAMPLERS, GenerationRequest, generate, load_pipeline
 
 MANIFEST = "manifest.json"
 
@@ -33,6 +35,28 @@ class PriorSpec:
     @property
     def key(self) -> str:
         return value_hash(asdict(self))[:24]
+
+    def check(self) -> PriorSpec:
+        """Every value in the range the sampler can run, else ConfigError naming each one (exit 2): a count or
+        a step count of 0 would make nothing (or hang), a NaN guidance would make NaN images."""
+        problems = []
+        if not 1 <= self.count <= 10_000:
+            problems.append(f"count {self.count} (1 to 10000)")
+        if not (32 <= self.resolution <= 2048 and self.resolution % 8 == 0):
+            problems.append(f"resolution {self.resolution} (32 to 2048, a multiple of 8)")
+        if not 0 <= self.seed < 2**63 // 1_000_003 - self.count:
+            problems.append(f"seed {self.seed} (0 to {2**63 // 1_000_003 - self.count - 1})")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler {self.sampler!r} (one of {', '.join(SAMPLERS)})")
+        if not 1 <= self.steps <= 1000:
+            problems.append(f"steps {self.steps} (1 to 1000)")
+        if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 50):
+            problems.append(f"guidance {self.guidance_scale} (0 to 50)")
+        if not self.class_prompt.strip():
+            problems.append("an empty class prompt")
+        if problems:
+            raise ConfigError("class-prior settings", "out of range: " + "; ".join(problems), "give values in the ranges named")
+        return self
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,7 @@ def ensure_class_priors(
 
     `compile_mode` only changes speed (see sampling.speed_up), so it is not part of the cache key.
     """
-    final = Path(cache_root) / spec.key
+    final = Path(cache_root) / spec.check().key
     reused = (final / MANIFEST).is_file()
     if not reused:
         write_class_priors(final, spec, base_model_dir, batch_size, on_progress, compile_mode=compile_mode)
