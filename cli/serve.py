@@ -104,16 +104,37 @@ def _schedule_file(file: Optional[Path]) -> Path:
     return file or cli_settings().workspace / "schedules.yaml"
 
 
+def _check_against_workspace(settings, schedules, path: Path) -> None:
+    """What a schedule names must exist now, not fail at 3 a.m.: every subject in the workspace, every
+    training config readable and valid (exit 2 naming the entry)."""
+    from atelier.kernel.errors import ConfigError
+    from atelier.kernel.workspace import subject_revision
+    from atelier.models.dreambooth.config import load_train_config
+
+    for entry in [*schedules.retrain, *schedules.batch_generate]:
+        subject_revision(settings, entry.customer, entry.subject)
+    for r in schedules.retrain:
+        if r.config is not None:
+            config = Path(r.config)
+            if not config.is_file():
+                raise ConfigError(
+                    f"{path}: retrain {r.customer}/{r.subject} config {config}", "does not exist", "fix the path or remove `config`"
+                )
+            load_train_config(config)
+
+
 @friendly
 def deploy_cmd(file: Optional[Path] = typer.Option(None, "--file", help="schedule file; default WORKSPACE/schedules.yaml")) -> None:
     """Create or update the Prefect deployments (cron schedules) of the schedule file; with a work pool
     in the settings (`atelier up` sets one) they go to that pool, whose workers run them."""
     settings = cli_settings()
-    prefect_ready(settings)
     from atelier.flows.schedules import deployments, load_schedules
 
     path = _schedule_file(file)
-    for d in deployments(load_schedules(path)):
+    schedules = load_schedules(path)
+    _check_against_workspace(settings, schedules, path)  # before anything is written to Prefect
+    prefect_ready(settings)
+    for d in deployments(schedules):
         pool = d.work_pool_name or settings.work_pool
         d.apply(work_pool_name=pool)
         cron = d.schedules[0].schedule.cron if d.schedules else "-"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atelier.kernel.errors import ConfigError
 from atelier.kernel.storage import check_slug
@@ -68,6 +68,13 @@ class BatchGenerate(_Subject):
 
 class BatchOcr(_Entry):
     name: str
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        check_slug(value, "name")
+        return value
+
     input: str
     out: str
     model: str = "ocr@champion"
@@ -91,14 +98,28 @@ class Schedules(BaseModel):
     ocr_recalibrate: _Entry | None = None
     audit: Audit | None = None
 
+    @model_validator(mode="after")
+    def _unique(self) -> Schedules:
+        """Two entries that would make the same deployment: the later would silently replace the earlier."""
+        names = [f"batch-{b.customer}-{b.subject}" for b in self.batch_generate] + [f"ocr-{o.name}" for o in self.batch_ocr]
+        names += [f"retrain-{r.customer}-{r.subject}" for r in self.retrain]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"more than one entry makes the deployment {', '.join(twice)}: give each its own customer/subject or name")
+        return self
+
 
 def load_schedules(path: Path) -> Schedules:
     if not path.is_file():
         raise ConfigError(str(path), "no schedule file", "write one (see `atelier deploy --help` and the README's Schedules section)")
     try:
-        return Schedules.model_validate(yaml.safe_load(path.read_text()) or {})
+        return Schedules.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), f"is not YAML ({exc})", "fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(str(path), "is nested too deeply to be a schedule file", "write the entries as the README shows") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -202,3 +202,28 @@ def test_a_killed_writers_temporary_folder_is_swept_by_the_next_writer(tmp_path)
     with atomic_dir(tmp_path / "priors") as tmp:
         (tmp / "done").write_text("1")
     assert not stale.exists() and alive.exists() and (tmp_path / "priors" / "done").is_file()
+
+
+def test_deploy_refuses_what_a_schedule_could_never_run_before_writing_anything(workspace, photos, tmp_path):
+    """A subject that is not in the workspace, a missing config, two entries making one deployment, a
+    name with a path in it, Latin-1 bytes, deep nesting: exit 2 naming the entry, before Prefect is asked."""
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+    from atelier.kernel.workspace import add_subject
+
+    add_subject(workspace, "deployco", "robot", "toy", photos)
+    cases = {
+        "retrain:\n  - {customer: deployco, subject: nosuch, cron: '0 3 * * *'}\n": "subject deployco/nosuch",
+        "retrain:\n  - {customer: deployco, subject: robot, cron: '0 3 * * *', config: /nope.yaml}\n": "/nope.yaml: does not exist",
+        "audit: {cron: '0 * * * *'}\nbatch_ocr:\n  - {name: scans, input: in, out: o, cron: '0 1 * * *'}\n"
+        "  - {name: scans, input: in2, out: o2, cron: '0 2 * * *'}\n": "more than one entry makes the deployment ocr-scans",
+        "batch_ocr:\n  - {name: ../x, input: in, out: o, cron: '0 1 * * *'}\n": "name '../x': is not a valid id",
+        "audit: {cron: '0 * * * *'}\n# caf\xe9\n": "is not UTF-8",
+        "a: " + "[" * 3000 + "]" * 3000 + "\n": "schedules",
+    }
+    for text, said in cases.items():
+        path = tmp_path / "schedules.yaml"
+        path.write_bytes(text.encode("latin-1"))
+        done = CliRunner().invoke(app, ["deploy", "--file", str(path)])
+        assert done.exit_code == 2 and said in done.output and "Traceback" not in done.output, (text[:80], done.output)
