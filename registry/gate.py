@@ -25,6 +25,7 @@ class Check:
     value: float | bool
     threshold: float | bool
     detail: str
+    enforced: bool = True  # False: recorded on the card and in the ledger, never refusing (an uncalibrated judge)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def evaluate_judge(summary: dict, rules: JudgeGateRules) -> list[Check]:
                 value,
                 limit,
                 f"{what}: {value:.2f} ({'at most' if lower_is_better else 'at least'} {limit:.2f}){note}",
+                enforce,
             )
         )
     return checks

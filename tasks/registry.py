@@ -90,7 +90,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
     )
     record_gate_on_card(client_for(s), registered["name"], registered["version"], {"passed": result.passed, "reasons": result.reasons})
     checks = json.loads(result.row.gate)["checks"]
-    lines = [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in checks]
+    lines = [f"| {c['name']} | {_verdict(c)} | {c['detail']} |" for c in checks]
     create_markdown_artifact(
         "\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
         description=f"promotion gate for {registered['name']} v{registered['version']}",
@@ -106,6 +106,13 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
             result.champion or "(none)",
         )
     return {"passed": result.passed, "reasons": result.reasons, "champion": result.champion, "ledger_seq": result.row.seq}
+
+
+def _verdict(check: dict) -> str:
+    """pass / FAIL, or "recorded, not enforced" for a check the gate does not enforce (an uncalibrated judge)."""
+    if not check.get("enforced", True):
+        return "recorded, not enforced"
+    return "pass" if check["passed"] else "FAIL"
 
 
 @task(

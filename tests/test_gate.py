@@ -76,3 +76,21 @@ def test_the_challenger_is_compared_with_the_champion_on_what_both_were_measured
     uncalibrated = evaluate_challenger({"final_loss": 0.7, "judge": {"prompt_score": 0.1}}, champion, "1", rules)
     assert [c.name for c in uncalibrated] == ["gate.challenger.final_loss"]  # an uncalibrated judge is not compared
     assert evaluate_challenger({"final_loss": 9.0}, champion, "1", ChallengerRules(enabled=False)) == []
+
+
+def test_an_uncalibrated_judge_is_recorded_not_enforced_and_its_failure_rate_is_a_rate():
+    """The gate table said `judge_failures | pass | judgments failed: 1.11 (at most 0.20)`: a rate over 100%
+    (caption failures counted against scored questions only) and "pass" for a value five times its limit."""
+    from atelier.kernel.settings import JudgeGateRules
+    from atelier.models.vlm.scoring import summarise
+    from atelier.registry.gate import evaluate_judge
+    from atelier.tasks.registry import _verdict
+
+    rows = [{"prompt_score": 0.4, "caption": None}, {"prompt_score": None, "caption": None}, {"prior_leak": 0.1}]
+    summary = summarise(rows, failures=3, calibrated=False)  # one score and both captions failed
+    assert summary["failure_rate"] == 3 / 5
+    checks = {c.name: c for c in evaluate_judge(summary, JudgeGateRules())}
+    assert checks["judge_failures"].passed and not checks["judge_failures"].enforced
+    assert _verdict(checks["judge_failures"].__dict__) == "recorded, not enforced"
+    calibrated = {c.name: c for c in evaluate_judge({**summary, "calibrated": True}, JudgeGateRules())}
+    assert _verdict(calibrated["judge_failures"].__dict__) == "FAIL" and calibrated["judge_failures"].enforced

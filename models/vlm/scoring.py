@@ -210,7 +210,8 @@ def summarise(rows: list[dict], failures: int, calibrated: bool) -> dict:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    asked = sum(1 for r in rows for k in ("prompt_score", "fidelity", "prior_leak") if k in r)
+    # every question asked, captions included (a failed caption counts as a failure: the rate is of all of them)
+    asked = sum(1 for r in rows for k in ("prompt_score", "fidelity", "prior_leak", "caption") if k in r)
     return {
         "prompt_score": mean("prompt_score"),
         "fidelity": mean("fidelity"),
