@@ -129,6 +129,12 @@ def expand_photos(paths: list) -> list:
             if not inside:
                 raise NotFound(f"folder {path}", "holds no files", "put the subject's photos in it, or name the photo files")
             out.extend(inside)
+        elif path.exists() and not path.is_file():  # a pipe or a device would be read forever
+            from atelier.kernel.errors import InvalidIdentifier
+
+            raise InvalidIdentifier(
+                f"photo {path}", "is not a regular file (a pipe, a device or a socket)", "give image files, or a folder of them"
+            )
         else:
             out.append(path)
     return out

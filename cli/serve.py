@@ -37,6 +37,8 @@ def _check_local(path: str, what: str, fix: str) -> None:
 
     if not path.startswith("s3://") and not Path(path).exists():
         raise NotFound(f"{what} {path}", "does not exist", fix)
+    if what == "manifest" and not path.startswith("s3://") and not Path(path).is_file():  # a folder, a pipe, a device
+        raise NotFound(f"{what} {path}", "is not a regular file", fix)
 
 
 def _check_model(settings, ref: str, customer: str | None = None) -> None:

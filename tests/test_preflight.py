@@ -227,3 +227,16 @@ def test_deploy_refuses_what_a_schedule_could_never_run_before_writing_anything(
         path.write_bytes(text.encode("latin-1"))
         done = CliRunner().invoke(app, ["deploy", "--file", str(path)])
         assert done.exit_code == 2 and said in done.output and "Traceback" not in done.output, (text[:80], done.output)
+
+
+def test_a_pipe_or_a_device_given_as_a_photo_or_a_manifest_is_refused_at_once(workspace, photos, tmp_path):
+    """They were read forever (a FIFO nobody writes, /dev/zero): exit 2 naming the path, within seconds."""
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    for odd in (fifo, Path("/dev/zero")):
+        done = _cli("subject", "add", "acme", "odd", str(odd), *map(str, photos[1:]), "--class", "toy")
+        assert done.returncode == 2 and f"photo {odd}: is not a regular file" in done.stderr, done.stderr[-2000:]
+        done = _cli("batch-generate", "acme", "odd", "--manifest", str(odd), "--out", str(tmp_path / "o"))
+        assert done.returncode == 2 and f"manifest {odd}: is not a regular file" in done.stderr, done.stderr[-2000:]
