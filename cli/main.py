@@ -67,13 +67,35 @@ def init() -> None:
 @friendly
 def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Print where everything lives: workspace, MLflow tracking URI and artifacts, Prefect, DVC remote."""
-    described = cli_settings().describe()
+    settings = cli_settings()
+    described = settings.describe()
+    described.update(_embedded_auth(settings))
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
     width = max(map(len, described))
     for key, value in described.items():
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _embedded_auth(settings) -> dict[str, str]:
+    """On the embedded default the workspace's own servers ask for credentials too (the background Prefect
+    server, the MLflow UI of `atelier ui`): say which and where, not "none"."""
+    import os
+
+    from atelier.cli.local_servers import local_dir
+    from atelier.cli.stack_config import MLFLOW_ADMIN
+
+    secrets = local_dir(settings) / "secrets.json"
+    found = {}
+    if not settings.tracking_username and not settings.resolved_tracking_uri.startswith("http"):
+        found["MLflow user"] = (
+            f"{MLFLOW_ADMIN} for the MLflow UI of `atelier ui` (basic auth; password: mlflow_admin_password in {secrets}); "
+            "commands read the workspace's store directly"
+        )
+    if not settings.prefect_api_url and os.environ.get("ATELIER_PREFECT_SERVER", "background") != "temporary":
+        found["Prefect API auth"] = f"the background server asks for an auth string: prefect_auth_string in {secrets}"
+    return found
 
 
 @subject_app.command("add")

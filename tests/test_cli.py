@@ -25,6 +25,8 @@ def test_info_prints_the_locations(workspace):
     assert result.exit_code == 0
     info = json.loads(result.output)
     assert info["MLflow tracking URI"].startswith("sqlite:///") and info["workspace"] == str(workspace.workspace)
+    # the auth in force, not "none": the MLflow UI of `atelier ui` asks for atelier-ops and the password's file
+    assert "atelier-ops" in info["MLflow user"] and "secrets.json" in info["MLflow user"] and "none" not in info["MLflow user"]
 
 
 def test_subject_add_refuses_a_corrupt_photo_and_stores_nothing(workspace, photos, tmp_path):
