@@ -129,10 +129,11 @@ def _report_audit(settled: list[str], problems, rows: int) -> None:
     for line in settled:
         typer.echo(f"reconciled: {line}")
     for p in problems:
-        typer.secho(f"{'DRIFT' if p.kind == 'alias_drift' else 'TAMPERED'}: {p.detail}", fg=typer.colors.RED, err=True)
+        label = {"alias_drift": "DRIFT", "damaged_champion": "DAMAGED"}.get(p.kind, "TAMPERED")
+        typer.secho(f"{label}: {p.detail}", fg=typer.colors.RED, err=True)
     if problems:
         raise typer.Exit(5)
-    typer.echo(f"ledger intact: {rows} rows, chain, anchor and aliases verified")
+    typer.echo(f"ledger intact: {rows} rows, chain, anchor, aliases and the champions' stored files verified")
 
 
 @friendly

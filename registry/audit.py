@@ -171,4 +171,21 @@ def verify_all(client: MlflowClient, ledger: Ledger) -> tuple[list[str], list[Pr
     """Reconcile, then check the chain, its anchor and every alias. Returns (settled, problems)."""
     settled = reconcile(client, ledger)
     anchor = AnchorStore(client).read()
-    return settled, ledger.verify(anchor.head, anchor.pending) + alias_drift(client, ledger)
+    return settled, ledger.verify(anchor.head, anchor.pending) + alias_drift(client, ledger) + damaged_champions(client, ledger)
+
+
+def damaged_champions(client: MlflowClient, ledger: Ledger) -> list[Problem]:
+    """Champions whose stored files no longer include every file of their signed manifest (or that a rerun
+    marked damaged): production would fail to load them, so `ledger verify` says so (exit 5)."""
+    from atelier.registry.model_files import ModelTampered, refuse_damaged
+
+    problems = []
+    for name in platform_models(client, ledger):
+        champion = _live_aliases(client, name).get(CHAMPION)
+        if champion is None:
+            continue
+        try:
+            refuse_damaged(client, ledger, client.get_model_version(name, champion))
+        except ModelTampered as exc:
+            problems.append(Problem(None, "damaged_champion", f"{name}@{CHAMPION}: {exc.problem}. Fix: {exc.fix}"))
+    return problems

@@ -105,7 +105,7 @@ CONFIRMS = ("promote", "rollback", "restore")
 @dataclass(frozen=True)
 class Problem:
     seq: int | None
-    kind: str  # edited | forged | unsigned | broken_link | sequence_gap | anchor_mismatch | unanchored | alias_drift
+    kind: str  # edited | forged | unsigned | broken_link | sequence_gap | anchor_mismatch | unanchored | alias_drift | damaged_champion
     detail: str
 
 

@@ -263,11 +263,14 @@ def test_a_damaged_version_never_becomes_champion(registry):
     )
     record_candidate(client, ledger, NAME, str(mv.version), actor="ops", manifest_sha256=manifest_hash(manifest))
     assert _promote(client, ledger, str(mv.version)).passed  # whole: it is promoted
+    assert _problems(client, ledger) == []
+    stored = next((tmp_path / "store").rglob("unet.bin"))
+    stored.unlink()  # someone deleted the weights of the champion, v2, from the artifact store
+    assert _problems(client, ledger) == ["damaged_champion"]  # `ledger verify` says so (exit 5)
     assert _promote(client, ledger, _version(client, ledger)).passed  # v3 replaces it
+    assert _problems(client, ledger) == []
     rows = len(ledger.rows())
 
-    stored = next((tmp_path / "store").rglob("unet.bin"))
-    stored.unlink()  # someone deleted the weights of v2 from the artifact store
     for attempt in (
         lambda: _promote(client, ledger, str(mv.version)),
         lambda: rollback(client, ledger, NAME, actor="ops", reason="test", rules=GateRules()),
