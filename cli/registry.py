@@ -229,7 +229,34 @@ def customer_add(
     typer.echo(f"credentials (0600, hand them over securely): {path}")
 
 
+@friendly
+def models_cmd(
+    customer: Optional[str] = typer.Option(None, "--customer", metavar="CUSTOMER", help="only this customer's models"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """List registered models and their versions: aliases, the gate's verdict, damaged ones."""
+    from atelier.kernel.storage import check_customer
+    from atelier.registry.catalog import catalog
+
+    if customer is not None:
+        check_customer(customer)
+    _, client, _ = _registry()
+    models = catalog(client, customer)
+    if as_json:
+        typer.echo(json.dumps(models, indent=1))
+        return
+    if not models:
+        typer.echo("no registered models" + (f" for customer {customer}" if customer else "") + " yet")
+        return
+    for m in models:
+        typer.echo(f"{m['name']}  ({m['kind'] or 'model'}{', customer ' + m['customer'] if m['customer'] else ''})")
+        for v in m["versions"]:
+            aliases = f"  @{' @'.join(v['aliases'])}" if v["aliases"] else ""
+            typer.echo(f"  v{v['version']:<4} {v['verdict']:<10}{aliases}")
+
+
 def install(app: typer.Typer) -> None:
+    app.command("models")(models_cmd)
     app.command("lineage")(lineage_cmd)
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)

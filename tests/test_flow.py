@@ -420,3 +420,22 @@ def workspace_ledger_rows(workspace):
     from atelier.registry.ledger import open_ledger
 
     return open_ledger(workspace).rows()
+
+
+def test_atelier_models_lists_versions_with_aliases_and_verdicts(first_run, workspace, client):
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["models", "--customer", "acme", "--json"]).output)
+    robot = next(m for m in listed if m["name"] == NAME)
+    assert robot["customer"] == "acme" and robot["kind"] == "dreambooth"
+    champion = client.get_model_version_by_alias(NAME, "champion").version
+    by_version = {v["version"]: v for v in robot["versions"]}
+    assert "champion" in by_version[str(champion)]["aliases"] and by_version[str(champion)]["verdict"] == "passed"
+    assert [int(v["version"]) for v in robot["versions"]] == sorted(map(int, by_version), reverse=True)
+    text = runner.invoke(app, ["models"]).output
+    assert f"{NAME}  (dreambooth, customer acme)" in text and "@champion" in text
+    assert runner.invoke(app, ["models", "--customer", "nobody"]).output.startswith("no registered models for customer nobody")
+    assert runner.invoke(app, ["models", "--customer", "../x"]).exit_code == 2
