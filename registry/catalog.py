@@ -16,6 +16,9 @@ def catalog(client: MlflowClient, customer: str | None = None) -> list[dict]:
     models = []
     for rm in sorted(client.search_registered_models(query, max_results=1000), key=lambda m: m.name):
         versions = sorted(client.search_model_versions(f"name = '{rm.name}'"), key=lambda v: -int(v.version))
+        by_version: dict[str, list[str]] = {}  # (a search leaves versions' aliases empty: the model has them)
+        for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
         models.append(
             {
                 "name": rm.name,
@@ -24,7 +27,7 @@ def catalog(client: MlflowClient, customer: str | None = None) -> list[dict]:
                 "versions": [
                     {
                         "version": str(v.version),
-                        "aliases": sorted(v.aliases or []),
+                        "aliases": sorted(by_version.get(str(v.version), [])),
                         "verdict": _verdict(v.tags),
                         "created": v.creation_timestamp,
                     }

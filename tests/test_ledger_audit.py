@@ -259,7 +259,10 @@ def test_a_damaged_version_never_becomes_champion(registry):
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     client.log_artifact(run, str(tmp_path / MANIFEST))
     mv = client.create_model_version(
-        NAME, f"runs:/{run}/model", run_id=run, tags={"atelier.eval.summary": json.dumps(GOOD), MANIFEST_TAG: manifest_hash(manifest)}
+        NAME,
+        f"{client.get_run(run).info.artifact_uri}/model",
+        run_id=run,
+        tags={"atelier.eval.summary": json.dumps(GOOD), MANIFEST_TAG: manifest_hash(manifest)},
     )
     record_candidate(client, ledger, NAME, str(mv.version), actor="ops", manifest_sha256=manifest_hash(manifest))
     assert _promote(client, ledger, str(mv.version)).passed  # whole: it is promoted
