@@ -31,13 +31,13 @@ def _report(result: dict) -> None:
         )
 
 
-def _check_local(path: str, what: str, fix: str) -> None:
+def _check_local(path: str, what: str, fix: str, regular_file: bool = False) -> None:
     """A local path a batch reads must exist before a flow run starts (an s3:// one is checked by the flow)."""
     from atelier.kernel.errors import NotFound
 
     if not path.startswith("s3://") and not Path(path).exists():
         raise NotFound(f"{what} {path}", "does not exist", fix)
-    if what == "manifest" and not path.startswith("s3://") and not Path(path).is_file():  # a folder, a pipe, a device
+    if regular_file and not path.startswith("s3://") and not Path(path).is_file():  # a folder, a pipe, a device
         raise NotFound(f"{what} {path}", "is not a regular file", fix)
 
 
@@ -73,7 +73,9 @@ def batch_generate_cmd(
     preflight(settings)
     check_customer(customer)
     check_slug(subject, "subject")
-    _check_local(manifest, "manifest", 'write a JSONL manifest (one {"id", "prompt", "seed"} per line) or give its s3:// key')
+    _check_local(
+        manifest, "manifest", 'write a JSONL manifest (one {"id", "prompt", "seed"} per line) or give its s3:// key', regular_file=True
+    )
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion", customer)
     prefect_ready(settings)
     from atelier.flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready

@@ -112,23 +112,24 @@ def verified_copy(client: MlflowClient, ledger, name: str, version: str) -> Iter
         )
     if not mv.run_id:
         raise ModelTampered(what, "has no MLflow run, so no manifest of its files", "register it again with Atelier")
+    manifest = vouched_manifest(client, mv, want, "check who can write the artifact store; do not load this version")
     with tempfile.TemporaryDirectory(prefix="atelier-model-") as tmp:
-        try:
-            text = Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text()
-            manifest = json.loads(text)
-        except (OSError, ValueError) as exc:
-            raise ModelTampered(
-                what, f"its file manifest is unreadable ({exc.__class__.__name__})", "check who can write the artifact store"
-            ) from None
-        if manifest_hash(manifest) != want:
-            raise ModelTampered(
-                f"{what} ({MANIFEST})",
-                "is not the manifest that was registered (its sha256 differs from the ledger's)",
-                "check who can write the artifact store; do not load this version",
-            )
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")))
         check_files(local, manifest, what)
         yield local
+
+
+def vouched_manifest(client: MlflowClient, mv, want: str, fix: str) -> dict[str, str]:
+    """The version's stored manifest, refused (exit 5) unless it is the one whose sha256 the ledger vouches for."""
+    what = f"model {mv.name}/{mv.version}"
+    with tempfile.TemporaryDirectory(prefix="atelier-manifest-") as tmp:
+        try:
+            manifest = json.loads(Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelTampered(what, f"its file manifest is unreadable ({exc.__class__.__name__})", fix) from None
+    if manifest_hash(manifest) != want:
+        raise ModelTampered(f"{what} ({MANIFEST})", "is not the manifest that was registered (its sha256 differs from the ledger's)", fix)
+    return manifest
 
 
 def stored_model_files(client: MlflowClient, mv) -> dict[str, int | None]:
@@ -165,13 +166,7 @@ def refuse_damaged(client: MlflowClient, ledger, mv) -> None:
     want = vouched_hash(ledger, mv.name, str(mv.version))
     if want is None or not mv.run_id:
         return
-    with tempfile.TemporaryDirectory(prefix="atelier-manifest-") as tmp:
-        try:
-            manifest = json.loads(Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelTampered(what, f"its file manifest is unreadable ({exc.__class__.__name__})", fix) from None
-    if manifest_hash(manifest) != want:
-        raise ModelTampered(f"{what} ({MANIFEST})", "is not the manifest that was registered (its sha256 differs from the ledger's)", fix)
+    manifest = vouched_manifest(client, mv, want, fix)
     stored = stored_model_files(client, mv)
     missing = sorted(p for p in manifest if p not in stored)
     if missing:
