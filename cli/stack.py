@@ -46,7 +46,8 @@ def down_cmd(
     ),
 ) -> None:
     """Stop what `atelier up` and `atelier ui` started (by process id), and the workspace's background
-    Prefect server. The databases and S3's data (.atelier/stack/s3/) stay; --drop-databases drops the databases."""
+    Prefect server. The databases and S3's data (in the servers' state folder: `atelier status` names it) stay;
+    --drop-databases drops the databases."""
     from atelier.cli import local_servers
     from atelier.cli import stack_processes as stack
 
@@ -73,8 +74,11 @@ def status_cmd() -> None:
     """What `atelier up` started and whether it still runs, with its log file."""
     from atelier.cli import stack_processes as stack
 
-    states = stack.status(cli_settings())
+    settings = cli_settings()
+    states = stack.status(settings)
     _print_status(states)
+    typer.echo(f"  servers' state in {stack.server_home(settings)}")
+    typer.echo(f"  s3 runs as {stack.s3_account(settings).describe()}; prefect and mlflow as {stack.python_account(settings).describe()}")
     if not all(s.running for s in states):
         raise typer.Exit(1)
 

@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from atelier.cli.stack_user import ServiceAccount, hand_over, python_paths, service_account
 from atelier.kernel.errors import ConfigError, ServiceUnavailable
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file
@@ -131,8 +133,23 @@ def inherited_environment() -> dict[str, str]:
 # S3: SeaweedFS ----------------------------------------------------------------------------------------
 
 
+def server_home(settings: Settings) -> Path:
+    """Where the servers keep their state: `.atelier/stack/`, or the service user's folder (cli/stack_user.py)."""
+    return service_account(settings).home
+
+
+def s3_account(settings: Settings) -> ServiceAccount:
+    """SeaweedFS runs as the service user whenever it can read its one binary."""
+    return service_account(settings, [Path(bin_path("weed"))])
+
+
+def python_account(settings: Settings) -> ServiceAccount:
+    """The Prefect and MLflow servers (and MLflow's bootstrap) need Python, the environment and this checkout."""
+    return service_account(settings, python_paths())
+
+
 def s3_dir(settings: Settings) -> Path:
-    return stack_dir(settings) / "s3"
+    return server_home(settings) / "s3"
 
 
 def s3_identities_file(settings: Settings) -> Path:
@@ -187,6 +204,7 @@ def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> 
 
     toml += security_sections(ensure_certificates(s3_dir(settings) / "tls", settings.stack.host))
     write_secret_file(s3_dir(settings) / "security.toml", toml)
+    hand_over(s3_dir(settings), s3_account(settings))  # SeaweedFS reads them (and reloads identities on SIGHUP)
 
 
 def s3_ready(settings: Settings) -> Callable[[], bool]:
@@ -242,28 +260,29 @@ def seaweed_argv(settings: Settings) -> list[str]:
         "-volume.max=0",
         "-master.volumeSizeLimitMB=1024",
         "-master.defaultReplication=000",
+        "-master.telemetry=false",  # a platform's storage does not report to anyone
     ]
 
 
 def prepare_s3(settings: Settings) -> None:
     for sub in ("data", "logs"):
         (s3_dir(settings) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-    _private_tree(s3_dir(settings))  # SeaweedFS gives some files 0644 itself (.vif): their folders are 0700
+    # SeaweedFS also listens on unix sockets named by port in the temp folder (0700, its user's); one a stopped
+    # server left would stop the next from listening, and from dialling it when it runs as another user.
+    # Its ports are free (start_service checked), so no live server owns them.
+    ports = [settings.stack.s3_port, *seaweed_ports(settings).values()]
+    for port in ports:
+        for stale in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            stale.unlink(missing_ok=True)
+    # SeaweedFS gives some files 0644 itself (.vif): hand_over makes them 0600 in 0700 folders, the service user's
     write_s3_config(settings)
-
-
-def _private_tree(folder: Path) -> None:
-    """Folders 0700 and files 0600 (volumes written by an earlier start with a wider umask, say)."""
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 # MLflow: basic auth, only the platform writes -------------------------------------------------------
 
 
 def mlflow_auth_ini(settings: Settings) -> Path:
-    return stack_dir(settings) / "mlflow-auth.ini"
+    return server_home(settings) / "mlflow-auth.ini"
 
 
 def mlflow_env(settings: Settings) -> dict[str, str]:
@@ -280,7 +299,7 @@ def mlflow_env(settings: Settings) -> dict[str, str]:
         # the worker's identity (registry/auth_app.py): its name for the server, its password for the bootstrap only
         "ATELIER_AUTH_WORKER_USER": MLFLOW_WORKER,
         # failed logins counted across the server's worker processes (registry/auth_policy.py)
-        "ATELIER_AUTH_THROTTLE_DB": str(stack_dir(settings) / "mlflow-login-failures.db"),
+        "ATELIER_AUTH_THROTTLE_DB": str(server_home(settings) / "mlflow-login-failures.db"),
         "MLFLOW_S3_ENDPOINT_URL": client["ATELIER_S3_ENDPOINT_URL"],
         **{k: client[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
     }
@@ -301,12 +320,23 @@ def prepare_mlflow(settings: Settings) -> None:
             "grant_default_workspace_access = false\n"
         ),
     )
+    account = python_account(settings)
+    hand_over(mlflow_auth_ini(settings), account)
     env = {
         **inherited_environment(),
+        **account.environment(),
         **mlflow_env(settings),
         "ATELIER_AUTH_WORKER_PASSWORD": stack_secrets(settings)["mlflow_worker_password"],
     }
-    done = subprocess.run([sys.executable, "-m", "atelier.registry.auth_app"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier.registry.auth_app"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=server_home(settings),
+        **account.popen_args(),
+    )
     if done.returncode != 0:
         raise ServiceUnavailable(
             "MLflow's auth database",

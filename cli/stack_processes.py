@@ -1,7 +1,7 @@
 """`atelier up` / `atelier down`: the production topology on one machine, for development without Docker.
 
     PostgreSQL (already running)   databases <prefix>_prefect, _mlflow, _mlflow_auth, _ledger, created if missing
-    SeaweedFS (`weed server -s3`)  S3 with data on disk (.atelier/stack/s3/), one bucket: mlflow/ (artifacts),
+    SeaweedFS (`weed server -s3`)  S3 with data on disk (<servers' state>/s3/), one bucket: mlflow/ (artifacts),
                                    dvc/ (DVC remote), prefect-results/; signed requests only
     Prefect server                 on <prefix>_prefect, API behind basic auth (PREFECT_SERVER_API_AUTH_STRING)
     MLflow tracking server         on <prefix>_mlflow, app `atelier-auth` (basic auth; only the platform writes),
@@ -14,6 +14,10 @@ Every server requires credentials. They are generated on the first `up` and kept
 Prefect's auth string. Server configurations that hold them are 0600 files too; none is in a
 process's arguments. Customers get MLflow users (READ on their own models) and S3 keys that read only
 their own artifact prefix (`atelier customer add`).
+
+Run as root, `up` starts the servers as a system user of their own (`atelier`, created if missing), with
+their state under /var/lib/atelier/stacks/ (cli/stack_user.py); run by anyone else, as that user, with their
+state under `.atelier/stack/`. The worker is always the operator's (its flow runs write the workspace).
 
 Each process runs in its own session, its pid and start time recorded under `.atelier/stack/`;
 `down` stops exactly those (a recycled pid is never signalled). `up` is safe to run again: it starts
@@ -48,18 +52,22 @@ from atelier.cli.stack_config import (
     mlflow_env,
     prepare_mlflow,
     prepare_s3,
+    python_account,
     reader_identity,
+    s3_account,
     s3_dir,
     s3_identities_file,
     s3_ready,
     seaweed_argv,
     seaweed_ports,
     secrets_file,
+    server_home,
     stack_dir,
     stack_secrets,
     write_s3_config,
 )
 from atelier.cli.stack_databases import drop_databases, ensure_databases
+from atelier.cli.stack_user import ServiceAccount, prepare_home, service_account
 from atelier.kernel.errors import ConfigError, ServiceUnavailable
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file, write_text_atomic
@@ -74,6 +82,9 @@ __all__ = [
     "secrets_file",
     "stack_dir",
     "stack_secrets",
+    "server_home",
+    "s3_account",
+    "python_account",
     "add_s3_reader",
     "grant_s3_reader",
     "up",
@@ -107,6 +118,7 @@ class Service:
     cwd: Path | None = None
     internal_ports: tuple[int, ...] = ()  # its own, not served to clients (SeaweedFS's master, volume, filer)
     before: Callable[[], None] | None = None  # run once before each start (a bootstrap step)
+    account: ServiceAccount | None = None  # who it runs as (cli/stack_user.py); None: whoever starts it
 
 
 @dataclass(frozen=True)
@@ -145,8 +157,9 @@ def services(settings: Settings) -> list[Service]:
     s = settings.stack
     client = client_environment(settings)
     home = stack_dir(settings)
+    account, s3_user = python_account(settings), s3_account(settings)
     prefect_env = {
-        "PREFECT_HOME": str(home / "prefect-server"),
+        "PREFECT_HOME": str(account.home / "prefect-server"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings, "prefect", "postgresql+asyncpg"),
         "PREFECT_SERVER_API_AUTH_STRING": client["ATELIER_PREFECT_API_AUTH_STRING"],
@@ -177,6 +190,7 @@ def services(settings: Settings) -> list[Service]:
             cwd=s3_dir(settings),
             internal_ports=tuple(seaweed_ports(settings).values()),
             before=lambda: prepare_s3(settings),
+            account=s3_user,
         ),
         Service(
             "prefect",
@@ -185,6 +199,8 @@ def services(settings: Settings) -> list[Service]:
             f"{client['ATELIER_PREFECT_API_URL']}/health",
             s.prefect_port,
             prefect_env,
+            cwd=account.home,
+            account=account,
         ),
         Service(
             "mlflow",
@@ -207,7 +223,9 @@ def services(settings: Settings) -> list[Service]:
             f"{client['ATELIER_TRACKING_URI']}/health",
             s.mlflow_port,
             mlflow_env(settings),
+            cwd=account.home,
             before=lambda: prepare_mlflow(settings),
+            account=account,
         ),
         Service(
             "worker",
@@ -314,7 +332,8 @@ def start_service(settings: Settings, svc: Service, home: Path | None = None) ->
         )
     if svc.before is not None:
         svc.before()
-    env = {**inherited_environment(), **svc.env}  # never the caller's whole environment: its secrets are not the server's
+    account = svc.account.environment() if svc.account else {}
+    env = {**inherited_environment(), **account, **svc.env}  # never the caller's whole environment: its secrets are not the server's
     with open(log, "ab") as out:
         # umask 077: every file a server writes (SeaweedFS's volumes, Prefect's and MLflow's state, logs) is its own user's alone
         proc = subprocess.Popen(
@@ -326,6 +345,7 @@ def start_service(settings: Settings, svc: Service, home: Path | None = None) ->
             stderr=subprocess.STDOUT,
             start_new_session=True,
             umask=0o077,
+            **(svc.account.popen_args() if svc.account else {}),
         )
     record = {
         "pid": proc.pid,
@@ -363,6 +383,10 @@ def start_service(settings: Settings, svc: Service, home: Path | None = None) ->
 def up(settings: Settings, only: tuple[str, ...] = ORDER, on_progress: Callable[[str], None] = lambda _m: None) -> list[ServiceState]:
     """Start the named services that are not running (in dependency order); returns their states."""
     stack_dir(settings).mkdir(parents=True, exist_ok=True)
+    if any(name in only for name in SERVERS):
+        home = prepare_home(settings, service_account(settings, create=True))
+        on_progress(f"servers' state in {home}; s3 runs as {s3_account(settings).describe()}")
+        on_progress(f"prefect and mlflow run as {python_account(settings).describe()}")
     if any(name in only for name in ("prefect", "mlflow")):
         created = ensure_databases(settings)
         if created:

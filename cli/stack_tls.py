@@ -4,7 +4,7 @@ SeaweedFS's master, volume and filer servers talk to each other (and the S3 gate
 HTTP and gRPC ports that, left alone, take any local client: the master hands out write tokens, `weed
 shell` lists and copies every tenant's files. With this CA every one of those ports is mutual TLS: a
 client must present a certificate the CA signed, and only the stack's SeaweedFS process holds one
-(0600 files under .atelier/stack/s3/tls/). The S3 gateway's port stays plain HTTP with signed requests:
+(0600 files under the servers' state folder, s3/tls/). The S3 gateway's port stays plain HTTP with signed requests:
 it is the only door, and it checks each caller's keys.
 """
 

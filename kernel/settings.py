@@ -83,8 +83,8 @@ class JudgeSettings(BaseModel):
 class StackSettings(BaseModel):
     """What `atelier up` starts on this machine: the production topology for development, without Docker.
     Databases `<database_prefix>_prefect`, `_mlflow`, `_mlflow_auth` and `_ledger` are created on the
-    PostgreSQL server when missing; S3 is SeaweedFS (`weed server -s3`, data on disk under
-    `.atelier/stack/s3/`) at `s3_port`, its internal master, volume and filer servers on the 7 ports from
+    PostgreSQL server when missing; S3 is SeaweedFS (`weed server -s3`, data on disk under the servers' state
+    folder: `.atelier/stack/s3/`, or /var/lib/atelier/stacks/*/s3/ when run as root) at `s3_port`, its internal master, volume and filer servers on the 7 ports from
     `s3_internal_port` on; everything lands in one bucket under mlflow/, dvc/ and prefect-results/."""
 
     model_config = ConfigDict(extra="forbid")
@@ -104,6 +104,12 @@ class StackSettings(BaseModel):
     work_pool: str = "atelier"
     worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
     start_timeout: float = Field(180.0, gt=0, description="seconds each server may take to answer (first starts migrate the databases)")
+    service_user: str = Field(
+        "atelier",
+        pattern=r"^([a-z_][a-z0-9_-]{0,31})?$",
+        description="the system user the servers run as when `atelier up` runs as root (created if missing; "
+        "state then under /var/lib/atelier/stacks/); '' runs them as root",
+    )
 
 
 class ChallengerRules(BaseModel):

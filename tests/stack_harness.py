@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +70,8 @@ class Stack:
             }
         )
         self.env = base
+        self.up_output = ""
+        self.server_home = root
 
     def run(self, *args: str, check: bool = True, extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
         done = subprocess.run(
@@ -134,6 +138,8 @@ def stack(tmp_path_factory):
         up = s.run(ATELIER, "up")
         print(f"atelier up: {time.perf_counter() - t0:.1f} s\n{up.stdout}")
         assert "worker   running" in up.stdout
+        s.up_output = up.stdout
+        s.server_home = Path(re.search(r"servers' state in (\S+);", up.stdout).group(1))
         assert not any(
             secret in up.stdout + up.stderr for secret in json.loads((s.ws / ".atelier/stack/secrets.json").read_text()).values()
         )
@@ -147,3 +153,5 @@ def stack(tmp_path_factory):
         yield s
     finally:
         s.run(ATELIER, "down", "--drop-databases", check=False)
+        if str(getattr(s, "server_home", "")).startswith("/var/lib/atelier/stacks/"):
+            shutil.rmtree(s.server_home, ignore_errors=True)  # the service user's copy of this test's data

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -251,21 +255,62 @@ def _seaweed_internal_ports_refused(stack, acme_key: str) -> dict[str, bool]:
     return refused
 
 
-def test_seaweedfs_files_and_the_stack_folder_are_private(stack, tenants):
-    """Another local user reads no volume file, key or certificate: every folder of the stack is 0700 (so
-    nothing in it can be reached, whatever mode SeaweedFS gives a file), the data, keys and secrets 0600."""
-    home = stack.ws / ".atelier" / "stack"
-    folders = [p for p in [home, *home.rglob("*")] if p.is_dir() and not p.is_symlink()]
+def _as_another_user(attempt) -> bool:
+    """Run `attempt()` in a child process as `nobody` (a local user without the stack's files); True when
+    it raised PermissionError, as it must."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            attempt()
+            code = 1  # it got through
+        except PermissionError:
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def test_servers_run_as_their_own_user_and_their_files_are_private(stack, tenants):
+    """Another local user reads no volume file, key or certificate and reaches no SeaweedFS socket: every
+    folder of the stack is 0700, the data, keys and secrets 0600. Run as root, `atelier up` starts SeaweedFS
+    as the service user (its data owned by it, not root), and the Python servers too where that user can
+    read the installation (else `up` said why)."""
+    import psutil
+
+    ops, data = stack.ws / ".atelier" / "stack", stack.server_home
+    folders = [p for root in (ops, data) for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()]
     assert [str(p) for p in folders if p.stat().st_mode & 0o077] == []
     private = [
-        *home.glob("s3/data/*.dat"),
-        *home.glob("s3/data/*.idx"),
-        *home.glob("s3/tls/*"),
-        home / "secrets.json",
-        home / "s3" / "security.toml",
-        home / "s3" / "identities.json",
+        *data.glob("s3/data/*.dat"),
+        *data.glob("s3/data/*.idx"),
+        *data.glob("s3/tls/*"),
+        ops / "secrets.json",
+        data / "s3" / "security.toml",
+        data / "s3" / "identities.json",
     ]
     assert len(private) > 6 and [str(p) for p in private if p.stat().st_mode & 0o077] == []
+    if os.geteuid() != 0:
+        return
+    service = pwd.getpwnam("atelier")
+    uid_of = {
+        name: psutil.Process(json.loads((ops / f"{name}.json").read_text())["pid"]).uids().real for name in ("s3", "prefect", "mlflow")
+    }
+    assert uid_of["s3"] == service.pw_uid and str(data).startswith("/var/lib/atelier/stacks/")
+    assert [str(p) for p in [data / "s3", *(data / "s3").rglob("*")] if p.stat().st_uid != service.pw_uid] == []
+    for name in ("prefect", "mlflow"):
+        assert uid_of[name] == service.pw_uid or "prefect and mlflow run as root (user atelier cannot read" in stack.up_output
+    volume = next(data.glob("s3/data/*.dat"))
+    assert _as_another_user(lambda: volume.open("rb").read(1))
+    base = int(stack.env["ATELIER_STACK__S3_INTERNAL_PORT"])
+    ports = [stack.env["ATELIER_STACK__S3_PORT"], *map(str, range(base, base + 7))]
+    sockets = [p for port in ports for p in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock")]
+    assert len(sockets) >= 4 and all(p.owner() == "atelier" for p in sockets)
+    for path in sockets:
+        assert _as_another_user(lambda path=path: socket.socket(socket.AF_UNIX).connect(str(path))), path
 
 
 def _ensure_deployment(stack) -> str:
