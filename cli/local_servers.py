@@ -28,7 +28,7 @@ from atelier.cli.stack_config import MLFLOW_ADMIN, bin_path, inherited_environme
 from atelier.cli.stack_processes import Service, is_alive, is_healthy, read_record, start_service, stop
 from atelier.kernel.errors import ServiceUnavailable
 from atelier.kernel.settings import Settings
-from atelier.kernel.storage import write_secret_file
+from atelier.kernel.storage import file_lock, write_secret_file
 
 NAMES = ("prefect", "mlflow")
 
@@ -45,14 +45,18 @@ def local_secrets(settings: Settings) -> dict[str, str]:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         pass
-    values = {
-        "prefect_auth_string": f"atelier:{rng.token_urlsafe(24)}",
-        "mlflow_admin_password": rng.token_urlsafe(24),
-        "mlflow_flask_secret": rng.token_urlsafe(32),
-    }
-    local_dir(settings).mkdir(parents=True, exist_ok=True)
-    write_secret_file(path, json.dumps(values, indent=1))
-    return values
+    with file_lock(local_dir(settings) / "secrets.lock"):  # made once, even by two commands at once
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        values = {
+            "prefect_auth_string": f"atelier:{rng.token_urlsafe(24)}",
+            "mlflow_admin_password": rng.token_urlsafe(24),
+            "mlflow_flask_secret": rng.token_urlsafe(32),
+        }
+        write_secret_file(path, json.dumps(values, indent=1))
+        return values
 
 
 def _free_port() -> int:
@@ -149,10 +153,16 @@ def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:
         return record
     home = local_dir(settings)
     home.mkdir(parents=True, exist_ok=True)
-    stop(settings, name, home=home)  # a recorded one that no longer answers
-    svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, _free_port())
-    on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
-    return start_service(settings, svc, home)
+    # two commands at once on a cold workspace: one starts the server, the other waits for it and uses it
+    # (two servers would migrate one database at once, and the second would be left unrecorded)
+    with file_lock(home / f"{name}.lock", lambda: on_progress(f"waiting for another command to start the workspace's {name} server...")):
+        record = _running(settings, name)
+        if record is not None:
+            return record
+        stop(settings, name, home=home)  # a recorded one that no longer answers
+        svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, _free_port())
+        on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
+        return start_service(settings, svc, home)
 
 
 def use_background_prefect(settings: Settings, on_progress=lambda _m: None) -> str | None:
