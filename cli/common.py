@@ -12,7 +12,10 @@ from atelier.kernel.settings import Settings, load_settings
 
 
 def cli_settings() -> Settings:
+    from atelier.kernel.stores import check_local_stores
+
     settings = load_settings()
+    check_local_stores(settings)  # an empty or foreign database is exit 6 naming it, never silently recreated
     settings.apply_environment()
     return settings
 

@@ -131,6 +131,9 @@ def disk_error(exc: BaseException, settings: Settings) -> DiskError | None:
     return None
 
 
+_SQLITE_DAMAGE = ("file is not a database", "database disk image is malformed")
+
+
 def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
     """The outage (a server, or the disk) behind `exc`, or None when it is not one."""
     for err in causes(exc):
@@ -144,6 +147,14 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
     for err in causes(exc):
         name, text = type(err).__name__, str(err)
         module = type(err).__module__ or ""
+        if any(marker in text for marker in _SQLITE_DAMAGE):  # a store damaged while the command ran
+            from atelier.kernel.stores import StoreDamaged, check_local_stores
+
+            try:
+                check_local_stores(settings)
+            except StoreDamaged as damaged:
+                return damaged
+            return StoreDamaged("a SQLite database of the workspace", text, "restore the workspace's .atelier folder from a backup")
         if name in _S3_CLASSES or any(marker in text for marker in _S3_TEXT):
             endpoint = settings.s3_endpoint_url or "AWS"
             return _say(

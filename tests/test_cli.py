@@ -131,3 +131,32 @@ def test_version_and_photo_folder(workspace, photos):
     assert out.startswith("atelier ") and code_version().git_sha[:12] in out
     result = runner.invoke(app, ["subject", "add", "acme", "cli-folder", "--class", "toy", str(photos[0].parent)])
     assert result.exit_code == 0 and f"added {len(list(photos[0].parent.iterdir()))} photos" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("store", "content", "problem"),
+    [
+        ("mlflow.db", b"", "MLflow's registry database is empty (0 bytes)"),
+        ("ledger.db", b"\x00" * 4096, "the promotion ledger is not a SQLite database"),
+        ("prefect/prefect.db", None, "Prefect's run history is another program's database"),
+        ("mlflow.db", b"SQLite format 3\x00" + b"\xff" * 4000, "MLflow's registry database cannot be read"),
+    ],
+)
+def test_an_empty_or_foreign_database_is_exit_6_naming_it_and_never_recreated(tmp_path, monkeypatch, store, content, problem):
+    import sqlite3
+
+    path = tmp_path / "ws" / ".atelier" / store
+    path.parent.mkdir(parents=True)
+    if content is None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (x)")
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path / "ws"))
+    for command in (["ledger", "verify"], ["models"], ["runs"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 6, (command, result.output)
+        assert f"error: {path}: {problem}" in result.output and "restore it from a backup" in result.output
+        assert "Traceback" not in result.output
+    assert path.read_bytes() == before  # left as it was, for whoever restores it
