@@ -94,8 +94,12 @@ def friendly(fn: Callable) -> Callable:
         except AtelierError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C: the shell's convention (128 + SIGINT), no traceback; what was stored is kept as a kill would leave it
+            typer.secho("interrupted: stopped; a rerun picks up where this left off", fg=typer.colors.RED, err=True)
+            raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 (classified; re-raised under ATELIER_DEBUG)
             outage = _outage(exc)
             if outage is not None:

@@ -76,3 +76,33 @@ def test_settings_the_sampler_cannot_run_are_refused_before_anything_is_made(tin
         app, ["priors", "--class-prompt", "a photo of toy", "--out", str(tmp_path / "o"), "--count", "0", "--steps", "0"]
     )
     assert done.exit_code == 2 and "count 0" in done.output and "steps 0" in done.output and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_ends_the_command_within_seconds_with_exit_130_and_no_partial_output(workspace, tiny_model, tmp_path):
+    """SIGINT while class priors are being made: exit 130 (the shell's convention), one line, no traceback,
+    and the output folder, which is replaced atomically, is not left half-written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "priors"
+    env = {**os.environ, "ATELIER_WORKSPACE": str(workspace.workspace), "ATELIER_PREFECT_SERVER": "temporary"}
+    args = ["priors", "--class-prompt", "a photo of toy", "--out", str(out), "--count", "400", "--resolution", "64"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atelier.cli", *args, "--steps", "8", "--base-model", str(tiny_model)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(12)  # past start-up, into the sampling
+    assert proc.poll() is None, proc.communicate()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.monotonic() - sent < 10
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
