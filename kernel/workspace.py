@@ -11,6 +11,7 @@ workspace/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from atelier.kernel.settings import Settings
 from atelier.kernel.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
 
 MARKER = Path(".atelier") / "workspace.json"
+JOURNAL = Path(".atelier") / "changing.json"  # the change in progress (subject add), for _recover
 TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
 
 
@@ -168,6 +170,7 @@ def changing_workspace(settings: Settings, on_wait: Callable[[], None] | None = 
 
     ws = require_workspace(settings)
     with file_lock(ws / ".atelier" / "workspace.lock", on_wait):
+        _recover(ws)
         write_launcher(ws)
         try:
             yield ws
@@ -177,6 +180,61 @@ def changing_workspace(settings: Settings, on_wait: Callable[[], None] | None = 
                 f"DVC is locked by another command ({exc})",
                 "wait for the other `dvc` or `atelier` command to finish, then run this one again",
             ) from None
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _recover(ws: Path) -> None:
+    """Finish what a killed command left (under the workspace lock): a subject add that did not reach its
+    commit is undone, so its files are neither listed as a subject nor committed by the next command."""
+    try:
+        change = json.loads((ws / JOURNAL).read_text())
+    except FileNotFoundError:
+        return
+    except json.JSONDecodeError:
+        change = None  # cut off while it was written: the change had not started
+    if change is not None and git(ws, "rev-parse", "HEAD") == change["head"]:
+        _undo_subject_change(ws, change["rel"], change["tracked"])
+        _note(f"undid {change['what']}, which was interrupted before its commit (nothing of it was kept)")
+    (ws / JOURNAL).unlink(missing_ok=True)
+
+
+def _settle(settings: Settings) -> None:
+    """Readers of the subject list first let a killed change be undone (waiting for a live one to finish)."""
+    ws = settings.workspace
+    if (ws / JOURNAL).exists():
+        with file_lock(ws / ".atelier" / "workspace.lock"):
+            _recover(ws)
+
+
+def _in_head(ws: Path, path: str) -> bool:
+    try:
+        git(ws, "cat-file", "-e", f"HEAD:{path}")
+        return True
+    except WorkspaceError:
+        return False
+
+
+def _undo_subject_change(ws: Path, rel: str, tracked: bool) -> None:
+    """The subject's files and the pipeline files as HEAD has them, in the index and on disk: nothing of the
+    change stays staged for the next commit."""
+    from dvc.repo import Repo
+
+    own = [f"{rel}.dvc", f"{rel}.yaml", (Path(rel).parent / ".gitignore").as_posix()]
+    committed = [p for p in [*own, SUBJECTS_FILE, PARAMS_FILE, "dvc.yaml"] if _in_head(ws, p)]
+    if committed:
+        git(ws, "checkout", "HEAD", "--", *committed)
+    for path in own:
+        if path not in committed:  # new with this change: not staged, not on disk
+            git(ws, "rm", "-q", "--cached", "--ignore-unmatch", "--", path)
+            (ws / path).unlink(missing_ok=True)
+    if tracked:  # the committed photos, from DVC's cache
+        with contextlib.chdir(ws), Repo(str(ws)) as repo:
+            repo.checkout(rel, force=True)
+    else:
+        shutil.rmtree(ws / rel, ignore_errors=True)
 
 
 def add_subject(
@@ -214,6 +272,9 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise WorkspaceError(", ".join(dupes), "more than one photo has this file name", "rename the photos so each name is unique")
+    # a journal first: a kill -9 from here to the commit is undone by the next command (_recover)
+    what = f"subject add {customer}/{subject}"
+    write_json_atomic(ws / JOURNAL, {"what": what, "rel": rel, "tracked": tracked, "head": git(ws, "rev-parse", "HEAD")})
     try:
         with atomic_dir(dest, replace=True) as tmp:
             for photo in photos:
@@ -222,22 +283,15 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
             repo.add(rel)
             _push(settings, repo)
-        listed = list_subject(ws, customer, subject, class_noun)
-        git(ws, "add", f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *listed)
-        git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}")
+        paths = [f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *list_subject(ws, customer, subject, class_noun)]
+        git(ws, "add", *paths)
+        # only these paths: whatever else someone staged is not swept into the subject's commit
+        git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}", "--", *paths)
     except BaseException:
-        for name in (SUBJECTS_FILE, PARAMS_FILE):
-            if (ws / name).is_file() and git(ws, "ls-files", name):
-                git(ws, "checkout", "--", name)
-        if tracked:  # put the committed state back: photos from DVC's cache, metadata from git
-            git(ws, "checkout", "--", f"{rel}.dvc", f"{rel}.yaml")
-            with contextlib.chdir(ws), Repo(str(ws)) as repo:
-                repo.checkout(rel, force=True)
-        else:  # nothing was stored before: leave nothing behind
-            shutil.rmtree(dest, ignore_errors=True)
-            for suffix in (".yaml", ".dvc"):
-                dest.with_suffix(suffix).unlink(missing_ok=True)
+        _undo_subject_change(ws, rel, tracked)
+        (ws / JOURNAL).unlink(missing_ok=True)
         raise
+    (ws / JOURNAL).unlink(missing_ok=True)
     return subject_revision(settings, customer, subject)
 
 
@@ -255,6 +309,7 @@ def commit_stage(settings: Settings, stage: str, message: str) -> str:
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:
     ws = require_workspace(settings)
+    _settle(settings)
     rel = settings.subject_dir(customer, subject).relative_to(ws).as_posix()
     rev = git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")
     if not rev:
@@ -288,6 +343,7 @@ def check_revision(settings: Settings, customer: str, subject: str, rev: str) ->
 
 
 def list_subjects(settings: Settings) -> list[str]:
+    _settle(settings)
     root = settings.workspace / "data" / "subjects"
     return sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.dvc")) if root.is_dir() else []
 

@@ -107,3 +107,46 @@ def test_a_dvc_command_holding_dvcs_lock_is_a_clear_error_not_a_crash(ws, photos
         lock.close()
     assert list_subjects(ws) == []  # nothing half-added
     add_subject(ws, "acme", "robot", "toy", photos[:4])
+
+
+@pytest.mark.slow
+def test_a_subject_add_killed_at_any_point_is_undone_and_never_committed_by_the_next(ws, photos, capsys):
+    """kill -9 of `atelier subject add` at points spread over its run: the next command undoes what it left
+    (or finds it complete), commits only its own files, and the killed subject can be added again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from atelier.kernel.workspace import git
+
+    env = {**os.environ, "ATELIER_WORKSPACE": str(ws.workspace)}
+    argv = [sys.executable, "-m", "atelier.cli", "subject", "add", "acme"]
+    t0 = time.perf_counter()
+    subprocess.run([*argv, "timing", "--class", "toy", *map(str, photos[:4])], env=env, check=True, capture_output=True)
+    whole = time.perf_counter() - t0
+    outcomes = []
+    for i, share in enumerate((0.45, 0.55, 0.65, 0.75, 0.85, 0.95)):
+        proc = subprocess.Popen(
+            [*argv, f"killed{i}", "--class", "toy", *map(str, photos[:4])], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(whole * share)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        capsys.readouterr()
+        add_subject(ws, "acme", f"next{i}", "toy", photos[:4])
+        said = capsys.readouterr().err
+        committed = git(ws.workspace, "show", "--name-only", "--format=", "HEAD").split()
+        assert not [p for p in committed if "killed" in p], committed
+        assert git(ws.workspace, "diff", "--cached", "--name-only") == ""
+        assert not [p for p in git(ws.workspace, "status", "--porcelain").splitlines() if "killed" in p]
+        if f"acme/killed{i}" in list_subjects(ws):
+            outcomes.append("complete")
+            subject_revision(ws, "acme", f"killed{i}")
+        else:
+            outcomes.append("undone")
+            assert f"killed{i}" not in said or f"undid subject add acme/killed{i}, which was interrupted" in said
+            assert not (ws.workspace / "data" / "subjects" / "acme" / f"killed{i}").exists()
+            add_subject(ws, "acme", f"killed{i}", "toy", photos[:4])  # no --replace needed
+    assert "undone" in outcomes, outcomes  # the kills did land inside the change
