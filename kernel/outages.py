@@ -109,11 +109,15 @@ def _say(service: str, reason: str, fix: str) -> ServiceUnavailable:
 RESTART = "start it again (`atelier up` restarts what the stack runs; `docker compose up -d` in Docker) and rerun"
 
 
+_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
 def disk_error(exc: BaseException, settings: Settings) -> DiskError | None:
     """A full or read-only disk behind `exc` (also SQLite's own words for a read-only database)."""
     for err in causes(exc):
         where = getattr(err, "filename", None) or str(settings.workspace)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        # errno, or the words of a library that does not raise OSError (safetensors' Rust: "os error 28")
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(m in str(err) for m in _FULL_WORDS):
             return DiskError(
                 f"disk holding {where}",
                 "is full",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 
 import yaml
 
-from atelier.kernel.errors import ConfigError, InvalidIdentifier, NotFound, WorkspaceError
+from atelier.kernel.errors import ConfigError, DiskError, InvalidIdentifier, NotFound, WorkspaceError
 from atelier.kernel.gitinfo import SOURCE_ROOT
 from atelier.kernel.hashing import file_hashes
 from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
@@ -45,13 +46,19 @@ class SubjectSnapshot:
     files: dict[str, str]  # file name -> sha256
 
 
+_DISK_FULL = ("No space left on device", "Out of diskspace", "Read-only file system", "Disk quota exceeded")
+
+
 def _run(args: list[str], cwd: Path) -> str:
     try:
         done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True)
     except subprocess.CalledProcessError as exc:
-        raise WorkspaceError(
-            " ".join(args[:3]), f"failed: {(exc.stderr or exc.stdout).strip()[-400:]}", f"check the workspace at {cwd}"
-        ) from None
+        said = (exc.stderr or exc.stdout).strip()[-400:]
+        if any(marker in said for marker in _DISK_FULL):  # git's words for a full or read-only disk: exit 6, not bad input
+            raise DiskError(
+                f"the disk under {cwd}", f"is full or read-only ({' '.join(args[:2])}: {said})", "free space, then rerun"
+            ) from None
+        raise WorkspaceError(" ".join(args[:3]), f"failed: {said}", f"check the workspace at {cwd}") from None
     return done.stdout.strip()
 
 
@@ -253,6 +260,7 @@ def add_subject(
 
 
 def _add_subject(settings: Settings, customer: str, subject: str, class_noun: str, photos: list[Path], replace: bool) -> str:
+    from dvc.logger import set_loggers_level
     from dvc.repo import Repo
 
     ws = require_workspace(settings)
@@ -280,7 +288,9 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
             for photo in photos:
                 shutil.copy2(photo, tmp / photo.name)
         write_text_atomic(dest.with_suffix(".yaml"), yaml.safe_dump({"class_noun": class_noun, "customer": customer, "subject": subject}))
-        with contextlib.chdir(ws), Repo(str(ws)) as repo:  # DVC resolves stage paths from the cwd
+        # DVC resolves stage paths from the cwd; it logs an error per file ("failed to transfer ...") before
+        # it raises, and Atelier's one line names the cause
+        with contextlib.chdir(ws), Repo(str(ws)) as repo, set_loggers_level(logging.CRITICAL):
             repo.add(rel)
             _push(settings, repo)
         paths = [f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *list_subject(ws, customer, subject, class_noun)]
@@ -288,8 +298,11 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         # only these paths: whatever else someone staged is not swept into the subject's commit
         git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}", "--", *paths)
     except BaseException:
-        _undo_subject_change(ws, rel, tracked)
-        (ws / JOURNAL).unlink(missing_ok=True)
+        try:
+            _undo_subject_change(ws, rel, tracked)
+            (ws / JOURNAL).unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 (a full disk fails the undo too: the journal stays, and the next command undoes it)
+            pass
         raise
     (ws / JOURNAL).unlink(missing_ok=True)
     return subject_revision(settings, customer, subject)

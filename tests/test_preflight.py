@@ -240,3 +240,32 @@ def test_a_pipe_or_a_device_given_as_a_photo_or_a_manifest_is_refused_at_once(wo
         assert done.returncode == 2 and f"photo {odd}: is not a regular file" in done.stderr, done.stderr[-2000:]
         done = _cli("batch-generate", "acme", "odd", "--manifest", str(odd), "--out", str(tmp_path / "o"))
         assert done.returncode == 2 and f"manifest {odd}: is not a regular file" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_subject_add_on_a_full_disk_is_exit_6_and_leaves_no_half_added_subject(tmp_path):
+    from atelier.cli.demo_data import write_demo_photos
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)):
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
+    env = {"ATELIER_WORKSPACE": str(small / "ws")}
+    try:
+        made = _cli("init", env=env)
+        assert made.returncode == 0, made.stderr
+        photos = write_demo_photos(tmp_path / "photos", count=5)
+        free = shutil.disk_usage(small).free
+        (small / "filler").write_bytes(b"\0" * (free - sum(p.stat().st_size for p in photos) - 64 * 1024))
+        done = _cli("subject", "add", "acme", "robot", "--class", "toy", *map(str, photos), env=env)
+        assert done.returncode == 6, done.stderr
+        assert "is full" in done.stderr or "full or read-only" in done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        (small / "filler").unlink()
+        listed = _cli("subject", "list", env=env)
+        assert listed.returncode == 0 and "acme/robot" not in listed.stdout, listed.stdout + listed.stderr
+        again = _cli("subject", "add", "acme", "robot", "--class", "toy", *map(str, photos), env=env)  # no --replace needed
+        assert again.returncode == 0, again.stderr
+        staged = subprocess.run(["git", "-C", str(small / "ws"), "status", "--porcelain"], capture_output=True, text=True).stdout
+        assert "robot" not in staged
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
