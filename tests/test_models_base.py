@@ -48,6 +48,48 @@ def test_base_model_checks_name_the_problem(tmp_path, tiny_model):
         check_sd_directory(broken)
 
 
+def _break(model, how):
+    if how == "unet without weights":
+        (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    elif how == "config not JSON":
+        (model / "vae" / "config.json").write_text("{not json")
+    elif how == "garbage tokenizer":
+        (model / "tokenizer" / "tokenizer.json").write_bytes(b"\x89PNG garbage \xff")
+    elif how == "weights swapped":
+        unet, vae = (model / p / "diffusion_pytorch_model.safetensors" for p in ("unet", "vae"))
+        data = unet.read_bytes()
+        unet.write_bytes(vae.read_bytes())
+        vae.write_bytes(data)
+    elif how == "config of another size":
+        config = json.loads((model / "text_encoder" / "config.json").read_text())
+        (model / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    elif how == "scheduler config missing":
+        (model / "scheduler" / "scheduler_config.json").unlink()
+        (model / "scheduler" / "notes.txt").write_text("x")
+
+
+@pytest.mark.parametrize(
+    ("how", "named", "problem"),
+    [
+        ("unet without weights", "unet", "has no weights"),
+        ("config not JSON", "vae/config.json", "is not valid JSON"),
+        ("garbage tokenizer", "tokenizer/tokenizer.json", "is not valid JSON"),
+        ("weights swapped", "unet/diffusion_pytorch_model.safetensors", "holds no conv_in.weight"),
+        ("config of another size", "text_encoder/model.safetensors", "weights and config differ"),
+        ("scheduler config missing", "scheduler/scheduler_config.json", "is missing"),
+    ],
+)
+def test_a_broken_base_model_is_refused_naming_the_component(tmp_path, tiny_model, how, named, problem):
+    """What used to end as 'Cannot copy out of meta tensor' or a JSONDecodeError after the flow started:
+    refused by the check every command runs first (exit 2), naming the file."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    _break(model, how)
+    with pytest.raises(ModelFormatError) as err:
+        check_sd_directory(model)
+    assert err.value.exit_code == 2 and str(err.value).startswith(str(model / named)) and problem in str(err.value)
+
+
 def test_config_unknown_key_names_key_and_fix(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rat: 1e-4\n")

@@ -34,12 +34,88 @@ def check_sd_directory(path: Path) -> Path:
     for weights in sorted(path.rglob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:
-            raise ModelFormatError(
-                str(weights),
-                problem,
-                "copy the model again (the file is damaged or was cut short); compare its size and checksum with the source",
-            )
+            raise ModelFormatError(str(weights), problem, RECOPY)
+    for part, name in CONFIGS.items():
+        _json_object(path / part / name)
+    _check_tokenizer(path / "tokenizer")
+    for part in WEIGHTS:
+        _check_weights(path, part)
     return path
+
+
+RECOPY = "copy the model again (the file is damaged or was cut short); compare its size and checksum with the source"
+CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
+# each component's weights file stem, and a tensor that tells it apart from the others: name, and its shape from the config
+WEIGHTS = {
+    "unet": ("diffusion_pytorch_model", ("conv_in.weight",), lambda c: [c["block_out_channels"][0], c["in_channels"]]),
+    "vae": ("diffusion_pytorch_model", ("encoder.conv_in.weight",), lambda c: [c["block_out_channels"][0], c["in_channels"]]),
+    "text_encoder": (
+        "model",
+        ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"),
+        lambda c: [c["vocab_size"], c["hidden_size"]],
+    ),
+}
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelFormatError(str(path), "is missing", RECOPY)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(str(path), f"is not valid JSON ({exc.__class__.__name__})", RECOPY) from None
+    if not isinstance(value, dict):
+        raise ModelFormatError(str(path), "is not a JSON object", RECOPY)
+    return value
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer's files parse: tokenizer.json (fast) or vocab.json + merges.txt (slow)."""
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        raise ModelFormatError(str(folder), "has neither tokenizer.json nor vocab.json", RECOPY)
+    for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            _json_object(folder / name)
+    if (folder / "vocab.json").is_file():
+        try:
+            merges = (folder / "merges.txt").read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            raise ModelFormatError(str(folder / "merges.txt"), "is missing or not UTF-8 text (vocab.json needs it)", RECOPY) from None
+        if not merges.strip():
+            raise ModelFormatError(str(folder / "merges.txt"), "is empty", RECOPY)
+
+
+def _check_weights(path: Path, part: str) -> None:
+    """The component has weights, and (safetensors, read by header only) they are its own: the tensor that
+    tells it apart has the shape its config names, so weights swapped between components are caught."""
+    stem, keys, shape_of = WEIGHTS[part]
+    folder = path / part
+    files = sorted(folder.glob(f"{stem}*.safetensors")) or sorted(folder.glob(f"{stem}*.bin"))
+    if not files:
+        raise ModelFormatError(str(folder), f"has no weights ({stem}.safetensors)", RECOPY)
+    if files[0].suffix != ".safetensors":
+        return  # a pickle-format checkpoint: its keys cannot be read without loading it
+    shapes = {name: info.get("shape") for f in files for name, info in _header(f).items() if isinstance(info, dict)}
+    found = next((name for name in keys if name in shapes), None)
+    if found is None:
+        raise ModelFormatError(str(files[0]), f"holds no {keys[0]}: these are not {part} weights (swapped with another component?)", RECOPY)
+    config = _json_object(folder / CONFIGS[part])
+    try:
+        want = shape_of(config)
+    except (KeyError, IndexError, TypeError):
+        raise ModelFormatError(str(folder / CONFIGS[part]), f"lacks the sizes of a {part} config", RECOPY) from None
+    if list(shapes[found] or [])[: len(want)] != want:
+        raise ModelFormatError(
+            str(files[0]),
+            f"has {found} of shape {shapes[found]}, where {part}/{CONFIGS[part]} says {want}: weights and config differ",
+            RECOPY,
+        )
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(length))
 
 
 def safetensors_problem(path: Path) -> str | None:
