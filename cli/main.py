@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from atelier.cli import help_style
 from atelier.cli import judge as cli_judge
 from atelier.cli import ocr as cli_ocr
 from atelier.cli import registry as cli_registry
@@ -17,6 +18,7 @@ from atelier.cli import stack as cli_stack
 from atelier.cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
 from atelier.kernel.errors import ConfigError, GateRefused
 
+help_style.apply()
 app = typer.Typer(
     help="Atelier: per-customer DreamBooth fine-tuning on Prefect, DVC, Great Expectations and MLflow.",
     no_args_is_help=True,

@@ -20,6 +20,21 @@ def test_help_documents_every_command():
     assert "--class" in runner.invoke(app, ["subject", "add", "--help"]).output
 
 
+def test_help_speaks_in_metavars_not_python_types():
+    """`--out PATH`, `--count INTEGER`, flags with no type, arguments in capitals; never `<bool>`,
+    `<list[Path]>` or `{customer}` (cli/help_style.py over the pinned Typer)."""
+    import re
+
+    for command in ([], ["finetune"], ["ocr"], ["subject", "add"], ["priors"], ["promote"], ["batch-generate"]):
+        out = runner.invoke(app, [*command, "--help"], terminal_width=200).output
+        assert not re.search(r"<(bool|str|int|float|path|list\[)", out, re.I), out
+        assert "{" not in out.splitlines()[1], out
+    ocr = runner.invoke(app, ["ocr", "--help"], terminal_width=200).output
+    assert "ocr [OPTIONS] PATHS..." in ocr and re.search(r"--out +PATH", ocr) and re.search(r"--lines +the images", ocr)
+    assert re.search(r"--count +INTEGER", runner.invoke(app, ["priors", "--help"], terminal_width=200).output)
+    assert "Missing argument 'CUSTOMER'" in runner.invoke(app, ["finetune"], terminal_width=200).output
+
+
 def test_info_prints_the_locations(workspace):
     result = runner.invoke(app, ["info", "--json"])
     assert result.exit_code == 0
