@@ -86,13 +86,14 @@ def friendly(fn: Callable) -> Callable:
         import os
 
         from atelier.cli.progress import bars
+        from atelier.kernel.storage import printable
 
         _quiet_known_tracebacks()
         try:
             with bars():
                 return fn(*args, **kwargs)
         except AtelierError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {printable(str(exc))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -107,7 +108,7 @@ def friendly(fn: Callable) -> Callable:
                 raise typer.Exit(outage.exit_code) from None
             path = _path_error(exc) if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) else None
             if path is not None:
-                typer.secho(f"error: {path}", fg=typer.colors.RED, err=True)
+                typer.secho(f"error: {printable(path)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(2) from None
             if os.environ.get("ATELIER_DEBUG"):
                 raise

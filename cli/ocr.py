@@ -147,7 +147,7 @@ def ocr_cmd(
     """Read documents with a registered OCR model, loaded once for all of them: pages are detected and
     read in reading order, lines of all files batched together. A bad file gets an `error` naming it
     and the fix, and the rest are still read; exit 0 when every file was read, 7 when some were not, 2 when none was."""
-    from atelier.kernel.storage import write_text_atomic
+    from atelier.kernel.storage import printable, write_text_atomic
     from atelier.models.ocr.engine import read_documents
     from atelier.models.ocr.langs import language
     from atelier.registry.serving import load_ocr_engine
@@ -161,7 +161,7 @@ def ocr_cmd(
     if skipped:
         typer.echo(
             f"skipped {len(skipped)} file(s) that are not images: "
-            + ", ".join(str(s) for s in skipped[:5])
+            + ", ".join(printable(str(s)) for s in skipped[:5])
             + (" ..." if len(skipped) > 5 else ""),
             err=True,
         )
@@ -176,6 +176,7 @@ def ocr_cmd(
     progress.close()
     for row in result:
         row["model"] = f"{mv.name}/{mv.version}"
+        row["path"], row["error"] = printable(row["path"]), printable(row["error"])  # names that are not UTF-8, escaped
     text = render(result, fmt)
     failed = [r for r in result if r["error"]]
     for r in failed:

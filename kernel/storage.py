@@ -171,3 +171,9 @@ def file_lock(path: Path, on_wait=None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print or write as UTF-8: a file name's bytes that are not UTF-8 (held by Python as
+    surrogates) come out escaped, `\\xff`, instead of failing with UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -302,7 +302,9 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
         + chunk(b"IEND", b"")
     )
     os.mkfifo(folder / "pipe.png")
+    Image.new("RGB", (10000, 10), "white").save(folder / "panorama.png")  # ONNX Runtime failed in a MatMul on it
     return {
+        "panorama.png": "too elongated",
         "empty.png": "empty",
         "notes.png": "not an image",
         "truncated.png": "truncated",
@@ -345,3 +347,25 @@ def test_load_document_scales_huge_pages_and_refuses_folders(tmp_path):
         load_document(tmp_path)
     with pytest.raises(BadDocument, match="missing.png.*does not exist"):
         load_document(tmp_path / "missing.png")
+
+
+def test_a_folder_of_big_scans_is_read_in_runs_bounded_by_pixels_not_only_by_count(tmp_path):
+    """Memory stays bounded for any folder: a run of documents holds at most CHUNK documents and about
+    CHUNK_PIXELS pixels (two runs are in memory at once), so 32 forty-megapixel scans are never held together."""
+    from atelier.models.ocr.engine import _parts
+
+    sizes = [(4000, 3000)] * 7 + [(800, 60)] * 5 + [(4000, 3000)] * 3
+    rows = []
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, "white").save(tmp_path / f"{i:02d}.png")
+        rows.append({"path": str(tmp_path / f"{i:02d}.png"), "lang": None, "kind": "page"})
+    rows.insert(3, {"path": str(tmp_path / "missing.png"), "lang": None, "kind": "page"})
+    budget = 30_000_000
+    runs = list(_parts(rows, chunk=32, pixels=budget))
+    assert [len(part) for part, *_ in runs] and sum(len(part) for part, *_ in runs) == len(rows)  # every row, in order
+    assert [r["path"] for part, *_ in runs for r in part] == [r["path"] for r in rows]
+    for _, results, requests, _ in runs:
+        held = sum(req.image.shape[0] * req.image.shape[1] for req in requests)
+        assert held < budget + 12_000_000  # the budget, plus at most the document that crossed it
+    missing = next(results for part, results, *_ in runs if any("missing" in r["path"] for r in part))
+    assert any(r and "does not exist" in r["error"] for r in missing)

@@ -87,7 +87,8 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
     ev = workspace.workspace / "data" / "documents" / "synthetic" / "evaluation"
     labels = [json.loads(x) for x in (ev / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
     zh = next(r for r in labels if r["lang"] == "zh" and r["kind"] == "line")
-    (tmp_path / "broken.png").write_bytes(b"nope")
+    broken = tmp_path / os.fsdecode(b"broken-\xff.png")  # a name that is not UTF-8: printed escaped, never a UnicodeEncodeError
+    broken.write_bytes(b"nope")
     out = tmp_path / "out.jsonl"
     done = subprocess.run(
         [
@@ -96,7 +97,7 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
             "atelier.cli",
             "ocr",
             str(ev / zh["file"]),
-            str(tmp_path / "broken.png"),
+            str(broken),
             "--lines",
             "--lang",
             "zh",
@@ -111,7 +112,7 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
         env={**os.environ},
     )
     assert done.returncode == 7, done.stderr[-2000:]  # one file was not readable; the other was read (partly done)
-    assert "broken.png" in done.stderr and "Traceback" not in done.stderr
+    assert "broken-\\xff.png" in done.stderr and "Traceback" not in done.stderr
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert rows[0]["language"] == "zh" and rows[0]["text"] and rows[0]["model"] == f"ocr/{calibrated['version']}"
     assert "not an image" in rows[1]["error"]

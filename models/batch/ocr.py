@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 from atelier.kernel.objectstore import Store
+from atelier.kernel.storage import printable
 from atelier.models.batch.outputs import Progress, commit, split_done
 from atelier.models.ocr.images import IMAGE_SUFFIXES
 
 
 def item_id(key: str) -> str:
     """A stable, path-safe id for an input key (keys may hold spaces, unicode, '/')."""
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def list_images(store: Store) -> list[str]:
@@ -47,20 +48,21 @@ def run_ocr(
                 local.write_bytes(inputs.read_bytes(ids[i]))
             rows = [{"path": str(locals_[i]), "lang": lang, "kind": kind} for i in part]
             for i, row in zip(part, read_documents(engine, rows)):
+                name = printable(ids[i])  # a file name that is not UTF-8 is kept escaped
                 if row["error"]:  # the engine read a temporary copy: name the user's file instead
-                    row["error"] = row["error"].replace(str(locals_[i]), f"{inputs.url}/{ids[i]}")
-                result = {**row, "path": ids[i], "lines": json.loads(row["lines"]), "model": model}
+                    row["error"] = row["error"].replace(str(locals_[i]), f"{inputs.url}/{name}")
+                result = {**row, "path": name, "lines": json.loads(row["lines"]), "model": model}
                 payload = json.dumps(result, ensure_ascii=False, sort_keys=True).encode()
                 records[i] = commit(
                     out,
                     i,
                     f"results/{i}.json",
                     payload,
-                    {"path": ids[i], "model": model, "error": row["error"], "flagged": bool(row["flagged"])},
+                    {"path": name, "model": model, "error": row["error"], "flagged": bool(row["flagged"])},
                 )
                 progress.written.append(i)
                 if row["error"]:
-                    progress.failed.append({"id": ids[i], "error": row["error"]})
+                    progress.failed.append({"id": name, "error": row["error"]})
             for local in locals_.values():
                 local.unlink(missing_ok=True)
             if on_progress:

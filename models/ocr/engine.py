@@ -12,6 +12,7 @@ call of the router, so lines of many files share batches while memory stays boun
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from atelier.models.ocr.router import Reading, Request, RoutedOCR, RoutingTable
 from atelier.models.ocr.variants import choose, cpu_signature, measure
 
 CHUNK = 32  # documents per router call
+CHUNK_PIXELS = 48_000_000  # and at most about this many pixels (two calls are in flight): memory stays bounded
 
 
 def serving_variant(spec: dict, files: dict[str, Path], threads: int | None = None, log: Callable[[str], None] = lambda _m: None) -> str:
@@ -154,9 +156,8 @@ def _finish(engine: RoutedOCR, pending, requests: list[Request], paths: list[str
         return []
     try:
         return [_row(p, r) for p, r in zip(paths, engine.finish(pending))]
-    except AtelierError:
-        if len(requests) == 1:
-            raise
+    except Exception:  # noqa: BLE001 (an AtelierError, or ONNX Runtime failing on one input: found below, one by one)
+        pass
     return _one_by_one(engine, requests, paths)
 
 
@@ -167,35 +168,32 @@ def _one_by_one(engine: RoutedOCR, requests: list[Request], paths: list[str]) ->
             rows.append(_row(path, engine.read([request])[0]))
         except AtelierError as exc:
             rows.append(_row(path, None, str(exc)))
+        except Exception as exc:  # noqa: BLE001 (a backend's own failure on this file: its row says so, the rest is read)
+            problem = f"the OCR engine failed on it ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
+            rows.append(
+                _row(path, None, f"{path}: {problem}. Fix: check the image (size, content) or leave it out; the other files were read")
+            )
     return rows
 
 
 def read_documents(
-    engine: RoutedOCR, rows: list[dict], on_progress: Callable[[int, int], None] | None = None, chunk: int = CHUNK
+    engine: RoutedOCR,
+    rows: list[dict],
+    on_progress: Callable[[int, int], None] | None = None,
+    chunk: int = CHUNK,
+    pixels: int = CHUNK_PIXELS,
 ) -> list[dict]:
     """rows: {path, lang (or None), kind: "line" | "page"} -> one result row each, in order. While one
     chunk's Tesseract lines are read, the next chunk is loaded, detected and read by the first pass."""
     out: list[dict] = []
     previous = None
-    for start in [*range(0, len(rows), chunk), len(rows)]:
+    for loaded in itertools.chain(_parts(rows, chunk, pixels), [None]):
         current = None
-        if start < len(rows):
-            part = rows[start : start + chunk]
-            results: list[dict | None] = [None] * len(part)
-            requests, where = [], []
-            for i, r in enumerate(part):
-                try:
-                    if r.get("lang"):
-                        language(r["lang"])
-                    requests.append(
-                        Request(load_document(Path(r["path"])), "line" if r.get("kind") == "line" else "page", r.get("lang") or None)
-                    )
-                    where.append(i)
-                except AtelierError as exc:
-                    results[i] = _row(str(r["path"]), None, str(exc))
+        if loaded is not None:
+            part, results, requests, where = loaded
             try:
                 pending, error = _start(engine, requests), None
-            except AtelierError as exc:  # a backend failed while cutting or identifying: sorted out one by one below
+            except Exception as exc:  # noqa: BLE001 (a backend failed while cutting or identifying: sorted out one by one below)
                 pending, error = None, exc
             current = (part, results, requests, where, pending, error)
         if previous is not None:
@@ -204,6 +202,34 @@ def read_documents(
                 on_progress(len(out), len(rows))
         previous = current
     return out
+
+
+def _parts(rows: list[dict], chunk: int, pixels: int):
+    """Consecutive runs of `rows`, loaded: at most `chunk` documents and about `pixels` pixels each, so a
+    folder of large scans holds two runs in memory, not `chunk` 40-megapixel pages."""
+    part: list[dict] = []
+    results: list[dict | None] = []
+    requests: list[Request] = []
+    where: list[int] = []
+    held = 0
+    for r in rows:
+        part.append(r)
+        results.append(None)
+        try:
+            if r.get("lang"):
+                language(r["lang"])
+            kind = "line" if r.get("kind") == "line" else "page"
+            image = load_document(Path(r["path"]), kind=kind)
+            requests.append(Request(image, kind, r.get("lang") or None))
+            where.append(len(part) - 1)
+            held += image.shape[0] * image.shape[1]
+        except AtelierError as exc:
+            results[-1] = _row(str(r["path"]), None, str(exc))
+        if len(part) >= chunk or held >= pixels:
+            yield part, results, requests, where
+            part, results, requests, where, held = [], [], [], [], 0
+    if part:
+        yield part, results, requests, where
 
 
 def _collect(engine: RoutedOCR, part, results, requests, where, pending, error) -> list[dict]:

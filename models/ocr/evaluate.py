@@ -22,7 +22,7 @@ class Evaluation:
 
 def load_set(folder: Path, kinds: tuple[str, ...] = ("line",), langs: tuple[str, ...] | None = None) -> tuple[list[dict], list[np.ndarray]]:
     records = [r for r in read_labels(folder) if r.get("kind", "line") in kinds and (langs is None or r["lang"] in langs)]
-    return records, [load_document(Path(folder) / r["file"]) for r in records]
+    return records, [load_document(Path(folder) / r["file"], kind="page" if r.get("kind") == "page" else "line") for r in records]
 
 
 def evaluate_lines(read, records: list[dict], images: list[np.ndarray], by_language: bool = True) -> Evaluation:

@@ -52,8 +52,13 @@ def _check_file(path: Path) -> None:
         )
 
 
-def load_document(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """RGB uint8 array of `path`, upright, at most `max_pixels` pixels."""
+MAX_ASPECT = {"page": 40.0, "line": 250.0}  # longer side over shorter: beyond it the detector and recogniser cannot work
+
+
+def load_document(path: Path, max_pixels: int = MAX_PIXELS, kind: str = "page") -> np.ndarray:
+    """RGB uint8 array of `path`, upright, at most `max_pixels` pixels. A page (or a line) far more elongated
+    than any document is refused: the detector would be fed a sliver and the recogniser a line wider than
+    its graph takes (ONNX Runtime failed in a MatMul on a 10000x10 image)."""
     path = Path(path)
     _check_file(path)
     try:
@@ -89,6 +94,14 @@ def load_document(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise BadDocument(str(path), kind, "re-export it as PNG or JPEG, or remove it from the set") from None
     if img.width < 4 or img.height < 4:
         raise BadDocument(str(path), f"is {img.width}x{img.height} pixels, too small to hold text", "remove it from the set")
+    aspect = max(img.width, img.height) / min(img.width, img.height)
+    if aspect > MAX_ASPECT[kind]:
+        raise BadDocument(
+            str(path),
+            f"is {img.width}x{img.height} pixels ({aspect:.0f}:1), too elongated to read as a {kind}",
+            f"crop it into pieces under {MAX_ASPECT['page']:.0f}:1"
+            + (f", or pass --lines if it is one line of text (up to {MAX_ASPECT['line']:.0f}:1)" if kind == "page" else ""),
+        )
     if img.width * img.height > max_pixels:
         scale = math.sqrt(max_pixels / (img.width * img.height))
         img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.LANCZOS)
