@@ -245,6 +245,53 @@ def runs_cmd(
     typer.echo("full ids and outputs: atelier runs --json")
 
 
+@friendly
+def serve_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="a subject model: NAME@ALIAS or NAME/VERSION"),
+    port: int = typer.Option(5001, "--port", min=1, max=65535, help="port of the HTTP endpoint"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    customer: Optional[str] = typer.Option(None, "--customer", metavar="CUSTOMER", help="refuse a model of another customer"),
+) -> None:
+    """Serve a registered subject model over HTTP with MLflow's scoring server (POST /invocations, GET /ping),
+    from a local copy whose every file the ledger vouches for; NAME@ALIAS is pinned to one version at the
+    start. Ctrl-C stops it."""
+    import socket
+    import subprocess
+
+    from atelier.cli.stack_config import bin_path, inherited_environment
+    from atelier.kernel.errors import ConfigError, NotFound
+    from atelier.registry.client import client_for
+    from atelier.registry.lineage import resolve
+    from atelier.registry.serving import checked_copy, pin
+
+    settings = cli_settings()
+    pinned = pin(settings, model, customer)
+    if resolve(client_for(settings), pinned["model"]).tags.get("atelier.kind") == "ocr":
+        # its pyfunc reads files named in the request: over HTTP a caller would read this machine's images
+        raise NotFound(f"model {pinned['model']}", "is an OCR model, which is not served over HTTP", "read documents with atelier ocr or batch-ocr")
+    with socket.socket() as sock:
+        if sock.connect_ex((host, port)) == 0:
+            raise ConfigError(f"port {port} on {host}", "is taken by another program", "choose another with --port")
+    with checked_copy(settings, pinned["name"], pinned["version"]) as local:
+        url = f"http://{host}:{port}"
+        typer.echo(
+            f"serving {pinned['model']} (every file checked against the ledger) at {url}/invocations; Ctrl-C stops it\n"
+            f"""  try: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{{"dataframe_records": [{{"prompt": "a sks dog", "seed": 1}}]}}'""",
+            err=True,
+        )
+        argv = [bin_path("mlflow"), "models", "serve", "-m", str(local), "--env-manager", "local", "-h", host, "-p", str(port)]
+        # the scoring server needs no credential: the model is a local folder
+        proc = subprocess.Popen(argv, env={**inherited_environment(), "MLFLOW_MODELS_WORKERS": "1"})
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(30)
+            raise
+    if code != 0:
+        raise ConfigError(f"MLflow's scoring server for {pinned['model']}", f"exited with code {code}", "read its output above")
+
+
 def install(app: typer.Typer) -> None:
     app.command("batch-generate")(batch_generate_cmd)
     app.command("run")(run_cmd)
@@ -252,3 +299,4 @@ def install(app: typer.Typer) -> None:
     app.command("deploy")(deploy_cmd)
     app.command("worker")(worker_cmd)
     app.command("runs")(runs_cmd)
+    app.command("serve")(serve_cmd)

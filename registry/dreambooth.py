@@ -280,7 +280,9 @@ def model_description(customer: str, subject: str, lineage: dict) -> str:
         f"every move is a row in Atelier's ledger (`atelier ledger show {name}`).\n"
         f'- Generate: `atelier generate {name}@champion --prompt "a {(lineage.get("params") or {}).get("identifier", "sks")} '
         f'{lineage.get("data.class_noun", "subject")} on the beach"`, '
-        f"or `mlflow models serve -m models:/{name}@champion` and POST a `prompt` column.\n"
+        f"or serve it over HTTP: `atelier serve {name}@champion` and POST a `prompt` column to `/invocations` "
+        "(with MLflow alone: set `MLFLOW_TRACKING_URI` and your credentials, then "
+        f"`mlflow models serve -m models:/{name}@champion --env-manager local`).\n"
         f"- Lineage of a version: `atelier lineage {name}/VERSION`, or its run's `lineage.json`."
     )
 

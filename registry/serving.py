@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 from atelier.kernel.settings import Settings
 from atelier.registry.client import client_for
 from atelier.registry.isolation import require_owner
@@ -43,6 +47,17 @@ def load_pyfunc(settings: Settings, name: str, version: str):
             return mlflow.pyfunc.load_model(str(local), suppress_warnings=True, model_config=checked or None)
         finally:
             sys.path[:] = path  # MLflow prepends the model's code/: the platform keeps importing its own installed code
+
+
+@contextlib.contextmanager
+def checked_copy(settings: Settings, name: str, version: str) -> Iterator[Path]:
+    """A local copy of the version whose every file matches the manifest its ledger row vouches for
+    (what `atelier serve` hands to MLflow's scoring server), removed afterwards."""
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.model_files import verified_copy
+
+    with verified_copy(client_for(settings), open_ledger(settings), name, version) as local:
+        yield local
 
 
 def load_python_model(settings: Settings, name: str, version: str):

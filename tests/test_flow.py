@@ -178,6 +178,55 @@ def test_champion_loads_with_plain_mlflow_in_a_fresh_process(first_run, workspac
     assert "IMAGE (64, 64) RGB" in done.stdout
 
 
+def test_atelier_serve_answers_a_prompt_with_a_png_over_http(first_run, workspace, tmp_path):
+    """What the model card says to run: `atelier serve NAME@champion`, then a POST to /invocations (a real
+    HTTP request to MLflow's scoring server) answers with the image; Ctrl-C stops it with exit 130."""
+    import base64
+    import io
+    import signal
+    import socket
+    import time
+
+    import requests
+    from PIL import Image
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ATELIER_WORKSPACE": str(workspace.workspace)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atelier.cli", "serve", f"{NAME}@champion", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url, answer = f"http://127.0.0.1:{port}", None
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        answer = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"prompt": "a sks toy on the beach", "seed": 3, "steps": 2}]}, timeout=300
+        )
+        assert answer.status_code == 200, answer.text[:500]
+        png = base64.b64decode(answer.json()["predictions"][0]["image_png_base64"])
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"serving {NAME}/{first_run['version']} (every file checked against the ledger)" in err
+    assert not list(tmp_path.glob("mlflow.db")) and "Traceback" not in err  # nothing created where it ran
+
+
 def test_rerun_with_same_inputs_registers_nothing_new(first_run, workspace):
     from atelier.flows.subject_finetune import subject_finetune
 

@@ -364,7 +364,7 @@ def test_a_folder_of_big_scans_is_read_in_runs_bounded_by_pixels_not_only_by_cou
     runs = list(_parts(rows, chunk=32, pixels=budget))
     assert [len(part) for part, *_ in runs] and sum(len(part) for part, *_ in runs) == len(rows)  # every row, in order
     assert [r["path"] for part, *_ in runs for r in part] == [r["path"] for r in rows]
-    for _, results, requests, _ in runs:
+    for _, _results, requests, _ in runs:
         held = sum(req.image.shape[0] * req.image.shape[1] for req in requests)
         assert held < budget + 12_000_000  # the budget, plus at most the document that crossed it
     missing = next(results for part, results, *_ in runs if any("missing" in r["path"] for r in part))
