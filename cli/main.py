@@ -222,16 +222,17 @@ def finetune(
     from atelier.kernel.outages import preflight
     from atelier.kernel.storage import check_customer, check_slug
     from atelier.kernel.workspace import require_workspace, subject_revision
-    from atelier.models.dreambooth.base import check_sd_directory
+    from atelier.models.dreambooth.base import check_lora_targets, check_sd_directory
     from atelier.models.dreambooth.config import load_train_config
 
     preflight(settings)
     require_workspace(settings)
     check_customer(customer)
     check_slug(subject, "subject")
-    if config is not None:
-        load_train_config(config)
-    check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
+    cfg = load_train_config(config) if config is not None else None
+    base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
+    if cfg is not None and cfg.lora is not None:
+        check_lora_targets(base, cfg.lora.unet_target_modules, cfg.lora.text_encoder_target_modules)
     subject_revision(settings, customer, subject)
     if rev is not None:
         from atelier.kernel.workspace import check_revision

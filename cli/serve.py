@@ -268,7 +268,9 @@ def serve_cmd(
     pinned = pin(settings, model, customer)
     if resolve(client_for(settings), pinned["model"]).tags.get("atelier.kind") == "ocr":
         # its pyfunc reads files named in the request: over HTTP a caller would read this machine's images
-        raise NotFound(f"model {pinned['model']}", "is an OCR model, which is not served over HTTP", "read documents with atelier ocr or batch-ocr")
+        raise NotFound(
+            f"model {pinned['model']}", "is an OCR model, which is not served over HTTP", "read documents with atelier ocr or batch-ocr"
+        )
     with socket.socket() as sock:
         if sock.connect_ex((host, port)) == 0:
             raise ConfigError(f"port {port} on {host}", "is taken by another program", "choose another with --port")

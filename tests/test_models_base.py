@@ -90,6 +90,17 @@ def test_a_broken_base_model_is_refused_naming_the_component(tmp_path, tiny_mode
     assert err.value.exit_code == 2 and str(err.value).startswith(str(model / named)) and problem in str(err.value)
 
 
+def test_lora_targets_the_base_model_lacks_are_refused_before_a_run(tiny_model):
+    from atelier.models.dreambooth.base import check_lora_targets
+    from atelier.models.dreambooth.config import LoraConfig
+
+    defaults = LoraConfig()
+    check_lora_targets(tiny_model, defaults.unet_target_modules, defaults.text_encoder_target_modules)  # the defaults fit SD
+    with pytest.raises(ModelFormatError, match=r"lora.text_encoder_target_modules \['qproj'\]: names no module") as err:
+        check_lora_targets(tiny_model, defaults.unet_target_modules, ["qproj", "k_proj"])
+    assert err.value.exit_code == 2 and "q_proj" in err.value.fix
+
+
 def test_config_unknown_key_names_key_and_fix(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rat: 1e-4\n")

@@ -35,6 +35,16 @@ def _cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subpr
         ("learning_rate: 5e-6\nmax_train_steps: '60'\n", "max_train_steps must be a number"),
         ("- a\n- b\n", "must be a mapping"),
         ("1: 2\n", "must be a mapping"),
+        # values that passed the schema and crashed the trainer 30 s into a run
+        ("adam_beta1: .nan\n", "adam_beta1.*must be a finite number"),
+        ("adam_beta2: 1.5\n", "adam_beta2.*less than 1"),
+        ("adam_epsilon: -1e-8\n", "adam_epsilon.*greater than 0"),
+        ("seed: 99999999999999999999999\n", "seed.*less than or equal to 4294967295"),
+        ("learning_rate: .inf\n", "learning_rate.*must be a finite number"),
+        ("instance_prompt: 'a {identifier {class_noun}'\n", "instance_prompt .* is not a template"),
+        ("sample_prompts: ['a {identifier} {colour} {class_noun}']\n", r"names \{colour\}"),
+        ("class_sampling: {sampler: turbo}\n", "class_sampling.sampler"),
+        ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
     ],
 )
 def test_config_preflight_refuses_what_would_train_wrong(tmp_path, text, message):
@@ -42,6 +52,15 @@ def test_config_preflight_refuses_what_would_train_wrong(tmp_path, text, message
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_train_config(path)
+
+
+def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adam_beta1: 2\nseed: -1\nlearnig_rate: 1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    text = str(err.value)
+    assert "3 problem(s)" in text and all(k in text for k in ("adam_beta1", "'seed'", "learnig_rate")) and "spelling" in text
 
 
 def test_a_binary_file_as_config_is_named(tmp_path):

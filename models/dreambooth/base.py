@@ -112,6 +112,24 @@ def _check_weights(path: Path, part: str) -> None:
         )
 
 
+def check_lora_targets(path: Path, unet_targets: list[str], text_encoder_targets: list[str]) -> None:
+    """Every LoRA target module names modules the base model has (read from its weights' headers), so a
+    typo is exit 2 before a run, not peft's error 30 s into one."""
+    for part, targets in (("unet", unet_targets), ("text_encoder", text_encoder_targets)):
+        files = sorted((Path(path) / part).glob(f"{WEIGHTS[part][0]}*.safetensors"))
+        if not files or not targets:
+            continue
+        modules = {name.rsplit(".", 1)[0] for f in files for name in _header(f) if name != "__metadata__"}
+        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            example = sorted({m.rsplit(".", 1)[-1] for m in modules if ("attn" in m or "proj" in m) and not m[-1].isdigit()})[:8]
+            raise ModelFormatError(
+                f"lora.{part}_target_modules {missing}",
+                f"names no module of the base model's {part}",
+                f"use module names it has (e.g. {', '.join(example) or 'to_q, to_k, to_v'})",
+            )
+
+
 def _header(path: Path) -> dict:
     with open(path, "rb") as fh:
         length = int.from_bytes(fh.read(8), "little")

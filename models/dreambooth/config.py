@@ -14,13 +14,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from atelier.kernel.errors import ConfigError
 
 Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
+SEED_MAX = 2**32 - 1  # what every generator and library Atelier seeds takes
+TEMPLATE_FIELDS = ("identifier", "class_noun")
+
+
+def template_problem(key: str, text: str) -> None:
+    """A prompt template names only {identifier} and {class_noun}; a lone brace is written {{ or }}."""
+    import string
+
+    try:
+        fields = [name for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{key} {text!r} is not a template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted({f for f in fields if f not in TEMPLATE_FIELDS})
+    if unknown:
+        raise ValueError(
+            f"{key} {text!r} names {', '.join('{' + f + '}' for f in unknown)}; a template may name {{identifier}} and {{class_noun}}"
+        )
 
 
 class _Strict(BaseModel):
     """Unknown keys are errors, and a number is a number: YAML's `true` is not 1 (pydantic would
     otherwise turn `max_train_steps: true` into a 1-step model) and a quoted "8" is not 8."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan and inf are never a setting
 
     @model_validator(mode="before")
     @classmethod
@@ -64,7 +81,7 @@ class TrainConfig(_Strict):
     with_prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(200, ge=1)
-    class_prior_seed: int = 0
+    class_prior_seed: int = Field(0, ge=0, le=SEED_MAX)
     # DPM-Solver++ reaches its quality in 20 steps (Lu et al. 2022); batch 16 at 512 px peaks at about 10 GiB
     class_sampling: SamplingConfig = SamplingConfig(steps=20, batch_size=16)
     # optimisation (diffusers example: lr 5e-6, constant schedule, 400-800 steps with priors)
@@ -94,12 +111,12 @@ class TrainConfig(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (removes per-kernel launch cost)"
     )
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     # checkpoints and validation samples
     checkpointing_steps: int = Field(200, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
@@ -123,6 +140,11 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        templates = {"instance_prompt": [self.instance_prompt], "class_prompt": [self.class_prompt]}
+        templates |= {"validation_prompts": self.validation_prompts, "sample_prompts": self.sample_prompts}
+        for key, texts in templates.items():
+            for text in texts:
+                template_problem(key, text)
         if "{identifier}" not in self.instance_prompt:
             raise ValueError("instance_prompt must contain {identifier}")
         return self
@@ -151,6 +173,8 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
             raise ConfigError(str(path), "is over 1 MB: not a training config", "pass the YAML file (see configs/dreambooth/sd15.yaml)")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except RecursionError:
+            raise ConfigError(str(path), "is nested too deeply to be a training config", "write `key: value` lines") from None
         except UnicodeDecodeError:
             raise ConfigError(
                 str(path), "is not UTF-8 text (a binary file?)", "pass a YAML file (see configs/dreambooth/sd15.yaml)"
@@ -163,11 +187,23 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
+        errors = exc.errors()
+        said = "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or 'config'!r}: {_words(e)}" for e in errors)
         fix = (
-            "remove it or check its spelling against configs/dreambooth/sd15.yaml"
-            if err["type"] == "extra_forbidden"
-            else "correct its value"
+            "remove unknown keys or check their spelling against configs/dreambooth/sd15.yaml"
+            if any(e["type"] == "extra_forbidden" for e in errors)
+            else "correct the values named"
         )
-        raise ConfigError(f"{path or 'config'}: key {key!r}", err["msg"].lower(), fix) from None
+        raise ConfigError(str(path or "config"), f"{len(errors)} problem(s): {said}", fix) from None
+
+
+def _words(error: dict) -> str:
+    """pydantic's message in the project's words: what the value must be, not the validator's name."""
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if error["type"] == "finite_number":
+        return "must be a finite number (not nan or inf)"
+    if error["type"] == "extra_forbidden":
+        return "is not a setting"
+    return message.lower()
