@@ -383,7 +383,7 @@ def demo() -> None:
             subject_add(DEMO_CUSTOMER, DEMO_SUBJECT, photos, DEMO_CLASS, False)
     result = _run_finetune(DEMO_CUSTOMER, DEMO_SUBJECT, None, None, None)
     _print_result(result)
-    from atelier.kernel.workspace import commit_stage, reproduce_stage
+    from atelier.kernel.stages import commit_stage, reproduce_stage
 
     # the workspace's DVC pipeline holds what the flow used and made, so `dvc status` is clean after
     # the demo and `dvc dag` draws photos and class priors -> finetune

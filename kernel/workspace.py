@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import yaml
 
-from atelier.kernel.errors import ConfigError, DiskError, InvalidIdentifier, NotFound, WorkspaceError
+from atelier.kernel.errors import DiskError, InvalidIdentifier, NotFound, WorkspaceError
 from atelier.kernel.gitinfo import SOURCE_ROOT
 from atelier.kernel.hashing import file_hashes
 from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
@@ -140,7 +140,7 @@ def dvc_remote_config(settings: Settings) -> dict[str, str]:
     return config
 
 
-def _push(settings: Settings, repo) -> None:
+def push_to_remote(settings: Settings, repo) -> None:
     """Push to the workspace remote, after checking that it is the one the settings name."""
     configured = repo.config["remote"].get("workspace", {}).get("url")
     if configured != settings.resolved_dvc_remote:
@@ -292,7 +292,7 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         # it raises, and Atelier's one line names the cause
         with contextlib.chdir(ws), Repo(str(ws)) as repo, set_loggers_level(logging.CRITICAL):
             repo.add(rel)
-            _push(settings, repo)
+            push_to_remote(settings, repo)
         paths = [f"{rel}.dvc", f"{rel}.yaml", str(Path(rel).parent / ".gitignore"), *list_subject(ws, customer, subject, class_noun)]
         git(ws, "add", *paths)
         # only these paths: whatever else someone staged is not swept into the subject's commit
@@ -306,18 +306,6 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         raise
     (ws / JOURNAL).unlink(missing_ok=True)
     return subject_revision(settings, customer, subject)
-
-
-def commit_stage(settings: Settings, stage: str, message: str) -> str:
-    """`dvc commit STAGE`: record in dvc.lock the deps and outs of a stage whose command was run
-    outside `dvc repro` (the demo runs the fine-tune flow itself), and commit dvc.lock."""
-    from dvc.repo import Repo
-
-    with changing_workspace(settings) as ws:
-        _require_stage(ws, stage)
-        with contextlib.chdir(ws), Repo(str(ws)) as repo:
-            repo.commit(stage, force=True)
-        return _commit_lock(ws, message)
 
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:
@@ -383,87 +371,3 @@ def checkout_subject(settings: Settings, customer: str, subject: str, rev: str |
             os.replace(item, tmp / item.name)
         (tmp / "images").rmdir()
     return SubjectSnapshot(customer, subject, meta["class_noun"], rev, dvc_md5, Path(dest), file_hashes(Path(dest)))
-
-
-def documents_dir(settings: Settings) -> Path:
-    return settings.workspace / "data" / "documents"
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _require_stage(ws: Path, stage: str) -> None:
-    """A workspace made before a stage (or a subject's entry in subjects.yaml) existed gets a clear error."""
-    name, _, item = stage.partition("@")
-    missing = name not in (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages", {})
-    if not missing and name == "finetune":
-        listed = (yaml.safe_load((ws / SUBJECTS_FILE).read_text()) or {}) if (ws / SUBJECTS_FILE).is_file() else {}
-        missing = item not in (listed.get("subjects") or {})
-    if missing:
-        raise ConfigError(
-            f"{ws / 'dvc.yaml'}",
-            f"has no {stage!r} stage (the workspace predates it)",
-            f"copy {', '.join(TEMPLATES)} from {SOURCE_ROOT} into the workspace, list the subject in "
-            f"{SUBJECTS_FILE} (`atelier subject add --replace` does it) and commit them",
-        )
-
-
-def reproduce_stage(settings: Settings, stage: str, message: str) -> str:
-    """`dvc repro STAGE` in the workspace, its outputs pushed to the remote and dvc.lock committed;
-    returns the commit that pins them. A workspace made before the stage existed gets a clear error."""
-    from dvc.repo import Repo
-
-    with changing_workspace(settings) as ws:
-        _require_stage(ws, stage)
-        # a workspace made before .atelier/bin/atelier runs a bare `atelier ...`: the interpreter's own
-        # bin directory goes first on PATH, so it is found in a virtual environment that is not activated
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        with contextlib.chdir(ws), _env(PATH=path), Repo(str(ws)) as repo:
-            repo.reproduce(stage)
-            _push(settings, repo)
-        return _commit_lock(ws, message)
-
-
-def _commit_lock(ws: Path, message: str) -> str:
-    """Commit dvc.lock with what a stage left for git (its outputs' .gitignore files, the finetune
-    records in models/, which are git-tracked outs); returns the commit that pins them."""
-    git(
-        ws,
-        "add",
-        "dvc.lock",
-        *[
-            p
-            for p in ("data/documents/.gitignore", "data/class-priors/.gitignore", "data/.gitignore", ".gitignore", "models")
-            if (ws / p).exists()
-        ],
-    )
-    if git(ws, "diff", "--cached", "--name-only"):
-        git(ws, "commit", "-q", "-m", message)
-    return git(ws, "log", "-n", "1", "--format=%H", "--", "dvc.lock")
-
-
-def track_folder(settings: Settings, folder: Path, message: str) -> str:
-    """Track a data folder of the workspace with DVC (cache + remote) and commit its .dvc file; returns
-    the commit. Used for document sets; subjects go through add_subject's checks."""
-    from dvc.repo import Repo
-
-    ws = require_workspace(settings)
-    rel = Path(folder).resolve().relative_to(ws.resolve()).as_posix()
-    with contextlib.chdir(ws), Repo(str(ws)) as repo:
-        repo.add(rel)
-        _push(settings, repo)
-    git(ws, "add", f"{rel}.dvc", str(Path(rel).parent / ".gitignore"))
-    if git(ws, "status", "--porcelain", "--", f"{rel}.dvc"):
-        git(ws, "commit", "-q", "-m", message)
-    return git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")

@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 
 from atelier.kernel.errors import DataValidationError
 from atelier.kernel.hashing import sha256_file, tree_hash
-from atelier.kernel.workspace import documents_dir, track_folder
+from atelier.kernel.stages import documents_dir, track_folder
 from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
 
 VERSIONS = {
@@ -34,7 +34,7 @@ SETS = ("calibration", "evaluation")
 def document_sets() -> dict:
     """The workspace's own sets in data/documents/{calibration,evaluation} (tracked with `dvc add`), or
     else the synthetic ones of dvc.yaml's `documents` stage (`dvc repro documents`, dvc.lock committed)."""
-    from atelier.kernel.workspace import reproduce_stage
+    from atelier.kernel.stages import reproduce_stage
 
     s = settings()
     root = documents_dir(s)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
     """As `make demo` does it (reproduce_stage, the stage's `atelier priors` reading the flow's cache):
     afterwards `dvc status` is clean and git has nothing uncommitted."""
-    from atelier.kernel.workspace import reproduce_stage
+    from atelier.kernel.stages import reproduce_stage
 
     ws = workspace.workspace
     reproduce_stage(workspace, "class_priors", "class priors (test)")
@@ -53,7 +53,7 @@ def test_a_stage_the_workspace_does_not_have_is_a_clear_error(workspace):
     """A subject missing from subjects.yaml (or a workspace made before the finetune stage) is exit 2
     naming the fix, not a DVC traceback."""
     from atelier.kernel.errors import ConfigError
-    from atelier.kernel.workspace import commit_stage, reproduce_stage
+    from atelier.kernel.stages import commit_stage, reproduce_stage
 
     for call in (commit_stage, reproduce_stage):
         with pytest.raises(ConfigError, match="subjects.yaml"):

@@ -422,7 +422,7 @@ def test_the_finetune_is_a_dvc_stage_downstream_of_photos_and_priors(first_run, 
     of that stage runs the flow (cached: nothing new is registered) and records it in dvc.lock."""
     import yaml
 
-    from atelier.kernel.workspace import reproduce_stage
+    from atelier.kernel.stages import reproduce_stage
 
     ws = workspace.workspace
     assert "acme.robot" in yaml.safe_load((ws / "subjects.yaml").read_text())["subjects"]  # `subject add` listed it
