@@ -160,6 +160,27 @@ def subject_list() -> None:
         typer.echo(name)
 
 
+@subject_app.command("remove")
+@friendly
+def subject_remove(
+    customer: str = typer.Argument(..., help="customer id"),
+    subject: str = typer.Argument(..., help="subject id"),
+) -> None:
+    """Take a subject's photos out of the workspace in one commit. They stay in git and DVC history, so
+    the lineage of every version trained on them still reaches them; registered models are untouched."""
+    from atelier.kernel.workspace import remove_subject, require_workspace
+
+    settings = cli_settings()
+    require_workspace(settings)
+    rev = remove_subject(
+        settings,
+        customer,
+        subject,
+        on_wait=lambda: typer.echo("another command is changing the workspace; waiting for it to finish", err=True),
+    )
+    typer.echo(f"removed {customer}/{subject} at revision {rev[:12]} (its photos stay in history: `atelier subject add` brings it back)")
+
+
 def _run_finetune(customer: str, subject: str, base_model: Optional[Path], config: Optional[Path], rev: Optional[str]) -> dict:
     prefect_ready(cli_settings())
     from atelier.flows.subject_finetune import subject_finetune

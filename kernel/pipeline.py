@@ -52,6 +52,21 @@ def list_subject(ws: Path, customer: str, subject: str, class_noun: str) -> list
     ]
 
 
+def unlist_subject(ws: Path, customer: str, subject: str) -> list[str]:
+    """Take the subject out of subjects.yaml (its finetune stage goes with it); its class's priors stay,
+    other subjects may share them. Returns the files to commit."""
+    path = ws / SUBJECTS_FILE
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    listed = dict((yaml.safe_load(text) or {}).get("subjects") or {})
+    if listed.pop(f"{customer}.{subject}", None) is None:
+        return []
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    write_text_atomic(path, header + yaml.safe_dump({"subjects": dict(sorted(listed.items()))}, sort_keys=False, allow_unicode=True))
+    return [SUBJECTS_FILE]
+
+
 def _class_of(ws: Path, customer: str, subject: str) -> str:
     meta = ws / "data" / "subjects" / customer / f"{subject}.yaml"
     return str((yaml.safe_load(meta.read_text()) or {}).get("class_noun", "")) if meta.is_file() else ""

@@ -26,7 +26,7 @@ import yaml
 from atelier.kernel.errors import DiskError, InvalidIdentifier, NotFound, WorkspaceError
 from atelier.kernel.gitinfo import SOURCE_ROOT
 from atelier.kernel.hashing import file_hashes
-from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, write_launcher
+from atelier.kernel.pipeline import PARAMS_FILE, SUBJECTS_FILE, list_subject, unlist_subject, write_launcher
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import atomic_dir, check_customer, check_slug, file_lock, write_json_atomic, write_text_atomic
 
@@ -306,6 +306,44 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         raise
     (ws / JOURNAL).unlink(missing_ok=True)
     return subject_revision(settings, customer, subject)
+
+
+def remove_subject(settings: Settings, customer: str, subject: str, on_wait: Callable[[], None] | None = None) -> str:
+    """Take a subject's photos out of the workspace in one commit (they stay in git and DVC history, so
+    every registered version's lineage still reaches them). Returns the commit."""
+    check_customer(customer)
+    check_slug(subject, "subject")
+    with changing_workspace(settings, on_wait) as ws:
+        dest = settings.subject_dir(customer, subject)
+        rel = dest.relative_to(ws).as_posix()
+        if not _in_head(ws, f"{rel}.dvc"):
+            raise NotFound(
+                f"subject {customer}/{subject}",
+                f"is not in the workspace (known: {', '.join(list_subjects(settings)) or 'none'})",
+                "check the names with `atelier subject list`",
+            )
+        write_json_atomic(
+            ws / JOURNAL,
+            {"what": f"subject remove {customer}/{subject}", "rel": rel, "tracked": True, "head": git(ws, "rev-parse", "HEAD")},
+        )
+        try:
+            paths = [f"{rel}.dvc", f"{rel}.yaml"]
+            git(ws, "rm", "-q", "--cached", "--ignore-unmatch", "--", *paths)
+            listed = unlist_subject(ws, customer, subject)
+            git(ws, "add", *listed) if listed else None
+            for path in paths:
+                (ws / path).unlink(missing_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: removed (its photos stay in history)", "--", *paths, *listed)
+        except BaseException:
+            try:
+                _undo_subject_change(ws, rel, True)
+                (ws / JOURNAL).unlink(missing_ok=True)
+            except Exception:  # noqa: BLE001 (the journal stays: the next command undoes it)
+                pass
+            raise
+        (ws / JOURNAL).unlink(missing_ok=True)
+        return git(ws, "rev-parse", "HEAD")
 
 
 def subject_revision(settings: Settings, customer: str, subject: str) -> str:

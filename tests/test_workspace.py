@@ -150,3 +150,24 @@ def test_a_subject_add_killed_at_any_point_is_undone_and_never_committed_by_the_
             assert not (ws.workspace / "data" / "subjects" / "acme" / f"killed{i}").exists()
             add_subject(ws, "acme", f"killed{i}", "toy", photos[:4])  # no --replace needed
     assert "undone" in outcomes, outcomes  # the kills did land inside the change
+
+
+def test_subject_remove_takes_it_out_in_one_commit_and_keeps_its_history(ws, photos):
+    from atelier.kernel.workspace import git, remove_subject
+
+    rev = add_subject(ws, "acme", "robot", "toy", photos[:4])
+    add_subject(ws, "acme", "other", "toy", photos[:4])
+    removed = remove_subject(ws, "acme", "robot")
+    assert list_subjects(ws) == ["acme/other"]
+    assert "acme.robot" not in (ws.workspace / "subjects.yaml").read_text() and "acme.other" in (ws.workspace / "subjects.yaml").read_text()
+    assert git(ws.workspace, "status", "--porcelain", "--untracked-files=no") == ""
+    assert set(git(ws.workspace, "show", "--name-only", "--format=", removed).split()) == {
+        "data/subjects/acme/robot.dvc",
+        "data/subjects/acme/robot.yaml",
+        "subjects.yaml",
+    }
+    snapshot = checkout_subject(ws, "acme", "robot", rev, ws.workspace.parent / "back")  # the history still has it
+    assert len(snapshot.files) == 4
+    with pytest.raises(NotFound, match="acme/robot"):
+        remove_subject(ws, "acme", "robot")
+    add_subject(ws, "acme", "robot", "toy", photos[:4])  # and it can come back, no --replace needed
