@@ -229,6 +229,43 @@ def customer_add(
     typer.echo(f"credentials (0600, hand them over securely): {path}")
 
 
+@customer_app.command("list")
+@friendly
+def customer_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every customer the workspace and the registry know: its subjects, its models with their champion
+    version, and whether `customer add` gave it credentials."""
+    from atelier.kernel.workspace import list_subjects
+    from atelier.registry.catalog import catalog
+
+    settings, client, _ = _registry()
+    found: dict[str, dict] = {}
+
+    def entry(name: str) -> dict:
+        return found.setdefault(name, {"customer": name, "subjects": [], "models": {}, "credentials": None})
+
+    for name in list_subjects(settings) if settings.workspace.is_dir() else []:
+        customer, subject = name.split("/", 1)
+        entry(customer)["subjects"].append(subject)
+    for m in catalog(client):
+        if m["customer"]:
+            champion = next((v["version"] for v in m["versions"] if "champion" in v["aliases"]), None)
+            entry(m["customer"])["models"][m["name"]] = champion
+    for path in sorted((settings.state_dir / "customers").glob("*.env")):
+        entry(path.stem)["credentials"] = str(path)
+    rows = [found[k] for k in sorted(found)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        typer.echo("no customers yet: `atelier subject add CUSTOMER SUBJECT ...` starts one")
+    for r in rows:
+        models = ", ".join(f"{name}" + (f" (champion v{v})" if v else " (no champion)") for name, v in r["models"].items())
+        typer.echo(f"{r['customer']}")
+        typer.echo(f"  subjects:    {', '.join(r['subjects']) or '-'}")
+        typer.echo(f"  models:      {models or '-'}")
+        typer.echo(f"  credentials: {r['credentials'] or '- (atelier customer add ' + r['customer'] + ')'}")
+
+
 @friendly
 def models_cmd(
     customer: Optional[str] = typer.Option(None, "--customer", metavar="CUSTOMER", help="only this customer's models"),

@@ -488,3 +488,16 @@ def test_atelier_models_lists_versions_with_aliases_and_verdicts(first_run, work
     assert f"{NAME}  (dreambooth, customer acme)" in text and "@champion" in text
     assert runner.invoke(app, ["models", "--customer", "nobody"]).output.startswith("no registered models for customer nobody")
     assert runner.invoke(app, ["models", "--customer", "../x"]).exit_code == 2
+
+
+def test_atelier_customer_list_shows_subjects_models_and_champions(first_run, workspace, client):
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+
+    runner = CliRunner()
+    listed = {r["customer"]: r for r in json.loads(runner.invoke(app, ["customer", "list", "--json"]).output)}
+    champion = client.get_model_version_by_alias(NAME, "champion").version
+    assert "robot" in listed["acme"]["subjects"] and listed["acme"]["models"][NAME] == str(champion)
+    text = runner.invoke(app, ["customer", "list"]).output
+    assert f"{NAME} (champion v{champion})" in text and "  credentials: " in text
