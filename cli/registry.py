@@ -229,6 +229,41 @@ def customer_add(
     typer.echo(f"credentials (0600, hand them over securely): {path}")
 
 
+@friendly
+def compare_cmd(
+    a: str = typer.Argument(..., metavar="A", help="a version: NAME@ALIAS or NAME/VERSION"),
+    b: str = typer.Argument(..., metavar="B", help="the version to compare it with"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """What changed from version A to version B: parameters, metrics (with the change), the photos file
+    by file, base model, class priors, code, and the gate's verdict on each."""
+    from atelier.registry.compare import compare
+
+    _, client, ledger = _registry()
+    diff = compare(client, ledger, a, b)
+    if as_json:
+        typer.echo(json.dumps(diff, indent=1, default=str))
+        return
+    typer.echo(f"{diff['a']} -> {diff['b']}   aliases {diff['aliases'][0] or '-'} -> {diff['aliases'][1] or '-'}")
+    typer.echo(f"  gate passed       {diff['gate'][0]} -> {diff['gate'][1]}")
+    data = diff["data"]
+    rev = "same" if data["rev"][0] == data["rev"][1] else f"{str(data['rev'][0])[:12]} -> {str(data['rev'][1])[:12]}"
+    typer.echo(
+        f"  photos            revision {rev}; {len(data['added'])} added, {len(data['removed'])} removed, {len(data['changed'])} changed"
+    )
+    for kind in ("added", "removed", "changed"):
+        for name in data[kind]:
+            typer.echo(f"                      {kind:<8} {name}")
+    for key, (x, y) in diff["inputs"].items():
+        typer.echo(f"  {key:<17} {str(x)[:16]} -> {str(y)[:16]}")
+    for key, (x, y, delta) in diff["metrics"].items():
+        typer.echo(f"  metric {key:<32} {x} -> {y}" + (f"  ({delta:+.4g})" if delta is not None else ""))
+    for key, (x, y) in diff["params"].items():
+        typer.echo(f"  param  {key:<32} {x} -> {y}")
+    if not (diff["metrics"] or diff["params"] or diff["inputs"] or any(data[k] for k in ("added", "removed", "changed"))):
+        typer.echo("  no difference in parameters, metrics, photos or inputs")
+
+
 @customer_app.command("list")
 @friendly
 def customer_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
@@ -295,6 +330,7 @@ def models_cmd(
 def install(app: typer.Typer) -> None:
     app.command("models")(models_cmd)
     app.command("lineage")(lineage_cmd)
+    app.command("compare")(compare_cmd)
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)
     app.add_typer(ledger_app, name="ledger")

@@ -501,3 +501,30 @@ def test_atelier_customer_list_shows_subjects_models_and_champions(first_run, wo
     assert "robot" in listed["acme"]["subjects"] and listed["acme"]["models"][NAME] == str(champion)
     text = runner.invoke(app, ["customer", "list"]).output
     assert f"{NAME} (champion v{champion})" in text and "  credentials: " in text
+
+
+def test_atelier_compare_names_what_changed_between_two_versions(first_run, workspace, client):
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+    from atelier.registry.compare import difference
+    from atelier.registry.ledger import open_ledger
+    from atelier.registry.lineage import lineage
+
+    runner = CliRunner()
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    first, last = versions[0], versions[-1]
+    done = runner.invoke(app, ["compare", f"{NAME}/{first}", f"{NAME}/{last}", "--json"])
+    assert done.exit_code == 0, done.output
+    diff = json.loads(done.output)
+    assert diff["a"] == f"{NAME}/{first}" and diff["b"] == f"{NAME}/{last}" and len(diff["gate"]) == 2
+    report = lineage(client, open_ledger(workspace), f"{NAME}/{first}")
+    same = difference(report, report)
+    assert same["params"] == {} and same["metrics"] == {} and same["inputs"] == {} and same["data"]["changed"] == []
+    other = json.loads(json.dumps(report))
+    other["data"]["files"] = {**(report["data"]["files"] or {}), "new.png": "0" * 64}
+    other["run"]["metrics"] = {**report["run"]["metrics"], "final_loss": 9.0}
+    changed = difference(report, other)
+    assert changed["data"]["added"] == ["new.png"] and changed["metrics"]["final_loss"][1] == 9.0
+    text = runner.invoke(app, ["compare", f"{NAME}/{first}", f"{NAME}/{first}"]).output
+    assert "no difference in parameters, metrics, photos or inputs" in text
