@@ -246,6 +246,27 @@ def runs_cmd(
 
 
 @friendly
+def logs_cmd(
+    run: str = typer.Argument(..., metavar="RUN", help="a flow run's id, its first 8 characters (`atelier runs`) or its name"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """A flow run's log, oldest line first, and how it ended (a crashed or failed run's reason last)."""
+    import logging
+
+    prefect_ready(cli_settings())
+    from atelier.flows.runs import run_logs
+
+    found = run_logs(run)
+    if as_json:
+        typer.echo(json.dumps(found, indent=1))
+        return
+    typer.echo(f"{found['name']} ({found['flow']}, flow run {found['id']})")
+    for line in found["lines"]:
+        typer.echo(f"{line['time'][11:19]} {logging.getLevelName(line['level']):<8} {line['message']}")
+    typer.echo(f"state: {found['state']}" + (f": {found['message']}" if found["message"] else ""))
+
+
+@friendly
 def serve_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a subject model: NAME@ALIAS or NAME/VERSION"),
     port: int = typer.Option(5001, "--port", min=1, max=65535, help="port of the HTTP endpoint"),
@@ -302,3 +323,4 @@ def install(app: typer.Typer) -> None:
     app.command("worker")(worker_cmd)
     app.command("runs")(runs_cmd)
     app.command("serve")(serve_cmd)
+    app.command("logs")(logs_cmd)

@@ -177,6 +177,49 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
     return rows
 
 
+def run_logs(run: str, limit: int = 2000) -> dict:
+    """A flow run's log lines, oldest first, and its final state with its message. `run` is a flow run's
+    id, the start of one (as `atelier runs` shows it) or its name."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort, LogSort
+
+    from atelier.kernel.errors import NotFound
+
+    with get_client(sync_client=True) as client:
+        found = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run])), limit=2)
+        if not found:
+            recent = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)  # the server's most
+            found = [r for r in recent if str(r.id).startswith(run.lower())] if len(run) >= 4 else []
+        if len(found) != 1:
+            raise NotFound(
+                f"flow run {run!r}",
+                "matches no flow run" if not found else "matches more than one flow run",
+                "pass an id (or its first 8 characters) or a name from `atelier runs`",
+            )
+        flow_run = found[0]
+        logs: list = []
+        while len(logs) < limit:  # the server answers at most 200 a page
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])),
+                sort=LogSort.TIMESTAMP_ASC,
+                limit=200,
+                offset=len(logs),
+            )
+            logs.extend(page)
+            if len(page) < 200:
+                break
+        flow = client.read_flow(flow_run.flow_id).name
+    return {
+        "id": str(flow_run.id),
+        "name": flow_run.name,
+        "flow": flow,
+        "state": flow_run.state_name or "",
+        "message": (flow_run.state.message if flow_run.state else "") or "",
+        "lines": [{"time": str(line.timestamp), "level": line.level, "logger": line.name, "message": line.message} for line in logs],
+    }
+
+
 def finished(result: dict, gate: dict):
     """The flow's end state: Completed when the gate passed; a Completed named `Refused`, with the
     gate's reasons as its message, when it refused (the UI shows it at a glance; the caller still

@@ -528,3 +528,20 @@ def test_atelier_compare_names_what_changed_between_two_versions(first_run, work
     assert changed["data"]["added"] == ["new.png"] and changed["metrics"]["final_loss"][1] == 9.0
     text = runner.invoke(app, ["compare", f"{NAME}/{first}", f"{NAME}/{first}"]).output
     assert "no difference in parameters, metrics, photos or inputs" in text
+
+
+def test_atelier_logs_prints_a_runs_log_and_how_it_ended(first_run):
+    from typer.testing import CliRunner
+
+    from atelier.cli.main import app
+
+    runner = CliRunner()
+    short = str(first_run["flow_run_id"])[:8]
+    done = runner.invoke(app, ["logs", short])
+    assert done.exit_code == 0, done.output
+    assert str(first_run["flow_run_id"]) in done.output and "subject-finetune" in done.output
+    assert done.output.rstrip().splitlines()[-1].startswith("state: Completed") and len(done.output.splitlines()) > 5
+    as_json = json.loads(runner.invoke(app, ["logs", short, "--json"]).output)
+    assert as_json["id"] == str(first_run["flow_run_id"]) and as_json["lines"]
+    missing = runner.invoke(app, ["logs", "ffffffff-none"])
+    assert missing.exit_code == 2 and "matches no flow run" in missing.output
