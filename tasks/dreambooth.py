@@ -49,6 +49,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
         cfg.class_sampling.guidance_scale,
     )
     report = progress_logger(f"class priors '{class_prompt}'", spec.count, "images")
+    report(0)  # the bar and its clock start now, while the base model loads, not after
     keep_compiles(cfg.class_sampling.compile_mode != "none")
     prior = ensure_class_priors(
         settings().priors_cache,
@@ -133,12 +134,16 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
             )
         else:
             report = progress_logger("DreamBooth training", cfg.max_train_steps, "steps")
+            latest = {"text": ""}
 
-            def on_step(step: int, total: int, loss: float, lr: float) -> None:
-                report(step, f"loss {loss:.4f} lr {lr:.2e}")
+            def on_step(step: int, total: int) -> None:  # each step as it ends: the bar and its ETA move with the work
+                report(step, latest["text"])
+
+            def on_loss(step: int, total: int, loss: float, lr: float) -> None:  # losses arrive in bursts
+                latest["text"] = f"loss {loss:.4f} lr {lr:.2e} (step {step})"
                 live.log(step, loss, lr)
 
-            result = train(cfg, inputs, on_progress=on_step)
+            result = train(cfg, inputs, on_progress=on_loss, on_step=on_step)
     except BaseException:
         live.fail()
         raise

@@ -147,3 +147,23 @@ def test_checkpoint_keeps_layouts(tmp_path):
     ckpt.wait()
     back = load_checkpoint(latest_checkpoint(tmp_path))["w"]
     assert back.stride() == w.stride() and torch.equal(back, w)
+
+
+def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, photos, prior_dir, tmp_path, tiny_config):
+    """The bar is fed as each step ends (no device sync), so it never jumps 10 steps at a time and its ETA
+    comes from the measured rate; the losses, read back in bursts, still arrive for every step, in order."""
+    from atelier.models.dreambooth.trainer import LOSS_READBACK_STEPS
+
+    events = []
+    cfg = tiny_config.model_copy(update={"max_train_steps": 2 * LOSS_READBACK_STEPS + 3})
+    train(
+        cfg,
+        _inputs(tiny_model, photos, prior_dir, tmp_path),
+        on_step=lambda step, total: events.append(("step", step)),
+        on_progress=lambda step, total, loss, lr: events.append(("loss", step)),
+    )
+    steps = [n for kind, n in events if kind == "step"]
+    losses = [n for kind, n in events if kind == "loss"]
+    assert steps == list(range(1, cfg.max_train_steps + 1)) and losses == steps
+    # the bar reached step 5 before any loss was read back: it was not held for the burst
+    assert events.index(("step", 5)) < events.index(("loss", 1))

@@ -48,6 +48,7 @@ from atelier.models.dreambooth.train_setup import Encoded, add_lora, fresh_accel
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "LOSS_READBACK_STEPS"]
 
 ProgressFn = Callable[[int, int, float, float], None]  # step, total, loss, learning rate
+StepFn = Callable[[int, int], None]  # step, total
 LOSS_READBACK_STEPS = 10  # losses stay on the device between read-backs, so the host never waits per step
 EAGER_STEPS_BEFORE_CAPTURE = 3  # lazy state (optimizer moments, cuBLAS workspaces) exists before a graph is captured
 
@@ -108,8 +109,18 @@ def uses_cuda_graphs(cfg: TrainConfig, precision: str, processes: int) -> bool:
     )
 
 
-def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None = None, step_budget: int | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    inputs: TrainInputs,
+    on_progress: ProgressFn | None = None,
+    step_budget: int | None = None,
+    on_step: StepFn | None = None,
+) -> TrainResult:
     """Train, resuming from the newest checkpoint in `inputs.work_dir` when there is one.
+
+    `on_step(step, total)` is called as each optimizer step ends (for a progress bar: no device sync);
+    `on_progress(step, total, loss, lr)` with each step's loss, which is read back from the device in
+    bursts (LOSS_READBACK_STEPS), so its calls come in groups.
 
     `step_budget` caps the optimizer steps taken by this call (for preemptible machines and tests):
     the run then checkpoints and returns `finished=False`; calling again continues it.
@@ -289,6 +300,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs, on_progress: ProgressFn | None 
                 continue
         state.step += 1
         taken += 1
+        if on_step:
+            on_step(state.step, cfg.max_train_steps)
         pending.append((torch.stack(micro).mean(), _host_lr(raw_scheduler, cfg.learning_rate)))
         micro = []
         budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
