@@ -155,7 +155,7 @@ def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, 
     from atelier.models.dreambooth.trainer import LOSS_READBACK_STEPS
 
     events = []
-    cfg = tiny_config.model_copy(update={"max_train_steps": 2 * LOSS_READBACK_STEPS + 3})
+    cfg = tiny_config.model_copy(update={"max_train_steps": LOSS_READBACK_STEPS + 3, "checkpointing_steps": 1000, "validation_steps": 1000})
     train(
         cfg,
         _inputs(tiny_model, photos, prior_dir, tmp_path),
