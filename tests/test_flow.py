@@ -545,3 +545,32 @@ def test_atelier_logs_prints_a_runs_log_and_how_it_ended(first_run):
     assert as_json["id"] == str(first_run["flow_run_id"]) and as_json["lines"]
     missing = runner.invoke(app, ["logs", "ffffffff-none"])
     assert missing.exit_code == 2 and "matches no flow run" in missing.output
+
+
+def test_ctrl_c_during_registration_is_exit_130_and_registers_nothing(first_run, workspace, client, robot_photos):
+    """SIGINT a moment after the samples are written (registration under way): the command ends within
+    seconds with exit 130 and no traceback, and no version of the model exists; a rerun registers once."""
+    import signal
+    import time
+
+    add_subject(workspace, "acme", "sigint", "toy", robot_photos)
+    env = {**os.environ, "ATELIER_WORKSPACE": str(workspace.workspace)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atelier.cli", "finetune", "acme", "sigint"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "sample-images" in line and "Finished in state" in line:  # registration starts next
+            time.sleep(0.2)
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen)[-2000:] + err[-2000:]
+    assert time.monotonic() - sent < 10 and "interrupted" in err and "Traceback" not in err
+    assert client.search_model_versions("name = 'dreambooth-acme-sigint'") == []
