@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import tempfile
 from typing import Iterator
@@ -135,6 +136,25 @@ def disk_error(exc: BaseException, settings: Settings) -> DiskError | None:
     return None
 
 
+def _full_workspace_disk(settings: Settings) -> DiskError | None:
+    """Any failure while the workspace's disk has no room left is that disk's: the background Prefect
+    server's database lives there too, and its 500s would otherwise read as "the server did not answer"."""
+    try:
+        free = shutil.disk_usage(settings.state_dir if settings.state_dir.is_dir() else settings.workspace).free
+    except OSError:
+        return None
+    if free >= FULL_BELOW:
+        return None
+    return DiskError(
+        f"disk holding {settings.workspace}",
+        f"is full ({free // 1024} KiB free)",
+        "free some space (or move the workspace) and rerun; writes are atomic, so nothing already stored was lost",
+    )
+
+
+FULL_BELOW = 1024 * 1024  # bytes free under which a workspace disk counts as full
+
+
 _SQLITE_DAMAGE = ("file is not a database", "database disk image is malformed")
 
 
@@ -145,7 +165,7 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
             return err
         if isinstance(err, AtelierError):
             return None
-    disk = disk_error(exc, settings)
+    disk = disk_error(exc, settings) or _full_workspace_disk(settings)
     if disk is not None:
         return disk
     for err in causes(exc):

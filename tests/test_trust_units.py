@@ -231,3 +231,26 @@ def test_failed_logins_are_throttled_per_user_and_address(shared, tmp_path):
     assert throttle.retry_after("ops", "10.0.0.1") > 0  # the address tried 5 names: everyone from it waits
     if shared:  # another worker process of the server sees the same counts
         assert Throttle(per_user=3, per_address=5, window=60, path=path).retry_after("acme", "10.0.0.1") > 0
+
+
+def test_any_failure_on_a_full_workspace_disk_is_that_disks_not_a_servers(tmp_path):
+    """The background Prefect server keeps its database on the workspace's disk: when that disk is full its
+    500s used to read as "Prefect server did not answer, start it again" while it was up."""
+    import os
+    import shutil
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
+    try:
+        settings = load_settings(workspace=small / "ws", prefect_api_url="http://127.0.0.1:4200/api")
+        settings.state_dir.mkdir(parents=True)
+        err = RuntimeError("Server error '500 Internal Server Error' for url 'http://127.0.0.1:4200/api/task_runs/'")
+        assert classify(err, settings) is None  # room left: not an outage of the disk
+        (small / "filler").write_bytes(b"\0" * shutil.disk_usage(small).free)
+        found = classify(err, settings)
+        assert found is not None and found.exit_code == 6 and str(small / "ws") in str(found) and "is full" in str(found)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
