@@ -9,6 +9,7 @@ is exit 6 naming the file and how to restore it, before anything runs."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from atelier.kernel.errors import DiskError
 from atelier.kernel.settings import Settings
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+FRESH_SECONDS = 30  # an empty file younger than this may be one another command is creating
 
 
 class StoreDamaged(DiskError):
@@ -71,6 +73,8 @@ def check_store(store: Store) -> None:
     with open(path, "rb") as handle:
         head = handle.read(len(SQLITE_HEADER))
     if not head:
+        if time.time() - path.stat().st_mtime < FRESH_SECONDS:
+            return  # another command is creating it this very moment (SQLite writes its header with the first table)
         raise StoreDamaged(str(path), f"{store.what} is empty (0 bytes): it was truncated", store.fix)
     if head != SQLITE_HEADER:
         raise StoreDamaged(str(path), f"{store.what} is not a SQLite database (it starts with {head[:8]!r})", store.fix)
@@ -82,7 +86,7 @@ def check_store(store: Store) -> None:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise StoreDamaged(str(path), f"{store.what} cannot be read ({exc})", store.fix) from None
-    if tables and store.table not in tables:
+    if tables and not tables & {store.table, "alembic_version"}:  # a store being migrated has alembic_version first
         raise StoreDamaged(str(path), f"{store.what} is another program's database (it has no {store.table} table)", store.fix)
     if not tables and path.stat().st_size > 8192:
         raise StoreDamaged(str(path), f"{store.what} has lost its tables", store.fix)

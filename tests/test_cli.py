@@ -167,6 +167,10 @@ def test_an_empty_or_foreign_database_is_exit_6_naming_it_and_never_recreated(tm
             conn.execute("CREATE TABLE notes (x)")
     else:
         path.write_bytes(content)
+    import os
+    import time
+
+    os.utime(path, (time.time() - 120, time.time() - 120))  # not one another command is creating right now
     before = path.read_bytes()
     monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path / "ws"))
     for command in (["ledger", "verify"], ["models"], ["runs"]):
@@ -175,3 +179,21 @@ def test_an_empty_or_foreign_database_is_exit_6_naming_it_and_never_recreated(tm
         assert f"error: {path}: {problem}" in result.output and "restore it from a backup" in result.output
         assert "Traceback" not in result.output
     assert path.read_bytes() == before  # left as it was, for whoever restores it
+
+
+def test_a_store_another_command_is_creating_right_now_is_not_called_damaged(tmp_path):
+    """Two commands at once on a new workspace: one's Prefect server creates prefect.db (0 bytes for a moment,
+    then only alembic_version while it migrates) while the other checks the stores."""
+    import sqlite3
+
+    from atelier.kernel.settings import load_settings
+    from atelier.kernel.stores import check_local_stores
+
+    settings = load_settings(workspace=tmp_path / "ws")
+    settings.prefect_home.mkdir(parents=True)
+    (settings.prefect_home / "prefect.db").write_bytes(b"")
+    check_local_stores(settings)  # just created: passes
+    (settings.prefect_home / "prefect.db").unlink()
+    with sqlite3.connect(settings.prefect_home / "prefect.db") as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+    check_local_stores(settings)  # mid-migration: passes
