@@ -86,9 +86,11 @@ def friendly(fn: Callable) -> Callable:
         import os
 
         from atelier.cli.progress import bars
+        from atelier.kernel import interrupts
         from atelier.kernel.storage import printable
 
         _quiet_known_tracebacks()
+        interrupts.install()
         try:
             with bars():
                 return fn(*args, **kwargs)

@@ -10,6 +10,7 @@ import mlflow
 from mlflow import MlflowClient
 from PIL import Image
 
+from atelier.kernel import interrupts
 from atelier.kernel.hashing import tree_hash
 from atelier.kernel.settings import Settings
 from atelier.registry.client import (
@@ -165,6 +166,7 @@ def register_dreambooth(
             description=model_description(customer, subject, lineage),
         )
         grant_customer_read(settings, name, customer)
+    interrupts.check()  # nothing is registered after a Ctrl-C, even one a finalizer swallowed
     card = version_card(name, lineage, metrics)
     version = client.create_model_version(
         name, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha}, model_id=info.model_id, description=card

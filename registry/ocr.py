@@ -23,6 +23,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from atelier.kernel import interrupts
 from atelier.kernel.hashing import sha256_file
 from atelier.kernel.settings import Settings
 from atelier.registry.client import (
@@ -165,6 +166,7 @@ def register_ocr(
         _, manifest_sha = record_manifest(client, run.info.run_id, info.model_uri)
     if model_missing(client, MODEL_NAME):
         client.create_registered_model(MODEL_NAME, tags={"atelier.kind": "ocr"})
+    interrupts.check()  # nothing is registered after a Ctrl-C, even one a finalizer swallowed
     version = client.create_model_version(
         MODEL_NAME, info.model_uri, run_id=run.info.run_id, tags={**tags, MANIFEST_TAG: manifest_sha}, model_id=info.model_id
     )

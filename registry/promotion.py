@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from atelier.kernel import interrupts
 from atelier.kernel.errors import GateRefused, NotFound
 from atelier.kernel.settings import GateRules
 from atelier.models.dreambooth.health import Health
@@ -111,6 +112,7 @@ def move_champion(
         replaced_version=previous,
         flow_run_id=flow_run_id,
     )
+    interrupts.check()  # a Ctrl-C that a finalizer swallowed still stops a promotion before its first row
     append(client, ledger, action="intent", reason=f"{action}: {reason}", **common)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return append(client, ledger, action=action, reason=reason, **common)

@@ -94,3 +94,34 @@ def test_platform_names_refused_as_customers(reserved):
         check_customer(reserved)
     assert "reserves" in str(err.value) and "Fix:" in str(err.value)
     assert check_customer("acme") == "acme" and check_customer("ledgerco") == "ledgerco"
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_next_commit_point():
+    """Python drops a KeyboardInterrupt raised inside __del__ ("Exception ignored in ..."): a fine-tune
+    interrupted while dulwich's object store was collected registered and exited 0. The handler records the
+    signal, so the next commit point raises it anyway."""
+    import gc
+    import os
+    import signal
+    import sys
+    import time
+
+    from atelier.kernel import interrupts
+
+    old_handler, old_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    try:
+        interrupts.install()
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here, inside the finalizer
+
+        Finalized()
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        sys.unraisablehook = old_hook
+        interrupts._interrupted.clear()
