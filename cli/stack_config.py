@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from atelier.cli.stack_user import ServiceAccount, hand_over, python_paths, service_account
+from atelier.cli.stack_user import ServiceAccount, hand_over, python_paths, service_account, stack_dir
 from atelier.kernel.errors import ConfigError, ServiceUnavailable
 from atelier.kernel.settings import Settings
 from atelier.kernel.storage import write_secret_file
@@ -37,10 +37,6 @@ INHERITED = (
     "REQUESTS_CA_BUNDLE",
     "ATELIER_ACTOR",
 )
-
-
-def stack_dir(settings: Settings) -> Path:
-    return settings.state_dir / "stack"
 
 
 def database_names(settings: Settings) -> dict[str, str]:

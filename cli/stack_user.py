@@ -72,14 +72,16 @@ def _known_uid(uid: int) -> bool:
         return False
 
 
-def stack_home(settings: Settings) -> Path:
+def stack_dir(settings: Settings) -> Path:
+    """The operator's stack folder, `.atelier/stack/`: records, logs, secrets (and, run by anyone but root,
+    the servers' state)."""
     return settings.state_dir / "stack"
 
 
 def _system_home(settings: Settings) -> Path:
     """The servers' state folder when they run as the service user: one per stack (its prefix and
     where its workspace is), so two workspaces on one machine never share data."""
-    ident = hashlib.sha256(str(stack_home(settings).resolve()).encode()).hexdigest()[:10]
+    ident = hashlib.sha256(str(stack_dir(settings).resolve()).encode()).hexdigest()[:10]
     return SERVICE_HOMES / f"{settings.stack.database_prefix}-{ident}"
 
 
@@ -133,17 +135,17 @@ def service_account(settings: Settings, needs: Sequence[Path] = (), create: bool
     the servers keep their state). `create`: make the system user if it is missing (only `atelier up`
     does; everything else just asks)."""
     if os.geteuid() != 0:
-        return ServiceAccount(None, os.geteuid(), os.getegid(), stack_home(settings))
+        return ServiceAccount(None, os.geteuid(), os.getegid(), stack_dir(settings))
     name = settings.stack.service_user
     if not name:
-        return ServiceAccount(None, 0, 0, stack_home(settings), "ATELIER_STACK__SERVICE_USER is empty")
+        return ServiceAccount(None, 0, 0, stack_dir(settings), "ATELIER_STACK__SERVICE_USER is empty")
     if create:
         entry = _create_system_user(name)
     else:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            return ServiceAccount(None, 0, 0, stack_home(settings), f"no user {name!r} yet")
+            return ServiceAccount(None, 0, 0, stack_dir(settings), f"no user {name!r} yet")
     if entry.pw_uid == 0:
         raise ConfigError(
             f"ATELIER_STACK__SERVICE_USER={name}", "is root", "name an unprivileged user, or leave it unset (default atelier)"
@@ -177,7 +179,7 @@ def prepare_home(settings: Settings, account: ServiceAccount) -> Path:
         os.chmod(home.parent, 0o711)  # passable, not listable by anyone but root
         home.mkdir(mode=0o700, exist_ok=True)
         for name in ("s3", "prefect-server"):
-            old, new = stack_home(settings) / name, home / name
+            old, new = stack_dir(settings) / name, home / name
             if old.is_dir() and not new.exists():
                 old.rename(new) if old.stat().st_dev == home.stat().st_dev else _move(old, new)
         hand_over(home, account)

@@ -216,6 +216,24 @@ def _settle(settings: Settings) -> None:
             _recover(ws)
 
 
+@contextlib.contextmanager
+def _journaled(ws: Path, what: str, rel: str, tracked: bool) -> Iterator[None]:
+    """A change to one subject's files, all or nothing: a journal is written first, so a kill -9 inside the
+    block is undone by the next command (_recover); an error undoes it at once (on a full disk the undo may
+    fail too: the journal then stays for the next command)."""
+    write_json_atomic(ws / JOURNAL, {"what": what, "rel": rel, "tracked": tracked, "head": git(ws, "rev-parse", "HEAD")})
+    try:
+        yield
+    except BaseException:
+        try:
+            _undo_subject_change(ws, rel, tracked)
+            (ws / JOURNAL).unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 (the error being raised is the one to report)
+            pass
+        raise
+    (ws / JOURNAL).unlink(missing_ok=True)
+
+
 def _in_head(ws: Path, path: str) -> bool:
     try:
         git(ws, "cat-file", "-e", f"HEAD:{path}")
@@ -280,10 +298,7 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise WorkspaceError(", ".join(dupes), "more than one photo has this file name", "rename the photos so each name is unique")
-    # a journal first: a kill -9 from here to the commit is undone by the next command (_recover)
-    what = f"subject add {customer}/{subject}"
-    write_json_atomic(ws / JOURNAL, {"what": what, "rel": rel, "tracked": tracked, "head": git(ws, "rev-parse", "HEAD")})
-    try:
+    with _journaled(ws, f"subject add {customer}/{subject}", rel, tracked):
         with atomic_dir(dest, replace=True) as tmp:
             for photo in photos:
                 shutil.copy2(photo, tmp / photo.name)
@@ -297,14 +312,6 @@ def _add_subject(settings: Settings, customer: str, subject: str, class_noun: st
         git(ws, "add", *paths)
         # only these paths: whatever else someone staged is not swept into the subject's commit
         git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: {len(photos)} photos, class {class_noun}", "--", *paths)
-    except BaseException:
-        try:
-            _undo_subject_change(ws, rel, tracked)
-            (ws / JOURNAL).unlink(missing_ok=True)
-        except Exception:  # noqa: BLE001 (a full disk fails the undo too: the journal stays, and the next command undoes it)
-            pass
-        raise
-    (ws / JOURNAL).unlink(missing_ok=True)
     return subject_revision(settings, customer, subject)
 
 
@@ -322,27 +329,16 @@ def remove_subject(settings: Settings, customer: str, subject: str, on_wait: Cal
                 f"is not in the workspace (known: {', '.join(list_subjects(settings)) or 'none'})",
                 "check the names with `atelier subject list`",
             )
-        write_json_atomic(
-            ws / JOURNAL,
-            {"what": f"subject remove {customer}/{subject}", "rel": rel, "tracked": True, "head": git(ws, "rev-parse", "HEAD")},
-        )
-        try:
+        with _journaled(ws, f"subject remove {customer}/{subject}", rel, True):
             paths = [f"{rel}.dvc", f"{rel}.yaml"]
             git(ws, "rm", "-q", "--cached", "--ignore-unmatch", "--", *paths)
             listed = unlist_subject(ws, customer, subject)
-            git(ws, "add", *listed) if listed else None
+            if listed:
+                git(ws, "add", *listed)
             for path in paths:
                 (ws / path).unlink(missing_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
             git(ws, "commit", "-q", "-m", f"subject {customer}/{subject}: removed (its photos stay in history)", "--", *paths, *listed)
-        except BaseException:
-            try:
-                _undo_subject_change(ws, rel, True)
-                (ws / JOURNAL).unlink(missing_ok=True)
-            except Exception:  # noqa: BLE001 (the journal stays: the next command undoes it)
-                pass
-            raise
-        (ws / JOURNAL).unlink(missing_ok=True)
         return git(ws, "rev-parse", "HEAD")
 
 

@@ -32,12 +32,10 @@ def load_pyfunc(settings: Settings, name: str, version: str):
     from mlflow.models import Model
 
     from atelier.registry import legacy_names
-    from atelier.registry.ledger import open_ledger
-    from atelier.registry.model_files import SELF_CHECK_KEYS, verified_copy
+    from atelier.registry.model_files import SELF_CHECK_KEYS
 
-    client = client_for(settings)  # sets the tracking URI
     path = list(sys.path)
-    with verified_copy(client, open_ledger(settings), name, version) as local:
+    with checked_copy(settings, name, version) as local:
         if legacy_names.is_legacy_layout(local / "code"):  # registered before the one import root
             legacy_names.install()
         config = Model.load(str(local)).flavors["python_function"].get("config") or {}

@@ -70,7 +70,7 @@ def test_servers_run_as_the_service_user_where_it_can_read_what_they_run(tmp_pat
 def test_state_kept_under_the_workspace_moves_to_the_service_users_folder_once(tmp_path, monkeypatch):
     monkeypatch.setattr(stack_user, "SERVICE_HOMES", tmp_path / "homes")
     settings = load_settings(workspace=tmp_path / "ws")
-    old = stack_user.stack_home(settings) / "s3" / "data"
+    old = stack_user.stack_dir(settings) / "s3" / "data"
     old.mkdir(parents=True)
     (old / "1.dat").write_bytes(b"a tenant's weights")
     os.chmod(old / "1.dat", 0o644)  # as SeaweedFS left some files
