@@ -130,7 +130,8 @@ def expand_photos(paths: list) -> list:
     hidden ones are left for the photo rules to name)."""
     from pathlib import Path
 
-    from atelier.kernel.errors import NotFound
+    from atelier.kernel.errors import InvalidIdentifier, NotFound
+    from atelier.kernel.storage import printable
 
     out = []
     for path in map(Path, paths):
@@ -140,13 +141,16 @@ def expand_photos(paths: list) -> list:
                 raise NotFound(f"folder {path}", "holds no files", "put the subject's photos in it, or name the photo files")
             out.extend(inside)
         elif path.exists() and not path.is_file():  # a pipe or a device would be read forever
-            from atelier.kernel.errors import InvalidIdentifier
-
             raise InvalidIdentifier(
                 f"photo {path}", "is not a regular file (a pipe, a device or a socket)", "give image files, or a folder of them"
             )
         else:
             out.append(path)
+    for path in out:  # the photos keep their names in the workspace, its git history and DVC's records
+        if printable(path.name) != path.name:
+            raise InvalidIdentifier(
+                f"photo {printable(str(path))}", "has a file name that is not UTF-8 text", "rename the file (e.g. to photo-01.jpg)"
+            )
     return out
 
 

@@ -288,12 +288,13 @@ def priors(
     import shutil
 
     from atelier.cli.progress import Progress
-    from atelier.kernel.storage import atomic_dir
+    from atelier.kernel.storage import atomic_dir, output_folder
     from atelier.models.dreambooth.base import check_sd_directory, model_hash
     from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 
     settings = cli_settings()
     PriorSpec("", class_prompt, count, resolution, seed, sampler, steps, guidance).check()  # exit 2 before loading anything
+    output_folder(out)
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
     made = ensure_class_priors(settings.priors_cache, spec, base, on_progress=Progress("class images", "images"))
@@ -331,12 +332,16 @@ def generate(
 
     from atelier.kernel.errors import ConfigError
     from atelier.kernel.outages import preflight
-    from atelier.kernel.storage import write_bytes_atomic
+    from atelier.kernel.storage import output_folder, write_bytes_atomic
+    from atelier.models.dreambooth.config import SEED_MAX
     from atelier.registry.lineage import resolve
     from atelier.registry.pyfunc import decode_png
 
     if size is not None and size % 8:
         raise ConfigError(f"--size {size}", "is not a multiple of 8", f"use {size - size % 8} or {size - size % 8 + 8}")
+    if not 0 <= seed <= SEED_MAX - len(prompt):
+        raise ConfigError(f"--seed {seed}", f"is out of range (0 to {SEED_MAX - len(prompt)})", "give a smaller seed")
+    output_folder(out)
     settings = cli_settings()
     preflight(settings)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)

@@ -76,6 +76,10 @@ def batch_generate_cmd(
     _check_local(
         manifest, "manifest", 'write a JSONL manifest (one {"id", "prompt", "seed"} per line) or give its s3:// key', regular_file=True
     )
+    if not manifest.startswith("s3://"):  # a manifest with nothing to run is exit 2 now, not a failed flow run
+        from atelier.models.batch.manifest import read_generation_manifest
+
+        read_generation_manifest(Path(manifest).read_bytes(), manifest)
     _check_model(settings, model or f"dreambooth-{customer}-{subject}@champion", customer)
     prefect_ready(settings)
     from atelier.flows.batch import batch_generate  # Prefect reads its settings when imported: after prefect_ready

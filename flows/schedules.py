@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atelier.kernel.errors import ConfigError
+from atelier.kernel.errors import ConfigError, schema_problems, yaml_problem
 from atelier.kernel.storage import check_slug
 
 
@@ -115,15 +115,14 @@ def load_schedules(path: Path) -> Schedules:
     try:
         return Schedules.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"is not YAML ({exc})", "fix the syntax") from None
+        raise ConfigError(str(path), f"is not YAML ({yaml_problem(exc)})", "fix the syntax") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
     except RecursionError:
         raise ConfigError(str(path), "is nested too deeply to be a schedule file", "write the entries as the README shows") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}", first["msg"], "fix that entry") from None
+        said, fix = schema_problems(exc.errors())
+        raise ConfigError(str(path), said, f"{fix} (the guide's Schedules section shows each entry)") from None
 
 
 def deployments(schedules: Schedules) -> list:

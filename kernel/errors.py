@@ -80,3 +80,33 @@ class PartlyDone(AtelierError):
     tell "all done" (0) and "nothing done" (2) from "fix these items and run again" (a rerun does only them)."""
 
     exit_code = 7
+
+
+def schema_problems(errors: list) -> tuple[str, str]:
+    """A schema's errors (pydantic's `ValidationError.errors()`) in the project's words, all of them at
+    once: ("N problem(s): key 'a.b': what it must be; ...", the fix). Unknown keys are named as such."""
+
+    def words(error: dict) -> str:
+        message = str(error["msg"])
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
+        if error["type"] == "finite_number":
+            return "must be a finite number (not nan or inf)"
+        if error["type"] == "extra_forbidden":
+            return "is not a setting"
+        if error["type"] in ("dict_type", "model_type", "model_attributes_type"):
+            return "must be a mapping of `key: value` entries"
+        return message.lower()
+
+    said = "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or '(the whole file)'!r}: {words(e)}" for e in errors)
+    unknown = any(e["type"] == "extra_forbidden" for e in errors)
+    fix = "remove unknown keys or check their spelling" if unknown else "correct the values named"
+    return f"{len(errors)} problem(s): {said}", fix
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parser's error on one line: what it found and where ("found unexpected end of stream at line
+    2, column 1"), not PyYAML's multi-line excerpt with a caret under the column."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or exc.__class__.__name__
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what

@@ -151,6 +151,20 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """A folder a command will write into, checked before any work: an existing file (or a file where a
+    parent folder should be) is refused, never replaced by a folder or written through."""
+    from atelier.kernel.errors import ConfigError
+
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise ConfigError(f"{option} {path}", f"{part} is a file, not a folder", "name a folder (new or existing) for the output")
+            break
+    return path
+
+
 @contextmanager
 def file_lock(path: Path, on_wait=None) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing) for the block. The kernel drops it when

@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 from atelier.kernel.errors import AtelierError, ConfigError
 from atelier.kernel.objectstore import open_store, split_file_url
-from atelier.models.batch.manifest import GenItem, parse_generation_manifest
+from atelier.models.batch.manifest import GenItem, read_generation_manifest
 from atelier.models.batch.outputs import finish
 from atelier.tasks.common import UNCACHED, logger, progress_logger, retry_transient, settings, tracked
 
@@ -48,10 +48,7 @@ def pin_model(ref: str, customer: str | None = None) -> dict:
 def read_manifest(url: str) -> dict:
     """Valid items and the invalid lines (each named with its line number and the problem)."""
     folder, name = split_file_url(url)
-    text = open_store(folder, settings().s3_endpoint_url).read_bytes(name).decode("utf-8", errors="replace")
-    items, invalid = parse_generation_manifest(text)
-    if not items and not invalid:
-        raise ConfigError(url, "is an empty manifest", 'write one JSON object per line: {"id": ..., "prompt": ...}')
+    items, invalid = read_generation_manifest(open_store(folder, settings().s3_endpoint_url).read_bytes(name), url, require_items=False)
     for bad in invalid:
         logger().warning("manifest %s: %s (skipped)", url, bad.error)
     logger().info("manifest %s: %d valid item(s), %d invalid", url, len(items), len(invalid))

@@ -106,3 +106,11 @@ def test_ctrl_c_ends_the_command_within_seconds_with_exit_130_and_no_partial_out
     assert time.monotonic() - sent < 10
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_config_names_exactly_the_samplers_sampling_builds():
+    """The class-prior check reads the sampler names from the config (no torch import before a refusal)."""
+    from atelier.models.dreambooth.config import SAMPLER_NAMES
+    from atelier.models.dreambooth.sampling import SAMPLERS
+
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)

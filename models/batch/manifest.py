@@ -1,4 +1,5 @@
-"""Batch manifests: one JSON object per line. Bad lines are reported, never fatal to the batch.
+"""Batch manifests: one JSON object per line. Bad lines are reported, never fatal to the batch; a file
+with no valid line at all (not UTF-8, empty, a JSON list, every line wrong) is refused whole.
 
 Generation manifest fields: `id` (required; letters, digits, '.', '_', '-'), `prompt` (required),
 optional `seed` (default: derived from the id, so a rerun draws the same image), `guidance`, `steps`,
@@ -11,6 +12,8 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+
+from atelier.kernel.errors import ConfigError
 
 ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FIELDS = {"id", "prompt", "seed", "guidance", "steps", "size", "negative_prompt"}
@@ -108,9 +111,31 @@ def parse_generation_manifest(text: str) -> tuple[list[GenItem], list[Invalid]]:
         except json.JSONDecodeError as exc:
             invalid.append(Invalid(n, None, f"line {n} is not JSON ({exc.msg} at column {exc.colno})"))
             continue
+        except RecursionError:
+            invalid.append(Invalid(n, None, f"line {n} is nested too deeply to be an item"))
+            continue
         except ValueError as exc:
             invalid.append(Invalid(n, item_id, f"line {n}{' (id ' + repr(item_id) + ')' if item_id else ''} {exc}"))
             continue
         seen[item.id] = n
         items.append(item)
+    return items, invalid
+
+
+def read_generation_manifest(data: bytes, where: str, require_items: bool = True) -> tuple[list[GenItem], list[Invalid]]:
+    """The manifest's items from its bytes, or ConfigError (exit 2) naming `where` when nothing in it can
+    run: bytes that are not UTF-8 (a Latin-1 export would turn every accent into U+FFFD), no line at all,
+    or (with `require_items`) no valid line (a JSON list, a binary file). Bad lines among good ones are the
+    batch's to report; the batch flow reads without `require_items` so that its report names every bad line."""
+    fix = 'write one JSON object per line in UTF-8: {"id": "a1", "prompt": "a photo of sks dog"}'
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"manifest {where}", f"is not UTF-8 text (byte {exc.start})", f"save it as UTF-8; {fix}") from None
+    items, invalid = parse_generation_manifest(text)
+    if not items and not invalid:
+        raise ConfigError(f"manifest {where}", "is empty", fix)
+    if not items and require_items:
+        shown = "; ".join(bad.error for bad in invalid[:3]) + (f"; and {len(invalid) - 3} more" if len(invalid) > 3 else "")
+        raise ConfigError(f"manifest {where}", f"has no valid item: {shown}", fix)
     return items, invalid

@@ -17,13 +17,13 @@ def check_sd_directory(path: Path) -> Path:
     fix = "pass a local diffusers-format Stable Diffusion 1.x/2.x directory (one with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     if not path.is_dir():
         raise ModelFormatError(str(path), "is not a directory", fix)
+    for entry in sorted(path.rglob("*")):  # a pipe or a device would be read (hashed, parsed) forever
+        if not entry.is_dir() and not entry.is_file():
+            raise ModelFormatError(str(entry), "is not a regular file (a pipe, a device, a socket or a broken link)", fix)
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelFormatError(str(path), "has no model_index.json, so it is not a diffusers pipeline", fix)
-    try:
-        meta = json.loads(index.read_text())
-    except json.JSONDecodeError:
-        raise ModelFormatError(str(index), "is not valid JSON", fix) from None
+    meta = _json_object(index)
     kind = meta.get("_class_name")
     if kind not in SUPPORTED:
         raise ModelFormatError(str(path), f"is a {kind or 'unknown'} pipeline, not a Stable Diffusion 1.x/2.x one", fix)

@@ -6,15 +6,17 @@ the embedded CPU model. Unknown keys are an error, so a typo never silently fall
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from atelier.kernel.errors import ConfigError
+from atelier.kernel.errors import ConfigError, schema_problems, yaml_problem
 
 Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
+SAMPLER_NAMES = get_args(Sampler)  # sampling.SAMPLERS maps each to its diffusers scheduler (a test keeps them equal)
 SEED_MAX = 2**32 - 1  # what every generator and library Atelier seeds takes
+STEPS_MAX = 1_000_000  # a step count beyond this is a typo, not a plan (800 is a typical subject)
 TEMPLATE_FIELDS = ("identifier", "class_noun")
 
 
@@ -53,8 +55,8 @@ class _Strict(BaseModel):
 class SamplingConfig(_Strict):
     sampler: Sampler = "dpmsolver++"
     steps: int = Field(25, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=1.0)
-    batch_size: int = Field(4, ge=1)
+    guidance_scale: float = Field(7.5, ge=1.0, le=50)
+    batch_size: int = Field(4, ge=1, le=256)
     compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
         "none", description="CUDA only: torch.compile the UNet and VAE decoder; reduce-overhead adds CUDA graphs"
     )
@@ -65,7 +67,7 @@ class LoraConfig(_Strict):
     mixed-precision dtype), only the adapters train. The output is still a whole pipeline, with the
     adapters fused in, plus the adapter file alone under `lora/`."""
 
-    rank: int = Field(4, ge=1, description="adapter rank; lora_alpha is set to the rank (scale 1)")
+    rank: int = Field(4, ge=1, le=1024, description="adapter rank; lora_alpha is set to the rank (scale 1)")
     unet_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
     text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -80,19 +82,19 @@ class TrainConfig(_Strict):
     # prior preservation (paper section 3.3): class images from the frozen base model
     with_prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(200, ge=1)
+    num_class_images: int = Field(200, ge=1, le=10_000)
     class_prior_seed: int = Field(0, ge=0, le=SEED_MAX)
     # DPM-Solver++ reaches its quality in 20 steps (Lu et al. 2022); batch 16 at 512 px peaks at about 10 GiB
     class_sampling: SamplingConfig = SamplingConfig(steps=20, batch_size=16)
     # optimisation (diffusers example: lr 5e-6, constant schedule, 400-800 steps with priors)
     train_text_encoder: bool = True
     lora: LoraConfig | None = Field(None, description="train LoRA adapters (see configs/dreambooth/sd15-lora.yaml) instead of all weights")
-    learning_rate: float = Field(5e-6, gt=0)
+    learning_rate: float = Field(5e-6, gt=0, le=1)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    max_train_steps: int = Field(800, ge=1)
-    train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_warmup_steps: int = Field(0, ge=0, le=STEPS_MAX)
+    max_train_steps: int = Field(800, ge=1, le=STEPS_MAX)
+    train_batch_size: int = Field(1, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on CUDA (fp16 where the GPU has no bf16), none on CPU"
@@ -113,14 +115,14 @@ class TrainConfig(_Strict):
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_weight_decay: float = Field(1e-2, ge=0, le=10)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     # checkpoints and validation samples
-    checkpointing_steps: int = Field(200, ge=1)
-    checkpoints_total_limit: int = Field(2, ge=1)
-    validation_steps: int = Field(200, ge=1)
+    checkpointing_steps: int = Field(200, ge=1, le=STEPS_MAX)
+    checkpoints_total_limit: int = Field(2, ge=1, le=1000)
+    validation_steps: int = Field(200, ge=1, le=STEPS_MAX)
     validation_prompts: list[str] = ["a {identifier} {class_noun} in the jungle"]
     sampling: SamplingConfig = SamplingConfig()
     # final samples, the promotion gate's evidence
@@ -136,7 +138,7 @@ class TrainConfig(_Strict):
         "a watercolor painting of a {identifier} {class_noun}",
         "a photo of {class_noun}",
     ]
-    samples_per_prompt: int = Field(2, ge=1)
+    samples_per_prompt: int = Field(2, ge=1, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -180,30 +182,14 @@ def load_train_config(path: Path | None, overrides: dict | None = None) -> Train
                 str(path), "is not UTF-8 text (a binary file?)", "pass a YAML file (see configs/dreambooth/sd15.yaml)"
             ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"is not valid YAML ({exc.__class__.__name__})", "fix the YAML syntax") from None
+            raise ConfigError(str(path), f"is not valid YAML ({yaml_problem(exc)})", "fix the YAML syntax") from None
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
             raise ConfigError(str(path), "must be a mapping of named keys to values", "write `key: value` lines")
     data.update(overrides or {})
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        said = "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or 'config'!r}: {_words(e)}" for e in errors)
-        fix = (
-            "remove unknown keys or check their spelling against configs/dreambooth/sd15.yaml"
-            if any(e["type"] == "extra_forbidden" for e in errors)
-            else "correct the values named"
-        )
-        raise ConfigError(str(path or "config"), f"{len(errors)} problem(s): {said}", fix) from None
-
-
-def _words(error: dict) -> str:
-    """pydantic's message in the project's words: what the value must be, not the validator's name."""
-    message = str(error["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        message = message.removeprefix(prefix)
-    if error["type"] == "finite_number":
-        return "must be a finite number (not nan or inf)"
-    if error["type"] == "extra_forbidden":
-        return "is not a setting"
-    return message.lower()
+        said, fix = schema_problems(exc.errors())
+        if "unknown keys" in fix:
+            fix += " against configs/dreambooth/sd15.yaml"
+        raise ConfigError(str(path or "config"), said, fix) from None

@@ -16,7 +16,7 @@ from typing import Callable
 from atelier.kernel.errors import ConfigError
 from atelier.kernel.hashing import file_hashes, value_hash
 from atelier.kernel.storage import atomic_dir, write_json_atomic
-from atelier.models.dreambooth.sampling import SAMPLERS, GenerationRequest, generate, load_pipeline
+from atelier.models.dreambooth.config import SAMPLER_NAMES as SAMPLERS  # names only: torch loads when images are made
 
 MANIFEST = "manifest.json"
 
@@ -44,8 +44,9 @@ class PriorSpec:
             problems.append(f"count {self.count} (1 to 10000)")
         if not (32 <= self.resolution <= 2048 and self.resolution % 8 == 0):
             problems.append(f"resolution {self.resolution} (32 to 2048, a multiple of 8)")
-        if not 0 <= self.seed < 2**63 // 1_000_003 - self.count:
-            problems.append(f"seed {self.seed} (0 to {2**63 // 1_000_003 - self.count - 1})")
+        seeds = 2**63 // 1_000_003 - min(max(self.count, 0), 10_000)  # each image's seed is derived from seed+index
+        if not 0 <= self.seed < seeds:
+            problems.append(f"seed {self.seed} (0 to {seeds - 1})")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler {self.sampler!r} (one of {', '.join(SAMPLERS)})")
         if not 1 <= self.steps <= 1000:
@@ -100,6 +101,8 @@ def write_class_priors(
     replace: bool = False,
     compile_mode: str = "none",
 ) -> Path:
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+
     pipe = load_pipeline(base_model_dir, spec.sampler, compile_mode=compile_mode)
     requests = [
         GenerationRequest(spec.class_prompt, prior_seed(spec.seed, i), spec.steps, spec.guidance_scale, spec.resolution, spec.resolution)
