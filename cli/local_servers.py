@@ -65,6 +65,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _running(settings: Settings, name: str) -> dict | None:
     record = read_record(settings, name, local_dir(settings))
     if record is not None and is_alive(record) and record.get("health") and is_healthy(record["health"]):
@@ -160,7 +169,8 @@ def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:
         if record is not None:
             return record
         stop(settings, name, home=home)  # a recorded one that no longer answers
-        svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, _free_port())
+        port = settings.mlflow_ui_port if name == "mlflow" and _port_free(settings.mlflow_ui_port) else _free_port()
+        svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, port)
         on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
         return start_service(settings, svc, home)
 

@@ -114,18 +114,19 @@ def ui_urls(settings) -> list[str]:
     background Prefect server and an MLflow UI over the workspace's store; on the stack, its servers."""
     from atelier.cli import local_servers
     from atelier.cli.stack_config import MLFLOW_ADMIN
+    from atelier.registry.tracking import ML_VIEW
 
     if settings.prefect_api_url:  # the stack (or another configured deployment): its own servers
         return [
             f"Prefect UI:  {settings.prefect_api_url.removesuffix('/api')}   (log in with the auth string of stack.env)",
-            f"MLflow UI:   {settings.resolved_tracking_uri}   (your MLflow user)",
+            f"MLflow UI:   {settings.resolved_tracking_uri}/#/experiments{ML_VIEW}   (your MLflow user)",
         ]
     secrets = local_servers.local_dir(settings) / "secrets.json"
     prefect = local_servers.ensure(settings, "prefect", lambda m: typer.echo(m, err=True))
     mlflow = local_servers.ensure(settings, "mlflow", lambda m: typer.echo(m, err=True))
     return [
         f"Prefect UI:  {prefect['url']}   (it asks for the auth string: prefect_auth_string in {secrets})",
-        f"MLflow UI:   {mlflow['url']}   (user {MLFLOW_ADMIN}, password: mlflow_admin_password in {secrets})",
+        f"MLflow UI:   {mlflow['url']}/#/experiments{ML_VIEW}   (user {MLFLOW_ADMIN}, password: mlflow_admin_password in {secrets})",
         "both run in the background until `atelier down`",
     ]
 

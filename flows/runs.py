@@ -14,7 +14,7 @@ import os
 import re
 import socket
 
-from atelier.tasks.common import SUMMARY_KEY
+from atelier.tasks.common import OUTPUT, SUMMARY_KEY
 
 PROCESS_PREFIX = "atelier"
 
@@ -169,12 +169,19 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
                 "state": r.state_name or "",
                 "start": (r.start_time or r.expected_start_time),
                 "model": s.get("model"),
-                "outputs": s.get("outputs"),
+                "outputs": _outputs(s),
                 "note": s.get("note"),
                 "tags": list(r.tags),
             }
         )
     return rows
+
+
+def _outputs(summary: dict) -> str | None:
+    """A run summary's outputs as one JSON string: from its `output: NAME` columns, or (summaries written
+    before those columns) its `outputs` cell."""
+    columns = {k.removeprefix(OUTPUT): v for k, v in summary.items() if k.startswith(OUTPUT)}
+    return json.dumps(columns, sort_keys=True) if columns else summary.get("outputs")
 
 
 def run_logs(run: str, limit: int = 2000) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from atelier.kernel.errors import ConfigError
+from atelier.kernel.errors import ConfigError, schema_problems
 
 
 class ImageRules(BaseModel):
@@ -318,9 +318,10 @@ class Settings(BaseSettings):
         """The embedded default's background servers (Prefect, the MLflow UI): their records and secrets."""
         return self.state_dir / "local"
 
-    def mlflow_ui_url(self) -> str | None:
+    def mlflow_ui_url(self, planned: bool = False) -> str | None:
         """Where a person opens this workspace's MLflow: the tracking server itself, or on the embedded
-        default the background UI (`atelier ui`) once it has been started; None before that."""
+        default the background UI (`atelier ui`) once it has been started; before that None, or with
+        `planned` the address `atelier ui` will serve it at (`mlflow_ui_port`)."""
         import json
 
         if self.resolved_tracking_uri.startswith(("http://", "https://")):
@@ -328,7 +329,15 @@ class Settings(BaseSettings):
         try:
             return json.loads((self.local_servers_dir / "mlflow.json").read_text())["url"].rstrip("/")
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            return f"http://127.0.0.1:{self.mlflow_ui_port}" if planned else None
+
+    @property
+    def mlflow_ui_port(self) -> int:
+        """The embedded default's MLflow UI port, fixed per workspace (20000-29999 from its path), so a link
+        written before `atelier ui` runs opens once it does; `atelier ui` takes another only if it is busy."""
+        import hashlib
+
+        return 20000 + int(hashlib.sha256(str(self.workspace).encode()).hexdigest(), 16) % 10000
 
     @property
     def data_docs_root(self) -> Path:
@@ -446,8 +455,5 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(
-            f"setting {key!r}", first["msg"], "correct it in atelier.yaml or the ATELIER_* environment (see `atelier info`)"
-        ) from None
+        said, _ = schema_problems(exc.errors())
+        raise ConfigError("settings", said, "correct them in atelier.yaml or the ATELIER_* environment (see `atelier info`)") from None

@@ -33,7 +33,7 @@ from atelier.registry.ledger import open_ledger
 from atelier.registry.model_files import DAMAGED_TAG, MANIFEST_TAG, manifest_of, record_manifest, stored_model_files
 from atelier.registry.pyfunc import SIGNATURE
 from atelier.registry.tracking import abandon_stale_runs
-from atelier.registry.training_run import LOSS
+from atelier.registry.training_run import LOSS, run_name, source_tags
 
 PIP_REQUIREMENTS = [
     "torch==2.13.0",
@@ -123,7 +123,9 @@ def register_dreambooth(
             {"atelier.subject": subject, "atelier.training.key": tags["atelier.training.key"]},
             keep=live,
         )
-    with mlflow.start_run(run_id=live) if live else mlflow.start_run(run_name=f"{customer}-{subject}") as run:
+    with (
+        mlflow.start_run(run_id=live) if live else mlflow.start_run(run_name=run_name(customer, subject), tags=source_tags(settings)) as run
+    ):
         mlflow.set_tags(tags)
         if not live:  # training did not report live (it was reused from an earlier attempt): its record goes in now
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

@@ -42,7 +42,9 @@ class AnchorStore:
                     EXPERIMENT,
                     tags={
                         "atelier.kind": "ledger-anchor",
-                        "mlflow.note.content": "Anchor of Atelier's promotion ledger (`atelier ledger verify`). Do not edit.",
+                        "mlflow.experimentKind": "custom_model_development",
+                        "mlflow.note.content": "Platform-internal, not a training experiment: the anchor of Atelier's promotion "
+                        "ledger (`atelier ledger verify`). It holds no runs; customers cannot read it. Do not edit.",
                     },
                 )
             )

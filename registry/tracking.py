@@ -76,15 +76,19 @@ def abandon_stale_runs(client: MlflowClient, experiment_id: str, match: dict[str
 def ui_links(settings: Settings, name: str, version: str, run_id: str) -> list[tuple[str, str, str]]:
     """(url, text, description) of a model version and its training run in the MLflow UI; the
     models:/ URI alone when no UI is known yet (`atelier ui` starts the embedded default's)."""
-    ui = settings.mlflow_ui_url()
-    if ui is None:
-        return [(f"models:/{name}/{version}", f"{name} v{version}", "registered model version (`atelier ui` serves the MLflow UI)")]
+    ui = settings.mlflow_ui_url(planned=True)
+    later = "" if settings.mlflow_ui_url() else " (it opens once `atelier ui` has started the MLflow UI)"
     experiment = MlflowClient(settings.resolved_tracking_uri).get_run(run_id).info.experiment_id
     return [
-        (f"{ui}/#/models/{name}/versions/{version}", f"{name} v{version}", "registered model version in the MLflow UI"),
+        (f"{ui}/#/models/{name}/versions/{version}{ML_VIEW}", f"{name} v{version}", f"registered model version in the MLflow UI{later}"),
         (
-            f"{ui}/#/experiments/{experiment}/runs/{run_id}",
+            f"{ui}/#/experiments/{experiment}/runs/{run_id}{ML_VIEW}",
             f"training run {run_id[:8]}",
-            "its MLflow run: loss curve, system metrics, datasets, samples",
+            f"its MLflow run: loss curve, system metrics, datasets, samples{later}",
         ),
     ]
+
+
+# MLflow 3's UI opens in its GenAI view (traces, "detect issues") unless told otherwise; Atelier's runs are
+# model training, so every link Atelier prints asks for that view
+ML_VIEW = "?workflowType=machine_learning"

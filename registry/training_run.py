@@ -33,8 +33,9 @@ class TrainingRun:
     the metrics, so a step never waits on the tracking server, even one that stopped answering. The
     run stays RUNNING until the model is registered into it."""
 
-    def __init__(self, client: MlflowClient, run_id: str, system_metrics: bool = True) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, system_metrics: bool = True, log_learning_rate: bool = True) -> None:
         self.client, self.run_id = client, run_id
+        self.log_learning_rate = log_learning_rate
         self._pending: list[Metric] = []
         self._logged: set[int] = set()
         self._lock, self._sending = threading.Lock(), threading.Lock()
@@ -53,18 +54,20 @@ class TrainingRun:
         client = MlflowClient(settings.resolved_tracking_uri)
         experiment_id = ensure_experiment(client, settings, customer)
         abandon_stale_runs(client, experiment_id, {k: tags[k] for k in ("atelier.subject", "atelier.training.key")})
-        run = client.create_run(experiment_id, run_name=f"{customer}-{subject}", tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name(customer, subject), tags={**source_tags(settings), **tags})
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
         if datasets:
             client.log_inputs(run_id, datasets=datasets)
-        return cls(client, run_id)
+        # a constant learning rate is a parameter (it is one), not a flat line drawn at 0 on a chart
+        varies = str(params.get("lr_scheduler", "constant")) != "constant" or int(params.get("lr_warmup_steps", 0) or 0) > 0
+        return cls(client, run_id, log_learning_rate=varies)
 
     def log(self, step: int, loss: float, lr: float | None = None) -> None:
         now_ms = int(time.time() * 1000)
         with self._lock:
             self._pending.append(Metric(LOSS, float(loss), now_ms, step))
-            if lr is not None:
+            if lr is not None and self.log_learning_rate:
                 self._pending.append(Metric(LEARNING_RATE, float(lr), now_ms, step))
             self._logged.add(step)
 
@@ -118,6 +121,25 @@ class TrainingRun:
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception:  # noqa: BLE001 (the server is away: the retry's abandon_stale_runs ends it)
             pass
+
+
+def run_name(customer: str, subject: str) -> str:
+    """A name each attempt has to itself: an interrupted run and its resume are two rows, told apart."""
+    import secrets
+
+    return f"{customer}-{subject}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def source_tags(settings: Settings) -> dict[str, str]:
+    """MLflow's User and Source columns: who started the training (the platform's actor: the person, or
+    the deployment that scheduled it) and that it ran as Atelier's fine-tuning job."""
+    from atelier import __version__
+
+    return {
+        "mlflow.user": settings.actor,
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": f"atelier {__version__} subject-finetune",
+    }
 
 
 def _system_monitor(run_id: str, tracking_uri: str):

@@ -85,16 +85,24 @@ def progress_logger(label: str, total: int, unit: str = "items", every: float = 
 
 
 SUMMARY_KEY = "run-summary"
+OUTPUT = "output: "  # a summary column holding one output (a column each, not a JSON string in one cell)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lower-case letters, digits, dashes) from names such as the model's: the
+    Artifacts page then lists each customer's and subject's latest gate, judgment or CER table by name,
+    with its history, instead of unnamed tables reachable only from a run."""
+    import re
+
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:200]
 
 
 def summary_artifact(flow: str, model: str, outputs: dict, note: str = "") -> None:
     """The row `atelier runs` shows for this flow run: the model version it used or made, its outputs."""
-    import json
-
     from prefect.artifacts import create_table_artifact
 
     create_table_artifact(
-        [{"flow": flow, "model": model, "outputs": json.dumps(outputs, sort_keys=True), "note": note}],
+        [{"flow": flow, "model": model, **{f"{OUTPUT}{k}": str(v) for k, v in sorted(outputs.items())}, "note": note}],
         key=SUMMARY_KEY,
         description=f"{flow}: model and outputs",
     )

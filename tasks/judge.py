@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from atelier.tasks.common import UNCACHED, logger, retry_transient, settings, tracked
+from atelier.tasks.common import UNCACHED, artifact_key, logger, retry_transient, settings, tracked
 
 VERSIONS = {"judge-samples": "1", "judged-before": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
 MAX_CLASS_IMAGES = 4
@@ -75,7 +75,12 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     for r in rows:  # the image's path stays for the thumbnail; the table shows its file name
         r["path"], r["image"] = r["image"], Path(r["image"]).name
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("objects", "path")} for r in rows]
-    create_table_artifact(table, description=f"VLM judgments ({judge.name}{'' if summary['calibrated'] else ', uncalibrated'})")
+    create_table_artifact(
+        table,
+        key=artifact_key("judge", snapshot["customer"], snapshot["subject"]),
+        description=f"VLM judgments of {snapshot['customer']}/{snapshot['subject']} ({judge.name}"
+        f"{'' if summary['calibrated'] else ', uncalibrated'})",
+    )
     return {"summary": summary, "rows": rows}
 
 
@@ -174,6 +179,7 @@ def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_p
     )
     create_table_artifact(
         [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("judge_text", "ocr_text")} for r in rows],
+        key=artifact_key("ocr-cross-check", str(document_set.get("name", "documents"))),
         description="VLM OCR cross-check: judge vs OCR agreement per page",
     )
     return {"summary": summary, "rows": rows}

@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from atelier.kernel.errors import DataValidationError
 from atelier.kernel.hashing import sha256_file, tree_hash
 from atelier.kernel.stages import documents_dir, track_folder
-from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, retry_transient, settings, tracked
+from atelier.tasks.common import BY_INPUTS, UNCACHED, artifact_key, logger, retry_transient, settings, tracked
 
 VERSIONS = {
     "document-sets": "2",
@@ -112,6 +112,7 @@ def evaluate(
             {"language": k, "cer_percent": round(100 * v["cer"], 2), "lines": v["lines"], "exact": round(v["exact"], 3)}
             for k, v in result.summary.items()
         ],
+        key=artifact_key("ocr-cer", label),
         description=f"CER per language: {label}",
     )
     return {

@@ -13,7 +13,7 @@ from atelier.registry.client import client_for
 from atelier.registry.dreambooth import record_gate_on_card, register_dreambooth
 from atelier.registry.ledger import open_ledger
 from atelier.registry.promotion import promote
-from atelier.tasks.common import UNCACHED, logger, retry_transient, settings, tracked
+from atelier.tasks.common import UNCACHED, artifact_key, logger, retry_transient, settings, tracked
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1", "audit-ledger": "1"}
 
@@ -62,8 +62,8 @@ def link_to_mlflow(name: str, version: str, run_id: str) -> None:
     embedded default once `atelier ui` has started it; before that, the models:/ URI)."""
     from atelier.registry.tracking import ui_links
 
-    for link, text, description in ui_links(settings(), name, version, run_id):
-        create_link_artifact(link, link_text=text, description=description)
+    for (link, text, description), kind in zip(ui_links(settings(), name, version, run_id), ("mlflow-version", "mlflow-run")):
+        create_link_artifact(link, link_text=text, description=description, key=artifact_key(kind, name))
 
 
 @task(
@@ -93,6 +93,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
     lines = [f"| {c['name']} | {_verdict(c)} | {c['detail']} |" for c in checks]
     create_markdown_artifact(
         "\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
+        key=artifact_key("gate", registered["name"]),
         description=f"promotion gate for {registered['name']} v{registered['version']}",
     )
     if result.passed:

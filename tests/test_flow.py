@@ -91,7 +91,11 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     # the run was opened before training and took its metrics live: the loss and learning rate per
     # step, MLflow's system metrics, and a duration that covers the training
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 60
-    assert len(client.get_metric_history(run.info.run_id, "train/learning_rate")) == 60
+    # a constant learning rate is the parameter above, not a flat chart; the run has a name of its own and
+    # MLflow's User and Source columns filled
+    assert client.get_metric_history(run.info.run_id, "train/learning_rate") == []
+    assert run.info.run_name.startswith("acme-robot-") and run.info.run_name != "acme-robot"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].endswith("subject-finetune")
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     assert run.info.status == "FINISHED" and (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["train/seconds"]
     first_loss = client.get_metric_history(run.info.run_id, "train/loss")[0]

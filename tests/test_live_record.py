@@ -38,6 +38,22 @@ def test_training_run_takes_steps_live_and_fills_in_the_steps_of_an_earlier_atte
     assert run.usable == run.run_id
 
 
+def test_each_attempt_has_its_own_name_and_only_a_changing_learning_rate_is_a_chart(workspace, tracking):
+    from atelier.registry.training_run import TrainingRun
+
+    tags = {"atelier.customer": "livecust", "atelier.subject": "named", "atelier.training.key": "k9"}
+    constant = TrainingRun.open(workspace, "livecust", "named", tags, {"learning_rate": 1e-4, "lr_scheduler": "constant"})
+    cosine = TrainingRun.open(workspace, "livecust", "named", tags, {"learning_rate": 1e-4, "lr_scheduler": "cosine"})
+    for run in (constant, cosine):
+        run.log(1, 0.5, 1e-4)
+        run.close()
+    assert tracking.get_metric_history(constant.run_id, "train/learning_rate") == []  # the parameter says it
+    assert len(tracking.get_metric_history(cosine.run_id, "train/learning_rate")) == 1
+    names = {tracking.get_run(r.run_id).info.run_name for r in (constant, cosine)}
+    assert len(names) == 2 and all(n.startswith("livecust-named-") for n in names)  # an attempt and its retry: two rows
+    assert tracking.get_run(constant.run_id).data.tags["mlflow.source.type"] == "JOB"
+
+
 def test_a_tracking_server_that_goes_away_never_stops_training(workspace, tracking, monkeypatch):
     import time
 
@@ -125,7 +141,25 @@ def test_the_mlflow_ui_url_is_the_tracking_server_or_the_background_ui(workspace
 
     local = Settings(workspace=tmp_path)
     assert local.mlflow_ui_url() is None  # `atelier ui` not run yet
+    assert local.mlflow_ui_url(planned=True) == f"http://127.0.0.1:{local.mlflow_ui_port}"  # where it will serve it
+    assert 20000 <= local.mlflow_ui_port < 30000 and local.mlflow_ui_port == Settings(workspace=local.workspace).mlflow_ui_port
     local.local_servers_dir.mkdir(parents=True)
     (local.local_servers_dir / "mlflow.json").write_text(json.dumps({"url": "http://127.0.0.1:5999/"}))
     assert local.mlflow_ui_url() == "http://127.0.0.1:5999"
     assert Settings(workspace=tmp_path, tracking_uri="https://mlflow.example.com/").mlflow_ui_url() == "https://mlflow.example.com"
+
+
+def test_prefect_artifacts_are_keyed_by_name_and_summaries_hold_no_json_cells():
+    """The Artifacts page lists each model's gate, judgment and links by key; the run summary has one
+    column per output, which `atelier runs` reads back (and still reads a summary of the old shape)."""
+    import re
+
+    from atelier.flows.runs import _outputs
+    from atelier.tasks.common import OUTPUT, artifact_key
+
+    key = artifact_key("gate", "dreambooth-acme_co-Robot.v2")
+    assert key == "gate-dreambooth-acme-co-robot-v2" and re.fullmatch(r"[a-z0-9-]+", key)
+    assert (
+        _outputs({"flow": "f", f"{OUTPUT}report": "/o/report.json", f"{OUTPUT}items": "3"}) == '{"items": "3", "report": "/o/report.json"}'
+    )
+    assert _outputs({"flow": "f", "outputs": '{"a": 1}'}) == '{"a": 1}'
