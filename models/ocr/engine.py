@@ -81,19 +81,6 @@ def load_engine(
     return RoutedOCR(backends, table, detector, maps, review_below)
 
 
-def engine_files(folder: Path, spec: dict) -> dict[str, Path]:
-    """The artifact files an engine spec names, found in `folder` as `<name>.onnx` / `<name>.txt`."""
-    names = {spec["detector"], spec.get("classifier")} | {a for r in spec["recognisers"].values() for a in r["variants"].values()}
-    names |= {r["charset"] for r in spec["recognisers"].values() if r.get("charset")}
-    out = {}
-    for name in filter(None, names):
-        found = [p for p in (folder / f"{name}.onnx", folder / f"{name}.txt") if p.is_file()]
-        if not found:
-            raise NotFound(str(folder / name), "the OCR engine's file is missing", "re-register the model (atelier ocr-calibrate)")
-        out[name] = found[0]
-    return out
-
-
 def shipped_engine_files(routes: dict[str, str]) -> tuple[dict[str, Path], dict]:
     """(files, spec) of an engine made of the shipped models as they are (fp32, no calibration): what
     the calibration flow starts from, and what benchmarks and tests compare against."""

@@ -20,7 +20,6 @@ spelling (sch, ung: de; qu, eau, oi: fr; ll, ción: es; th, wh: en); no cue at a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from atelier.models.ocr.langs import script_of, script_of_char
 
@@ -44,13 +43,6 @@ SPELLING_CUES = {  # (sequence, weight): common in one language's spelling, rare
     "de": (("sch", 1.5), ("ung", 1), ("ei", 0.5), ("ie", 0.5), ("cht", 1), ("tz", 1), ("keit", 1), ("lich", 1)),
 }
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class Identified:
-    lang: str | None
-    script: str | None
-    probed: bool  # the probe recogniser had to be asked
 
 
 def letters(text: str) -> int:
