@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from atelier.flows.runs import claim_and_sweep, finished, run_name
@@ -76,7 +76,9 @@ def subject_finetune(
 
     def say_waiting() -> None:
         waited.append(True)
-        print(f"another run is training these same inputs (training key {key}); waiting for it to finish, then using its version")
+        get_run_logger().info(
+            "another run is training these same inputs (training key %s); waiting for it to finish, then using its version", key
+        )
 
     # one training and one registration per training key, however many runs start at once
     with file_lock(settings.runs_dir / customer / f"{key}.lock", on_wait=say_waiting):
@@ -87,7 +89,7 @@ def subject_finetune(
                     f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
                     f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})"
                 )
-                print(note)
+                get_run_logger().info(note)  # the run's log (the UI, `atelier logs`) and the terminal
                 summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
                 return {
                     "model": existing["name"],
