@@ -19,6 +19,7 @@ import os
 import shutil
 import sqlite3
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,9 +210,9 @@ def prior_cases() -> Iterator[Case]:
 
 
 def _tiny(tmp: Path) -> Path:
-    from atelier.kernel.settings import load_settings
+    from atelier.kernel.settings import Settings
 
-    source = load_settings().tiny_model_dir
+    source = Settings(workspace=_HERE.workspace).tiny_model_dir
     target = tmp / "base"
     shutil.copytree(source, target)
     return target
@@ -518,9 +519,7 @@ def database_cases() -> Iterator[Case]:
             for command_label, argv in chosen:
 
                 def build(tmp: Path, store=store, damage=damage, argv=argv) -> list[str]:
-                    from atelier.kernel.settings import load_settings
-
-                    damage(load_settings().workspace / ".atelier" / store)
+                    damage(_HERE.workspace / ".atelier" / store)
                     return list(argv)
 
                 yield Case("database", f"{store}:{damage_label}:{command_label}", build, exit=6, names=store, workspace_copy=True)
@@ -548,6 +547,9 @@ def all_cases() -> list[Case]:
     return cases
 
 
+_HERE = threading.local()  # the workspace of the case this thread is building
+
+
 # ---- running a case ----------------------------------------------------------------------------------------
 
 
@@ -567,15 +569,8 @@ def run(case: Case, workspace: Path, tmp: Path, timeout: float = 60) -> Outcome:
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ATELIER_WORKSPACE": str(workspace), "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     env.pop("ATELIER_DEBUG", None)
-    previous = os.environ.get("ATELIER_WORKSPACE")
-    os.environ["ATELIER_WORKSPACE"] = str(workspace)  # builders that read settings see the case's workspace
-    try:
-        argv = case.build(tmp)
-    finally:
-        if previous is None:
-            os.environ.pop("ATELIER_WORKSPACE", None)
-        else:
-            os.environ["ATELIER_WORKSPACE"] = previous
+    _HERE.workspace = workspace  # the builders that need the case's workspace read it here: never os.environ,
+    argv = case.build(tmp)  # which the test process shares with every other test (and cases run in threads)
     start = time.perf_counter()
     atelier = str(Path(sys.executable).parent / "atelier")
     try:

@@ -118,8 +118,12 @@ def test_flow_registers_promotes_and_records_lineage(first_run, workspace, clien
     prefect_run = _flow_run(first_run["flow_run_id"])
     assert prefect_run.name == f"acme-robot-{first_run['flow_run_id'][:8]}" and prefect_run.state.name == "Completed"
     assert {"customer:acme", "subject:robot", f"model:{NAME}"} <= set(prefect_run.tags)
-    links = [str(a.data) for a in _artifacts(first_run["flow_run_id"]) if "models:/" in str(a.data)]
-    assert any(f"models:/{NAME}/{first_run['version']}" in link for link in links), links  # no UI started here: the URI
+    # no UI started here: the links name where `atelier ui` will serve it, in MLflow's model-training view
+    from atelier.kernel.settings import load_settings
+
+    ui = f"http://127.0.0.1:{load_settings().mlflow_ui_port}"
+    links = [str(a.data) for a in _artifacts(first_run["flow_run_id"]) if ui in str(a.data)]  # [text](url)
+    assert any(f"{ui}/#/models/{NAME}/versions/{first_run['version']}?workflowType=machine_learning" in link for link in links), links
     assert "gate: **passed**" in champion.description and "acme/robot" in champion.description
     assert f"atelier generate {NAME}@champion" in client.get_registered_model(NAME).description
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
