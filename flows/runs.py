@@ -170,7 +170,8 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
                 "start": (r.start_time or r.expected_start_time),
                 "model": s.get("model"),
                 "outputs": _outputs(s),
-                "note": s.get("note"),
+                # a run that failed or crashed before writing its summary: its state's message says why
+                "note": s.get("note") or (r.state.message if r.state and r.state_name in ("Failed", "Crashed", "Refused") else None),
                 "tags": list(r.tags),
             }
         )

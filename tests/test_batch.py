@@ -227,6 +227,10 @@ def test_bad_references_are_named(versions, workspace, tmp_path):
     with pytest.raises(AtelierError, match="no valid item"):
         batch_generate(CUSTOMER, SUBJECT, str(bad), str(tmp_path / "o2"))
     assert "not JSON" in json.loads((tmp_path / "o2" / "report.json").read_text())["invalid"][0]["error"]  # still reported
+    from atelier.flows.runs import recent_runs
+
+    failed = [r for r in recent_runs(20) if r["state"] == "Failed"]  # `atelier runs` says why a run failed
+    assert any("no valid item" in (r["note"] or "") for r in failed), failed
 
 
 @pytest.fixture
