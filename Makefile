@@ -28,7 +28,7 @@ demo: $(STAMP) ocr-system-deps
 
 ## Set up and run the whole test suite.
 test: $(STAMP) ocr-system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 ## The quick part of the suite (no whole-flow runs).
 test-fast: $(STAMP)
