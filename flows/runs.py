@@ -170,12 +170,18 @@ def recent_runs(limit: int = 20, flow_name: str | None = None, upcoming: int = 5
                 "start": (r.start_time or r.expected_start_time),
                 "model": s.get("model"),
                 "outputs": _outputs(s),
-                # a run that failed or crashed before writing its summary: its state's message says why
-                "note": s.get("note") or (r.state.message if r.state and r.state_name in ("Failed", "Crashed", "Refused") else None),
+                "note": _note(s.get("note"), r),
                 "tags": list(r.tags),
             }
         )
     return rows
+
+
+def _note(summary_note: str | None, run) -> str | None:
+    """The run's summary note, and for a run that failed, crashed or was refused its state's message too:
+    the reason, also when the run died before writing its summary."""
+    reason = run.state.message if run.state is not None and run.state_name in ("Failed", "Crashed", "Refused") else None
+    return "; ".join(x for x in (summary_note, reason) if x) or None
 
 
 def _outputs(summary: dict) -> str | None:
