@@ -181,6 +181,8 @@ def _note(summary_note: str | None, run) -> str | None:
     """The run's summary note, and for a run that failed, crashed or was refused its state's message too:
     the reason, also when the run died before writing its summary."""
     reason = run.state.message if run.state is not None and run.state_name in ("Failed", "Crashed", "Refused") else None
+    if summary_note and reason and (reason in summary_note or summary_note in reason):
+        return reason if len(reason) > len(summary_note) else summary_note  # a refused gate says it once
     return "; ".join(x for x in (summary_note, reason) if x) or None
 
 

@@ -163,3 +163,17 @@ def test_prefect_artifacts_are_keyed_by_name_and_summaries_hold_no_json_cells():
         _outputs({"flow": "f", f"{OUTPUT}report": "/o/report.json", f"{OUTPUT}items": "3"}) == '{"items": "3", "report": "/o/report.json"}'
     )
     assert _outputs({"flow": "f", "outputs": '{"a": 1}'}) == '{"a": 1}'
+
+
+def test_a_failed_runs_note_gives_its_reason_once():
+    from types import SimpleNamespace
+
+    from atelier.flows.runs import _note
+
+    def run(state: str, message: str):
+        return SimpleNamespace(state_name=state, state=SimpleNamespace(message=message))
+
+    assert _note("1 invalid", run("Failed", "manifest m: has no valid item")) == "1 invalid; manifest m: has no valid item"
+    assert _note("gate refused", run("Refused", "gate refused")) == "gate refused"
+    assert _note(None, run("Crashed", "its process is gone")) == "its process is gone"
+    assert _note("done", run("Completed", "All states completed.")) == "done"
