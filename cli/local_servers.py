@@ -59,19 +59,14 @@ def local_secrets(settings: Settings) -> dict[str, str]:
         return values
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
+def _free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free, else any free port."""
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind(("127.0.0.1", preferred))
         except OSError:
-            return False
-        return True
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _running(settings: Settings, name: str) -> dict | None:
@@ -169,7 +164,7 @@ def ensure(settings: Settings, name: str, on_progress=lambda _m: None) -> dict:
         if record is not None:
             return record
         stop(settings, name, home=home)  # a recorded one that no longer answers
-        port = settings.mlflow_ui_port if name == "mlflow" and _port_free(settings.mlflow_ui_port) else _free_port()
+        port = _free_port(settings.mlflow_ui_port if name == "mlflow" else 0)
         svc = (_prefect_service if name == "prefect" else _mlflow_service)(settings, port)
         on_progress(f"starting the workspace's {name} server in the background (once; `atelier down` stops it)...")
         return start_service(settings, svc, home)

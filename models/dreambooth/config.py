@@ -16,6 +16,7 @@ from atelier.kernel.errors import ConfigError, schema_problems, yaml_problem
 Sampler = Literal["dpmsolver++", "pndm", "ddim", "euler", "ddpm"]
 SAMPLER_NAMES = get_args(Sampler)  # sampling.SAMPLERS maps each to its diffusers scheduler (a test keeps them equal)
 SEED_MAX = 2**32 - 1  # what every generator and library Atelier seeds takes
+CLASS_IMAGES_MAX = 10_000  # class-prior images per set (the config's num_class_images, `atelier priors --count`)
 STEPS_MAX = 1_000_000  # a step count beyond this is a typo, not a plan (800 is a typical subject)
 TEMPLATE_FIELDS = ("identifier", "class_noun")
 
@@ -82,7 +83,7 @@ class TrainConfig(_Strict):
     # prior preservation (paper section 3.3): class images from the frozen base model
     with_prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(200, ge=1, le=10_000)
+    num_class_images: int = Field(200, ge=1, le=CLASS_IMAGES_MAX)
     class_prior_seed: int = Field(0, ge=0, le=SEED_MAX)
     # DPM-Solver++ reaches its quality in 20 steps (Lu et al. 2022); batch 16 at 512 px peaks at about 10 GiB
     class_sampling: SamplingConfig = SamplingConfig(steps=20, batch_size=16)

@@ -16,6 +16,7 @@ from typing import Callable
 from atelier.kernel.errors import ConfigError
 from atelier.kernel.hashing import file_hashes, value_hash
 from atelier.kernel.storage import atomic_dir, write_json_atomic
+from atelier.models.dreambooth.config import CLASS_IMAGES_MAX
 from atelier.models.dreambooth.config import SAMPLER_NAMES as SAMPLERS  # names only: torch loads when images are made
 
 MANIFEST = "manifest.json"
@@ -40,11 +41,11 @@ class PriorSpec:
         """Every value in the range the sampler can run, else ConfigError naming each one (exit 2): a count or
         a step count of 0 would make nothing (or hang), a NaN guidance would make NaN images."""
         problems = []
-        if not 1 <= self.count <= 10_000:
-            problems.append(f"count {self.count} (1 to 10000)")
+        if not 1 <= self.count <= CLASS_IMAGES_MAX:
+            problems.append(f"count {self.count} (1 to {CLASS_IMAGES_MAX})")
         if not (32 <= self.resolution <= 2048 and self.resolution % 8 == 0):
             problems.append(f"resolution {self.resolution} (32 to 2048, a multiple of 8)")
-        seeds = 2**63 // 1_000_003 - min(max(self.count, 0), 10_000)  # each image's seed is derived from seed+index
+        seeds = 2**63 // 1_000_003 - min(max(self.count, 0), CLASS_IMAGES_MAX)  # each image's seed is derived from seed+index
         if not 0 <= self.seed < seeds:
             problems.append(f"seed {self.seed} (0 to {seeds - 1})")
         if self.sampler not in SAMPLERS:
