@@ -1,14 +1,16 @@
-"""Look at the MLflow UI the way a user does: headless Chromium screenshots of the pages a user opens
-after `make demo` (the experiments, a customer's runs, a model version, in MLflow's model-training
-view), logged in with the workspace's own credentials. Prefect's UI is not captured: it keeps its auth
-string in the browser's local storage, from its own login form, which a command line cannot fill.
+"""Look at the MLflow and Prefect UIs the way a user does: headless Chromium screenshots of the pages a
+user opens after `make demo` (MLflow's experiments, a customer's runs and a model version, in its
+model-training view; Prefect's runs, a flow run with its task graph, the artifacts and the
+deployments), logged in with the workspace's own credentials.
 
     .venv/bin/python checks/ui_screens.py [--out screens/]     # ATELIER_WORKSPACE or ./workspace
 
 Needs Debian's `chromium` (`apt-get install chromium`). Chromium cannot answer a basic-auth prompt from
 the command line (and MLflow's UI refuses to fetch from a URL that holds credentials), so each UI is
 reached through a small local proxy that adds the Authorization header: the credentials never appear
-in an argv. Starts the UIs with `atelier ui` if they are not running; prints one PNG path per page.
+in an argv. Prefect's UI asks for its auth string in a form of its own when its /ui-settings says
+`"auth": "BASIC"`; the proxy answers that setting with no auth (the header is already on every call), so
+the pages open as they do after a login. Starts the UIs with `atelier ui` if they are not running; prints one PNG path per page.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def proxy(upstream: str, authorization: str) -> ThreadingHTTPServer:
                 conn.close()
             if "json" in (answer.getheader("Content-Type") or ""):
                 data = data.replace(upstream.rstrip("/").encode(), here["url"])
+                if self.path.rstrip("/").endswith("/ui-settings"):
+                    data = data.replace(b'"auth":"BASIC"', b'"auth":null')  # logged in: the proxy adds the header
             self.send_response(answer.status)
             for key, value in answer.getheaders():
                 if key.lower() not in HOP and key.lower() != "content-length":
@@ -109,12 +113,33 @@ def main() -> None:
         pages["mlflow-runs"] = f"{ml_url}/#/experiments/{experiments[0].experiment_id}/runs{ML_VIEW}"
     if models:
         pages["mlflow-model"] = f"{ml_url}/#/models/{models[0].name}/versions/{models[0].latest_versions[-1].version}{ML_VIEW}"
+    prefect = local_servers.ensure(settings, "prefect")
+    pf = proxy(prefect["url"], basic(secrets["prefect_auth_string"]))
+    pf_url = f"http://127.0.0.1:{pf.server_address[1]}"
+    pages.update(
+        {"prefect-runs": f"{pf_url}/runs", "prefect-artifacts": f"{pf_url}/artifacts", "prefect-deployments": f"{pf_url}/deployments"}
+    )
+    flow_run = _latest_flow_run(prefect["url"], basic(secrets["prefect_auth_string"]))
+    if flow_run:
+        pages["prefect-flow-run"] = f"{pf_url}/runs/flow-run/{flow_run}"
     args.out.mkdir(parents=True, exist_ok=True)
     for name, url in pages.items():
         png = args.out / f"{name}.png"
         shoot(chromium, url, png)
         print(png if png.is_file() else f"{png}: chromium made no screenshot of {url}", flush=True)
-    print(json.dumps({"mlflow": mlflow["url"]}))
+    print(json.dumps({"mlflow": mlflow["url"], "prefect": prefect["url"]}))
+
+
+def _latest_flow_run(url: str, authorization: str) -> str | None:
+    """The id of the newest flow run on the Prefect server, or None."""
+    import requests
+
+    answer = requests.post(
+        f"{url}/api/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, headers={"Authorization": authorization}, timeout=30
+    )
+    answer.raise_for_status()
+    runs = answer.json()
+    return runs[0]["id"] if runs else None
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def test_each_documented_command_parses(where, line):
             continue
         positional += 1
     unbounded = any(p.nargs < 0 for p in arguments)
-    assert unbounded or positional <= sum(p.nargs for p in arguments), f"{where}: `{path}` takes {len(arguments)} arguments, the docs give {positional}: {line}"
+    assert unbounded or positional <= sum(p.nargs for p in arguments), (
+        f"{where}: `{path}` takes {len(arguments)} arguments, the docs give {positional}: {line}"
+    )
     required = sum(p.nargs for p in arguments if p.required and p.nargs > 0)
     assert positional >= required, f"{where}: `{path}` needs {required} arguments, the docs give {positional}: {line}"
