@@ -7,6 +7,7 @@ register (alias candidate) -> gate (accuracy of the served variant, the engine's
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -96,7 +97,7 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
 
     cross = None
     if ocr_tasks.settings().judge.backend != "none":  # label-free signal: the VLM judge reads the pages too
-        cross = judge_tasks.ocr_cross_check(ev, files, spec)["summary"]
+        cross = judge_tasks.ocr_cross_check(ev, files, spec).summary
     langs = sorted(lang for lang, b in routing["routes"].items() if b == "ppocr")
     summary = {
         "cer_fp32": _cer(fp32),
@@ -142,18 +143,18 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
     gate = promotion_gate(registered, str(flow_run.id), flow_name="ocr-calibrate")
     summary_artifact(
         "ocr-calibrate",
-        f"{registered['name']}/{registered['version']}",
+        f"{registered.name}/{registered.version}",
         {served: files[f"rec_{served}"]},
-        f"gate {'passed' if gate['passed'] else 'refused'}; serving {served}; routes {routing['routes']}",
+        f"gate {'passed' if gate.passed else 'refused'}; serving {served}; routes {routing['routes']}",
     )
     return finished(
         {
-            "model": registered["name"],
-            "version": registered["version"],
-            "gate": gate,
+            "model": registered.name,
+            "version": registered.version,
+            "gate": asdict(gate),
             "routes": routing["routes"],
             "summary": summary,
-            "registered_before": registered["reused"],
+            "registered_before": registered.reused,
             "served": served,
             "engine": engine,
         },

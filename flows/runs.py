@@ -13,8 +13,12 @@ import json
 import os
 import re
 import socket
+from typing import TYPE_CHECKING
 
 from atelier.tasks.common import OUTPUT, SUMMARY_KEY
+
+if TYPE_CHECKING:
+    from atelier.tasks.registry import GateDecision
 
 PROCESS_PREFIX = "atelier"
 
@@ -236,13 +240,13 @@ def run_logs(run: str, limit: int = 2000) -> dict:
     }
 
 
-def finished(result: dict, gate: dict):
+def finished(result: dict, gate: GateDecision):
     """The flow's end state: Completed when the gate passed; a Completed named `Refused`, with the
     gate's reasons as its message, when it refused (the UI shows it at a glance; the caller still
     gets `result`)."""
-    if gate.get("passed", True):
+    if gate.passed:
         return result
     from prefect.states import Completed
 
-    reasons = "; ".join(gate.get("reasons") or []) or "see the version's atelier.gate tag"
+    reasons = "; ".join(gate.reasons) or "see the version's atelier.gate tag"
     return Completed(name="Refused", message=f"gate refused {result['model']} version {result['version']}: {reasons}"[:500], data=result)

@@ -6,6 +6,7 @@ pull photos @ DVC rev -> validate (GX) -> class priors (cached) -> DreamBooth ->
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -69,9 +70,9 @@ def subject_finetune(
     base_hash = fingerprint_base_model(str(base), stat_signature(base))
     priors = None
     if config["with_prior_preservation"]:
-        class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot["class_noun"])
+        class_prompt = config["class_prompt"].format(identifier=config["identifier"], class_noun=snapshot.class_noun)
         priors = class_priors(str(base), base_hash, class_prompt, config)
-    key = db_tasks.training_key(base_hash, snapshot, priors["key"] if priors else None, config, settings.train_processes)
+    key = db_tasks.training_key(base_hash, snapshot, priors.key if priors else None, config, settings.train_processes)
     waited = []
 
     def say_waiting() -> None:
@@ -86,20 +87,20 @@ def subject_finetune(
             existing = reg_tasks.find_registered(customer, subject, key)
             if existing is not None:
                 note = (
-                    f"no-op: inputs unchanged since {existing['name']} version {existing['version']} "
-                    f"(same photos {snapshot['dvc_md5'][:12]}, config, base model and priors; training key {key})"
+                    f"no-op: inputs unchanged since {existing.name} version {existing.version} "
+                    f"(same photos {snapshot.dvc_md5[:12]}, config, base model and priors; training key {key})"
                 )
                 get_run_logger().info(note)  # the run's log (the UI, `atelier logs`) and the terminal
-                summary_artifact("subject-finetune", f"{existing['name']}/{existing['version']}", {}, note)
+                summary_artifact("subject-finetune", f"{existing.name}/{existing.version}", {}, note)
                 return {
-                    "model": existing["name"],
-                    "version": existing["version"],
+                    "model": existing.name,
+                    "version": existing.version,
                     "noop": True,
                     "note": note,
-                    "run_id": existing["run_id"],
+                    "run_id": existing.run_id,
                     "training_key": key,
-                    "gate": existing["gate"] or {"passed": "champion" in existing["aliases"], "reasons": []},
-                    "data_rev": snapshot["rev"],
+                    "gate": existing.gate or {"passed": existing.champion, "reasons": []},
+                    "data_rev": snapshot.rev,
                     "flow_run_id": str(flow_run.id),
                 }
         return _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors)
@@ -107,21 +108,21 @@ def subject_finetune(
 
 def _train_register_gate(customer, subject, settings, base, embedded, config, snapshot, validation, base_hash, priors) -> dict:
     training = train_dreambooth(str(base), base_hash, snapshot, priors, config, settings.train_processes)
-    samples = sample_images(training["output_dir"], snapshot["class_noun"], config, training["losses"])
+    samples = sample_images(training.output_dir, snapshot.class_noun, config, training.losses)
 
     code = code_version()
     lineage = {
         "customer": customer,
         "subject": subject,
-        "data.rev": snapshot["rev"],
-        "data.dvc_md5": snapshot["dvc_md5"],
-        "data.files": snapshot["files"],
-        "data.class_noun": snapshot["class_noun"],
-        "data.validation_report": validation["report_dir"],
+        "data.rev": snapshot.rev,
+        "data.dvc_md5": snapshot.dvc_md5,
+        "data.files": snapshot.files,
+        "data.class_noun": snapshot.class_noun,
+        "data.validation_report": validation.report_dir,
         "base_model.id": EMBEDDED_BASE_ID if embedded else str(base),
         "base_model.sha256": base_hash,
-        "class_priors.key": priors["key"] if priors else "none",
-        "class_priors.sha256": priors["sha256"] if priors else "none",
+        "class_priors.key": priors.key if priors else "none",
+        "class_priors.sha256": priors.sha256 if priors else "none",
         "code.git_sha": code.git_sha,
         "code.dirty": str(code.dirty).lower(),
         "code.version": code.package_version,
@@ -129,34 +130,34 @@ def _train_register_gate(customer, subject, settings, base, embedded, config, sn
         "flow.version": FLOW_VERSION,
         "task_versions": task_versions(),
         "params": config,
-        "training.key": training["key"],
+        "training.key": training.key,
         "prefect.flow_run_id": str(flow_run.id),
-        "eval.summary": samples["health"],
+        "eval.summary": samples.health,
     }
     registered = register_model(customer, subject, training, samples, lineage, config)
     # scores go on the version before the gate reads them; a version this judge already scored is not
     # asked again (a rerun of unchanged inputs makes no request), and a gate decision that stands writes no row
-    if settings.judge.backend != "none" and not (registered["reused"] and judge_tasks.judged_before(registered)):
+    if settings.judge.backend != "none" and not (registered.reused and judge_tasks.judged_before(registered)):
         judge_tasks.record_judgment(registered, judge_tasks.judge_samples(samples, snapshot, priors, config["identifier"]))
     gate = promotion_gate(registered, str(flow_run.id))
     summary_artifact(
         "subject-finetune",
-        f"{registered['name']}/{registered['version']}",
-        {"run_id": registered["run_id"]},
-        f"gate {'passed' if gate['passed'] else 'refused'}{' (already registered)' if registered['reused'] else ''}",
+        f"{registered.name}/{registered.version}",
+        {"run_id": registered.run_id},
+        f"gate {'passed' if gate.passed else 'refused'}{' (already registered)' if registered.reused else ''}",
     )
     return finished(
         {
-            "model": registered["name"],
-            "version": registered["version"],
-            "run_id": registered["run_id"],
-            "gate": gate,
-            "data_rev": snapshot["rev"],
-            "training_key": training["key"],
-            "registered_before": registered["reused"],
+            "model": registered.name,
+            "version": registered.version,
+            "run_id": registered.run_id,
+            "gate": asdict(gate),
+            "data_rev": snapshot.rev,
+            "training_key": training.key,
+            "registered_before": registered.reused,
             "flow_run_id": str(flow_run.id),
-            "steps": training["steps"],
-            "final_loss": samples["health"]["final_loss"],
+            "steps": training.steps,
+            "final_loss": samples.health["final_loss"],
             "noop": False,
         },
         gate,

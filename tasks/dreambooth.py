@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -15,9 +16,48 @@ from atelier.models.dreambooth.config import TrainConfig, load_train_config
 from atelier.models.dreambooth.health import assess, sample_grid
 from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 from atelier.tasks.common import BY_INPUTS, UNCACHED, logger, progress_logger, retry_transient, settings
+from atelier.tasks.data import Snapshot
+from atelier.tasks.results import result_type
 
 TINY_CONFIG = SOURCE_ROOT / "configs" / "dreambooth" / "tiny.yaml"
 VERSIONS = {"fingerprint-base-model": "1", "class-priors": "1", "train-dreambooth": "1", "sample-images": "1"}
+
+
+@result_type
+@dataclass(frozen=True)
+class Priors:
+    """The class-prior images of one (base model, class prompt, sampling), in the content-keyed cache."""
+
+    path: str
+    key: str
+    count: int
+    sha256: str
+
+
+@result_type
+@dataclass(frozen=True)
+class Training:
+    """A finished training: the saved pipeline and its loss curve."""
+
+    key: str  # the training key: what the weights depend on
+    output_dir: str  # the diffusers pipeline folder
+    losses: list[float]
+    steps: int
+    seconds: float
+    resumed_from: int | None  # the checkpoint step an interrupted run resumed from
+    reused: bool  # an earlier run's finished output, not trained again
+    run_id: str | None  # the MLflow run that took the metrics live (None: registration logs them)
+
+
+@result_type
+@dataclass(frozen=True)
+class Samples:
+    """The gate's evidence: sample images, their grid, and the health checks on them and the losses."""
+
+    dir: str
+    files: list[str]
+    grid: str
+    health: dict[str, bool | int | float]  # models.dreambooth.health.Health, as the gate reads it
 
 
 def resolve_config(config_path: str | None, embedded_base: bool) -> dict:
@@ -36,7 +76,7 @@ def fingerprint_base_model(path: str, stat_signature: str) -> str:
 
 
 @task(name="class-priors", version=VERSIONS["class-priors"], cache_policy=UNCACHED, retries=1, retry_condition_fn=retry_transient)
-def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dict) -> dict:
+def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dict) -> Priors:
     cfg = TrainConfig(**config)
     spec = PriorSpec(
         base_hash,
@@ -62,7 +102,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     if prior.reused:
         report(spec.count)  # the progress artifact says done, not 0%
     logger().info("class priors %s: %s (%d images)", prior.key, "reused from cache" if prior.reused else "generated", prior.count)
-    return {"path": str(prior.path), "key": prior.key, "count": prior.count, "sha256": prior.sha256}
+    return Priors(str(prior.path), prior.key, prior.count, prior.sha256)
 
 
 def keep_compiles(compiling: bool) -> None:
@@ -76,13 +116,13 @@ def keep_compiles(compiling: bool) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings().compile_cache)
 
 
-def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: dict, processes: int = 1) -> str:
+def training_key(base_hash: str, snapshot: Snapshot, prior_key: str | None, config: dict, processes: int = 1) -> str:
     """What the trained weights depend on. N processes train with N times the batch, so N is part of
     the key (left out at 1, which keeps the keys of versions registered before it existed)."""
     inputs = {
         "base": base_hash,
-        "files": snapshot["files"],
-        "class": snapshot["class_noun"],
+        "files": snapshot.files,
+        "class": snapshot.class_noun,
         "priors": prior_key,
         "config": config,
         "task": VERSIONS["train-dreambooth"],
@@ -93,7 +133,9 @@ def training_key(base_hash: str, snapshot: dict, prior_key: str | None, config: 
 
 
 @task(name="train-dreambooth", version=VERSIONS["train-dreambooth"], cache_policy=BY_INPUTS)
-def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: dict | None, config: dict, processes: int = 1) -> dict:
+def train_dreambooth(
+    base_model: str, base_hash: str, snapshot: Snapshot, priors: Priors | None, config: dict, processes: int = 1
+) -> Training:
     """Train (or resume an interrupted run of) the subject model; the output folder is keyed by inputs.
     With `processes` > 1 the task starts `accelerate launch` with that many processes: one per GPU
     (DDP), or CPU processes with gloo where there is no GPU."""
@@ -102,10 +144,10 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
 
     cfg = TrainConfig(**config)
     keep_compiles(cfg.compile_unet)
-    key = training_key(base_hash, snapshot, priors["key"] if priors else None, config, processes)
-    work = settings().runs_dir / snapshot["customer"] / key
+    key = training_key(base_hash, snapshot, priors.key if priors else None, config, processes)
+    work = settings().runs_dir / snapshot.customer / key
     inputs = TrainInputs(
-        Path(base_model), Path(snapshot["path"]), snapshot["class_noun"], work, work / "pipeline", Path(priors["path"]) if priors else None
+        Path(base_model), Path(snapshot.path), snapshot.class_noun, work, work / "pipeline", Path(priors.path) if priors else None
     )
     done_file, run_file = work / "training.json", work / "mlflow-run.json"
     if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():
@@ -113,16 +155,16 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
         logger().info("training %s already finished (%d steps); reusing it", key, record["steps"])
         live_record = json.loads(run_file.read_text()) if run_file.is_file() else {}
         run_id = live_record.get("run_id") if live_record.get("complete") else None  # a curve with gaps is logged again
-        return {
-            "key": key,
-            "output_dir": str(inputs.output_dir),
-            "losses": record["losses"],
-            "steps": record["steps"],
-            "seconds": record.get("seconds", 0.0),
-            "resumed_from": record.get("resumed_from"),
-            "reused": True,
-            "run_id": run_id,
-        }
+        return Training(
+            key,
+            str(inputs.output_dir),
+            record["losses"],
+            record["steps"],
+            record.get("seconds", 0.0),
+            record.get("resumed_from"),
+            reused=True,
+            run_id=run_id,
+        )
     live = _open_training_run(snapshot, priors, config, key)
     if live is None:  # MLflow did not answer: train anyway, registration logs the whole record (and retries the server)
         live = _Unreported()
@@ -154,37 +196,30 @@ def train_dreambooth(base_model: str, base_hash: str, snapshot: dict, priors: di
     if result.resumed_from:
         logger().info("resumed from checkpoint at step %d", result.resumed_from)
     logger().info("trained %d steps in %.1f s (%.2f steps/s)", result.step, result.seconds, result.step / max(result.seconds, 1e-9))
-    return {
-        "key": key,
-        "output_dir": str(result.output_dir),
-        "losses": result.losses,
-        "steps": result.step,
-        "seconds": result.seconds,
-        "resumed_from": result.resumed_from,
-        "reused": False,
-        "run_id": live.usable,
-    }
+    return Training(
+        key, str(result.output_dir), result.losses, result.step, result.seconds, result.resumed_from, reused=False, run_id=live.usable
+    )
 
 
-def _open_training_run(snapshot: dict, priors: dict | None, config: dict, key: str):
+def _open_training_run(snapshot: Snapshot, priors: Priors | None, config: dict, key: str):
     """The MLflow run this training reports to live (loss, learning rate, system metrics), tagged so
     that registration resumes it and a later attempt at the same training abandons it if it died."""
     from atelier.registry.dreambooth import dataset_inputs
     from atelier.registry.training_run import TrainingRun
 
-    customer, subject = snapshot["customer"], snapshot["subject"]
+    customer, subject = snapshot.customer, snapshot.subject
     facts = {
-        "data.rev": snapshot["rev"],
-        "data.dvc_md5": snapshot["dvc_md5"],
-        "data.files": snapshot["files"],
-        "class_priors.key": priors["key"] if priors else "none",
-        "class_priors.sha256": priors["sha256"] if priors else "none",
+        "data.rev": snapshot.rev,
+        "data.dvc_md5": snapshot.dvc_md5,
+        "data.files": snapshot.files,
+        "class_priors.key": priors.key if priors else "none",
+        "class_priors.sha256": priors.sha256 if priors else "none",
     }
     tags = {
         "atelier.customer": customer,
         "atelier.subject": subject,
         "atelier.training.key": key,
-        "atelier.data.rev": snapshot["rev"],
+        "atelier.data.rev": snapshot.rev,
         "atelier.class_priors.key": facts["class_priors.key"],
     }
     s = settings()
@@ -219,7 +254,7 @@ class _Unreported:
 
 
 @task(name="sample-images", version=VERSIONS["sample-images"], cache_policy=BY_INPUTS)
-def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list[float]) -> dict:
+def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list[float]) -> Samples:
     """Generate the gate's evidence: samples_per_prompt images for each sample prompt, and a grid."""
     from atelier.kernel.storage import atomic_dir
     from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
@@ -246,4 +281,4 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
         )
     health = assess(losses, images, settings().gate.min_sample_std)
     logger().info("%d samples written to %s", len(images), out)
-    return {"dir": str(out), "files": [str(out / p) for p in paths], "grid": str(out / "grid.png"), "health": health.as_dict()}
+    return Samples(str(out), [str(out / p) for p in paths], str(out / "grid.png"), health.as_dict())

@@ -4,26 +4,40 @@ its class-prior images for subject leakage; record the result on the registered 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from atelier.registry.client import Registered
 from atelier.tasks.common import UNCACHED, artifact_key, logger, retry_transient, settings, tracked
+from atelier.tasks.data import Snapshot
+from atelier.tasks.dreambooth import Priors, Samples
+from atelier.tasks.results import result_type
 
 VERSIONS = {"judge-samples": "1", "judged-before": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
 MAX_CLASS_IMAGES = 4
 
 
+@result_type
+@dataclass(frozen=True)
+class Judgment:
+    """The VLM judge's summary (scores, usage, or {"error": ...} that fails the gate) and its per-image rows."""
+
+    summary: dict
+    rows: list[dict]
+
+
 @task(name="judge-samples", version=VERSIONS["judge-samples"], cache_policy=UNCACHED)
-def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier: str) -> dict:
+def judge_samples(samples: Samples, snapshot: Snapshot, priors: Priors | None, identifier: str) -> Judgment:
     """Scores and per-image rows; a judge that cannot be reached gives {"error": ...}, which fails the gate."""
     from atelier.models.vlm.base import JudgeError
     from atelier.models.vlm.factory import make_judge
     from atelier.models.vlm.scoring import Cache, Scorer, judge_images
 
     s = settings()
-    sample_dir = Path(samples["dir"])
+    sample_dir = Path(samples.dir)
     prompts = json.loads((sample_dir / "prompts.json").read_text())
     # samples made with the identifier should show the subject; those made without it (prior
     # preservation prompts) should not, and count with the class images as prior leak
@@ -33,9 +47,9 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
         if identifier in p["prompt"].split()
     ]
     plain = [(str(sample_dir / p["file"]), (sample_dir / p["file"]).read_bytes()) for p in prompts if identifier not in p["prompt"].split()]
-    refs = [p.read_bytes() for p in sorted(Path(snapshot["path"]).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")][:4]
+    refs = [p.read_bytes() for p in sorted(Path(snapshot.path).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")][:4]
     class_images = plain + (
-        [(str(p), p.read_bytes()) for p in sorted(Path(priors["path"]).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else []
+        [(str(p), p.read_bytes()) for p in sorted(Path(priors.path).glob("*.png"))[:MAX_CLASS_IMAGES]] if priors else []
     )
     try:
         judge = make_judge(s.judge, s.tiny_judge_dir)
@@ -43,7 +57,7 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
         rows, summary = judge_images(scorer, items, refs, class_images, captions=s.judge.captions)
     except JudgeError as exc:
         logger().warning("VLM judge failed: %s; the gate will refuse", exc)
-        return {"summary": {"error": str(exc), "calibrated": False}, "rows": []}
+        return Judgment({"error": str(exc), "calibrated": False}, [])
     if s.judge.clip_weights or s.judge.dino_weights:  # the DreamBooth paper's metrics, reported beside the judge's
         from atelier.models.vlm.classic import ClassicMetrics
 
@@ -77,11 +91,11 @@ def judge_samples(samples: dict, snapshot: dict, priors: dict | None, identifier
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("objects", "path")} for r in rows]
     create_table_artifact(
         table,
-        key=artifact_key("judge", snapshot["customer"], snapshot["subject"]),
-        description=f"VLM judgments of {snapshot['customer']}/{snapshot['subject']} ({judge.name}"
+        key=artifact_key("judge", snapshot.customer, snapshot.subject),
+        description=f"VLM judgments of {snapshot.customer}/{snapshot.subject} ({judge.name}"
         f"{'' if summary['calibrated'] else ', uncalibrated'})",
     )
-    return {"summary": summary, "rows": rows}
+    return Judgment(summary, rows)
 
 
 def judge_config(cfg) -> str:
@@ -111,17 +125,17 @@ def judge_config(cfg) -> str:
     retry_delay_seconds=5,
 )
 @tracked
-def judged_before(registered: dict) -> bool:
+def judged_before(registered: Registered) -> bool:
     """The version (same content: same training key) holds a judgement by this judge that did not fail."""
     from atelier.registry.judge import recorded_judgment
 
-    summary = recorded_judgment(settings(), registered["name"], registered["version"])
+    summary = recorded_judgment(settings(), registered.name, registered.version)
     ok = summary is not None and not summary.get("error") and summary.get("judge_config") == judge_config(settings().judge)
     if ok:
         logger().info(
             "%s v%s was judged before by %s: reusing that judgement (no request)",
-            registered["name"],
-            registered["version"],
+            registered.name,
+            registered.version,
             summary.get("judge"),
         )
     return ok
@@ -136,14 +150,14 @@ def judged_before(registered: dict) -> bool:
     retry_delay_seconds=5,
 )
 @tracked
-def record_judgment(registered: dict, judgment: dict) -> None:
+def record_judgment(registered: Registered, judgment: Judgment) -> None:
     from atelier.registry.judge import record_judgment as record
 
-    record(settings(), registered["name"], registered["version"], registered["run_id"], judgment["summary"], judgment["rows"])
+    record(settings(), registered.name, registered.version, registered.run_id, judgment.summary, judgment.rows)
 
 
 @task(name="judge-ocr-cross-check", version=VERSIONS["judge-ocr-cross-check"], cache_policy=UNCACHED)
-def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_pages: int = 8) -> dict:
+def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_pages: int = 8) -> Judgment:
     """The VLM judge reads the set's pages; its agreement (CER) with the routed engine's reading is a
     label-free quality signal. A judge that fails gives {"error": ...}; the OCR gate does not use it."""
     from atelier.models.ocr.engine import load_engine
@@ -168,7 +182,7 @@ def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_p
         rows, summary = ocr_agreement(scorer, items)
     except JudgeError as exc:
         logger().warning("VLM OCR cross-check failed: %s", exc)
-        return {"summary": {"error": str(exc)}, "rows": []}
+        return Judgment({"error": str(exc)}, [])
     logger().info(
         "VLM OCR cross-check on %d pages: judge vs OCR CER %s, judge vs labels %s, %d failed%s",
         len(rows),
@@ -182,4 +196,4 @@ def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_p
         key=artifact_key("ocr-cross-check", str(document_set.get("name", "documents"))),
         description="VLM OCR cross-check: judge vs OCR agreement per page",
     )
-    return {"summary": summary, "rows": rows}
+    return Judgment(summary, rows)

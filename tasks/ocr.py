@@ -14,6 +14,7 @@ from atelier.kernel.errors import DataValidationError
 from atelier.kernel.hashing import sha256_file, tree_hash
 from atelier.kernel.stages import documents_dir, track_folder
 from atelier.tasks.common import BY_INPUTS, UNCACHED, artifact_key, logger, retry_transient, settings, tracked
+from atelier.tasks.registry import Registered  # (a result type: registered there)
 
 VERSIONS = {
     "document-sets": "2",
@@ -261,12 +262,12 @@ def evaluate_engine(document_set: dict, files: dict[str, str], spec: dict, confi
     retry_delay_seconds=5,
 )
 @tracked
-def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> dict:
+def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: dict, tables: dict, review_below: float) -> Registered:
     from atelier.registry.ocr import register_ocr
 
     reg = register_ocr(settings(), {k: Path(v) for k, v in files.items()}, spec, confidence, lineage, metrics, tables, review_below)
     logger().info("%s %s as %s version %s", "already registered" if reg.reused else "registered", "the OCR engine", reg.name, reg.version)
-    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
+    return reg
 
 
 def spec_hash(spec: dict) -> str:

@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from atelier.models.dreambooth.config import TrainConfig
-from atelier.registry.client import client_for
+from atelier.registry.client import Registered, client_for
 from atelier.registry.dreambooth import record_gate_on_card, register_dreambooth
 from atelier.registry.ledger import open_ledger
 from atelier.registry.promotion import promote
 from atelier.tasks.common import UNCACHED, artifact_key, logger, retry_transient, settings, tracked
+from atelier.tasks.dreambooth import Samples, Training
+from atelier.tasks.results import result_type
 
 VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1", "audit-ledger": "1"}
+
+
+result_type(Registered)  # what register-model (and the OCR flow's register) return: a model version in the registry
+
+
+@result_type
+@dataclass(frozen=True)
+class GateDecision:
+    """The promotion gate's verdict, as its ledger row records it."""
+
+    passed: bool
+    reasons: list[str]
+    champion: str | None  # the champion's version after the decision
+    ledger_seq: int
+
+
+@result_type
+@dataclass(frozen=True)
+class Existing:
+    """The version registered before from exactly these inputs (same training key)."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str
+    gate: dict | None  # the decision on its card; None: never gated (an interrupted run)
+
+    @property
+    def champion(self) -> bool:
+        return "champion" in self.aliases
 
 
 # a tracking server that is away gets three more tries over about 45 s (it may be restarting)
@@ -28,33 +61,33 @@ VERSIONS = {"register-model": "1", "promotion-gate": "1", "find-registered": "1"
     retry_delay_seconds=[3, 10, 30],
 )
 @tracked
-def register_model(customer: str, subject: str, training: dict, samples: dict, lineage: dict, config: dict) -> dict:
+def register_model(customer: str, subject: str, training: Training, samples: Samples, lineage: dict, config: dict) -> Registered:
     cfg = TrainConfig(**config)
     # one value each: under "validation/" (sample health, the judge's scores), below the "train/" curves in the UI
-    metrics = {f"validation/health_{k}": float(v) for k, v in samples["health"].items()}
-    metrics.update({"train/seconds": float(training["seconds"]), "train/steps": float(training["steps"])})
+    metrics = {f"validation/health_{k}": float(v) for k, v in samples.health.items()}
+    metrics.update({"train/seconds": float(training.seconds), "train/steps": float(training.steps)})
     reg = register_dreambooth(
         settings(),
         customer,
         subject,
-        Path(training["output_dir"]),
+        Path(training.output_dir),
         lineage,
         config,
-        training["losses"],
+        training.losses,
         metrics,
-        [Path(p) for p in samples["files"]],
-        Path(samples["grid"]),
+        [Path(p) for p in samples.files],
+        Path(samples.grid),
         cfg.sampling.sampler,
         cfg.sampling.steps,
         cfg.sampling.guidance_scale,
-        training.get("run_id"),
+        training.run_id,
     )
     if reg.reused:
         logger().info("these training outputs are already registered as %s version %s; not registering again", reg.name, reg.version)
     else:
         logger().info("registered %s version %s (run %s) as candidate", reg.name, reg.version, reg.run_id)
     link_to_mlflow(reg.name, reg.version, reg.run_id)
-    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "model_uri": reg.model_uri, "reused": reg.reused}
+    return reg
 
 
 def link_to_mlflow(name: str, version: str, run_id: str) -> None:
@@ -75,26 +108,26 @@ def link_to_mlflow(name: str, version: str, run_id: str) -> None:
     retry_delay_seconds=5,
 )
 @tracked
-def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> dict:
+def promotion_gate(registered: Registered, flow_run_id: str | None = None, flow_name: str = "subject-finetune") -> GateDecision:
     """Gate the new version; champion moves only if it passes. The ledger records either outcome."""
     s = settings()
     result = promote(
         client_for(s),
         open_ledger(s),
-        registered["name"],
-        registered["version"],
+        registered.name,
+        registered.version,
         actor=f"{s.actor} via {flow_name}",
         reason=f"new version from the {flow_name} flow",
         rules=s.gate,
         flow_run_id=flow_run_id,
     )
-    record_gate_on_card(client_for(s), registered["name"], registered["version"], {"passed": result.passed, "reasons": result.reasons})
+    record_gate_on_card(client_for(s), registered.name, registered.version, {"passed": result.passed, "reasons": result.reasons})
     checks = json.loads(result.row.gate)["checks"]
     lines = [f"| {c['name']} | {_verdict(c)} | {c['detail']} |" for c in checks]
     create_markdown_artifact(
         "\n".join(["| check | result | detail |", "|---|---|---|", *lines]),
-        key=artifact_key("gate", registered["name"]),
-        description=f"promotion gate for {registered['name']} v{registered['version']}",
+        key=artifact_key("gate", registered.name),
+        description=f"promotion gate for {registered.name} v{registered.version}",
     )
     if result.passed:
         logger().info("gate passed: %s v%s is champion (ledger row %d)", result.model, result.version, result.row.seq)
@@ -106,7 +139,7 @@ def promotion_gate(registered: dict, flow_run_id: str | None = None, flow_name: 
             "; ".join(result.reasons),
             result.champion or "(none)",
         )
-    return {"passed": result.passed, "reasons": result.reasons, "champion": result.champion, "ledger_seq": result.row.seq}
+    return GateDecision(result.passed, list(result.reasons), result.champion, result.row.seq)
 
 
 def _verdict(check: dict) -> str:
@@ -125,7 +158,7 @@ def _verdict(check: dict) -> str:
     retry_delay_seconds=5,
 )
 @tracked
-def find_registered(customer: str, subject: str, training_key: str) -> dict | None:
+def find_registered(customer: str, subject: str, training_key: str) -> Existing | None:
     """The version already registered from exactly these inputs (training key), or None; its `gate` is
     the decision recorded on its card, or None if it was never gated."""
     from atelier.registry.client import find_version
@@ -136,7 +169,7 @@ def find_registered(customer: str, subject: str, training_key: str) -> dict | No
     if mv is None:
         return None
     gate = json.loads(mv.tags["atelier.gate"]) if "atelier.gate" in mv.tags else None  # None: never gated (interrupted)
-    return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "run_id": mv.run_id, "gate": gate}
+    return Existing(name, str(mv.version), list(mv.aliases), mv.run_id, gate)
 
 
 @task(

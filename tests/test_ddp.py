@@ -103,6 +103,7 @@ def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_th
     tiny_model, photos, priors, tmp_path, tiny_config
 ):
     from atelier.models.dreambooth.launch import train_launched
+    from atelier.tasks.data import Snapshot
     from atelier.tasks.dreambooth import training_key
 
     single = train(
@@ -118,5 +119,5 @@ def test_the_training_task_launches_accelerate_and_trains_as_one_process_with_th
     assert "trained 4 steps with 2 processes" in lines
     assert launched.losses == pytest.approx(single.losses, rel=1e-4)
     # two processes train with twice the batch: another training, another key
-    snapshot = {"files": {"a.png": "0"}, "class_noun": "toy"}
+    snapshot = Snapshot("acme", "rex", "toy", "rev", "md5", "photos", {"a.png": "0"})
     assert training_key("b", snapshot, None, {}, 2) != training_key("b", snapshot, None, {}, 1) == training_key("b", snapshot, None, {})
