@@ -117,14 +117,14 @@ def test_lora_trains_adapters_only_and_fuses_them_into_the_output(tiny_model, ph
 def test_adam_state_made_up_front_trains_as_the_lazy_one():
     """The CUDA-graph path creates AdamW's state before the first step (so it never lands in blocks
     that activations freed); the updates must be the ones AdamW makes when it creates the state itself."""
-    from atelier.models.dreambooth.trainer import _init_adam_state
+    from atelier.models.dreambooth.steps import init_adam_state
 
     torch.manual_seed(0)
     a = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
     b = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
     b.load_state_dict(a.state_dict())
     opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=1e-2) for m in (a, b))
-    _init_adam_state(opt_b)
+    init_adam_state(opt_b)
     assert opt_b.state[b.weight]["exp_avg"].stride() == b.weight.stride()
     x = torch.randn(2, 4, 9, 9)
     for _ in range(3):

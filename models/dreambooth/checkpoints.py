@@ -28,6 +28,76 @@ CKPT_PREFIX = "checkpoint-"
 STATE_FILE = "state.pt"
 
 
+class LoopState:
+    """What the loop needs besides weights and optimizer to continue exactly: step, losses, RNG."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        # on the training device: drawing noise there needs no host-to-device copy (each copy from
+        # pageable memory would synchronise the stream and stall the GPU every step)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": list(self.losses), "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        self.generator.set_state(state["rng"])
+
+
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: its trainable parameters (all of them, or a LoRA's adapters)."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)  # DDP
+    return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def checkpoint_state(state: LoopState, trained: dict, optimizer, scheduler, scaler) -> dict:
+    """Everything a checkpoint holds (the module docstring), as tensors still on the device."""
+    return {
+        "models": {k: trained_tensors(m) for k, m in trained.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "loop": state.state_dict(),
+    }
+
+
+def restore(ckpt: dict, trained: dict, optimizer, scheduler, scaler, state: LoopState) -> None:
+    """Load a checkpoint into the run's models, optimizer, scheduler, scaler and loop state, in place."""
+    for name, model in trained.items():
+        params = dict(getattr(model, "module", model).named_parameters())
+        saved = ckpt["models"].get(name, {})
+        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trained tensors of the {name} (first: {missing[0]}): "
+                "it was written by another configuration; remove it to start over"
+            )
+        with torch.no_grad():
+            for n, tensor in saved.items():
+                params[n].copy_(tensor)
+    # a captured step reads its LR from a device tensor: loading must refill that tensor, not replace it
+    # with the checkpoint's (host) copy, and the scheduler's base LRs come back as plain numbers
+    kept = [{k: g[k] for k in ("lr", "initial_lr") if isinstance(g.get(k), torch.Tensor)} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, tensors in zip(optimizer.param_groups, kept):
+        for key, tensor in tensors.items():
+            tensor.fill_(float(group[key]))
+            group[key] = tensor
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        for key, value in optimizer.state.get(p, {}).items():  # moments in their parameter's layout (fused AdamW needs it)
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = [float(x) for x in scheduler.base_lrs]
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state.load_state_dict(ckpt["loop"])
+
+
 def latest_checkpoint(work_dir: Path) -> Path | None:
     root = Path(work_dir) / "checkpoints"
     found = sorted(p for p in root.glob(f"{CKPT_PREFIX}*") if (p / STATE_FILE).is_file()) if root.is_dir() else []

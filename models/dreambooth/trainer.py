@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -40,17 +39,24 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.kernel.storage import write_json_atomic
 from atelier.models.dreambooth.base import check_sd_directory
-from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
+from atelier.models.dreambooth.checkpoints import (
+    AsyncCheckpointer,
+    LoopState,
+    checkpoint_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore,
+)
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
+from atelier.models.dreambooth.steps import Batches, EagerStep, GraphedStep, Objective, init_adam_state, uses_cuda_graphs
 from atelier.models.dreambooth.train_setup import Encoded, add_lora, fresh_accelerator, token_ids
 
-__all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "LOSS_READBACK_STEPS"]
+__all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "uses_cuda_graphs", "LOSS_READBACK_STEPS"]
 
 ProgressFn = Callable[[int, int, float, float], None]  # step, total, loss, learning rate
 StepFn = Callable[[int, int], None]  # step, total
 LOSS_READBACK_STEPS = 10  # losses stay on the device between read-backs, so the host never waits per step
-EAGER_STEPS_BEFORE_CAPTURE = 3  # lazy state (optimizer moments, cuBLAS workspaces) exists before a graph is captured
 
 
 @dataclass(frozen=True)
@@ -75,38 +81,15 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # load, steps, checkpoints, validation, save (seconds)
 
 
-class LoopState:
-    """What the loop needs besides weights and optimizer to continue exactly: step, losses, RNG."""
+@dataclass
+class _Models:
+    """The base model's parts, as the run uses them (trainable, placed, prepared or compiled)."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
-        # on the training device: drawing noise there needs no host-to-device copy (each copy from
-        # pageable memory would synchronise the stream and stall the GPU every step)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.step = 0
-        self.losses: list[float] = []
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "losses": list(self.losses), "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.losses = list(state["losses"])
-        self.generator.set_state(state["rng"])
-
-
-def uses_cuda_graphs(cfg: TrainConfig, precision: str, processes: int) -> bool:
-    """Whether a run captures its step as a CUDA graph: on CUDA, one process, no gradient accumulation
-    or checkpointing (both step outside a fixed graph), bf16 or fp32 (fp16's grad scaler reads back
-    from the device every step), and no compiler-made graphs already (compile_mode reduce-overhead)."""
-    return (
-        cfg.cuda_graphs
-        and torch.cuda.is_available()
-        and processes == 1
-        and cfg.gradient_accumulation_steps == 1
-        and not cfg.gradient_checkpointing
-        and precision in ("bf16", "no")
-        and not (cfg.compile_unet and cfg.compile_mode != "default")
-    )
+    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module
+    vae: AutoencoderKL
+    unet: torch.nn.Module
+    noise_scheduler: DDPMScheduler
 
 
 def train(
@@ -137,63 +120,13 @@ def train(
     acc = fresh_accelerator("no" if graphs else precision, cfg.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    if cfg.lora is not None:
-        with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
-            torch.manual_seed(cfg.seed)
-            add_lora(cfg, unet, text_encoder, weight_dtype)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-
-    cuda = acc.device.type == "cuda"
-    if cuda and cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    trained = {k: m for k, m in (("unet", unet), ("text_encoder", text_encoder)) if any(p.requires_grad for p in m.parameters())}
-    unet.to(acc.device)
-    if cfg.train_text_encoder:
-        text_encoder.to(acc.device)
-    lr = torch.tensor(cfg.learning_rate, device=acc.device) if graphs else cfg.learning_rate  # a graph reads the LR from the device
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-        **({"fused": True} if cuda and cfg.fused_adam else {}),
-        **({"capturable": True} if graphs else {}),
-    )
-    # stepped once per optimizer step by the loop (not once per process by accelerate), so its
-    # state means the same whatever the number of processes that saved or resume it
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
-    )
+    # set-up: the models, the optimizer and LR schedule, a checkpoint to resume, the encoded images
+    m = _load_models(cfg, base, weight_dtype, acc.device)
+    params = [p for module in (m.unet, m.text_encoder) for p in module.parameters() if p.requires_grad]
+    trained = {k: v for k, v in (("unet", m.unet), ("text_encoder", m.text_encoder)) if any(p.requires_grad for p in v.parameters())}
+    optimizer, lr_scheduler = _optimizer(cfg, params, acc.device, graphs)
     raw_optimizer, raw_scheduler = optimizer, lr_scheduler
-    if graphs:
-        if not cfg.train_text_encoder:
-            text_encoder.to(acc.device, dtype=weight_dtype)
-    elif cfg.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = acc.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
-        text_encoder.to(acc.device, dtype=weight_dtype)
-    vae.to(acc.device) if weight_dtype == torch.float32 else vae.to(acc.device, dtype=weight_dtype)
-
-    if cuda and cfg.compile_unet:
-        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-        # shapes never change during training: a dynamic-shape recompile would only cost minutes
-        unet = torch.compile(unet, mode=mode, dynamic=False)
-        if cfg.train_text_encoder:
-            text_encoder = torch.compile(text_encoder, mode=mode, dynamic=False)
-    compiled_graphs = cuda and cfg.compile_unet and cfg.compile_mode != "default"
+    optimizer, lr_scheduler = _place(cfg, m, acc, optimizer, lr_scheduler, graphs, weight_dtype)
     state = LoopState(cfg.seed, acc.device)
     scaler = getattr(acc, "scaler", None)
     resumed_from = None
@@ -202,65 +135,38 @@ def train(
     # given back, which costs the captured step's memory pool gigabytes
     ckpt = latest_checkpoint(work)
     if ckpt is not None:
-        _restore(load_checkpoint(ckpt), trained, raw_optimizer, raw_scheduler, scaler, state, acc)
+        restore(load_checkpoint(ckpt), trained, raw_optimizer, raw_scheduler, scaler, state)
         resumed_from = state.step
     elif graphs:
-        _init_adam_state(raw_optimizer)
+        init_adam_state(raw_optimizer)
     checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit)
     if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
-        checkpointer.reserve(_checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
-    instance = Encoded(vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
-    prior = Encoded(vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
-    ids = token_ids(tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
-    class_ids = token_ids(tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
+        checkpointer.reserve(checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
+    instance = Encoded(m.vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
+    prior = Encoded(m.vae, inputs.class_dir, cfg, acc.device, weight_dtype) if cfg.with_prior_preservation else None
     bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
-    world, rank = acc.num_processes, acc.process_index
+    batches = Batches(instance, prior, bs, m.noise_scheduler.config.num_train_timesteps, acc.num_processes, acc.process_index)
+    ids = token_ids(m.tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
+    class_ids = token_ids(m.tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
     batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
-    frozen_embeddings = None
-    if not cfg.train_text_encoder:
-        with torch.no_grad():
-            frozen_embeddings = text_encoder(batch_ids)[0]
-
-    timings["load"] = time.perf_counter() - t0
-
     autocast = (
         (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False))
         if graphs and weight_dtype != torch.float32
         else (acc.autocast if not graphs else contextlib.nullcontext)
     )
-    kinds = 2 if prior is not None else 1
+    objective = Objective(
+        m.unet, m.text_encoder, m.noise_scheduler, batch_ids, cfg.train_text_encoder, cfg.prior_loss_weight if prior else None, autocast
+    )
+    models = [m.unet] + ([m.text_encoder] if cfg.train_text_encoder else [])
+    if graphs:
+        step: Callable[..., torch.Tensor | None] = GraphedStep(models, objective, params, optimizer, raw_scheduler, cfg.max_grad_norm)
+    else:
+        compiled_graphs = acc.device.type == "cuda" and cfg.compile_unet and cfg.compile_mode != "default"
+        step = EagerStep(acc, models, objective, params, optimizer, lr_scheduler, cfg.max_grad_norm, compiled_graphs)
+    timings["load"] = time.perf_counter() - t0
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's images, noise and timesteps, from the loop's generator."""
-        latents = instance.sample(bs, state.generator, world, rank)
-        if prior is not None:
-            latents = torch.cat([latents, prior.sample(bs, state.generator, world, rank)])
-        noise = torch.randn((kinds, world * bs, *latents.shape[1:]), generator=state.generator, device=latents.device)
-        noise = noise[:, rank * bs : (rank + 1) * bs].reshape(latents.shape)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (kinds, world * bs), generator=state.generator, device=latents.device
-        )
-        return latents, noise, timesteps[:, rank * bs : (rank + 1) * bs].reshape(-1)
-
-    def loss_of(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            embeddings = frozen_embeddings if frozen_embeddings is not None else text_encoder(batch_ids)[0]
-            pred = unet(noisy, timesteps, embeddings).sample
-        target = (
-            noise_scheduler.get_velocity(latents, noise, timesteps) if noise_scheduler.config.prediction_type == "v_prediction" else noise
-        )
-        if prior is not None:
-            pred, pred_prior = pred.chunk(2)
-            target, target_prior = target.chunk(2)
-            return F.mse_loss(pred.float(), target.float()) + cfg.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
-        return F.mse_loss(pred.float(), target.float())
-
-    step_fn = _GraphedStep(loss_of, params, optimizer, cfg.max_grad_norm) if graphs else None
-    models = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
-    for m in models:
-        m.train()
-    taken, micro = 0, []
+    # the loop: draw, step, report; checkpoint and validate now and then
+    taken = 0
     pending: list[tuple[torch.Tensor, float]] = []  # (step loss on the device, lr), read back in bursts
     validation_dirs: list[Path] = []
 
@@ -276,34 +182,16 @@ def train(
                 on_progress(first + i, cfg.max_train_steps, value, lr_value)
         pending.clear()
 
-    if graphs:  # blocks the VAE cached on the default stream cannot serve the side stream that the steps run on
-        torch.cuda.empty_cache()
     loop_start = time.perf_counter()
     while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
-        if step_fn is not None:
-            micro.append(step_fn(*draw(), capture=taken >= EAGER_STEPS_BEFORE_CAPTURE))
-            raw_scheduler.step()
-        else:
-            if compiled_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with acc.accumulate(*models):
-                loss = loss_of(*draw())
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                if acc.sync_gradients:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro.append(loss.detach().float())
-            if not acc.sync_gradients:
-                continue
+        loss = step(*batches.draw(state.generator))
+        if loss is None:  # a micro-batch: gradients accumulate
+            continue
         state.step += 1
         taken += 1
         if on_step:
             on_step(state.step, cfg.max_train_steps)
-        pending.append((torch.stack(micro).mean(), _host_lr(raw_scheduler, cfg.learning_rate)))
-        micro = []
+        pending.append((loss, _host_lr(raw_scheduler, cfg.learning_rate)))
         budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
         # none at the last step: the finished run writes its pipeline, which is what a rerun reuses
         checkpoint = (state.step % cfg.checkpointing_steps == 0 and state.step < cfg.max_train_steps) or budget_hit
@@ -312,23 +200,28 @@ def train(
             flush()
         if checkpoint:
             t = time.perf_counter()
-            _checkpoint(checkpointer, acc, state, trained, raw_optimizer, raw_scheduler, scaler, wait=budget_hit)
+            _checkpoint(
+                checkpointer, acc, checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler), state.step, wait=budget_hit
+            )
             timings["checkpoints"] += time.perf_counter() - t
         if validate and acc.is_main_process:
             t = time.perf_counter()
             validation_dirs.append(
-                validation_samples(cfg, work, inputs.class_noun, acc, unet, text_encoder, vae, tokenizer, base, state.step, autocast)
+                validation_samples(
+                    cfg, work, inputs.class_noun, acc, m.unet, m.text_encoder, m.vae, m.tokenizer, base, state.step, autocast
+                )
             )
             timings["validation"] += time.perf_counter() - t
     flush()
-    timings["capture"] = step_fn.capture_seconds if step_fn is not None else 0.0
-    if step_fn is not None:
-        timings.update({f"capture_{k}": v for k, v in step_fn.memory.items()})
+    if isinstance(step, GraphedStep):
+        timings["capture"] = step.capture_seconds
+        timings.update({f"capture_{k}": v for k, v in step.memory.items()})
         timings["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         timings["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     timings["steps"] = time.perf_counter() - loop_start - timings["checkpoints"] - timings["validation"]
     timings["checkpoint_copies"], timings["checkpoint_waits"] = checkpointer.copy_seconds, checkpointer.wait_seconds
 
+    # the end: the pipeline and the training record, once the last checkpoint is on disk
     finished = state.step >= cfg.max_train_steps
     output = None
     t = time.perf_counter()
@@ -336,7 +229,7 @@ def train(
         checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
     if finished and acc.is_main_process:
         output = save_pipeline(
-            acc, base, unet, text_encoder, inputs.output_dir, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None
+            acc, base, m.unet, m.text_encoder, inputs.output_dir, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None
         )
     timings["save"] = time.perf_counter() - t
     if finished and acc.is_main_process:
@@ -355,57 +248,75 @@ def train(
     return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings)
 
 
-class _GraphedStep:
-    """One optimizer step (forward, loss, backward, clip, AdamW) that is run eagerly until `capture`,
-    then captured once as a CUDA graph and replayed. Inputs are copied into static tensors first."""
+def _load_models(cfg: TrainConfig, base: Path, weight_dtype: torch.dtype, device: torch.device) -> _Models:
+    """The base model's parts, with what trains marked (a LoRA's adapters added) and on the device (a
+    fused optimizer is made for parameters there); the frozen ones are placed by `_place`."""
+    m = _Models(
+        CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
+        CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder"),
+        AutoencoderKL.from_pretrained(str(base), subfolder="vae"),
+        UNet2DConditionModel.from_pretrained(str(base), subfolder="unet"),
+        DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
+    )
+    m.vae.requires_grad_(False)
+    m.text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.lora is not None:
+        with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
+            torch.manual_seed(cfg.seed)
+            add_lora(cfg, m.unet, m.text_encoder, weight_dtype)
+    if cfg.gradient_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            m.text_encoder.gradient_checkpointing_enable()
+    if device.type == "cuda" and cfg.channels_last:
+        m.unet.to(memory_format=torch.channels_last)
+    m.unet.to(device)
+    if cfg.train_text_encoder:
+        m.text_encoder.to(device)
+    return m
 
-    def __init__(self, loss_of, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None:
-        self.loss_of, self.params, self.optimizer, self.max_grad_norm = loss_of, params, optimizer, max_grad_norm
-        self.static: list[torch.Tensor] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss: torch.Tensor | None = None
-        self.stream = torch.cuda.Stream()
-        self.capture_seconds = 0.0
-        self.memory: dict[str, float] = {}
 
-    def _body(self) -> torch.Tensor:
-        loss = self.loss_of(*self.static)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        return loss.detach()
+def _optimizer(cfg: TrainConfig, params: list, device: torch.device, graphs: bool):
+    """AdamW (fused on CUDA; capturable, with its LR on the device, for a captured step) and its LR
+    schedule, stepped once per optimizer step by the loop (not once per process by accelerate), so its
+    state means the same whatever the number of processes that saved or resume it."""
+    cuda = device.type == "cuda"
+    lr = torch.tensor(cfg.learning_rate, device=device) if graphs else cfg.learning_rate
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        **({"fused": True} if cuda and cfg.fused_adam else {}),
+        **({"capturable": True} if graphs else {}),
+    )
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
+    return optimizer, lr_scheduler
 
-    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, capture: bool) -> torch.Tensor:
-        if self.static is None:
-            self.static = [latents.clone(), noise.clone(), timesteps.clone()]
-        else:
-            for buf, value in zip(self.static, (latents, noise, timesteps)):
-                buf.copy_(value)
-        if self.graph is None and capture:
-            t = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated in the graph's pool, written (not added) per replay
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()  # the eager steps' cached blocks would otherwise sit beside the graph's own
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.loss = self._body()
-            self.graph = graph
-            self.capture_seconds = time.perf_counter() - t
-            self.memory = {
-                "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-                "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-            }
-        if self.graph is not None:
-            self.graph.replay()
-            return self.loss.float().clone()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):  # eager steps on the capture stream: its handles exist when capturing
-            loss = self._body()
-            self.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return loss.float()
+
+def _place(cfg: TrainConfig, m: _Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype):
+    """Move the models to the device (frozen ones in the mixed-precision dtype), let accelerate wrap what
+    trains (not for a captured step, which casts itself), compile when asked; returns the optimizer and
+    scheduler to step (accelerate's wrappers, or the raw ones)."""
+    if graphs:
+        if not cfg.train_text_encoder:
+            m.text_encoder.to(acc.device, dtype=weight_dtype)
+    elif cfg.train_text_encoder:
+        m.unet, m.text_encoder, optimizer, lr_scheduler = acc.prepare(m.unet, m.text_encoder, optimizer, lr_scheduler)
+    else:
+        m.unet, optimizer, lr_scheduler = acc.prepare(m.unet, optimizer, lr_scheduler)
+        m.text_encoder.to(acc.device, dtype=weight_dtype)
+    m.vae.to(acc.device) if weight_dtype == torch.float32 else m.vae.to(acc.device, dtype=weight_dtype)
+    if acc.device.type == "cuda" and cfg.compile_unet:
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        # shapes never change during training: a dynamic-shape recompile would only cost minutes
+        m.unet = torch.compile(m.unet, mode=mode, dynamic=False)
+        if cfg.train_text_encoder:
+            m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
+    return optimizer, lr_scheduler
 
 
 def _host_lr(scheduler, base_lr: float) -> float:
@@ -417,73 +328,9 @@ def _host_lr(scheduler, base_lr: float) -> float:
     return float(value)
 
 
-def _trained_tensors(model) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of a model: its trainable parameters (all of them, or a LoRA's adapters)."""
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)  # DDP
-    return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
-
-
-def _checkpoint_state(state: LoopState, trained: dict, optimizer, scheduler, scaler) -> dict:
-    return {
-        "models": {k: _trained_tensors(m) for k, m in trained.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
-        "loop": state.state_dict(),
-    }
-
-
-def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's per-parameter state now, as its first step would (step counter on the device for
-    a capturable optimizer, moments shaped and strided like their parameter)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state[p]:
-                optimizer.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
-
-def _checkpoint(
-    checkpointer: AsyncCheckpointer, acc: Accelerator, state: LoopState, trained: dict, optimizer, scheduler, scaler, wait: bool
-) -> None:
+def _checkpoint(checkpointer: AsyncCheckpointer, acc: Accelerator, snapshot: dict, step: int, wait: bool) -> None:
     if acc.is_main_process:
-        checkpointer.save(state.step, _checkpoint_state(state, trained, optimizer, scheduler, scaler))
+        checkpointer.save(step, snapshot)
         if wait:  # the run stops here: the checkpoint must be on disk before it returns
             checkpointer.wait()
     acc.wait_for_everyone()
-
-
-def _restore(ckpt: dict, trained: dict, optimizer, scheduler, scaler, state: LoopState, acc: Accelerator) -> None:
-    for name, model in trained.items():
-        params = dict(getattr(model, "module", model).named_parameters())
-        saved = ckpt["models"].get(name, {})
-        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-        if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} trained tensors of the {name} (first: {missing[0]}): "
-                "it was written by another configuration; remove it to start over"
-            )
-        with torch.no_grad():
-            for n, tensor in saved.items():
-                params[n].copy_(tensor)
-    # a captured step reads its LR from a device tensor: loading must refill that tensor, not replace it
-    # with the checkpoint's (host) copy, and the scheduler's base LRs come back as plain numbers
-    kept = [{k: g[k] for k in ("lr", "initial_lr") if isinstance(g.get(k), torch.Tensor)} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, tensors in zip(optimizer.param_groups, kept):
-        for key, tensor in tensors.items():
-            tensor.fill_(float(group[key]))
-            group[key] = tensor
-    for p in (p for g in optimizer.param_groups for p in g["params"]):
-        for key, value in optimizer.state.get(p, {}).items():  # moments in their parameter's layout (fused AdamW needs it)
-            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
-                optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scheduler.base_lrs = [float(x) for x in scheduler.base_lrs]
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    state.load_state_dict(ckpt["loop"])
