@@ -46,7 +46,7 @@ def main() -> None:
     from atelier.registry.serving import load_python_model, pin
 
     pinned = pin(settings, args.model)
-    model = load_python_model(settings, pinned["name"], pinned["version"])
+    model = load_python_model(settings, pinned.name, pinned.version)
     text = "".join(
         json.dumps({"id": f"i{k:04d}", "prompt": f"a sks toy, picture {k}", "steps": args.steps}) + "\n" for k in range(args.items)
     )
@@ -65,7 +65,7 @@ def main() -> None:
         generate(model.pipe, requests, batch_size=args.batch_size, on_image=lambda k, img: img.save(out / f"{k}.png"))
 
     def core(run: int) -> None:
-        run_generation(model.pipe, items, LocalStore(tmp / f"core-{run}"), pinned["model"], model.defaults, args.batch_size)
+        run_generation(model.pipe, items, LocalStore(tmp / f"core-{run}"), pinned.model, model.defaults, args.batch_size)
 
     direct()  # warm-up
     times: dict[str, list[float]] = {"direct": [], "direct+png": [], "batch core": []}
@@ -81,16 +81,14 @@ def main() -> None:
 
     manifest = tmp / "manifest.jsonl"
     manifest.write_text(text)
-    customer, subject = pinned["name"].split("-")[1:3]
+    customer, subject = pinned.name.split("-")[1:3]
     t, c = time.perf_counter(), time.process_time()
     batch_generate(customer, subject, str(manifest), str(tmp / "flow"), args.model, args.batch_size)
     times["batch flow"], cpu["batch flow"] = [time.perf_counter() - t], [time.process_time() - c]
 
     # the fastest of the interleaved runs: this work is deterministic, so the spread is other load
     base = min(times["direct"])
-    print(
-        f"\n{args.items} items, {args.steps} steps, batch {args.batch_size}, {pinned['model']}, fastest of {args.repeats} interleaved runs"
-    )
+    print(f"\n{args.items} items, {args.steps} steps, batch {args.batch_size}, {pinned.model}, fastest of {args.repeats} interleaved runs")
     print(f"{'variant':<14}{'seconds':>9}{'ms/item':>9}{'overhead/item':>15}{'ratio':>8}{'median s':>10}{'cpu s':>8}")
     for name, ts in times.items():
         m = min(ts)

@@ -291,18 +291,18 @@ def serve_cmd(
 
     settings = cli_settings()
     pinned = pin(settings, model, customer)
-    if resolve(client_for(settings), pinned["model"]).tags.get("atelier.kind") == "ocr":
+    if resolve(client_for(settings), pinned.model).tags.get("atelier.kind") == "ocr":
         # its pyfunc reads files named in the request: over HTTP a caller would read this machine's images
         raise NotFound(
-            f"model {pinned['model']}", "is an OCR model, which is not served over HTTP", "read documents with atelier ocr or batch-ocr"
+            f"model {pinned.model}", "is an OCR model, which is not served over HTTP", "read documents with atelier ocr or batch-ocr"
         )
     with socket.socket() as sock:
         if sock.connect_ex((host, port)) == 0:
             raise ConfigError(f"port {port} on {host}", "is taken by another program", "choose another with --port")
-    with checked_copy(settings, pinned["name"], pinned["version"]) as local:
+    with checked_copy(settings, pinned.name, pinned.version) as local:
         url = f"http://{host}:{port}"
         typer.echo(
-            f"serving {pinned['model']} (every file checked against the ledger) at {url}/invocations; Ctrl-C stops it\n"
+            f"serving {pinned.model} (every file checked against the ledger) at {url}/invocations; Ctrl-C stops it\n"
             f"""  try: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{{"dataframe_records": [{{"prompt": "a sks dog", "seed": 1}}]}}'""",
             err=True,
         )
@@ -316,7 +316,7 @@ def serve_cmd(
             proc.wait(30)
             raise
     if code != 0:
-        raise ConfigError(f"MLflow's scoring server for {pinned['model']}", f"exited with code {code}", "read its output above")
+        raise ConfigError(f"MLflow's scoring server for {pinned.model}", f"exited with code {code}", "read its output above")
 
 
 def install(app: typer.Typer) -> None:

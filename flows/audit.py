@@ -7,6 +7,8 @@ says why) while a problem remains, so a Prefect notification on failed runs is a
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import flow
 
 from atelier.flows.runs import claim_and_sweep, run_name
@@ -22,9 +24,9 @@ def ledger_audit(restore: bool = False) -> dict:
     summary_artifact(
         "ledger-audit",
         "-",
-        {"rows": result["rows"], "restored": len(result["restored"])},
-        note="intact" if not result["problems"] else f"{len(result['problems'])} problem(s)",
+        {"rows": result.rows, "restored": len(result.restored)},
+        note="intact" if not result.problems else f"{len(result.problems)} problem(s)",
     )
-    if result["problems"]:
-        raise RuntimeError("ledger audit: " + "; ".join(result["problems"]))
-    return result
+    if result.problems:
+        raise RuntimeError("ledger audit: " + "; ".join(result.problems))
+    return asdict(result)

@@ -11,6 +11,7 @@ scheduled run writes a new folder each day while a restarted run resumes its own
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 from prefect import flow
@@ -36,21 +37,17 @@ def batch_generate(customer: str, subject: str, manifest: str, out: str, model: 
     out = _expand(out)
     pinned = batch_tasks.pin_model(model or f"dreambooth-{customer}-{subject}@champion", customer)
     parsed = batch_tasks.read_manifest(manifest)
-    result = (
-        batch_tasks.generate_batch(pinned, parsed["items"], out, batch_size)
-        if parsed["items"]
-        else {"records": {}, "progress": {"written": [], "done_before": [], "redone": [], "failed": []}}
-    )
-    report = batch_tasks.report_of(pinned, out, result, parsed["invalid"])
+    result = batch_tasks.generate_batch(pinned, parsed.items, out, batch_size) if parsed.items else batch_tasks.BatchDone.nothing()
+    report = batch_tasks.report_of(pinned, out, result, parsed.invalid)
     written = batch_tasks.write_outputs(out, "manifest.jsonl", result, report)
     summary_artifact(
         "batch-generate",
-        pinned["model"],
-        written,
+        pinned.model,
+        asdict(written),
         f"{report['written']} new, {report['done_before']} already done, {len(report['invalid'])} invalid, {len(report['failed'])} failed",
     )
-    batch_tasks.check_not_empty(parsed["items"], parsed["invalid"], manifest)
-    return {**report, **written}
+    batch_tasks.check_not_empty(parsed.items, parsed.invalid, manifest)
+    return {**report, **asdict(written)}
 
 
 @flow(name="batch-ocr", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
@@ -62,8 +59,8 @@ def batch_ocr(inputs: str, out: str, model: str = "ocr@champion", lang: str | No
     written = batch_tasks.write_outputs(out, "results.jsonl", result, report, payload_lines=True)
     summary_artifact(
         "batch-ocr",
-        pinned["model"],
-        written,
+        pinned.model,
+        asdict(written),
         f"{report['written']} new, {report['done_before']} already done, {len(report['failed'])} with errors",
     )
-    return {**report, **written}
+    return {**report, **asdict(written)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from atelier.kernel.settings import Settings
@@ -13,13 +14,23 @@ from atelier.registry.isolation import require_owner
 from atelier.registry.lineage import resolve
 
 
-def pin(settings: Settings, ref: str, customer: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Pinned:
+    """One registered version, resolved once from what the user asked for (`ref`: NAME@ALIAS or NAME/VERSION)."""
+
+    ref: str
+    name: str
+    version: str
+    model: str  # NAME/VERSION, as outputs and logs name it
+
+
+def pin(settings: Settings, ref: str, customer: str | None = None) -> Pinned:
     """One version for the whole run; refuses a model of another customer."""
     client = client_for(settings)
     mv = resolve(client, ref)
     if customer:
         require_owner(client, mv.name, customer)
-    return {"ref": ref, "name": mv.name, "version": str(mv.version), "model": f"{mv.name}/{mv.version}"}
+    return Pinned(ref, mv.name, str(mv.version), f"{mv.name}/{mv.version}")
 
 
 def load_pyfunc(settings: Settings, name: str, version: str):

@@ -14,6 +14,7 @@ from atelier.registry.client import Registered
 from atelier.tasks.common import UNCACHED, artifact_key, logger, retry_transient, settings, tracked
 from atelier.tasks.data import Snapshot
 from atelier.tasks.dreambooth import Priors, Samples
+from atelier.tasks.ocr import DocumentSet
 from atelier.tasks.results import result_type
 
 VERSIONS = {"judge-samples": "1", "judged-before": "1", "record-judgment": "1", "judge-ocr-cross-check": "2"}
@@ -157,7 +158,7 @@ def record_judgment(registered: Registered, judgment: Judgment) -> None:
 
 
 @task(name="judge-ocr-cross-check", version=VERSIONS["judge-ocr-cross-check"], cache_policy=UNCACHED)
-def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_pages: int = 8) -> Judgment:
+def ocr_cross_check(document_set: DocumentSet, files: dict[str, str], spec: dict, max_pages: int = 8) -> Judgment:
     """The VLM judge reads the set's pages; its agreement (CER) with the routed engine's reading is a
     label-free quality signal. A judge that fails gives {"error": ...}; the OCR gate does not use it."""
     from atelier.models.ocr.engine import load_engine
@@ -168,7 +169,7 @@ def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_p
     from atelier.models.vlm.scoring import Cache, Scorer, ocr_agreement
 
     s = settings()
-    root = Path(document_set["path"])
+    root = Path(document_set.path)
     pages = [r for r in read_labels(root) if r.get("kind") == "page"][:max_pages]
     engine = load_engine({k: Path(v) for k, v in files.items()}, spec, {})
     items = []
@@ -193,7 +194,7 @@ def ocr_cross_check(document_set: dict, files: dict[str, str], spec: dict, max_p
     )
     create_table_artifact(
         [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("judge_text", "ocr_text")} for r in rows],
-        key=artifact_key("ocr-cross-check", str(document_set.get("name", "documents"))),
+        key=artifact_key("ocr-cross-check", "documents"),
         description="VLM OCR cross-check: judge vs OCR agreement per page",
     )
     return Judgment(summary, rows)

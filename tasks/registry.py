@@ -51,6 +51,17 @@ class Existing:
         return "champion" in self.aliases
 
 
+@result_type
+@dataclass(frozen=True)
+class Audit:
+    """The ledger against the registry: its rows, what was settled and restored, what is still wrong."""
+
+    rows: int
+    settled: list[str]
+    restored: list[str]
+    problems: list[str]
+
+
 # a tracking server that is away gets three more tries over about 45 s (it may be restarting)
 @task(
     name="register-model",
@@ -181,7 +192,7 @@ def find_registered(customer: str, subject: str, training_key: str) -> Existing 
     retry_delay_seconds=10,
 )
 @tracked
-def audit_ledger(restore: bool = False) -> dict:
+def audit_ledger(restore: bool = False) -> Audit:
     """Reconcile, verify, and with `restore` put drifted aliases back; problems are logged by name."""
     from atelier.registry.audit import restore as restore_aliases
     from atelier.registry.audit import verify_all
@@ -197,4 +208,4 @@ def audit_ledger(restore: bool = False) -> dict:
         logger().info(line)
     for p in problems:
         logger().error("%s: %s", p.kind, p.detail)
-    return {"rows": len(ledger.rows()), "settled": settled, "restored": restored, "problems": [p.detail for p in problems]}
+    return Audit(len(ledger.rows()), settled, restored, [p.detail for p in problems])

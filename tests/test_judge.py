@@ -261,7 +261,8 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
 
     from atelier.models.ocr.engine import shipped_engine_files
     from atelier.models.ocr.render import RenderSpec, missing_fonts, render_set
-    from atelier.tasks.judge import ocr_cross_check
+    from atelier.tasks.judge import Judgment, ocr_cross_check
+    from atelier.tasks.ocr import DocumentSet
 
     if missing_fonts():
         pytest.skip("needs Debian's fonts (make ocr-system-deps)")
@@ -272,11 +273,11 @@ def test_ocr_cross_check_task_reads_the_set_pages(server, faults, prefect_harnes
     faults.append("text:" + json.dumps({"text": "anything"}))
 
     @flow
-    def cross() -> dict:
-        return ocr_cross_check({"path": str(tmp_path / "ev")}, {k: str(v) for k, v in files.items()}, spec)
+    def cross() -> Judgment:
+        return ocr_cross_check(DocumentSet(str(tmp_path / "ev"), "rev", "sha"), {k: str(v) for k, v in files.items()}, spec)
 
     out = cross()
-    assert out["summary"]["pages"] == 1 and out["summary"]["agreement_cer"] > 0.5 and out["rows"][0]["judge_text"] == "anything"
+    assert out.summary["pages"] == 1 and out.summary["agreement_cer"] > 0.5 and out.rows[0]["judge_text"] == "anything"
 
 
 def test_clip_and_dino_metrics_from_local_weights(tmp_path):
