@@ -16,11 +16,22 @@ In front of both, registry/auth_policy.py allows a customer only an explicit lis
 switches off MLflow's server-side features (assistant, jobs, gateway, MCP, OTLP) for everyone.
 `python -m registry.auth_app` bootstraps the auth database and the admin user once, before the
 server's workers start (they would otherwise race to migrate a new database).
+
+Every request is authenticated, and MLflow checks the password with werkzeug's scrypt each time: about
+0.1 s of CPU a request here, which made a registration (a few hundred requests) take most of a minute.
+`remember_verified_passwords` keeps a password that verified, keyed by the user *and the stored hash*
+(read fresh on every request, one indexed query): a password changed by any worker, a user deleted or
+a hash rewritten in the database misses at once, so nothing is stale, unlike MLflow's own TTL cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
+import threading
+from collections import OrderedDict
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_POST_SUFFIXES = ("/search", "/graphql", "/batch-get")
@@ -56,13 +67,45 @@ def _only_admins_write():
     return auth.make_forbidden_response()
 
 
+def remember_verified_passwords(store, size: int = 4096) -> None:
+    """Put a cache of verified (user, stored hash, password) in front of `store.authenticate_user`.
+    Passwords are kept only as an HMAC under a key that lives in this process's memory."""
+    from mlflow.exceptions import MlflowException
+    from werkzeug.security import check_password_hash
+
+    key = secrets.token_bytes(32)
+    verified: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+    lock = threading.Lock()
+
+    def authenticate_user(username: str, password: str, *, use_primary: bool = False) -> bool:  # noqa: ARG001 (MLflow's signature)
+        try:
+            stored = store.get_user(username).password_hash
+        except MlflowException:
+            return False
+        entry = (username, stored, hmac.new(key, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest())
+        with lock:
+            if entry in verified:
+                verified.move_to_end(entry)
+                return True
+        if not check_password_hash(stored, password):
+            return False
+        with lock:
+            verified[entry] = None
+            while len(verified) > size:
+                verified.popitem(last=False)
+        return True
+
+    store.authenticate_user = authenticate_user
+
+
 def create_app():
     """MLflow's basic-auth app with customers read-only (the `mlflow.app` entry point `atelier-auth`),
     behind registry/auth_policy.py's deny-by-default layer when served as ASGI (uvicorn, the default)."""
-    from mlflow.server import app
+    from mlflow.server import app, auth
     from mlflow.server.auth import create_app as basic_auth_app
 
     served = basic_auth_app(app)  # registers its authentication and per-resource checks first
+    remember_verified_passwords(auth.store)
     app.before_request(_only_admins_write)
     if served is app:  # gunicorn or waitress: Flask alone, no native routes to guard
         return served

@@ -254,3 +254,27 @@ def test_any_failure_on_a_full_workspace_disk_is_that_disks_not_a_servers(tmp_pa
         assert found is not None and found.exit_code == 6 and str(small / "ws") in str(found) and "is full" in str(found)
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_verified_password_is_remembered_until_its_stored_hash_changes(tmp_path, monkeypatch):
+    """The MLflow server checks each request's password with scrypt (~0.1 s); a verified one is kept,
+    keyed by the stored hash, so a changed password or a deleted user is refused on the next request."""
+    import werkzeug.security
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    from atelier.registry.auth_app import remember_verified_passwords
+
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{tmp_path / 'auth.db'}")
+    store.create_user("acme", "Acme-password-1")
+    checks = []
+    real = werkzeug.security.check_password_hash
+    monkeypatch.setattr(werkzeug.security, "check_password_hash", lambda h, p: checks.append(p) or real(h, p))
+    remember_verified_passwords(store)
+    assert store.authenticate_user("acme", "Acme-password-1") and store.authenticate_user("acme", "Acme-password-1")
+    assert len(checks) == 1  # the second request paid no scrypt
+    assert not store.authenticate_user("acme", "wrong") and not store.authenticate_user("nobody", "Acme-password-1")
+    store.update_user("acme", password="Acme-password-2")  # (another worker, or the database itself)
+    assert not store.authenticate_user("acme", "Acme-password-1") and store.authenticate_user("acme", "Acme-password-2")
+    store.delete_user("acme")
+    assert not store.authenticate_user("acme", "Acme-password-2")
