@@ -340,6 +340,17 @@ def test_bad_inputs_are_named_and_the_rest_is_read(engine, tmp_path):
     assert all(not got[n]["error"] for n in read)
 
 
+def test_a_page_without_ink_reads_as_nothing_not_as_what_a_recogniser_makes_of_paper(engine):
+    from atelier.models.ocr.router import Request
+
+    blank = np.full((360, 640, 3), 247, np.uint8)
+    noisy = np.clip(blank.astype(int) + np.random.default_rng(0).integers(-4, 5, blank.shape), 0, 255).astype(
+        np.uint8
+    )  # a video frame's grain
+    readings = engine.read([Request(blank, "page"), Request(noisy, "page"), Request(line_image("Readable text"), "page")])
+    assert [r.text for r in readings] == ["", "", "Readable text"] and not readings[0].flagged
+
+
 def test_load_document_scales_huge_pages_and_refuses_folders(tmp_path):
     Image.new("RGB", (3000, 2000), "white").save(tmp_path / "big.png")
     assert load_document(tmp_path / "big.png", max_pixels=1_000_000).size <= 3 * 1_000_000

@@ -29,6 +29,7 @@ from atelier.models.ocr.layout import reading_order
 from atelier.models.ocr.normalize import normalize
 
 LINE_ASPECT, LINE_HEIGHT = 4.0, 160  # an image at least this wide for its height, and no higher, is one line
+INK = 24  # grey levels between a page's lightest and darkest pixels (0.1%/99.9%) below which it holds no ink
 TIE_POINTS = 1.0  # CER points within which backends count as equal for a language (see choose_routes)
 
 
@@ -149,6 +150,8 @@ class RoutedOCR:
         self._identify(requests, pieces)
         groups: dict[tuple[str, str | None], list[_Piece]] = {}
         for p in pieces:
+            if p.final is not None:  # a blank page: read already (as nothing)
+                continue
             backend = self._route(p.lang)
             if p.first is not None and backend == self.table.first_pass:
                 p.final = p.first  # the first pass was this language's backend: read once
@@ -174,7 +177,9 @@ class RoutedOCR:
 
     def _cut(self, requests: list[Request]) -> list[_Piece]:
         """Pages into their lines; an image shaped like one line of text, or a page on which the
-        detector finds nothing, is read as a line."""
+        detector finds nothing, is read as a line, unless the page holds no ink at all (a blank scan,
+        an empty video frame): that reads as nothing, not as whatever a recogniser makes of paper
+        (Tesseract read a blank page as "0")."""
         pieces: list[_Piece] = []
         for d, req in enumerate(requests):
             h, w = req.image.shape[:2]
@@ -183,6 +188,10 @@ class RoutedOCR:
                 if lines:
                     for i, line in enumerate(lines):
                         pieces.extend(_Piece(d, i, box.image, box.page_corners, req.lang) for box in line)
+                    continue
+                if _inkless(req.image):
+                    nothing = Line("", 1.0, None, self.table.first_pass, req.lang, {"blank_page": True})
+                    pieces.append(_Piece(d, 0, req.image, None, req.lang, final=nothing))
                     continue
                 req.kind = "line"
             pieces.append(_Piece(d, 0, req.image, None, req.lang))
@@ -216,7 +225,7 @@ class RoutedOCR:
         each page's majority for its lines of a compatible script. A page whose longest lines are all
         blank to the first pass (Korean, Russian) is settled from those lines alone: its other lines
         go straight to the page language's backend."""
-        unknown = [p for p in pieces if p.lang is None]
+        unknown = [p for p in pieces if p.lang is None and p.final is None]
         first = self.backends.get(self.table.first_pass)
         if not unknown or first is None:
             return
@@ -308,6 +317,12 @@ class RoutedOCR:
         raw = float(np.average([ln.extra["raw_confidence"] for ln in lines], weights=weights)) if lines else 0.0
         text = "\n".join(ln.text for ln in lines if ln.text)
         return Reading(text, language, backend, conf, raw, conf < self.review_below, lines)
+
+
+def _inkless(image: np.ndarray) -> bool:
+    grey = image[::4, ::4].mean(axis=2) if image.ndim == 3 else image[::4, ::4]
+    low, high = np.percentile(grey, [0.1, 99.9])
+    return bool(high - low < INK)
 
 
 def _blank(piece: _Piece) -> bool:
