@@ -99,6 +99,9 @@ def friendly(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
+        except typer.BadParameter as exc:  # an option checked in the command's body (not by Click's parser): bad input, exit 2
+            typer.secho(f"error: {printable(exc.format_message())}. Fix: see --help for the values it takes", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             # Ctrl-C: the shell's convention (128 + SIGINT), no traceback; what was stored is kept as a kill would leave it
             typer.secho("interrupted: stopped; a rerun picks up where this left off", fg=typer.colors.RED, err=True)

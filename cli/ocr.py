@@ -98,8 +98,10 @@ def documents_render_cmd(
 
 def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(files to read, files skipped): a named path is always read (a bad one gets its error row); a
-    folder is read for its images (by suffix or content), hidden files and other files skipped."""
+    folder is read for its images (by suffix or content) and video clips (by suffix), hidden files and
+    other files skipped."""
     from atelier.models.ocr.images import looks_like_image
+    from atelier.models.video.frames import is_video
 
     files: list[Path] = []
     skipped: list[Path] = []
@@ -110,20 +112,56 @@ def _inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         for q in sorted(p.rglob("*")):
             if any(part.startswith(".") for part in q.relative_to(p).parts) or q.is_dir():
                 continue
-            (files if q.is_file() and looks_like_image(q) else skipped).append(q)
+            (files if q.is_file() and (looks_like_image(q) or is_video(q)) else skipped).append(q)
     return files, skipped
 
 
-FORMATS = ("jsonl", "text", "markdown")
+FORMATS = ("jsonl", "text", "markdown", "vtt")
+
+
+def _jsonl(row: dict) -> str:
+    """A document's row as one JSON line; a clip's as one line per cue (its time range and text)."""
+    if row.get("kind") != "video":
+        return json.dumps({**row, "lines": json.loads(row["lines"])}, ensure_ascii=False) + "\n"
+    head = {"path": row["path"], "kind": "video", "model": row.get("model", "")}
+    if row["error"] or not row["cues"]:
+        extra = (
+            {"error": row["error"]}
+            if row["error"]
+            else {"text": "", "start": 0.0, "end": row.get("duration", 0.0), "note": "no text found"}
+        )
+        return json.dumps({**head, **extra}, ensure_ascii=False) + "\n"
+    return "".join(json.dumps({**head, **cue}, ensure_ascii=False) + "\n" for cue in row["cues"])
+
+
+def _cue_lines(row: dict) -> list[str]:
+    from atelier.models.video.track import timestamp
+
+    return [f"[{timestamp(c['start'])} --> {timestamp(c['end'])}] {c['text']}" for c in row["cues"]]
 
 
 def render(rows: list[dict], fmt: str) -> str:
-    """The result rows as JSON lines (everything), plain text (each file's text under its name) or
-    Markdown (a section per file, its lines in reading order)."""
+    """The result rows as JSON lines (everything; a clip's cues one per line), plain text (each file's
+    text under its name; a clip's cues with their times), Markdown (a section per file, its lines in
+    reading order; a clip's cues as a table) or WebVTT (one clip's subtitles)."""
     if fmt == "jsonl":
-        return "".join(json.dumps({**row, "lines": json.loads(row["lines"])}, ensure_ascii=False) + "\n" for row in rows)
+        return "".join(_jsonl(row) for row in rows)
+    if fmt == "vtt":
+        from atelier.models.video.track import webvtt
+
+        return webvtt(rows[0]["cues"])
     out = []
     for row in rows:
+        if row.get("kind") == "video" and not row["error"]:
+            if fmt == "text":
+                head = f"==> {row['path']} <==" if len(rows) > 1 else ""
+                out.append("\n".join(x for x in (head, *_cue_lines(row)) if x))
+            else:
+                table = ["| start | end | text |", "| --- | --- | --- |"] + [
+                    f"| {c['start']:.2f} | {c['end']:.2f} | {c['text'].replace('|', '&#124;')} |" for c in row["cues"]
+                ]
+                out.append(f"## {Path(row['path']).name} (video, {len(row['cues'])} cues)\n\n" + "\n".join(table))
+            continue
         if fmt == "text":
             head = f"==> {row['path']} <==" if len(rows) > 1 else ""
             body = f"[error: {row['error']}]" if row["error"] else row["text"]
@@ -135,6 +173,21 @@ def render(rows: list[dict], fmt: str) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def _read_clip(engine, clip: Path, sampling, lang: str | None) -> dict:
+    from atelier.models.video.frames import BadVideo, probe
+    from atelier.models.video.ocr import read_video
+
+    try:
+        info = probe(clip, sampling)
+    except BadVideo as exc:
+        return {"path": str(clip), "kind": "video", "text": "", "flagged": True, "cues": [], "lines": "[]", "error": str(exc)}
+    total = max(1, min(sampling.max_frames, int(info.duration / info.interval) + 1)) if info.duration else sampling.max_frames
+    progress = Progress(f"ocr {clip.name}", "frames")
+    row = read_video(engine, clip, sampling, lang, on_frames=lambda n: progress(min(n, total), total))
+    progress.close()
+    return {**row, "lines": "[]"}
+
+
 @friendly
 def ocr_cmd(
     paths: list[Path] = typer.Argument(..., help="images or folders of images"),
@@ -142,11 +195,19 @@ def ocr_cmd(
     lang: Optional[str] = typer.Option(None, "--lang", help="language code (zh en fr es de ru ja ko); default: the router decides"),
     lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines (no detection)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output file (default: stdout)"),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl (everything: lines, boxes, confidence), text or markdown"),
+    fmt: str = typer.Option(
+        "jsonl", "--format", help="jsonl (everything: lines, boxes, confidence; a clip's cues with times), text, markdown or vtt (one clip)"
+    ),
+    every: float = typer.Option(1.0, "--every", help="clips: seconds between sampled frames (plus frames at picture changes)"),
+    max_frames: int = typer.Option(
+        300, "--max-frames", help="clips: at most this many frames each (a longer clip is sampled more sparsely)"
+    ),
 ) -> None:
-    """Read documents with a registered OCR model, loaded once for all of them: pages are detected and
-    read in reading order, lines of all files batched together. A bad file gets an `error` naming it
-    and the fix, and the rest are still read; exit 0 when every file was read, 7 when some were not, 2 when none was."""
+    """Read documents and video clips with a registered OCR model, loaded once for all of them: pages are
+    detected and read in reading order, lines of all files batched together; a clip's frames are
+    sampled by time and its text becomes a track of cues (start, end, text). A bad file gets an `error`
+    naming it and the fix, and the rest are still read; exit 0 when every file was read, 7 when some
+    were not, 2 when none was."""
     from atelier.kernel.storage import printable, write_text_atomic
     from atelier.models.ocr.engine import read_documents
     from atelier.models.ocr.langs import language
@@ -156,8 +217,16 @@ def ocr_cmd(
         language(lang)
     if fmt not in FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
+    from atelier.models.video.frames import Sampling, is_video
+
+    try:
+        sampling = Sampling(every, max_frames)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--every/--max-frames") from None
     settings = cli_settings()
     files, skipped = _inputs(paths)
+    if fmt == "vtt" and (len(files) != 1 or not is_video(files[0])):
+        raise typer.BadParameter("WebVTT holds one clip's subtitles: pass one video file (or use jsonl)", param_hint="--format")
     if skipped:
         typer.echo(
             f"skipped {len(skipped)} file(s) that are not images: "
@@ -170,10 +239,14 @@ def ocr_cmd(
             ", ".join(str(p) for p in paths), "holds no image to read", "pass image files, or folders of PNG/JPEG/TIFF/WebP/BMP images"
         )
     mv, engine = load_ocr_engine(settings, model)
-    rows = [{"path": str(f), "lang": lang, "kind": "line" if lines else "page"} for f in files]
+    clips = [f for f in files if is_video(f)]
+    rows = [{"path": str(f), "lang": lang, "kind": "line" if lines else "page"} for f in files if not is_video(f)]
     progress = Progress(f"ocr {mv.name} v{mv.version}", "files")
-    result = read_documents(engine, rows, progress)
+    read = {r["path"]: r for r in read_documents(engine, rows, progress)} if rows else {}
     progress.close()
+    for clip in clips:
+        read[str(clip)] = _read_clip(engine, clip, sampling, lang)
+    result = [read[str(f)] for f in files]
     for row in result:
         row["model"] = f"{mv.name}/{mv.version}"
         row["path"], row["error"] = printable(row["path"]), printable(row["error"])  # names that are not UTF-8, escaped
@@ -184,6 +257,8 @@ def ocr_cmd(
     if out:
         write_text_atomic(out, text)
         flagged = sum(1 for r in result if r["flagged"] and not r["error"])
+        if fmt == "vtt":
+            typer.echo(f"{len(result[0]['cues'])} cue(s) of {result[0]['path']} -> {out} (WebVTT)", err=True)
         typer.echo(
             f"{len(result) - len(failed)} of {len(result)} file(s) read with {mv.name} v{mv.version} -> {out} "
             f"({flagged} flagged for review, {len(failed)} not readable)",

@@ -89,13 +89,22 @@ def batch_generate_cmd(
 
 @friendly
 def batch_ocr_cmd(
-    inputs: str = typer.Argument(..., help="folder or s3://bucket/prefix of images"),
+    inputs: str = typer.Argument(..., help="folder or s3://bucket/prefix of images and video clips"),
     out: str = typer.Option(..., help="output folder or s3://bucket/prefix; may hold {date}"),
     model: str = typer.Option("ocr@champion"),
     lang: Optional[str] = typer.Option(None, help="language code; default: the router decides"),
     lines: bool = typer.Option(False, "--lines", help="the images are pre-cropped text lines"),
+    every: float = typer.Option(1.0, "--every", help="clips: seconds between sampled frames"),
+    max_frames: int = typer.Option(300, "--max-frames", help="clips: at most this many frames each"),
 ) -> None:
-    """Read every image once with the pinned OCR model; results.jsonl and report.json in OUT."""
+    """Read every image and clip once with the pinned OCR model (a clip once per sampling, its text as
+    cues with times); results.jsonl and report.json in OUT."""
+    from atelier.models.video.frames import Sampling
+
+    try:
+        Sampling(every, max_frames)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--every/--max-frames") from None
     from atelier.kernel.outages import preflight
 
     settings = cli_settings()
@@ -105,7 +114,7 @@ def batch_ocr_cmd(
     prefect_ready(settings)
     from atelier.flows.batch import batch_ocr
 
-    _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page"))
+    _report(batch_ocr(inputs, out, model, lang, "line" if lines else "page", every, max_frames))
 
 
 def _schedule_file(file: Optional[Path]) -> Path:

@@ -51,10 +51,18 @@ def batch_generate(customer: str, subject: str, manifest: str, out: str, model: 
 
 
 @flow(name="batch-ocr", version=FLOW_VERSION, log_prints=True, on_running=[claim_and_sweep], flow_run_name=run_name)
-def batch_ocr(inputs: str, out: str, model: str = "ocr@champion", lang: str | None = None, kind: str = "page") -> dict:
+def batch_ocr(
+    inputs: str,
+    out: str,
+    model: str = "ocr@champion",
+    lang: str | None = None,
+    kind: str = "page",
+    every: float = 1.0,
+    max_frames: int = 300,
+) -> dict:
     out = _expand(out)
     pinned = batch_tasks.pin_model(model)
-    result = batch_tasks.ocr_batch(pinned, inputs, out, lang, kind)
+    result = batch_tasks.ocr_batch(pinned, inputs, out, lang, kind, every, max_frames)
     report = batch_tasks.report_of(pinned, out, result, [])
     written = batch_tasks.write_outputs(out, "results.jsonl", result, report, payload_lines=True)
     summary_artifact(

@@ -76,6 +76,12 @@ class JudgeSettings(BaseModel):
     usd_per_million_input: float = Field(0.0, ge=0)
     usd_per_million_output: float = Field(0.0, ge=0)
     captions: bool = True
+    video: str = Field(
+        "video",
+        pattern="^(video|frames)$",
+        description="how the http judge is sent a clip: `video` (the file as a video_url part, as GLM-4.5V and vLLM take it) "
+        "or `frames` (the sampled frames as images, each after its timestamp)",
+    )
     clip_weights: Path | None = Field(None, description="CLIPModel directory: adds CLIP-I and CLIP-T to the judge's report")
     dino_weights: Path | None = Field(None, description="DINO ViT directory: adds the DINO subject similarity")
 

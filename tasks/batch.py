@@ -136,21 +136,34 @@ def generate_batch(pinned: Pinned, items: list[dict], out: str, batch_size: int 
     retry_delay_seconds=5,
 )
 @tracked
-def ocr_batch(pinned: Pinned, inputs: str, out: str, lang: str | None, kind: str) -> BatchDone:
-    from atelier.models.batch.ocr import list_images, run_ocr
+def ocr_batch(pinned: Pinned, inputs: str, out: str, lang: str | None, kind: str, every: float = 1.0, max_frames: int = 300) -> BatchDone:
+    from atelier.models.batch.ocr import list_inputs, run_ocr
     from atelier.models.ocr.langs import language
+    from atelier.models.video.frames import Sampling
     from atelier.registry.serving import load_python_model
 
     if lang:
         language(lang)
     s = settings()
     source, store = open_store(inputs, s.s3_endpoint_url), open_store(out, s.s3_endpoint_url)
-    keys = list_images(source)
+    keys = list_inputs(source)
     if not keys:
-        raise ConfigError(inputs, "holds no images", "point --input at a folder or S3 prefix with PNG/JPEG/TIFF files")
+        raise ConfigError(
+            inputs, "holds no images or video clips", "point it at a folder or S3 prefix with PNG/JPEG/TIFF images or MP4/MKV/WebM clips"
+        )
     engine = load_python_model(s, pinned.name, pinned.version).engine
     report = progress_logger(f"batch OCR {pinned.model}", len(keys), "files")
-    records, progress = run_ocr(engine, source, keys, store, pinned.model, lang, kind, on_progress=lambda done, total: report(done))
+    records, progress = run_ocr(
+        engine,
+        source,
+        keys,
+        store,
+        pinned.model,
+        lang,
+        kind,
+        on_progress=lambda done, total: report(done),
+        sampling=Sampling(every, max_frames),
+    )
     logger().info(
         "%d read, %d already done (verified), %d with errors", len(progress.written), len(progress.done_before), len(progress.failed)
     )

@@ -5,6 +5,7 @@ GLM-4.1V (log-probabilities included) and plays scripted faults, one per request
     "sleep:<s>"      answer after s seconds       "malformed"  200 without the chat-completions fields
     "refuse"         a refusal as the answer       "yes:<p>"    an answer whose first token has P(yes)=p
     "text:<t>"       the answer t, no logprobs
+A request with a `video_url` part is recorded like any other (`bodies`); give it a scripted answer.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ def make_app(judge) -> FastAPI:
     app = FastAPI()
     app.state.faults = deque()
     app.state.seen = []  # (authorization header, number of images, prompt)
+    app.state.bodies = []  # each request's JSON body, as sent (the video tests read its shape)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()
+        app.state.bodies.append(body)
         content = body["messages"][0]["content"]
         images = [base64.b64decode(c["image_url"]["url"].split(",", 1)[1]) for c in content if c["type"] == "image_url"]
-        prompt = next(c["text"] for c in content if c["type"] == "text")
+        prompt = [c["text"] for c in content if c["type"] == "text"][-1]  # (a clip's frames come after their times)
         app.state.seen.append((request.headers.get("authorization"), len(images), prompt))
         fault = app.state.faults.popleft() if app.state.faults else None
         if fault and fault.startswith("429"):

@@ -324,6 +324,19 @@ def test_batch_ocr_reads_a_folder_once_and_names_bad_files(prefect_harness, work
     )
     assert done.returncode == 7, done.stdout + done.stderr[-3000:]
     assert f"not done: {docs}/broken.png" in done.stderr and "1 item(s) of the batch" in done.stderr and "Traceback" not in done.stderr
+    # clips in the folder: their text as cues with times, once per (file, sampling); another interval reads them again
+    from tests.video_clips import make_clip
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(clips / "a.mp4", [(1.0, 2.0, "HELLO", "en")], duration=3.0)
+    (clips / "cut.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    read = batch_ocr(str(clips), str(tmp_path / "clips-read"), model=f"ocr/{reg.version}", every=0.5)
+    rows = {r["path"]: r for r in (json.loads(x) for x in (tmp_path / "clips-read" / "results.jsonl").read_text().splitlines())}
+    assert [c["text"] for c in rows["a.mp4"]["cues"]] == ["HELLO"] and rows["a.mp4"]["cues"][0]["start"] == 1.0
+    assert "cut.mp4" in rows["cut.mp4"]["error"] and read["written"] == 2 and len(read["failed"]) == 1
+    assert batch_ocr(str(clips), str(tmp_path / "clips-read"), model=f"ocr/{reg.version}", every=0.5)["done_before"] == 2
+    assert batch_ocr(str(clips), str(tmp_path / "clips-read"), model=f"ocr/{reg.version}", every=1.0)["written"] == 2
 
 
 @pytest.mark.slow

@@ -221,6 +221,22 @@ def test_atelier_judge_prints_one_line_per_image(server, faults, tmp_path, monke
         timeout=120,
     )
     assert missing.returncode != 0 and "b.png" in missing.stderr and "does not exist" in missing.stderr
+    # a clip and a broken one: the clip goes as one video input, the broken one is named, the exit is 7 (partly done)
+    from tests.video_clips import make_clip
+
+    make_clip(tmp_path / "clip.mp4", [(0.5, 1.5, "HELLO", "en")], duration=2.0)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    faults.extend(["yes:0.8", """text:{"caption": "a word on a page", "objects": []}"""])
+    clips = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "judge", str(tmp_path / "clip.mp4"), str(tmp_path / "broken.mp4"), "--prompt", "a word"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert clips.returncode == 7 and "broken.mp4" in clips.stderr and "Traceback" not in clips.stderr, clips.stderr[-2000:]
+    row = json.loads(clips.stdout.splitlines()[0])
+    assert row["kind"] == "video" and row["prompt_score"] == pytest.approx(0.8) and row["caption"] == "a word on a page"
 
 
 def test_ocr_cross_check_agreement_without_labels(server, faults, tmp_path):

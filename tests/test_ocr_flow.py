@@ -125,3 +125,36 @@ def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrat
         env={**os.environ},
     )
     assert text.returncode == 0 and text.stdout.startswith(f"## {page['file']} (en)") and text.stdout.count("\n") >= 4
+
+
+def test_atelier_ocr_reads_a_clip_as_a_text_track_and_writes_webvtt(calibrated, tmp_path):
+    from tests.video_clips import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", [(1.0, 3.0, "HELLO WORLD 2026", "en")], duration=4.0)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    model = f"ocr/{calibrated['version']}"
+    both = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "ocr", str(clip), str(tmp_path / "broken.mp4"), "--model", model, "--every", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert both.returncode == 7 and "broken.mp4" in both.stderr and "Traceback" not in both.stderr, both.stderr[-2000:]
+    rows = [json.loads(x) for x in both.stdout.splitlines()]
+    cue = rows[0]
+    assert cue["kind"] == "video" and cue["text"].replace(" ", "") == "HELLOWORLD2026" and cue["model"] == model, rows
+    assert 1.0 <= cue["start"] <= 1.5 and 3.0 <= cue["end"] <= 3.5 and "not a video" in rows[1]["error"]
+    vtt = tmp_path / "clip.vtt"
+    done = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "ocr", str(clip), "--model", model, "--format", "vtt", "--out", str(vtt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert done.returncode == 0 and vtt.read_text().startswith("WEBVTT\n\n1\n00:00:01.000 --> 00:00:03.000"), done.stderr[-2000:]
+    refused = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", "ocr", str(clip), str(clip), "--format", "vtt"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "one video" in refused.stderr

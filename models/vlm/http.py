@@ -15,6 +15,10 @@ import httpx
 from atelier.models.vlm.base import Answer, JudgeError, JudgeUnavailable, Usage
 
 
+def _image(png: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+
 def _retry_after(value: str | None, default: float) -> float:
     if not value:
         return default
@@ -50,7 +54,21 @@ class HttpJudge:
         self.name = f"{model} @ {self.base_url}"
 
     def ask(self, images: list[bytes], prompt: str, max_tokens: int = 16, logprobs: bool = True) -> Answer:
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}} for png in images]
+        return self._complete([_image(png) for png in images], prompt, max_tokens, logprobs)
+
+    def ask_video(self, clip, prompt: str, mode: str = "video", max_tokens: int = 16, logprobs: bool = True) -> Answer:
+        """Ask about a clip (models/vlm/video.Clip) as one input: `video` sends the file as a video_url
+        data URL (GLM-4.5V's API, vLLM, SGLang); `frames` sends its sampled frames as images, each after
+        a text part with its time, for servers that take images only. A clip too large to send inline
+        goes as frames."""
+        if mode == "video" and clip.data is not None:
+            url = f"data:{clip.mime};base64," + base64.b64encode(clip.data).decode()
+            content = [{"type": "video_url", "video_url": {"url": url}}]
+        else:
+            content = [part for t, png in clip.frames for part in ({"type": "text", "text": f"t={t:.2f}s"}, _image(png))]
+        return self._complete(content, prompt, max_tokens, logprobs)
+
+    def _complete(self, content: list[dict], prompt: str, max_tokens: int, logprobs: bool) -> Answer:
         body = {
             "model": self.model,
             "temperature": 0,

@@ -68,15 +68,18 @@ class Scorer:
     cache: Cache = field(default_factory=lambda: Cache(None))
     failures: list[dict] = field(default_factory=list)
 
-    def _yes_no(self, method: str, images: list[bytes], question: str, item: str) -> dict:
+    def yes_no(self, method: str, images: list[bytes], question: str, item: str, ask=None) -> dict:
+        """`ask(question, max_tokens)`: how to put the question (default: with `images`); the cache key is
+        `images` (for a clip: its content hash and sampling) with the method and question."""
+        ask = ask or (lambda q, max_tokens: self.judge.ask(images, q, max_tokens=max_tokens))
         key = self.cache.key(self.judge.name, method, question, images)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        answer = self.judge.ask(images, question + " Answer yes or no.", max_tokens=4)
+        answer = ask(question + " Answer yes or no.", 4)
         score = p_yes(answer.first_token_logprobs, answer.text)
         if score is None:
-            answer = self.judge.ask(images, question + " Reply with exactly one word: yes or no.", max_tokens=2)
+            answer = ask(question + " Reply with exactly one word: yes or no.", 2)
             score = p_yes(answer.first_token_logprobs, answer.text)
         result = {"score": score, "answer": readable(answer.text), "from": "logprobs" if answer.first_token_logprobs else "text"}
         if score is None:
@@ -86,11 +89,11 @@ class Scorer:
         return result
 
     def prompt_score(self, image: bytes, prompt: str, item: str = "") -> dict:
-        return self._yes_no("prompt", [image], f'Does this image show "{prompt}"?', item)
+        return self.yes_no("prompt", [image], f'Does this image show "{prompt}"?', item)
 
     def subject_fidelity(self, image: bytes, references: list[bytes], item: str = "") -> dict:
         n = len(references)
-        return self._yes_no(
+        return self.yes_no(
             "fidelity",
             references + [image],
             f"The first {n} images show one specific subject. "
