@@ -40,7 +40,7 @@ def proxy(upstream: str, authorization: str) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"accept-encoding"}}  # plain bodies: rewritten below
             headers["Authorization"] = authorization
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
             try:
