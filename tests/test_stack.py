@@ -130,9 +130,9 @@ def _wait_for_registration(stack, before: int, proc: subprocess.Popen, timeout: 
     raise AssertionError("no registration began")
 
 
-def _start_finetune(stack, subject: str) -> subprocess.Popen:
+def _start_finetune(stack, subject: str, **extra: str) -> subprocess.Popen:
     # MLflow's own HTTP retries off: the task's retries are what is under test
-    env = {**stack.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    env = {**stack.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", **extra}
     return subprocess.Popen(
         [ATELIER, "finetune", "acme", subject], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=stack.ws.parent
     )
@@ -144,7 +144,7 @@ def _versions(stack, name: str) -> list[int]:
 
 def test_mlflow_killed_mid_registration_and_left_down_fails_clearly_and_registers_nothing(stack):
     before = _registrations(stack)
-    proc = _start_finetune(stack, "robot2")
+    proc = _start_finetune(stack, "robot2", ATELIER_OUTAGE_BUDGET="8")  # the server stays down: give up after 8 s, not 120
     _wait_for_registration(stack, before, proc)
     stack.kill("mlflow")
     out, err = proc.communicate(timeout=400)
