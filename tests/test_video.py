@@ -137,6 +137,30 @@ def test_bad_clips_are_named_with_the_fix_and_never_raise(engine, tmp_path):
     assert read_video(engine, good, Sampling(every=EVERY))["error"] == ""  # the rest is still read
 
 
+def test_a_clip_whose_sound_runs_longer_than_its_picture_is_not_called_truncated(engine, tmp_path):
+    from atelier.models.video.ocr import read_video
+
+    path = tmp_path / "talk.mp4"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=16000)
+        for _ in range(20):  # 2 s of picture
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        for i in range(80):  # 5 s of sound
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+    row = read_video(engine, path, Sampling(every=0.5))
+    assert row["error"] == "" and row["duration"] == pytest.approx(2.0, abs=0.2) and row["cues"] == []
+
+
 def test_sampling_limits_are_checked():
     for every, cap in ((0.0, 10), (-1.0, 10), (1.0, 0), (1.0, 10**6), (float("nan"), 10)):
         with pytest.raises(ValueError):

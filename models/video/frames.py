@@ -100,11 +100,11 @@ def probe(path: Path, sampling: Sampling) -> VideoInfo:
     try:
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
-        duration = 0.0
-        if container.duration:
-            duration = container.duration / 1_000_000
-        elif stream.duration and stream.time_base:
+        duration = 0.0  # the picture's own length where the stream says (an audio track may run longer), else the container's
+        if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / 1_000_000
         fps = float(stream.average_rate) if stream.average_rate else 0.0
         codec = stream.codec_context.name
     finally:
