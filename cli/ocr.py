@@ -174,16 +174,10 @@ def render(rows: list[dict], fmt: str) -> str:
 
 
 def _read_clip(engine, clip: Path, sampling, lang: str | None) -> dict:
-    from atelier.models.video.frames import BadVideo, probe
     from atelier.models.video.ocr import read_video
 
-    try:
-        info = probe(clip, sampling)
-    except BadVideo as exc:
-        return {"path": str(clip), "kind": "video", "text": "", "flagged": True, "cues": [], "lines": "[]", "error": str(exc)}
-    total = max(1, min(sampling.max_frames, int(info.duration / info.interval) + 1)) if info.duration else sampling.max_frames
     progress = Progress(f"ocr {clip.name}", "frames")
-    row = read_video(engine, clip, sampling, lang, on_frames=lambda n: progress(min(n, total), total))
+    row = read_video(engine, clip, sampling, lang, on_frames=progress)
     progress.close()
     return {**row, "lines": "[]"}
 

@@ -95,16 +95,20 @@ def _write(path, frames_ms: list[int], size=(64, 48), codec="mjpeg", pix_fmt="yu
     return path
 
 
+def _silence(out, stream, frames: int) -> None:
+    """`frames` frames of 1024 silent samples at 16 kHz, muxed into `out`."""
+    for i in range(frames):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, i * 1024
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+
+
 def _audio_only(path):
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("aac", rate=16000)
-        for i in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        _silence(out, out.add_stream("aac", rate=16000), 10)
     return path
 
 
@@ -150,13 +154,7 @@ def test_a_clip_whose_sound_runs_longer_than_its_picture_is_not_called_truncated
                 out.mux(packet)
         for packet in video.encode():
             out.mux(packet)
-        for i in range(80):  # 5 s of sound
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            for packet in audio.encode(frame):
-                out.mux(packet)
-        for packet in audio.encode():
-            out.mux(packet)
+        _silence(out, audio, 80)  # 5 s of sound
     row = read_video(engine, path, Sampling(every=0.5))
     assert row["error"] == "" and row["duration"] == pytest.approx(2.0, abs=0.2) and row["cues"] == []
 

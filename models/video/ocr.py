@@ -13,15 +13,19 @@ from atelier.models.video.track import text_track
 CHUNK = 8  # frames read together (the engine batches their lines)
 
 
-def read_video(engine, path: Path, sampling: Sampling, lang: str | None = None, on_frames: Callable[[int], None] | None = None) -> dict:
+def read_video(
+    engine, path: Path, sampling: Sampling, lang: str | None = None, on_frames: Callable[[int, int], None] | None = None
+) -> dict:
     """One result for the clip: its cues (start, end, text, language, confidence, frame times), its
     text (the cues' texts in order of appearance) and how it was sampled. A clip that cannot be read
-    gives a result with `error` naming it and the fix, and no cues."""
+    gives a result with `error` naming it and the fix, and no cues. `on_frames(read, expected)` follows
+    the frames as they are read."""
     from atelier.models.ocr.router import Request
 
     base = {"path": str(path), "kind": "video", "text": "", "language": "", "confidence": 0.0, "flagged": True, "cues": []}
     try:
         info = probe(Path(path), sampling)
+        expected = max(1, min(sampling.max_frames, int(info.duration / info.interval) + 1)) if info.duration else sampling.max_frames
         seen: list[tuple[float, list[dict]]] = []
         batch = []
 
@@ -31,7 +35,7 @@ def read_video(engine, path: Path, sampling: Sampling, lang: str | None = None, 
                 lines = [{"text": x.text, "language": x.lang or reading.language or "", "confidence": x.confidence} for x in reading.lines]
                 seen.append((frame.t, lines))
             if on_frames:
-                on_frames(len(seen))
+                on_frames(min(len(seen), expected), expected)
 
         for frame in sample(Path(path), sampling, info):
             batch.append(frame)
