@@ -25,6 +25,7 @@ class Box:
     corners: list[list[float]]  # 4 points, clockwise from the top left, on the page the right way up
     image: np.ndarray  # the line, RGB, level
     on_page: list[list[float]] | None = None  # the corners on the page as given, where it had to be turned
+    cell: tuple[int, int] | None = None  # (row, column) where the box is a table's cell (layout.py)
 
     @property
     def page_corners(self) -> list[list[float]]:

@@ -9,6 +9,12 @@ span most of the text's width (a title, a line of a single-column page) divide t
 top to bottom; inside a band the remaining lines form columns by their horizontal overlap, read left
 to right, each top to bottom. A single-column page reads top to bottom; a title over two columns
 reads title, left column, right column.
+
+Two things come before that. A page photographed or scanned at a slant (a few degrees) is levelled:
+the lines' own angle (the median of their top edges) turns their coordinates, so a row of a tilted
+table is still one row and a column's lines still start at one x. And a band whose columns are not
+columns of text but of cells (a table, a timetable, a receipt: see `_cells`) is read row by row, each
+row's cells left to right as one line; each of those boxes carries its (row, column).
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import numpy as np
 from atelier.models.ocr.detector import Box
 
 WIDE = 0.6  # a line at least this share of the text's width spans the page: it separates bands
+CELL = 0.3  # a column narrower than this share of the band's width may hold cells, not text...
+UNEVEN = 0.6  # ...when it is also narrower than this share of the band's widest column
+SHORT = 7.0  # ...or its lines are shorter than this many times their height (cells, not lines of text)
+LEVEL_DEGREES = 0.2  # a page tilted less than this is read as it is
 
 
 def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
@@ -116,8 +126,31 @@ def split_across(box: Box, gutter: tuple[float, float]) -> list[Box]:
     return [first, second]
 
 
+def tilt(boxes: list[Box]) -> float:
+    """The page's slant in radians: the median angle of the top edges of its lines at least twice as
+    long as they are high (short boxes' angles are noise)."""
+    angles = []
+    for b in boxes:
+        (x0, y0), (x1, y1) = b.corners[0], b.corners[1]
+        height = ((b.corners[3][0] - x0) ** 2 + (b.corners[3][1] - y0) ** 2) ** 0.5
+        if x1 - x0 >= 2 * max(height, 1.0):
+            angles.append(np.arctan2(y1 - y0, x1 - x0))
+    return float(np.median(angles)) if angles else 0.0
+
+
+def level(boxes: list[Box]) -> list[Box]:
+    """The boxes with their coordinates turned so the page's lines lie level (each keeps its corners on
+    the page as given, and its image, which the detector already levelled)."""
+    angle = tilt(boxes)
+    if abs(np.degrees(angle)) < LEVEL_DEGREES:
+        return boxes
+    c, s = np.cos(angle), np.sin(angle)
+    return [Box([[x * c + y * s, -x * s + y * c] for x, y in b.corners], b.image, b.page_corners) for b in boxes]
+
+
 def reading_order(boxes: list[Box]) -> list[list[Box]]:
     """Lines in reading order; each line is its pieces, left to right."""
+    boxes = level(boxes)
     gaps = gutters(boxes)
     for gutter in gaps:
         boxes = [piece for box in boxes for piece in split_across(box, gutter)]
@@ -160,7 +193,8 @@ def _join_pieces(boxes: list[Box], gaps: list[tuple[float, float]] = ()) -> list
 
 
 def _columns(band: list[list[Box]]) -> list[list[Box]]:
-    """Group a band's lines into columns by horizontal overlap; columns left to right, lines top to bottom."""
+    """Group a band's lines into columns by horizontal overlap; columns left to right, lines top to
+    bottom; or, when the columns hold cells, the band's rows (`_rows`)."""
     columns: list[dict] = []
     for line in sorted(band, key=lambda ln: _bounds(ln)[0]):
         x0, _, x1, _ = _bounds(line)
@@ -171,7 +205,63 @@ def _columns(band: list[list[Box]]) -> list[list[Box]]:
                 break
         else:
             columns.append({"x0": x0, "x1": x1, "lines": [line]})
+    columns.sort(key=lambda c: c["x0"])
+    if _cells(band, columns):
+        return _rows(band, columns)
     out: list[list[Box]] = []
-    for col in sorted(columns, key=lambda c: c["x0"]):
+    for col in columns:
         out.extend(sorted(col["lines"], key=lambda ln: _bounds(ln)[1]))
+    return out
+
+
+def _row_groups(band: list[list[Box]]) -> list[list[list[Box]]]:
+    """The band's lines grouped into rows: a line joins the row whose members' mean centre is within
+    half a line's height of its own (rows do not grow into their neighbours on a tightly set receipt)."""
+    rows: list[dict] = []
+    for line in sorted(band, key=lambda ln: (_bounds(ln)[1] + _bounds(ln)[3]) / 2):
+        _, y0, _, y1 = _bounds(line)
+        centre, height = (y0 + y1) / 2, y1 - y0
+        for row in rows:
+            if abs(centre - np.mean(row["centres"])) < 0.5 * min(height, float(np.median(row["heights"]))):
+                row["lines"].append(line)
+                row["centres"].append(centre)
+                row["heights"].append(height)
+                break
+        else:
+            rows.append({"centres": [centre], "heights": [height], "lines": [line]})
+    return [r["lines"] for r in sorted(rows, key=lambda r: np.mean(r["centres"]))]
+
+
+def _cells(band: list[list[Box]], columns: list[dict]) -> bool:
+    """Whether a band's columns are a table's (or a receipt's, a timetable's): its narrowest column is
+    under CELL of the band's width and either holds short cells (a median line under `SHORT` times its
+    height: figures, a word or two) or is far narrower than the widest (under UNEVEN of it), and at
+    least half the rows hold two cells or more, in three rows or more. Columns of running text are as
+    wide as each other and their lines are long, however many columns a page has."""
+    if len(columns) < 2:
+        return False
+    rows = _row_groups(band)
+    multi = sum(len(r) >= 2 for r in rows)
+    if multi < 3 or multi < 0.5 * len(rows):
+        return False
+    extents = [c["x1"] - c["x0"] for c in columns]
+    width = max(max(c["x1"] for c in columns) - min(c["x0"] for c in columns), 1.0)
+    narrowest = columns[int(np.argmin(extents))]
+    aspect = float(np.median([(b[2] - b[0]) / max(b[3] - b[1], 1.0) for b in (_bounds(ln) for ln in narrowest["lines"])]))
+    return min(extents) < CELL * width and (aspect < SHORT or min(extents) < UNEVEN * max(extents))
+
+
+def _rows(band: list[list[Box]], columns: list[dict]) -> list[list[Box]]:
+    """A table's rows top to bottom, each one line of its cells left to right; every box is tagged
+    with its (row, column) in `cell`."""
+    out: list[list[Box]] = []
+    for r, row in enumerate(_row_groups(band)):
+        line: list[Box] = []
+        for piece_line in sorted(row, key=lambda ln: _bounds(ln)[0]):
+            x0, _, x1, _ = _bounds(piece_line)
+            col = max(range(len(columns)), key=lambda i: _overlap(x0, x1, columns[i]["x0"], columns[i]["x1"]))
+            for box in piece_line:
+                box.cell = (r, col)
+                line.append(box)
+        out.append(line)
     return out
