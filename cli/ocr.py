@@ -168,9 +168,38 @@ def render(rows: list[dict], fmt: str) -> str:
             out.append("\n".join(x for x in (head, body) if x))
         else:
             lang = f" ({row['language']})" if row.get("language") else ""
-            body = f"> error: {row['error']}" if row["error"] else "\n".join(f"{line['text']}  " for line in json.loads(row["lines"]))
+            body = f"> error: {row['error']}" if row["error"] else _markdown_lines(json.loads(row["lines"]))
             out.append(f"## {Path(row['path']).name}{lang}\n\n{body}".rstrip())
     return "\n\n".join(out) + "\n"
+
+
+def _markdown_lines(lines: list[dict]) -> str:
+    """A document's lines for Markdown: text lines as they are, each run of a table's rows (lines with
+    `cells`) as a Markdown table, its first row the header."""
+    out: list[str] = []
+    table: list[dict] = []
+
+    def flush() -> None:
+        if not table:
+            return
+        width = max(c["column"] for line in table for c in line["cells"]) + 1
+        rows = []
+        for line in table:
+            cells = [""] * width
+            for c in line["cells"]:
+                cells[c["column"]] = " ".join(x for x in (cells[c["column"]], c["text"].replace("|", "&#124;")) if x)
+            rows.append("| " + " | ".join(cells) + " |")
+        out.extend(["", rows[0], "|" + " --- |" * width, *rows[1:], ""])
+        table.clear()
+
+    for line in lines:
+        if line.get("cells"):
+            table.append(line)
+            continue
+        flush()
+        out.append(f"{line['text']}  ")
+    flush()
+    return "\n".join(out).strip("\n")
 
 
 def _read_clip(engine, clip: Path, sampling, lang: str | None) -> dict:

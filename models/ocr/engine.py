@@ -118,6 +118,7 @@ def _row(path: str, reading: Reading | None, error: str = "") -> dict:
         return {"path": path, "text": "", "language": "", "backend": "", "confidence": 0.0, "flagged": True, "lines": "[]", "error": error}
     lines = [
         {"text": x.text, "confidence": round(x.confidence, 4), "box": x.box, "language": x.lang or "", "backend": x.backend}
+        | ({"cells": x.extra["cells"]} if x.extra.get("cells") else {})
         for x in reading.lines
     ]
     return {

@@ -164,7 +164,7 @@ def reading_order(boxes: list[Box]) -> list[list[Box]]:
     band: list[list[Box]] = []
     for line in sorted(lines, key=lambda ln: _bounds(ln)[1]):
         b = _bounds(line)
-        if b[2] - b[0] >= WIDE * width:
+        if b[2] - b[0] >= WIDE * width and not any(other is not line and _same_row(line, other) for other in lines):
             ordered.extend(_columns(band))
             ordered.append(line)
             band = []
@@ -172,6 +172,14 @@ def reading_order(boxes: list[Box]) -> list[list[Box]]:
             band.append(line)
     ordered.extend(_columns(band))
     return ordered
+
+
+def _same_row(a: list[Box], b: list[Box]) -> bool:
+    """Side by side: their vertical centres within half the lower line's height (a receipt's long item
+    and its price: a row of a table, not a title that divides the page)."""
+    _, ay0, _, ay1 = _bounds(a)
+    _, by0, _, by1 = _bounds(b)
+    return abs((ay0 + ay1) - (by0 + by1)) / 2 < 0.5 * min(ay1 - ay0, by1 - by0)
 
 
 def _bounds(line: list[Box]) -> tuple[float, float, float, float]:

@@ -128,6 +128,7 @@ class _Piece:
     probed: bool = False
     figures: bool = False  # the probes read no letters either: the first pass's reading stands
     checked: bool = False  # read by Tesseract for Cyrillic look-alikes (_lookalikes)
+    cell: tuple[int, int] | None = None  # (row, column) of a table's cell (layout.py)
 
 
 class RoutedOCR:
@@ -196,7 +197,7 @@ class RoutedOCR:
                 lines = reading_order(self.detector.detect(req.image, self._reads_better_turned))
                 if lines:
                     for i, line in enumerate(lines):
-                        pieces.extend(_Piece(d, i, box.image, box.page_corners, req.lang) for box in line)
+                        pieces.extend(_Piece(d, i, box.image, box.page_corners, req.lang, cell=box.cell) for box in line)
                     continue
                 if _inkless(req.image):
                     nothing = Line("", 1.0, None, self.table.first_pass, req.lang, {"blank_page": True})
@@ -251,7 +252,10 @@ class RoutedOCR:
             mine = [p for p in unknown if p.doc == d]
             if req.kind != "page" or not mine or d in settled:
                 continue
-            weights = [(p.lang, (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine]
+            # a line's weight is its letters; a probed one's (read blank or as look-alikes) about what its width holds
+            weights = [
+                (p.lang, int(1.5 * _aspect(p)) if p.probed else (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine
+            ]
             vote = page_language(weights)
             total = sum(max(n, 1) for lang, n in weights if lang) or 1
             share = {lang: sum(max(n, 1) for g, n in weights if g == lang) / total for lang, _ in weights if lang}
@@ -352,7 +356,12 @@ class RoutedOCR:
             backend = group[0].final.backend
             corners = [c for p in group if p.box for c in p.box]
             box = (group[0].box if len(group) == 1 else _enclosing(corners)) if corners else None
-            lines.append(Line(text, self._calibrated(backend, raw), box, backend, lang, {"raw_confidence": raw}))
+            extra: dict = {"raw_confidence": raw}
+            if any(p.cell for p in group):  # a table's row: its cells, each with its column
+                extra["cells"] = [
+                    {"row": p.cell[0], "column": p.cell[1], "text": normalize(p.final.text.strip(), lang)} for p in group if p.cell
+                ]
+            lines.append(Line(text, self._calibrated(backend, raw), box, backend, lang, extra))
         langs = [ln.lang for ln in lines if ln.text]
         language = max(set(langs), key=langs.count) if langs else (pieces[0].lang if pieces else None)
         backends = [ln.backend for ln in lines if ln.text] or [ln.backend for ln in lines]
