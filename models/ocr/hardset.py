@@ -171,7 +171,7 @@ class Sheet:
 
 def _size(rng: random.Random, small: bool) -> int:
     # x-height is about half the font size: 16-20 px type is the ~150 dpi scan's 8-10 px x-height
-    return rng.randint(16, 20) if small else rng.randint(20, 28)
+    return rng.randint(16, 20) if small else rng.randint(22, 34)
 
 
 def draw_line(lang: str, pool: list[str], rng: random.Random, figures: bool) -> tuple[Image.Image, list[str]]:

@@ -14,7 +14,9 @@ passes the line to PP-OCRv5 (Russian 1.09-4.9, Korean 0-0.58 on 235 lines of eac
 
 Latin languages: letters only one of them uses (ß ä ö ü: de; ñ ¿ ¡: es; ç è ê ë à â î ï ô û ù œ: fr;
 á í ó ú, which fr does not use: es), its frequent short words, and letter sequences typical of its
-spelling (sch, ung: de; qu, eau, oi: fr; ll, ción: es; th, wh: en); no cue at all is English.
+spelling (sch, ung: de; qu, eau, oi: fr; ción: es; th, wh: en), and how its documents print figures
+(€ is not English; $ and 1,234.56 are; +33 French, +34 Spanish, +49 German; 31.12.2026 German); no
+cue at all is English ("HELLO WORLD 2026": its double l once made it Spanish).
 """
 
 from __future__ import annotations
@@ -31,15 +33,35 @@ LETTER_CUES = {
     "fr": "çèêëàâîïôûùœ",
 }
 WORD_CUES = {
-    "en": "the and of to is in for with on that you your will be are this from by at have it our we not".split(),
-    "fr": "le la les de des du et est un une pour que qui dans au aux vous nous pas sur ce il elle avec sont ne se".split(),
-    "es": "el la los las de del y que en un una por con para se su es al lo más como sus no".split(),
-    "de": "der die das und ist nicht ein eine zu den von mit sich des auf für im dem auch es an werden aus sie nach bei um wir ihr ihre sind".split(),
+    "en": (
+        "the and of to is in for with on that you your will be are this from by at have it our we not was were has had all can "
+        "please an or as if new more before after each every thank hello world date item price amount station subtotal vat "
+        "qty tel total morning year week day time"
+    ).split(),
+    "fr": (
+        "le la les de des du et est un une pour que qui dans au aux vous nous pas sur ce il elle avec sont ne se en par plus sa son "
+        "ses votre vos leur été être avant après chaque tous toutes très article qté prix montant gare tva tél"
+    ).split(),
+    "es": (
+        "el la los las de del y que en un una por con para se su es al lo más como sus no está están fue ser muy antes después cada "
+        "todos todas hay esta este pero fecha artículo cant precio importe estación iva"
+    ).split(),
+    "de": (
+        "der die das und ist nicht ein eine zu den von mit sich des auf für im dem auch es an werden aus sie nach bei um wir ihr ihre "
+        "sind wird wurde vor bis zum zur sehr jeden jede datum artikel menge preis betrag bahnhof summe zwischensumme mwst"
+    ).split(),
+}
+# figures as each language's documents print them: currency, telephone country codes, dates
+FIGURE_CUES = {
+    "en": (r"\$\s?\d", r"\+1[\s(]", r"\b\d{1,2}/\d{1,2}/\d{4}\b(?!.*€)", r"\d,\d{3}\.\d{2}\b"),
+    "fr": (r"\+33\s", r"\d \d{3},\d{2}"),
+    "es": (r"\+34\s",),
+    "de": (r"\+49\s", r"\b\d{2}\.\d{2}\.\d{4}\b"),
 }
 SPELLING_CUES = {  # (sequence, weight): common in one language's spelling, rare in the others'
     "en": (("th", 1), ("wh", 1), ("ing", 1), ("ould", 1), ("ee", 0.5), ("oo", 0.5), ("ck", 0.5)),
     "fr": (("qu", 1), ("eau", 1), ("oi", 0.5), ("ou", 0.5), ("ai", 0.5), ("eux", 1), ("aux", 1), ("ez", 0.5)),
-    "es": (("ll", 0.5), ("ción", 1.5), ("ado", 0.5), ("ada", 0.5), ("rr", 0.5), ("ía", 1)),
+    "es": (("ción", 1.5), ("ado", 0.5), ("ada", 0.5), ("rr", 0.5), ("ía", 1)),
     "de": (("sch", 1.5), ("ung", 1), ("ei", 0.5), ("ie", 0.5), ("cht", 1), ("tz", 1), ("keit", 1), ("lich", 1)),
 }
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
@@ -88,6 +110,10 @@ def latin_language(text: str) -> str:
         scores["fr"] = scores.get("fr", 0) + 2
     for lang, cues in SPELLING_CUES.items():
         scores[lang] = scores.get(lang, 0) + 0.5 * sum(weight * lower.count(seq) for seq, weight in cues)
+    for lang, patterns in FIGURE_CUES.items():
+        scores[lang] = scores.get(lang, 0) + sum(bool(re.search(p, text)) for p in patterns)
+    if "€" in text:  # euros: not an English document (this set of languages)
+        scores["en"] = scores.get("en", 0) - 1
     best = max(scores, key=lambda k: scores[k])
     return best if scores[best] > 0 else "en"
 
@@ -112,8 +138,11 @@ def from_probe(text: str, aspect: float, cuts: tuple[float, float] = (0.8, 0.8))
     one without letters is figures (NO_SCRIPT); None when it falls between the probe's cuts (ask the
     next probe)."""
     script = script_of(text)
+    digits = sum(ch.isdigit() for ch in text)
     if script is None:  # figures read alike by the probe are figures; nothing read at all settles nothing
-        return NO_SCRIPT if any(ch.isdigit() for ch in text) else None
+        return NO_SCRIPT if digits else None
+    if script == "latin" and digits >= 3 and digits > 2 * letters(text):  # "10,64 e": a price whose € the probe read as a letter
+        return NO_SCRIPT
     if script in ("hangul", "cyrillic"):  # should a probe ever have these scripts
         return SCRIPT_LANG[script]
     latin = sum(1 for ch in text if script_of_char(ch) == "latin") / max(aspect, 1.0)

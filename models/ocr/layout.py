@@ -27,7 +27,7 @@ from atelier.models.ocr.detector import Box
 WIDE = 0.6  # a line at least this share of the text's width spans the page: it separates bands
 CELL = 0.3  # a column narrower than this share of the band's width may hold cells, not text...
 UNEVEN = 0.6  # ...when it is also narrower than this share of the band's widest column
-SHORT = 7.0  # ...or its lines are shorter than this many times their height (cells, not lines of text)
+SHORT = 4.5  # lines side by side shorter than this many times their height are cells, not lines of text
 LEVEL_DEGREES = 0.2  # a page tilted less than this is read as it is
 
 
@@ -241,22 +241,22 @@ def _row_groups(band: list[list[Box]]) -> list[list[list[Box]]]:
 
 
 def _cells(band: list[list[Box]], columns: list[dict]) -> bool:
-    """Whether a band's columns are a table's (or a receipt's, a timetable's): its narrowest column is
-    under CELL of the band's width and either holds short cells (a median line under `SHORT` times its
-    height: figures, a word or two) or is far narrower than the widest (under UNEVEN of it), and at
-    least half the rows hold two cells or more, in three rows or more. Columns of running text are as
-    wide as each other and their lines are long, however many columns a page has."""
+    """Whether a band's columns are a table's (or a receipt's, a timetable's): at least half its rows,
+    three or more, hold two lines or more side by side, and either those lines are short (by median
+    under `SHORT` times their height: figures, a word or two) or the narrowest column is under CELL of
+    the band's width and far narrower than the widest (under UNEVEN of it). Columns of running text
+    have long lines and are as wide as each other, however many a page has."""
     if len(columns) < 2:
         return False
     rows = _row_groups(band)
+    side_by_side = [ln for r in rows if len(r) >= 2 for ln in r]
     multi = sum(len(r) >= 2 for r in rows)
     if multi < 3 or multi < 0.5 * len(rows):
         return False
+    aspect = float(np.median([(b[2] - b[0]) / max(b[3] - b[1], 1.0) for b in (_bounds(ln) for ln in side_by_side)]))
     extents = [c["x1"] - c["x0"] for c in columns]
     width = max(max(c["x1"] for c in columns) - min(c["x0"] for c in columns), 1.0)
-    narrowest = columns[int(np.argmin(extents))]
-    aspect = float(np.median([(b[2] - b[0]) / max(b[3] - b[1], 1.0) for b in (_bounds(ln) for ln in narrowest["lines"])]))
-    return min(extents) < CELL * width and (aspect < SHORT or min(extents) < UNEVEN * max(extents))
+    return aspect < SHORT or (min(extents) < CELL * width and min(extents) < UNEVEN * max(extents))
 
 
 def _rows(band: list[list[Box]], columns: list[dict]) -> list[list[Box]]:

@@ -24,12 +24,13 @@ import numpy as np
 from atelier.models.ocr.backends import Line, joiner
 from atelier.models.ocr.confidence import IsotonicMap
 from atelier.models.ocr.langid import NO_SCRIPT, PROBE_CUTS, compatible, from_probe, is_blank, language_of_text, letters, page_language
-from atelier.models.ocr.langs import LANGUAGES, script_of_char
+from atelier.models.ocr.langs import LANGUAGES, script_of, script_of_char
 from atelier.models.ocr.layout import reading_order
 from atelier.models.ocr.normalize import normalize
 
 LINE_ASPECT, LINE_HEIGHT = 4.0, 160  # an image at least this wide for its height, and no higher, is one line
 LATIN = ("en", "fr", "es", "de")
+FULL = 1.6  # characters per unit of width over height in a line of figures read whole (a Korean one loses its Hangul)
 INK = 24  # grey levels between a page's lightest and darkest pixels (0.1%/99.9%) below which it holds no ink
 TIE_POINTS = 1.0  # CER points within which backends count as equal for a language (see choose_routes)
 # Cyrillic read as Latin look-alikes: the first pass reads italic, bold or capital Russian fluently as
@@ -37,6 +38,7 @@ TIE_POINTS = 1.0  # CER points within which backends count as equal for a langua
 # where 95% of real Latin lines read at 0.96 or more). Lines under this confidence are read once more
 # by Tesseract with Russian and English together; one that comes back mostly Cyrillic is Russian.
 LOOKALIKE_CONFIDENCE = 0.93
+KOREAN_SURE = 0.5  # Tesseract's confidence in a probed line's Hangul under which the first pass's full reading stands
 SECOND_LANGUAGE = 0.25  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
 
 
@@ -175,8 +177,16 @@ class RoutedOCR:
     def finish(self, pending: "Pending") -> list[Reading]:
         for group, future in pending.futures:
             for p, line in zip(group, future.result()):
-                # a backend that reads nothing where the first pass read something: the first reading stands
-                p.final = p.first if not line.text.strip() and p.first is not None and p.first.text.strip() else line
+                p.final = line
+                if p.first is None or not p.first.text.strip():
+                    continue
+                # a backend that reads nothing where the first pass read something, or a probed "Korean"
+                # line that the first pass read in full (a Japanese total, 合計 read unsure) and in which
+                # Tesseract finds no Hangul, or only unsure of it: the first reading stands
+                doubt = script_of(line.text) != "hangul" or line.confidence < KOREAN_SURE
+                full = sum(not ch.isspace() for ch in p.first.text) >= 3
+                if not line.text.strip() or (p.lang == "ko" and p.probed and full and doubt):
+                    p.final, p.lang = p.first, language_of_text(p.first.text)
         return [self._assemble(d, [p for p in pending.pieces if p.doc == d]) for d in range(pending.documents)]
 
     def read_lines(self, images: list[np.ndarray], langs: list[str | None]) -> list[Reading]:
@@ -257,8 +267,10 @@ class RoutedOCR:
                 (p.lang, int(1.5 * _aspect(p)) if p.probed else (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine
             ]
             vote = page_language(weights)
-            total = sum(max(n, 1) for lang, n in weights if lang) or 1
-            share = {lang: sum(max(n, 1) for g, n in weights if g == lang) / total for lang, _ in weights if lang}
+            # a language's share of the page by the room its lines take (Hangul is one letter a square, Latin two)
+            room = [(p.lang, _aspect(p)) for p in mine if p.lang]
+            total = sum(a for _, a in room) or 1.0
+            share = {lang: sum(a for g, a in room if g == lang) / total for lang, _ in room}
             for p in mine:
                 han_page = p.lang == "ko" and vote in ("zh", "ja")  # Han read unsure: degraded Chinese, not Korean
                 if p.probed and p.lang and p.lang != vote and share.get(p.lang, 0) >= SECOND_LANGUAGE and not han_page:
@@ -304,8 +316,9 @@ class RoutedOCR:
                 continue
             for p, line in zip(todo, probe.read_lines([p.image for p in todo])):
                 found = from_probe(line.text, _aspect(p), PROBE_CUTS.get(name, (0.8, 0.8)))
-                if found == NO_SCRIPT and letters(p.first.text):  # figures, but the first pass saw shapes beside them
-                    found = None  # figures: the first pass's reading stands, in no language
+                read = sum(not ch.isspace() for ch in p.first.text)
+                if found == NO_SCRIPT and (letters(p.first.text) or read < FULL * _aspect(p)):
+                    found = None  # figures, but the first pass saw shapes beside them, or read too little for the line  # figures: the first pass's reading stands, in no language
                     p.lang, p.probed = None, False
                     p.figures = True
                 elif found is not None:
