@@ -1,6 +1,8 @@
 """A hard document set: documents as they arrive, not clean renders.
 
-Lines and pages in all eight languages, in the layouts real documents have (`LAYOUTS`), set in 60-odd
+Lines and pages in all eight languages, in the layouts real documents have (`LAYOUTS`: lines, figures
+(totals, phones, dates), paragraphs, two columns under a title, ruled invoice tables, timetables,
+receipts, bilingual notices and whole dense A4 sheets at ~150 dpi), set in 60-odd
 faces (regular, bold, italic, condensed, monospaced), then scanned or photographed badly: ~150 dpi
 text (8-10 px x-height), noise, blur, JPEG at quality 30-60, uneven light and shadows, 1-4 degree
 rotation and perspective, bleed-through from the back of the sheet, coloured paper.
@@ -26,7 +28,7 @@ from atelier.kernel.storage import atomic_dir
 from atelier.models.ocr.langs import LANGUAGES, NO_SPACES
 from atelier.models.ocr.render import LABELS, _join, _units, cut_line, family, missing_fonts, sentences_for, wrap
 
-LAYOUTS = ("line", "figures", "paragraph", "columns", "table", "timetable", "receipt", "bilingual")
+LAYOUTS = ("line", "figures", "paragraph", "columns", "table", "timetable", "receipt", "bilingual", "dense")
 
 _T = "/usr/share/fonts/truetype"
 _O = "/usr/share/fonts/opentype"
@@ -319,6 +321,34 @@ def draw_bilingual(lang: str, pool: list[str], rng: random.Random) -> tuple[Imag
     return sheet.img, [t for t, _ in lines]
 
 
+def draw_dense(lang: str, pool: list[str], rng: random.Random) -> tuple[Image.Image, list[str]]:
+    """A whole A4 sheet scanned at ~150 dpi (1240 px wide): a title, then one or two columns of small
+    type down the page, 60-odd lines: what a scanner feeds a folder."""
+    size = rng.randint(16, 19)
+    font = rng.choice(faces(lang, size))
+    columns = rng.choice([1, 2])
+    margin, gutter, leading = 90, 40, int(size * rng.uniform(1.3, 1.45))
+    col = (1240 - 2 * margin - (columns - 1) * gutter) // columns
+    title_font = font.font_variant(size=int(size * 1.6))
+    sentences = pool * 40
+    rng.shuffle(sentences)
+    title = wrap(sentences.pop(), lang, title_font, 1240 - 2 * margin)[0]
+    top = margin + int(size * 3)
+    per_column = (1754 - top - margin) // leading
+    text: list[list[str]] = []
+    for _ in range(columns):
+        lines: list[str] = []
+        while len(lines) < per_column:
+            lines.extend(wrap(sentences.pop(), lang, font, col))
+        text.append(lines[:per_column])
+    sheet = Sheet(1240, 1754, rng)
+    sheet.text((margin, margin), title, title_font)
+    for c, lines in enumerate(text):
+        for i, line in enumerate(lines):
+            sheet.text((margin + c * (col + gutter), top + i * leading), line, font)
+    return sheet.img, [title] + [line for lines in text for line in lines]
+
+
 DRAW = {
     "paragraph": draw_paragraph,
     "columns": draw_columns,
@@ -326,6 +356,7 @@ DRAW = {
     "timetable": draw_timetable,
     "receipt": draw_receipt,
     "bilingual": draw_bilingual,
+    "dense": draw_dense,
 }
 
 

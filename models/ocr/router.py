@@ -39,7 +39,12 @@ TIE_POINTS = 1.0  # CER points within which backends count as equal for a langua
 # by Tesseract with Russian and English together; one that comes back mostly Cyrillic is Russian.
 LOOKALIKE_CONFIDENCE = 0.93
 KOREAN_SURE = 0.5  # Tesseract's confidence in a probed line's Hangul under which the first pass's full reading stands
-SECOND_LANGUAGE = 0.25  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
+CYRILLIC_SHARE, LOOKALIKE_SURE = 0.7, 0.5  # how much of Tesseract's reading must be in the script (Cyrillic), and how sure
+SECOND_LANGUAGE = 0.25
+SCRIPT_PACKS = {
+    "ru": "cyrillic",
+    "ko": "hangul",
+}  # the languages the first pass cannot read, by their script  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
 
 
 class Backend(Protocol):
@@ -258,25 +263,46 @@ class RoutedOCR:
             if p.lang is None and p.first is not None and not p.figures:
                 p.lang = language_of_text(p.first.text)
         self._lookalikes(requests, unknown)
+        votes: dict[int, str | None] = {}
+        second: list[_Piece] = []
         for d, req in enumerate(requests):
             mine = [p for p in unknown if p.doc == d]
             if req.kind != "page" or not mine or d in settled:
                 continue
-            # a line's weight is its letters; a probed one's (read blank or as look-alikes) about what its width holds
-            weights = [
-                (p.lang, int(1.5 * _aspect(p)) if p.probed else (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine
-            ]
-            vote = page_language(weights)
+            weights = [(p.lang, (letters(p.first.text) if p.first else 0) or int(_aspect(p))) for p in mine]
+            votes[d] = vote = page_language(weights)
             # a language's share of the page by the room its lines take (Hangul is one letter a square, Latin two)
             room = [(p.lang, _aspect(p)) for p in mine if p.lang]
             total = sum(a for _, a in room) or 1.0
             share = {lang: sum(a for g, a in room if g == lang) / total for lang, _ in room}
             for p in mine:
                 han_page = p.lang == "ko" and vote in ("zh", "ja")  # Han read unsure: degraded Chinese, not Korean
-                if p.probed and p.lang and p.lang != vote and share.get(p.lang, 0) >= SECOND_LANGUAGE and not han_page:
-                    continue  # a bilingual page: its second language's lines keep it
-                if vote and compatible(p.lang, vote, p.probed):
+                if p.probed and p.lang in SCRIPT_PACKS and p.lang != vote and share.get(p.lang, 0) >= SECOND_LANGUAGE and not han_page:
+                    second.append(p)  # perhaps a bilingual page's second language: Tesseract is asked below
+        confirmed = self._confirm(second)
+        for d, vote in votes.items():
+            for p in unknown:
+                if p.doc == d and id(p) not in confirmed and vote and compatible(p.lang, vote, p.probed):
                     p.lang = vote
+
+    def _confirm(self, pieces: list[_Piece]) -> set[int]:
+        """Of probed lines that would keep a language other than their page's (a bilingual page's
+        Korean or Russian), those Tesseract reads, with that language's pack and English, mostly in
+        its script and with confidence. A blurred Spanish page's lines probe as "Russian" too: Tesseract
+        reads them half Latin, and they take their page's language."""
+        tess = self.backends.get("tesseract")
+        kept: set[int] = set()
+        if tess is None:
+            return kept
+        for lang, script in SCRIPT_PACKS.items():
+            todo = [p for p in pieces if p.lang == lang]
+            if not todo:
+                continue
+            for p, line in zip(todo, tess.read_lines([p.image for p in todo], None, packs=(lang, "en"))):
+                mine = sum(script_of_char(ch) == script for ch in line.text)
+                if mine >= 2 and mine >= CYRILLIC_SHARE * letters(line.text) and line.confidence >= LOOKALIKE_SURE:
+                    kept.add(id(p))
+        return kept
 
     def _lookalikes(self, requests: list[Request], pieces: list[_Piece]) -> None:
         """Russian lines the first pass read as Latin look-alikes: those it was unsure of are read by
@@ -294,7 +320,8 @@ class RoutedOCR:
                 p.checked = True
                 cyrillic = sum(script_of_char(ch) == "cyrillic" for ch in line.text)
                 enough = cyrillic >= max(3.0, _aspect(p))  # a garbled reading of a faint line is short
-                if enough and cyrillic > sum(script_of_char(ch) == "latin" for ch in line.text):
+                mostly = cyrillic >= CYRILLIC_SHARE * letters(line.text)  # a blurred Spanish line comes back half and half
+                if enough and mostly and line.confidence >= LOOKALIKE_SURE:
                     p.lang, p.probed = "ru", False
 
         check([p for p in pieces if latin(p) and p.first.confidence < LOOKALIKE_CONFIDENCE])
