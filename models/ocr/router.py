@@ -15,6 +15,7 @@ neural models; Korean and Russian lines are read by their backend (Tesseract) on
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,6 +41,7 @@ TIE_POINTS = 1.0  # CER points within which backends count as equal for a langua
 LOOKALIKE_CONFIDENCE = 0.93
 KOREAN_SURE = 0.5  # Tesseract's confidence in a probed line's Hangul under which the first pass's full reading stands
 CYRILLIC_SHARE, LOOKALIKE_SURE = 0.7, 0.5  # how much of Tesseract's reading must be in the script (Cyrillic), and how sure
+RUBLES = re.compile(r"\d\s*py[6б]?\.")  # "руб." after a sum, read in look-alikes: a Russian line however sure the reading
 SECOND_LANGUAGE = 0.25
 SCRIPT_PACKS = {
     "ru": "cyrillic",
@@ -319,12 +321,13 @@ class RoutedOCR:
             for p, line in zip(todo, tess.read_lines([p.image for p in todo], None, packs=("ru", "en"))):
                 p.checked = True
                 cyrillic = sum(script_of_char(ch) == "cyrillic" for ch in line.text)
-                enough = cyrillic >= max(3.0, _aspect(p))  # a garbled reading of a faint line is short
+                # a garbled reading of a faint line is short (figures take room without letters)
+                enough = cyrillic >= max(3.0, min(_aspect(p), letters(p.first.text)))
                 mostly = cyrillic >= CYRILLIC_SHARE * letters(line.text)  # a blurred Spanish line comes back half and half
                 if enough and mostly and line.confidence >= LOOKALIKE_SURE:
                     p.lang, p.probed = "ru", False
 
-        check([p for p in pieces if latin(p) and p.first.confidence < LOOKALIKE_CONFIDENCE])
+        check([p for p in pieces if latin(p) and (p.first.confidence < LOOKALIKE_CONFIDENCE or RUBLES.search(p.first.text))])
         russian_pages = {
             d
             for d in {p.doc for p in pieces if p.checked}
