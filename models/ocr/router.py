@@ -42,11 +42,8 @@ LOOKALIKE_CONFIDENCE = 0.93
 KOREAN_SURE = 0.5  # Tesseract's confidence in a probed line's Hangul under which the first pass's full reading stands
 CYRILLIC_SHARE, LOOKALIKE_SURE = 0.7, 0.5  # how much of Tesseract's reading must be in the script (Cyrillic), and how sure
 RUBLES = re.compile(r"\d\s*py[6б]?\.")  # "руб." after a sum, read in look-alikes: a Russian line however sure the reading
-SECOND_LANGUAGE = 0.25
-SCRIPT_PACKS = {
-    "ru": "cyrillic",
-    "ko": "hangul",
-}  # the languages the first pass cannot read, by their script  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
+SECOND_LANGUAGE = 0.25  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
+SCRIPT_PACKS = {"ru": "cyrillic", "ko": "hangul"}  # the languages the first pass cannot read, by their script
 
 
 class Backend(Protocol):
@@ -348,7 +345,8 @@ class RoutedOCR:
                 found = from_probe(line.text, _aspect(p), PROBE_CUTS.get(name, (0.8, 0.8)))
                 read = sum(not ch.isspace() for ch in p.first.text)
                 if found == NO_SCRIPT and (letters(p.first.text) or read < FULL * _aspect(p)):
-                    found = None  # figures, but the first pass saw shapes beside them, or read too little for the line  # figures: the first pass's reading stands, in no language
+                    found = None  # figures, but the first pass saw shapes beside them, or read too little for the line
+                if found == NO_SCRIPT:  # figures: the first pass's reading stands, in no language
                     p.lang, p.probed = None, False
                     p.figures = True
                 elif found is not None:
