@@ -13,7 +13,7 @@ reads title, left column, right column.
 Two things come before that. A page photographed or scanned at a slant (a few degrees) is levelled:
 the lines' own angle (the median of their top edges) turns their coordinates, so a row of a tilted
 table is still one row and a column's lines still start at one x. And a band whose columns are not
-columns of text but of cells (a table, a timetable, a receipt: see `_cells`) is read row by row, each
+columns of text but of cells (a table, a timetable, a receipt: see `_table_rows`) is read row by row, each
 row's cells left to right as one line; each of those boxes carries its (row, column).
 """
 
@@ -202,7 +202,7 @@ def _join_pieces(boxes: list[Box], gaps: list[tuple[float, float]] = ()) -> list
 
 def _columns(band: list[list[Box]]) -> list[list[Box]]:
     """Group a band's lines into columns by horizontal overlap; columns left to right, lines top to
-    bottom; or, when the columns hold cells, the band's rows (`_rows`)."""
+    bottom; or, when the columns hold cells, the band's rows (`_cells`)."""
     columns: list[dict] = []
     for line in sorted(band, key=lambda ln: _bounds(ln)[0]):
         x0, _, x1, _ = _bounds(line)
@@ -214,8 +214,9 @@ def _columns(band: list[list[Box]]) -> list[list[Box]]:
         else:
             columns.append({"x0": x0, "x1": x1, "lines": [line]})
     columns.sort(key=lambda c: c["x0"])
-    if _cells(band, columns):
-        return _rows(band, columns)
+    rows = _table_rows(band, columns)
+    if rows:
+        return _cells(rows, columns)
     out: list[list[Box]] = []
     for col in columns:
         out.extend(sorted(col["lines"], key=lambda ln: _bounds(ln)[1]))
@@ -240,30 +241,31 @@ def _row_groups(band: list[list[Box]]) -> list[list[list[Box]]]:
     return [r["lines"] for r in sorted(rows, key=lambda r: np.mean(r["centres"]))]
 
 
-def _cells(band: list[list[Box]], columns: list[dict]) -> bool:
-    """Whether a band's columns are a table's (or a receipt's, a timetable's): at least half its rows,
+def _table_rows(band: list[list[Box]], columns: list[dict]) -> list[list[list[Box]]] | None:
+    """The band's rows where its columns are a table's (or a receipt's, a timetable's): at least half its rows,
     three or more, hold two lines or more side by side, and either those lines are short (by median
     under `SHORT` times their height: figures, a word or two) or the narrowest column is under CELL of
     the band's width and far narrower than the widest (under UNEVEN of it). Columns of running text
-    have long lines and are as wide as each other, however many a page has."""
+    have long lines and are as wide as each other, however many a page has. None: not a table."""
     if len(columns) < 2:
-        return False
+        return None
     rows = _row_groups(band)
     side_by_side = [ln for r in rows if len(r) >= 2 for ln in r]
     multi = sum(len(r) >= 2 for r in rows)
     if multi < 3 or multi < 0.5 * len(rows):
-        return False
+        return None
     aspect = float(np.median([(b[2] - b[0]) / max(b[3] - b[1], 1.0) for b in (_bounds(ln) for ln in side_by_side)]))
     extents = [c["x1"] - c["x0"] for c in columns]
     width = max(max(c["x1"] for c in columns) - min(c["x0"] for c in columns), 1.0)
-    return aspect < SHORT or (min(extents) < CELL * width and min(extents) < UNEVEN * max(extents))
+    table = aspect < SHORT or (min(extents) < CELL * width and min(extents) < UNEVEN * max(extents))
+    return rows if table else None
 
 
-def _rows(band: list[list[Box]], columns: list[dict]) -> list[list[Box]]:
+def _cells(rows: list[list[list[Box]]], columns: list[dict]) -> list[list[Box]]:
     """A table's rows top to bottom, each one line of its cells left to right; every box is tagged
     with its (row, column) in `cell`."""
     out: list[list[Box]] = []
-    for r, row in enumerate(_row_groups(band)):
+    for r, row in enumerate(rows):
         line: list[Box] = []
         for piece_line in sorted(row, key=lambda ln: _bounds(ln)[0]):
             x0, _, x1, _ = _bounds(piece_line)

@@ -40,7 +40,7 @@ TIE_POINTS = 1.0  # CER points within which backends count as equal for a langua
 # by Tesseract with Russian and English together; one that comes back mostly Cyrillic is Russian.
 LOOKALIKE_CONFIDENCE = 0.93
 KOREAN_SURE = 0.5  # Tesseract's confidence in a probed line's Hangul under which the first pass's full reading stands
-CYRILLIC_SHARE, LOOKALIKE_SURE = 0.7, 0.5  # how much of Tesseract's reading must be in the script (Cyrillic), and how sure
+SCRIPT_SHARE, SCRIPT_SURE = 0.7, 0.5  # how much of Tesseract's reading must be in the script it was asked about, and how sure
 RUBLES = re.compile(r"\d\s*py[6б]?\.")  # "руб." after a sum, read in look-alikes: a Russian line however sure the reading
 SECOND_LANGUAGE = 0.25  # a probed line keeps its own language where that holds this share of its page (a bilingual page)
 SCRIPT_PACKS = {"ru": "cyrillic", "ko": "hangul"}  # the languages the first pass cannot read, by their script
@@ -298,8 +298,7 @@ class RoutedOCR:
             if not todo:
                 continue
             for p, line in zip(todo, tess.read_lines([p.image for p in todo], None, packs=(lang, "en"))):
-                mine = sum(script_of_char(ch) == script for ch in line.text)
-                if mine >= 2 and mine >= CYRILLIC_SHARE * letters(line.text) and line.confidence >= LOOKALIKE_SURE:
+                if _in_script(line, script, 2):
                     kept.add(id(p))
         return kept
 
@@ -317,11 +316,8 @@ class RoutedOCR:
         def check(todo: list[_Piece]) -> None:
             for p, line in zip(todo, tess.read_lines([p.image for p in todo], None, packs=("ru", "en"))):
                 p.checked = True
-                cyrillic = sum(script_of_char(ch) == "cyrillic" for ch in line.text)
                 # a garbled reading of a faint line is short (figures take room without letters)
-                enough = cyrillic >= max(3.0, min(_aspect(p), letters(p.first.text)))
-                mostly = cyrillic >= CYRILLIC_SHARE * letters(line.text)  # a blurred Spanish line comes back half and half
-                if enough and mostly and line.confidence >= LOOKALIKE_SURE:
+                if _in_script(line, "cyrillic", max(3.0, min(_aspect(p), letters(p.first.text)))):
                     p.lang, p.probed = "ru", False
 
         check([p for p in pieces if latin(p) and (p.first.confidence < LOOKALIKE_CONFIDENCE or RUBLES.search(p.first.text))])
@@ -412,6 +408,13 @@ class RoutedOCR:
         raw = float(np.average([ln.extra["raw_confidence"] for ln in lines], weights=weights)) if lines else 0.0
         text = "\n".join(ln.text for ln in lines if ln.text)
         return Reading(text, language, backend, conf, raw, conf < self.review_below, lines)
+
+
+def _in_script(line: Line, script: str, at_least: float) -> bool:
+    """Tesseract's reading of a line is in `script`: at least `at_least` of its letters, most of them
+    (a blurred Spanish line comes back half Latin, half Cyrillic), read with some confidence."""
+    count = sum(script_of_char(ch) == script for ch in line.text)
+    return count >= at_least and count >= SCRIPT_SHARE * letters(line.text) and line.confidence >= SCRIPT_SURE
 
 
 def _inkless(image: np.ndarray) -> bool:
