@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from tests.stack_harness import ATELIER, BUCKET
+from tests.trust_matrix import cross_tenant_refusals
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -62,141 +63,10 @@ def tenants(stack):
     }
 
 
-def _mlflow(stack, method: str, path: str, auth=None, **kw) -> int:
-    url = f"{stack.env['ATELIER_TRACKING_URI']}/api/2.0/mlflow/{path}"
-    return requests.request(method, url, auth=auth, timeout=30, **kw).status_code
-
-
-def _s3(stack, key: str | None, secret: str | None):
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    if key is None:
-        return boto3.client(
-            "s3", endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"], region_name="us-east-1", config=Config(signature_version=UNSIGNED)
-        )
-    return boto3.client(
-        "s3",
-        endpoint_url=stack.env["ATELIER_S3_ENDPOINT_URL"],
-        aws_access_key_id=key,
-        aws_secret_access_key=secret,
-        region_name="us-east-1",
-    )
-
-
-def _s3_refused(call) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        call()
-    except ClientError as exc:
-        return exc.response["Error"]["Code"] in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
-    return False
-
-
 def test_anonymous_and_cross_tenant_requests_are_all_refused(stack, tenants):
-    creds, run, version = tenants["creds"], tenants["acme_run"], tenants["acme_version"]
-    model = "dreambooth-acme-robot"
-    acme = (creds["acme"]["MLFLOW_TRACKING_USERNAME"], creds["acme"]["MLFLOW_TRACKING_PASSWORD"])
-    globex = (creds["globex"]["MLFLOW_TRACKING_USERNAME"], creds["globex"]["MLFLOW_TRACKING_PASSWORD"])
-    alias = {"name": model, "alias": "champion", "version": "1"}
-    tag = {"name": model, "key": "atelier.customer", "value": "globex"}
-    refused: dict[str, bool] = {}
-    # MLflow, anonymous: reads and writes alike get 401
-    for name, (method, path, body) in {
-        "search models": ("GET", "registered-models/search", None),
-        "get model": ("GET", f"registered-models/get?name={model}", None),
-        "search versions": ("GET", f"model-versions/search?filter=name%3D%27{model}%27", None),
-        "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
-        "get run": ("GET", f"runs/get?run_id={run}", None),
-        "search runs": ("POST", "runs/search", {"experiment_ids": ["0", "1"]}),
-        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
-        "set alias": ("POST", "registered-models/alias", alias),
-        "set tag": ("POST", "registered-models/set-tag", tag),
-        "create run": ("POST", "runs/create", {"experiment_id": "1"}),
-    }.items():
-        refused[f"mlflow anonymous {name}"] = _mlflow(stack, method, path, json=body) == 401
-    graphql = requests.post(
-        f"{stack.env['ATELIER_TRACKING_URI']}/graphql",
-        json={"query": f'{{mlflowGetRun(input: {{runId: "{run}"}}) {{run {{info {{runId}}}}}}}}'},
-        timeout=30,
-    )
-    refused["mlflow anonymous graphql"] = graphql.status_code == 401
-    refused["mlflow wrong password"] = _mlflow(stack, "GET", f"registered-models/get?name={model}", auth=(acme[0], "not-it")) == 401
-    # MLflow, globex against acme's model and run: 403
-    for name, (method, path, body) in {
-        "get model": ("GET", f"registered-models/get?name={model}", None),
-        "get by alias": ("GET", f"registered-models/alias?name={model}&alias=champion", None),
-        "get run": ("GET", f"runs/get?run_id={run}", None),
-        "list artifacts": ("GET", f"artifacts/list?run_id={run}", None),
-        "download uri": ("GET", f"model-versions/get-download-uri?name={model}&version={version.version}", None),
-        "set alias": ("POST", "registered-models/alias", alias),
-        "set owner tag": ("POST", "registered-models/set-tag", tag),
-        "delete model": ("DELETE", "registered-models/delete", {"name": model}),
-        "delete version": ("DELETE", "model-versions/delete", {"name": model, "version": version.version}),
-        "create run in acme's experiment": ("POST", "runs/create", {"experiment_id": tenants["acme_experiment"]}),
-        "squat a name of acme": (
-            "POST",
-            "registered-models/create",
-            {"name": "dreambooth-acme-squat", "tags": [{"key": "atelier.customer", "value": "acme"}]},
-        ),
-        "pre-create a new customer's experiment": ("POST", "experiments/create", {"name": "atelier-newco"}),
-    }.items():
-        refused[f"mlflow globex {name}"] = _mlflow(stack, method, path, auth=globex, json=body) == 403
-    searched = requests.get(f"{stack.env['ATELIER_TRACKING_URI']}/api/2.0/mlflow/registered-models/search", auth=globex, timeout=30).json()
-    refused["mlflow globex search sees no acme model"] = all(
-        m["name"].startswith("dreambooth-globex") for m in searched.get("registered_models", [])
-    )
-    # MLflow, acme on its own model: read-only
-    for name, (method, path, body) in {
-        "move its own alias": ("POST", "registered-models/alias", alias),
-        "tag its own model": ("POST", "registered-models/set-tag", tag),
-        "delete its own model": ("DELETE", "registered-models/delete", {"name": model}),
-        "create a model": ("POST", "registered-models/create", {"name": "dreambooth-acme-extra"}),
-    }.items():
-        refused[f"mlflow acme {name}"] = _mlflow(stack, method, path, auth=acme, json=body) == 403
-    # S3: no keys, made-up keys, a wrong secret, the other tenant's prefix, anything but reading one's own
-    acme_key, globex_key = tenants["acme_object"], tenants["globex_object"]
-    a = _s3(stack, creds["acme"]["AWS_ACCESS_KEY_ID"], creds["acme"]["AWS_SECRET_ACCESS_KEY"])
-    g = _s3(stack, creds["globex"]["AWS_ACCESS_KEY_ID"], creds["globex"]["AWS_SECRET_ACCESS_KEY"])
-    anon, madeup = _s3(stack, None, None), _s3(stack, "AKIAMADEUP", "made-up-secret")
-    wrong = _s3(stack, stack.env["AWS_ACCESS_KEY_ID"], "not-the-secret")
-    for name, call in {
-        "anonymous get": lambda: anon.get_object(Bucket=BUCKET, Key=acme_key),
-        "anonymous list": lambda: anon.list_objects_v2(Bucket=BUCKET),
-        "anonymous put": lambda: anon.put_object(Bucket=BUCKET, Key="mlflow/acme/x", Body=b"x"),
-        "made-up keys list": lambda: madeup.list_objects_v2(Bucket=BUCKET),
-        "platform key, wrong secret": lambda: wrong.get_object(Bucket=BUCKET, Key=acme_key),
-        "globex reads acme's model": lambda: g.get_object(Bucket=BUCKET, Key=acme_key),
-        "globex lists acme's prefix": lambda: g.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/acme/"),
-        "acme lists the bucket": lambda: a.list_objects_v2(Bucket=BUCKET),
-        "acme reads globex's model": lambda: a.get_object(Bucket=BUCKET, Key=globex_key),
-        "acme reads the DVC photos": lambda: a.list_objects_v2(Bucket=BUCKET, Prefix="dvc/"),
-        "acme reads Prefect's results": lambda: a.list_objects_v2(Bucket=BUCKET, Prefix="prefect-results/"),
-        "acme overwrites its own model": lambda: a.put_object(Bucket=BUCKET, Key=acme_key, Body=b"x"),
-        "acme deletes its own model": lambda: a.delete_object(Bucket=BUCKET, Key=acme_key),
-    }.items():
-        refused[f"s3 {name}"] = _s3_refused(call)
-    # Prefect: no auth, a wrong one, and a flow run that tries to choose the worker's command or environment
-    api, auth = stack.env["ATELIER_PREFECT_API_URL"], tuple(stack.env["ATELIER_PREFECT_API_AUTH_STRING"].split(":", 1))
-    refused["prefect anonymous read"] = requests.post(f"{api}/deployments/filter", json={}, timeout=30).status_code == 401
-    refused["prefect wrong auth"] = (
-        requests.post(f"{api}/deployments/filter", json={}, auth=("atelier", "nope"), timeout=30).status_code == 401
-    )
-    deployment = _ensure_deployment(stack)
-    refused["prefect anonymous flow run"] = (
-        requests.post(f"{api}/deployments/{deployment}/create_flow_run", json={}, timeout=30).status_code == 401
-    )
     marker = stack.ws.parent / "command-override-ran"
-    for name, variables in {"command": {"command": f"touch {marker}"}, "env": {"env": {"PYTHONPATH": "/tmp/evil"}}}.items():
-        answer = requests.post(
-            f"{api}/deployments/{deployment}/create_flow_run",
-            json={"job_variables": variables, "state": {"type": "SCHEDULED"}},
-            auth=auth,
-            timeout=30,
-        )
-        refused[f"prefect flow run overriding {name}"] = answer.status_code == 422
+    refused = cross_tenant_refusals(stack.env, tenants, _ensure_deployment(stack), f"touch {marker}")
+    acme_key = tenants["acme_object"]
     # SeaweedFS's own ports are not a way around S3's authentication: every HTTP and gRPC port is mutual TLS
     refused.update(_seaweed_internal_ports_refused(stack, acme_key))
 
