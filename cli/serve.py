@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from atelier.cli.common import cli_settings, friendly, prefect_ready
-from atelier.kernel.errors import AtelierError
+from atelier.kernel.errors import AtelierError, ConfigError
 
 
 def _report(result: dict) -> None:
@@ -176,8 +176,28 @@ def worker_cmd(
 
     settings = cli_settings()
     if settings.work_pool:
+        prefect_ready(settings)
+        from atelier.flows.stack_setup import work_pool_type
+
+        kind = work_pool_type(settings.work_pool)
+        if kind is None:
+            raise ConfigError(
+                f"work pool {settings.work_pool!r}",
+                "does not exist on the Prefect server",
+                "run `atelier stack-init` (compose's setup does)",
+            )
+        if kind == "docker":  # each flow run in a container (docker/compose.yaml): prefect-docker's worker, ours
+            import socket
+
+            import anyio
+
+            from atelier.flows.docker_worker import run_docker_worker
+
+            typer.echo(f"worker for the Docker pool {settings.work_pool!r}: each flow run in its own container, {limit} at a time")
+            anyio.run(run_docker_worker, settings.work_pool, limit, f"atelier-docker-{socket.gethostname()}")
+            return
         prefect = str(Path(sys.executable).parent / "prefect")
-        os.execv(prefect, [prefect, "worker", "start", "--pool", settings.work_pool, "--type", "process", "--limit", str(limit)])
+        os.execv(prefect, [prefect, "worker", "start", "--pool", settings.work_pool, "--type", kind, "--limit", str(limit)])
     prefect_ready(settings)
     from prefect import serve
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Optional
 from urllib.parse import urlparse
 
 import typer
@@ -84,9 +85,17 @@ def status_cmd() -> None:
 
 
 @friendly
-def stack_init_cmd() -> None:
+def stack_init_cmd(
+    docker_image: Optional[str] = typer.Option(
+        None, "--docker-image", help="make the work pool a Docker pool whose flow runs each run in a container of this image"
+    ),
+    docker_network: str = typer.Option("atelier_default", "--docker-network", help="the Docker pool's network (compose's)"),
+    docker_volume: str = typer.Option("atelier_workspace", "--docker-volume", help="the workspace volume, mounted at /workspace"),
+    gpus: bool = typer.Option(False, "--gpus", help="the Docker pool's containers get every GPU of their host (a GPU pool)"),
+) -> None:
     """Configure a running stack (idempotent): S3 buckets, Prefect's default result storage on S3,
-    the process work pool. Uses ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
+    the work pool (process; Docker with --docker-image, as docker/compose.yaml's setup does). Uses
+    ATELIER_PREFECT_API_URL, ATELIER_S3_ENDPOINT_URL and the S3 URLs."""
     from atelier.flows.stack_setup import configure_result_storage, ensure_work_pool
     from atelier.kernel.objectstore import open_store
 
@@ -105,8 +114,12 @@ def stack_init_cmd() -> None:
         slug = configure_result_storage(settings.prefect_results, settings.s3_endpoint_url)
         typer.echo(f"Prefect results: {settings.prefect_results} (block {slug}, the server's default)")
     if settings.work_pool:
-        created = ensure_work_pool(settings.work_pool)
-        typer.echo(f"work pool {settings.work_pool!r} {'created' if created else 'exists'} (type process)")
+        docker = {"image": docker_image, "network": docker_network, "volume": docker_volume, "gpus": gpus} if docker_image else None
+        created = ensure_work_pool(settings.work_pool, docker)
+        kind = (
+            f"docker: {docker_image} on {docker_network}, {docker_volume} at /workspace{', GPUs' if gpus else ''}" if docker else "process"
+        )
+        typer.echo(f"work pool {settings.work_pool!r} {'created' if created else 'exists'} (type {kind})")
 
 
 def ui_urls(settings) -> list[str]:
@@ -148,3 +161,6 @@ def install(app: typer.Typer) -> None:
     app.command("down")(down_cmd)
     app.command("status")(status_cmd)
     app.command("stack-init")(stack_init_cmd)
+    from atelier.cli.s3_server import s3_server_cmd
+
+    app.command("s3-server")(s3_server_cmd)

@@ -180,6 +180,18 @@ def customer_identities(settings: Settings) -> list[dict]:
     return [i for i in identities if i["name"] != PLATFORM_IDENTITY]
 
 
+def read_s3_readers(path: Path) -> list[dict]:
+    """The customers' readers in a readers file (`settings.stack.s3_readers_file`); [] when there is none yet."""
+    try:
+        return list(json.loads(Path(path).read_text())["identities"])
+    except FileNotFoundError:
+        return []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(
+            str(path), 'is not a readers file ({"identities": [...]})', "restore it, or remove it and add the customers again"
+        ) from None
+
+
 def write_s3_config(settings: Settings, customers: list[dict] | None = None) -> None:
     """identities.json (the platform, then the customers' readers: by default the ones already there) and
     security.toml: JWT keys, and mutual TLS on every HTTP and gRPC port of the master, volume and filer
@@ -236,7 +248,9 @@ def seaweed_ports(settings: Settings) -> dict[str, int]:
     return {name: base + i for i, name in enumerate(names)}
 
 
-def seaweed_argv(settings: Settings) -> list[str]:
+def seaweed_argv(settings: Settings, bind: str | None = None) -> list[str]:
+    """`weed server -s3` on `host` (bound there too, unless `bind` names another address: in a container,
+    0.0.0.0, where the master, volume and filer still take only SeaweedFS's own TLS clients)."""
     s = settings.stack
     ports = seaweed_ports(settings)
     return [
@@ -245,7 +259,7 @@ def seaweed_argv(settings: Settings) -> list[str]:
         "server",
         f"-dir={s3_dir(settings) / 'data'}",
         f"-ip={s.host}",
-        f"-ip.bind={s.host}",
+        f"-ip.bind={bind or s.host}",
         *(f"-{k}={v}" for k, v in ports.items()),
         "-s3",
         f"-s3.port={s.s3_port}",

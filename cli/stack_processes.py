@@ -23,7 +23,7 @@ Each process runs in its own session, its pid and start time recorded under `.at
 `down` stops exactly those (a recycled pid is never signalled). `up` is safe to run again: it starts
 only what is not running, so it also brings back a server that died, with its data. The clients'
 settings are written to `.atelier/stack/stack.env` (0600); `docker/compose.yaml` runs the same
-topology with MinIO in place of SeaweedFS.
+topology in containers (SeaweedFS through `atelier s3-server`, cli/s3_server.py).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from atelier.cli.stack_config import (
     prepare_mlflow,
     prepare_s3,
     python_account,
+    read_s3_readers,
     reader_identity,
     s3_account,
     s3_dir,
@@ -104,6 +105,7 @@ __all__ = [
 ]
 
 SERVERS = ("s3", "prefect", "mlflow")
+S3_RELOAD_SECONDS = 2.5
 ORDER = (*SERVERS, "worker")
 
 
@@ -132,7 +134,15 @@ class ServiceState:
 
 def add_s3_reader(settings: Settings, identity: dict) -> bool:
     """Add or replace a customer's S3 reader and make the running S3 server reload its identities
-    (SIGHUP). False when this machine runs no stack S3 (keys then have to be made on the S3 server)."""
+    (SIGHUP). With `stack.s3_readers_file` (docker/compose.yaml), write it there: the S3 server's container
+    watches that file and reloads. False when this machine runs no stack S3 (keys then have to be made on the
+    S3 server)."""
+    readers = settings.stack.s3_readers_file
+    if readers is not None:
+        kept = [i for i in read_s3_readers(readers) if i["name"] != identity["name"]]
+        write_secret_file(readers, json.dumps({"identities": [*kept, identity]}, indent=1))
+        time.sleep(S3_RELOAD_SECONDS)  # the server's watcher looks every second and reloads within a few hundred ms
+        return True
     if not s3_identities_file(settings).is_file():
         return False
     write_s3_config(settings, [*(i for i in customer_identities(settings) if i["name"] != identity["name"]), identity])

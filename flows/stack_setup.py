@@ -35,20 +35,45 @@ def locked_job_template() -> dict:
     }
 
 
-def ensure_work_pool(name: str) -> bool:
-    """Create the process work pool with the locked job template when missing (and lock an existing
-    one that is not); True when created."""
+def ensure_work_pool(name: str, docker: dict | None = None) -> bool:
+    """Create the work pool with its locked job template when missing (and lock an existing one that
+    is not); True when created. A process pool by default; with `docker` (image, network, volume) a
+    Docker pool whose flow runs each get a container of that image (flows/docker_worker.py)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    template = locked_job_template()
+    from atelier.kernel.errors import ConfigError
+
+    kind = "docker" if docker else "process"
+    if docker:
+        from atelier.flows.docker_worker import docker_job_template
+
+        template = docker_job_template(docker["image"], docker["network"], docker["volume"], bool(docker.get("gpus")))
+    else:
+        template = locked_job_template()
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+            client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template))
             return True
+        if pool.type != kind:
+            raise ConfigError(
+                f"work pool {name!r}", f"is a {pool.type} pool, not a {kind} pool", "name another pool (ATELIER_WORK_POOL) or delete it"
+            )
         if pool.base_job_template != template:
             client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
         return False
+
+
+def work_pool_type(name: str) -> str | None:
+    """The pool's type (process, docker) on the configured Prefect server; None when it does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(name).type
+        except ObjectNotFound:
+            return None

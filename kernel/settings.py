@@ -99,7 +99,7 @@ class StackSettings(BaseModel):
     database_prefix: str = Field("atelier", pattern=r"^[a-z][a-z0-9_]{0,40}$")
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
-    s3_port: int = Field(9000, ge=1, le=65535, description="SeaweedFS's S3 gateway (the MinIO port in docker/compose.yaml)")
+    s3_port: int = Field(9000, ge=1, le=65535, description="SeaweedFS's S3 gateway (9000 in docker/compose.yaml too)")
     s3_internal_port: int = Field(
         19333,
         ge=1,
@@ -110,6 +110,11 @@ class StackSettings(BaseModel):
     work_pool: str = "atelier"
     worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
     start_timeout: float = Field(180.0, gt=0, description="seconds each server may take to answer (first starts migrate the databases)")
+    s3_readers_file: Path | None = Field(
+        None,
+        description="where customers' S3 readers are written for an S3 server that runs elsewhere and watches the file "
+        "(docker/compose.yaml's `atelier s3-server`); unset: `atelier up`'s own server's identities",
+    )
     service_user: str = Field(
         "atelier",
         pattern=r"^([a-z_][a-z0-9_-]{0,31})?$",
@@ -204,7 +209,7 @@ class Settings(BaseSettings):
     dvc_remote: str | None = Field(None, description="DVC remote URL; default: a folder in the workspace")
     s3_endpoint_url: str | None = Field(
         None,
-        description="S3-compatible endpoint (MinIO, moto) for s3:// batch inputs and outputs; default: AWS, or boto3's AWS_ENDPOINT_URL",
+        description="S3-compatible endpoint (SeaweedFS, moto) for s3:// batch inputs and outputs; default: AWS, or boto3's AWS_ENDPOINT_URL",
     )
     base_model: Path | None = Field(None, description="diffusers SD directory; default: the tiny embedded model")
     train_processes: int = Field(

@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +116,31 @@ def test_databases_are_created_once_and_dropped_on_request(tmp_path):
     finally:
         assert sorted(stack.drop_databases(s)) == names
     assert stack.drop_databases(s) == []
+
+
+def test_customer_readers_for_an_s3_server_in_another_container_go_to_the_readers_file(tmp_path, monkeypatch):
+    """compose's cli container writes the readers file; its s3 container watches it (cli/s3_server.py)."""
+    monkeypatch.setattr(stack, "S3_RELOAD_SECONDS", 0)
+    readers = tmp_path / "readers" / "customers.json"
+    readers.parent.mkdir()
+    s = _settings(tmp_path, s3_readers_file=str(readers))
+    assert stack.grant_s3_reader(s, "reader-acme", "mlflow/acme", "AKacme", "secret-1")
+    assert stack.grant_s3_reader(s, "reader-globex", "mlflow/globex", "AKglobex", "secret-2")
+    assert stack.grant_s3_reader(s, "reader-acme", "mlflow/acme", "AKacme2", "secret-3")  # a new key replaces the old
+    assert oct(readers.stat().st_mode & 0o777) == "0o600"
+    identities = {i["name"]: i for i in json.loads(readers.read_text())["identities"]}
+    assert set(identities) == {"reader-acme", "reader-globex"}
+    assert identities["reader-acme"]["credentials"] == [{"accessKey": "AKacme2", "secretKey": "secret-3"}]
+    assert identities["reader-globex"]["actions"] == ["Read:atelier/mlflow/globex/*", "List:atelier/mlflow/globex/*"]
+    assert not stack.s3_identities_file(s).exists()  # nothing of `atelier up`'s own server was touched
+    readers.write_text("{not json")
+    with pytest.raises(ConfigError, match="readers file"):
+        stack.grant_s3_reader(s, "reader-x", "mlflow/x", "AKx", "x")
+
+
+def test_s3_server_refuses_to_start_without_its_keys_naming_them(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ATELIER_"))}
+    env["ATELIER_WORKSPACE"] = str(tmp_path / "state")
+    done = subprocess.run([str(Path(sys.executable).parent / "atelier"), "s3-server"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in done.stderr and "ATELIER_S3_JWT_WRITE" in done.stderr and "Traceback" not in done.stderr
