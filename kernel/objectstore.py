@@ -4,7 +4,7 @@
 and checked (no '..', no absolute paths). A local write goes to a temporary name and is renamed, so a
 reader never sees half a file; an S3 PUT is all-or-nothing by itself. S3 goes through boto3; the
 endpoint comes from `endpoint_url` (settings' `s3_endpoint_url`) or boto3's own AWS_ENDPOINT_URL, so
-MinIO or moto's server serve as well as AWS.
+SeaweedFS (the stack's) or moto's server serve as well as AWS.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def init_workspace(settings: Settings) -> list[str]:
 
 
 def dvc_remote_config(settings: Settings) -> dict[str, str]:
-    """The workspace's DVC remote as settings want it: an S3 URL carries the S3 endpoint (MinIO, moto)."""
+    """The workspace's DVC remote as settings want it: an S3 URL carries the S3 endpoint (SeaweedFS, moto)."""
     url = settings.resolved_dvc_remote
     config = {"url": url}
     if url.startswith("s3://") and settings.s3_endpoint_url:
