@@ -3,7 +3,7 @@
 tags and the Docker socket's group filled in, mode 0600. Refuses to replace an existing file (its secrets
 are the stack's: the databases and S3 were made with them).
 
-    usage: python3 docker/new_env.py [--out docker/.env] [--image atelier:TAG] [--postgres-image atelier-postgres:TAG]
+    usage: python3 docker/new_env.py [--out docker/.env] [--image atelier:TAG] [--postgres-image atelier-postgres:TAG] [--docker-gid N]
 Standard library only: it runs on a host that has nothing of Atelier's installed."""
 
 from __future__ import annotations
@@ -43,15 +43,20 @@ def main() -> int:
     parser.add_argument("--postgres-image", default="atelier-postgres:latest")
     parser.add_argument("--project", default="atelier", help="COMPOSE_PROJECT_NAME")
     parser.add_argument("--ports", default="", help="PREFECT,MLFLOW,S3 ports on loopback (default 4200,5000,9000)")
+    parser.add_argument("--docker-gid", default=None, help="the Docker socket's group (default: read off /var/run/docker.sock)")
     args = parser.parse_args()
     if args.out.exists():
         print(f"{args.out} exists: it holds the stack's credentials; remove it only with the stack's volumes", file=sys.stderr)
         return 2
-    try:
-        gid = str(os.stat("/var/run/docker.sock").st_gid)
-    except FileNotFoundError:
-        print("no /var/run/docker.sock: start the Docker engine first (the workers need its group)", file=sys.stderr)
-        return 3
+    gid = args.docker_gid
+    if gid is None:
+        try:
+            gid = str(os.stat("/var/run/docker.sock").st_gid)
+        except FileNotFoundError:
+            print(
+                "no /var/run/docker.sock: start the Docker engine first (the workers need its group), or give --docker-gid", file=sys.stderr
+            )
+            return 3
     given = {
         "COMPOSE_PROJECT_NAME": args.project,
         "ATELIER_IMAGE": args.image,
