@@ -156,7 +156,8 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
     spec = PriorSpec(base_hash, cfg.fill(cfg.class_prompt, "toy"), count, size, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
     priors = ensure_class_priors(cache, spec, base, batch_size=s.batch_size, compile_mode=s.compile_mode)
     split["class images"] = time.perf_counter() - t
-    result = train(cfg, TrainInputs(base, instance, "toy", work, work / "pipeline", priors.path))
+    latents = cache / "latents" / f"{base_hash[:16]}-{priors.key}"  # as the flow keys it (tasks/dreambooth.py)
+    result = train(cfg, TrainInputs(base, instance, "toy", work, work / "pipeline", priors.path, latents))
     timings = result.timings
     split.update(
         {
@@ -167,7 +168,8 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
             "validation": timings["validation"],
             "save": timings["save"],
             "priors reused": priors.reused,
-            **{k: round(v, 2) for k, v in timings.items() if k.startswith(("capture_", "peak_", "checkpoint_"))},
+            "class latents cached": bool(timings.get("class_latents_cached")),
+            **{k: round(v, 2) for k, v in timings.items() if k.startswith(("capture_", "peak_", "checkpoint_", "load_"))},
         }
     )
     return split

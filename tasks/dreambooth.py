@@ -147,7 +147,13 @@ def train_dreambooth(
     key = training_key(base_hash, snapshot, priors.key if priors else None, config, processes)
     work = settings().runs_dir / snapshot.customer / key
     inputs = TrainInputs(
-        Path(base_model), Path(snapshot.path), snapshot.class_noun, work, work / "pipeline", Path(priors.path) if priors else None
+        Path(base_model),
+        Path(snapshot.path),
+        snapshot.class_noun,
+        work,
+        work / "pipeline",
+        Path(priors.path) if priors else None,
+        class_latents=settings().priors_cache / "latents" / f"{base_hash[:16]}-{priors.key}" if priors else None,
     )
     done_file, run_file = work / "training.json", work / "mlflow-run.json"
     if done_file.is_file() and (inputs.output_dir / "model_index.json").is_file():

@@ -167,3 +167,29 @@ def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, 
     assert steps == list(range(1, cfg.max_train_steps + 1)) and losses == steps
     # the bar reached step 5 before any loss was read back: it was not held for the burst
     assert events.index(("step", 5)) < events.index(("loss", 1))
+
+
+def test_cached_class_latents_train_exactly_as_encoding_them_and_a_bad_file_is_encoded_again(
+    tiny_model, photos, prior_dir, tmp_path, tiny_config
+):
+    cfg = tiny_config.model_copy(update={"max_train_steps": 4, "validation_steps": 100, "checkpointing_steps": 100})
+    latents = tmp_path / "latents"
+
+    def run(name: str, cache):
+        inputs = TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / name, tmp_path / name / "pipeline", prior_dir, cache)
+        return train(cfg, inputs)
+
+    plain = run("plain", None)
+    first = run("first", latents)
+    (stored,) = latents.glob("latents-*.safetensors")
+    second = run("second", latents)
+    assert (first.timings["class_latents_cached"], second.timings["class_latents_cached"]) == (0.0, 1.0)
+    assert plain.losses == first.losses == second.losses
+    stored.write_bytes(stored.read_bytes()[:100])  # torn: encoded again, and replaced
+    third = run("third", latents)
+    assert third.timings["class_latents_cached"] == 0.0 and third.losses == plain.losses
+    assert run("fourth", latents).timings["class_latents_cached"] == 1.0
+    other = cfg.model_copy(update={"center_crop": not cfg.center_crop})  # another crop: another file, not a wrong hit
+    inputs = TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "crop", tmp_path / "crop" / "pipeline", prior_dir, latents)
+    assert train(other, inputs).timings["class_latents_cached"] == 0.0
+    assert len(list(latents.glob("latents-*.safetensors"))) == 2

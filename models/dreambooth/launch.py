@@ -99,6 +99,8 @@ def train_launched(cfg: TrainConfig, inputs: TrainInputs, processes: int, on_lin
     ]
     if inputs.class_dir is not None:
         args += ["--class-dir", str(inputs.class_dir)]
+    if inputs.class_latents is not None:
+        args += ["--class-latents", str(inputs.class_latents)]
     cmd = launch_command(processes, args, gpu=torch.cuda.is_available())
     tail: deque[str] = deque(maxlen=30)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -130,13 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", type=Path, required=True, help="diffusers SD directory")
     ap.add_argument("--instance", type=Path, required=True, help="folder of subject photos")
     ap.add_argument("--class-dir", type=Path, default=None, help="folder of class-prior images")
+    ap.add_argument("--class-latents", type=Path, default=None, help="folder where the class images' latents are kept")
     ap.add_argument("--class-noun", required=True)
     ap.add_argument("--work", type=Path, required=True, help="checkpoints; the pipeline goes to WORK/pipeline")
     ap.add_argument("--step-budget", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     ap.add_argument("--result", type=Path, default=None, help="write steps, losses and the output path here")
     args = ap.parse_args(argv)
     cfg = load_train_config(args.config, json.loads(args.overrides))
-    inputs = TrainInputs(args.base, args.instance, args.class_noun, args.work, args.work / "pipeline", args.class_dir)
+    inputs = TrainInputs(args.base, args.instance, args.class_noun, args.work, args.work / "pipeline", args.class_dir, args.class_latents)
     stamps: dict[int, float] = {}  # step -> time its loss was read back (for throughput)
     started = time.perf_counter()
     result = train(cfg, inputs, step_budget=args.step_budget, on_progress=lambda step, *_: stamps.__setitem__(step, time.time()))
