@@ -52,12 +52,11 @@ def s3_server_cmd() -> None:
         raise ConfigError(
             "ATELIER_STACK__S3_READERS_FILE", "is not set", "name the readers file on the volume `atelier customer add` writes"
         )
-    secrets_file(settings).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secrets_file(settings).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as `atelier up` keeps it
     # the keys are compose's (.env): kept where prepare_s3 reads them, rewritten each start so a rotated key takes
     write_secret_file(secrets_file(settings), json.dumps({name: os.environ[var] for name, var in SECRET_VARIABLES.items()}, indent=1))
     seen = _mtime(readers)
-    prepare_s3(settings)
-    write_s3_config(settings, read_s3_readers(readers))
+    prepare_s3(settings, read_s3_readers(readers))
     for var in SECRET_VARIABLES.values():  # weed needs none of them: its configuration files hold what it uses
         os.environ.pop(var, None)
     proc = subprocess.Popen(seaweed_argv(settings, bind=BIND), cwd=s3_dir(settings), umask=0o077)
@@ -70,9 +69,10 @@ def s3_server_cmd() -> None:
             now = _mtime(readers)
             if now != seen:
                 seen = now
-                write_s3_config(settings, read_s3_readers(readers))
+                customers = read_s3_readers(readers)
+                write_s3_config(settings, customers)
                 proc.send_signal(signal.SIGHUP)
-                print(f"s3-server: reloaded {len(read_s3_readers(readers))} customer reader(s)", flush=True)
+                print(f"s3-server: reloaded {len(customers)} customer reader(s)", flush=True)
             continue
         if code not in (0, -signal.SIGTERM, -signal.SIGINT):
             raise ServiceUnavailable("SeaweedFS (weed server)", f"exited with code {code}", "read the lines above")

@@ -274,7 +274,7 @@ def seaweed_argv(settings: Settings, bind: str | None = None) -> list[str]:
     ]
 
 
-def prepare_s3(settings: Settings) -> None:
+def prepare_s3(settings: Settings, customers: list[dict] | None = None) -> None:
     for sub in ("data", "logs"):
         (s3_dir(settings) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     # SeaweedFS also listens on unix sockets named by port in the temp folder (0700, its user's); one a stopped
@@ -285,7 +285,7 @@ def prepare_s3(settings: Settings) -> None:
         for stale in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
             stale.unlink(missing_ok=True)
     # SeaweedFS gives some files 0644 itself (.vif): hand_over makes them 0600 in 0700 folders, the service user's
-    write_s3_config(settings)
+    write_s3_config(settings, customers)
 
 
 # MLflow: basic auth, only the platform writes -------------------------------------------------------
