@@ -1,14 +1,17 @@
-"""What the DreamBooth trainer sets up before its loop: the frozen VAE's latents of an image folder,
-prompt token ids, LoRA adapters, and a clean accelerate state for each run."""
+"""What the DreamBooth trainer sets up before its loop: the base model's parts (loaded, marked
+trainable, placed), the optimizer and LR schedule, the frozen VAE's latents of an image folder, prompt
+token ids, LoRA adapters, and a clean accelerate state for each run."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL
-from transformers import CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.images import stack_folder
@@ -130,3 +133,85 @@ def fresh_accelerator(precision: str, accumulation: int) -> Accelerator:
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
     )
+
+
+@dataclass
+class Models:
+    """The base model's parts, as the run uses them (trainable, placed, prepared or compiled)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module
+    vae: AutoencoderKL
+    unet: torch.nn.Module
+    noise_scheduler: DDPMScheduler
+
+
+def load_models(cfg: TrainConfig, base: Path, weight_dtype: torch.dtype, device: torch.device) -> Models:
+    """The base model's parts, with what trains marked (a LoRA's adapters added) and on the device (a
+    fused optimizer is made for parameters there); the frozen ones are placed by `_place`."""
+    m = Models(
+        CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
+        CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder"),
+        AutoencoderKL.from_pretrained(str(base), subfolder="vae"),
+        UNet2DConditionModel.from_pretrained(str(base), subfolder="unet"),
+        DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
+    )
+    m.vae.requires_grad_(False)
+    m.text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.lora is not None:
+        with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
+            torch.manual_seed(cfg.seed)
+            add_lora(cfg, m.unet, m.text_encoder, weight_dtype)
+    if cfg.gradient_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            m.text_encoder.gradient_checkpointing_enable()
+    if device.type == "cuda" and cfg.channels_last:
+        m.unet.to(memory_format=torch.channels_last)
+    m.unet.to(device)
+    if cfg.train_text_encoder:
+        m.text_encoder.to(device)
+    return m
+
+
+def make_optimizer(cfg: TrainConfig, params: list, device: torch.device, graphs: bool):
+    """AdamW (fused on CUDA; capturable, with its LR on the device, for a captured step) and its LR
+    schedule, stepped once per optimizer step by the loop (not once per process by accelerate), so its
+    state means the same whatever the number of processes that saved or resume it."""
+    cuda = device.type == "cuda"
+    lr = torch.tensor(cfg.learning_rate, device=device) if graphs else cfg.learning_rate
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        **({"fused": True} if cuda and cfg.fused_adam else {}),
+        **({"capturable": True} if graphs else {}),
+    )
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
+    return optimizer, lr_scheduler
+
+
+def place(cfg: TrainConfig, m: Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype):
+    """Move the models to the device (frozen ones in the mixed-precision dtype), let accelerate wrap what
+    trains (not for a captured step, which casts itself), compile when asked; returns the optimizer and
+    scheduler to step (accelerate's wrappers, or the raw ones)."""
+    if graphs:
+        if not cfg.train_text_encoder:
+            m.text_encoder.to(acc.device, dtype=weight_dtype)
+    elif cfg.train_text_encoder:
+        m.unet, m.text_encoder, optimizer, lr_scheduler = acc.prepare(m.unet, m.text_encoder, optimizer, lr_scheduler)
+    else:
+        m.unet, optimizer, lr_scheduler = acc.prepare(m.unet, optimizer, lr_scheduler)
+        m.text_encoder.to(acc.device, dtype=weight_dtype)
+    m.vae.to(acc.device) if weight_dtype == torch.float32 else m.vae.to(acc.device, dtype=weight_dtype)
+    if acc.device.type == "cuda" and cfg.compile_unet:
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        # shapes never change during training: a dynamic-shape recompile would only cost minutes
+        m.unet = torch.compile(m.unet, mode=mode, dynamic=False)
+        if cfg.train_text_encoder:
+            m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
+    return optimizer, lr_scheduler

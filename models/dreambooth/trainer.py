@@ -33,9 +33,6 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.kernel.storage import write_json_atomic
 from atelier.models.dreambooth.base import check_sd_directory
@@ -50,7 +47,7 @@ from atelier.models.dreambooth.checkpoints import (
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
 from atelier.models.dreambooth.steps import Batches, EagerStep, GraphedStep, Objective, init_adam_state, uses_cuda_graphs
-from atelier.models.dreambooth.train_setup import Encoded, add_lora, fresh_accelerator, token_ids
+from atelier.models.dreambooth.train_setup import Encoded, fresh_accelerator, load_models, make_optimizer, place, token_ids
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "uses_cuda_graphs", "LOSS_READBACK_STEPS"]
 
@@ -84,17 +81,6 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # load, steps, checkpoints, validation, save (seconds)
 
 
-@dataclass
-class _Models:
-    """The base model's parts, as the run uses them (trainable, placed, prepared or compiled)."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: torch.nn.Module
-    vae: AutoencoderKL
-    unet: torch.nn.Module
-    noise_scheduler: DDPMScheduler
-
-
 def train(
     cfg: TrainConfig,
     inputs: TrainInputs,
@@ -125,13 +111,13 @@ def train(
 
     # set-up: the models, the optimizer and LR schedule, a checkpoint to resume, the encoded images
     mark = _Marks(timings)
-    m = _load_models(cfg, base, weight_dtype, acc.device)
+    m = load_models(cfg, base, weight_dtype, acc.device)
     mark("models")
     params = [p for module in (m.unet, m.text_encoder) for p in module.parameters() if p.requires_grad]
     trained = {k: v for k, v in (("unet", m.unet), ("text_encoder", m.text_encoder)) if any(p.requires_grad for p in v.parameters())}
-    optimizer, lr_scheduler = _optimizer(cfg, params, acc.device, graphs)
+    optimizer, lr_scheduler = make_optimizer(cfg, params, acc.device, graphs)
     raw_optimizer, raw_scheduler = optimizer, lr_scheduler
-    optimizer, lr_scheduler = _place(cfg, m, acc, optimizer, lr_scheduler, graphs, weight_dtype)
+    optimizer, lr_scheduler = place(cfg, m, acc, optimizer, lr_scheduler, graphs, weight_dtype)
     mark("place")
     state = LoopState(cfg.seed, acc.device)
     scaler = getattr(acc, "scaler", None)
@@ -269,77 +255,6 @@ class _Marks:
         now = time.perf_counter()
         self.timings[f"load_{name}"] = now - self.last
         self.last = now
-
-
-def _load_models(cfg: TrainConfig, base: Path, weight_dtype: torch.dtype, device: torch.device) -> _Models:
-    """The base model's parts, with what trains marked (a LoRA's adapters added) and on the device (a
-    fused optimizer is made for parameters there); the frozen ones are placed by `_place`."""
-    m = _Models(
-        CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
-        CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder"),
-        AutoencoderKL.from_pretrained(str(base), subfolder="vae"),
-        UNet2DConditionModel.from_pretrained(str(base), subfolder="unet"),
-        DDPMScheduler.from_pretrained(str(base), subfolder="scheduler"),
-    )
-    m.vae.requires_grad_(False)
-    m.text_encoder.requires_grad_(cfg.train_text_encoder)
-    if cfg.lora is not None:
-        with torch.random.fork_rng(devices=[]):  # adapter init from the run's seed: reruns start alike
-            torch.manual_seed(cfg.seed)
-            add_lora(cfg, m.unet, m.text_encoder, weight_dtype)
-    if cfg.gradient_checkpointing:
-        m.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            m.text_encoder.gradient_checkpointing_enable()
-    if device.type == "cuda" and cfg.channels_last:
-        m.unet.to(memory_format=torch.channels_last)
-    m.unet.to(device)
-    if cfg.train_text_encoder:
-        m.text_encoder.to(device)
-    return m
-
-
-def _optimizer(cfg: TrainConfig, params: list, device: torch.device, graphs: bool):
-    """AdamW (fused on CUDA; capturable, with its LR on the device, for a captured step) and its LR
-    schedule, stepped once per optimizer step by the loop (not once per process by accelerate), so its
-    state means the same whatever the number of processes that saved or resume it."""
-    cuda = device.type == "cuda"
-    lr = torch.tensor(cfg.learning_rate, device=device) if graphs else cfg.learning_rate
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-        **({"fused": True} if cuda and cfg.fused_adam else {}),
-        **({"capturable": True} if graphs else {}),
-    )
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
-    )
-    return optimizer, lr_scheduler
-
-
-def _place(cfg: TrainConfig, m: _Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype):
-    """Move the models to the device (frozen ones in the mixed-precision dtype), let accelerate wrap what
-    trains (not for a captured step, which casts itself), compile when asked; returns the optimizer and
-    scheduler to step (accelerate's wrappers, or the raw ones)."""
-    if graphs:
-        if not cfg.train_text_encoder:
-            m.text_encoder.to(acc.device, dtype=weight_dtype)
-    elif cfg.train_text_encoder:
-        m.unet, m.text_encoder, optimizer, lr_scheduler = acc.prepare(m.unet, m.text_encoder, optimizer, lr_scheduler)
-    else:
-        m.unet, optimizer, lr_scheduler = acc.prepare(m.unet, optimizer, lr_scheduler)
-        m.text_encoder.to(acc.device, dtype=weight_dtype)
-    m.vae.to(acc.device) if weight_dtype == torch.float32 else m.vae.to(acc.device, dtype=weight_dtype)
-    if acc.device.type == "cuda" and cfg.compile_unet:
-        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-        # shapes never change during training: a dynamic-shape recompile would only cost minutes
-        m.unet = torch.compile(m.unet, mode=mode, dynamic=False)
-        if cfg.train_text_encoder:
-            m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
-    return optimizer, lr_scheduler
 
 
 def _host_lr(scheduler, base_lr: float) -> float:
