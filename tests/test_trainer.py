@@ -193,3 +193,48 @@ def test_cached_class_latents_train_exactly_as_encoding_them_and_a_bad_file_is_e
     inputs = TrainInputs(tiny_model, photos[0].parent, "toy", tmp_path / "crop", tmp_path / "crop" / "pipeline", prior_dir, latents)
     assert train(other, inputs).timings["class_latents_cached"] == 0.0
     assert len(list(latents.glob("latents-*.safetensors"))) == 2
+
+
+def test_compute_copies_give_autocast_s_numbers_and_fused_clipping_clips_as_torch_does(tiny_model, tiny_config):
+    """The captured step's two shortcuts change no number: bf16 weight copies give autocast's loss and
+    gradients exactly, and clipping through the fused optimizer's grad_scale updates as clip_grad_norm_ does."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from atelier.models.dreambooth.steps import ComputeCopies, Objective, clip_into_optimizer
+
+    sched = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    steps, ids = torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2, 77), generator=g)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+
+    runs = []
+    for use_copies, fused_clip in ((False, False), (True, True)):
+        unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+        text = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
+        copies = ComputeCopies([unet, text], torch.bfloat16) if use_copies else None
+        params = [p for m in (unet, text) for p in m.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        loss = Objective(unet, text, sched, ids, True, 1.0, autocast, copies.call if copies else None)(latents, noise, steps)
+        loss.backward()
+        if copies:
+            assert len(copies) > 0 and all(m.grad is None for m in copies.masters)  # the copies took the gradients
+            copies.gradients_to_masters()
+            assert all(c.grad is None for c in copies.copies)  # handed over to the fp32 weights
+        grads = [p.grad.clone() for p in params]
+        if fused_clip:
+            clip_into_optimizer(optimizer, params, 1e-3)  # far below the norm: clipping bites
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1e-3)
+        optimizer.step()
+        if copies:
+            copies.refresh()
+            assert all(torch.equal(c, m.to(torch.bfloat16)) for c, m in zip(copies.copies, copies.masters))
+        runs.append((loss.item(), grads, [p.detach().clone() for p in params]))
+    (loss_a, grads_a, after_a), (loss_b, grads_b, after_b) = runs
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(after_a, after_b))

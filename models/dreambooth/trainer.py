@@ -46,7 +46,15 @@ from atelier.models.dreambooth.checkpoints import (
 )
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
-from atelier.models.dreambooth.steps import Batches, EagerStep, GraphedStep, Objective, init_adam_state, uses_cuda_graphs
+from atelier.models.dreambooth.steps import (
+    Batches,
+    ComputeCopies,
+    EagerStep,
+    GraphedStep,
+    Objective,
+    init_adam_state,
+    uses_cuda_graphs,
+)
 from atelier.models.dreambooth.train_setup import Encoded, fresh_accelerator, load_models, make_optimizer, place, token_ids
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "uses_cuda_graphs", "LOSS_READBACK_STEPS"]
@@ -151,12 +159,24 @@ def train(
         if graphs and weight_dtype != torch.float32
         else (acc.autocast if not graphs else contextlib.nullcontext)
     )
-    objective = Objective(
-        m.unet, m.text_encoder, m.noise_scheduler, batch_ids, cfg.train_text_encoder, cfg.prior_loss_weight if prior else None, autocast
-    )
     models = [m.unet] + ([m.text_encoder] if cfg.train_text_encoder else [])
+    # a captured mixed-precision step computes with bf16 copies of the weights instead of casting each per use
+    # (a compiled UNet fuses its casts itself)
+    copies = ComputeCopies(models, weight_dtype) if graphs and weight_dtype != torch.float32 and not cfg.compile_unet else None
+    objective = Objective(
+        m.unet,
+        m.text_encoder,
+        m.noise_scheduler,
+        batch_ids,
+        cfg.train_text_encoder,
+        cfg.prior_loss_weight if prior else None,
+        autocast,
+        copies.call if copies else None,
+    )
     if graphs:
-        step: Callable[..., torch.Tensor | None] = GraphedStep(models, objective, params, optimizer, raw_scheduler, cfg.max_grad_norm)
+        step: Callable[..., torch.Tensor | None] = GraphedStep(
+            models, objective, params, optimizer, raw_scheduler, cfg.max_grad_norm, copies
+        )
     else:
         compiled_graphs = acc.device.type == "cuda" and cfg.compile_unet and cfg.compile_mode != "default"
         step = EagerStep(acc, models, objective, params, optimizer, lr_scheduler, cfg.max_grad_norm, compiled_graphs)

@@ -1,0 +1,294 @@
+"""Where a DreamBooth step's time goes, and what makes it shorter: one process, one GPU, SD 1.5's shape.
+
+    python benchmarks/step_speed.py --tmp /tmp/b --profile       # profile + every variant (needs CUDA)
+    python benchmarks/step_speed.py --tmp /tmp/b --only copies,copies+bf16-norms
+
+Each variant trains UNet + text encoder (prior preservation, 1 + 1 images at 512 px, fused AdamW,
+clipping) with the trainer's own `Objective` and `GraphedStep` (the whole step captured as one CUDA
+graph) and reports ms per replayed step after warm-up, against `baseline` (the step before the bf16
+weight copies and the fused clipping) run in the same process; `copies` is the trainer's default now.
+`--profile` first sums an eager step's GPU kernel time by kind (copies and casts, optimizer, matrix
+multiplies, convolutions, attention, norms, reductions, elementwise) and lists the top kernels.
+
+The variants' other knobs: the attention backend (pinned with sdpa_kernel), GroupNorm and LayerNorm in
+bf16 (autocast runs them in float32, so every bf16 activation entering a norm is read and written twice
+as wide), and torch.compile of the UNet inside the captured step. docs/gpu.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atelier.models.dreambooth.steps import ComputeCopies, GraphedStep, Objective, init_adam_state  # noqa: E402
+
+# --- the variants' kernel-level choices (only this benchmark uses them; the trainer took what paid) ---
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    bf16_norms: bool = False
+    attention: str = "auto"
+    compile: bool = False
+
+
+class _AutocastGroupNorm(torch.nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.weight.to(dt) if self.weight is not None else None
+            b = self.bias.to(dt) if self.bias is not None else None
+            return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps)
+
+
+class _AutocastLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.weight.to(dt) if self.weight is not None else None
+            b = self.bias.to(dt) if self.bias is not None else None
+            return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+
+
+def norms_in_compute_dtype(module: torch.nn.Module) -> int:
+    """Make the module's GroupNorm and LayerNorm layers run in the autocast dtype; returns how many."""
+    swapped = 0
+    for m in module.modules():
+        if type(m) is torch.nn.GroupNorm:
+            m.__class__ = _AutocastGroupNorm
+            swapped += 1
+        elif type(m) is torch.nn.LayerNorm:
+            m.__class__ = _AutocastLayerNorm
+            swapped += 1
+    return swapped
+
+
+def attention_context(backend: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that pins scaled_dot_product_attention to one backend ("auto": PyTorch's choice)."""
+    if backend == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
+    return lambda: sdpa_kernel([chosen])
+
+
+def step_context(dtype: torch.dtype | None, options: SpeedOptions) -> Callable[[], contextlib.AbstractContextManager]:
+    """What the step runs under: autocast to `dtype` without a cast cache (a CUDA graph must not keep
+    one), and the attention backend."""
+    attention = attention_context(options.attention)
+
+    @contextlib.contextmanager
+    def ctx():
+        with contextlib.ExitStack() as stack:
+            if dtype is not None:
+                stack.enter_context(torch.autocast("cuda", dtype=dtype, cache_enabled=False))
+            stack.enter_context(attention())
+            yield
+
+    return ctx
+
+
+def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOptions):
+    """The UNet and text encoder as the step calls them (compiled when asked)."""
+    if options.bf16_norms:
+        norms_in_compute_dtype(unet)
+        norms_in_compute_dtype(text_encoder)
+    if options.compile:
+        unet = torch.compile(unet, dynamic=False)
+    return unet, text_encoder
+
+
+KINDS = [  # first match wins
+    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdp)"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("norm", r"group_norm|layer_norm|norm_kernel|welford|GroupNorm|LayerNorm|RowwiseMoments|ComputeFused|cuComputePartGrad|GammaBeta"),
+    ("conv", r"conv|implicit|wgrad|dgrad|fprop|nhwc|nchw"),
+    ("gemm", r"gemm|sm90|cutlass|xmma|cublas|matmul|splitK"),
+    ("copy/cast", r"copy|cast|Copy|to_dtype"),
+    ("reduce", r"reduce|Reduce|sum|norm"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|Elementwise"),
+]
+
+
+def build(base: Path, variant: dict):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").to(memory_format=torch.channels_last).cuda()
+    text = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder").cuda()
+    sched = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
+    options = SpeedOptions(**variant.get("options", {}))
+    params = [p for m in (unet, text) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=torch.tensor(5e-6, device="cuda"), fused=True, capturable=True)
+    init_adam_state(opt)
+    g = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, 49407, (2, 77), device="cuda", generator=g)
+    unet, text = apply(unet, text, options)
+    copies = ComputeCopies([unet, text], torch.bfloat16) if variant.get("copies", True) else None
+    objective = Objective(unet, text, sched, ids, True, 1.0, step_context(torch.bfloat16, options), copies.call if copies else None)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
+    if not variant.get("fused_clip", True):
+        opt.defaults["fused"] = False  # clip_grad_norm_'s own scaling pass (the optimizer stays fused)
+    return GraphedStep([unet, text], objective, params, opt, lr, 1.0, copies), objective, params, opt
+
+
+def inputs(seed: int):
+    g = torch.Generator("cuda").manual_seed(seed)
+    return (
+        torch.randn(2, 4, 64, 64, device="cuda", generator=g),
+        torch.randn(2, 4, 64, 64, device="cuda", generator=g),
+        torch.randint(0, 1000, (2,), device="cuda", generator=g),
+    )
+
+
+def time_variant(base: Path, variant: dict, steps: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step, *_ = build(base, variant)
+    load = time.perf_counter() - t0
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(8):  # 3 eager, capture, replays
+        losses.append(step(*inputs(i)))
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    batches = [inputs(100 + i) for i in range(steps)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        losses.append(step(*b))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {
+        "ms_per_step": 1000 * seconds / steps,
+        "steps_per_s": steps / seconds,
+        "load_s": load,
+        "warm_s": warm,
+        "capture_s": step.capture_seconds,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "first_losses": [round(float(x), 5) for x in losses[:8]],
+    }
+    del step, losses
+    return out
+
+
+def profile(base: Path, steps: int, variant_name: str) -> dict:
+    """An eager step's GPU kernel time by kind (what a replayed graph runs, without the launches)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
+
+    step, objective, params, opt = build(base, VARIANTS[variant_name])
+    for i in range(3):
+        step(*inputs(i))
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(*inputs(10 + i))  # still eager: calls < capture, so reset the counter
+            step.calls = 0
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    top = []
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total
+        if us <= 0:
+            continue
+        kind = next((k for k, pat in KINDS if re.search(pat, evt.key)), "other")
+        by_kind[kind] += us / steps / 1000
+        top.append((us / steps / 1000, evt.count // steps, kind, evt.key[:110]))
+    top.sort(reverse=True)
+    total = sum(by_kind.values())
+    print(f"\nGPU kernel time per step: {total:.1f} ms")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<12} {ms:7.2f} ms  {100 * ms / total:5.1f}%")
+    print("\ntop kernels (ms/step, calls/step, kind, name):")
+    for ms, n, kind, name in top[:30]:
+        print(f"  {ms:7.2f} {n:5d} {kind:<11} {name}")
+    del step, objective, params, opt
+    return {"kernel_ms_per_step": total, "by_kind": dict(by_kind), "top": top[:30]}
+
+
+VARIANTS = {
+    "baseline": {"copies": False, "fused_clip": False},  # the trainer before the compute copies
+    "fused-clip": {"copies": False},
+    "copies": {},
+    "copies+bf16-norms": {"options": {"bf16_norms": True}},
+    "attn-flash": {"options": {"attention": "flash"}},
+    "attn-cudnn": {"options": {"attention": "cudnn"}},
+    "attn-efficient": {"options": {"attention": "efficient"}},
+    "compiled": {"copies": False, "options": {"compile": True}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tmp", type=Path, required=True, help="work folder; the SD 1.5-shape model is built there once")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--profile", action="store_true", help="first: an eager step's kernel time by kind")
+    ap.add_argument("--profile-variant", default="copies", help="the variant the profile runs")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    from benchmarks.dreambooth_gpu import build_sd15
+
+    base = args.tmp / "sd15"
+    if not (base / "model_index.json").is_file():
+        build_sd15(base, None)
+    results: dict = {}
+    if args.profile:
+        results["profile"] = profile(base, 3, args.profile_variant)
+    only = [o for o in args.only.split(",") if o]
+    for name, variant in VARIANTS.items():
+        if only and name not in only and name != "baseline":
+            continue
+        try:
+            results[name] = time_variant(base, variant, args.steps)
+        except Exception as exc:  # noqa: BLE001 - one failed variant should not hide the others
+            results[name] = {"error": f"{exc.__class__.__name__}: {str(exc)[:400]}"}
+        print(name, json.dumps(results[name]), flush=True)
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()
+    ref = results.get("baseline", {}).get("ms_per_step")
+    print(f"\n{'variant':<24} {'ms/step':>8} {'steps/s':>8} {'vs default':>10} {'peak GiB':>9} {'warm s':>7}")
+    for name, r in results.items():
+        if name == "profile":
+            continue
+        if "error" in r:
+            print(f"{name:<24} {r['error'][:200]}")
+            continue
+        ratio = f"{ref / r['ms_per_step']:.2f}x" if ref else "n/a"
+        print(
+            f"{name:<24} {r['ms_per_step']:>8.1f} {r['steps_per_s']:>8.2f} {ratio:>10} {r['peak_reserved_gib']:>9.1f} {r['warm_s']:>7.1f}"
+        )
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
