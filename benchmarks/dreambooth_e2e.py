@@ -19,6 +19,11 @@ checkpoints, validation and save, with its peak GPU memory.
   there is nothing else to cache. "warm (priors cached)" is the second subject of the same class on
   the same base model (the class set comes from the cache). "compiled" adds torch.compile of the
   UNet (`compile_unet: true`), for comparison.
+- atelier back to back: the resident trainer (models/dreambooth/service.py, `atelier trainer
+  serve`) fed 8 subjects of one class, as 8 flow runs would feed it: its class images made once from a
+  cold cache, then 8 trainings in one process, each pipeline written while the next subject trains.
+  Its "subjects per GPU-hour" is compared with the example run 8 times (the baseline row once, then 7
+  more without its class images, which the example finds in its class folder and keeps).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("baseline", "atelier cold", "atelier warm (priors cached)", "atelier compiled")
+ROWS = ("baseline", "atelier cold", "atelier warm (priors cached)", "atelier back to back", "atelier compiled")
+SUBJECTS = 8
 
 
 def _peak() -> float:
@@ -175,7 +181,70 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
     return split
 
 
-def run_row(row: str, base: Path, instance: Path, tmp: Path, count: int, steps: int, size: int, out: Path) -> None:
+def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, subjects: int) -> dict:
+    import threading
+
+    from atelier.models.dreambooth.config import load_train_config
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+    from atelier.models.dreambooth.service import ResidentTrainer, token_path, train_resident
+    from atelier.models.dreambooth.trainer import TrainInputs
+    from benchmarks.dreambooth_gpu import write_images
+
+    cfg = load_train_config(
+        ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps, "num_class_images": count}
+    )
+    shutil.rmtree(cache, ignore_errors=True)  # the class images once, from a cold cache, inside this row
+    folders = [write_images(work / f"photos-{i}", 5, size, 3000 + 100 * i) for i in range(subjects)]
+    split: dict = {}
+    t = time.perf_counter()
+    base_hash = _fingerprint(base, cache.parent / "fingerprints-resident.json")
+    s = cfg.class_sampling
+    spec = PriorSpec(base_hash, cfg.fill(cfg.class_prompt, "toy"), count, size, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
+    priors = ensure_class_priors(cache, spec, base, batch_size=s.batch_size, compile_mode=s.compile_mode)
+    split["class images"] = time.perf_counter() - t
+    latents = cache / "latents" / f"{base_hash[:16]}-{priors.key}"
+    sock = work / "trainer.sock"
+    trainer = ResidentTrainer(sock, work / "runs", cache / "latents", log=lambda line: print(line, flush=True))
+    threading.Thread(target=trainer.serve, kwargs={"max_jobs": subjects}, daemon=True).start()
+    while not token_path(sock).is_file():
+        time.sleep(0.05)
+    results: dict[int, dict] = {}
+
+    def subject(i: int) -> None:  # one flow run's training task
+        job = work / "runs" / f"subject-{i}"
+        r = train_resident(sock, cfg, TrainInputs(base, folders[i], "toy", job, job / "pipeline", priors.path, latents))
+        results[i] = {"done_at": time.perf_counter() - t, **r.timings}
+        shutil.rmtree(job, ignore_errors=True)  # 8 pipelines and their checkpoints would fill the disk
+
+    clients = []
+    for i in range(subjects):  # all submitted at once, served in the order they connect
+        clients.append(threading.Thread(target=subject, args=(i,)))
+        clients[-1].start()
+        time.sleep(0.2)
+    for c in clients:
+        c.join()
+    per = [results[i] for i in sorted(results)]
+    split.update(
+        {
+            "start": sum(r["load"] for r in per),
+            "compile": sum(r["capture"] for r in per),
+            "training steps": sum(r["steps"] - r["capture"] for r in per),
+            "checkpoints": sum(r["checkpoints"] for r in per),
+            "validation": sum(r["validation"] for r in per),
+            "save": sum(r.get("save_handoff", r["save"]) for r in per),
+            "save (background)": sum(r["save"] for r in per),
+            "subjects": len(per),
+            "first start": per[0]["load"] if per else 0.0,
+            "later starts": [round(r["load"], 2) for r in per[1:]],
+            "done at": [round(r["done_at"], 1) for r in per],
+        }
+    )
+    return split
+
+
+def run_row(
+    row: str, base: Path, instance: Path, tmp: Path, count: int, steps: int, size: int, out: Path, subjects: int = SUBJECTS
+) -> None:
     """One row in this process (called by the subprocess that `run_all` starts)."""
     work = tmp / f"work-{row.replace(' ', '-').replace(',', '')}"
     shutil.rmtree(work, ignore_errors=True)
@@ -187,6 +256,8 @@ def run_row(row: str, base: Path, instance: Path, tmp: Path, count: int, steps: 
         with _DeviceMemory() as device_memory:
             if row == "baseline":
                 split = baseline_job(base, instance, work, count, steps, size)
+            elif row == "atelier back to back":
+                split = resident_job(base, instance, work, tmp / "priors-cache-resident", count, steps, size, subjects)
             else:
                 split = atelier_job(base, instance, work, tmp / "priors-cache", count, steps, size, compiled="compiled" in row)
         result = {
@@ -202,7 +273,9 @@ def run_row(row: str, base: Path, instance: Path, tmp: Path, count: int, steps: 
     out.write_text(json.dumps(result))
 
 
-def run_all(rows: list[str], base: Path, instance: Path, tmp: Path, count: int, steps: int, size: int, results: Path) -> dict:
+def run_all(
+    rows: list[str], base: Path, instance: Path, tmp: Path, count: int, steps: int, size: int, results: Path, subjects: int = SUBJECTS
+) -> dict:
     """Each row in a fresh process; results accumulate in `results` (JSON), so rows may be run by
     several commands on one machine and the table printed when all are in."""
     done = json.loads(results.read_text()) if results.is_file() else {}
@@ -229,6 +302,8 @@ def run_all(rows: list[str], base: Path, instance: Path, tmp: Path, count: int, 
             str(steps),
             "--e2e-size",
             str(size),
+            "--e2e-subjects",
+            str(subjects),
             "--json",
             str(one),
         ]
@@ -261,3 +336,14 @@ def print_table(done: dict) -> None:
             + "".join(f"{r['split'].get(p, 0.0):>15.1f}" for p in parts)
             + f"{r['peak_gib']:>9.1f}{r.get('device_peak_gib', float('nan')):>9.1f}"
         )
+    b = done.get("baseline", {})
+    for row, r in done.items():
+        n = r.get("split", {}).get("subjects")
+        if not n:
+            continue
+        rate = n / r["total"] * 3600
+        line = f"{row}: {n} subjects in {r['total']:.1f} s = {rate:.1f} subjects per GPU-hour"
+        if "total" in b:  # the example run n times: once whole, then without its class images (kept in its class folder)
+            example = b["total"] + (n - 1) * (b["total"] - b["split"].get("class images", 0.0))
+            line += f"; the example run {n} times: {example:.0f} s = {n / example * 3600:.1f} per GPU-hour; {example / r['total']:.2f}x"
+        print(line)

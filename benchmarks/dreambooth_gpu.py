@@ -385,6 +385,7 @@ def main() -> None:
     ap.add_argument("--e2e-results", type=Path, default=None, help="e2e results accumulate here (rows may run in several commands)")
     ap.add_argument("--class-images", type=int, default=200)
     ap.add_argument("--e2e-steps", type=int, default=800)
+    ap.add_argument("--e2e-subjects", type=int, default=8, help="subjects of the resident row (atelier back to back)")
     ap.add_argument("--e2e-row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--e2e-base", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--e2e-instance", type=Path, default=None, help=argparse.SUPPRESS)
@@ -394,7 +395,17 @@ def main() -> None:
     if args.e2e_row:  # one e2e row, in the fresh process run_all started
         from benchmarks.dreambooth_e2e import run_row
 
-        run_row(args.e2e_row, args.e2e_base, args.e2e_instance, args.e2e_tmp, args.class_images, args.e2e_steps, args.e2e_size, args.json)
+        run_row(
+            args.e2e_row,
+            args.e2e_base,
+            args.e2e_instance,
+            args.e2e_tmp,
+            args.class_images,
+            args.e2e_steps,
+            args.e2e_size,
+            args.json,
+            args.e2e_subjects,
+        )
         return
     from atelier.models.dreambooth.trainer import LOSS_READBACK_STEPS
 
@@ -417,7 +428,7 @@ def main() -> None:
 
         rows = [r.strip() for r in args.e2e_rows.split(",") if r.strip()] or list(ROWS[:3])
         results = args.e2e_results or tmp / "e2e.json"
-        print_table(run_all(rows, base, instance, tmp, args.class_images, args.e2e_steps, size, results))
+        print_table(run_all(rows, base, instance, tmp, args.class_images, args.e2e_steps, size, results, args.e2e_subjects))
         return
     klass = write_images(tmp / "class", 10, size, 2000)
     cfg = TrainConfig(resolution=size, max_train_steps=10_000, checkpointing_steps=10_000, validation_steps=10_000, learning_rate=5e-6)

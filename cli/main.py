@@ -15,6 +15,7 @@ from atelier.cli import ocr as cli_ocr
 from atelier.cli import registry as cli_registry
 from atelier.cli import serve as cli_serve
 from atelier.cli import stack as cli_stack
+from atelier.cli import trainer as cli_trainer
 from atelier.cli.common import cli_settings, expand_photos, friendly, prefect_ready, quiet_third_parties
 from atelier.kernel.errors import ConfigError, GateRefused
 
@@ -445,6 +446,7 @@ def demo() -> None:
 cli_registry.install(app)
 cli_serve.install(app)
 cli_stack.install(app)
+cli_trainer.install(app)
 app.command("ocr-calibrate")(cli_ocr.ocr_calibrate_cmd)
 app.command("ocr")(cli_ocr.ocr_cmd)
 app.command("documents-render")(cli_ocr.documents_render_cmd)

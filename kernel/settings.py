@@ -219,6 +219,11 @@ class Settings(BaseSettings):
         description="processes per DreamBooth training: above 1 the training task starts "
         "`accelerate launch` with one process per GPU (DDP); each trains train_batch_size images per step",
     )
+    trainer_socket: Path | None = Field(
+        None,
+        description="Unix socket of a resident GPU trainer (`atelier trainer serve`): the training task sends its job there "
+        "instead of loading the base model in its own process; default: train in the flow's process",
+    )
     glm_ocr_weights: Path | None = Field(
         None,
         description="local GLM-OCR directory (save_pretrained layout); when set, "
@@ -266,7 +271,7 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
 
-    @field_validator("workspace", "base_model", "glm_ocr_weights", "ledger_keys")
+    @field_validator("workspace", "base_model", "glm_ocr_weights", "ledger_keys", "trainer_socket")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()

@@ -191,7 +191,25 @@ def train_dreambooth(
                 latest["text"] = f"loss {loss:.4f} lr {lr:.2e} (step {step})"
                 live.log(step, loss, lr)
 
-            result = train(cfg, inputs, on_progress=on_loss, on_step=on_step)
+            sock = settings().trainer_socket
+            if sock is not None:
+                from atelier.models.dreambooth.service import train_resident
+
+                logger().info("training in the resident trainer at %s", sock)
+                result = train_resident(
+                    sock,
+                    cfg,
+                    inputs,
+                    on_progress=on_loss,
+                    on_step=on_step,
+                    on_start=lambda e: logger().info(
+                        "resident trainer %s (%.1f s to start)",
+                        "kept its session" if e.get("session_reused") else "loaded the base model",
+                        e.get("load_seconds", 0),
+                    ),
+                )
+            else:
+                result = train(cfg, inputs, on_progress=on_loss, on_step=on_step)
     except BaseException:
         live.fail()
         raise

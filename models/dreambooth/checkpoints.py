@@ -133,10 +133,11 @@ def _replace(tree: Any, copies: dict[str, torch.Tensor], prefix: str = "") -> An
 class AsyncCheckpointer:
     """One checkpoint in flight at a time; `keep` whole checkpoints kept, the oldest removed."""
 
-    def __init__(self, work_dir: Path, keep: int) -> None:
+    def __init__(self, work_dir: Path, keep: int, buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.root = Path(work_dir) / "checkpoints"
         self.keep = keep
-        self._buffers: dict[str, torch.Tensor] = {}
+        # host buffers by tensor name; a resident trainer passes the same dict run after run (pinned once)
+        self._buffers: dict[str, torch.Tensor] = {} if buffers is None else buffers
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._reserving: threading.Thread | None = None
@@ -150,7 +151,9 @@ class AsyncCheckpointer:
 
         def allocate() -> None:
             for name, shape, stride, dtype, pinned in shapes:
-                self._buffers[name] = torch.empty_strided(shape, stride, dtype=dtype, device="cpu", pin_memory=pinned)
+                buf = self._buffers.get(name)
+                if buf is None or buf.shape != shape or buf.stride() != stride or buf.dtype != dtype:
+                    self._buffers[name] = torch.empty_strided(shape, stride, dtype=dtype, device="cpu", pin_memory=pinned)
 
         self._reserving = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
         self._reserving.start()

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 
 from atelier.kernel.storage import write_json_atomic
 from atelier.models.dreambooth.base import check_sd_directory
@@ -43,6 +44,7 @@ from atelier.models.dreambooth.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     restore,
+    trained_tensors,
 )
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
@@ -87,6 +89,8 @@ class TrainResult:
     seconds: float
     validation_dirs: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # load, steps, checkpoints, validation, save (seconds)
+    # a run with defer_save: the pipeline still being written (wait() before reading output_dir)
+    pending: "_Pending | None" = field(default=None, repr=False, compare=False)
 
 
 def train(
@@ -105,164 +109,356 @@ def train(
     `step_budget` caps the optimizer steps taken by this call (for preemptible machines and tests):
     the run then checkpoints and returns `finished=False`; calling again continues it.
     """
-    t0 = time.perf_counter()
-    timings = {"load": 0.0, "steps": 0.0, "checkpoints": 0.0, "validation": 0.0, "save": 0.0, "capture": 0.0}
-    base = check_sd_directory(inputs.base_model)
-    if cfg.with_prior_preservation and inputs.class_dir is None:
-        raise ValueError("with_prior_preservation needs class_dir")
-    work = Path(inputs.work_dir)
-    precision = cfg.resolved_precision(torch.cuda.is_available())
-    graphs = uses_cuda_graphs(cfg, precision, int(os.environ.get("WORLD_SIZE", "1")))
-    # a captured step casts under its own autocast (without a cast cache, which a graph must not keep)
-    acc = fresh_accelerator("no" if graphs else precision, cfg.gradient_accumulation_steps)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    session = TrainerSession(cfg, inputs.base_model)
+    try:
+        return session.run(cfg, inputs, on_progress, step_budget, on_step)
+    finally:
+        session.close()
 
-    # set-up: the models, the optimizer and LR schedule, a checkpoint to resume, the encoded images
-    mark = _Marks(timings)
-    m = load_models(cfg, base, weight_dtype, acc.device)
-    mark("models")
-    params = [p for module in (m.unet, m.text_encoder) for p in module.parameters() if p.requires_grad]
-    trained = {k: v for k, v in (("unet", m.unet), ("text_encoder", m.text_encoder)) if any(p.requires_grad for p in v.parameters())}
-    optimizer, lr_scheduler = make_optimizer(cfg, params, acc.device, graphs)
-    raw_optimizer, raw_scheduler = optimizer, lr_scheduler
-    optimizer, lr_scheduler = place(cfg, m, acc, optimizer, lr_scheduler, graphs, weight_dtype)
-    mark("place")
-    state = LoopState(cfg.seed, acc.device)
-    scaler = getattr(acc, "scaler", None)
-    resumed_from = None
-    # the optimizer's state is placed before any activation exists: allocated later (lazily, in the
-    # first step) it lands in blocks that activations freed, and those segments can then never be
-    # given back, which costs the captured step's memory pool gigabytes
-    ckpt = latest_checkpoint(work)
-    if ckpt is not None:
-        restore(load_checkpoint(ckpt), trained, raw_optimizer, raw_scheduler, scaler, state)
-        resumed_from = state.step
-    elif graphs:
-        init_adam_state(raw_optimizer)
-    mark("optimizer_state")
-    instance = Encoded(m.vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
-    prior = Encoded(m.vae, inputs.class_dir, cfg, acc.device, weight_dtype, inputs.class_latents) if cfg.with_prior_preservation else None
-    timings["class_latents_cached"] = float(prior is not None and prior.cached)
-    mark("encode")
-    checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit)
-    if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
-        # pinning the checkpoints' host memory (12 GB for SD 1.5) holds the driver for seconds: started after
-        # the encoding, it overlaps the capture and the first steps instead of stalling the VAE
-        checkpointer.reserve(checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
-    bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
-    batches = Batches(instance, prior, bs, m.noise_scheduler.config.num_train_timesteps, acc.num_processes, acc.process_index)
-    ids = token_ids(m.tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
-    class_ids = token_ids(m.tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
-    batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False))
-        if graphs and weight_dtype != torch.float32
-        else (acc.autocast if not graphs else contextlib.nullcontext)
-    )
-    models = [m.unet] + ([m.text_encoder] if cfg.train_text_encoder else [])
-    # a captured mixed-precision step computes with bf16 copies of the weights instead of casting each per use
-    # (a compiled UNet fuses its casts itself)
-    copies = ComputeCopies(models, weight_dtype) if graphs and weight_dtype != torch.float32 and not cfg.compile_unet else None
-    objective = Objective(
-        m.unet,
-        m.text_encoder,
-        m.noise_scheduler,
-        batch_ids,
-        cfg.train_text_encoder,
-        cfg.prior_loss_weight if prior else None,
-        autocast,
-        copies.call if copies else None,
-    )
-    if graphs:
-        step: Callable[..., torch.Tensor | None] = GraphedStep(
-            models, objective, params, optimizer, raw_scheduler, cfg.max_grad_norm, copies
+
+# what a run may change without a new session: the rest shapes the models, the optimizer or the step
+PER_RUN_FIELDS = frozenset(
+    {
+        "identifier",
+        "instance_prompt",
+        "class_prompt",
+        "resolution",
+        "center_crop",
+        "with_prior_preservation",
+        "prior_loss_weight",
+        "num_class_images",
+        "class_prior_seed",
+        "class_sampling",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "max_train_steps",
+        "train_batch_size",
+        "max_grad_norm",
+        "seed",  # (not with LoRA: the adapters are initialised from it)
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "validation_prompts",
+        "sampling",
+        "sample_prompts",
+        "samples_per_prompt",
+    }
+)
+
+
+def session_key(cfg: TrainConfig, base: Path) -> str:
+    """What a kept session must match for a run to reuse it: the base model (path, sizes and times of
+    its files) and the configuration that shapes the models, optimizer and step."""
+    import json
+
+    from atelier.kernel.hashing import stat_signature
+
+    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in PER_RUN_FIELDS or (k == "seed" and cfg.lora is not None)}
+    return json.dumps({"base": str(Path(base).resolve()), "files": stat_signature(Path(base)), "config": fields}, sort_keys=True)
+
+
+class TrainerSession:
+    """What a run sets up before its first step that does not depend on the subject: the base model's
+    parts on the device, what trains, the optimizer (and its accelerate wrappers), the checkpoints'
+    host buffers. `train()` makes one per run; a resident trainer (`models.dreambooth.service`) makes one
+    with `keep=True` and runs subject after subject in it, each starting from the base weights again
+    (restored from a host copy taken at load) with a fresh optimizer state and LR schedule, which is
+    what a new process would start from."""
+
+    def __init__(self, cfg: TrainConfig, base_model: Path, keep: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        mark = _Marks(self.timings)
+        self.base = check_sd_directory(base_model)
+        self.key = session_key(cfg, self.base) if keep else ""
+        self.precision = cfg.resolved_precision(torch.cuda.is_available())
+        self.graphs = uses_cuda_graphs(cfg, self.precision, int(os.environ.get("WORLD_SIZE", "1")))
+        # a captured step casts under its own autocast (without a cast cache, which a graph must not keep)
+        self.acc = fresh_accelerator("no" if self.graphs else self.precision, cfg.gradient_accumulation_steps)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        m = self.m = load_models(cfg, self.base, self.weight_dtype, self.acc.device)
+        mark("models")
+        self.params = [p for module in (m.unet, m.text_encoder) for p in module.parameters() if p.requires_grad]
+        self.trained = {
+            k: v for k, v in (("unet", m.unet), ("text_encoder", m.text_encoder)) if any(p.requires_grad for p in v.parameters())
+        }
+        self.raw_optimizer, self.raw_scheduler = make_optimizer(cfg, self.params, self.acc.device, self.graphs)
+        self.optimizer, self.lr_scheduler = place(cfg, m, self.acc, self.raw_optimizer, self.raw_scheduler, self.graphs, self.weight_dtype)
+        self.models = [m.unet] + ([m.text_encoder] if cfg.train_text_encoder else [])
+        mark("place")
+        # the base weights, to start the next subject from (pinned host memory: restored at PCIe speed)
+        self.pristine = (
+            {n: t.to("cpu", copy=True).pin_memory() if t.is_cuda else t.clone() for n, t in _trainable(self.trained).items()}
+            if keep
+            else None
         )
-    else:
-        compiled_graphs = acc.device.type == "cuda" and cfg.compile_unet and cfg.compile_mode != "default"
-        step = EagerStep(acc, models, objective, params, optimizer, lr_scheduler, cfg.max_grad_norm, compiled_graphs)
-    timings["load"] = time.perf_counter() - t0
+        self.checkpoint_buffers: dict[str, torch.Tensor] = {}
+        self.runs = 0
+        self.load_seconds = time.perf_counter() - t0
 
-    # the loop: draw, step, report; checkpoint and validate now and then
-    taken = 0
-    pending: list[tuple[torch.Tensor, float]] = []  # (step loss on the device, lr), read back in bursts
-    validation_dirs: list[Path] = []
+    def reusable_for(self, cfg: TrainConfig, base: Path) -> bool:
+        return bool(self.key) and getattr(self.acc, "scaler", None) is None and session_key(cfg, base) == self.key
 
-    def flush() -> None:
-        """Read pending losses back from the device (one sync) and report them."""
-        if not pending:
-            return
-        values = acc.reduce(torch.stack([loss for loss, _ in pending]), reduction="mean").tolist()
-        first = state.step - len(pending) + 1
-        for i, (value, (_, lr_value)) in enumerate(zip(values, pending)):
-            state.losses.append(value)
-            if on_progress:
-                on_progress(first + i, cfg.max_train_steps, value, lr_value)
-        pending.clear()
+    def _reset(self, cfg: TrainConfig) -> None:
+        """Back to the state a fresh session starts in: base weights, empty optimizer moments, the LR
+        schedule at step 0 (the session's LR tensor refilled, not replaced: a captured step reads it)."""
+        with torch.no_grad():
+            current = _trainable(self.trained)
+            for name, tensor in self.pristine.items():
+                current[name].copy_(tensor, non_blocking=True)
+        if self.graphs:
+            for st in self.raw_optimizer.state.values():
+                for value in st.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+        else:
+            self.raw_optimizer.state.clear()
+        for group in self.raw_optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(cfg.learning_rate)
+            else:
+                group["lr"] = cfg.learning_rate
+            group.pop("initial_lr", None)
 
-    loop_start = time.perf_counter()
-    while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
-        loss = step(*batches.draw(state.generator))
-        if loss is None:  # a micro-batch: gradients accumulate
-            continue
-        state.step += 1
-        taken += 1
-        if on_step:
-            on_step(state.step, cfg.max_train_steps)
-        pending.append((loss, _host_lr(raw_scheduler, cfg.learning_rate)))
-        budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
-        # none at the last step: the finished run writes its pipeline, which is what a rerun reuses
-        checkpoint = (state.step % cfg.checkpointing_steps == 0 and state.step < cfg.max_train_steps) or budget_hit
-        validate = state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps
-        if checkpoint or validate or state.step % LOSS_READBACK_STEPS == 0:
-            flush()
-        if checkpoint:
-            t = time.perf_counter()
-            _checkpoint(
-                checkpointer, acc, checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler), state.step, wait=budget_hit
+    def close(self) -> None:
+        """Let the device memory go (a resident trainer replacing its session calls this first)."""
+        for name in ("m", "params", "trained", "optimizer", "raw_optimizer", "lr_scheduler", "raw_scheduler", "models", "pristine"):
+            self.__dict__.pop(name, None)
+        self.checkpoint_buffers = {}
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def run(
+        self,
+        cfg: TrainConfig,
+        inputs: TrainInputs,
+        on_progress: ProgressFn | None = None,
+        step_budget: int | None = None,
+        on_step: StepFn | None = None,
+        defer_save: bool = False,
+    ) -> TrainResult:
+        """One subject's training (see `train`) in this session. With `defer_save` the weights are
+        copied to host memory and the pipeline is written in the background: the result's `pending`
+        says when it is whole, and the session is free for the next subject at once."""
+        t0 = time.perf_counter()
+        timings = {"load": 0.0, "steps": 0.0, "checkpoints": 0.0, "validation": 0.0, "save": 0.0, "capture": 0.0}
+        if self.runs == 0:
+            timings.update(self.timings)
+            t0 -= self.load_seconds
+        else:
+            self._reset(cfg)
+            timings["session_reused"] = 1.0
+        self.runs += 1
+        mark = _Marks(timings)
+        base, acc, m, graphs, weight_dtype = self.base, self.acc, self.m, self.graphs, self.weight_dtype
+        raw_optimizer, trained, params, optimizer = self.raw_optimizer, self.trained, self.params, self.optimizer
+        if cfg.with_prior_preservation and inputs.class_dir is None:
+            raise ValueError("with_prior_preservation needs class_dir")
+        work = Path(inputs.work_dir)
+        # the LR schedule is the run's (its length and warm-up are per run); stepped by the loop
+        raw_scheduler, lr_scheduler = self.raw_scheduler, self.lr_scheduler
+        if self.runs > 1:
+            raw_scheduler = lr_scheduler = get_scheduler(
+                cfg.lr_scheduler, optimizer=raw_optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
             )
-            timings["checkpoints"] += time.perf_counter() - t
-        if validate and acc.is_main_process:
-            t = time.perf_counter()
-            validation_dirs.append(
-                validation_samples(
-                    cfg, work, inputs.class_noun, acc, m.unet, m.text_encoder, m.vae, m.tokenizer, base, state.step, autocast
+        state = LoopState(cfg.seed, acc.device)
+        scaler = getattr(acc, "scaler", None)
+        resumed_from = None
+        # the optimizer's state is placed before any activation exists: allocated later (lazily, in the
+        # first step) it lands in blocks that activations freed, and those segments can then never be
+        # given back, which costs the captured step's memory pool gigabytes
+        ckpt = latest_checkpoint(work)
+        if ckpt is not None:
+            restore(load_checkpoint(ckpt), trained, raw_optimizer, raw_scheduler, scaler, state)
+            resumed_from = state.step
+        elif graphs:
+            init_adam_state(raw_optimizer)
+        mark("optimizer_state")
+        instance = Encoded(m.vae, inputs.instance_dir, cfg, acc.device, weight_dtype)
+        prior = (
+            Encoded(m.vae, inputs.class_dir, cfg, acc.device, weight_dtype, inputs.class_latents) if cfg.with_prior_preservation else None
+        )
+        timings["class_latents_cached"] = float(prior is not None and prior.cached)
+        mark("encode")
+        checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit, self.checkpoint_buffers)
+        if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
+            # pinning the checkpoints' host memory (12 GB for SD 1.5) holds the driver for seconds: started after
+            # the encoding, it overlaps the capture and the first steps instead of stalling the VAE
+            checkpointer.reserve(checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
+        bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
+        batches = Batches(instance, prior, bs, m.noise_scheduler.config.num_train_timesteps, acc.num_processes, acc.process_index)
+        ids = token_ids(m.tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
+        class_ids = token_ids(m.tokenizer, cfg.fill(cfg.class_prompt, inputs.class_noun), acc.device)
+        batch_ids = torch.cat([ids.repeat(bs, 1)] + ([class_ids.repeat(bs, 1)] if prior else []))
+        autocast = (
+            (lambda: torch.autocast("cuda", dtype=weight_dtype, cache_enabled=False))
+            if graphs and weight_dtype != torch.float32
+            else (acc.autocast if not graphs else contextlib.nullcontext)
+        )
+        models = self.models
+        # a captured mixed-precision step computes with bf16 copies of the weights instead of casting each per use
+        # (a compiled UNet fuses its casts itself)
+        copies = ComputeCopies(models, weight_dtype) if graphs and weight_dtype != torch.float32 and not cfg.compile_unet else None
+        objective = Objective(
+            m.unet,
+            m.text_encoder,
+            m.noise_scheduler,
+            batch_ids,
+            cfg.train_text_encoder,
+            cfg.prior_loss_weight if prior else None,
+            autocast,
+            copies.call if copies else None,
+        )
+        if graphs:
+            step: Callable[..., torch.Tensor | None] = GraphedStep(
+                models, objective, params, optimizer, raw_scheduler, cfg.max_grad_norm, copies
+            )
+        else:
+            compiled_graphs = acc.device.type == "cuda" and cfg.compile_unet and cfg.compile_mode != "default"
+            step = EagerStep(acc, models, objective, params, optimizer, lr_scheduler, cfg.max_grad_norm, compiled_graphs)
+        timings["load"] = time.perf_counter() - t0
+        # the loop: draw, step, report; checkpoint and validate now and then
+        taken = 0
+        pending: list[tuple[torch.Tensor, float]] = []  # (step loss on the device, lr), read back in bursts
+        validation_dirs: list[Path] = []
+
+        def flush() -> None:
+            """Read pending losses back from the device (one sync) and report them."""
+            if not pending:
+                return
+            values = acc.reduce(torch.stack([loss for loss, _ in pending]), reduction="mean").tolist()
+            first = state.step - len(pending) + 1
+            for i, (value, (_, lr_value)) in enumerate(zip(values, pending)):
+                state.losses.append(value)
+                if on_progress:
+                    on_progress(first + i, cfg.max_train_steps, value, lr_value)
+            pending.clear()
+
+        loop_start = time.perf_counter()
+        while state.step < cfg.max_train_steps and (step_budget is None or taken < step_budget):
+            loss = step(*batches.draw(state.generator))
+            if loss is None:  # a micro-batch: gradients accumulate
+                continue
+            state.step += 1
+            taken += 1
+            if on_step:
+                on_step(state.step, cfg.max_train_steps)
+            pending.append((loss, _host_lr(raw_scheduler, cfg.learning_rate)))
+            budget_hit = step_budget is not None and taken >= step_budget and state.step < cfg.max_train_steps
+            # none at the last step: the finished run writes its pipeline, which is what a rerun reuses
+            checkpoint = (state.step % cfg.checkpointing_steps == 0 and state.step < cfg.max_train_steps) or budget_hit
+            validate = state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps
+            if checkpoint or validate or state.step % LOSS_READBACK_STEPS == 0:
+                flush()
+            if checkpoint:
+                t = time.perf_counter()
+                _checkpoint(
+                    checkpointer, acc, checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler), state.step, wait=budget_hit
                 )
-            )
-            timings["validation"] += time.perf_counter() - t
-    flush()
-    if isinstance(step, GraphedStep):
-        timings["capture"] = step.capture_seconds
-        timings.update({f"capture_{k}": v for k, v in step.memory.items()})
-        timings["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        timings["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    timings["steps"] = time.perf_counter() - loop_start - timings["checkpoints"] - timings["validation"]
-    timings["checkpoint_copies"], timings["checkpoint_waits"] = checkpointer.copy_seconds, checkpointer.wait_seconds
+                timings["checkpoints"] += time.perf_counter() - t
+            if validate and acc.is_main_process:
+                t = time.perf_counter()
+                validation_dirs.append(
+                    validation_samples(
+                        cfg, work, inputs.class_noun, acc, m.unet, m.text_encoder, m.vae, m.tokenizer, base, state.step, autocast
+                    )
+                )
+                timings["validation"] += time.perf_counter() - t
+        flush()
+        if isinstance(step, GraphedStep):
+            timings["capture"] = step.capture_seconds
+            timings.update({f"capture_{k}": v for k, v in step.memory.items()})
+            timings["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            timings["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        timings["steps"] = time.perf_counter() - loop_start - timings["checkpoints"] - timings["validation"]
+        timings["checkpoint_copies"], timings["checkpoint_waits"] = checkpointer.copy_seconds, checkpointer.wait_seconds
 
-    # the end: the pipeline and the training record, once the last checkpoint is on disk
-    finished = state.step >= cfg.max_train_steps
-    output = None
-    t = time.perf_counter()
-    if acc.is_main_process:
-        checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
-    if finished and acc.is_main_process:
-        output = save_pipeline(
-            acc, base, m.unet, m.text_encoder, inputs.output_dir, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None
+        # the end: the pipeline and the training record, once the last checkpoint is on disk
+        finished = state.step >= cfg.max_train_steps
+        t = time.perf_counter()
+        if acc.is_main_process:
+            checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
+        unet, text_encoder = m.unet, m.text_encoder
+        deferred = defer_save and finished and acc.num_processes == 1 and cfg.lora is None
+        if deferred:  # the weights leave the device now; the session is free for the next subject while they are written
+            unet, text_encoder = host_copy(unet), host_copy(text_encoder)
+        output = inputs.output_dir if finished and acc.is_main_process else None
+        record = {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from, "cuda_graphs": graphs}
+
+        def write() -> None:
+            """The pipeline, then the training record (which, with model_index.json, says the run is done)."""
+            if output is None:
+                return
+            w = time.perf_counter()
+            save_pipeline(acc, base, unet, text_encoder, output, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
+            timings["save"] = time.perf_counter() - w if deferred else time.perf_counter() - t
+            write_json_atomic(work / "training.json", {**record, "seconds": time.perf_counter() - t0, "timings": timings})
+
+        if deferred:
+            timings["save_handoff"] = time.perf_counter() - t
+            pending = _Pending(write)
+        else:
+            write()
+            pending = None
+        acc.wait_for_everyone()
+        # the captured step's memory (its pool, the gradients and the clip scale that live in it) goes with the run
+        del step, objective, copies
+        raw_optimizer.zero_grad(set_to_none=True)
+        raw_optimizer.__dict__.pop("grad_scale", None)
+        if graphs:
+            torch.cuda.empty_cache()
+        return TrainResult(
+            finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings, pending
         )
-    timings["save"] = time.perf_counter() - t
-    if finished and acc.is_main_process:
-        write_json_atomic(
-            work / "training.json",
-            {
-                "steps": state.step,
-                "losses": state.losses,
-                "resumed_from": resumed_from,
-                "seconds": time.perf_counter() - t0,
-                "timings": timings,
-                "cuda_graphs": graphs,
-            },
-        )
-    acc.wait_for_everyone()
-    return TrainResult(finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings)
+
+
+class _Pending:
+    """A pipeline being written in the background; `wait()` returns when it is whole (or raises its error)."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(write,), name="pipeline-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def host_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The module with its weights copied to host memory: built on the meta device (no weight is
+    initialised) and given the copies, so the device's module trains on while this one is written."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    inner = getattr(module, "_orig_mod", module)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+    with torch.device("meta"):
+        if isinstance(inner, ModelMixin):
+            clone = inner.__class__.from_config(inner.config)
+        elif isinstance(inner, PreTrainedModel):
+            clone = inner.__class__._from_config(inner.config)
+        else:
+            raise TypeError(f"cannot copy a {inner.__class__.__name__} to the host")
+    clone.load_state_dict(state, assign=True)
+    return clone
+
+
+def _trainable(trained: dict) -> dict[str, torch.Tensor]:
+    """The trained tensors of every trained model, by model and name (what a reset restores)."""
+    return {f"{k}/{n}": t for k, m in trained.items() for n, t in trained_tensors(m).items()}
 
 
 class _Marks:
