@@ -47,26 +47,27 @@ class SpeedOptions:
     compile: bool = False
 
 
-class _AutocastGroupNorm(torch.nn.GroupNorm):
+def _in_compute_dtype(norm):
+    """A norm's forward that runs in the autocast dtype (its parameters cast, statistics still in float32)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
+            return super(type(self), self).forward(x)
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             w = self.weight.to(dt) if self.weight is not None else None
             b = self.bias.to(dt) if self.bias is not None else None
-            return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps)
+            return norm(self, x.to(dt), w, b)
+
+    return forward
+
+
+class _AutocastGroupNorm(torch.nn.GroupNorm):
+    forward = _in_compute_dtype(lambda self, x, w, b: F.group_norm(x, self.num_groups, w, b, self.eps))
 
 
 class _AutocastLayerNorm(torch.nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        dt = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            w = self.weight.to(dt) if self.weight is not None else None
-            b = self.bias.to(dt) if self.bias is not None else None
-            return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+    forward = _in_compute_dtype(lambda self, x, w, b: F.layer_norm(x, self.normalized_shape, w, b, self.eps))
 
 
 def norms_in_compute_dtype(module: torch.nn.Module) -> int:
