@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from atelier.cli.demo_data import draw_robot
+from atelier.kernel.errors import ConfigError
 from atelier.models.dreambooth.base import model_hash
 from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
 from atelier.models.dreambooth.service import ResidentTrainer, TrainerRefused, TrainerUnavailable, ping, token_path, train_resident
@@ -95,6 +96,8 @@ def test_the_socket_serves_jobs_confines_paths_and_wants_its_token(tiny_model, s
     cfg = tiny_config.model_copy(update=STEPS)
     with pytest.raises(TrainerUnavailable, match="not running"):
         ping(sock)
+    with pytest.raises(ConfigError, match="too long for a Unix socket"):
+        ResidentTrainer(tmp_path / ("x" * 100) / "trainer.sock", runs, tmp_path).serve()
     trainer, thread = _serve(sock, runs, tmp_path / "latents")
     try:
         assert oct(sock.stat().st_mode & 0o777) == "0o600" and oct(token_path(sock).stat().st_mode & 0o777) == "0o600"
@@ -131,6 +134,7 @@ def test_the_socket_serves_jobs_confines_paths_and_wants_its_token(tiny_model, s
         _stop(sock, thread)
 
 
+@pytest.mark.slow
 def test_the_flow_trains_in_the_resident_trainer_when_its_socket_is_set(prefect_harness, workspace, tmp_path, monkeypatch):
     from atelier.flows.subject_finetune import subject_finetune
     from atelier.kernel.workspace import add_subject

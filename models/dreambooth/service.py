@@ -87,6 +87,10 @@ class ResidentTrainer:
 
     def serve(self, max_jobs: int | None = None) -> None:
         """Listen until interrupted (or until `max_jobs` jobs were handled)."""
+        if len(os.fsencode(self.sock)) > 100:  # AF_UNIX paths end at 108 bytes
+            raise ConfigError(
+                str(self.sock), "is too long for a Unix socket (over 100 bytes)", "choose a shorter ATELIER_TRAINER_SOCKET path"
+            )
         self.sock.parent.mkdir(parents=True, exist_ok=True)
         if self.sock.exists() or self.sock.is_symlink():
             if not stat.S_ISSOCK(self.sock.lstat().st_mode):
