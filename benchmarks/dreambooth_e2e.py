@@ -202,6 +202,7 @@ def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int
     spec = PriorSpec(base_hash, cfg.fill(cfg.class_prompt, "toy"), count, size, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
     priors = ensure_class_priors(cache, spec, base, batch_size=s.batch_size, compile_mode=s.compile_mode)
     split["class images"] = time.perf_counter() - t
+    print(f"progress: {count} class images in {split['class images']:.1f} s", flush=True)
     latents = cache / "latents" / f"{base_hash[:16]}-{priors.key}"
     sock = work / "trainer.sock"
     trainer = ResidentTrainer(sock, work / "runs", cache / "latents", log=lambda line: print(line, flush=True))
@@ -214,6 +215,11 @@ def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int
         job = work / "runs" / f"subject-{i}"
         r = train_resident(sock, cfg, TrainInputs(base, folders[i], "toy", job, job / "pipeline", priors.path, latents))
         results[i] = {"done_at": time.perf_counter() - t, **r.timings}
+        print(
+            f"progress: subject {i + 1}/{subjects} done at {results[i]['done_at']:.1f} s "
+            f"(start {r.timings['load']:.1f}, steps {r.timings['steps']:.1f}, save {r.timings['save']:.1f} s in the background)",
+            flush=True,
+        )
         shutil.rmtree(job, ignore_errors=True)  # 8 pipelines and their checkpoints would fill the disk
 
     clients = []
@@ -307,9 +313,14 @@ def run_all(
             "--json",
             str(one),
         ]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        tail: list[str] = []
+        with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:  # a long row says how far it got as it goes (a killed command still shows it)
+                if line.startswith("progress:"):
+                    print(f"{row} {line.rstrip()}", flush=True)
+                tail = (tail + [line])[-60:]
         if proc.returncode != 0 or not one.is_file():
-            done[row] = {"row": row, "error": (proc.stderr or proc.stdout)[-1500:]}
+            done[row] = {"row": row, "error": "".join(tail)[-1500:]}
         else:
             done[row] = json.loads(one.read_text())
         print(f"{row}: {json.dumps(done[row])}", flush=True)
