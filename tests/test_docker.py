@@ -78,6 +78,10 @@ def test_compose_requires_credentials_everywhere_and_publishes_on_loopback_only(
         if "/var/run/docker.sock:/var/run/docker.sock" in service.get("volumes", []):
             assert name in ("worker-1", "worker-2", "trainer"), f"{name} sees the Docker socket"
     assert "minio" not in text.lower()
+    # the GPU pool's flow runs train in the resident trainer, which holds no credential and no Docker socket
+    resident, gpu_worker = compose["services"]["resident-trainer"], compose["services"]["trainer"]
+    assert resident["environment"] == {"ATELIER_TRAINER_SOCKET": gpu_worker["environment"]["ATELIER_TRAINER_SOCKET"]}
+    assert resident["volumes"] == ["workspace:/workspace"] and "resident-trainer" in gpu_worker["depends_on"]
 
 
 def test_images_install_only_from_the_wheelhouse_and_every_package_of_the_project():
