@@ -39,7 +39,11 @@ def serve_cmd(
     settings = cli_settings()
     require_workspace(settings)
     path = _socket(sock)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def stop(*_args) -> None:  # SIGTERM (docker stop, systemd) ends it as Ctrl-C does: socket and token removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     trainer = ResidentTrainer(path, settings.runs_dir, settings.priors_cache / "latents", log=lambda line: typer.echo(line))
     try:
         trainer.serve()
