@@ -143,26 +143,38 @@ def _fingerprint(base: Path, cache: Path) -> str:
     return known[signature]
 
 
-def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, compiled: bool) -> dict:
+def _sd15_config(count: int, steps: int, size: int, **update):
     from atelier.models.dreambooth.config import load_train_config
-    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
-    from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = load_train_config(
         ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps, "num_class_images": count}
     )
-    if compiled:
-        cfg = cfg.model_copy(update={"compile_unet": True})
-    split = {}
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def _class_priors(base: Path, cfg, cache: Path, fingerprints: Path, split: dict):
+    """The flow's first two tasks: the base model's fingerprint, then the class priors (cached by both);
+    returns the priors and where their latents are kept, as tasks/dreambooth.py keys them."""
+    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
+
     t = time.perf_counter()
-    base_hash = _fingerprint(base, cache.parent / "fingerprints.json")
+    base_hash = _fingerprint(base, fingerprints)
     split["fingerprint"] = time.perf_counter() - t
     t = time.perf_counter()
     s = cfg.class_sampling
-    spec = PriorSpec(base_hash, cfg.fill(cfg.class_prompt, "toy"), count, size, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
+    prompt = cfg.fill(cfg.class_prompt, "toy")
+    spec = PriorSpec(base_hash, prompt, cfg.num_class_images, cfg.resolution, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
     priors = ensure_class_priors(cache, spec, base, batch_size=s.batch_size, compile_mode=s.compile_mode)
     split["class images"] = time.perf_counter() - t
-    latents = cache / "latents" / f"{base_hash[:16]}-{priors.key}"  # as the flow keys it (tasks/dreambooth.py)
+    return priors, cache / "latents" / f"{base_hash[:16]}-{priors.key}"
+
+
+def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, compiled: bool) -> dict:
+    from atelier.models.dreambooth.trainer import TrainInputs, train
+
+    cfg = _sd15_config(count, steps, size, **({"compile_unet": True} if compiled else {}))
+    split: dict = {}
+    priors, latents = _class_priors(base, cfg, cache, cache.parent / "fingerprints.json", split)
     result = train(cfg, TrainInputs(base, instance, "toy", work, work / "pipeline", priors.path, latents))
     timings = result.timings
     split.update(
@@ -184,26 +196,17 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
 def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, subjects: int) -> dict:
     import threading
 
-    from atelier.models.dreambooth.config import load_train_config
-    from atelier.models.dreambooth.priors import PriorSpec, ensure_class_priors
     from atelier.models.dreambooth.service import ResidentTrainer, token_path, train_resident
     from atelier.models.dreambooth.trainer import TrainInputs
     from benchmarks.dreambooth_gpu import write_images
 
-    cfg = load_train_config(
-        ROOT / "configs" / "dreambooth" / "sd15.yaml", {"resolution": size, "max_train_steps": steps, "num_class_images": count}
-    )
+    cfg = _sd15_config(count, steps, size)
     shutil.rmtree(cache, ignore_errors=True)  # the class images once, from a cold cache, inside this row
     folders = [write_images(work / f"photos-{i}", 5, size, 3000 + 100 * i) for i in range(subjects)]
     split: dict = {}
     t = time.perf_counter()
-    base_hash = _fingerprint(base, cache.parent / "fingerprints-resident.json")
-    s = cfg.class_sampling
-    spec = PriorSpec(base_hash, cfg.fill(cfg.class_prompt, "toy"), count, size, cfg.class_prior_seed, s.sampler, s.steps, s.guidance_scale)
-    priors = ensure_class_priors(cache, spec, base, batch_size=s.batch_size, compile_mode=s.compile_mode)
-    split["class images"] = time.perf_counter() - t
+    priors, latents = _class_priors(base, cfg, cache, cache.parent / "fingerprints-resident.json", split)
     print(f"progress: {count} class images in {split['class images']:.1f} s", flush=True)
-    latents = cache / "latents" / f"{base_hash[:16]}-{priors.key}"
     sock = work / "trainer.sock"
     trainer = ResidentTrainer(sock, work / "runs", cache / "latents", log=lambda line: print(line, flush=True))
     threading.Thread(target=trainer.serve, kwargs={"max_jobs": subjects}, daemon=True).start()

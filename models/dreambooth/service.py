@@ -25,6 +25,7 @@ stays, so a rerun resumes); jobs run one at a time, in the order they connect.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -161,12 +162,12 @@ class ResidentTrainer:
             self.log("the client went away; its job stopped (the last checkpoint stays)")
             return True
         except AtelierError as exc:
-            with _quiet():
+            with contextlib.suppress(_ClientGone, OSError):
                 send({"event": "error", "kind": type(exc).__name__, "item": exc.item, "problem": exc.problem, "fix": exc.fix})
             return False
         except Exception as exc:  # noqa: BLE001 - the job's failure is the client's error; the trainer goes on
             self.log(f"job failed: {exc.__class__.__name__}: {exc}")
-            with _quiet():
+            with contextlib.suppress(_ClientGone, OSError):
                 send(
                     {
                         "event": "error",
@@ -237,10 +238,10 @@ class ResidentTrainer:
             except _ClientGone:
                 pass
             except AtelierError as exc:
-                with _quiet():
+                with contextlib.suppress(_ClientGone, OSError):
                     send({"event": "error", "kind": type(exc).__name__, "item": exc.item, "problem": exc.problem, "fix": exc.fix})
             except Exception as exc:  # noqa: BLE001
-                with _quiet():
+                with contextlib.suppress(_ClientGone, OSError):
                     send(
                         {
                             "event": "error",
@@ -300,14 +301,6 @@ class ResidentTrainer:
         if self.session is not None:
             self.session.close()
             self.session = None
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return exc[0] is not None and issubclass(exc[0], (_ClientGone, OSError))
 
 
 def _answers(sock: Path) -> bool:

@@ -189,10 +189,14 @@ def make_optimizer(cfg: TrainConfig, params: list, device: torch.device, graphs:
         **({"fused": True} if cuda and cfg.fused_adam else {}),
         **({"capturable": True} if graphs else {}),
     )
-    lr_scheduler = get_scheduler(
+    return optimizer, make_scheduler(cfg, optimizer)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """The run's LR schedule (its kind, warm-up and length are per run), stepped once per optimizer step."""
+    return get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
     )
-    return optimizer, lr_scheduler
 
 
 def place(cfg: TrainConfig, m: Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype):

@@ -33,7 +33,6 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 
 from atelier.kernel.storage import write_json_atomic
 from atelier.models.dreambooth.base import check_sd_directory
@@ -57,7 +56,15 @@ from atelier.models.dreambooth.steps import (
     init_adam_state,
     uses_cuda_graphs,
 )
-from atelier.models.dreambooth.train_setup import Encoded, fresh_accelerator, load_models, make_optimizer, place, token_ids
+from atelier.models.dreambooth.train_setup import (
+    Encoded,
+    fresh_accelerator,
+    load_models,
+    make_optimizer,
+    make_scheduler,
+    place,
+    token_ids,
+)
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "uses_cuda_graphs", "LOSS_READBACK_STEPS"]
 
@@ -261,9 +268,7 @@ class TrainerSession:
         # the LR schedule is the run's (its length and warm-up are per run); stepped by the loop
         raw_scheduler, lr_scheduler = self.raw_scheduler, self.lr_scheduler
         if self.runs > 1:
-            raw_scheduler = lr_scheduler = get_scheduler(
-                cfg.lr_scheduler, optimizer=raw_optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
-            )
+            raw_scheduler = lr_scheduler = make_scheduler(cfg, raw_optimizer)
         state = LoopState(cfg.seed, acc.device)
         scaler = getattr(acc, "scaler", None)
         resumed_from = None
