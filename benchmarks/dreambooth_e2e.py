@@ -20,7 +20,7 @@ checkpoints, validation and save, with its peak GPU memory.
   the same base model (the class set comes from the cache). "compiled" adds torch.compile of the
   UNet (`compile_unet: true`), for comparison.
 - atelier back to back: the resident trainer (models/dreambooth/service.py, `atelier trainer
-  serve`) fed 8 subjects of one class, as 8 flow runs would feed it: its class images made once from a
+  serve`, compiling inside the captured step as it does on a GPU) fed 8 subjects of one class, as 8 flow runs would feed it: its class images made once from a
   cold cache, then 8 trainings in one process, each pipeline written while the next subject trains.
   Its "subjects per GPU-hour" is compared with the example run 8 times (the baseline row once, then 7
   more without its class images, which the example finds in its class folder and keeps).
@@ -197,6 +197,7 @@ def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int
     import threading
 
     from atelier.models.dreambooth.service import ResidentTrainer, token_path, train_resident
+    from atelier.models.dreambooth.train_setup import keep_compiles
     from atelier.models.dreambooth.trainer import TrainInputs
     from benchmarks.dreambooth_gpu import write_images
 
@@ -208,7 +209,13 @@ def resident_job(base: Path, instance: Path, work: Path, cache: Path, count: int
     priors, latents = _class_priors(base, cfg, cache, cache.parent / "fingerprints-resident.json", split)
     print(f"progress: {count} class images in {split['class images']:.1f} s", flush=True)
     sock = work / "trainer.sock"
-    trainer = ResidentTrainer(sock, work / "runs", cache / "latents", log=lambda line: print(line, flush=True))
+    # as `atelier trainer serve` runs on a GPU host: compiled, torch.compile's artifacts kept on disk
+    compiling = torch.cuda.is_available()
+    compiles = cache.parent / "torch-compile"
+    split["compile cache warm"] = compiling and compiles.is_dir() and any(compiles.iterdir())
+    if compiling:
+        keep_compiles(compiles)
+    trainer = ResidentTrainer(sock, work / "runs", cache / "latents", log=lambda line: print(line, flush=True), compile=compiling)
     threading.Thread(target=trainer.serve, kwargs={"max_jobs": subjects}, daemon=True).start()
     while not token_path(sock).is_file():
         time.sleep(0.05)

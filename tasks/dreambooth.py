@@ -106,14 +106,11 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
 
 
 def keep_compiles(compiling: bool) -> None:
-    """Point torch.compile's caches at the workspace (unless the user set TORCHINDUCTOR_CACHE_DIR):
-    they are content-addressed by graph, shapes, torch/CUDA version and config, so a later job on the
-    same base model starts warm, and they outlive /tmp on a fresh machine's reboot."""
-    import os
+    """torch.compile's caches in the workspace (see train_setup.keep_compiles), when this job compiles."""
+    if compiling:
+        from atelier.models.dreambooth.train_setup import keep_compiles as keep
 
-    if compiling and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        settings().compile_cache.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings().compile_cache)
+        keep(settings().compile_cache)
 
 
 def training_key(base_hash: str, snapshot: Snapshot, prior_key: str | None, config: dict, processes: int = 1) -> str:

@@ -88,6 +88,43 @@ def test_cuda_graph_step_follows_the_eager_loss_curve_and_resumes(gpu_setup, tmp
     assert resumed.losses == pytest.approx(graphs.losses, rel=2e-2)
 
 
+def test_compiled_resident_session_follows_the_eager_curve_and_compiles_once(gpu_setup, tmp_path):
+    """The resident trainer's session compiles the UNet and text encoder inside the captured step and
+    computes with the bf16 weight copies: it trains on the eager loss curve, the second subject of the
+    session compiles nothing more, and the pipeline it writes is float32 (the copies never leak)."""
+    import torch._dynamo
+
+    from atelier.models.dreambooth.trainer import TrainerSession, TrainInputs, train
+
+    base, photos, priors, _ = gpu_setup
+    cfg = gpu_setup[3].model_copy(
+        update={"max_train_steps": 10, "validation_steps": 5, "checkpointing_steps": 100, "mixed_precision": "bf16"}
+    )
+    eager = train(
+        cfg.model_copy(update={"cuda_graphs": False}), TrainInputs(base, photos, "toy", tmp_path / "e", tmp_path / "e" / "p", priors)
+    )
+    torch._dynamo.reset()
+    session = TrainerSession(cfg, base, keep=True, compile=True)
+    try:
+        assert session.compiled
+        runs = []
+        for name in ("a", "b"):
+            result = session.run(cfg, TrainInputs(base, photos, "toy", tmp_path / name, tmp_path / name / "p", priors))
+            runs.append(result)
+            if name == "a":
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs > 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        for result in runs:
+            assert result.finished and result.losses == pytest.approx(eager.losses, rel=3e-2)
+        from safetensors.torch import load_file
+
+        weights = load_file(runs[1].output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+    finally:
+        session.close()
+        torch._dynamo.reset()
+
+
 def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 

@@ -238,3 +238,57 @@ def test_compute_copies_give_autocast_s_numbers_and_fused_clipping_clips_as_torc
     assert loss_a == loss_b
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(after_a, after_b))
+
+
+def test_compute_copies_under_torch_compile_are_traced_once_and_leave_the_fp32_weights_in_place(tiny_model):
+    """The resident trainer compiles the UNet and text encoder and computes with the bf16 copies: the
+    compiled modules see the copies (same loss and gradients as autocast, up to the compiler's rounding),
+    a second step reuses the first step's graphs (no recompile: guards see the same dtypes), and after
+    each call the layers hold their float32 weights again (what checkpoints and saving read)."""
+    import torch._dynamo
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from atelier.models.dreambooth.steps import ComputeCopies, Objective
+
+    sched = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
+    g = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    steps, ids = torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2, 77), generator=g)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+
+    def parts():
+        return (
+            UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet"),
+            CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder"),
+        )
+
+    unet, text = parts()
+    reference = Objective(unet, text, sched, ids, True, 1.0, autocast)(latents, noise, steps)
+    reference.backward()
+    ref_grads = {n: p.grad for n, p in unet.named_parameters()}
+
+    torch._dynamo.reset()
+    unet, text = parts()
+    compiled_unet, compiled_text = (torch.compile(m, backend="aot_eager", dynamic=False) for m in (unet, text))
+    copies = ComputeCopies([compiled_unet, compiled_text], torch.bfloat16)
+    objective = Objective(compiled_unet, compiled_text, sched, ids, True, 1.0, autocast, copies.call)
+    losses = []
+    for _ in range(2):
+        loss = objective(latents, noise, steps)
+        loss.backward()
+        copies.gradients_to_masters()
+        losses.append(loss.item())
+        if len(losses) == 1:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            grads = {n: p.grad.clone() for n, p in unet.named_parameters()}
+        for m in copies.masters:
+            m.grad = None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the second step compiled nothing
+    assert losses[0] == pytest.approx(reference.item(), rel=1e-2) and losses[1] == losses[0]
+    assert all(p.dtype == torch.float32 for p in unet.parameters()) and all(p.dtype == torch.float32 for p in text.parameters())
+    trained = [n for n, p in unet.named_parameters() if n in grads and ref_grads[n] is not None]
+    assert trained and all(torch.allclose(grads[n], ref_grads[n], rtol=0.1, atol=1e-3) for n in trained)
+    torch._dynamo.reset()

@@ -1,5 +1,5 @@
 """A resident trainer: one long-lived process on a GPU host that keeps the base model loaded (and
-compiled, where the config compiles) and trains subject after subject in it.
+compiled: `compile=True`, the CLI's default on CUDA) and trains subject after subject in it.
 
 A new process per subject pays, each time, Python's and CUDA's start, the base model's load, the
 pinning of the checkpoints' host buffers and, with `compile_unet`, the compile. The resident trainer
@@ -7,6 +7,9 @@ pays them once: each job reuses the kept `TrainerSession` when its base model (p
 and the configuration that shapes the models are the same, and starts from the base weights, a fresh
 optimizer state and LR schedule, exactly as a new process would (`tests/test_resident.py` trains a
 subject both ways and compares the losses). Anything else builds a new session in the same process.
+Because a kept session pays a compile once, the resident trainer compiles the UNet and text encoder
+inside the captured step whatever the config says (speed only, see `TrainerSession`; torch.compile's
+artifacts are also cached on disk, so a restarted trainer compiles from the cache).
 
 The flow does not change: its training task computes the training key, the work folder and the
 inputs as it always does, and sends them here instead of training in its own process
@@ -79,8 +82,9 @@ class ResidentTrainer:
     """Serves training jobs on `sock` (see the module docstring). `runs_root` and `latents_root`
     confine where jobs may write."""
 
-    def __init__(self, sock: Path, runs_root: Path, latents_root: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, sock: Path, runs_root: Path, latents_root: Path, log: Callable[[str], None] = print, compile: bool = False) -> None:
         self.sock, self.runs_root, self.latents_root, self.log = Path(sock), Path(runs_root), Path(latents_root), log
+        self.compile = compile  # torch.compile inside the captured step (CUDA): paid by the first job of each session
         self.session = None
         self.jobs = 0
         self.token = ""
@@ -199,7 +203,9 @@ class ResidentTrainer:
         reused = self.session is not None and self.session.reusable_for(cfg, inputs.base_model)
         if not reused:
             self._drop_session()
-            self.session = TrainerSession(cfg, inputs.base_model, keep=True)
+            self.session = TrainerSession(cfg, inputs.base_model, keep=True, compile=self.compile)
+            if self.session.compiled:
+                self.log("this session compiles the UNet in its first steps (once; later jobs of the session reuse it)")
         send({"event": "started", "session_reused": reused, "load_seconds": time.perf_counter() - t0})
         self.jobs += 1
         self.log(f"job {self.jobs}: {inputs.work_dir} ({'kept session' if reused else 'new session'})")

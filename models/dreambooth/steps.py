@@ -152,36 +152,48 @@ class ComputeCopies:
 
     The values are autocast's exactly (a bf16 copy of each float32 weight, a bf16 gradient cast to
     float32), so the loss curve is the same. Norms and embeddings keep their float32 weights, as autocast
-    would. The modules themselves keep their float32 parameters: checkpoints, saving and sampling see
-    nothing of the copies."""
+    would. The modules keep their float32 parameters outside `call`: checkpoints, saving and sampling
+    see nothing of the copies.
+
+    `call` puts the copies in the layers' parameter slots for the length of one forward and puts the
+    float32 weights back (what torch.func.functional_call does, but outside the module's call, so a
+    torch.compile'd module is traced once with the copies in place and never recompiled: its guards see
+    the same dtypes and shapes on every call)."""
 
     def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.by_module: dict[int, dict[str, torch.Tensor]] = {}
+        self.by_module: dict[int, list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.nn.Parameter]]] = {}
         self.masters: list[torch.nn.Parameter] = []
-        self.copies: list[torch.Tensor] = []
+        self.copies: list[torch.nn.Parameter] = []
         for module in modules:
-            named: dict[str, torch.Tensor] = {}
-            for prefix, sub in module.named_modules():
+            slots = []
+            inner = getattr(module, "_orig_mod", module)  # a compiled module's own layers
+            for sub in inner.modules():
                 if not isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
                     continue
                 for pname, p in sub.named_parameters(recurse=False):
                     if p.requires_grad and p.dtype == torch.float32:
-                        copy = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).requires_grad_()
-                        named[f"{prefix}.{pname}" if prefix else pname] = copy
+                        copy = torch.nn.Parameter(torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format))
+                        slots.append((sub, pname, p, copy))
                         self.masters.append(p)
                         self.copies.append(copy)
-            self.by_module[id(module)] = named
+            self.by_module[id(module)] = self.by_module[id(inner)] = slots
         self.refresh()
 
     def __len__(self) -> int:
         return len(self.copies)
 
     def call(self, module: torch.nn.Module, *args):
-        named = self.by_module.get(id(module))
-        if not named:
+        slots = self.by_module.get(id(module))
+        if not slots:
             return module(*args)
-        return torch.func.functional_call(module, named, args, strict=False)
+        for sub, name, _, copy in slots:
+            sub._parameters[name] = copy
+        try:
+            return module(*args)
+        finally:
+            for sub, name, master, _ in slots:
+                sub._parameters[name] = master
 
     @torch.no_grad()
     def refresh(self) -> None:

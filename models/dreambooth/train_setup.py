@@ -4,6 +4,7 @@ token ids, LoRA adapters, and a clean accelerate state for each run."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,10 +200,13 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     )
 
 
-def place(cfg: TrainConfig, m: Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype):
+def place(
+    cfg: TrainConfig, m: Models, acc: Accelerator, optimizer, lr_scheduler, graphs: bool, weight_dtype: torch.dtype, compile: bool = False
+):
     """Move the models to the device (frozen ones in the mixed-precision dtype), let accelerate wrap what
-    trains (not for a captured step, which casts itself), compile when asked; returns the optimizer and
-    scheduler to step (accelerate's wrappers, or the raw ones)."""
+    trains (not for a captured step, which casts itself), compile when the config or `compile` asks
+    (`compile`: in the default mode); returns the optimizer and scheduler to step (accelerate's wrappers,
+    or the raw ones)."""
     if graphs:
         if not cfg.train_text_encoder:
             m.text_encoder.to(acc.device, dtype=weight_dtype)
@@ -212,10 +216,20 @@ def place(cfg: TrainConfig, m: Models, acc: Accelerator, optimizer, lr_scheduler
         m.unet, optimizer, lr_scheduler = acc.prepare(m.unet, optimizer, lr_scheduler)
         m.text_encoder.to(acc.device, dtype=weight_dtype)
     m.vae.to(acc.device) if weight_dtype == torch.float32 else m.vae.to(acc.device, dtype=weight_dtype)
-    if acc.device.type == "cuda" and cfg.compile_unet:
-        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    if acc.device.type == "cuda" and (cfg.compile_unet or compile):
+        mode = None if cfg.compile_mode == "default" or not cfg.compile_unet else cfg.compile_mode
         # shapes never change during training: a dynamic-shape recompile would only cost minutes
         m.unet = torch.compile(m.unet, mode=mode, dynamic=False)
         if cfg.train_text_encoder:
             m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
     return optimizer, lr_scheduler
+
+
+def keep_compiles(cache: Path) -> None:
+    """Point torch.compile's caches at `cache` (unless the user set TORCHINDUCTOR_CACHE_DIR): they are
+    content-addressed by graph, shapes, torch/CUDA version and config, so a later process on the same
+    base model and shapes loads its compiled graphs instead of compiling, and they outlive /tmp on a
+    fresh machine's reboot. Call before the first compile."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)

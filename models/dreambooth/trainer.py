@@ -172,7 +172,8 @@ class TrainerSession:
     (restored from a host copy taken at load) with a fresh optimizer state and LR schedule, which is
     what a new process would start from."""
 
-    def __init__(self, cfg: TrainConfig, base_model: Path, keep: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, base_model: Path, keep: bool = False, compile: bool = False) -> None:
+        # compile: torch.compile in the captured step whatever compile_unet says (speed only: in no key)
         t0 = time.perf_counter()
         self.timings: dict[str, float] = {}
         mark = _Marks(self.timings)
@@ -190,7 +191,10 @@ class TrainerSession:
             k: v for k, v in (("unet", m.unet), ("text_encoder", m.text_encoder)) if any(p.requires_grad for p in v.parameters())
         }
         self.raw_optimizer, self.raw_scheduler = make_optimizer(cfg, self.params, self.acc.device, self.graphs)
-        self.optimizer, self.lr_scheduler = place(cfg, m, self.acc, self.raw_optimizer, self.raw_scheduler, self.graphs, self.weight_dtype)
+        self.compiled = self.acc.device.type == "cuda" and (cfg.compile_unet or (compile and self.graphs))
+        self.optimizer, self.lr_scheduler = place(
+            cfg, m, self.acc, self.raw_optimizer, self.raw_scheduler, self.graphs, self.weight_dtype, self.compiled
+        )
         self.models = [m.unet] + ([m.text_encoder] if cfg.train_text_encoder else [])
         mark("place")
         # the base weights, to start the next subject from (pinned host memory: restored at PCIe speed)
@@ -304,9 +308,8 @@ class TrainerSession:
             else (acc.autocast if not graphs else contextlib.nullcontext)
         )
         models = self.models
-        # a captured mixed-precision step computes with bf16 copies of the weights instead of casting each per use
-        # (a compiled UNet fuses its casts itself)
-        copies = ComputeCopies(models, weight_dtype) if graphs and weight_dtype != torch.float32 and not cfg.compile_unet else None
+        # a captured mixed-precision step computes with bf16 copies of the weights (compiled or not) instead of casts
+        copies = ComputeCopies(models, weight_dtype) if graphs and weight_dtype != torch.float32 else None
         objective = Objective(
             m.unet,
             m.text_encoder,
@@ -391,7 +394,8 @@ class TrainerSession:
         if deferred:  # the weights leave the device now; the session is free for the next subject while they are written
             unet, text_encoder = host_copy(unet), host_copy(text_encoder)
         output = inputs.output_dir if finished and acc.is_main_process else None
-        record = {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from, "cuda_graphs": graphs}
+        record = {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from}
+        record |= {"cuda_graphs": graphs, "compiled": self.compiled}
 
         def write() -> None:
             """The pipeline, then the training record (which, with model_index.json, says the run is done)."""
