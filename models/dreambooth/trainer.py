@@ -46,6 +46,7 @@ from atelier.models.dreambooth.checkpoints import (
     trained_tensors,
 )
 from atelier.models.dreambooth.config import TrainConfig
+from atelier.models.dreambooth.handoff import Pending, host_copy
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
 from atelier.models.dreambooth.steps import (
     Batches,
@@ -97,7 +98,7 @@ class TrainResult:
     validation_dirs: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # load, steps, checkpoints, validation, save (seconds)
     # a run with defer_save: the pipeline still being written (wait() before reading output_dir)
-    pending: "_Pending | None" = field(default=None, repr=False, compare=False)
+    pending: "Pending | None" = field(default=None, repr=False, compare=False)
 
 
 def train(
@@ -408,7 +409,7 @@ class TrainerSession:
 
         if deferred:
             timings["save_handoff"] = time.perf_counter() - t
-            pending = _Pending(write)
+            pending = Pending(write)
         else:
             write()
             pending = None
@@ -422,47 +423,6 @@ class TrainerSession:
         return TrainResult(
             finished, state.step, list(state.losses), output, resumed_from, time.perf_counter() - t0, validation_dirs, timings, pending
         )
-
-
-class _Pending:
-    """A pipeline being written in the background; `wait()` returns when it is whole (or raises its error)."""
-
-    def __init__(self, write: Callable[[], None]) -> None:
-        import threading
-
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(write,), name="pipeline-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self, write: Callable[[], None]) -> None:
-        try:
-            write()
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-            self.error = exc
-
-    def wait(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def host_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """The module with its weights copied to host memory: built on the meta device (no weight is
-    initialised) and given the copies, so the device's module trains on while this one is written."""
-    from diffusers import ModelMixin
-    from transformers import PreTrainedModel
-
-    inner = getattr(module, "_orig_mod", module)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
-    with torch.device("meta"):
-        if isinstance(inner, ModelMixin):
-            clone = inner.__class__.from_config(inner.config)
-        elif isinstance(inner, PreTrainedModel):
-            clone = inner.__class__._from_config(inner.config)
-        else:
-            raise TypeError(f"cannot copy a {inner.__class__.__name__} to the host")
-    clone.load_state_dict(state, assign=True)
-    return clone
 
 
 def _trainable(trained: dict) -> dict[str, torch.Tensor]:
