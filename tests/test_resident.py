@@ -91,6 +91,34 @@ def _stop(sock: Path, thread: threading.Thread) -> None:
     sock.unlink(missing_ok=True)
 
 
+def test_host_weights_are_reused_only_after_the_last_writer_is_done_with_them(tiny_model):
+    """The end-of-run host buffers are allocated once per session, and a run's copy waits for the previous
+    run's writer: a slow writer still sees its own run's weights, never the next run's."""
+    from transformers import CLIPTextModel
+
+    from atelier.models.dreambooth.handoff import HostWeights, Pending
+
+    text = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
+    weights = HostWeights()
+    first = weights.stage({"text_encoder": text})["text_encoder"]
+    buffers = dict(weights.buffers)
+    before = {k: v.clone() for k, v in text.state_dict().items()}
+    seen: dict[str, torch.Tensor] = {}
+
+    def slow_write() -> None:
+        time.sleep(0.5)
+        seen.update({k: v.clone() for k, v in first().state_dict().items()})
+
+    weights.reader = Pending(slow_write)
+    with torch.no_grad():
+        for p in text.parameters():
+            p.add_(1.0)  # the next subject trained on
+    second = weights.stage({"text_encoder": text})["text_encoder"]()
+    assert seen.keys() == before.keys() and all(torch.equal(seen[k], before[k]) for k in before)
+    assert all(weights.buffers[k] is buffers[k] for k in buffers)  # the same host memory, run after run
+    assert all(torch.equal(v, text.state_dict()[k]) for k, v in second.state_dict().items())
+
+
 def test_the_socket_serves_jobs_confines_paths_and_wants_its_token(tiny_model, subjects, priors, tmp_path, tiny_config):
     sock, runs = tmp_path / "t" / "trainer.sock", tmp_path / "runs"
     cfg = tiny_config.model_copy(update=STEPS)

@@ -30,20 +30,60 @@ class Pending:
             raise self.error
 
 
-def host_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """The module with its weights copied to host memory: built on the meta device (no weight is
-    initialised) and given the copies, so the device's module trains on while this one is written."""
+class HostWeights:
+    """Host memory for a session's trained weights at the end of each run, kept run after run: pinned when
+    the weights are on a GPU, so the copy off the device runs at the bus's speed instead of into fresh
+    pageable memory, and allocated once per session instead of once per subject. The module is built
+    around the copies (on the meta device: nothing initialised) by the writer thread, off the training's
+    path. A run's copy waits until the previous run's writer is done reading the buffers."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.reader: Pending | None = None  # the writer still reading the buffers
+
+    def stage(self, modules: dict[str, torch.nn.Module]) -> dict[str, Callable[[], torch.nn.Module]]:
+        """Copy each module's tensors into the buffers now; returns, by name, what builds its host module."""
+        if self.reader is not None:
+            self.reader.thread.join()  # its own errors go to its own client (Pending.wait)
+            self.reader = None
+        built: dict[str, Callable[[], torch.nn.Module]] = {}
+        cuda = False
+        for name, module in modules.items():
+            inner = getattr(module, "_orig_mod", module)
+            state: dict[str, torch.Tensor] = {}
+            for key, tensor in inner.state_dict().items():
+                buf = self.buffers.get(f"{name}/{key}")
+                if buf is None or buf.shape != tensor.shape or buf.stride() != tensor.stride() or buf.dtype != tensor.dtype:
+                    buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+                    self.buffers[f"{name}/{key}"] = buf
+                buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+                state[key] = buf
+                cuda = cuda or tensor.is_cuda
+            built[name] = _builder(inner.__class__, inner.config, state)
+        if cuda:
+            torch.cuda.current_stream().synchronize()  # the copies have landed before anyone reads them
+        return built
+
+
+def _builder(cls, config, state: dict[str, torch.Tensor]) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        return module_around(cls, config, state)
+
+    return build
+
+
+def module_around(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A diffusers or transformers model of `cls` built on the meta device (no weight is initialised) and
+    given `state`'s tensors as its own."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    inner = getattr(module, "_orig_mod", module)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
     with torch.device("meta"):
-        if isinstance(inner, ModelMixin):
-            clone = inner.__class__.from_config(inner.config)
-        elif isinstance(inner, PreTrainedModel):
-            clone = inner.__class__._from_config(inner.config)
+        if issubclass(cls, ModelMixin):
+            clone = cls.from_config(config)
+        elif issubclass(cls, PreTrainedModel):
+            clone = cls._from_config(config)
         else:
-            raise TypeError(f"cannot copy a {inner.__class__.__name__} to the host")
+            raise TypeError(f"cannot copy a {cls.__name__} to the host")
     clone.load_state_dict(state, assign=True)
     return clone

@@ -46,7 +46,7 @@ from atelier.models.dreambooth.checkpoints import (
     trained_tensors,
 )
 from atelier.models.dreambooth.config import TrainConfig
-from atelier.models.dreambooth.handoff import Pending, host_copy
+from atelier.models.dreambooth.handoff import HostWeights, Pending
 from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
 from atelier.models.dreambooth.steps import (
     Batches,
@@ -205,6 +205,7 @@ class TrainerSession:
             else None
         )
         self.checkpoint_buffers: dict[str, torch.Tensor] = {}
+        self.host_weights = HostWeights()  # the trained weights at each run's end, for the background save
         self.runs = 0
         self.load_seconds = time.perf_counter() - t0
 
@@ -234,7 +235,18 @@ class TrainerSession:
 
     def close(self) -> None:
         """Let the device memory go (a resident trainer replacing its session calls this first)."""
-        for name in ("m", "params", "trained", "optimizer", "raw_optimizer", "lr_scheduler", "raw_scheduler", "models", "pristine"):
+        for name in (
+            "m",
+            "params",
+            "trained",
+            "optimizer",
+            "raw_optimizer",
+            "lr_scheduler",
+            "raw_scheduler",
+            "models",
+            "pristine",
+            "host_weights",
+        ):
             self.__dict__.pop(name, None)
         self.checkpoint_buffers = {}
         import gc
@@ -392,8 +404,8 @@ class TrainerSession:
             checkpointer.wait()  # a checkpoint still being written is whole before the run returns (or its error raised)
         unet, text_encoder = m.unet, m.text_encoder
         deferred = defer_save and finished and acc.num_processes == 1 and cfg.lora is None
-        if deferred:  # the weights leave the device now; the session is free for the next subject while they are written
-            unet, text_encoder = host_copy(unet), host_copy(text_encoder)
+        # deferred: the weights leave the device now; the session is free for the next subject while they are written
+        staged = self.host_weights.stage({"unet": unet, "text_encoder": text_encoder}) if deferred else {}
         output = inputs.output_dir if finished and acc.is_main_process else None
         record = {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from}
         record |= {"cuda_graphs": graphs, "compiled": self.compiled}
@@ -403,13 +415,14 @@ class TrainerSession:
             if output is None:
                 return
             w = time.perf_counter()
-            save_pipeline(acc, base, unet, text_encoder, output, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
+            parts = (staged["unet"](), staged["text_encoder"]()) if staged else (unet, text_encoder)
+            save_pipeline(acc, base, *parts, output, lora_text_encoder=cfg.train_text_encoder if cfg.lora is not None else None)
             timings["save"] = time.perf_counter() - w if deferred else time.perf_counter() - t
             write_json_atomic(work / "training.json", {**record, "seconds": time.perf_counter() - t0, "timings": timings})
 
         if deferred:
             timings["save_handoff"] = time.perf_counter() - t
-            pending = Pending(write)
+            pending = self.host_weights.reader = Pending(write)
         else:
             write()
             pending = None
