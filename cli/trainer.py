@@ -48,7 +48,9 @@ def serve_cmd(
     settings = cli_settings()
     require_workspace(settings)
     path = _socket(sock)
-    compile = torch.cuda.is_available() if compile is None else compile
+    if compile and not torch.cuda.is_available():
+        typer.echo("note: --compile applies on a GPU only; this host has none, so training stays eager")
+    compile = torch.cuda.is_available() if compile is None else compile and torch.cuda.is_available()
     if compile:
         keep_compiles(settings.compile_cache)
 

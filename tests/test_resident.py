@@ -186,7 +186,9 @@ def test_the_cli_serves_reports_status_and_stops_on_sigterm(workspace, tmp_path)
     sock = tmp_path / "cli.sock"
     env = {**os.environ, "ATELIER_TRAINER_SOCKET": str(sock)}
     atelier = [sys.executable, "-m", "atelier.cli"]
-    proc = subprocess.Popen([*atelier, "trainer", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*atelier, "trainer", "serve", "--compile"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         for _ in range(300):
             if token_path(sock).is_file():
@@ -198,6 +200,7 @@ def test_the_cli_serves_reports_status_and_stops_on_sigterm(workspace, tmp_path)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped after 0 job(s)" in out
+    assert torch.cuda.is_available() or "--compile applies on a GPU only" in out  # without a GPU: said, not silently ignored
     assert not sock.exists() and not token_path(sock).exists()
     gone = subprocess.run([*atelier, "trainer", "status"], env=env, capture_output=True, text=True, timeout=120)
     assert gone.returncode == 6 and "atelier trainer serve" in gone.stderr and "Traceback" not in gone.stderr
