@@ -195,22 +195,30 @@ def test_cached_class_latents_train_exactly_as_encoding_them_and_a_bad_file_is_e
     assert len(list(latents.glob("latents-*.safetensors"))) == 2
 
 
+def _step_inputs(tiny_model, seed: int):
+    """One step's inputs for the tiny model: its noise scheduler, latents, noise, timesteps and token ids."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
+    g = torch.Generator().manual_seed(seed)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    return sched, latents, noise, torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2, 77), generator=g)
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+
+
 def test_compute_copies_give_autocast_s_numbers_and_fused_clipping_clips_as_torch_does(tiny_model, tiny_config):
     """The captured step's two shortcuts change no number: bf16 weight copies give autocast's loss and
     gradients exactly, and clipping through the fused optimizer's grad_scale updates as clip_grad_norm_ does."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from atelier.models.dreambooth.steps import ComputeCopies, Objective, clip_into_optimizer
 
-    sched = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
-    g = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    steps, ids = torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2, 77), generator=g)
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
-
+    sched, latents, noise, steps, ids = _step_inputs(tiny_model, 0)
+    autocast = _bf16_autocast
     runs = []
     for use_copies, fused_clip in ((False, False), (True, True)):
         unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
@@ -246,18 +254,13 @@ def test_compute_copies_under_torch_compile_are_traced_once_and_leave_the_fp32_w
     a second step reuses the first step's graphs (no recompile: guards see the same dtypes), and after
     each call the layers hold their float32 weights again (what checkpoints and saving read)."""
     import torch._dynamo
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from atelier.models.dreambooth.steps import ComputeCopies, Objective
 
-    sched = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
-    g = torch.Generator().manual_seed(1)
-    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    steps, ids = torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2, 77), generator=g)
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    sched, latents, noise, steps, ids = _step_inputs(tiny_model, 1)
+    autocast = _bf16_autocast
 
     def parts():
         return (
