@@ -50,7 +50,7 @@ def serve_cmd(
     path = _socket(sock)
     if compile and not torch.cuda.is_available():
         typer.echo("note: --compile applies on a GPU only; this host has none, so training stays eager")
-    compile = torch.cuda.is_available() if compile is None else compile and torch.cuda.is_available()
+    compile = torch.cuda.is_available() and compile is not False  # (the default: on with a GPU)
     if compile:
         keep_compiles(settings.compile_cache)
 

@@ -108,6 +108,18 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def copy_to_host(buffers: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` copied into the host buffer kept in `buffers` under `name`, made when missing or shaped
+    otherwise: pinned for a device tensor, with the tensor's strides (channels_last weights and their Adam
+    moments stay so: the fused optimizer refuses moments whose layout differs from their parameter's).
+    From a device the copy is asynchronous: synchronize before the buffer is read."""
+    buf = buffers.get(name)
+    if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
+        buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+        buffers[name] = buf
+    return buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+
+
 def _tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)]
@@ -169,16 +181,7 @@ class AsyncCheckpointer:
             self._reserving = None
         t1 = time.perf_counter()
         self.wait_seconds += t1 - t0
-        copies = {}
-        for name, tensor in _tensors(state):
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
-                # same strides as the tensor (channels_last weights and their Adam moments stay so): the
-                # fused optimizer refuses moments whose layout differs from their parameter's
-                buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
-                self._buffers[name] = buf
-            buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
-            copies[name] = buf
+        copies = {name: copy_to_host(self._buffers, name, tensor) for name, tensor in _tensors(state)}
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the copies have landed before the thread reads them
         self.copy_seconds += time.perf_counter() - t1

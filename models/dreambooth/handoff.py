@@ -3,9 +3,12 @@ session trains the next subject while this one's pipeline is written."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
+
+from atelier.models.dreambooth.checkpoints import copy_to_host
 
 
 class Pending:
@@ -47,29 +50,13 @@ class HostWeights:
             self.reader.thread.join()  # its own errors go to its own client (Pending.wait)
             self.reader = None
         built: dict[str, Callable[[], torch.nn.Module]] = {}
-        cuda = False
         for name, module in modules.items():
             inner = getattr(module, "_orig_mod", module)
-            state: dict[str, torch.Tensor] = {}
-            for key, tensor in inner.state_dict().items():
-                buf = self.buffers.get(f"{name}/{key}")
-                if buf is None or buf.shape != tensor.shape or buf.stride() != tensor.stride() or buf.dtype != tensor.dtype:
-                    buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
-                    self.buffers[f"{name}/{key}"] = buf
-                buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
-                state[key] = buf
-                cuda = cuda or tensor.is_cuda
-            built[name] = _builder(inner.__class__, inner.config, state)
-        if cuda:
+            state = {key: copy_to_host(self.buffers, f"{name}/{key}", tensor) for key, tensor in inner.state_dict().items()}
+            built[name] = functools.partial(module_around, inner.__class__, inner.config, state)
+        if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the copies have landed before anyone reads them
         return built
-
-
-def _builder(cls, config, state: dict[str, torch.Tensor]) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        return module_around(cls, config, state)
-
-    return build
 
 
 def module_around(cls, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
