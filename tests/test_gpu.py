@@ -125,6 +125,50 @@ def test_compiled_resident_session_follows_the_eager_curve_and_compiles_once(gpu
         torch._dynamo.reset()
 
 
+def test_validation_replays_one_captured_unet_forward_that_reads_the_current_weights(gpu_setup):
+    """A captured run's validation samples: the UNet's forward captured once with the bf16 weight copies,
+    the same images as the eager loop, and a replay after the weights change samples the new weights."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from atelier.models.dreambooth.sampling import GenerationRequest, load_pipeline
+    from atelier.models.dreambooth.steps import ComputeCopies
+    from atelier.models.dreambooth.validation import ValidationSampler
+
+    base = gpu_setup[0]
+    pipe = load_pipeline(base, dtype=torch.float32)
+    copies = ComputeCopies([pipe.unet, pipe.text_encoder], torch.bfloat16)
+
+    def sampler(capture: bool) -> ValidationSampler:
+        return ValidationSampler(
+            pipe.unet,
+            pipe.text_encoder,
+            pipe.vae,
+            CLIPTokenizer.from_pretrained(str(base / "tokenizer")),
+            DDPMScheduler.from_pretrained(str(base), subfolder="scheduler").config,
+            lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False),
+            copies.call,
+            capture=capture,
+        )
+
+    requests = [GenerationRequest("a sks toy in the jungle", 1, 6, 5.0), GenerationRequest("a sks toy", 2, 6, 5.0)]
+
+    def pixels(images):
+        return np.stack([np.asarray(i, dtype=int) for i in images])
+
+    captured = sampler(True)
+    first = pixels(captured.images(requests, "dpmsolver++", 2))
+    assert len(captured.captured) == 1  # one graph, replayed for every step
+    assert np.abs(first - pixels(sampler(False).images(requests, "dpmsolver++", 2))).max() <= 2
+    with torch.no_grad():
+        for master in copies.masters:
+            master.mul_(0.9)
+    copies.refresh()  # as the training step does after its update
+    again = pixels(captured.images(requests, "dpmsolver++", 2))
+    assert len(captured.captured) == 1 and np.abs(again - first).max() > 10
+    assert np.abs(again - pixels(sampler(False).images(requests, "dpmsolver++", 2))).max() <= 2
+
+
 def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 

@@ -295,3 +295,37 @@ def test_compute_copies_under_torch_compile_are_traced_once_and_leave_the_fp32_w
     trained = [n for n, p in unet.named_parameters() if n in grads and ref_grads[n] is not None]
     assert trained and all(torch.allclose(grads[n], ref_grads[n], rtol=0.1, atol=1e-3) for n in trained)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "euler", "ddpm"])
+def test_validation_sampler_makes_the_pipeline_s_images_from_the_run_s_modules(tiny_model, sampler):
+    """Validation samples come from the run's own modules, without a pipeline: the same images as
+    StableDiffusionPipeline makes (guided and unguided, a batch split across calls, a negative prompt)."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+    from atelier.models.dreambooth.validation import ValidationSampler
+
+    pipe = load_pipeline(tiny_model, sampler, dtype=torch.float32)
+    requests = [
+        GenerationRequest("a sks toy in the jungle", 3, 4, 5.0),
+        GenerationRequest("a sks toy on a beach", 4, 4, 5.0, negative_prompt="blurry"),
+        GenerationRequest("a sks toy", 5, 4, 5.0),
+        GenerationRequest("a sks toy", 6, 3, 1.0),  # no guidance: a batch of one without the negative half
+    ]
+    torch.manual_seed(0)  # DDPM's steps draw noise from the global generator
+    expected = generate(pipe, requests, batch_size=2)
+    torch.manual_seed(0)
+    ours = ValidationSampler(
+        pipe.unet,
+        pipe.text_encoder,
+        pipe.vae,
+        CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer")),
+        DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler").config,  # as the trainer loads it
+    ).images(requests, sampler, batch_size=2)
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[2]))  # each prompt and seed its own image

@@ -1,21 +1,17 @@
-"""What training writes besides checkpoints: validation samples during the run and the fine-tuned
-pipeline at its end (a LoRA run's adapters too, fused into a plain pipeline)."""
+"""What training writes besides checkpoints: the fine-tuned pipeline at its end (a LoRA run's adapters
+too, fused into a plain pipeline). Validation samples during the run: `validation.py`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
 from atelier.kernel.storage import atomic_dir
-from atelier.models.dreambooth.config import TrainConfig
-from atelier.models.dreambooth.sampling import GenerationRequest, generate, use_sampler
 
 
-def pipeline_of(acc: Accelerator, base: Path, unet, text_encoder, vae=None, tokenizer=None) -> StableDiffusionPipeline:
-    extra = {"vae": vae, "tokenizer": tokenizer} if vae is not None else {}
+def pipeline_of(acc: Accelerator, base: Path, unet, text_encoder) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(
         str(base),
         unet=acc.unwrap_model(unet, keep_torch_compile=False),
@@ -23,34 +19,7 @@ def pipeline_of(acc: Accelerator, base: Path, unet, text_encoder, vae=None, toke
         safety_checker=None,
         requires_safety_checker=False,
         local_files_only=True,
-        **extra,
     )
-
-
-def validation_samples(
-    cfg: TrainConfig, work_dir: Path, class_noun: str, acc: Accelerator, unet, text_encoder, vae, tokenizer, base: Path, step: int, autocast
-) -> Path:
-    """Samples of the validation prompts at `step`, under `autocast()` (trained weights in fp32, frozen
-    ones in the mixed-precision dtype)."""
-    out = Path(work_dir) / "validation" / f"step-{step:07d}"
-    with torch.random.fork_rng(devices=[]):
-        pipe = pipeline_of(acc, base, unet, text_encoder, vae, tokenizer)
-        use_sampler(pipe, cfg.sampling.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.vae.enable_slicing()  # one image decoded at a time: sampling mid-run must not raise training's peak memory
-        requests = [
-            GenerationRequest(cfg.fill(p, class_noun), cfg.seed + i, cfg.sampling.steps, cfg.sampling.guidance_scale)
-            for i, p in enumerate(cfg.validation_prompts)
-        ]
-        with atomic_dir(out, replace=True) as tmp:
-            with autocast():
-                images = generate(pipe, requests, cfg.sampling.batch_size)
-            for i, img in enumerate(images):
-                img.save(tmp / f"{i:02d}.png")
-    for m in (unet, text_encoder):
-        if any(p.requires_grad for p in m.parameters()):  # back to training mode after sampling
-            m.train()
-    return out
 
 
 def save_pipeline(acc: Accelerator, base: Path, unet, text_encoder, output_dir: Path, lora_text_encoder: bool | None = None) -> Path:

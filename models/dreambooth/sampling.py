@@ -98,6 +98,29 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
+def batched(requests: list[GenerationRequest], batch_size: int, pad: bool = False) -> Iterable[tuple[list[int], list[GenerationRequest]]]:
+    """(indices, requests) per batch; a batch shares steps, guidance and size. With `pad`, a short
+    batch that follows full ones repeats its last request up to `batch_size` (callers keep the first
+    len(indices) images): one shape for a compiled or captured forward."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r.steps, r.guidance_scale, r.height, r.width), []).append(i)
+    for idxs in groups.values():
+        for chunk in _batches(idxs, batch_size):
+            reqs = [requests[i] for i in chunk]
+            if pad and len(reqs) < batch_size and len(idxs) > len(reqs):
+                reqs = reqs + [reqs[-1]] * (batch_size - len(reqs))
+            yield chunk, reqs
+
+
+def seeded_latents(requests: list[GenerationRequest], channels: int, height: int, width: int) -> torch.Tensor:
+    """Each image's starting noise from its own seeded generator (on the CPU), so that an image does not
+    depend on the batch it landed in or the device it runs on."""
+    return torch.stack(
+        [torch.randn((channels, height, width), generator=torch.Generator(device="cpu").manual_seed(r.seed)) for r in requests]
+    )
+
+
 @torch.no_grad()
 def generate(
     pipe: StableDiffusionPipeline,
@@ -105,43 +128,25 @@ def generate(
     batch_size: int = 4,
     on_image: Callable[[int, Image.Image], None] | None = None,
 ) -> list[Image.Image]:
-    """Generate one image per request, batching requests that share steps, guidance and size.
-
-    Each image's noise comes from its own seeded generator, so an image does not depend on which
-    batch it landed in.
-    """
+    """Generate one image per request, batching requests that share steps, guidance and size."""
     out: list[Image.Image | None] = [None] * len(requests)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault((r.steps, r.guidance_scale, r.height, r.width), []).append(i)
-    dev = pipe.device
-    fixed = getattr(pipe, "atelier_fixed_batch", False)
-    for (steps, guidance, height, width), idxs in groups.items():
-        for chunk in _batches(idxs, batch_size):
-            reqs = [requests[i] for i in chunk]
-            if fixed and len(reqs) < batch_size and len(idxs) > len(reqs):  # padding, discarded: the compiled shape stays
-                reqs = reqs + [reqs[-1]] * (batch_size - len(reqs))
-            gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in reqs]
-            negatives = [r.negative_prompt or "" for r in reqs]
-            h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            latents = torch.stack(
-                [
-                    torch.randn((pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor), generator=g)
-                    for g in gens
-                ]
-            ).to(dev, pipe.unet.dtype)
-            images = pipe(
-                [r.prompt for r in reqs],
-                negative_prompt=negatives,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=h,
-                width=w,
-                latents=latents,
-            ).images[: len(chunk)]
-            for i, img in zip(chunk, images):
-                out[i] = img
-                if on_image:
-                    on_image(i, img)
+    scale = pipe.vae_scale_factor
+    for chunk, reqs in batched(requests, batch_size, pad=getattr(pipe, "atelier_fixed_batch", False)):
+        r = reqs[0]
+        h = r.height or pipe.unet.config.sample_size * scale
+        w = r.width or pipe.unet.config.sample_size * scale
+        latents = seeded_latents(reqs, pipe.unet.config.in_channels, h // scale, w // scale).to(pipe.device, pipe.unet.dtype)
+        images = pipe(
+            [q.prompt for q in reqs],
+            negative_prompt=[q.negative_prompt or "" for q in reqs],
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            height=h,
+            width=w,
+            latents=latents,
+        ).images[: len(chunk)]
+        for i, img in zip(chunk, images):
+            out[i] = img
+            if on_image:
+                on_image(i, img)
     return [img for img in out if img is not None]

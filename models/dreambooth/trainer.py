@@ -47,7 +47,7 @@ from atelier.models.dreambooth.checkpoints import (
 )
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.handoff import HostWeights, Pending
-from atelier.models.dreambooth.outputs import save_pipeline, validation_samples
+from atelier.models.dreambooth.outputs import save_pipeline
 from atelier.models.dreambooth.steps import (
     Batches,
     ComputeCopies,
@@ -66,6 +66,7 @@ from atelier.models.dreambooth.train_setup import (
     place,
     token_ids,
 )
+from atelier.models.dreambooth.validation import ValidationSampler, run_sampler, validation_samples
 
 __all__ = ["TrainInputs", "TrainResult", "train", "latest_checkpoint", "uses_cuda_graphs", "LOSS_READBACK_STEPS"]
 
@@ -345,6 +346,7 @@ class TrainerSession:
         taken = 0
         pending: list[tuple[torch.Tensor, float]] = []  # (step loss on the device, lr), read back in bursts
         validation_dirs: list[Path] = []
+        sampler: ValidationSampler | None = None  # built at the first validation (after the capture, in its pool)
 
         def flush() -> None:
             """Read pending losses back from the device (one sync) and report them."""
@@ -382,11 +384,8 @@ class TrainerSession:
                 timings["checkpoints"] += time.perf_counter() - t
             if validate and acc.is_main_process:
                 t = time.perf_counter()
-                validation_dirs.append(
-                    validation_samples(
-                        cfg, work, inputs.class_noun, acc, m.unet, m.text_encoder, m.vae, m.tokenizer, base, state.step, autocast
-                    )
-                )
+                sampler = sampler or run_sampler(acc, m, autocast, copies, getattr(step, "graph", None))
+                validation_dirs.append(validation_samples(sampler, cfg, work, inputs.class_noun, state.step))
                 timings["validation"] += time.perf_counter() - t
         flush()
         if isinstance(step, GraphedStep):
@@ -428,7 +427,7 @@ class TrainerSession:
             pending = None
         acc.wait_for_everyone()
         # the captured step's memory (its pool, the gradients and the clip scale that live in it) goes with the run
-        del step, objective, copies
+        del step, objective, copies, sampler
         raw_optimizer.zero_grad(set_to_none=True)
         raw_optimizer.__dict__.pop("grad_scale", None)
         if graphs:
