@@ -11,7 +11,6 @@ previous run (what a resident trainer's second and later subjects do). Tensors a
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atelier.models.dreambooth.handoff import HostWeights  # noqa: E402
+from benchmarks.gpu_timing import best_seconds  # noqa: E402
 
 
 class _Weights(torch.nn.Module):
@@ -54,13 +54,7 @@ def main() -> None:
     for name, fn in (("pageable, fresh memory (before)", pageable), ("pinned, reused (HostWeights)", pinned)):
         fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        best = min(times)
+        best = best_seconds(fn)
         print(f"{name:<34} {best:6.3f} s  {gib / best:6.1f} GiB/s", flush=True)
         if name.startswith("pageable"):
             base = best

@@ -41,6 +41,7 @@ def main() -> None:
     from atelier.models.dreambooth.sampling import GenerationRequest, generate, use_sampler
     from atelier.models.dreambooth.validation import ValidationSampler
     from benchmarks.dreambooth_gpu import build_sd15
+    from benchmarks.gpu_timing import best_seconds
     from benchmarks.step_speed import build, inputs
 
     base = args.tmp / "sd15"
@@ -85,13 +86,7 @@ def main() -> None:
         images = fn()  # the first call (the capture, for the new way)
         torch.cuda.synchronize()
         first = time.perf_counter() - t
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        results[name] = (min(times), first, (torch.cuda.max_memory_reserved() - held) / 2**30, np.asarray(images[0], dtype=int))
+        results[name] = (best_seconds(fn), first, (torch.cuda.max_memory_reserved() - held) / 2**30, np.asarray(images[0], dtype=int))
     (old, *_, a), (new, *_, b) = results.values()
     print(f"{'way':<38} {'s/validation':>12} {'first call s':>12} {'+peak GiB':>10}")
     for name, (best, first, extra, _) in results.items():
