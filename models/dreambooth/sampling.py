@@ -88,9 +88,19 @@ def speed_up(pipe: StableDiffusionPipeline, compile_mode: str) -> StableDiffusio
     return pipe
 
 
-def use_sampler(pipe: StableDiffusionPipeline, sampler: str) -> None:
+def scheduler_for(sampler: str, config):
+    """The named sampler's scheduler, from a scheduler config (the base model's noise schedule)."""
     cls, extra = SAMPLERS[sampler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    return cls.from_config(config, **extra)
+
+
+def use_sampler(pipe: StableDiffusionPipeline, sampler: str) -> None:
+    pipe.scheduler = scheduler_for(sampler, pipe.scheduler.config)
+
+
+def pixel_size(request: GenerationRequest, sample_size: int, scale: int) -> tuple[int, int]:
+    """(height, width) in pixels: the request's, else the UNet's native size (sample_size latents x scale)."""
+    return request.height or sample_size * scale, request.width or sample_size * scale
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -133,8 +143,7 @@ def generate(
     scale = pipe.vae_scale_factor
     for chunk, reqs in batched(requests, batch_size, pad=getattr(pipe, "atelier_fixed_batch", False)):
         r = reqs[0]
-        h = r.height or pipe.unet.config.sample_size * scale
-        w = r.width or pipe.unet.config.sample_size * scale
+        h, w = pixel_size(r, pipe.unet.config.sample_size, scale)
         latents = seeded_latents(reqs, pipe.unet.config.in_channels, h // scale, w // scale).to(pipe.device, pipe.unet.dtype)
         images = pipe(
             [q.prompt for q in reqs],

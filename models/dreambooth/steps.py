@@ -60,6 +60,11 @@ class Batches:
         return latents, noise, timesteps[:, rank * bs : (rank + 1) * bs].reshape(-1)
 
 
+def plain_call(module: torch.nn.Module, *args):
+    """A module's call, as `ComputeCopies.call` makes it with the copies in place."""
+    return module(*args)
+
+
 class Objective:
     """The DreamBooth loss: the UNet's noise (or velocity) prediction against the target, instance MSE
     plus prior_loss_weight times the class-prior MSE. With a frozen text encoder the prompt embeddings
@@ -78,7 +83,7 @@ class Objective:
     ) -> None:
         self.unet, self.text_encoder, self.noise_scheduler, self.batch_ids = unet, text_encoder, noise_scheduler, batch_ids
         self.prior_loss_weight, self.autocast = prior_loss_weight, autocast
-        self.call = call or (lambda module, *args: module(*args))  # ComputeCopies.call: the module with its compute-dtype weights
+        self.call = call or plain_call  # ComputeCopies.call: the module with its compute-dtype weights
         self.frozen_embeddings = None
         if not train_text_encoder:
             with torch.no_grad():

@@ -20,13 +20,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from atelier.kernel.storage import atomic_dir
-from atelier.models.dreambooth.sampling import SAMPLERS, GenerationRequest, batched, seeded_latents
+from atelier.models.dreambooth.sampling import GenerationRequest, batched, pixel_size, scheduler_for, seeded_latents
+from atelier.models.dreambooth.steps import plain_call
 
 ModuleCall = Callable[..., object]  # (module, *args) -> its output: a plain call, or one with the bf16 copies in place
-
-
-def plain_call(module: torch.nn.Module, *args):
-    return module(*args)
 
 
 class CapturedForward:
@@ -96,17 +93,13 @@ class ValidationSampler:
 
     @torch.no_grad()
     def images(self, requests: list[GenerationRequest], sampler: str, batch_size: int) -> list[Image.Image]:
-        cls, extra = SAMPLERS[sampler]
-        scheduler = cls.from_config(self.scheduler_config, **extra)
+        scheduler = scheduler_for(sampler, self.scheduler_config)
         device, config = self.unet.device, self.unet.config
         out: list[Image.Image | None] = [None] * len(requests)
         with self.autocast():
             for chunk, reqs in batched(requests, batch_size, pad=self.capture):
                 r = reqs[0]
-                h, w = (
-                    (r.height or config.sample_size * self.scale) // self.scale,
-                    (r.width or config.sample_size * self.scale) // self.scale,
-                )
+                h, w = (side // self.scale for side in pixel_size(r, config.sample_size, self.scale))
                 guided = r.guidance_scale > 1 and config.time_cond_proj_dim is None
                 emb = self._encode([q.prompt for q in reqs], device)
                 if guided:
