@@ -6,7 +6,9 @@
 Each variant trains UNet + text encoder (prior preservation, 1 + 1 images at 512 px, fused AdamW,
 clipping) with the trainer's own `Objective` and `GraphedStep` (the whole step captured as one CUDA
 graph) and reports ms per replayed step after warm-up, against `baseline` (the step before the bf16
-weight copies and the fused clipping) run in the same process; `copies` is the trainer's default now.
+weight copies and the fused clipping) run in the same process; `copies` ends the step in four passes
+(gradients to float32, norm, fused AdamW, copies refreshed), `one-pass` in OnePassAdamW's one kernel, the
+trainer's default now.
 `--profile` first sums an eager step's GPU kernel time by kind (copies and casts, optimizer, matrix
 multiplies, convolutions, attention, norms, reductions, elementwise) and lists the top kernels.
 
@@ -158,7 +160,8 @@ def build(base: Path, variant: dict):
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
     if not variant.get("fused_clip", True):
         opt.defaults["fused"] = False  # clip_grad_norm_'s own scaling pass (the optimizer stays fused)
-    return GraphedStep([unet, text], objective, params, opt, lr, 1.0, copies), objective, params, opt
+    step = GraphedStep([unet, text], objective, params, opt, lr, 1.0, copies, one_pass=variant.get("one_pass", True))
+    return step, objective, params, opt
 
 
 def inputs(seed: int):
@@ -197,6 +200,7 @@ def time_variant(base: Path, variant: dict, steps: int) -> dict:
         "capture_s": step.capture_seconds,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "first_losses": [round(float(x), 5) for x in losses[:8]],
+        "one_pass": step.update is not None,
     }
     del step, losses
     return out
@@ -240,14 +244,16 @@ def profile(base: Path, steps: int, variant_name: str) -> dict:
 VARIANTS = {
     "baseline": {"copies": False, "fused_clip": False},  # the trainer before the compute copies
     "fused-clip": {"copies": False},
-    "copies": {},
+    "copies": {"one_pass": False},  # four passes after the backward: gradients to float32, norm, AdamW, copies
+    "one-pass": {},  # the trainer's default: OnePassAdamW (norm, then one kernel)
     "copies+bf16-norms": {"options": {"bf16_norms": True}},
     "attn-flash": {"options": {"attention": "flash"}},
     "attn-cudnn": {"options": {"attention": "cudnn"}},
     "attn-efficient": {"options": {"attention": "efficient"}},
     "compiled": {"copies": False, "options": {"compile": True}},
     # what the resident trainer runs: UNet and text encoder compiled, computing with the bf16 copies
-    "compiled+copies": {"options": {"compile": True, "compile_text": True}},
+    "compiled+copies": {"one_pass": False, "options": {"compile": True, "compile_text": True}},
+    "compiled+one-pass": {"options": {"compile": True, "compile_text": True}},
 }
 
 
@@ -257,7 +263,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", default="")
     ap.add_argument("--profile", action="store_true", help="first: an eager step's kernel time by kind")
-    ap.add_argument("--profile-variant", default="copies", help="the variant the profile runs")
+    ap.add_argument("--profile-variant", default="one-pass", help="the variant the profile runs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from atelier.models.dreambooth.train_setup import keep_compiles

@@ -169,6 +169,67 @@ def test_validation_replays_one_captured_unet_forward_that_reads_the_current_wei
     assert np.abs(again - pixels(sampler(False).images(requests, "dpmsolver++", 2))).max() <= 2
 
 
+def _copied_models(seed: int):
+    """A channels-last Conv2d and a Linear (weights and biases copied to bf16) and a LayerNorm (float32,
+    outside the copies, as autocast keeps norms), on the GPU; the same weights for a seed."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 40, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(40 * 8 * 8, 4099))
+    norm = torch.nn.LayerNorm(4099)
+    model[0].to(memory_format=torch.channels_last)
+    return model.cuda(), norm.cuda()
+
+
+def _four_passes_or_one(one_pass: bool, steps: int, grad_scale: float):
+    """`steps` updates from the same drawn gradients (a backward's convolution gradients are not bit-reproducible,
+    and Adam turns the sign of a near-zero gradient into a whole step), one way or the other."""
+    from atelier.models.dreambooth.one_pass_adamw import OnePassAdamW
+    from atelier.models.dreambooth.steps import ComputeCopies, clip_into_optimizer, init_adam_state
+
+    model, norm = _copied_models(0)
+    params = [*model.parameters(), *norm.parameters()]
+    opt = torch.optim.AdamW(params, lr=torch.tensor(3e-3, device="cuda"), weight_decay=1e-2, fused=True, capturable=True)
+    init_adam_state(opt)
+    copies = ComputeCopies([model], torch.bfloat16)
+    update = OnePassAdamW.for_step(opt, copies) if one_pass else None
+    assert (update is not None) == one_pass
+    g = torch.Generator("cuda").manual_seed(1)
+    for _ in range(steps):
+        for copy in copies.copies:  # as a backward leaves them: bf16, laid out like the weight
+            copy.grad = torch.empty_like(copy).copy_(torch.randn(copy.shape, device="cuda", generator=g) * grad_scale)
+        for p in norm.parameters():
+            p.grad = torch.randn(p.shape, device="cuda", generator=g) * grad_scale
+        if update is not None:
+            update(1.0)
+        else:
+            copies.gradients_to_masters()
+            clip_into_optimizer(opt, params, 1.0)
+            opt.step()
+            copies.refresh()
+        opt.zero_grad(set_to_none=True)
+    return params, opt, copies
+
+
+@pytest.mark.parametrize("grad_scale", [1e-6, 1.0])  # clipping idle, clipping every step
+def test_one_pass_adamw_is_fused_adamw_with_clipping_and_refreshes_the_copies(grad_scale):
+    """The one-pass kernel's weights, moments and step counters are fused AdamW's (up to float rounding),
+    clipped as clip_grad_norm_ clips; the bf16 copies are the new weights rounded; no float32 gradient is
+    kept for a copied weight."""
+    pytest.importorskip("triton")
+    four, opt4, _ = _four_passes_or_one(False, 4, grad_scale)
+    one, opt1, copies = _four_passes_or_one(True, 4, grad_scale)
+    for a, b in zip(one, four):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+        for key in ("exp_avg", "exp_avg_sq"):  # within float rounding of the largest (a moment near zero is a difference of two)
+            x, y = opt1.state[a][key], opt4.state[b][key]
+            assert (x - y).abs().max() <= 1e-5 * y.abs().max(), key
+        assert float(opt1.state[a]["step"]) == float(opt4.state[b]["step"]) == 4
+    assert all(torch.equal(c, m.to(torch.bfloat16)) for c, m in zip(copies.copies, copies.masters))
+    assert all(m.grad is None for m in copies.masters) and all(c.grad is None for c in copies.copies)
+    start, _ = _copied_models(0)
+    moved = max((a - b).abs().max().item() for a, b in zip(one, start.parameters()))
+    assert moved > 1e-3  # it trained
+
+
 def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 

@@ -238,7 +238,8 @@ class GraphedStep:
     """One optimizer step (forward, loss, backward, clip, AdamW) that is run eagerly for the first
     EAGER_STEPS_BEFORE_CAPTURE calls, then captured once as a CUDA graph and replayed. Inputs are copied
     into static tensors first; the LR schedule steps on the host after each call (the optimizer reads
-    its LR from a device tensor). With `copies` the step computes with compute-dtype weight copies."""
+    its LR from a device tensor). With `copies` the step computes with compute-dtype weight copies, and
+    (`one_pass`, where it applies) ends in `OnePassAdamW`'s single pass instead of four."""
 
     def __init__(
         self,
@@ -249,7 +250,10 @@ class GraphedStep:
         lr_scheduler,
         max_grad_norm: float,
         copies: ComputeCopies | None = None,
+        one_pass: bool = True,
     ) -> None:
+        from atelier.models.dreambooth.one_pass_adamw import OnePassAdamW  # imports Triton: only where a step is captured
+
         self.objective, self.params, self.optimizer, self.lr_scheduler, self.max_grad_norm = (
             objective,
             params,
@@ -258,6 +262,7 @@ class GraphedStep:
             max_grad_norm,
         )
         self.copies = copies
+        self.update = OnePassAdamW.for_step(optimizer, copies) if one_pass else None
         self.static: list[torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
@@ -272,6 +277,9 @@ class GraphedStep:
     def _body(self) -> torch.Tensor:
         loss = self.objective(*self.static)
         loss.backward()
+        if self.update is not None:
+            self.update(self.max_grad_norm)
+            return loss.detach()
         if self.copies is not None:
             self.copies.gradients_to_masters()
         if fused_clipping(self.optimizer):

@@ -390,6 +390,7 @@ class TrainerSession:
         flush()
         if isinstance(step, GraphedStep):
             timings["capture"] = step.capture_seconds
+            timings["one_pass_adamw"] = float(step.update is not None)
             timings.update({f"capture_{k}": v for k, v in step.memory.items()})
             timings["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
             timings["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
