@@ -195,10 +195,11 @@ def register_dreambooth(
 
 def input_example(params: dict, lineage: dict, steps: int, guidance: float):
     """What a caller sends (the UI's and `mlflow models serve`'s example): one prompt with the subject's
-    identifier, a seed and the model's own generation settings."""
+    identifier, a seed and the model's own generation settings (its training resolution; where the run
+    recorded none, 0: the pipeline's own size)."""
     import pandas as pd
 
-    size = int(params.get("resolution", 512))
+    size = int(params.get("resolution", 0))
     prompt = f"a {params.get('identifier', 'sks')} {lineage.get('data.class_noun', 'subject')} on the beach"
     return pd.DataFrame(
         {"prompt": [prompt], "seed": [0], "steps": [int(steps)], "guidance_scale": [float(guidance)], "height": [size], "width": [size]}

@@ -17,6 +17,7 @@ from PIL import Image
 from atelier.kernel.settings import Settings
 from atelier.registry.dreambooth import register_dreambooth
 from atelier.registry.isolation import AccessDenied, add_customer, require_owner
+from atelier.registry.pyfunc import decode_png
 
 pytestmark = pytest.mark.slow
 OPS, OPS_PW = "ops", "ops-Secret-pw-1"
@@ -142,6 +143,12 @@ def test_customer_reads_and_loads_only_its_own_model(server, registered, monkeyp
     model = mlflow.pyfunc.load_model("models:/dreambooth-acme-robot@candidate")
     out = model.predict(pd.DataFrame({"prompt": ["a sks toy"], "seed": [1], "steps": [2]}))
     assert len(out) == 1
+    # these runs recorded no resolution: the example MLflow generated while logging is at the pipeline's own size
+    example = model.input_example
+    assert (int(example["height"][0]), int(example["width"][0])) == (0, 0)
+    pipe = model.unwrap_python_model().pipe
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert decode_png(out["image_png_base64"][0]).size == (native, native) and native < 512
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission"):
         client.get_registered_model("dreambooth-globex-robot")
     with pytest.raises(MlflowException):
