@@ -141,7 +141,7 @@ def test_a_killed_run_started_again_makes_every_item_exactly_once(versions, work
     from atelier.flows.batch import batch_generate
 
     name, v1, _ = versions
-    m = manifest(tmp_path / "m.jsonl", 16, steps=40)
+    m = manifest(tmp_path / "m.jsonl", 16, steps=12)  # slow enough that the kill lands mid-run
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     proc = subprocess.Popen(

@@ -5,8 +5,9 @@ Docker work pool, batch generation, isolation between the customers, `ledger ver
 network), removed at the end with its volumes.
 
 Needs a Docker engine: where none answers and this process is root with Debian's docker.io installed, the
-fixture starts `dockerd` itself (stopped by pid at the end); elsewhere the module skips, saying why, unless
-ATELIER_REQUIRE_CONTAINERS=1 (CI sets it), which turns the skip into a failure."""
+session starts `dockerd` itself (stopped by pid at the end); elsewhere the module skips, saying why, unless
+ATELIER_REQUIRE_CONTAINERS=1 (CI sets it), which turns the skip into a failure. The images are built in the
+background from the start of the session and this module runs last (tests/container_engine.py, conftest.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import container_engine
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
-DOCKERD_FLAGS = ["--storage-driver=overlay2", "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false"]
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
@@ -34,37 +36,14 @@ def _skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
-def _docker_answers() -> bool:
-    docker = shutil.which("docker")
-    return bool(docker) and subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode == 0
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    """A Docker engine that answers: the machine's, or one this fixture starts (and stops by pid)."""
-    proc = None
-    if not _docker_answers():
-        if not (shutil.which("dockerd") and shutil.which("docker")):
-            _skip_or_fail("no Docker engine here (Debian: apt-get install docker.io docker-compose mmdebstrap)")
-        if os.geteuid() != 0:
-            _skip_or_fail("the Docker engine is not running and starting one needs root")
-        log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-        proc = subprocess.Popen(["dockerd", *DOCKERD_FLAGS], stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not _docker_answers():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"dockerd did not start: {log.read_text()[-1500:]}")
-            time.sleep(1)
+def engine():
+    """A Docker engine that answers: the machine's, or one started for this session (conftest.py stops it by pid)."""
+    reason = container_engine.start_engine()
+    if reason is not None:
+        _skip_or_fail(reason)
     if not shutil.which("docker-compose"):
         _skip_or_fail("docker-compose is missing (Debian: apt-get install docker-compose)")
-    yield
-    if proc is not None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _free_ports(count: int) -> list[int]:
@@ -153,8 +132,8 @@ class Compose:
 
 @pytest.fixture(scope="module")
 def stack(engine, tmp_path_factory):
-    built = subprocess.run(["make", "images", "PY=python3"], cwd=ROOT, capture_output=True, text=True, timeout=2400)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    code, output = container_engine.built_images()  # started in the background when the session began (conftest.py)
+    assert code == 0, output
     compose = Compose(tmp_path_factory.mktemp("compose"))
     try:
         compose.up()
