@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atelier.models.dreambooth.steps import clip_divisor
+
 if TYPE_CHECKING:
     from atelier.models.dreambooth.steps import ComputeCopies
 
@@ -115,7 +117,8 @@ class OnePassAdamW:
 
     def __init__(self, optimizer: torch.optim.Optimizer, copies: ComputeCopies) -> None:
         self.optimizer, self.copies = optimizer, copies
-        params = optimizer.param_groups[0]["params"]
+        group = optimizer.param_groups[0]
+        params = group["params"]
         trained = {id(p) for p in params}
         if any(id(m) not in trained for m in copies.masters):
             raise ValueError("the bf16 copies include weights this optimizer does not train")
@@ -130,10 +133,8 @@ class OnePassAdamW:
         # this buffer, so a replay reads the addresses the capture saw (the gradients' in the graph's pool)
         self.host_table = torch.empty((len(copies.masters), _FIELDS), dtype=torch.int64, pin_memory=True)
         self.table = torch.empty_like(self.host_table, device=device)
-        group = optimizer.param_groups[0]
         # read when the optimizer is made (a captured update keeps them too), in float32 as torch's kernel has them
         self.constants = torch.tensor([*group["betas"], group["eps"], group["weight_decay"]], dtype=torch.float32, device=device)
-        self.betas = self.constants[:2].clone()
 
     def _write_table(self, grads: list[torch.Tensor]) -> None:
         state = self.optimizer.state
@@ -161,19 +162,14 @@ class OnePassAdamW:
         norms = list(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         if others:
             norms += list(torch._foreach_norm([p.grad for p in others], 2.0))
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-        scale = 1.0 / torch.clamp(max_norm / (total + 1e-6), max=1.0)  # what clip_grad_norm_ multiplies by, as a divisor
+        scale = clip_divisor(norms, max_norm)
         copied_steps = [state[m]["step"] for m in self.copies.masters]
         other_steps = [state[p]["step"] for p in others]
         torch._foreach_add_(copied_steps + other_steps, 1)
         self._write_table(grads)
-        beta1, beta2 = (float(b) for b in group["betas"])
         # the per-step scalars, on the device (a replay recomputes them from the step counter and LR tensors)
-        step = copied_steps[0]
-        lr = group["lr"].float()
-        scalars = torch.cat(
-            [torch.stack([lr, lr / (1 - self.betas[0] ** step), torch.sqrt(1 - self.betas[1] ** step), scale.float()]), self.constants]
-        )
+        step, lr, (beta1, beta2) = copied_steps[0], group["lr"].float(), self.constants[:2]
+        scalars = torch.cat([torch.stack([lr, lr / (1 - beta1**step), torch.sqrt(1 - beta2**step), scale.float()]), self.constants])
         _one_pass_adamw[(self.n_blocks,)](self.table, self.blocks, scalars, BLOCK=BLOCK, num_warps=NUM_WARPS)
         if others:
             torch._fused_adamw_(
@@ -184,8 +180,8 @@ class OnePassAdamW:
                 [],
                 other_steps,
                 lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
+                beta1=float(group["betas"][0]),
+                beta2=float(group["betas"][1]),
                 weight_decay=float(group["weight_decay"]),
                 eps=float(group["eps"]),
                 amsgrad=False,

@@ -223,10 +223,14 @@ def clip_into_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.
     """Gradient clipping by the global norm, as torch.nn.utils.clip_grad_norm_ computes it, with the
     scaling left to the fused optimizer (its `grad_scale` divides each gradient as it is read), which
     saves a read and a write of every gradient."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    optimizer.grad_scale = 1.0 / coef
+    optimizer.grad_scale = clip_divisor(torch._foreach_norm([p.grad for p in params if p.grad is not None], 2.0), max_norm)
+
+
+def clip_divisor(norms: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """What each gradient is divided by to clip the global norm of tensors with these norms to `max_norm`
+    (clip_grad_norm_'s coefficient, inverted: fused AdamW's `grad_scale`)."""
+    total = torch.linalg.vector_norm(torch.stack(list(norms)), 2.0)
+    return 1.0 / torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def fused_clipping(optimizer: torch.optim.Optimizer) -> bool:
