@@ -52,7 +52,8 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
     timing = ocr_tasks.compare_speed(
         ev, {"shipped": main["model"], "rewrite": rewrite.path, "int8": quantized.path}, main["charset"], served_langs
     )
-    choice = ocr_tasks.choose_variant(fp32, int8, timing, served_langs)
+    serving_key = ocr_tasks.serving_key(ev, timing.cpu, rewrite, quantized)
+    choice = ocr_tasks.choose_variant(fp32, int8, timing, served_langs, serving_key)
     served, fp32_form, speed = choice.served, choice.fp32_form, timing.speed
     served_eval = int8 if served == "int8" else fp32
     deployed = {**baselines, "ppocr": served_eval}
@@ -123,7 +124,9 @@ def ocr_calibrate(method: str = "MinMax", calibration_lines: int = 64, review_be
         "base_model.sha256": {k: shipped[k]["sha256"] for k in (MAIN, *PROBES.values(), "ppocrv5-det", "cls")},
         "base_model.rewrites": rewrite.made,
         "quantize.config": quantized.made,
-        "serving": {"variant": served, "cpu": timing.cpu},
+        "serving.variant": served,
+        "serving.cpu": timing.cpu,
+        "serving.key": serving_key,
         "code.git_sha": code.git_sha,
         "code.dirty": str(code.dirty).lower(),
         "code.version": code.package_version,

@@ -174,6 +174,13 @@ def register_ocr(
     return Registered(MODEL_NAME, str(version.version), run.info.run_id, info.model_uri)
 
 
+def served_before(settings: Settings, serving_key: str) -> str | None:
+    """The variant the newest version with this serving key (the same recognisers timed on the same CPU)
+    served, or None when none was registered: `choose` keeps it unless a new timing clearly disagrees."""
+    found = find_version(client_for(settings), MODEL_NAME, "atelier.serving.key", serving_key)
+    return None if found is None else found.tags.get("atelier.serving.variant")
+
+
 def _stage(folder: Path, files: dict[str, Path]) -> dict[str, Path]:
     """Each artifact under its spec name (`rec_int8.onnx`, `rec_charset.txt`): MLflow keeps a file's
     own name, and two shipped models are both called rec.onnx."""

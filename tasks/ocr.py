@@ -24,7 +24,7 @@ VERSIONS = {
     "prepare-recogniser": "2",
     "quantize-recogniser": "3",
     "compare-speed": "3",
-    "choose-variant": "1",
+    "choose-variant": "2",
     "fit-confidence": "1",
     "evaluate-engine": "1",
     "register-ocr": "2",
@@ -268,24 +268,28 @@ def compare_speed(document_set: DocumentSet, variants: dict[str, str], charset: 
 
 
 @task(name="choose-variant", version=VERSIONS["choose-variant"], cache_policy=UNCACHED)
-def choose_variant(fp32: Evaluation, int8: Evaluation, timing: Timing, langs: list[str]) -> VariantChoice:
+def choose_variant(fp32: Evaluation, int8: Evaluation, timing: Timing, langs: list[str], serving_key: str) -> VariantChoice:
     """The variant to serve here: int8 when it holds accuracy (the gate's rules against fp32) and is at
-    least gate.ocr.min_speedup x the faster exact fp32 form (shipped or rewritten), else that fp32 form."""
+    least gate.ocr.min_speedup x the faster exact fp32 form (shipped or rewritten), else that fp32 form.
+    A timing near the gate keeps what the same recognisers served on this CPU before (`serving_key`)."""
     from atelier.models.ocr.variants import choose
     from atelier.registry.gate import evaluate_ocr
+    from atelier.registry.ocr import served_before
 
     rules = settings().gate.ocr
     speed = timing.speed
     fp32_form = "rewrite" if speed["rewrite"] >= speed["shipped"] else "shipped"
     held = evaluate_ocr({"cer_fp32": fp32.cer(), "cer_served": int8.cer(), "served": "int8", "langs": langs}, rules)
-    served = choose({"fp32": speed[fp32_form], **({"int8": speed["int8"]} if held.passed else {})}, rules.min_speedup)
+    before = served_before(settings(), serving_key)
+    served = choose({"fp32": speed[fp32_form], **({"int8": speed["int8"]} if held.passed else {})}, rules.min_speedup, before)
     ratio = speed["int8"] / max(speed[fp32_form], 1e-9)
+    kept = f" (it served {before} when last calibrated on this CPU)" if before is not None and held.passed else ""
     why = (
-        f"int8 holds accuracy and runs {ratio:.2f}x the fp32 {fp32_form} here"
+        f"int8 holds accuracy and runs {ratio:.2f}x the fp32 {fp32_form} here{kept}"
         if served == "int8"
         else f"int8 loses accuracy ({'; '.join(held.reasons)})"
         if not held.passed
-        else f"int8 runs {ratio:.2f}x the fp32 {fp32_form} here, under gate.ocr.min_speedup {rules.min_speedup:.2f}x"
+        else f"int8 runs {ratio:.2f}x the fp32 {fp32_form} here, under gate.ocr.min_speedup {rules.min_speedup:.2f}x{kept}"
     )
     logger().info("serving the %s recogniser on %s: %s", served, timing.cpu, why)
     return VariantChoice(served, fp32_form, why, rules.min_speedup)
@@ -362,6 +366,14 @@ def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: 
     reg = register_ocr(settings(), {k: Path(v) for k, v in files.items()}, spec, confidence, lineage, metrics, tables, review_below)
     logger().info("%s %s as %s version %s", "already registered" if reg.reused else "registered", "the OCR engine", reg.name, reg.version)
     return reg
+
+
+def serving_key(evaluation: DocumentSet, cpu: str, *models: OnnxModel) -> str:
+    """What a variant's timing depends on: the lines timed, the models timed and the CPU."""
+    import hashlib
+
+    parts = [evaluation.sha256[:16], *(m.sha256[:16] for m in models), hashlib.sha256(cpu.encode()).hexdigest()[:16]]
+    return "-".join(parts)
 
 
 def spec_hash(spec: dict) -> str:

@@ -81,6 +81,13 @@ def test_rerun_registers_nothing_new(calibrated, workspace):
 
     again = ocr_calibrate(method="MinMax", calibration_lines=24)
     assert again["registered_before"] and again["version"] == calibrated["version"]
+    # the timing is taken again, but a ratio near the bar keeps what the registered version serves
+    from atelier.registry.client import client_for
+    from atelier.registry.ocr import served_before
+
+    tags = client_for(workspace).get_model_version("ocr", calibrated["version"]).tags
+    assert tags["atelier.serving.variant"] == calibrated["served"] == again["served"]
+    assert served_before(workspace, tags["atelier.serving.key"]) == calibrated["served"]
 
 
 def test_atelier_ocr_reads_with_the_registered_model_in_a_fresh_process(calibrated, workspace, tmp_path):

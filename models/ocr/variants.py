@@ -5,8 +5,10 @@ Which one is fastest depends on the CPU: int8 ran 1.3x the rewrite on one Xeon a
 (with AMX), 1.75x on an AMD EPYC with AVX-512 VNNI. The calibration flow measures every variant on the
 machine it runs on and records the choice with that machine's CPU signature. int8 is served only when
 it holds accuracy (the gate checks that) and is at least `min_speedup` times the fastest fp32 variant:
-it reads slightly differently, so it has to pay for that. A machine whose CPU signature differs
-re-measures at load time on a fixed synthetic batch (well under a second) and applies the same rule.
+it reads slightly differently, so it has to pay for that. A recalibration of the same models on the
+same CPU keeps the earlier choice unless the new timing clears the gate by a margin the other way
+(`choose`). A machine whose CPU signature differs re-measures at load time on a fixed synthetic batch
+(well under a second) and applies the same rule.
 """
 
 from __future__ import annotations
@@ -38,14 +40,23 @@ def cpu_signature() -> str:
     return f"{model} | {' '.join(f for f in FLAGS if f in flags)}"
 
 
-def choose(speeds: dict[str, float], min_speedup: float) -> str:
+STICKY = 0.10  # how far past the gate a re-measurement must move before the served variant changes
+
+
+def choose(speeds: dict[str, float], min_speedup: float, previous: str | None = None) -> str:
     """The variant to serve: int8 when it is at least `min_speedup` x the fastest fp32 variant, else
-    the fastest fp32 variant."""
+    the fastest fp32 variant.
+
+    `previous` is what the same models served when last measured on the same CPU. A timing near the
+    gate is noise, so the earlier choice stands unless the new one clears the gate by `STICKY` the
+    other way: int8 stays while it runs at least (1 - STICKY) x min_speedup, fp32 stays until int8
+    runs (1 + STICKY) x min_speedup. A rerun then registers the same engine instead of flipping."""
     fp32 = {k: v for k, v in speeds.items() if k != "int8"}
     best_fp32 = max(fp32, key=lambda k: fp32[k]) if fp32 else "int8"
-    if "int8" in speeds and (not fp32 or speeds["int8"] >= min_speedup * fp32[best_fp32]):
-        return "int8"
-    return best_fp32
+    if "int8" not in speeds or not fp32:
+        return "int8" if "int8" in speeds else best_fp32
+    bar = min_speedup * (1 - STICKY if previous == "int8" else 1 + STICKY if previous is not None else 1)
+    return "int8" if speeds["int8"] >= bar * fp32[best_fp32] else best_fp32
 
 
 def synthetic_lines(count: int = 16, seed: int = 0) -> list[np.ndarray]:
