@@ -281,11 +281,18 @@ def priors(
     sampler: str = typer.Option("dpmsolver++"),
     steps: int = typer.Option(25),
     guidance: float = typer.Option(7.5),
+    batch_size: int = typer.Option(
+        8,
+        "--batch-size",
+        min=1,
+        help="images a batch: the fine-tuning config's class_sampling.batch_size (it can round a pixel differently)",
+    ),
     base_model: Optional[Path] = typer.Option(None, "--base-model"),
 ) -> None:
     """Generate class-prior images into OUT (the dvc.yaml class_priors stage calls this). The images
     come from the fine-tuning flow's content-addressed cache when it holds the same set (same
-    function, same seeds), so reproducing the stage after a fine-tune costs a copy."""
+    function, same seeds), so reproducing the stage after a fine-tune costs a copy; made here, they
+    match the flow's when the batch size is the flow's."""
     import shutil
 
     from atelier.cli.progress import Progress
@@ -298,7 +305,7 @@ def priors(
     output_folder(out)
     base = check_sd_directory(base_model.resolve() if base_model else settings.resolved_base_model)
     spec = PriorSpec(model_hash(base), class_prompt, count, resolution, seed, sampler, steps, guidance)
-    made = ensure_class_priors(settings.priors_cache, spec, base, on_progress=Progress("class images", "images"))
+    made = ensure_class_priors(settings.priors_cache, spec, base, batch_size, on_progress=Progress("class images", "images"))
     with atomic_dir(Path(out), replace=True) as tmp:
         for item in sorted(p for p in made.path.iterdir() if p.is_file()):  # the images and their manifest
             shutil.copy2(item, tmp / item.name)

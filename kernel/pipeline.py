@@ -22,7 +22,7 @@ SUBJECTS_FILE = "subjects.yaml"
 PARAMS_FILE = "params.yaml"
 LAUNCHER = Path(".atelier") / "bin" / "atelier"
 # a class the workspace has not seen gets the settings of the classes it has (same base model), or these
-DEFAULT_PRIORS = {"count": 8, "resolution": 64, "seed": 0, "sampler": "dpmsolver++", "steps": 8, "guidance": 5.0}
+DEFAULT_PRIORS = {"count": 8, "resolution": 64, "seed": 0, "sampler": "dpmsolver++", "steps": 8, "guidance": 5.0, "batch_size": 8}
 
 
 def class_key(class_noun: str) -> str:

@@ -33,7 +33,7 @@ def test_dvc_repro_matches_the_flow_cache(workspace, tmp_path):
         params["steps"],
         params["guidance"],
     )
-    cached = ensure_class_priors(tmp_path, spec, workspace.tiny_model_dir)
+    cached = ensure_class_priors(tmp_path, spec, workspace.tiny_model_dir, params["batch_size"])
     staged = {k: v for k, v in file_hashes(ws / "data" / "class-priors" / "toy").items() if k.endswith(".png")}
     assert staged and staged == {k: v for k, v in file_hashes(cached.path).items() if k.endswith(".png")}
     assert (ws / "dvc.lock").is_file()

@@ -125,7 +125,8 @@ def batched(requests: list[GenerationRequest], batch_size: int, pad: bool = Fals
 
 def seeded_latents(requests: list[GenerationRequest], channels: int, height: int, width: int) -> torch.Tensor:
     """Each image's starting noise from its own seeded generator (on the CPU), so that an image does not
-    depend on the batch it landed in or the device it runs on."""
+    depend on the batch it landed in or the device it runs on. (The arithmetic after it may: a batch of
+    another size is blocked differently by the matrix kernels, which can round a pixel differently.)"""
     return torch.stack(
         [torch.randn((channels, height, width), generator=torch.Generator(device="cpu").manual_seed(r.seed)) for r in requests]
     )
