@@ -11,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from atelier.kernel.errors import DataValidationError
-from atelier.kernel.hashing import sha256_file, tree_hash
+from atelier.kernel.hashing import sha256_file, tree_hash, value_hash
 from atelier.kernel.stages import documents_dir, track_folder
 from atelier.tasks.common import BY_INPUTS, UNCACHED, artifact_key, logger, retry_transient, settings, tracked
 from atelier.tasks.registry import Registered  # (a result type: registered there)
@@ -370,10 +370,7 @@ def register(files: dict, spec: dict, confidence: dict, lineage: dict, metrics: 
 
 def serving_key(evaluation: DocumentSet, cpu: str, *models: OnnxModel) -> str:
     """What a variant's timing depends on: the lines timed, the models timed and the CPU."""
-    import hashlib
-
-    parts = [evaluation.sha256[:16], *(m.sha256[:16] for m in models), hashlib.sha256(cpu.encode()).hexdigest()[:16]]
-    return "-".join(parts)
+    return "-".join([evaluation.sha256[:16], *(m.sha256[:16] for m in models), value_hash(cpu)[:16]])
 
 
 def spec_hash(spec: dict) -> str:

@@ -54,9 +54,9 @@ def choose(speeds: dict[str, float], min_speedup: float, previous: str | None = 
     fp32 = {k: v for k, v in speeds.items() if k != "int8"}
     best_fp32 = max(fp32, key=lambda k: fp32[k]) if fp32 else "int8"
     if "int8" not in speeds or not fp32:
-        return "int8" if "int8" in speeds else best_fp32
-    bar = min_speedup * (1 - STICKY if previous == "int8" else 1 + STICKY if previous is not None else 1)
-    return "int8" if speeds["int8"] >= bar * fp32[best_fp32] else best_fp32
+        return best_fp32
+    margin = {None: 0.0, "int8": -STICKY}.get(previous, STICKY)
+    return "int8" if speeds["int8"] >= min_speedup * (1 + margin) * fp32[best_fp32] else best_fp32
 
 
 def synthetic_lines(count: int = 16, seed: int = 0) -> list[np.ndarray]:
