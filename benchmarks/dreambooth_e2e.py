@@ -187,7 +187,11 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
             "save": timings["save"],
             "priors reused": priors.reused,
             "class latents cached": bool(timings.get("class_latents_cached")),
-            **{k: round(v, 2) for k, v in timings.items() if k.startswith(("capture_", "peak_", "checkpoint_", "load_"))},
+            **{
+                k: round(v, 2)
+                for k, v in timings.items()
+                if k.startswith(("capture_", "peak_", "checkpoint_", "load_", "first_steps", "steady_", "slowest_"))
+            },
         }
     )
     return split

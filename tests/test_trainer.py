@@ -156,7 +156,7 @@ def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, 
 
     events = []
     cfg = tiny_config.model_copy(update={"max_train_steps": LOSS_READBACK_STEPS + 3, "checkpointing_steps": 1000, "validation_steps": 1000})
-    train(
+    result = train(
         cfg,
         _inputs(tiny_model, photos, prior_dir, tmp_path),
         on_step=lambda step, total: events.append(("step", step)),
@@ -165,8 +165,25 @@ def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, 
     steps = [n for kind, n in events if kind == "step"]
     losses = [n for kind, n in events if kind == "loss"]
     assert steps == list(range(1, cfg.max_train_steps + 1)) and losses == steps
+    assert result.timings["first_steps"] == LOSS_READBACK_STEPS and result.timings["steady_ms_per_step"] > 0
     # the bar reached step 5 before any loss was read back: it was not held for the burst
     assert events.index(("step", 5)) < events.index(("loss", 1))
+
+
+def test_steady_pace_leaves_out_the_first_steps_and_what_is_not_a_step(monkeypatch):
+    """training.json's steady ms a step is what the steps between read-backs took: the first window (eager
+    steps, the capture) is reported apart, and a checkpoint or validation between two read-backs is not
+    counted as steps."""
+    from atelier.models.dreambooth import pace as pace_module
+
+    clock = iter([0.0, 5.0, 6.0, 100.0, 101.5])  # start, read-back 10, read-back 20, validation done, read-back 30
+    monkeypatch.setattr(pace_module.time, "perf_counter", lambda: next(clock))
+    pace = pace_module.Pace(0)
+    pace.read_back(10)
+    pace.read_back(20)
+    pace.restart(20)
+    pace.read_back(30)
+    assert pace.summary() == {"first_steps_s": 5.0, "first_steps": 10.0, "steady_ms_per_step": 125.0, "slowest_window_ms_per_step": 150.0}
 
 
 def test_cached_class_latents_train_exactly_as_encoding_them_and_a_bad_file_is_encoded_again(

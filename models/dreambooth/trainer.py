@@ -48,6 +48,7 @@ from atelier.models.dreambooth.checkpoints import (
 from atelier.models.dreambooth.config import TrainConfig
 from atelier.models.dreambooth.handoff import HostWeights, Pending
 from atelier.models.dreambooth.outputs import save_pipeline
+from atelier.models.dreambooth.pace import Pace
 from atelier.models.dreambooth.steps import (
     Batches,
     ComputeCopies,
@@ -348,11 +349,14 @@ class TrainerSession:
         validation_dirs: list[Path] = []
         sampler: ValidationSampler | None = None  # built at the first validation (after the capture, in its pool)
 
+        pace = Pace(state.step)
+
         def flush() -> None:
             """Read pending losses back from the device (one sync) and report them."""
             if not pending:
                 return
             values = acc.reduce(torch.stack([loss for loss, _ in pending]), reduction="mean").tolist()
+            pace.read_back(state.step)
             first = state.step - len(pending) + 1
             for i, (value, (_, lr_value)) in enumerate(zip(values, pending)):
                 state.losses.append(value)
@@ -382,12 +386,15 @@ class TrainerSession:
                     checkpointer, acc, checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler), state.step, wait=budget_hit
                 )
                 timings["checkpoints"] += time.perf_counter() - t
+                pace.restart(state.step)
             if validate and acc.is_main_process:
                 t = time.perf_counter()
                 sampler = sampler or run_sampler(acc, m, autocast, copies, getattr(step, "graph", None))
                 validation_dirs.append(validation_samples(sampler, cfg, work, inputs.class_noun, state.step))
                 timings["validation"] += time.perf_counter() - t
+                pace.restart(state.step)
         flush()
+        timings.update(pace.summary())
         if isinstance(step, GraphedStep):
             timings["capture"] = step.capture_seconds
             timings["one_pass_adamw"] = float(step.update is not None)

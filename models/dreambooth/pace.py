@@ -1,0 +1,39 @@
+"""How fast a run's steps went, from the loop's own synchronisation points (no extra device sync)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+class Pace:
+    """Milliseconds a step between loss read-backs (each read-back waits for the device, so the wall
+    clock between two is the device's time for the steps between), apart from checkpoints and
+    validations. The first window holds the eager steps and the capture; the median of the others is
+    the steady pace, which a benchmark of the step alone should match."""
+
+    def __init__(self, step: int) -> None:
+        self.since, self.step, self.first, self.windows = time.perf_counter(), step, None, []
+
+    def read_back(self, step: int) -> None:
+        now = time.perf_counter()
+        if step > self.step:
+            ms = 1000 * (now - self.since) / (step - self.step)
+            if self.first is None:
+                self.first = (now - self.since, step)
+            else:
+                self.windows.append(ms)
+        self.since, self.step = now, step
+
+    def restart(self, step: int) -> None:
+        """After work that is not a step (it synchronised): the next window starts now."""
+        self.since, self.step = time.perf_counter(), step
+
+    def summary(self) -> dict[str, float]:
+        out = {}
+        if self.first is not None:
+            out["first_steps_s"], out["first_steps"] = round(self.first[0], 3), float(self.first[1])
+        if self.windows:
+            out["steady_ms_per_step"] = round(statistics.median(self.windows), 2)
+            out["slowest_window_ms_per_step"] = round(max(self.windows), 2)
+        return out
