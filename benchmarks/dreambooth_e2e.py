@@ -13,7 +13,7 @@ checkpoints, validation and save, with its peak GPU memory.
   it), then the pipeline saved with save_pretrained.
 - atelier: Atelier's own code path as the flow runs it, with configs/dreambooth/sd15.yaml's
   settings: class priors (ensure_class_priors: DPM-Solver++ 20 steps, batch 16), then train()
-  (CUDA-graph step, checkpoints every 200 steps written in the background, validation samples every
+  (CUDA-graph step, checkpoints every 500 steps written in the background, validation samples every
   200 steps, the pipeline saved). "cold" starts with empty caches in a fresh process, which is also
   the second subject of a new class on the same base model: the default path compiles nothing, so
   there is nothing else to cache. "warm (priors cached)" is the second subject of the same class on
