@@ -349,7 +349,7 @@ def print_table(done: dict) -> None:
     print(
         f"\n{first.get('job', 'job'):<34}{'wall s':>8}{'vs base':>8}"
         + "".join(f"{p:>15}" for p in parts)
-        + f"{'peak GiB':>9}{'smi GiB':>9}"
+        + f"{'peak GiB':>9}{'smi GiB':>9}{'steady ms':>10}"
     )
     for row, r in done.items():
         if "error" in r:
@@ -360,6 +360,7 @@ def print_table(done: dict) -> None:
             f"{row:<34}{r['total']:>8.1f}{ratio:>8}"
             + "".join(f"{r['split'].get(p, 0.0):>15.1f}" for p in parts)
             + f"{r['peak_gib']:>9.1f}{r.get('device_peak_gib', float('nan')):>9.1f}"
+            + f"{r['split'].get('steady_ms_per_step', float('nan')):>10.1f}"  # a step between read-backs (training.json)
         )
     b = done.get("baseline", {})
     for row, r in done.items():
