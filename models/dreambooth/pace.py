@@ -13,16 +13,16 @@ class Pace:
     the steady pace, which a benchmark of the step alone should match."""
 
     def __init__(self, step: int) -> None:
-        self.since, self.step, self.first, self.windows = time.perf_counter(), step, None, []
+        self.since, self.step, self.windows = time.perf_counter(), step, []
+        self.first: dict[str, float] = {}  # the first window: its seconds and the step it ended at
 
     def read_back(self, step: int) -> None:
         now = time.perf_counter()
         if step > self.step:
-            ms = 1000 * (now - self.since) / (step - self.step)
-            if self.first is None:
-                self.first = (now - self.since, step)
+            if not self.first:
+                self.first = {"first_steps_s": round(now - self.since, 3), "first_steps": float(step)}
             else:
-                self.windows.append(ms)
+                self.windows.append(1000 * (now - self.since) / (step - self.step))
         self.since, self.step = now, step
 
     def restart(self, step: int) -> None:
@@ -30,9 +30,7 @@ class Pace:
         self.since, self.step = time.perf_counter(), step
 
     def summary(self) -> dict[str, float]:
-        out = {}
-        if self.first is not None:
-            out["first_steps_s"], out["first_steps"] = round(self.first[0], 3), float(self.first[1])
+        out = dict(self.first)
         if self.windows:
             out["steady_ms_per_step"] = round(statistics.median(self.windows), 2)
             out["slowest_window_ms_per_step"] = round(max(self.windows), 2)

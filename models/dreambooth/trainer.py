@@ -386,13 +386,13 @@ class TrainerSession:
                     checkpointer, acc, checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler), state.step, wait=budget_hit
                 )
                 timings["checkpoints"] += time.perf_counter() - t
-                pace.restart(state.step)
             if validate and acc.is_main_process:
                 t = time.perf_counter()
                 sampler = sampler or run_sampler(acc, m, autocast, copies, getattr(step, "graph", None))
                 validation_dirs.append(validation_samples(sampler, cfg, work, inputs.class_noun, state.step))
                 timings["validation"] += time.perf_counter() - t
-                pace.restart(state.step)
+            if checkpoint or validate:
+                pace.restart(state.step)  # the next window counts steps only
         flush()
         timings.update(pace.summary())
         if isinstance(step, GraphedStep):
