@@ -53,6 +53,9 @@ _CONNECT_TEXT = (
     "Server disconnected",
 )
 
+# the words of Prefect's RuntimeError when the server it starts for a command does not answer in time
+_TEMPORARY_PREFECT = "attempting to connect to ephemeral Prefect API server"
+
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
@@ -198,6 +201,14 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
             )
         if "OperationalError" in text or "could not connect to server" in text or "server closed the connection" in text:
             return _postgres_down(settings, "a server") or _say("PostgreSQL", text, RESTART)
+        if _TEMPORARY_PREFECT in text:  # Prefect's own RuntimeError: the server it starts per command did not come up
+            waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+            return ServiceUnavailable(
+                "Prefect's temporary server for this command",
+                f"did not answer within {waited} s (a busy machine: its start imports Prefect's server and migrates the database)",
+                "rerun when the machine is less busy, give it longer (ATELIER_STACK__START_TIMEOUT=600), or leave "
+                "ATELIER_PREFECT_SERVER unset so commands share one background server; nothing was started",
+            )
         if "prefect" in module or "httpx" in module or "/api/" in text and settings.prefect_api_url and settings.prefect_api_url in text:
             status = getattr(getattr(err, "response", None), "status_code", None)
             if status is not None and status >= 500:

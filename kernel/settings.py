@@ -7,6 +7,7 @@ Every path and URI the platform uses comes from here.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -109,7 +110,11 @@ class StackSettings(BaseModel):
     bucket: str = Field("atelier", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     work_pool: str = "atelier"
     worker_limit: int = Field(2, ge=1, description="flow runs at once in the stack's worker")
-    start_timeout: float = Field(180.0, gt=0, description="seconds each server may take to answer (first starts migrate the databases)")
+    start_timeout: float = Field(
+        180.0,
+        gt=0,
+        description="seconds each server (the stack's, the background ones, a temporary Prefect server) may take to answer; first starts migrate the databases",
+    )
     s3_readers_file: Path | None = Field(
         None,
         description="where customers' S3 readers are written for an S3 server that runs elsewhere and watches the file "
@@ -391,6 +396,10 @@ class Settings(BaseSettings):
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
+        else:  # a temporary server: Prefect waits 20 s for it, less than a busy machine's imports and migrations take
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = os.environ.get(
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(math.ceil(self.stack.start_timeout))
+            )
         if self.prefect_api_auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.prefect_api_auth_string.get_secret_value()
         return env

@@ -4,6 +4,7 @@ task results load, what counts as a read for the MLflow auth app, and what `atel
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -81,6 +82,35 @@ def test_prefect_unreachable_and_bad_input_are_told_apart(tmp_path):
     assert outage is not None and outage.item == "Prefect server at http://127.0.0.1:4200/api"
     assert classify(ConfigError("x", "y", "z"), settings) is None  # bad input stays exit 2
     assert classify(ValueError("a bug, not an outage"), settings) is None
+
+
+def test_a_temporary_prefect_server_that_does_not_come_up_is_an_outage_with_exit_6(tmp_path, monkeypatch):
+    """Prefect waits 20 s for the server it starts per command, which a busy machine's start can exceed
+    (CI, building images beside the suite, once hit it): Atelier gives it the stack's start timeout, and
+    a server that still does not answer is exit 6 naming the fix, never "a bug in Atelier"."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    env = load_settings(workspace=tmp_path).prefect_environment()
+    assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "180"
+    monkeypatch.setenv("ATELIER_STACK__START_TIMEOUT", "600.5")
+    assert load_settings(workspace=tmp_path).prefect_environment()["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "601"
+    served = load_settings(workspace=tmp_path, prefect_api_url="http://127.0.0.1:4200/api").prefect_environment()
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in served  # a server of its own: nothing to start
+    # no time at all to start: the command's own temporary server cannot answer
+    ws = tmp_path / "ws"
+    run_env = {
+        **os.environ,
+        "ATELIER_WORKSPACE": str(ws),
+        "ATELIER_PREFECT_SERVER": "temporary",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0",
+    }
+    assert subprocess.run([sys.executable, "-m", "atelier.cli", "init"], env=run_env, capture_output=True).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "atelier.cli", "runs"], env=run_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 6, done.stderr
+    assert "Prefect's temporary server for this command: did not answer within 0 s" in done.stderr
+    assert "ATELIER_STACK__START_TIMEOUT" in done.stderr and "Traceback" not in done.stderr and "a bug" not in done.stderr
 
 
 def test_preflight_names_the_first_server_that_is_down_and_passes_the_embedded_default(tmp_path):
