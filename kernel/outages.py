@@ -19,7 +19,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from atelier.kernel.errors import AtelierError, DiskError, ServiceUnavailable
-from atelier.kernel.settings import Settings
+from atelier.kernel.settings import TEMPORARY_PREFECT_TIMEOUT, Settings
 
 # MLflow's REST client, when its server is gone, restarting or behind a failing proxy
 MLFLOW_UNREACHABLE = (
@@ -202,7 +202,7 @@ def classify(exc: BaseException, settings: Settings) -> AtelierError | None:
         if "OperationalError" in text or "could not connect to server" in text or "server closed the connection" in text:
             return _postgres_down(settings, "a server") or _say("PostgreSQL", text, RESTART)
         if _TEMPORARY_PREFECT in text:  # Prefect's own RuntimeError: the server it starts per command did not come up
-            waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+            waited = os.environ.get(TEMPORARY_PREFECT_TIMEOUT, "20")
             return ServiceUnavailable(
                 "Prefect's temporary server for this command",
                 f"did not answer within {waited} s (a busy machine: its start imports Prefect's server and migrates the database)",

@@ -87,6 +87,10 @@ class JudgeSettings(BaseModel):
     dino_weights: Path | None = Field(None, description="DINO ViT directory: adds the DINO subject similarity")
 
 
+# how long Prefect waits for the temporary server it starts for a command (its own default: 20 s)
+TEMPORARY_PREFECT_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
 class StackSettings(BaseModel):
     """What `atelier up` starts on this machine: the production topology for development, without Docker.
     Databases `<database_prefix>_prefect`, `_mlflow`, `_mlflow_auth` and `_ledger` are created on the
@@ -397,9 +401,7 @@ class Settings(BaseSettings):
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
         else:  # a temporary server: Prefect waits 20 s for it, less than a busy machine's imports and migrations take
-            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = os.environ.get(
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(math.ceil(self.stack.start_timeout))
-            )
+            env[TEMPORARY_PREFECT_TIMEOUT] = os.environ.get(TEMPORARY_PREFECT_TIMEOUT, str(math.ceil(self.stack.start_timeout)))
         if self.prefect_api_auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.prefect_api_auth_string.get_secret_value()
         return env
