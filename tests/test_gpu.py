@@ -234,7 +234,12 @@ def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 
     weights = {"w": torch.randn(1024, 1024, device="cuda"), "steps": torch.tensor(3, device="cuda")}
-    ckpt = AsyncCheckpointer(tmp_path, keep=1)
+    buffers: dict = {}
+    ckpt = AsyncCheckpointer(tmp_path, keep=1, buffers=buffers)
+    ckpt.reserve({"models": weights, "loop": {"step": 0}})
+    ckpt.reserved()
+    pinned = dict(buffers)
+    assert len(pinned) == 2 and all(b.is_pinned() for b in pinned.values())  # copies off the device at the bus's speed
     ckpt.save(1, {"models": weights, "loop": {"step": 1}})
     weights["w"].add_(1.0)  # training goes on while the copy is written
     ckpt.save(2, {"models": weights, "loop": {"step": 2}})
@@ -242,6 +247,7 @@ def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-0000002" and len(list((tmp_path / "checkpoints").iterdir())) == 1
     back = load_checkpoint(latest_checkpoint(tmp_path))
     assert back["loop"]["step"] == 2 and torch.equal(back["models"]["w"], weights["w"].cpu())
+    assert all(buffers[k] is b for k, b in pinned.items())  # both checkpoints copied into the reserved buffers
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead"])

@@ -149,6 +149,27 @@ def test_checkpoint_keeps_layouts(tmp_path):
     assert back.stride() == w.stride() and torch.equal(back, w)
 
 
+def test_a_checkpoint_copies_into_the_buffers_reserved_for_it(tmp_path):
+    """`reserve` allocates the host buffers in the background (the trainer starts it once the captured
+    step replays) and `reserved` waits for them; the checkpoint then copies into those buffers instead of
+    allocating its own, and holds the values of its step, not later ones."""
+    from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
+
+    buffers: dict = {}
+    w = torch.randn(64, 64)
+    ckpt = AsyncCheckpointer(tmp_path, keep=1, buffers=buffers)
+    ckpt.reserve({"w": w})
+    ckpt.reserved()
+    reserved = dict(buffers)
+    assert [b.shape for b in reserved.values()] == [w.shape]
+    ckpt.save(1, {"w": w, "loop": {"step": 1}})
+    saved = w.clone()
+    w.add_(1.0)  # training goes on
+    ckpt.wait()
+    assert all(buffers[k] is b for k, b in reserved.items())
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], saved)
+
+
 def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, photos, prior_dir, tmp_path, tiny_config):
     """The bar is fed as each step ends (no device sync), so it never jumps 10 steps at a time and its ETA
     comes from the measured rate; the losses, read back in bursts, still arrive for every step, in order."""

@@ -170,15 +170,20 @@ class AsyncCheckpointer:
         self._reserving = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
         self._reserving.start()
 
+    def reserved(self) -> None:
+        """Wait until `reserve`'s buffers exist: before a checkpoint uses them, and before a CUDA graph is
+        captured (a capture in CUDA's global mode must not have driver calls such as allocations beside it)."""
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+
     def save(self, step: int, state: dict) -> None:
         """Copy `state`'s tensors off the device now; write them in the background."""
         import time
 
         t0 = time.perf_counter()
         self.wait()  # the previous write must be done before its buffers are reused
-        if self._reserving is not None:
-            self._reserving.join()
-            self._reserving = None
+        self.reserved()
         t1 = time.perf_counter()
         self.wait_seconds += t1 - t0
         copies = {name: copy_to_host(self._buffers, name, tensor) for name, tensor in _tensors(state)}

@@ -308,10 +308,10 @@ class TrainerSession:
         timings["class_latents_cached"] = float(prior is not None and prior.cached)
         mark("encode")
         checkpointer = AsyncCheckpointer(work, cfg.checkpoints_total_limit, self.checkpoint_buffers)
-        if graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step:
-            # pinning the checkpoints' host memory (12 GB for SD 1.5) holds the driver for seconds: started after
-            # the encoding, it overlaps the capture and the first steps instead of stalling the VAE
-            checkpointer.reserve(checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
+        # pinning the checkpoints' host memory (12 GB for SD 1.5) holds the driver for seconds: beside the eager
+        # steps and the capture, which launch thousands of kernels, it stalled them (4 s on an H100); started
+        # once the captured step replays (one launch a step), the steps queued on the device cover it
+        reserve = graphs and cfg.checkpointing_steps < cfg.max_train_steps - state.step
         bs = cfg.train_batch_size  # per process; the effective batch is bs * processes * accumulation
         batches = Batches(instance, prior, bs, m.noise_scheduler.config.num_train_timesteps, acc.num_processes, acc.process_index)
         ids = token_ids(m.tokenizer, cfg.fill(cfg.instance_prompt, inputs.class_noun), acc.device)
@@ -371,6 +371,9 @@ class TrainerSession:
                 continue
             state.step += 1
             taken += 1
+            if reserve and getattr(step, "graph", None) is not None:
+                checkpointer.reserve(checkpoint_state(state, trained, raw_optimizer, raw_scheduler, scaler))
+                reserve = False
             if on_step:
                 on_step(state.step, cfg.max_train_steps)
             pending.append((loss, _host_lr(raw_scheduler, cfg.learning_rate)))
@@ -388,6 +391,7 @@ class TrainerSession:
                 timings["checkpoints"] += time.perf_counter() - t
             if validate and acc.is_main_process:
                 t = time.perf_counter()
+                checkpointer.reserved()  # the sampler's first call captures a graph: no pinning beside it
                 sampler = sampler or run_sampler(acc, m, autocast, copies, getattr(step, "graph", None))
                 validation_dirs.append(validation_samples(sampler, cfg, work, inputs.class_noun, state.step))
                 timings["validation"] += time.perf_counter() - t
