@@ -51,8 +51,7 @@ def serve_cmd(
     if compile and not torch.cuda.is_available():
         typer.echo("note: --compile applies on a GPU only; this host has none, so training stays eager")
     compile = torch.cuda.is_available() and compile is not False  # (the default: on with a GPU)
-    if compile:
-        keep_compiles(settings.compile_cache)
+    keep_compiles(settings.compile_cache)  # compiled or not, the captured step's Triton kernel is kept there
 
     def stop(*_args) -> None:  # SIGTERM (docker stop, systemd) ends it as Ctrl-C does: socket and token removed
         raise KeyboardInterrupt

@@ -376,8 +376,9 @@ class Settings(BaseSettings):
 
     @property
     def compile_cache(self) -> Path:
-        """torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels), next to the class
-        priors: a second job on the same base model and shapes loads its compiled graphs instead of compiling."""
+        """torch.compile's caches (Inductor's FX graphs, AOTAutograd, Triton kernels) and, under `triton/`,
+        Triton's own (the captured step's optimizer kernel), next to the class priors: a second job on the
+        same base model and shapes loads its compiled graphs and kernels instead of compiling."""
         return self.state_dir / "cache" / "torch-compile"
 
     @property

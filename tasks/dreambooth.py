@@ -105,8 +105,10 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     return Priors(str(prior.path), prior.key, prior.count, prior.sha256)
 
 
-def keep_compiles(compiling: bool) -> None:
-    """torch.compile's caches in the workspace (see train_setup.keep_compiles), when this job compiles."""
+def keep_compiles(compiling: bool = True) -> None:
+    """torch.compile's and Triton's caches in the workspace (see train_setup.keep_compiles), when this job
+    compiles: a training always may (the captured step's optimizer is a Triton kernel), class priors only
+    with a compile_mode."""
     if compiling:
         from atelier.models.dreambooth.train_setup import keep_compiles as keep
 
@@ -140,7 +142,7 @@ def train_dreambooth(
     from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = TrainConfig(**config)
-    keep_compiles(cfg.compile_unet)
+    keep_compiles()
     key = training_key(base_hash, snapshot, priors.key if priors else None, config, processes)
     work = settings().runs_dir / snapshot.customer / key
     inputs = TrainInputs(

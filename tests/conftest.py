@@ -53,6 +53,15 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
     shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _compile_caches_stay_with_their_test(monkeypatch):
+    """keep_compiles points the process's torch.compile and Triton caches at a workspace (in os.environ);
+    a later test, or a command it starts, must not inherit an earlier test's folder."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # records what was there (or that nothing was): put back after the test
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def settings():
     return load_settings()

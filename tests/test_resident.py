@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -186,6 +187,8 @@ def test_the_cli_serves_reports_status_and_stops_on_sigterm(workspace, tmp_path)
     sock = tmp_path / "cli.sock"
     env = {**os.environ, "ATELIER_TRAINER_SOCKET": str(sock)}
     atelier = [sys.executable, "-m", "atelier.cli"]
+    triton = workspace.compile_cache / "triton"
+    shutil.rmtree(triton, ignore_errors=True)
     proc = subprocess.Popen(
         [*atelier, "trainer", "serve", "--compile"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -200,6 +203,7 @@ def test_the_cli_serves_reports_status_and_stops_on_sigterm(workspace, tmp_path)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped after 0 job(s)" in out
+    assert triton.is_dir()  # the captured step's Triton kernel is kept in the workspace, not in a container's home
     assert torch.cuda.is_available() or "--compile applies on a GPU only" in out  # without a GPU: said, not silently ignored
     assert not sock.exists() and not token_path(sock).exists()
     gone = subprocess.run([*atelier, "trainer", "status"], env=env, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,7 @@
 """DreamBooth trainer on the tiny model: resume continues the uninterrupted run exactly."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -168,6 +170,17 @@ def test_a_checkpoint_copies_into_the_buffers_reserved_for_it(tmp_path):
     ckpt.wait()
     assert all(buffers[k] is b for k, b in reserved.items())
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], saved)
+
+
+def test_compiled_graphs_and_triton_kernels_are_kept_in_the_cache_unless_the_user_chose(tmp_path, monkeypatch):
+    from atelier.models.dreambooth.train_setup import keep_compiles
+
+    keep_compiles(tmp_path / "cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton") and (tmp_path / "cache" / "triton").is_dir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    keep_compiles(tmp_path / "other")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and not (tmp_path / "other" / "triton").exists()
 
 
 def test_progress_moves_every_step_while_losses_come_back_in_bursts(tiny_model, photos, prior_dir, tmp_path, tiny_config):
