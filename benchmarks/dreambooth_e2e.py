@@ -170,9 +170,11 @@ def _class_priors(base: Path, cfg, cache: Path, fingerprints: Path, split: dict)
 
 
 def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int, steps: int, size: int, compiled: bool) -> dict:
+    from atelier.models.dreambooth.train_setup import keep_compiles
     from atelier.models.dreambooth.trainer import TrainInputs, train
 
     cfg = _sd15_config(count, steps, size, **({"compile_unet": True} if compiled else {}))
+    keep_compiles(cache.parent / "torch-compile")  # as the flow's training task does: Triton's kernels too
     split: dict = {}
     priors, latents = _class_priors(base, cfg, cache, cache.parent / "fingerprints.json", split)
     result = train(cfg, TrainInputs(base, instance, "toy", work, work / "pipeline", priors.path, latents))
@@ -190,7 +192,7 @@ def atelier_job(base: Path, instance: Path, work: Path, cache: Path, count: int,
             **{
                 k: round(v, 2)
                 for k, v in timings.items()
-                if k.startswith(("capture_", "peak_", "checkpoint_", "load_", "first_steps", "steady_", "slowest_"))
+                if k.startswith(("capture_", "peak_", "checkpoint_", "load_", "first_steps", "steady_", "slowest_", "save_"))
             },
         }
     )
@@ -299,8 +301,9 @@ def run_all(
     """Each row in a fresh process; results accumulate in `results` (JSON), so rows may be run by
     several commands on one machine and the table printed when all are in."""
     done = json.loads(results.read_text()) if results.is_file() else {}
-    if "atelier cold" in rows:  # cold: nothing cached
+    if "atelier cold" in rows:  # cold: nothing cached (a workspace's first job: no class images, no compiled kernels)
         shutil.rmtree(tmp / "priors-cache", ignore_errors=True)
+        shutil.rmtree(tmp / "torch-compile", ignore_errors=True)
         (tmp / "fingerprints.json").unlink(missing_ok=True)
     for row in rows:
         one = tmp / "row.json"

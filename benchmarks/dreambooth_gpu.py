@@ -238,7 +238,15 @@ def profile_trainer(base: Path, instance: Path, klass: Path, cfg: TrainConfig, s
 
 
 def class_images(
-    base: Path, count: int, size: int, device: str, baseline: bool, compile_mode: str = "none", steps: int = 25, batch: int = 16
+    base: Path,
+    count: int,
+    size: int,
+    device: str,
+    baseline: bool,
+    compile_mode: str = "none",
+    steps: int = 25,
+    batch: int = 16,
+    layout: bool = False,
 ) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -259,6 +267,10 @@ def class_images(
             ]
     else:
         pipe = load_pipeline(base, "dpmsolver++", compile_mode=compile_mode)
+        if layout:  # what compile_mode default does before compiling, left eager: fused QKV, channels_last
+            pipe.fuse_qkv_projections()
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
 
         def run(n):
             return generate(pipe, [GenerationRequest("a photo of toy", i, steps, 7.5, size, size) for i in range(n)], batch_size=batch)  # noqa: F821 (`del pipe` below frees it after the last run)
@@ -534,6 +546,10 @@ def main() -> None:
         ),
         "class images baseline (PNDM 50 steps, batch 4)": lambda: class_images(base, args.images, size, device, True),
         "class images atelier (DPM-Solver++ 25, batch 16)": lambda: class_images(base, args.images, size, device, False),
+        "class images atelier, DPM-Solver++ 20 (the default)": lambda: class_images(base, args.images, size, device, False, steps=20),
+        "class images atelier, DPM-Solver++ 20, fused QKV + channels_last": lambda: class_images(
+            base, args.images, size, device, False, steps=20, layout=True
+        ),
         "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, "default"),
         "class images atelier + CUDA graphs (reduce-overhead)": lambda: class_images(
             base, args.images, size, device, False, "reduce-overhead"

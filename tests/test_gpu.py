@@ -125,6 +125,32 @@ def test_compiled_resident_session_follows_the_eager_curve_and_compiles_once(gpu
         torch._dynamo.reset()
 
 
+def test_a_single_run_writes_the_weights_it_staged_in_its_checkpoints_buffers(gpu_setup, tmp_path):
+    """The end of a captured run stages the trained weights into the host buffers its checkpoints pinned
+    and writes the pipeline from them: the files hold exactly the weights on the device, in float32."""
+    from safetensors.torch import load_file
+
+    from atelier.models.dreambooth.trainer import TrainerSession, TrainInputs
+
+    base, photos, priors, _ = gpu_setup
+    cfg = gpu_setup[3].model_copy(
+        update={"max_train_steps": 12, "checkpointing_steps": 6, "validation_steps": 100, "mixed_precision": "bf16"}
+    )
+    session = TrainerSession(cfg, base)
+    try:
+        result = session.run(cfg, TrainInputs(base, photos, "toy", tmp_path, tmp_path / "p", priors))
+        assert result.finished and result.timings["save_staging"] > 0
+        assert session.checkpoint_buffers and all(b.is_pinned() for b in session.checkpoint_buffers.values())
+        for part, module in (("unet", session.m.unet), ("text_encoder", session.m.text_encoder)):
+            name = "diffusion_pytorch_model" if part == "unet" else "model"
+            written = load_file(result.output_dir / part / f"{name}.safetensors")
+            on_device = getattr(module, "_orig_mod", module).state_dict()
+            assert {t.dtype for t in written.values()} == {torch.float32}
+            assert all(torch.equal(written[k], on_device[k].cpu()) for k in written), part
+    finally:
+        session.close()
+
+
 def test_validation_replays_one_captured_unet_forward_that_reads_the_current_weights(gpu_setup):
     """A captured run's validation samples: the UNet's forward captured once with the bf16 weight copies,
     the same images as the eager loop, and a replay after the weights change samples the new weights."""

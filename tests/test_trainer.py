@@ -172,6 +172,35 @@ def test_a_checkpoint_copies_into_the_buffers_reserved_for_it(tmp_path):
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], saved)
 
 
+def test_the_end_of_a_run_stages_its_weights_in_the_checkpoints_buffers(tiny_model, tmp_path):
+    """A single run that writes its pipeline at the end copies the trained weights into the host buffers its
+    checkpoints reserved (already pinned on a GPU, free once the last checkpoint is on disk), found by the
+    checkpoint's name for each tensor; a tensor no checkpoint holds goes to new memory of its own. The host
+    modules built around the copies hold the run's weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, LoopState, checkpoint_state
+    from atelier.models.dreambooth.handoff import HostWeights
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+    text = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder").requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    buffers: dict = {}
+    ckpt = AsyncCheckpointer(tmp_path, keep=1, buffers=buffers)
+    ckpt.reserve(checkpoint_state(LoopState(0), {"unet": unet}, optimizer, scheduler, None))
+    ckpt.reserved()
+    reserved = dict(buffers)
+    built = HostWeights(dict(buffers), pin=False).stage({"unet": unet, "text_encoder": text})
+    host_unet, host_text = built["unet"](), built["text_encoder"]()
+    for name, p in host_unet.named_parameters():
+        assert p.data_ptr() == reserved[f"/models/unet/{name}"].data_ptr(), name  # no copy of its own
+    assert torch.equal(host_unet.state_dict()["conv_in.weight"], unet.state_dict()["conv_in.weight"])
+    assert all(torch.equal(v, text.state_dict()[k]) for k, v in host_text.state_dict().items())
+    assert buffers == reserved  # the frozen text encoder's copies are the run's, not the checkpoints'
+
+
 def test_compiled_graphs_and_triton_kernels_are_kept_in_the_cache_unless_the_user_chose(tmp_path, monkeypatch):
     from atelier.models.dreambooth.train_setup import keep_compiles
 

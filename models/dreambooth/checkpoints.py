@@ -54,6 +54,12 @@ def trained_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
 
 
+def model_tensor_name(model: str, tensor: str) -> str:
+    """The name under which a checkpoint's host buffers keep a model's trained tensor (`_tensors` of
+    `checkpoint_state`): the end of a run stages the weights into those same buffers by this name."""
+    return f"/models/{model}/{tensor}"
+
+
 def checkpoint_state(state: LoopState, trained: dict, optimizer, scheduler, scaler) -> dict:
     """Everything a checkpoint holds (the module docstring), as tensors still on the device."""
     return {
@@ -108,14 +114,14 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def copy_to_host(buffers: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> torch.Tensor:
+def copy_to_host(buffers: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, pin: bool = True) -> torch.Tensor:
     """`tensor` copied into the host buffer kept in `buffers` under `name`, made when missing or shaped
-    otherwise: pinned for a device tensor, with the tensor's strides (channels_last weights and their Adam
+    otherwise: pinned for a device tensor (unless `pin` is False), with the tensor's strides (channels_last weights and their Adam
     moments stay so: the fused optimizer refuses moments whose layout differs from their parameter's).
     From a device the copy is asynchronous: synchronize before the buffer is read."""
     buf = buffers.get(name)
     if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
-        buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+        buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin and tensor.is_cuda)
         buffers[name] = buf
     return buf.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from atelier.models.dreambooth.checkpoints import copy_to_host
+from atelier.models.dreambooth.checkpoints import copy_to_host, model_tensor_name
 
 
 class Pending:
@@ -38,10 +38,16 @@ class HostWeights:
     the weights are on a GPU, so the copy off the device runs at the bus's speed instead of into fresh
     pageable memory, and allocated once per session instead of once per subject. The module is built
     around the copies (on the meta device: nothing initialised) by the writer thread, off the training's
-    path. A run's copy waits until the previous run's writer is done reading the buffers."""
+    path. A run's copy waits until the previous run's writer is done reading the buffers.
 
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
+    A single run that writes its pipeline before it returns passes `buffers`: its checkpoints' host
+    buffers, already pinned and free once the last checkpoint is on disk (a trained tensor's buffer has
+    the checkpoint's name for it), and `pin=False`, so a tensor no checkpoint holds (a frozen text
+    encoder) goes to pageable memory rather than pinning new memory for one copy."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor] | None = None, pin: bool = True) -> None:
+        self.buffers: dict[str, torch.Tensor] = {} if buffers is None else buffers
+        self.pin = pin
         self.reader: Pending | None = None  # the writer still reading the buffers
 
     def stage(self, modules: dict[str, torch.nn.Module]) -> dict[str, Callable[[], torch.nn.Module]]:
@@ -52,7 +58,10 @@ class HostWeights:
         built: dict[str, Callable[[], torch.nn.Module]] = {}
         for name, module in modules.items():
             inner = getattr(module, "_orig_mod", module)
-            state = {key: copy_to_host(self.buffers, f"{name}/{key}", tensor) for key, tensor in inner.state_dict().items()}
+            state = {
+                key: copy_to_host(self.buffers, model_tensor_name(name, key), tensor, self.pin)
+                for key, tensor in inner.state_dict().items()
+            }
             built[name] = functools.partial(module_around, inner.__class__, inner.config, state)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the copies have landed before anyone reads them
