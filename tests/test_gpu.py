@@ -140,7 +140,8 @@ def test_a_single_run_writes_the_weights_it_staged_in_its_checkpoints_buffers(gp
     try:
         result = session.run(cfg, TrainInputs(base, photos, "toy", tmp_path, tmp_path / "p", priors))
         assert result.finished and result.timings["save_staging"] > 0
-        assert session.checkpoint_buffers and all(b.is_pinned() for b in session.checkpoint_buffers.values())
+        weights = {k: b for k, b in session.checkpoint_buffers.items() if k.startswith("/models/")}
+        assert weights and all(b.is_pinned() for b in weights.values())  # (the loop's CPU RNG state is not a device tensor)
         for part, module in (("unet", session.m.unet), ("text_encoder", session.m.text_encoder)):
             name = "diffusion_pytorch_model" if part == "unet" else "model"
             written = load_file(result.output_dir / part / f"{name}.safetensors")
