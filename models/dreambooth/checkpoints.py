@@ -116,8 +116,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def copy_to_host(buffers: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, pin: bool = True) -> torch.Tensor:
     """`tensor` copied into the host buffer kept in `buffers` under `name`, made when missing or shaped
-    otherwise: pinned for a device tensor (unless `pin` is False), with the tensor's strides (channels_last weights and their Adam
-    moments stay so: the fused optimizer refuses moments whose layout differs from their parameter's).
+    otherwise: pinned for a device tensor (unless `pin` is False), with the tensor's strides (channels_last
+    weights and their Adam moments stay so: the fused optimizer refuses moments whose layout differs from
+    their parameter's).
     From a device the copy is asynchronous: synchronize before the buffer is read."""
     buf = buffers.get(name)
     if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():

@@ -419,13 +419,13 @@ class TrainerSession:
         # deferred: the weights leave the device now; the session is free for the next subject while they are written.
         # Written now from a GPU: staged in one pass into the checkpoints' pinned buffers, free again, instead
         # of safetensors copying a thousand device tensors one at a time into fresh pageable memory
-        staging = self.host_weights if deferred else HostWeights(dict(self.checkpoint_buffers), pin=False)
+        staged = {}
         if whole and (deferred or acc.device.type == "cuda"):
             checkpointer.reserved()
+            staging_start = time.perf_counter()
+            staging = self.host_weights if deferred else HostWeights(dict(self.checkpoint_buffers), pin=False)
             staged = staging.stage({"unet": unet, "text_encoder": text_encoder})
-            timings["save_staging"] = time.perf_counter() - t
-        else:
-            staged = {}
+            timings["save_staging"] = time.perf_counter() - staging_start
         output = inputs.output_dir if finished and acc.is_main_process else None
         record = {"steps": state.step, "losses": state.losses, "resumed_from": resumed_from}
         record |= {"cuda_graphs": graphs, "compiled": self.compiled}
