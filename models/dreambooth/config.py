@@ -101,7 +101,7 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 on CUDA (fp16 where the GPU has no bf16), none on CPU"
     )
     # speed levers that keep the training semantics (benchmarks/dreambooth_gpu.py measures them)
-    fused_adam: bool = Field(True, description="fused AdamW kernel on CUDA (ignored on CPU)")
+    fused_adam: bool = Field(True, description="torch's fused AdamW kernel (on CUDA and on the CPU)")
     channels_last: bool = Field(True, description="UNet in channels_last memory format on CUDA")
     cuda_graphs: bool = Field(
         True,
