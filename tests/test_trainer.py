@@ -416,11 +416,10 @@ def test_the_optimizer_is_torchs_fused_adamw_on_the_cpu_too(tiny_config):
     steps the same weights: a config that turns it off gets the plain loop."""
     from atelier.models.dreambooth.train_setup import make_optimizer
 
-    params = [torch.nn.Parameter(torch.ones(3))]
-    fused, _ = make_optimizer(tiny_config, params, torch.device("cpu"), graphs=False)
-    plain, _ = make_optimizer(
-        tiny_config.model_copy(update={"fused_adam": False}), [torch.nn.Parameter(torch.ones(3))], torch.device("cpu"), False
-    )
+    def optimizer(cfg):
+        return make_optimizer(cfg, [torch.nn.Parameter(torch.ones(3))], torch.device("cpu"), graphs=False)[0]
+
+    fused, plain = optimizer(tiny_config), optimizer(tiny_config.model_copy(update={"fused_adam": False}))
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
     for opt in (fused, plain):
         for p in opt.param_groups[0]["params"]:
