@@ -345,9 +345,15 @@ def run_all(
     return done
 
 
+def example_repeated(baseline: dict, n: int) -> float:
+    """The example run n times: once whole, then without its class images (it keeps them in its class folder)."""
+    return baseline["total"] + (n - 1) * (baseline["total"] - baseline["split"].get("class images", 0.0))
+
+
 def print_table(done: dict) -> None:
+    """The rows as a table; a back-to-back row's ratio is per GPU-hour against the example run as many times."""
     parts = ("fingerprint", "start", "compile", "class images", "training steps", "checkpoints", "validation", "save")
-    base = done.get("baseline", {}).get("total")
+    b = done.get("baseline", {})
     first = next((r for r in done.values() if "job" in r), {})
     print(
         f"\n{first.get('job', 'job'):<34}{'wall s':>8}{'vs base':>8}"
@@ -358,21 +364,26 @@ def print_table(done: dict) -> None:
         if "error" in r:
             print(f"{row:<34} failed: {r['error'][-300:]}")
             continue
-        ratio = f"{base / r['total']:.2f}x" if base else "no base"
+        n = r["split"].get("subjects")
+        if "total" not in b:
+            ratio = "no base"
+        elif n:  # n subjects in one wall clock: compared with the example run n times, not once
+            ratio = f"{example_repeated(b, n) / r['total']:.2f}x/h"
+        else:
+            ratio = f"{b['total'] / r['total']:.2f}x"
         print(
             f"{row:<34}{r['total']:>8.1f}{ratio:>8}"
             + "".join(f"{r['split'].get(p, 0.0):>15.1f}" for p in parts)
             + f"{r['peak_gib']:>9.1f}{r.get('device_peak_gib', float('nan')):>9.1f}"
             + f"{r['split'].get('steady_ms_per_step', float('nan')):>10.1f}"  # a step between read-backs (training.json)
         )
-    b = done.get("baseline", {})
     for row, r in done.items():
         n = r.get("split", {}).get("subjects")
         if not n:
             continue
         rate = n / r["total"] * 3600
         line = f"{row}: {n} subjects in {r['total']:.1f} s = {rate:.1f} subjects per GPU-hour"
-        if "total" in b:  # the example run n times: once whole, then without its class images (kept in its class folder)
-            example = b["total"] + (n - 1) * (b["total"] - b["split"].get("class images", 0.0))
+        if "total" in b:
+            example = example_repeated(b, n)
             line += f"; the example run {n} times: {example:.0f} s = {n / example * 3600:.1f} per GPU-hour; {example / r['total']:.2f}x"
         print(line)
