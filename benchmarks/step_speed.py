@@ -14,7 +14,9 @@ multiplies, convolutions, attention, norms, reductions, elementwise) and lists t
 
 The variants' other knobs: the attention backend (pinned with sdpa_kernel), GroupNorm and LayerNorm in
 bf16 (autocast runs them in float32, so every bf16 activation entering a norm is read and written twice
-as wide), and torch.compile of the UNet inside the captured step. docs/gpu.md has the measurements.
+as wide), and torch.compile of the UNet inside the captured step: the whole model (`compiled+one-pass`,
+what the resident trainer runs) or only its repeated blocks (`regional+one-pass`, `compile_regions`:
+one compiled graph per block shape, a fraction of the compile). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SpeedOptions:
     attention: str = "auto"
     compile: bool = False
     compile_text: bool = False  # the text encoder too, as the trainer compiles a trained one
+    regional: bool = False  # compile the repeated blocks only (train_setup.compile_regions)
 
 
 def _in_compute_dtype(norm):
@@ -126,6 +129,11 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
         unet = torch.compile(unet, dynamic=False)
     if options.compile_text:
         text_encoder = torch.compile(text_encoder, dynamic=False)
+    if options.regional:
+        from atelier.models.dreambooth.train_setup import compile_regions
+
+        compile_regions(unet)
+        compile_regions(text_encoder)
     return unet, text_encoder
 
 
@@ -254,6 +262,7 @@ VARIANTS = {
     # what the resident trainer runs: UNet and text encoder compiled, computing with the bf16 copies
     "compiled+copies": {"one_pass": False, "options": {"compile": True, "compile_text": True}},
     "compiled+one-pass": {"options": {"compile": True, "compile_text": True}},
+    "regional+one-pass": {"options": {"regional": True}},
 }
 
 
