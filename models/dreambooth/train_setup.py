@@ -236,12 +236,13 @@ def compile_regions(module: torch.nn.Module, names: tuple[str, ...] = REGIONS) -
     instead of the whole model. Blocks of one shape share one compiled graph (parameters are graph
     inputs), so the compile is a fraction of a whole-model one; what lies between the blocks (the
     UNet's input and output convolutions, up- and down-samplers, time embedding) stays eager. Returns
-    how many submodules were compiled."""
+    how many submodules were compiled. (diffusers' `compile_repeated_blocks` does the same walk, but only
+    for models that declare `_repeated_blocks`: SD's UNet does not, and CLIP's text encoder is not a
+    diffusers model.)"""
     import torch._dynamo
 
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     # one graph per distinct block shape: SD 1.5's UNet has about 20 (the default limit is 8)
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = 0
     for sub in module.modules():
         if type(sub).__name__ in names:
