@@ -16,7 +16,8 @@ The variants' other knobs: the attention backend (pinned with sdpa_kernel), Grou
 bf16 (autocast runs them in float32, so every bf16 activation entering a norm is read and written twice
 as wide), and torch.compile of the UNet inside the captured step: the whole model (`compiled+one-pass`,
 what the resident trainer runs) or only its repeated blocks (`regional+one-pass`, `compile_regions`:
-one compiled graph per block shape, a fraction of the compile). docs/gpu.md has the measurements.
+one compiled graph per block shape; on an H100 0.9 ms a step slower, and its compile no shorter where it
+counts). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -50,7 +51,32 @@ class SpeedOptions:
     attention: str = "auto"
     compile: bool = False
     compile_text: bool = False  # the text encoder too, as the trainer compiles a trained one
-    regional: bool = False  # compile the repeated blocks only (train_setup.compile_regions)
+    regional: bool = False  # compile the repeated blocks only (compile_regions)
+
+
+# the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
+REGIONS = ("ResnetBlock2D", "Transformer2DModel", "CLIPEncoderLayer")
+
+
+def compile_regions(module: torch.nn.Module, names: tuple[str, ...] = REGIONS) -> int:
+    """Regional compilation (`--only regional+one-pass`; docs/gpu.md: no faster than the whole-model
+    compile on an H100, so the trainer does not use it): torch.compile each submodule whose class is
+    named in `names`, in place, instead of the whole model. Blocks of one shape share one compiled graph (parameters are graph
+    inputs), so the compile is a fraction of a whole-model one; what lies between the blocks (the
+    UNet's input and output convolutions, up- and down-samplers, time embedding) stays eager. Returns
+    how many submodules were compiled. (diffusers' `compile_repeated_blocks` does the same walk, but only
+    for models that declare `_repeated_blocks`: SD's UNet does not, and CLIP's text encoder is not a
+    diffusers model.)"""
+    import torch._dynamo
+
+    # one graph per distinct block shape: SD 1.5's UNet has about 20 (the default limit is 8)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = 0
+    for sub in module.modules():
+        if type(sub).__name__ in names:
+            sub.compile(dynamic=False)  # shapes never change during training
+            compiled += 1
+    return compiled
 
 
 def _in_compute_dtype(norm):
@@ -130,8 +156,6 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
     if options.compile_text:
         text_encoder = torch.compile(text_encoder, dynamic=False)
     if options.regional:
-        from atelier.models.dreambooth.train_setup import compile_regions
-
         compile_regions(unet)
         compile_regions(text_encoder)
     return unet, text_encoder

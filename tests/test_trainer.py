@@ -411,35 +411,6 @@ def test_validation_sampler_makes_the_pipeline_s_images_from_the_run_s_modules(t
     assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[2]))  # each prompt and seed its own image
 
 
-def test_regional_compile_takes_the_repeated_blocks_and_validation_never_compiles(tiny_model):
-    """`compile_regions` compiles each repeated block (the UNet's resnets and transformers, CLIP's layers)
-    in place, and a run's validation samples with them eager: sampling's shapes never start a compile."""
-    import torch._dynamo
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
-
-    from atelier.models.dreambooth.sampling import GenerationRequest, load_pipeline
-    from atelier.models.dreambooth.train_setup import compile_regions
-    from atelier.models.dreambooth.validation import ValidationSampler
-
-    pipe = load_pipeline(tiny_model, "ddim", dtype=torch.float32)
-    blocks = [type(m).__name__ for m in pipe.unet.modules()]
-    assert compile_regions(pipe.unet) == blocks.count("ResnetBlock2D") + blocks.count("Transformer2DModel") > 0
-    assert compile_regions(pipe.text_encoder) == pipe.text_encoder.config.num_hidden_layers
-    assert torch._dynamo.config.recompile_limit >= 64  # one graph per block shape: SD 1.5 has about 20
-    torch._dynamo.reset()
-    traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # (reset() keeps the counters of earlier tests)
-    sampler = ValidationSampler(
-        pipe.unet,
-        pipe.text_encoder,
-        pipe.vae,
-        CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer")),
-        DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler").config,
-    )
-    assert len(sampler.images([GenerationRequest("a sks toy", 3, 2, 5.0)], "ddim", batch_size=1)) == 1
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == traced
-
-
 def test_the_optimizer_is_torchs_fused_adamw_on_the_cpu_too(tiny_config):
     """The CPU's fused kernel is 1.13x on the whole tiny training (the per-tensor loop was a tenth of each step) and
     steps the same weights: a config that turns it off gets the plain loop."""

@@ -226,31 +226,6 @@ def place(
     return optimizer, lr_scheduler
 
 
-# the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
-REGIONS = ("ResnetBlock2D", "Transformer2DModel", "CLIPEncoderLayer")
-
-
-def compile_regions(module: torch.nn.Module, names: tuple[str, ...] = REGIONS) -> int:
-    """Regional compilation (`benchmarks/step_speed.py --only regional+one-pass` measures it against the
-    whole-model compile): torch.compile each submodule whose class is named in `names`, in place,
-    instead of the whole model. Blocks of one shape share one compiled graph (parameters are graph
-    inputs), so the compile is a fraction of a whole-model one; what lies between the blocks (the
-    UNet's input and output convolutions, up- and down-samplers, time embedding) stays eager. Returns
-    how many submodules were compiled. (diffusers' `compile_repeated_blocks` does the same walk, but only
-    for models that declare `_repeated_blocks`: SD's UNet does not, and CLIP's text encoder is not a
-    diffusers model.)"""
-    import torch._dynamo
-
-    # one graph per distinct block shape: SD 1.5's UNet has about 20 (the default limit is 8)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = 0
-    for sub in module.modules():
-        if type(sub).__name__ in names:
-            sub.compile(dynamic=False)  # shapes never change during training
-            compiled += 1
-    return compiled
-
-
 def keep_compiles(cache: Path) -> None:
     """Point torch.compile's caches at `cache` and Triton's at `cache/triton` (unless the user set
     TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR): they are content-addressed by graph or kernel source,

@@ -96,8 +96,7 @@ class ValidationSampler:
         scheduler = scheduler_for(sampler, self.scheduler_config)
         device, config = self.unet.device, self.unet.config
         out: list[Image.Image | None] = [None] * len(requests)
-        # eager where the run compiled the repeated blocks (compile_regions): sampling's shapes would compile again
-        with self.autocast(), torch.compiler.set_stance("force_eager"):
+        with self.autocast():
             for chunk, reqs in batched(requests, batch_size, pad=self.capture):
                 r = reqs[0]
                 h, w = (side // self.scale for side in pixel_size(r, config.sample_size, self.scale))
