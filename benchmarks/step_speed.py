@@ -58,25 +58,21 @@ class SpeedOptions:
 REGIONS = ("ResnetBlock2D", "Transformer2DModel", "CLIPEncoderLayer")
 
 
-def compile_regions(module: torch.nn.Module, names: tuple[str, ...] = REGIONS) -> int:
-    """Regional compilation (`--only regional+one-pass`; docs/gpu.md: no faster than the whole-model
-    compile on an H100, so the trainer does not use it): torch.compile each submodule whose class is
-    named in `names`, in place, instead of the whole model. Blocks of one shape share one compiled graph (parameters are graph
-    inputs), so the compile is a fraction of a whole-model one; what lies between the blocks (the
-    UNet's input and output convolutions, up- and down-samplers, time embedding) stays eager. Returns
-    how many submodules were compiled. (diffusers' `compile_repeated_blocks` does the same walk, but only
-    for models that declare `_repeated_blocks`: SD's UNet does not, and CLIP's text encoder is not a
-    diffusers model.)"""
+def compile_regions(module: torch.nn.Module) -> None:
+    """Regional compilation (`--only regional+one-pass`): torch.compile, in place, each submodule whose
+    class is in REGIONS instead of the whole model. Blocks of one shape share one compiled graph
+    (parameters are graph inputs); what lies between the blocks (the UNet's input and output
+    convolutions, up- and down-samplers, time embedding) stays eager. On an H100 it was no faster than
+    the whole-model compile (docs/gpu.md), so the trainer does not use it. (diffusers'
+    `compile_repeated_blocks` does the same walk, but only for models that declare `_repeated_blocks`:
+    SD's UNet does not, and CLIP's text encoder is not a diffusers model.)"""
     import torch._dynamo
 
     # one graph per distinct block shape: SD 1.5's UNet has about 20 (the default limit is 8)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = 0
     for sub in module.modules():
-        if type(sub).__name__ in names:
+        if type(sub).__name__ in REGIONS:
             sub.compile(dynamic=False)  # shapes never change during training
-            compiled += 1
-    return compiled
 
 
 def _in_compute_dtype(norm):
