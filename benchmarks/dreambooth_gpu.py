@@ -247,12 +247,14 @@ def class_images(
     steps: int = 25,
     batch: int = 16,
     layout: bool = False,
+    cudnn_benchmark: bool = False,
 ) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
     _reset_memory(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     dtype = torch.float16 if device == "cuda" else torch.float32
     if baseline:
         pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype, safety_checker=None, requires_safety_checker=False).to(
@@ -549,6 +551,9 @@ def main() -> None:
         "class images atelier, DPM-Solver++ 20 (the default)": lambda: class_images(base, args.images, size, device, False, steps=20),
         "class images atelier, DPM-Solver++ 20, fused QKV + channels_last": lambda: class_images(
             base, args.images, size, device, False, steps=20, layout=True
+        ),
+        "class images atelier, DPM-Solver++ 20, cuDNN benchmark": lambda: class_images(
+            base, args.images, size, device, False, steps=20, cudnn_benchmark=True
         ),
         "class images atelier + torch.compile": lambda: class_images(base, args.images, size, device, False, "default"),
         "class images atelier + CUDA graphs (reduce-overhead)": lambda: class_images(

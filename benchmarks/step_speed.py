@@ -9,15 +9,19 @@ graph) and reports ms per replayed step after warm-up, against `baseline` (the s
 weight copies and the fused clipping) run in the same process; `copies` ends the step in four passes
 (gradients to float32, norm, fused AdamW, copies refreshed), `one-pass` in OnePassAdamW's one kernel, the
 trainer's default now.
-`--profile` first sums an eager step's GPU kernel time by kind (copies and casts, optimizer, matrix
-multiplies, convolutions, attention, norms, reductions, elementwise) and lists the top kernels.
+`--profile` first sums a replayed step's GPU kernel time by kind (copies and casts, optimizer, matrix
+multiplies, convolutions, attention, norms, reductions, elementwise) and lists the top kernels, for the
+variant `--profile-variant` names (`compiled+one-pass`: the resident trainer's); `--trace FILE` keeps one
+step's kernels in order.
 
 The variants' other knobs: the attention backend (pinned with sdpa_kernel), GroupNorm and LayerNorm in
 bf16 (autocast runs them in float32, so every bf16 activation entering a norm is read and written twice
 as wide), and torch.compile of the UNet inside the captured step: the whole model (`compiled+one-pass`,
 what the resident trainer runs) or only its repeated blocks (`regional+one-pass`, `compile_regions`:
 one compiled graph per block shape; on an H100 0.9 ms a step slower, and its compile no shorter where it
-counts). docs/gpu.md has the measurements.
+counts), cuDNN's convolution algorithms timed on first use instead of picked by its heuristics
+(`*+cudnn-bench`: no faster), and inductor's choice of convolution layouts (`compiled+one-pass/*-layout-opt`:
+the compiled backward copies activations between layouts). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SpeedOptions:
     compile: bool = False
     compile_text: bool = False  # the text encoder too, as the trainer compiles a trained one
     regional: bool = False  # compile the repeated blocks only (compile_regions)
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms on first use instead of its heuristics
 
 
 # the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
@@ -204,6 +209,12 @@ def inputs(seed: int):
 def time_variant(base: Path, variant: dict, steps: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    torch.backends.cudnn.benchmark = variant.get("options", {}).get("cudnn_benchmark", False)
+    with torch._inductor.config.patch(variant.get("inductor", {})):  # read when the first call compiles
+        return _time_variant(base, variant, steps)
+
+
+def _time_variant(base: Path, variant: dict, steps: int) -> dict:
     t0 = time.perf_counter()
     step, *_ = build(base, variant)
     load = time.perf_counter() - t0
@@ -234,25 +245,28 @@ def time_variant(base: Path, variant: dict, steps: int) -> dict:
     return out
 
 
-def profile(base: Path, steps: int, variant_name: str) -> dict:
-    """An eager step's GPU kernel time by kind (what a replayed graph runs, without the launches)."""
+def profile(base: Path, steps: int, variant_name: str, trace: Path | None = None) -> dict:
+    """A replayed step's GPU kernel time by kind (a compiled variant's kernels are its compiled graphs').
+    `trace` keeps the kernels in order (a chrome trace): a replayed graph names no operator that launched
+    them, but their neighbours and grid sizes say what they are."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof_ctx
 
+    torch.backends.cudnn.benchmark = VARIANTS[variant_name].get("options", {}).get("cudnn_benchmark", False)
     step, objective, params, opt = build(base, VARIANTS[variant_name])
     for i in range(3):
         step(*inputs(i))
     torch.cuda.synchronize()
     with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            step(*inputs(10 + i))  # still eager: calls < capture, so reset the counter
-            step.calls = 0
+            step(*inputs(10 + i))  # the first call captures the step, every call replays it
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
     top = []
     for evt in prof.key_averages():
         us = evt.self_device_time_total
-        if us <= 0:
+        if us <= 0 or evt.device_type != DeviceType.CUDA:  # kernels only: an operator's self time repeats its kernels
             continue
         kind = next((k for k, pat in KINDS if re.search(pat, evt.key)), "other")
         by_kind[kind] += us / steps / 1000
@@ -265,6 +279,8 @@ def profile(base: Path, steps: int, variant_name: str) -> dict:
     print("\ntop kernels (ms/step, calls/step, kind, name):")
     for ms, n, kind, name in top[:30]:
         print(f"  {ms:7.2f} {n:5d} {kind:<11} {name}")
+    if trace:
+        prof.export_chrome_trace(str(trace))
     del step, objective, params, opt
     return {"kernel_ms_per_step": total, "by_kind": dict(by_kind), "top": top[:30]}
 
@@ -283,6 +299,14 @@ VARIANTS = {
     "compiled+copies": {"one_pass": False, "options": {"compile": True, "compile_text": True}},
     "compiled+one-pass": {"options": {"compile": True, "compile_text": True}},
     "regional+one-pass": {"options": {"regional": True}},
+    # inductor's choice of convolution layouts (the compiled backward copies activations between layouts)
+    "compiled+one-pass/no-layout-opt": {"options": {"compile": True, "compile_text": True}, "inductor": {"layout_optimization": False}},
+    "compiled+one-pass/forced-layout-opt": {
+        "options": {"compile": True, "compile_text": True},
+        "inductor": {"force_layout_optimization": True},
+    },
+    "one-pass+cudnn-bench": {"options": {"cudnn_benchmark": True}},
+    "compiled+one-pass+cudnn-bench": {"options": {"compile": True, "compile_text": True, "cudnn_benchmark": True}},
 }
 
 
@@ -291,8 +315,9 @@ def main() -> None:
     ap.add_argument("--tmp", type=Path, required=True, help="work folder; the SD 1.5-shape model is built there once")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", default="")
-    ap.add_argument("--profile", action="store_true", help="first: an eager step's kernel time by kind")
+    ap.add_argument("--profile", action="store_true", help="first: a replayed step's kernel time by kind")
     ap.add_argument("--profile-variant", default="one-pass", help="the variant the profile runs")
+    ap.add_argument("--trace", type=Path, default=None, help="with --profile: one step's kernels, in order, as a chrome trace")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from atelier.models.dreambooth.train_setup import keep_compiles
@@ -304,7 +329,7 @@ def main() -> None:
         build_sd15(base, None)
     results: dict = {}
     if args.profile:
-        results["profile"] = profile(base, 3, args.profile_variant)
+        results["profile"] = profile(base, 1 if args.trace else 3, args.profile_variant, args.trace)
     only = [o for o in args.only.split(",") if o]
     for name, variant in VARIANTS.items():
         if only and name not in only and name != "baseline":
