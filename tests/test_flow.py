@@ -556,8 +556,11 @@ def test_atelier_logs_prints_a_runs_log_and_how_it_ended(first_run):
 
 
 def test_ctrl_c_during_registration_is_exit_130_and_registers_nothing(first_run, workspace, client, robot_photos):
-    """SIGINT a moment after the samples are written (registration under way): the command ends within
-    seconds with exit 130 and no traceback, and no version of the model exists; a rerun registers once."""
+    """SIGINT a moment after the samples are written (registration under way): the command says so within
+    seconds and ends with exit 130 and no traceback, and no version of the model exists; a rerun registers once.
+    The suite's commands start a temporary Prefect server each (ATELIER_PREFECT_SERVER=temporary), which Prefect
+    gives up to 5 s to stop after the command's own end: the reaction is timed to the message, the exit more
+    loosely (11.5 s under the suite's load with the images building beside it, 5.4 s on a quiet machine)."""
     import signal
     import time
 
@@ -578,7 +581,15 @@ def test_ctrl_c_during_registration_is_exit_130_and_registers_nothing(first_run,
             break
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
+    said = None
+    for line in proc.stderr:
+        seen.append(line)
+        if "interrupted: stopped" in line:
+            said = time.monotonic() - sent
+            break
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, "".join(seen)[-2000:] + err[-2000:]
-    assert time.monotonic() - sent < 10 and "interrupted" in err and "Traceback" not in err
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err[-4000:]
+    assert said is not None and said < 10 and "Traceback" not in err, err[-4000:]
+    assert time.monotonic() - sent < 30
     assert client.search_model_versions("name = 'dreambooth-acme-sigint'") == []
