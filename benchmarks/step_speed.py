@@ -209,9 +209,20 @@ def inputs(seed: int):
 def time_variant(base: Path, variant: dict, steps: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    torch.backends.cudnn.benchmark = variant.get("options", {}).get("cudnn_benchmark", False)
-    with torch._inductor.config.patch(variant.get("inductor", {})):  # read when the first call compiles
+    with process_settings(variant):
         return _time_variant(base, variant, steps)
+
+
+@contextlib.contextmanager
+def process_settings(variant: dict):
+    """What a variant sets for the whole process rather than on its modules: cuDNN's algorithm search and
+    inductor's options (read when the first call compiles)."""
+    torch.backends.cudnn.benchmark = variant.get("options", {}).get("cudnn_benchmark", False)
+    try:
+        with torch._inductor.config.patch(variant.get("inductor", {})):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def _time_variant(base: Path, variant: dict, steps: int) -> dict:
@@ -253,10 +264,10 @@ def profile(base: Path, steps: int, variant_name: str, trace: Path | None = None
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof_ctx
 
-    torch.backends.cudnn.benchmark = VARIANTS[variant_name].get("options", {}).get("cudnn_benchmark", False)
-    step, objective, params, opt = build(base, VARIANTS[variant_name])
-    for i in range(3):
-        step(*inputs(i))
+    with process_settings(VARIANTS[variant_name]):
+        step, objective, params, opt = build(base, VARIANTS[variant_name])
+        for i in range(3):  # the compile, if any, happens here, under the variant's settings
+            step(*inputs(i))
     torch.cuda.synchronize()
     with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
