@@ -32,6 +32,8 @@ from atelier.kernel.storage import atomic_dir, check_customer, check_slug, file_
 
 MARKER = Path(".atelier") / "workspace.json"
 JOURNAL = Path(".atelier") / "changing.json"  # the change in progress (subject add), for _recover
+RWLOCK = Path(".dvc") / "tmp" / "rwlock"  # DVC's table of read and write locks, rewritten in place by DVC
+RWLOCK_GUARD = Path(".dvc") / "tmp" / "rwlock.lock"  # the lock DVC holds while it rewrites that table
 TEMPLATES = ("dvc.yaml", "params.yaml", "subjects.yaml")
 
 
@@ -194,8 +196,10 @@ def _note(message: str) -> None:
 
 
 def _recover(ws: Path) -> None:
-    """Finish what a killed command left (under the workspace lock): a subject add that did not reach its
-    commit is undone, so its files are neither listed as a subject nor committed by the next command."""
+    """Finish what a killed command left (under the workspace lock): DVC's lock table torn by a kill is
+    cleared, and a subject add that did not reach its commit is undone, so its files are neither listed as
+    a subject nor committed by the next command."""
+    _clear_torn_rwlock(ws)
     try:
         change = json.loads((ws / JOURNAL).read_text())
     except FileNotFoundError:
@@ -208,10 +212,36 @@ def _recover(ws: Path) -> None:
     (ws / JOURNAL).unlink(missing_ok=True)
 
 
+def _rwlock_torn(ws: Path) -> bool:
+    try:
+        json.loads((ws / RWLOCK).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (ValueError, UnicodeDecodeError):
+        return True
+    return False
+
+
+def _clear_torn_rwlock(ws: Path) -> None:
+    """DVC rewrites its table of read and write locks (.dvc/tmp/rwlock) in place: a kill -9 during that write
+    leaves it empty or cut off, and every later DVC command then fails on it ("JSON structure is
+    corrupted"). The table names only the running processes' locks, and a torn one names none it can be
+    trusted for, so it is removed (an absent table is DVC's "no locks"), under DVC's own guard of it."""
+    if not _rwlock_torn(ws):
+        return
+    from dvc.lock import make_lock
+
+    guard = make_lock(str(ws / RWLOCK_GUARD), tmp_dir=str((ws / RWLOCK).parent), hardlink_lock=False)
+    with guard:
+        if _rwlock_torn(ws):
+            (ws / RWLOCK).unlink(missing_ok=True)
+            _note(f"cleared DVC's lock table {RWLOCK}, which a killed command left cut off in mid-write")
+
+
 def _settle(settings: Settings) -> None:
     """Readers of the subject list first let a killed change be undone (waiting for a live one to finish)."""
     ws = settings.workspace
-    if (ws / JOURNAL).exists():
+    if (ws / JOURNAL).exists() or _rwlock_torn(ws):
         with file_lock(ws / ".atelier" / "workspace.lock"):
             _recover(ws)
 

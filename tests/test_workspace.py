@@ -152,6 +152,40 @@ def test_a_subject_add_killed_at_any_point_is_undone_and_never_committed_by_the_
     assert "undone" in outcomes, outcomes  # the kills did land inside the change
 
 
+@pytest.mark.parametrize("torn", [b"", b'{"write": {"data/subjects/acme/x": {"pid": 4', b"\xff\xfe"])
+def test_dvcs_lock_table_torn_by_a_kill_is_cleared_by_the_next_command(ws, photos, capsys, torn):
+    """A kill -9 while DVC rewrites .dvc/tmp/rwlock leaves it empty or cut off; DVC alone then fails every later
+    command ("JSON structure is corrupted"). The next atelier command clears it and its change lands."""
+    add_subject(ws, "acme", "first", "toy", photos[:4])
+    rwlock = ws.workspace / ".dvc" / "tmp" / "rwlock"
+    rwlock.write_bytes(torn)
+    capsys.readouterr()
+    assert list_subjects(ws) == ["acme/first"]  # a reader settles it too
+    assert "cleared DVC's lock table" in capsys.readouterr().err
+    rwlock.write_bytes(torn)
+    add_subject(ws, "acme", "second", "toy", photos[:4])
+    assert list_subjects(ws) == ["acme/first", "acme/second"]
+    assert subject_revision(ws, "acme", "second")
+    import json
+
+    assert not any(json.loads(rwlock.read_text()).values())  # DVC wrote a fresh table, no lock left in it
+
+
+def test_a_well_formed_dvc_lock_table_is_left_to_dvc(ws, photos, capsys):
+    """A table that parses is DVC's to judge (it drops the entries of dead processes itself): not cleared."""
+    import json
+    import os
+
+    add_subject(ws, "acme", "first", "toy", photos[:4])
+    rwlock = ws.workspace / ".dvc" / "tmp" / "rwlock"
+    live = {"read": {}, "write": {"data/subjects/acme/other": {"pid": os.getpid(), "cmd": "dvc add"}}}
+    rwlock.write_text(json.dumps(live))
+    capsys.readouterr()
+    add_subject(ws, "acme", "second", "toy", photos[:4])
+    assert "cleared DVC's lock table" not in capsys.readouterr().err
+    assert json.loads(rwlock.read_text()) == live
+
+
 def test_subject_remove_takes_it_out_in_one_commit_and_keeps_its_history(ws, photos):
     from atelier.kernel.workspace import git, remove_subject
 
