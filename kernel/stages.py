@@ -15,7 +15,7 @@ from atelier.kernel.errors import ConfigError
 from atelier.kernel.gitinfo import SOURCE_ROOT
 from atelier.kernel.pipeline import SUBJECTS_FILE
 from atelier.kernel.settings import Settings
-from atelier.kernel.workspace import TEMPLATES, changing_workspace, git, push_to_remote, require_workspace
+from atelier.kernel.workspace import TEMPLATES, changing_workspace, git, push_to_remote
 
 
 def commit_stage(settings: Settings, stage: str, message: str) -> str:
@@ -103,12 +103,12 @@ def track_folder(settings: Settings, folder: Path, message: str) -> str:
     the commit. Used for document sets; subjects go through add_subject's checks."""
     from dvc.repo import Repo
 
-    ws = require_workspace(settings)
-    rel = Path(folder).resolve().relative_to(ws.resolve()).as_posix()
-    with contextlib.chdir(ws), Repo(str(ws)) as repo:
-        repo.add(rel)
-        push_to_remote(settings, repo)
-    git(ws, "add", f"{rel}.dvc", str(Path(rel).parent / ".gitignore"))
-    if git(ws, "status", "--porcelain", "--", f"{rel}.dvc"):
-        git(ws, "commit", "-q", "-m", message)
-    return git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")
+    with changing_workspace(settings) as ws:
+        rel = Path(folder).resolve().relative_to(ws.resolve()).as_posix()
+        with contextlib.chdir(ws), Repo(str(ws)) as repo:
+            repo.add(rel)
+            push_to_remote(settings, repo)
+        git(ws, "add", f"{rel}.dvc", str(Path(rel).parent / ".gitignore"))
+        if git(ws, "status", "--porcelain", "--", f"{rel}.dvc"):
+            git(ws, "commit", "-q", "-m", message)
+        return git(ws, "log", "-n", "1", "--format=%H", "--", f"{rel}.dvc")
