@@ -310,7 +310,7 @@ VARIANTS = {
     "compiled+copies": {"one_pass": False, "options": {"compile": True, "compile_text": True}},
     "compiled+one-pass": {"options": {"compile": True, "compile_text": True}},
     "regional+one-pass": {"options": {"regional": True}},
-    # inductor's choice of convolution layouts (the compiled backward copies activations between layouts)
+    # inductor's choice of convolution layouts: measured no faster either way (docs/gpu.md), kept to measure on the next torch
     "compiled+one-pass/no-layout-opt": {"options": {"compile": True, "compile_text": True}, "inductor": {"layout_optimization": False}},
     "compiled+one-pass/forced-layout-opt": {
         "options": {"compile": True, "compile_text": True},
