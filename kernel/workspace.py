@@ -196,10 +196,11 @@ def _note(message: str) -> None:
 
 
 def _recover(ws: Path) -> None:
-    """Finish what a killed command left (under the workspace lock): DVC's lock table torn by a kill is
-    cleared, and a subject add that did not reach its commit is undone, so its files are neither listed as
-    a subject nor committed by the next command."""
+    """Finish what a killed command left (under the workspace lock): DVC's files torn by a kill are put back
+    (its lock table cleared, dvc.lock and .dvc files as HEAD has them), and a subject add that did not reach
+    its commit is undone, so its files are neither listed as a subject nor committed by the next command."""
     _clear_torn_rwlock(ws)
+    _restore_torn_dvc_files(ws)
     try:
         change = json.loads((ws / JOURNAL).read_text())
     except FileNotFoundError:
@@ -236,6 +237,48 @@ def _clear_torn_rwlock(ws: Path) -> None:
         if _rwlock_torn(ws):
             (ws / RWLOCK).unlink(missing_ok=True)
             _note(f"cleared DVC's lock table {RWLOCK}, which a killed command left cut off in mid-write")
+
+
+def _restore_torn_dvc_files(ws: Path) -> None:
+    """DVC writes dvc.lock and .dvc files in place (open, truncate, write): a kill -9 during `dvc commit`,
+    `dvc repro` or `dvc add` can leave one cut off, and DVC then refuses the whole pipeline ("YAML file
+    structure is corrupted" or a format error). Only a file that differs from HEAD can be torn, so git's
+    status names the candidates; one that DVC's own schema refuses is put back as HEAD has it (a stage whose
+    lock was lost is then seen as changed and run or committed again), or removed when HEAD has none."""
+    files = ("dvc.lock", ":(glob)**/*.dvc")
+    head = subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ws, capture_output=True).returncode == 0
+    differing = ("diff", "--name-only", "HEAD") if head else ("ls-files",)  # an init killed before its commit has no HEAD
+    changed = git(ws, *differing, "--", *files) + "\n" + git(ws, "ls-files", "--others", "--exclude-standard", "--", *files)
+    for rel in filter(None, changed.splitlines()):
+        if _dvc_file_reads(ws / rel):  # whole, or deleted
+            continue
+        if _in_head(ws, rel):
+            git(ws, "checkout", "HEAD", "--", rel)
+            _note(f"put back {rel} as the last commit has it: a killed command left it cut off in mid-write")
+        else:
+            git(ws, "rm", "-q", "--cached", "--ignore-unmatch", "--", rel)
+            (ws / rel).unlink(missing_ok=True)
+            _note(f"removed {rel}, which a killed command left cut off in mid-write (no commit had it)")
+
+
+def _dvc_file_reads(path: Path) -> bool:
+    """Whether DVC would read the file: YAML that its schema for a lock file or a .dvc file accepts, each
+    output and dependency naming its path (which DVC's loader needs and the .dvc schema leaves optional)."""
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA, COMPILED_SINGLE_STAGE_SCHEMA
+    from voluptuous import Invalid
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        (COMPILED_LOCKFILE_SCHEMA if path.name == "dvc.lock" else COMPILED_SINGLE_STAGE_SCHEMA)(data)
+    except FileNotFoundError:
+        return True
+    except (yaml.YAMLError, UnicodeDecodeError, Invalid):
+        return False
+    if not isinstance(data, dict) or not data:
+        return False
+    stages = (data.get("stages") or {}) if path.name == "dvc.lock" else {"": data}
+    entries = [e for stage in stages.values() for key in ("outs", "deps") for e in (stage.get(key) or [])]
+    return all(isinstance(e.get("path"), str) and e["path"] for e in entries)
 
 
 def _settle(settings: Settings) -> None:

@@ -171,6 +171,34 @@ def test_dvcs_lock_table_torn_by_a_kill_is_cleared_by_the_next_command(ws, photo
     assert not any(json.loads(rwlock.read_text()).values())  # DVC wrote a fresh table, no lock left in it
 
 
+def test_dvc_files_torn_by_a_kill_are_put_back_by_the_next_command(ws, photos, capsys):
+    """DVC writes dvc.lock and .dvc files in place: a kill -9 mid-write leaves them cut off, and DVC then refuses
+    the pipeline. The next command puts a committed one back as HEAD has it and removes one no commit had;
+    a file DVC reads, committed or not, is left alone."""
+    from atelier.kernel.workspace import git
+
+    rev = add_subject(ws, "acme", "first", "toy", photos[:4])
+    subject_dvc = ws.workspace / "data" / "subjects" / "acme" / "first.dvc"
+    whole = subject_dvc.read_text()
+    subject_dvc.write_text(whole[: len(whole) // 2])  # cut off inside its outs
+    documents = ws.workspace / "data" / "documents"
+    documents.mkdir(parents=True, exist_ok=True)
+    (documents / "calibration.dvc").write_bytes(b"outs:\n- md5: 0f")  # new, never committed, cut off
+    kept = documents / "evaluation.dvc"
+    kept.write_text(whole.replace("first", "evaluation"))  # new and whole: someone's `dvc add`, not ours to judge
+    (ws.workspace / "dvc.lock").write_text("schema: '2.0'\nstages:\n  documents:\n    cmd: [")
+    capsys.readouterr()
+    add_subject(ws, "acme", "second", "toy", photos[:4])
+    said = capsys.readouterr().err
+    assert "put back data/subjects/acme/first.dvc as the last commit has it" in said
+    assert "removed data/documents/calibration.dvc" in said and "removed dvc.lock" in said
+    assert subject_dvc.read_text() == whole and subject_revision(ws, "acme", "first") == rev
+    assert not (documents / "calibration.dvc").exists() and not (ws.workspace / "dvc.lock").exists()
+    assert kept.is_file() and "evaluation.dvc" not in said
+    assert set(git(ws.workspace, "show", "--name-only", "--format=", "HEAD").split()) >= {"data/subjects/acme/second.dvc"}
+    assert not [p for p in git(ws.workspace, "show", "--name-only", "--format=", "HEAD").split() if "first" in p or "documents" in p]
+
+
 def test_a_well_formed_dvc_lock_table_is_left_to_dvc(ws, photos, capsys):
     """A table that parses is DVC's to judge (it drops the entries of dead processes itself): not cleared."""
     import json
