@@ -199,6 +199,12 @@ def _recover(ws: Path) -> None:
     """Finish what a killed command left (under the workspace lock): DVC's files torn by a kill are put back
     (its lock table cleared, dvc.lock and .dvc files as HEAD has them), and a subject add that did not reach
     its commit is undone, so its files are neither listed as a subject nor committed by the next command."""
+    if not _has_head(ws):
+        raise WorkspaceError(
+            f"workspace {ws}",
+            "has no commit yet: the `atelier init` that made it was interrupted before its first commit",
+            "run `atelier init` again: it finishes what it started and keeps what is there",
+        )
     _clear_torn_rwlock(ws)
     _restore_torn_dvc_files(ws)
     try:
@@ -211,6 +217,10 @@ def _recover(ws: Path) -> None:
         _undo_subject_change(ws, change["rel"], change["tracked"])
         _note(f"undid {change['what']}, which was interrupted before its commit (nothing of it was kept)")
     (ws / JOURNAL).unlink(missing_ok=True)
+
+
+def _has_head(ws: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ws, capture_output=True).returncode == 0
 
 
 def _rwlock_torn(ws: Path) -> bool:
@@ -246,9 +256,9 @@ def _restore_torn_dvc_files(ws: Path) -> None:
     status names the candidates; one that DVC's own schema refuses is put back as HEAD has it (a stage whose
     lock was lost is then seen as changed and run or committed again), or removed when HEAD has none."""
     files = ("dvc.lock", ":(glob)**/*.dvc")
-    head = subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ws, capture_output=True).returncode == 0
-    differing = ("diff", "--name-only", "HEAD") if head else ("ls-files",)  # an init killed before its commit has no HEAD
-    changed = git(ws, *differing, "--", *files) + "\n" + git(ws, "ls-files", "--others", "--exclude-standard", "--", *files)
+    changed = (
+        git(ws, "diff", "--name-only", "HEAD", "--", *files) + "\n" + git(ws, "ls-files", "--others", "--exclude-standard", "--", *files)
+    )
     for rel in filter(None, changed.splitlines()):
         if _dvc_file_reads(ws / rel):  # whole, or deleted
             continue

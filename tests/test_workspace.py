@@ -199,6 +199,18 @@ def test_dvc_files_torn_by_a_kill_are_put_back_by_the_next_command(ws, photos, c
     assert not [p for p in git(ws.workspace, "show", "--name-only", "--format=", "HEAD").split() if "first" in p or "documents" in p]
 
 
+def test_a_workspace_whose_init_was_killed_before_its_commit_says_to_run_init_again(ws, photos):
+    import subprocess
+
+    subprocess.run(["git", "update-ref", "-d", "HEAD"], cwd=ws.workspace, check=True)  # as if killed before the commit
+    with pytest.raises(WorkspaceError, match="interrupted before its first commit") as err:
+        add_subject(ws, "acme", "first", "toy", photos[:4])
+    assert "run `atelier init` again" in err.value.fix
+    assert init_workspace(ws) == []  # finishes it: the first commit
+    add_subject(ws, "acme", "first", "toy", photos[:4])
+    assert list_subjects(ws) == ["acme/first"]
+
+
 def test_a_well_formed_dvc_lock_table_is_left_to_dvc(ws, photos, capsys):
     """A table that parses is DVC's to judge (it drops the entries of dead processes itself): not cleared."""
     import json
