@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def _note(message: str) -> None:
 
 def recover(ws: Path) -> None:
     """Finish what a killed command left (under the workspace lock): DVC's files torn by a kill are put back
-    (its lock table cleared, dvc.lock and .dvc files as HEAD has them), and a subject add that did not reach
+    (its lock table cleared, dvc.lock and .dvc files as HEAD has them, git's index lock removed), and a subject add that did not reach
     its commit is undone, so its files are neither listed as a subject nor committed by the next command."""
     if not _has_head(ws):
         raise WorkspaceError(
@@ -39,6 +40,7 @@ def recover(ws: Path) -> None:
             "has no commit yet: the `atelier init` that made it was interrupted before its first commit",
             "run `atelier init` again: it finishes what it started and keeps what is there",
         )
+    _clear_stale_git_lock(ws)
     _clear_torn_rwlock(ws)
     _restore_torn_dvc_files(ws)
     try:
@@ -51,6 +53,29 @@ def recover(ws: Path) -> None:
         _undo_subject_change(ws, change["rel"], change["tracked"])
         _note(f"undid {change['what']}, which was interrupted before its commit (nothing of it was kept)")
     (ws / JOURNAL).unlink(missing_ok=True)
+
+
+def _clear_stale_git_lock(ws: Path) -> None:
+    """A `git add` or `git commit` killed mid-way leaves .git/index.lock, and git then refuses every later change
+    ("Another git process seems to be running"). Under the workspace lock no Atelier command runs git here, so the
+    lock is stale unless a git process of someone's own (a commit waiting on its editor) works in the workspace,
+    which is a clear error rather than DVC's or git's refusal."""
+    lock = ws / ".git" / "index.lock"
+    if not lock.exists():
+        return
+    import psutil
+
+    root = str(ws.resolve())
+    for proc in psutil.process_iter(["name", "cwd"]):
+        cwd = proc.info.get("cwd") or ""
+        if (proc.info.get("name") or "").startswith("git") and (cwd == root or cwd.startswith(root + os.sep)):
+            raise WorkspaceError(
+                f"workspace {ws}",
+                f"a git command of its own (pid {proc.pid}) is at work in it and holds .git/index.lock",
+                "let that git command finish (a commit waiting on its editor: close the editor), then run this one again",
+            )
+    lock.unlink(missing_ok=True)
+    _note("removed .git/index.lock, which a killed git command left behind (no git process works in the workspace)")
 
 
 def _has_head(ws: Path) -> bool:

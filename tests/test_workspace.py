@@ -211,6 +211,28 @@ def test_a_workspace_whose_init_was_killed_before_its_commit_says_to_run_init_ag
     assert list_subjects(ws) == ["acme/first"]
 
 
+def test_gits_index_lock_left_by_a_kill_is_removed_but_a_live_gits_is_kept(ws, photos, capsys):
+    import subprocess
+
+    lock = ws.workspace / ".git" / "index.lock"
+    lock.write_bytes(b"")  # what a git add or commit killed mid-way leaves
+    capsys.readouterr()
+    add_subject(ws, "acme", "first", "toy", photos[:4])
+    assert "removed .git/index.lock" in capsys.readouterr().err
+    assert list_subjects(ws) == ["acme/first"] and not lock.exists()
+    lock.write_bytes(b"")
+    live = subprocess.Popen(["git", "hash-object", "--stdin"], cwd=ws.workspace, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:  # someone's own git at work in the workspace: its lock stays, and the refusal names it
+        with pytest.raises(WorkspaceError, match=f"pid {live.pid}.*holds .git/index.lock"):
+            add_subject(ws, "acme", "second", "toy", photos[:4])
+        assert lock.exists() and list_subjects(ws) == ["acme/first"]
+    finally:
+        live.communicate(b"")
+    lock.unlink()
+    add_subject(ws, "acme", "second", "toy", photos[:4])
+    assert list_subjects(ws) == ["acme/first", "acme/second"]
+
+
 def test_a_well_formed_dvc_lock_table_is_left_to_dvc(ws, photos, capsys):
     """A table that parses is DVC's to judge (it drops the entries of dead processes itself): not cleared."""
     import json
