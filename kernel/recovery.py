@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -31,10 +30,12 @@ def _note(message: str) -> None:
 
 
 def recover(ws: Path) -> None:
-    """Finish what a killed command left (under the workspace lock): DVC's files torn by a kill are put back
-    (its lock table cleared, dvc.lock and .dvc files as HEAD has them, git's index lock removed), and a subject add that did not reach
-    its commit is undone, so its files are neither listed as a subject nor committed by the next command."""
-    if not _has_head(ws):
+    """Finish what a killed command left (under the workspace lock): git's and DVC's files torn by a kill are
+    put back (git's stale index lock removed, DVC's lock table cleared, dvc.lock and .dvc files as HEAD has
+    them), and a subject add that did not reach its commit is undone, so its files are neither listed as a
+    subject nor committed by the next command."""
+    head = _head(ws)
+    if head is None:
         raise WorkspaceError(
             f"workspace {ws}",
             "has no commit yet: the `atelier init` that made it was interrupted before its first commit",
@@ -49,7 +50,7 @@ def recover(ws: Path) -> None:
         return
     except json.JSONDecodeError:
         change = None  # cut off while it was written: the change had not started
-    if change is not None and git(ws, "rev-parse", "HEAD") == change["head"]:
+    if change is not None and head == change["head"]:
         _undo_subject_change(ws, change["rel"], change["tracked"])
         _note(f"undid {change['what']}, which was interrupted before its commit (nothing of it was kept)")
     (ws / JOURNAL).unlink(missing_ok=True)
@@ -78,8 +79,12 @@ def _clear_stale_git_lock(ws: Path) -> None:
     _note("removed .git/index.lock, which a killed git command left behind (no git process works in the workspace)")
 
 
-def _has_head(ws: Path) -> bool:
-    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ws, capture_output=True).returncode == 0
+def _head(ws: Path) -> str | None:
+    """The commit HEAD names, or None before the workspace's first commit."""
+    try:
+        return git(ws, "rev-parse", "-q", "--verify", "HEAD")
+    except WorkspaceError:
+        return None
 
 
 def _rwlock_torn(ws: Path) -> bool:
