@@ -21,7 +21,8 @@ what the resident trainer runs) or only its repeated blocks (`regional+one-pass`
 one compiled graph per block shape; on an H100 0.9 ms a step slower, and its compile no shorter where it
 counts), cuDNN's convolution algorithms timed on first use instead of picked by its heuristics
 (`*+cudnn-bench`: no faster), and inductor's choice of convolution layouts (`compiled+one-pass/*-layout-opt`:
-the compiled backward copies activations between layouts). docs/gpu.md has the measurements.
+the compiled backward copies activations between layouts), the UNet in NCHW (`one-pass/nchw`: slower) and diffusers'
+shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class SpeedOptions:
     compile_text: bool = False  # the text encoder too, as the trainer compiles a trained one
     regional: bool = False  # compile the repeated blocks only (compile_regions)
     cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms on first use instead of its heuristics
+    channels_last: bool = True  # the UNet's memory format (the trainer's default: channels_last)
+    shortcut_in_place: bool = False  # diffusers' ResnetBlock2D makes its shortcut's input contiguous in training mode
 
 
 # the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
@@ -178,10 +181,12 @@ def build(base: Path, variant: dict):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").to(memory_format=torch.channels_last).cuda()
+    options = SpeedOptions(**variant.get("options", {}))
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet").cuda()
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last)
     text = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder").cuda()
     sched = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
-    options = SpeedOptions(**variant.get("options", {}))
     params = [p for m in (unet, text) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=torch.tensor(5e-6, device="cuda"), fused=True, capturable=True)
     init_adam_state(opt)
@@ -194,7 +199,21 @@ def build(base: Path, variant: dict):
     if not variant.get("fused_clip", True):
         opt.defaults["fused"] = False  # clip_grad_norm_'s own scaling pass (the optimizer stays fused)
     step = GraphedStep([unet, text], objective, params, opt, lr, 1.0, copies, one_pass=variant.get("one_pass", True))
+    if options.shortcut_in_place:
+        shortcut_inputs_in_place(unet)
     return step, objective, params, opt
+
+
+def shortcut_inputs_in_place(unet: torch.nn.Module) -> int:
+    """diffusers' ResnetBlock2D calls `.contiguous()` on its shortcut convolution's input in training mode (for
+    DDP's stride warning): on a channels_last UNet that converts the activation to NCHW and back in the backward.
+    The block's own `training` flag is read for nothing else (its dropout is a child module with its own flag)."""
+    n = 0
+    for m in unet.modules():
+        if type(m).__name__ == "ResnetBlock2D" and getattr(m, "conv_shortcut", None) is not None:
+            m.training = False
+            n += 1
+    return n
 
 
 def inputs(seed: int):
@@ -288,12 +307,12 @@ def profile(base: Path, steps: int, variant_name: str, trace: Path | None = None
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<12} {ms:7.2f} ms  {100 * ms / total:5.1f}%")
     print("\ntop kernels (ms/step, calls/step, kind, name):")
-    for ms, n, kind, name in top[:30]:
+    for ms, n, kind, name in top[:45]:
         print(f"  {ms:7.2f} {n:5d} {kind:<11} {name}")
     if trace:
         prof.export_chrome_trace(str(trace))
     del step, objective, params, opt
-    return {"kernel_ms_per_step": total, "by_kind": dict(by_kind), "top": top[:30]}
+    return {"kernel_ms_per_step": total, "by_kind": dict(by_kind), "top": top[:45]}
 
 
 VARIANTS = {
@@ -317,6 +336,8 @@ VARIANTS = {
         "inductor": {"force_layout_optimization": True},
     },
     "one-pass+cudnn-bench": {"options": {"cudnn_benchmark": True}},
+    "one-pass/nchw": {"options": {"channels_last": False}},
+    "one-pass/shortcut-in-place": {"options": {"shortcut_in_place": True}},
     "compiled+one-pass+cudnn-bench": {"options": {"compile": True, "compile_text": True, "cudnn_benchmark": True}},
 }
 
