@@ -21,8 +21,9 @@ what the resident trainer runs) or only its repeated blocks (`regional+one-pass`
 one compiled graph per block shape; on an H100 0.9 ms a step slower, and its compile no shorter where it
 counts), cuDNN's convolution algorithms timed on first use instead of picked by its heuristics
 (`*+cudnn-bench`: no faster), and inductor's choice of convolution layouts (`compiled+one-pass/*-layout-opt`:
-the compiled backward copies activations between layouts), the UNet in NCHW (`one-pass/nchw`: slower) and diffusers'
-shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`). docs/gpu.md has the measurements.
+the compiled backward copies activations between layouts), the UNet in NCHW (`one-pass/nchw`: slower), diffusers'
+shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`) and GroupNorm with its SiLU in fused_norm's Triton
+kernels (`one-pass+fused-norms`: the single job's step now). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SpeedOptions:
     cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms on first use instead of its heuristics
     channels_last: bool = True  # the UNet's memory format (the trainer's default: channels_last)
     shortcut_in_place: bool = False  # diffusers' ResnetBlock2D makes its shortcut's input contiguous in training mode
+    fused_norms: bool = False  # GroupNorm (+ SiLU) in fused_norm's Triton kernels, as the trainer's captured step runs them
 
 
 # the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
@@ -155,6 +157,10 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
     if options.bf16_norms:
         norms_in_compute_dtype(unet)
         norms_in_compute_dtype(text_encoder)
+    if options.fused_norms:
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms
+
+        fuse_group_norms(unet)
     if options.compile:
         unet = torch.compile(unet, dynamic=False)
     if options.compile_text:
@@ -338,6 +344,7 @@ VARIANTS = {
     "one-pass+cudnn-bench": {"options": {"cudnn_benchmark": True}},
     "one-pass/nchw": {"options": {"channels_last": False}},
     "one-pass/shortcut-in-place": {"options": {"shortcut_in_place": True}},
+    "one-pass+fused-norms": {"options": {"fused_norms": True}},
     "compiled+one-pass+cudnn-bench": {"options": {"compile": True, "compile_text": True, "cudnn_benchmark": True}},
 }
 

@@ -257,6 +257,84 @@ def test_one_pass_adamw_is_fused_adamw_with_clipping_and_refreshes_the_copies(gr
     assert moved > 1e-3  # it trained
 
 
+def _autocast_group_norm(x, w, b, groups, act):
+    """What an eager step under bf16 autocast computes: GroupNorm in float32 on the cast input, SiLU in float32,
+    then the next layer's cast to bf16."""
+    y = torch.nn.functional.group_norm(x.float(), groups, w, b, 1e-6)
+    return torch.nn.functional.silu(y) if act else y
+
+
+@pytest.mark.parametrize(
+    "shape,act",
+    [
+        ((2, 320, 64, 64), True),
+        ((2, 960, 32, 32), True),
+        ((2, 640, 32, 32), False),
+        ((2, 2560, 8, 8), True),
+        ((1, 96, 5, 7), True),
+        ((2, 32, 16, 16), True),
+    ],
+)
+def test_fused_group_norm_is_autocast_group_norm_and_silu(shape, act):
+    """The fused kernels against torch under autocast's rules, on SD 1.5's layer shapes (a group of 10 to 80
+    channels, 64 to 4,096 pixels, split over programs or not) and odd ones: the output is the float32 result rounded
+    to bf16 (within one bf16 step where the statistics' rounding tips it), and the gradients agree."""
+    from atelier.models.dreambooth.fused_norm import _GroupNormAct
+
+    g = torch.Generator("cuda").manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, device="cuda", generator=g) * 2 + 0.5).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    w = (torch.randn(c, device="cuda", generator=g) * 0.3 + 1).requires_grad_()
+    b = (torch.randn(c, device="cuda", generator=g) * 0.3).requires_grad_()
+    dy = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    fused = _GroupNormAct.apply(xs[0], w, b, 32, 1e-6, act)
+    assert fused.dtype == torch.bfloat16 and fused.is_contiguous(memory_format=torch.channels_last)
+    fused.backward(dy)
+    fused_grads = [xs[0].grad, w.grad.clone(), b.grad.clone()]
+    w.grad = b.grad = None
+    exact = _autocast_group_norm(xs[1], w, b, 32, act)
+    exact.to(torch.bfloat16).backward(dy)
+    rounded = exact.detach().to(torch.bfloat16)
+    assert (fused == rounded).float().mean() > 0.99
+    # one bf16 step at each value, and float32 rounding of the statistics where SiLU's output is near zero
+    step = exact.detach().abs() * 2**-7 + 1e-5
+    assert ((fused.float() - exact.detach()).abs() <= step).all()
+    for got, want in zip(fused_grads, [xs[1].grad, w.grad, b.grad]):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
+
+
+def test_fused_group_norms_train_a_unet_as_autocast_does():
+    """A whole UNet with its GroupNorms fused, against the same UNet as diffusers runs it under bf16 autocast: the
+    same loss and gradients up to bf16 rounding."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from atelier.models.dreambooth.fused_norm import fuse_group_norms
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=2, sample_size=32, norm_num_groups=32, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).cuda().to(memory_format=torch.channels_last).train()  # fmt: skip
+    fused = copy.deepcopy(unet)
+    assert fuse_group_norms(fused) == 31
+    g = torch.Generator("cuda").manual_seed(1)
+    x, cond = torch.randn(2, 4, 32, 32, device="cuda", generator=g), torch.randn(2, 7, 64, device="cuda", generator=g)
+    results = []
+    for model in (unet, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (model(x, torch.tensor([10, 500], device="cuda"), encoder_hidden_states=cond).sample.float() ** 2).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (fused_loss, fused_grads) = results
+    assert fused_loss == pytest.approx(loss, rel=2e-3)
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).norm() <= 3e-2 * grad.norm() + 1e-12, name
+
+
 def test_async_checkpoint_is_whole_and_loads_back(tmp_path):
     from atelier.models.dreambooth.checkpoints import AsyncCheckpointer, latest_checkpoint, load_checkpoint
 

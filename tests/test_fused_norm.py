@@ -1,0 +1,80 @@
+"""`fused_norm.fuse_group_norms`: which modules it swaps, and that the swapped UNet computes what diffusers' does.
+
+The Triton kernels themselves need CUDA (tests/test_gpu.py checks them against torch's GroupNorm and SiLU); here,
+on the CPU, the swapped modules take their fallback, so the UNet's output and every gradient must equal the
+original's bit for bit: that checks the rewritten ResnetBlock2D forward and the moved SiLUs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from atelier.models.dreambooth.fused_norm import ActivationInNorm, FusedGroupNorm, fuse_group_norms
+
+
+def _unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+
+
+def _loss_and_grads(unet, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    cond = torch.randn(2, 7, 32, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = unet(x, t, encoder_hidden_states=cond).sample
+    loss = (out.float() ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+
+def test_fuse_swaps_every_groupnorm_whose_result_is_cast_and_keeps_the_parameters():
+    unet = _unet()
+    names = [n for n, _ in unet.named_parameters()]
+    norms = sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
+    swapped = fuse_group_norms(unet)
+    # 12 ResnetBlock2D (2 norms each) + 6 Transformer2DModel norms + the output norm: every GroupNorm of SD's UNet
+    assert swapped == norms == 31
+    assert not any(type(m) is torch.nn.GroupNorm for m in unet.modules())
+    assert [n for n, _ in unet.named_parameters()] == names
+    activated = [m for m in unet.modules() if isinstance(m, FusedGroupNorm) and m.act]
+    assert len(activated) == 25  # the resnets' norms and the output norm: their SiLU moved into the norm
+    assert isinstance(unet.conv_act, ActivationInNorm)
+    assert all(not m.act for m in unet.modules() if isinstance(m, FusedGroupNorm) and m not in activated)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_unet_computes_what_diffusers_computes(dtype):
+    unet = _unet().train()
+    fused = copy.deepcopy(unet)
+    fuse_group_norms(fused)
+    loss, grads = _loss_and_grads(unet, dtype)
+    fused_loss, fused_grads = _loss_and_grads(fused, dtype)
+    assert torch.equal(loss, fused_loss)
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, fused_grads[name]), name
+
+
+def test_blocks_it_does_not_know_stay_as_they_are():
+    unet = _unet()
+    block = unet.down_blocks[0].resnets[0]
+    block.time_embedding_norm = "scale_shift"  # a configuration the rewritten forward does not cover
+    before = type(block)
+    fuse_group_norms(unet)
+    assert type(block) is before
+    assert type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm
