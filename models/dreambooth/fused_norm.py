@@ -39,19 +39,33 @@ MIN_PER_PROGRAM = 4096  # a group smaller than this many elements per split is n
 if triton is not None:
     _INTS = ["S", "C", "D", "CHUNK", "SPLIT"]  # runtime sizes: no recompile per layer shape
 
-    @triton.jit(do_not_specialize=_INTS)
-    def _gn_chunk_stats(x, part, S, C, D, CHUNK, SPLIT, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (n*G + g, split): the count, mean and sum of squared deviations of its rows of group g."""
+    @triton.jit
+    def _gn_program(S, C, D, CHUNK):
+        """This program's group and rows: n*G + g, n, g, its first row, the row it stops before, and the offset
+        of (sample n, row 0, group g's first channel) in a channels_last activation."""
         ng = tl.program_id(0)
-        sp = tl.program_id(1)
         G = C // D
         n = ng // G
         g = ng % G
-        base = x + n * S * C + g * D
+        s0 = tl.program_id(1) * CHUNK
+        return ng, n, g, s0, tl.minimum(s0 + CHUNK, S), n * S * C + g * D
+
+    @triton.jit
+    def _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D: tl.constexpr):
+        """Group g's channels: their index, weight, and the normalisation and affine folded into one scale and
+        one shift per channel."""
+        c = tl.arange(0, BLOCK_D)
+        w = tl.load(weight + g * D + c, mask=c < D, other=0.0).to(tl.float32)
+        b = tl.load(bias + g * D + c, mask=c < D, other=0.0).to(tl.float32)
+        return c, w, (rstd * w)[None, :], (b - mean * rstd * w)[None, :]
+
+    @triton.jit(do_not_specialize=_INTS)
+    def _gn_chunk_stats(x, part, S, C, D, CHUNK, SPLIT, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (n*G + g, split): the count, mean and sum of squared deviations of its rows of group g."""
+        ng, n, g, s0, s_end, offset = _gn_program(S, C, D, CHUNK)
+        base = x + offset
         rows = tl.arange(0, ROWS)[:, None]
         cols = tl.arange(0, BLOCK_D)[None, :]
-        s0 = sp * CHUNK
-        s_end = tl.minimum(s0 + CHUNK, S)
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for r0 in range(0, CHUNK, ROWS):
             r = s0 + r0
@@ -66,7 +80,7 @@ if triton is not None:
             v = tl.load(base + (r + rows) * C + cols, mask=m, other=0.0).to(tl.float32)
             d = tl.where(m, v - mean, 0.0)
             acc2 += d * d
-        out = part + (ng * SPLIT + sp) * 3
+        out = part + (ng * SPLIT + tl.program_id(1)) * 3
         tl.store(out, count)
         tl.store(out + 1, mean)
         tl.store(out + 2, tl.sum(acc2))
@@ -92,25 +106,14 @@ if triton is not None:
         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
     ):  # fmt: skip
         """Program (n*G + g, split): its rows normalised, scaled, shifted (and SiLU), stored in y's dtype."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        G = C // D
-        n = ng // G
-        g = ng % G
+        ng, n, g, s0, s_end, offset = _gn_program(S, C, D, CHUNK)
         mean, rstd = _gn_group_stats(part, ng, SPLIT, eps, SPLIT_PAD)
-        if sp == 0:
+        if tl.program_id(1) == 0:
             tl.store(mean_out + ng, mean)
             tl.store(rstd_out + ng, rstd)
-        c = tl.arange(0, BLOCK_D)
-        w = tl.load(weight + g * D + c, mask=c < D, other=0.0).to(tl.float32)
-        b = tl.load(bias + g * D + c, mask=c < D, other=0.0).to(tl.float32)
-        scale = (rstd * w)[None, :]
-        shift = (b - mean * rstd * w)[None, :]
+        c, w, scale, shift = _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D)
         rows = tl.arange(0, ROWS)[:, None]
         cols = c[None, :]
-        offset = n * S * C + g * D
-        s0 = sp * CHUNK
-        s_end = tl.minimum(s0 + CHUNK, S)
         for r0 in range(0, CHUNK, ROWS):
             r = s0 + r0
             m = ((r + rows) < s_end) & (cols < D)
@@ -121,14 +124,16 @@ if triton is not None:
             tl.store(y + at, z.to(y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gn_grad_out(v, dy, mean, rstd, scale, shift, ACT: tl.constexpr):
-        """The normalised input and the gradient at the norm's affine output (through SiLU if ACT)."""
-        xhat = (v - mean) * rstd
+    def _gn_grad_out(x, dy, at, m, mean, rstd, scale, shift, ACT: tl.constexpr):
+        """At the tile `at` (mask m): the normalised input and the gradient at the norm's affine output (through
+        SiLU if ACT)."""
+        v = tl.load(x + at, mask=m, other=0.0).to(tl.float32)
+        dz = tl.load(dy + at, mask=m, other=0.0).to(tl.float32)
         if ACT:
             z = v * scale + shift
             sig = 1.0 / (1.0 + tl.exp(-z))
-            dy = dy * sig * (1.0 + z * (1.0 - sig))
-        return xhat, dy
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        return (v - mean) * rstd, dz
 
     @triton.jit(do_not_specialize=_INTS)
     def _gn_backward_sums(
@@ -136,35 +141,22 @@ if triton is not None:
         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """Program (n*G + g, split): per channel of its rows, the sum of dz and of dz * xhat."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        G = C // D
-        n = ng // G
-        g = ng % G
+        ng, n, g, s0, s_end, offset = _gn_program(S, C, D, CHUNK)
         mean = tl.load(mean_in + ng)
         rstd = tl.load(rstd_in + ng)
-        c = tl.arange(0, BLOCK_D)
-        w = tl.load(weight + g * D + c, mask=c < D, other=0.0).to(tl.float32)
-        b = tl.load(bias + g * D + c, mask=c < D, other=0.0).to(tl.float32)
-        scale = (rstd * w)[None, :]
-        shift = (b - mean * rstd * w)[None, :]
+        c, w, scale, shift = _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D)
         rows = tl.arange(0, ROWS)[:, None]
         cols = c[None, :]
-        offset = n * S * C + g * D
-        s0 = sp * CHUNK
-        s_end = tl.minimum(s0 + CHUNK, S)
         sum_dz = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         sum_dzx = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for r0 in range(0, CHUNK, ROWS):
             r = s0 + r0
             m = ((r + rows) < s_end) & (cols < D)
             at = offset + (r + rows) * C + cols
-            v = tl.load(x + at, mask=m, other=0.0).to(tl.float32)
-            g_out = tl.load(dy + at, mask=m, other=0.0).to(tl.float32)
-            xhat, dz = _gn_grad_out(v, g_out, mean, rstd, scale, shift, ACT)
+            xhat, dz = _gn_grad_out(x, dy, at, m, mean, rstd, scale, shift, ACT)
             sum_dz += tl.where(m, dz, 0.0)
             sum_dzx += tl.where(m, dz * xhat, 0.0)
-        out = part + ((ng * SPLIT + sp) * 2) * BLOCK_D + c
+        out = part + ((ng * SPLIT + tl.program_id(1)) * 2) * BLOCK_D + c
         tl.store(out, tl.sum(sum_dz, axis=0))
         tl.store(out + BLOCK_D, tl.sum(sum_dzx, axis=0))
 
@@ -176,40 +168,27 @@ if triton is not None:
         """Program (n*G + g, split): the input's gradient for its rows,
         dx = rstd * (w*dz - mean_group(w*dz) - xhat * mean_group(w*dz*xhat)); the split-0 program also writes
         sample n's per-channel sums (for the weight's and bias's gradients)."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        G = C // D
-        n = ng // G
-        g = ng % G
+        ng, n, g, s0, s_end, offset = _gn_program(S, C, D, CHUNK)
         mean = tl.load(mean_in + ng)
         rstd = tl.load(rstd_in + ng)
-        c = tl.arange(0, BLOCK_D)
-        w = tl.load(weight + g * D + c, mask=c < D, other=0.0).to(tl.float32)
-        b = tl.load(bias + g * D + c, mask=c < D, other=0.0).to(tl.float32)
+        c, w, scale, shift = _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D)
         i = tl.arange(0, SPLIT_PAD)[:, None]
         at_part = part + ((ng * SPLIT + i) * 2) * BLOCK_D + c[None, :]
         db = tl.sum(tl.load(at_part, mask=i < SPLIT, other=0.0), axis=0)
         ds = tl.sum(tl.load(at_part + BLOCK_D, mask=i < SPLIT, other=0.0), axis=0)
-        if sp == 0:
+        if tl.program_id(1) == 0:
             tl.store(channel_sums + (n * 2) * C + g * D + c, db, mask=c < D)
             tl.store(channel_sums + (n * 2 + 1) * C + g * D + c, ds, mask=c < D)
         inv_m = 1.0 / (S * D).to(tl.float32)
         c1 = tl.sum(w * db) * inv_m
         c2 = tl.sum(w * ds) * inv_m
-        scale = (rstd * w)[None, :]
-        shift = (b - mean * rstd * w)[None, :]
         rows = tl.arange(0, ROWS)[:, None]
         cols = c[None, :]
-        offset = n * S * C + g * D
-        s0 = sp * CHUNK
-        s_end = tl.minimum(s0 + CHUNK, S)
         for r0 in range(0, CHUNK, ROWS):
             r = s0 + r0
             m = ((r + rows) < s_end) & (cols < D)
             at = offset + (r + rows) * C + cols
-            v = tl.load(x + at, mask=m, other=0.0).to(tl.float32)
-            g_out = tl.load(dy + at, mask=m, other=0.0).to(tl.float32)
-            xhat, dz = _gn_grad_out(v, g_out, mean, rstd, scale, shift, ACT)
+            xhat, dz = _gn_grad_out(x, dy, at, m, mean, rstd, scale, shift, ACT)
             grad = rstd * (w[None, :] * dz - c1 - xhat * c2)
             tl.store(dx + at, grad.to(dx.dtype.element_ty), mask=m)
 
