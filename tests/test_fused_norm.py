@@ -78,3 +78,17 @@ def test_blocks_it_does_not_know_stay_as_they_are():
     fuse_group_norms(unet)
     assert type(block) is before
     assert type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm
+
+
+def test_the_trainer_fuses_only_an_uncompiled_captured_bf16_channels_last_cuda_step(monkeypatch):
+    from atelier.models.dreambooth.config import TrainConfig
+    from atelier.models.dreambooth.train_setup import fuses_norms
+
+    cfg, cuda = TrainConfig(), torch.device("cuda")
+    assert fuses_norms(cfg, cuda, True, torch.bfloat16)
+    assert not fuses_norms(cfg, cuda, False, torch.bfloat16)  # accelerate's eager loop (DDP, accumulation)
+    assert not fuses_norms(cfg, torch.device("cpu"), True, torch.bfloat16)
+    assert not fuses_norms(cfg, cuda, True, torch.float16)
+    assert not fuses_norms(cfg.model_copy(update={"channels_last": False}), cuda, True, torch.bfloat16)
+    monkeypatch.setenv("ATELIER_FUSED_NORMS", "0")
+    assert not fuses_norms(cfg, cuda, True, torch.bfloat16)

@@ -223,16 +223,23 @@ def place(
         m.unet = torch.compile(m.unet, mode=mode, dynamic=False)
         if cfg.train_text_encoder:
             m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
-    elif graphs and acc.device.type == "cuda" and weight_dtype == torch.bfloat16 and cfg.channels_last and fused_norms_wanted():
+    elif fuses_norms(cfg, acc.device, graphs, weight_dtype):
         from atelier.models.dreambooth.fused_norm import fuse_group_norms  # imports Triton: only where a step is captured
 
         fuse_group_norms(m.unet)  # what inductor would fuse, for the uncompiled captured step
     return optimizer, lr_scheduler
 
 
-def fused_norms_wanted() -> bool:
-    """`ATELIER_FUSED_NORMS=0` keeps torch's own GroupNorm in the captured step (a speed switch only)."""
-    return os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
+def fuses_norms(cfg: TrainConfig, device: torch.device, graphs: bool, weight_dtype: torch.dtype) -> bool:
+    """Whether an uncompiled run's UNet gets `fused_norm`'s GroupNorm kernels: a captured bf16 step on CUDA with
+    channels_last activations, unless `ATELIER_FUSED_NORMS=0` keeps torch's own (a speed switch only)."""
+    return (
+        graphs
+        and device.type == "cuda"
+        and weight_dtype == torch.bfloat16
+        and cfg.channels_last
+        and os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
+    )
 
 
 def keep_compiles(cache: Path) -> None:
