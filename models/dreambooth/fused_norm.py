@@ -51,6 +51,13 @@ if triton is not None:
         return ng, n, g, s0, tl.minimum(s0 + CHUNK, S), n * S * C + g * D
 
     @triton.jit
+    def _gn_tile(offset, row, s_end, C, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows [row, row + ROWS) of the group at `offset`: their element offsets and the mask of those that exist."""
+        rows = (row + tl.arange(0, ROWS))[:, None]
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        return offset + rows * C + cols, (rows < s_end) & (cols < D)
+
+    @triton.jit
     def _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D: tl.constexpr):
         """Group g's channels: their index, weight, and the normalisation and affine folded into one scale and
         one shift per channel."""
@@ -63,21 +70,16 @@ if triton is not None:
     def _gn_chunk_stats(x, part, S, C, D, CHUNK, SPLIT, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (n*G + g, split): the count, mean and sum of squared deviations of its rows of group g."""
         ng, n, g, s0, s_end, offset = _gn_program(S, C, D, CHUNK)
-        base = x + offset
-        rows = tl.arange(0, ROWS)[:, None]
-        cols = tl.arange(0, BLOCK_D)[None, :]
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for r0 in range(0, CHUNK, ROWS):
-            r = s0 + r0
-            m = ((r + rows) < s_end) & (cols < D)
-            acc += tl.load(base + (r + rows) * C + cols, mask=m, other=0.0).to(tl.float32)
+            at, m = _gn_tile(offset, s0 + r0, s_end, C, D, ROWS, BLOCK_D)
+            acc += tl.load(x + at, mask=m, other=0.0).to(tl.float32)
         count = ((s_end - s0) * D).to(tl.float32)
         mean = tl.sum(acc) / count
         acc2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for r0 in range(0, CHUNK, ROWS):
-            r = s0 + r0
-            m = ((r + rows) < s_end) & (cols < D)
-            v = tl.load(base + (r + rows) * C + cols, mask=m, other=0.0).to(tl.float32)
+            at, m = _gn_tile(offset, s0 + r0, s_end, C, D, ROWS, BLOCK_D)
+            v = tl.load(x + at, mask=m, other=0.0).to(tl.float32)
             d = tl.where(m, v - mean, 0.0)
             acc2 += d * d
         out = part + (ng * SPLIT + tl.program_id(1)) * 3
@@ -112,12 +114,8 @@ if triton is not None:
             tl.store(mean_out + ng, mean)
             tl.store(rstd_out + ng, rstd)
         c, w, scale, shift = _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D)
-        rows = tl.arange(0, ROWS)[:, None]
-        cols = c[None, :]
         for r0 in range(0, CHUNK, ROWS):
-            r = s0 + r0
-            m = ((r + rows) < s_end) & (cols < D)
-            at = offset + (r + rows) * C + cols
+            at, m = _gn_tile(offset, s0 + r0, s_end, C, D, ROWS, BLOCK_D)
             z = tl.load(x + at, mask=m, other=0.0).to(tl.float32) * scale + shift
             if ACT:
                 z = z / (1.0 + tl.exp(-z))
@@ -145,14 +143,10 @@ if triton is not None:
         mean = tl.load(mean_in + ng)
         rstd = tl.load(rstd_in + ng)
         c, w, scale, shift = _gn_affine(weight, bias, g, D, mean, rstd, BLOCK_D)
-        rows = tl.arange(0, ROWS)[:, None]
-        cols = c[None, :]
         sum_dz = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         sum_dzx = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for r0 in range(0, CHUNK, ROWS):
-            r = s0 + r0
-            m = ((r + rows) < s_end) & (cols < D)
-            at = offset + (r + rows) * C + cols
+            at, m = _gn_tile(offset, s0 + r0, s_end, C, D, ROWS, BLOCK_D)
             xhat, dz = _gn_grad_out(x, dy, at, m, mean, rstd, scale, shift, ACT)
             sum_dz += tl.where(m, dz, 0.0)
             sum_dzx += tl.where(m, dz * xhat, 0.0)
@@ -182,12 +176,8 @@ if triton is not None:
         inv_m = 1.0 / (S * D).to(tl.float32)
         c1 = tl.sum(w * db) * inv_m
         c2 = tl.sum(w * ds) * inv_m
-        rows = tl.arange(0, ROWS)[:, None]
-        cols = c[None, :]
         for r0 in range(0, CHUNK, ROWS):
-            r = s0 + r0
-            m = ((r + rows) < s_end) & (cols < D)
-            at = offset + (r + rows) * C + cols
+            at, m = _gn_tile(offset, s0 + r0, s_end, C, D, ROWS, BLOCK_D)
             xhat, dz = _gn_grad_out(x, dy, at, m, mean, rstd, scale, shift, ACT)
             grad = rstd * (w[None, :] * dz - c1 - xhat * c2)
             tl.store(dx + at, grad.to(dx.dtype.element_ty), mask=m)
@@ -204,15 +194,16 @@ def _plan(n: int, c: int, s: int, groups: int) -> dict:
     return {"D": d, "BLOCK_D": block_d, "ROWS": rows, "SPLIT": split, "CHUNK": chunk}
 
 
-def _covered(x: torch.Tensor, weight: torch.Tensor | None, groups: int) -> bool:
+def _covered(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
     """Whether the kernels apply: a bf16 channels_last activation on CUDA, with affine parameters."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 4
         and x.dtype == torch.bfloat16
-        and weight is not None
-        and x.shape[1] % groups == 0
+        and norm.weight is not None
+        and norm.bias is not None
+        and x.shape[1] % norm.num_groups == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and x.numel() < 2**31
     )
@@ -262,7 +253,7 @@ class _GroupNormAct(torch.autograd.Function):
 def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, act: bool) -> torch.Tensor:
     """`norm(x)`, then SiLU if `act`: in the fused kernels where they apply (the result in x's dtype, bf16,
     as the next layer's autocast cast would make it), otherwise exactly the modules' own computation."""
-    if _covered(x, norm.weight, norm.num_groups) and norm.bias is not None:
+    if _covered(x, norm):
         return _GroupNormAct.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act)
     y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(y) if act else y
