@@ -168,7 +168,7 @@ def journaled(ws: Path, what: str, rel: str, tracked: bool) -> Iterator[None]:
     """A change to one subject's files, all or nothing: a journal is written first, so a kill -9 inside the
     block is undone by the next command (recover); an error undoes it at once (on a full disk the undo may
     fail too: the journal then stays for the next command)."""
-    write_json_atomic(ws / JOURNAL, {"what": what, "rel": rel, "tracked": tracked, "head": git(ws, "rev-parse", "HEAD")})
+    write_json_atomic(ws / JOURNAL, {"what": what, "rel": rel, "tracked": tracked, "head": _head(ws)})
     try:
         yield
     except BaseException:
