@@ -174,7 +174,7 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
 KINDS = [  # first match wins
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdp)"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("norm", r"group_norm|layer_norm|norm_kernel|welford|GroupNorm|LayerNorm|RowwiseMoments|ComputeFused|cuComputePartGrad|GammaBeta"),
+    ("norm", r"_gn_|group_norm|layer_norm|norm_kernel|welford|GroupNorm|LayerNorm|RowwiseMoments|ComputeFused|cuComputePartGrad|GammaBeta"),
     ("conv", r"conv|implicit|wgrad|dgrad|fprop|nhwc|nchw"),
     ("gemm", r"gemm|sm90|cutlass|xmma|cublas|matmul|splitK"),
     ("copy/cast", r"copy|cast|Copy|to_dtype"),

@@ -92,3 +92,42 @@ def test_the_trainer_fuses_only_an_uncompiled_captured_bf16_channels_last_cuda_s
     assert not fuses_norms(cfg.model_copy(update={"channels_last": False}), cuda, True, torch.bfloat16)
     monkeypatch.setenv("ATELIER_FUSED_NORMS", "0")
     assert not fuses_norms(cfg, cuda, True, torch.bfloat16)
+
+
+def test_a_vae_decoder_takes_the_swap_and_decodes_what_diffusers_decodes():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+    fused = copy.deepcopy(vae)
+    # 2 up blocks x 2 resnets ("group" mode, no time embedding) + the mid block's 2 resnets ("default"), 2 norms
+    # each, and the output norm; the mid block's attention norm stays torch's (a reshape to a sequence follows it)
+    assert fuse_group_norms(fused.decoder) == 13
+    assert type(fused.decoder.mid_block.attentions[0].group_norm) is torch.nn.GroupNorm
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, fused.decode(z).sample)
+
+
+def test_the_sampler_fuses_only_an_eager_half_precision_cuda_pipeline_that_asks(monkeypatch):
+    from types import SimpleNamespace
+
+    from atelier.models.dreambooth.sampling import fuses_norms
+
+    def pipe(device: str, dtype: torch.dtype):
+        return SimpleNamespace(device=torch.device(device), unet=SimpleNamespace(dtype=dtype))
+
+    assert fuses_norms(pipe("cuda", torch.float16), "none", True)
+    assert fuses_norms(pipe("cuda", torch.bfloat16), "none", True)
+    assert not fuses_norms(pipe("cuda", torch.float16), "none", False)  # load_pipeline's default
+    assert not fuses_norms(pipe("cuda", torch.float32), "none", True)
+    assert not fuses_norms(pipe("cpu", torch.float16), "none", True)
+    assert not fuses_norms(pipe("cuda", torch.float16), "reduce-overhead", True)  # inductor fuses its own
+    monkeypatch.setenv("ATELIER_FUSED_NORMS", "0")
+    assert not fuses_norms(pipe("cuda", torch.float16), "none", True)

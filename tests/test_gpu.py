@@ -305,6 +305,44 @@ def test_fused_group_norm_is_autocast_group_norm_and_silu(shape, act):
         assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
 
 
+@pytest.mark.parametrize("shape", [(32, 320, 64, 64), (16, 640, 32, 32), (2, 128, 256, 256), (1, 96, 5, 7)])
+def test_fused_group_norm_in_fp16_is_the_float32_result_rounded(shape):
+    """The sampler's case (fp16 weights and activations, no autocast; SD 1.5's UNet at the class-image batch and
+    a VAE decoder layer with 4 channels a group): the output is torch's float32 GroupNorm + SiLU rounded to fp16
+    once, within one fp16 step where the statistics' rounding tips it."""
+    from atelier.models.dreambooth.fused_norm import FusedGroupNorm
+
+    g = torch.Generator("cuda").manual_seed(1)
+    c = shape[1]
+    x = (torch.randn(shape, device="cuda", generator=g) * 2 + 0.5).half().to(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(32, c, eps=1e-6).cuda().half()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, device="cuda", generator=g) * 0.3 + 1)
+        norm.bias.copy_(torch.randn(c, device="cuda", generator=g) * 0.3)
+        exact = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), 1e-6))
+        norm.__class__, norm.act = FusedGroupNorm, True
+        fused = norm(x)
+    assert fused.dtype == torch.float16 and fused.is_contiguous(memory_format=torch.channels_last)
+    assert (fused == exact.half()).float().mean() > 0.99
+    assert ((fused.float() - exact).abs() <= exact.abs() * 2**-10 + 1e-4).all()
+
+
+def test_the_fp16_sampler_with_fused_norms_makes_the_images_torch_norms_make(gpu_setup):
+    """`load_pipeline(fused_norms=True)` on CUDA (fused GroupNorms, channels_last, UNet and VAE decoder) against
+    torch's norms (the default) on the same seeds: the same pictures up to rounding."""
+    from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
+
+    base = gpu_setup[0]
+    fused = load_pipeline(base, fused_norms=True)
+    assert type(fused.unet.conv_norm_out).__name__ == "FusedGroupNorm" and fused.unet.dtype == torch.float16
+    assert type(fused.vae.decoder.conv_norm_out).__name__ == "FusedGroupNorm"
+    requests = [GenerationRequest("a photo of toy", seed, 8, 5.0, 64, 64) for seed in range(4)]
+    plain = generate(load_pipeline(base), requests, batch_size=4)
+    for a, b in zip(plain, generate(fused, requests, batch_size=4)):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.mean() < 2.0, f"fused-norm images drift from torch's: mean |diff| {diff.mean():.2f}/255"
+
+
 def test_fused_group_norms_train_a_unet_as_autocast_does():
     """A whole UNet with its GroupNorms fused, against the same UNet as diffusers runs it under bf16 autocast: the
     same loss and gradients up to bf16 rounding."""

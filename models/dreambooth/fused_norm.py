@@ -19,6 +19,10 @@ of `ResnetBlock2D`, `Transformer2DModel` and the UNet's output norm) and of the 
 forward then leaves the SiLU to the norm); parameters and their names do not change, so checkpoints, saving
 and the resident trainer's reset see the same module tree. On anything the kernels do not cover (CPU, float32
 or NCHW input, no Triton) the swapped modules compute exactly what the originals did.
+
+The sampler (`sampling.speed_up` with `fused_norms`) can run the same forward kernel on its fp16 pipeline's UNet
+and VAE decoder, channels_last (the statistics stay float32; the result is rounded to fp16 once, after the SiLU,
+where torch rounds after the norm and again after the SiLU). Off by default there until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -195,12 +199,12 @@ def _plan(n: int, c: int, s: int, groups: int) -> dict:
 
 
 def _covered(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:
-    """Whether the kernels apply: a bf16 channels_last activation on CUDA, with affine parameters."""
+    """Whether the kernels apply: a bf16 or fp16 channels_last activation on CUDA, with affine parameters."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 4
-        and x.dtype == torch.bfloat16
+        and x.dtype in (torch.bfloat16, torch.float16)
         and norm.weight is not None
         and norm.bias is not None
         and x.shape[1] % norm.num_groups == 0
@@ -251,8 +255,8 @@ class _GroupNormAct(torch.autograd.Function):
 
 
 def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, act: bool) -> torch.Tensor:
-    """`norm(x)`, then SiLU if `act`: in the fused kernels where they apply (the result in x's dtype, bf16,
-    as the next layer's autocast cast would make it), otherwise exactly the modules' own computation."""
+    """`norm(x)`, then SiLU if `act`: in the fused kernels where they apply (the result in x's dtype, bf16 or
+    fp16, as the next layer's autocast cast would make it), otherwise exactly the modules' own computation."""
     if _covered(x, norm):
         return _GroupNormAct.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act)
     y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
@@ -260,7 +264,7 @@ def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, act: bool) -> torc
 
 
 class FusedGroupNorm(torch.nn.GroupNorm):
-    """A GroupNorm whose result feeds a layer that casts it to bf16; `act` (an instance attribute) adds the
+    """A GroupNorm whose result feeds a layer that casts it to bf16 (or that computes in fp16); `act` (an instance attribute) adds the
     SiLU that followed it."""
 
     act = False
@@ -281,7 +285,7 @@ def _resnet_block_class():
 
     class FusedResnetBlock2D(ResnetBlock2D):
         """diffusers' ResnetBlock2D forward for the blocks `fuse_group_norms` accepts (no up- or down-sampling,
-        the time embedding added before norm2, SiLU), with each norm doing its SiLU. The shortcut's input is not
+        the time embedding, if any, added before norm2, SiLU), with each norm doing its SiLU. The shortcut's input is not
         made contiguous (diffusers does that in training mode for DDP's stride check; a captured step is one
         process, and on a channels_last UNet the copy converts the activation to NCHW and back)."""
 
@@ -291,7 +295,7 @@ def _resnet_block_class():
                 if not self.skip_time_act:
                     temb = self.nonlinearity(temb)
                 temb = self.time_emb_proj(temb)[:, :, None, None]
-            if temb is not None:
+            if temb is not None and self.time_embedding_norm == "default":  # "group" (a VAE decoder's) adds none
                 h = h + temb
             h = self.conv2(self.dropout(self.norm2(h)))
             shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
@@ -301,8 +305,10 @@ def _resnet_block_class():
 
 
 def _fusable_resnet(block) -> bool:
+    # "default" adds the time embedding before norm2; other modes without one (a VAE decoder's "group") only norm
+    mode = block.time_embedding_norm
     return (
-        block.time_embedding_norm == "default"
+        (mode == "default" or (mode != "scale_shift" and block.time_emb_proj is None))
         and block.upsample is None
         and block.downsample is None
         and type(block.nonlinearity) is torch.nn.SiLU
@@ -319,7 +325,8 @@ def _fuse(norm: torch.nn.GroupNorm, act: bool) -> None:
 def fuse_group_norms(unet: torch.nn.Module) -> int:
     """Swap, in place, the GroupNorms of a diffusers UNet whose result is cast to bf16 by the next layer (and the
     SiLU after them) for `FusedGroupNorm`; returns how many. Run it on a UNet that is not compiled (inductor fuses
-    these itself) and trains or samples under bf16 autocast."""
+    these itself) and trains or samples under bf16 autocast, or whose weights are fp16 (the sampler's). A VAE's
+    `decoder` takes it too (its ResnetBlock2D blocks and output norm; its attention's norm stays torch's)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     resnet, fused_resnet = _resnet_block_class()

@@ -6,6 +6,7 @@ classifier-free guidance as one batch (negative and positive embeddings concaten
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -53,7 +54,11 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def load_pipeline(
-    path: Path, sampler: str = "dpmsolver++", dtype: torch.dtype | None = None, compile_mode: str = "none"
+    path: Path,
+    sampler: str = "dpmsolver++",
+    dtype: torch.dtype | None = None,
+    compile_mode: str = "none",
+    fused_norms: bool = False,
 ) -> StableDiffusionPipeline:
     dtype = dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -61,11 +66,26 @@ def load_pipeline(
     )
     use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
-    return speed_up(pipe.to(device()), compile_mode)
+    return speed_up(pipe.to(device()), compile_mode, fused_norms)
 
 
-def speed_up(pipe: StableDiffusionPipeline, compile_mode: str) -> StableDiffusionPipeline:
-    """On CUDA: fused QKV projections, channels_last, and torch.compile of the UNet and the VAE decoder.
+def fuses_norms(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: bool) -> bool:
+    """Whether an eager pipeline gets `fused_norm`'s GroupNorm kernels: asked for (`fused_norms`), on CUDA in fp16
+    or bf16, uncompiled (inductor fuses its own), and not turned off for the process by `ATELIER_FUSED_NORMS=0`.
+    Off by default until measured against torch's norms on a GPU (`benchmarks/sampler_speed.py`; docs/gpu.md)."""
+    return (
+        fused_norms
+        and os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
+        and compile_mode == "none"
+        and pipe.device.type == "cuda"
+        and pipe.unet.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def speed_up(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: bool = False) -> StableDiffusionPipeline:
+    """On CUDA: with `fused_norms`, the eager pipeline's GroupNorms (and their SiLU) in fused kernels over
+    channels_last activations (`fuses_norms`), or, with a `compile_mode`, fused QKV projections, channels_last,
+    and torch.compile of the UNet and the VAE decoder.
 
     `compile_mode` "none" leaves the pipeline eager; "reduce-overhead" adds CUDA graphs. Shapes are
     pinned (dynamic=False) and `generate` pads a short last batch to the full batch size (the padding
@@ -76,6 +96,13 @@ def speed_up(pipe: StableDiffusionPipeline, compile_mode: str) -> StableDiffusio
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
+    if fuses_norms(pipe, compile_mode, fused_norms):
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms
+
+        for model in (pipe.unet, pipe.vae.decoder):
+            model.to(memory_format=torch.channels_last)
+            fuse_group_norms(model)
+        return pipe
     if compile_mode == "none" or pipe.device.type != "cuda":
         return pipe
     pipe.fuse_qkv_projections()
