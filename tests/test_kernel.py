@@ -50,6 +50,25 @@ def test_tree_hash_ignores_timestamps_but_not_content(tmp_path):
     assert value_hash({"b": 1, "a": 2}) == value_hash({"a": 2, "b": 1})
 
 
+def test_file_hashes_on_threads_are_each_files_sha256_in_path_order(tmp_path):
+    """The threaded hashing gives what one sha256 per file in sorted path order gives (the hashes recorded in
+    lineage and cache keys must not change), and leaves hidden files out."""
+    import hashlib
+
+    from atelier.kernel.hashing import file_hashes
+
+    sizes = {"unet/w.safetensors": 3 << 20, "a.json": 10, "vae/w.safetensors": 1 << 20, "z/deep/x.bin": 0, "b.txt": 5}
+    for i, (name, size) in enumerate(sizes.items()):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(bytes([i]) * size)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "cache").write_text("not content")
+    hashes = file_hashes(tmp_path)
+    assert list(hashes) == sorted(sizes)
+    assert hashes == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in sizes}
+    assert tree_hash(tmp_path) == value_hash(hashes)
+
+
 def test_json_written_atomically(tmp_path):
     path = write_json_atomic(tmp_path / "x" / "r.json", {"a": 1})
     assert path.read_text().strip().startswith("{")
