@@ -139,9 +139,10 @@ def run_variant(base: Path, variant: dict, images: int, do_profile: bool) -> tup
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     with torch.no_grad():
-        latents = torch.randn(2 * BATCH, 4, 64, 64, device="cuda", dtype=pipe.unet.dtype)
-        text = torch.randn(2 * BATCH, 77, 768, device="cuda", dtype=pipe.unet.dtype)
-        step = torch.tensor(500.0, device="cuda")
+        unet = pipe.unet.config  # the class-image batch's shapes (CFG doubles it), from the model's own config
+        latents = torch.randn(2 * BATCH, unet.in_channels, unet.sample_size, unet.sample_size, device=pipe.device, dtype=pipe.unet.dtype)
+        text = torch.randn(2 * BATCH, pipe.tokenizer.model_max_length, unet.cross_attention_dim, device=pipe.device, dtype=pipe.unet.dtype)
+        step = torch.tensor(500.0, device=pipe.device)
         pipe.unet(latents, step, text, return_dict=False)
         unet_ms = 1000 * best_seconds(lambda: pipe.unet(latents, step, text, return_dict=False), 5)
         pipe.vae.decode(latents[:BATCH], return_dict=False)
