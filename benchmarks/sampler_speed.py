@@ -7,7 +7,7 @@ Each variant loads the pipeline as `sampling.load_pipeline` does (fp16, DPM-Solv
 warm up, then times `generate` over `--images` images at batch 16 (CFG doubles it: the UNet sees 32), the
 way class priors are made: images/s against the first variant, run in the same process. Its parts are timed
 alone too: one UNet forward at batch 32 and one VAE decode of 16 latents (best of a few, waited for on the
-device). `--profile` sums one batch's GPU kernel time by kind (step_speed's kinds) and says how busy the GPU
+device). `--profile` sums one batch's GPU kernel time by kind (gpu_timing's kinds) and says how busy the GPU
 was over that batch's wall clock; a busy GPU gains nothing from CUDA graphs. Every variant's first images are
 compared with the first variant's (mean and largest pixel difference, 0-255): a faster variant must make the
 same pictures up to rounding.
@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_timing import best_seconds  # noqa: E402
-from benchmarks.step_speed import KINDS  # noqa: E402
+from benchmarks.gpu_timing import best_seconds, kernels_by_kind  # noqa: E402
 
 BATCH = 16
 PROMPT = "a photo of toy"
@@ -85,7 +82,6 @@ def requests(n: int, first_seed: int = 0):
 
 
 def profile_batch(pipe) -> dict:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from atelier.models.dreambooth.sampling import generate
@@ -96,22 +92,10 @@ def profile_batch(pipe) -> dict:
         generate(pipe, requests(BATCH, 1000), batch_size=BATCH)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    by_kind: dict[str, float] = defaultdict(float)
-    top = []
-    for evt in prof.key_averages():
-        if evt.self_device_time_total <= 0 or evt.device_type != DeviceType.CUDA:
-            continue
-        ms = evt.self_device_time_total / 1000
-        kind = next((k for k, pat in KINDS if re.search(pat, evt.key)), "other")
-        by_kind[kind] += ms
-        top.append((ms, evt.count, kind, evt.key[:100]))
+    by_kind, _ = kernels_by_kind(prof, top=25, indent="    ")
     total = sum(by_kind.values())
     print(f"  one batch of {BATCH}: {wall * 1000:.0f} ms wall, {total:.0f} ms of kernels ({100 * total / wall / 1000:.0f}% busy)")
-    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"    {kind:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
-    for ms, n, kind, name in sorted(top, reverse=True)[:25]:
-        print(f"    {ms:8.1f} {n:5d} {kind:<11} {name}")
-    return {"wall_ms": wall * 1000, "kernel_ms": total, "by_kind": dict(by_kind)}
+    return {"wall_ms": wall * 1000, "kernel_ms": total, "by_kind": by_kind}
 
 
 def run_variant(base: Path, variant: dict, images: int, do_profile: bool) -> tuple[dict, np.ndarray]:

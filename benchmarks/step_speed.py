@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atelier.models.dreambooth.steps import ComputeCopies, GraphedStep, Objective, init_adam_state  # noqa: E402
+from benchmarks.gpu_timing import kernels_by_kind  # noqa: E402
 
 # --- the variants' kernel-level choices (only this benchmark uses them; the trainer took what paid) ---
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -171,18 +170,6 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
     return unet, text_encoder
 
 
-KINDS = [  # first match wins
-    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdp)"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("norm", r"_gn_|group_norm|layer_norm|norm_kernel|welford|GroupNorm|LayerNorm|RowwiseMoments|ComputeFused|cuComputePartGrad|GammaBeta"),
-    ("conv", r"conv|implicit|wgrad|dgrad|fprop|nhwc|nchw"),
-    ("gemm", r"gemm|sm90|cutlass|xmma|cublas|matmul|splitK"),
-    ("copy/cast", r"copy|cast|Copy|to_dtype"),
-    ("reduce", r"reduce|Reduce|sum|norm"),
-    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|Elementwise"),
-]
-
-
 def build(base: Path, variant: dict):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -285,7 +272,6 @@ def profile(base: Path, steps: int, variant_name: str, trace: Path | None = None
     """A replayed step's GPU kernel time by kind (a compiled variant's kernels are its compiled graphs').
     `trace` keeps the kernels in order (a chrome trace): a replayed graph names no operator that launched
     them, but their neighbours and grid sizes say what they are."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof_ctx
 
@@ -298,27 +284,14 @@ def profile(base: Path, steps: int, variant_name: str, trace: Path | None = None
         for i in range(steps):
             step(*inputs(10 + i))  # the first call captures the step, every call replays it
         torch.cuda.synchronize()
-    by_kind: dict[str, float] = defaultdict(float)
-    top = []
-    for evt in prof.key_averages():
-        us = evt.self_device_time_total
-        if us <= 0 or evt.device_type != DeviceType.CUDA:  # kernels only: an operator's self time repeats its kernels
-            continue
-        kind = next((k for k, pat in KINDS if re.search(pat, evt.key)), "other")
-        by_kind[kind] += us / steps / 1000
-        top.append((us / steps / 1000, evt.count // steps, kind, evt.key[:110]))
-    top.sort(reverse=True)
+    print("\nGPU kernel time per step:")
+    by_kind, top = kernels_by_kind(prof, steps)
     total = sum(by_kind.values())
-    print(f"\nGPU kernel time per step: {total:.1f} ms")
-    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<12} {ms:7.2f} ms  {100 * ms / total:5.1f}%")
-    print("\ntop kernels (ms/step, calls/step, kind, name):")
-    for ms, n, kind, name in top[:45]:
-        print(f"  {ms:7.2f} {n:5d} {kind:<11} {name}")
+    print(f"  in all: {total:.1f} ms")
     if trace:
         prof.export_chrome_trace(str(trace))
     del step, objective, params, opt
-    return {"kernel_ms_per_step": total, "by_kind": dict(by_kind), "top": top[:45]}
+    return {"kernel_ms_per_step": total, "by_kind": by_kind, "top": top}
 
 
 VARIANTS = {

@@ -27,6 +27,8 @@ where torch rounds after the norm and again after the SiLU). Off by default ther
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -196,6 +198,12 @@ def _plan(n: int, c: int, s: int, groups: int) -> dict:
     chunk = triton.cdiv(triton.cdiv(s, split), rows) * rows
     split = triton.cdiv(s, chunk)
     return {"D": d, "BLOCK_D": block_d, "ROWS": rows, "SPLIT": split, "CHUNK": chunk}
+
+
+def switched_on() -> bool:
+    """Whether this process may use the kernels: `ATELIER_FUSED_NORMS=0` keeps torch's own norms everywhere (the
+    trainer's step and the sampler); a speed switch only."""
+    return os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
 
 
 def _covered(x: torch.Tensor, norm: torch.nn.GroupNorm) -> bool:

@@ -6,7 +6,6 @@ classifier-free guidance as one batch (negative and positive embeddings concaten
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -73,13 +72,11 @@ def fuses_norms(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: b
     """Whether an eager pipeline gets `fused_norm`'s GroupNorm kernels: asked for (`fused_norms`), on CUDA in fp16
     or bf16, uncompiled (inductor fuses its own), and not turned off for the process by `ATELIER_FUSED_NORMS=0`.
     Off by default until measured against torch's norms on a GPU (`benchmarks/sampler_speed.py`; docs/gpu.md)."""
-    return (
-        fused_norms
-        and os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
-        and compile_mode == "none"
-        and pipe.device.type == "cuda"
-        and pipe.unet.dtype in (torch.float16, torch.bfloat16)
-    )
+    if not (fused_norms and compile_mode == "none" and pipe.device.type == "cuda" and pipe.unet.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    from atelier.models.dreambooth.fused_norm import switched_on  # imports Triton
+
+    return switched_on()
 
 
 def speed_up(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: bool = False) -> StableDiffusionPipeline:

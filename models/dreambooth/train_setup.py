@@ -233,13 +233,11 @@ def place(
 def fuses_norms(cfg: TrainConfig, device: torch.device, graphs: bool, weight_dtype: torch.dtype) -> bool:
     """Whether an uncompiled run's UNet gets `fused_norm`'s GroupNorm kernels: a captured bf16 step on CUDA with
     channels_last activations, unless `ATELIER_FUSED_NORMS=0` keeps torch's own (a speed switch only)."""
-    return (
-        graphs
-        and device.type == "cuda"
-        and weight_dtype == torch.bfloat16
-        and cfg.channels_last
-        and os.environ.get("ATELIER_FUSED_NORMS", "1") != "0"
-    )
+    if not (graphs and device.type == "cuda" and weight_dtype == torch.bfloat16 and cfg.channels_last):
+        return False
+    from atelier.models.dreambooth.fused_norm import switched_on  # imports Triton
+
+    return switched_on()
 
 
 def keep_compiles(cache: Path) -> None:
