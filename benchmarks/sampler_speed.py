@@ -12,8 +12,8 @@ was over that batch's wall clock; a busy GPU gains nothing from CUDA graphs. Eve
 compared with the first variant's (mean and largest pixel difference, 0-255): a faster variant must make the
 same pictures up to rounding.
 
-Variants: `torch-norms` (the sampler before: torch's GroupNorm on NCHW fp16), `fused` (the default now:
-fused_norm's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only), `fused+graph` (that UNet's forward captured
+Variants: `torch-norms` (the sampler before: torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline(...,
+fused_norms=True)`: fused_norm's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only), `fused+graph` (that UNet's forward captured
 as a CUDA graph per shape, no compile).
 """
 

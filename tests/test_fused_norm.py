@@ -125,7 +125,7 @@ def test_the_sampler_fuses_only_an_eager_half_precision_cuda_pipeline_that_asks(
 
     assert fuses_norms(pipe("cuda", torch.float16), "none", True)
     assert fuses_norms(pipe("cuda", torch.bfloat16), "none", True)
-    assert not fuses_norms(pipe("cuda", torch.float16), "none", False)  # load_pipeline's default
+    assert not fuses_norms(pipe("cuda", torch.float16), "none", False)  # load_pipeline(..., fused_norms=False)
     assert not fuses_norms(pipe("cuda", torch.float32), "none", True)
     assert not fuses_norms(pipe("cpu", torch.float16), "none", True)
     assert not fuses_norms(pipe("cuda", torch.float16), "reduce-overhead", True)  # inductor fuses its own
