@@ -12,9 +12,9 @@ was over that batch's wall clock; a busy GPU gains nothing from CUDA graphs. Eve
 compared with the first variant's (mean and largest pixel difference, 0-255): a faster variant must make the
 same pictures up to rounding.
 
-Variants: `torch-norms` (the sampler before: torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline(...,
-fused_norms=True)`: fused_norm's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only), `fused+graph` (that UNet's forward captured
-as a CUDA graph per shape, no compile).
+Variants: `torch-norms` (torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline`'s default: fused_norm's and
+fused_geglu's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only; `fused-no-geglu`:
+the GroupNorms only), `fused+graph` (that UNet's forward captured as a CUDA graph per shape, no compile).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def graph_unet(pipe) -> None:
 VARIANTS = {
     "torch-norms": {"fused_norms": False},
     "fused-unet": {"fused_norms": False, "unet_only": True},
+    "fused-no-geglu": {"fused_norms": False, "norms_only": True},
     "fused": {"fused_norms": True},
     "fused+graph": {"fused_norms": True, "graph": True},
 }
@@ -106,11 +107,12 @@ def run_variant(base: Path, variant: dict, images: int, do_profile: bool) -> tup
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pipe = load_pipeline(base, "dpmsolver++", fused_norms=variant["fused_norms"])
-    if variant.get("unet_only"):
-        from atelier.models.dreambooth.fused_norm import fuse_group_norms
+    if variant.get("unet_only") or variant.get("norms_only"):
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms, fuse_kernels
 
-        pipe.unet.to(memory_format=torch.channels_last)
-        fuse_group_norms(pipe.unet)
+        for model in (pipe.unet,) if variant.get("unet_only") else (pipe.unet, pipe.vae.decoder):
+            model.to(memory_format=torch.channels_last)
+            (fuse_kernels if variant.get("unet_only") else fuse_group_norms)(model)
     if variant.get("graph"):
         graph_unet(pipe)
     load = time.perf_counter() - t

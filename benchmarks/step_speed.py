@@ -22,8 +22,9 @@ one compiled graph per block shape; on an H100 0.9 ms a step slower, and its com
 counts), cuDNN's convolution algorithms timed on first use instead of picked by its heuristics
 (`*+cudnn-bench`: no faster), and inductor's choice of convolution layouts (`compiled+one-pass/*-layout-opt`:
 the compiled backward copies activations between layouts), the UNet in NCHW (`one-pass/nchw`: slower), diffusers'
-shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`) and GroupNorm with its SiLU in fused_norm's Triton
-kernels (`one-pass+fused-norms`: the single job's step now). docs/gpu.md has the measurements.
+shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`), GroupNorm with its SiLU in fused_norm's Triton
+kernels (`one-pass+fused-norms`, which keeps the transformers' output channels_last too) and with the GEGLU gates
+in fused_geglu's (`one-pass+fused`: the single job's step now). docs/gpu.md has the measurements.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SpeedOptions:
     channels_last: bool = True  # the UNet's memory format (the trainer's default: channels_last)
     shortcut_in_place: bool = False  # diffusers' ResnetBlock2D makes its shortcut's input contiguous in training mode
     fused_norms: bool = False  # GroupNorm (+ SiLU) in fused_norm's Triton kernels, as the trainer's captured step runs them
+    geglu: bool = False  # the feed-forward gates in fused_geglu's kernels (with fused_norms: the trainer's step now)
 
 
 # the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
@@ -160,6 +162,10 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
         from atelier.models.dreambooth.fused_norm import fuse_group_norms
 
         fuse_group_norms(unet)
+    if options.geglu:
+        from atelier.models.dreambooth.fused_geglu import fuse_geglu
+
+        fuse_geglu(unet)
     if options.compile:
         unet = torch.compile(unet, dynamic=False)
     if options.compile_text:
@@ -318,6 +324,7 @@ VARIANTS = {
     "one-pass/nchw": {"options": {"channels_last": False}},
     "one-pass/shortcut-in-place": {"options": {"shortcut_in_place": True}},
     "one-pass+fused-norms": {"options": {"fused_norms": True}},
+    "one-pass+fused": {"options": {"fused_norms": True, "geglu": True}},
     "compiled+one-pass+cudnn-bench": {"options": {"compile": True, "compile_text": True, "cudnn_benchmark": True}},
 }
 

@@ -1,8 +1,10 @@
-"""`fused_norm.fuse_group_norms`: which modules it swaps, and that the swapped UNet computes what diffusers' does.
+"""`fused_norm.fuse_kernels` (`fuse_group_norms`, `fused_geglu.fuse_geglu`): which modules they swap, and that
+the swapped UNet computes what diffusers' does.
 
-The Triton kernels themselves need CUDA (tests/test_gpu.py checks them against torch's GroupNorm and SiLU); here,
-on the CPU, the swapped modules take their fallback, so the UNet's output and every gradient must equal the
-original's bit for bit: that checks the rewritten ResnetBlock2D forward and the moved SiLUs.
+The Triton kernels themselves need CUDA (tests/test_gpu.py checks them against torch's GroupNorm, SiLU and GELU);
+here, on the CPU, the swapped modules take their fallback, so an NCHW UNet's output and every gradient must equal
+the original's bit for bit: that checks the rewritten ResnetBlock2D forward, the moved SiLUs and the GEGLU forward.
+A channels_last UNet's transformers keep their output channels_last (a layout change, so equal up to rounding).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from atelier.models.dreambooth.fused_norm import ActivationInNorm, FusedGroupNorm, fuse_group_norms
+from atelier.models.dreambooth.fused_norm import ActivationInNorm, FusedGroupNorm, fuse_group_norms, fuse_kernels
 
 
 def _unet() -> UNet2DConditionModel:
@@ -61,13 +63,35 @@ def test_fuse_swaps_every_groupnorm_whose_result_is_cast_and_keeps_the_parameter
 def test_fused_unet_computes_what_diffusers_computes(dtype):
     unet = _unet().train()
     fused = copy.deepcopy(unet)
-    fuse_group_norms(fused)
+    assert fuse_kernels(fused) == 31 + 6  # and one GEGLU per transformer block
+    assert sum(type(m).__name__ == "FusedGEGLU" for m in fused.modules()) == 6
     loss, grads = _loss_and_grads(unet, dtype)
     fused_loss, fused_grads = _loss_and_grads(fused, dtype)
     assert torch.equal(loss, fused_loss)
     assert grads.keys() == fused_grads.keys()
     for name, grad in grads.items():
         assert torch.equal(grad, fused_grads[name]), name
+
+
+def test_a_channels_last_unet_keeps_its_transformers_output_channels_last():
+    """diffusers makes each Transformer2DModel's attention output NCHW-contiguous before proj_out (a copy of the
+    activation, which the convolution converts back); the swapped one hands proj_out the channels_last view, with
+    the same result up to the convolution's rounding, forward and backward."""
+    unet = _unet().train().to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(unet)
+    fuse_kernels(fused)
+    seen = []
+    for model in (unet, fused):
+        model.down_blocks[1].attentions[0].proj_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    loss, grads = _loss_and_grads(unet, torch.float32)
+    fused_loss, fused_grads = _loss_and_grads(fused, torch.float32)
+    plain_in, fused_in = seen
+    assert plain_in.is_contiguous() and not plain_in.is_contiguous(memory_format=torch.channels_last)  # diffusers' copy
+    assert fused_in.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused_in, plain_in)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_blocks_it_does_not_know_stay_as_they_are():

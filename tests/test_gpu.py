@@ -327,6 +327,30 @@ def test_fused_group_norm_in_fp16_is_the_float32_result_rounded(shape):
     assert ((fused.float() - exact).abs() <= exact.abs() * 2**-10 + 1e-4).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 4096, 2 * 1280), (2, 77, 2 * 640), (3, 5, 2)])
+def test_fused_geglu_is_the_float32_gate_rounded_and_so_is_its_gradient(shape, dtype):
+    """GEGLU's kernels against x * gelu(g) and its gradient in float32 from the same half-precision inputs (SD 1.5's
+    largest gate at the class-image batch, a small one, a single element): each result that float32 value rounded
+    once, within one step where erf's float32 rounding tips it."""
+    from atelier.models.dreambooth.fused_geglu import _Geglu
+
+    g = torch.Generator("cuda").manual_seed(1)
+    h = (torch.randn(shape, device="cuda", generator=g) * 2).to(dtype).requires_grad_(True)
+    dy = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", generator=g).to(dtype)
+    y = _Geglu.apply(h)
+    (dh,) = torch.autograd.grad(y, h, dy)
+    exact_h = h.detach().float().requires_grad_(True)
+    x, gate = exact_h.chunk(2, dim=-1)
+    exact = x * torch.nn.functional.gelu(gate)
+    (exact_dh,) = torch.autograd.grad(exact, exact_h, dy.float())
+    step = 2**-10 if dtype == torch.float16 else 2**-7
+    for got, want in ((y, exact.detach()), (dh, exact_dh)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert (got == want.to(dtype)).float().mean() > 0.98
+        assert ((got.float() - want).abs() <= want.abs() * step + 1e-6).all()
+
+
 def test_the_fp16_sampler_with_fused_norms_makes_the_images_torch_norms_make(gpu_setup):
     """`load_pipeline(fused_norms=True)` on CUDA (fused GroupNorms, channels_last, UNet and VAE decoder) against
     torch's norms (`fused_norms=False`) on the same seeds: the same pictures up to rounding."""
@@ -343,14 +367,15 @@ def test_the_fp16_sampler_with_fused_norms_makes_the_images_torch_norms_make(gpu
         assert diff.mean() < 2.0, f"fused-norm images drift from torch's: mean |diff| {diff.mean():.2f}/255"
 
 
-def test_fused_group_norms_train_a_unet_as_autocast_does():
-    """A whole UNet with its GroupNorms fused, against the same UNet as diffusers runs it under bf16 autocast: the
-    same loss and gradients up to bf16 rounding."""
+def test_fused_kernels_train_a_unet_as_autocast_does():
+    """A whole UNet with its GroupNorms and GEGLU gates fused (and its transformers' output kept channels_last),
+    against the same UNet as diffusers runs it under bf16 autocast: the same loss and gradients up to bf16
+    rounding."""
     import copy
 
     from diffusers import UNet2DConditionModel
 
-    from atelier.models.dreambooth.fused_norm import fuse_group_norms
+    from atelier.models.dreambooth.fused_norm import fuse_kernels
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -358,7 +383,7 @@ def test_fused_group_norms_train_a_unet_as_autocast_does():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     ).cuda().to(memory_format=torch.channels_last).train()  # fmt: skip
     fused = copy.deepcopy(unet)
-    assert fuse_group_norms(fused) == 31
+    assert fuse_kernels(fused) == 31 + 6  # the GroupNorms, then one GEGLU per transformer block
     g = torch.Generator("cuda").manual_seed(1)
     x, cond = torch.randn(2, 4, 32, 32, device="cuda", generator=g), torch.randn(2, 7, 64, device="cuda", generator=g)
     results = []

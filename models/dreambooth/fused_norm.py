@@ -307,9 +307,32 @@ def _resnet_block_class():
                 h = h + temb
             h = self.conv2(self.dropout(self.norm2(h)))
             shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
-            return (shortcut + h) / self.output_scale_factor
+            out = shortcut + h
+            return out if self.output_scale_factor == 1 else out / self.output_scale_factor  # x / 1 is x: one pass less
 
     return ResnetBlock2D, FusedResnetBlock2D
+
+
+def _transformer_class():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    class ChannelsLastTransformer2DModel(Transformer2DModel):
+        """diffusers' Transformer2DModel whose output stays channels_last when its input is: diffusers makes the
+        attention's (batch, pixels, channels) result NCHW-contiguous before `proj_out` (a copy of the whole
+        activation), then adds the channels_last residual (an add over two layouts, without vectorised loads).
+        The (batch, pixels, channels) tensor viewed as NCHW already is a channels_last activation, so here no copy is
+        made. An NCHW input takes diffusers' path, unchanged."""
+
+        def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+            if residual.is_contiguous() or not residual.is_contiguous(memory_format=torch.channels_last):
+                return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width, inner_dim)
+            if not self.use_linear_projection:
+                hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+            else:
+                hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+            return hidden_states + residual
+
+    return Transformer2DModel, ChannelsLastTransformer2DModel
 
 
 def _fusable_resnet(block) -> bool:
@@ -334,10 +357,11 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
     """Swap, in place, the GroupNorms of a diffusers UNet whose result is cast to bf16 by the next layer (and the
     SiLU after them) for `FusedGroupNorm`; returns how many. Run it on a UNet that is not compiled (inductor fuses
     these itself) and trains or samples under bf16 autocast, or whose weights are fp16 (the sampler's). A VAE's
-    `decoder` takes it too (its ResnetBlock2D blocks and output norm; its attention's norm stays torch's)."""
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
+    `decoder` takes it too (its ResnetBlock2D blocks and output norm; its attention's norm stays torch's). The
+    Transformer2DModels whose norm it swaps keep a channels_last activation channels_last through their output
+    (`ChannelsLastTransformer2DModel`)."""
     resnet, fused_resnet = _resnet_block_class()
+    transformer, channels_last_transformer = _transformer_class()
     swapped = 0
     for module in unet.modules():
         if type(module) is resnet and _fusable_resnet(module):
@@ -345,8 +369,9 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
             _fuse(module.norm2, True)
             module.__class__ = fused_resnet
             swapped += 2
-        elif type(module) is Transformer2DModel and module.is_input_continuous and type(module.norm) is torch.nn.GroupNorm:
+        elif type(module) is transformer and module.is_input_continuous and type(module.norm) is torch.nn.GroupNorm:
             _fuse(module.norm, False)  # then proj_in, a convolution or a linear layer
+            module.__class__ = channels_last_transformer
             swapped += 1
     norm_out, act_out = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
     if type(norm_out) is torch.nn.GroupNorm and type(act_out) is torch.nn.SiLU:
@@ -354,3 +379,11 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
         act_out.__class__ = ActivationInNorm
         swapped += 1
     return swapped
+
+
+def fuse_kernels(model: torch.nn.Module) -> int:
+    """Every fused kernel a UNet or VAE decoder takes, in place: its GroupNorms (`fuse_group_norms`) and its
+    feed-forward gates (`fused_geglu.fuse_geglu`); returns how many modules were swapped."""
+    from atelier.models.dreambooth.fused_geglu import fuse_geglu
+
+    return fuse_group_norms(model) + fuse_geglu(model)
