@@ -8,7 +8,8 @@ warm up, then times `generate` over `--images` images at batch 16 (CFG doubles i
 way class priors are made: images/s against the first variant, run in the same process. Its parts are timed
 alone too: one UNet forward at batch 32 and one VAE decode of 16 latents (best of a few, waited for on the
 device). `--profile` sums one batch's GPU kernel time by kind (gpu_timing's kinds) and says how busy the GPU
-was over that batch's wall clock; a busy GPU gains nothing from CUDA graphs. Every variant's first images are
+was over that batch's wall clock; a busy GPU gains nothing from CUDA graphs. `--ops` prints one batch's
+operators by device time with their input shapes (which of diffusers' ops launched those kernels). Every variant's first images are
 compared with the first variant's (mean and largest pixel difference, 0-255): a faster variant must make the
 same pictures up to rounding.
 
@@ -99,7 +100,23 @@ def profile_batch(pipe) -> dict:
     return {"wall_ms": wall * 1000, "kernel_ms": total, "by_kind": by_kind}
 
 
-def run_variant(base: Path, variant: dict, images: int, do_profile: bool) -> tuple[dict, np.ndarray]:
+def ops_table(pipe, rows: int = 30) -> str:
+    """One batch's operators by device time, grouped by input shapes: which of diffusers' ops launch the kernels
+    `profile_batch` counts (an add over two layouts or with a broadcast, a copy to contiguous)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from atelier.models.dreambooth.sampling import generate
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        generate(pipe, requests(BATCH, 1000), batch_size=BATCH)
+        torch.cuda.synchronize()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=90
+    )
+
+
+def run_variant(base: Path, variant: dict, images: int, do_profile: bool, do_ops: bool = False) -> tuple[dict, np.ndarray]:
     from atelier.models.dreambooth.sampling import generate, load_pipeline
 
     gc.collect()  # the variant before: its pipeline (a graphed one's forward refers back to its UNet)
@@ -144,6 +161,8 @@ def run_variant(base: Path, variant: dict, images: int, do_profile: bool) -> tup
     }
     if do_profile:
         out["profile"] = profile_batch(pipe)
+    if do_ops:
+        print(ops_table(pipe), flush=True)
     return out, np.stack([np.asarray(img, dtype=np.int16) for img in first])
 
 
@@ -153,6 +172,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--only", default="", help="comma list of variants (the first variant always runs: the ratios' baseline)")
     ap.add_argument("--profile", action="store_true", help="each variant: one batch's kernel time by kind")
+    ap.add_argument("--ops", action="store_true", help="each variant: one batch's operators by device time and input shapes")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -171,7 +191,7 @@ def main() -> None:
             continue
         print(name, flush=True)
         try:
-            results[name], pixels = run_variant(base, variant, args.images, args.profile)
+            results[name], pixels = run_variant(base, variant, args.images, args.profile, args.ops)
         except Exception as exc:  # noqa: BLE001 - one failed variant should not hide the others
             results[name] = {"error": f"{exc.__class__.__name__}: {str(exc)[:400]}"}
             print(" ", results[name]["error"], flush=True)
