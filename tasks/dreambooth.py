@@ -90,7 +90,7 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     )
     report = progress_logger(f"class priors '{class_prompt}'", spec.count, "images")
     report(0)  # the bar and its clock start now, while the base model loads, not after
-    keep_compiles(cfg.class_sampling.compile_mode != "none")
+    keep_compiles()
     prior = ensure_class_priors(
         settings().priors_cache,
         spec,
@@ -105,14 +105,13 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
     return Priors(str(prior.path), prior.key, prior.count, prior.sha256)
 
 
-def keep_compiles(compiling: bool = True) -> None:
-    """torch.compile's and Triton's caches in the workspace (see train_setup.keep_compiles), when this job
-    compiles: a training always may (the captured step's optimizer is a Triton kernel), class priors only
-    with a compile_mode."""
-    if compiling:
-        from atelier.models.dreambooth.train_setup import keep_compiles as keep
+def keep_compiles() -> None:
+    """torch.compile's and Triton's caches in the workspace (see train_setup.keep_compiles): every GPU task of a
+    job compiles Triton kernels once per workspace (the captured step's optimizer and norms, the sampler's norms
+    and GEGLU gates) or a whole graph (a compile_mode), and no later job should pay for it again."""
+    from atelier.models.dreambooth.train_setup import keep_compiles as keep
 
-        keep(settings().compile_cache)
+    keep(settings().compile_cache)
 
 
 def training_key(base_hash: str, snapshot: Snapshot, prior_key: str | None, config: dict, processes: int = 1) -> str:
@@ -283,6 +282,7 @@ def sample_images(pipeline_dir: str, class_noun: str, config: dict, losses: list
     from atelier.models.dreambooth.sampling import GenerationRequest, generate, load_pipeline
 
     cfg = TrainConfig(**config)
+    keep_compiles()
     pipe = load_pipeline(Path(pipeline_dir), cfg.sampling.sampler, compile_mode=cfg.sampling.compile_mode)
     requests = [
         GenerationRequest(
