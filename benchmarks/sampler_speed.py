@@ -14,8 +14,8 @@ compared with the first variant's (mean and largest pixel difference, 0-255): a 
 same pictures up to rounding.
 
 Variants: `torch-norms` (torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline`'s default: fused_norm's and
-fused_geglu's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only; `fused-no-geglu`:
-the GroupNorms only), `fused+graph` (that UNet's forward captured as a CUDA graph per shape, no compile).
+fused_geglu's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only; `fused-norms`:
+the GroupNorms only, `fuse_group_norms`), `fused+graph` (that UNet's forward captured as a CUDA graph per shape, no compile).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def graph_unet(pipe) -> None:
 VARIANTS = {
     "torch-norms": {"fused_norms": False},
     "fused-unet": {"fused_norms": False, "unet_only": True},
-    "fused-no-geglu": {"fused_norms": False, "norms_only": True},
+    "fused-norms": {"fused_norms": False, "norms_only": True},
     "fused": {"fused_norms": True},
     "fused+graph": {"fused_norms": True, "graph": True},
 }

@@ -357,11 +357,10 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
     """Swap, in place, the GroupNorms of a diffusers UNet whose result is cast to bf16 by the next layer (and the
     SiLU after them) for `FusedGroupNorm`; returns how many. Run it on a UNet that is not compiled (inductor fuses
     these itself) and trains or samples under bf16 autocast, or whose weights are fp16 (the sampler's). A VAE's
-    `decoder` takes it too (its ResnetBlock2D blocks and output norm; its attention's norm stays torch's). The
-    Transformer2DModels whose norm it swaps keep a channels_last activation channels_last through their output
-    (`ChannelsLastTransformer2DModel`)."""
+    `decoder` takes it too (its ResnetBlock2D blocks and output norm; its attention's norm stays torch's)."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     resnet, fused_resnet = _resnet_block_class()
-    transformer, channels_last_transformer = _transformer_class()
     swapped = 0
     for module in unet.modules():
         if type(module) is resnet and _fusable_resnet(module):
@@ -369,9 +368,8 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
             _fuse(module.norm2, True)
             module.__class__ = fused_resnet
             swapped += 2
-        elif type(module) is transformer and module.is_input_continuous and type(module.norm) is torch.nn.GroupNorm:
+        elif isinstance(module, Transformer2DModel) and module.is_input_continuous and type(module.norm) is torch.nn.GroupNorm:
             _fuse(module.norm, False)  # then proj_in, a convolution or a linear layer
-            module.__class__ = channels_last_transformer
             swapped += 1
     norm_out, act_out = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
     if type(norm_out) is torch.nn.GroupNorm and type(act_out) is torch.nn.SiLU:
@@ -381,9 +379,23 @@ def fuse_group_norms(unet: torch.nn.Module) -> int:
     return swapped
 
 
+def keep_transformers_channels_last(model: torch.nn.Module) -> int:
+    """Swap, in place, the class of every continuous-input Transformer2DModel for `ChannelsLastTransformer2DModel`
+    (no NCHW copy of its output on a channels_last model); returns how many."""
+    transformer, channels_last = _transformer_class()
+    swapped = 0
+    for module in model.modules():
+        if type(module) is transformer and module.is_input_continuous:
+            module.__class__ = channels_last
+            swapped += 1
+    return swapped
+
+
 def fuse_kernels(model: torch.nn.Module) -> int:
-    """Every fused kernel a UNet or VAE decoder takes, in place: its GroupNorms (`fuse_group_norms`) and its
-    feed-forward gates (`fused_geglu.fuse_geglu`); returns how many modules were swapped."""
+    """Every fused kernel a UNet or VAE decoder takes, in place: its GroupNorms (`fuse_group_norms`), its
+    feed-forward gates (`fused_geglu.fuse_geglu`) and its transformers' output left channels_last
+    (`keep_transformers_channels_last`); returns how many GroupNorms and gates were swapped."""
     from atelier.models.dreambooth.fused_geglu import fuse_geglu
 
+    keep_transformers_channels_last(model)
     return fuse_group_norms(model) + fuse_geglu(model)
