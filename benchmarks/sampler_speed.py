@@ -13,9 +13,10 @@ operators by device time with their input shapes (which of diffusers' ops launch
 compared with the first variant's (mean and largest pixel difference, 0-255): a faster variant must make the
 same pictures up to rounding.
 
-Variants: `torch-norms` (torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline`'s default: fused_norm's and
-fused_geglu's kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only; `fused-norms`:
-the GroupNorms only, `fuse_group_norms`), `fused+graph` (that UNet's forward captured as a CUDA graph per shape, no compile).
+Variants: `torch-norms` (torch's GroupNorm on NCHW fp16), `fused` (`load_pipeline`'s default: fused_norm's
+GroupNorm kernels over channels_last, UNet and VAE decoder; `fused-unet`: the UNet's only), `fused-kernels`
+(`fuse_kernels`: those, the GEGLU gates in fused_geglu's kernels and the transformers' output kept
+channels_last; not the default until measured), `fused+graph` (that UNet's forward captured as a CUDA graph per shape, no compile).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def graph_unet(pipe) -> None:
 VARIANTS = {
     "torch-norms": {"fused_norms": False},
     "fused-unet": {"fused_norms": False, "unet_only": True},
-    "fused-norms": {"fused_norms": False, "norms_only": True},
     "fused": {"fused_norms": True},
+    "fused-kernels": {"fused_norms": False, "kernels": True},
     "fused+graph": {"fused_norms": True, "graph": True},
 }
 
@@ -124,12 +125,12 @@ def run_variant(base: Path, variant: dict, images: int, do_profile: bool, do_ops
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pipe = load_pipeline(base, "dpmsolver++", fused_norms=variant["fused_norms"])
-    if variant.get("unet_only") or variant.get("norms_only"):
+    if variant.get("unet_only") or variant.get("kernels"):
         from atelier.models.dreambooth.fused_norm import fuse_group_norms, fuse_kernels
 
         for model in (pipe.unet,) if variant.get("unet_only") else (pipe.unet, pipe.vae.decoder):
             model.to(memory_format=torch.channels_last)
-            (fuse_kernels if variant.get("unet_only") else fuse_group_norms)(model)
+            (fuse_kernels if variant.get("kernels") else fuse_group_norms)(model)
     if variant.get("graph"):
         graph_unet(pipe)
     load = time.perf_counter() - t

@@ -23,8 +23,9 @@ counts), cuDNN's convolution algorithms timed on first use instead of picked by 
 (`*+cudnn-bench`: no faster), and inductor's choice of convolution layouts (`compiled+one-pass/*-layout-opt`:
 the compiled backward copies activations between layouts), the UNet in NCHW (`one-pass/nchw`: slower), diffusers'
 shortcut `.contiguous()` skipped (`one-pass/shortcut-in-place`), GroupNorm with its SiLU in fused_norm's Triton
-kernels (`one-pass+fused-norms`, which keeps the transformers' output channels_last too) and with the GEGLU gates
-in fused_geglu's (`one-pass+fused`: the single job's step now). docs/gpu.md has the measurements.
+kernels (`one-pass+fused-norms`: the single job's step now) and with the GEGLU gates in fused_geglu's and the
+transformers' output kept channels_last (`one-pass+fused-kernels`, `fuse_kernels`: not measured yet). docs/gpu.md
+has the measurements.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SpeedOptions:
     channels_last: bool = True  # the UNet's memory format (the trainer's default: channels_last)
     shortcut_in_place: bool = False  # diffusers' ResnetBlock2D makes its shortcut's input contiguous in training mode
     fused_norms: bool = False  # GroupNorm (+ SiLU) in fused_norm's Triton kernels, as the trainer's captured step runs them
-    geglu: bool = False  # the feed-forward gates in fused_geglu's kernels (with fused_norms: the trainer's step now)
+    kernels: bool = False  # fuse_kernels: the GroupNorms, GEGLU gates, transformers' output channels_last (not yet the trainer's)
 
 
 # the blocks SD's UNet and CLIP's text encoder repeat: one compiled graph serves every block of a shape
@@ -158,14 +159,10 @@ def apply(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: SpeedOp
     if options.bf16_norms:
         norms_in_compute_dtype(unet)
         norms_in_compute_dtype(text_encoder)
-    if options.fused_norms:
-        from atelier.models.dreambooth.fused_norm import fuse_group_norms
+    if options.fused_norms or options.kernels:
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms, fuse_kernels
 
-        fuse_group_norms(unet)
-    if options.geglu:
-        from atelier.models.dreambooth.fused_geglu import fuse_geglu
-
-        fuse_geglu(unet)
+        (fuse_kernels if options.kernels else fuse_group_norms)(unet)
     if options.compile:
         unet = torch.compile(unet, dynamic=False)
     if options.compile_text:
@@ -324,7 +321,7 @@ VARIANTS = {
     "one-pass/nchw": {"options": {"channels_last": False}},
     "one-pass/shortcut-in-place": {"options": {"shortcut_in_place": True}},
     "one-pass+fused-norms": {"options": {"fused_norms": True}},
-    "one-pass+fused": {"options": {"fused_norms": True, "geglu": True}},
+    "one-pass+fused-kernels": {"options": {"kernels": True}},
     "compiled+one-pass+cudnn-bench": {"options": {"compile": True, "compile_text": True, "cudnn_benchmark": True}},
 }
 

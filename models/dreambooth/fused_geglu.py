@@ -11,8 +11,10 @@ agree to fp16 or bf16 rounding, not bit for bit.
 
 `fuse_geglu(model)` swaps the class of every `GEGLU` for `FusedGEGLU`, whose forward takes the kernels where they
 apply (CUDA, fp16 or bf16, a contiguous projection) and otherwise computes exactly what diffusers' does;
-parameters and their names do not change. It runs where `fused_norm.fuse_group_norms` does (the sampler and the
-uncompiled captured training step) under the same switch.
+parameters and their names do not change. `fused_norm.fuse_kernels` applies it with the GroupNorms; no default
+path does yet: it is checked on the CPU (Triton's interpreter: the float32 result rounded once, within half an
+fp16 step) and waits for a GPU measurement (`benchmarks/sampler_speed.py --only fused-kernels`,
+`benchmarks/step_speed.py --only one-pass+fused-kernels`) before the sampler or the trainer take it.
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ def fuses_norms(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: b
 
 
 def speed_up(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: bool = True) -> StableDiffusionPipeline:
-    """On CUDA: with `fused_norms`, the eager pipeline's GroupNorms (and their SiLU) and GEGLU gates in fused
-    kernels over channels_last activations (`fuses_norms`, `fused_norm.fuse_kernels`), or, with a `compile_mode`, fused QKV projections, channels_last,
+    """On CUDA: with `fused_norms`, the eager pipeline's GroupNorms (and their SiLU) in fused kernels over
+    channels_last activations (`fuses_norms`), or, with a `compile_mode`, fused QKV projections, channels_last,
     and torch.compile of the UNet and the VAE decoder.
 
     `compile_mode` "none" leaves the pipeline eager; "reduce-overhead" adds CUDA graphs. Shapes are
@@ -95,11 +95,11 @@ def speed_up(pipe: StableDiffusionPipeline, compile_mode: str, fused_norms: bool
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}")
     if fuses_norms(pipe, compile_mode, fused_norms):
-        from atelier.models.dreambooth.fused_norm import fuse_kernels
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms
 
         for model in (pipe.unet, pipe.vae.decoder):
             model.to(memory_format=torch.channels_last)
-            fuse_kernels(model)
+            fuse_group_norms(model)
         return pipe
     if compile_mode == "none" or pipe.device.type != "cuda":
         return pipe

@@ -224,9 +224,9 @@ def place(
         if cfg.train_text_encoder:
             m.text_encoder = torch.compile(m.text_encoder, mode=mode, dynamic=False)
     elif fuses_norms(cfg, acc.device, graphs, weight_dtype):
-        from atelier.models.dreambooth.fused_norm import fuse_kernels  # imports Triton: only where a step is captured
+        from atelier.models.dreambooth.fused_norm import fuse_group_norms  # imports Triton: only where a step is captured
 
-        fuse_kernels(m.unet)  # what inductor would fuse, for the uncompiled captured step
+        fuse_group_norms(m.unet)  # what inductor would fuse, for the uncompiled captured step
     return optimizer, lr_scheduler
 
 
