@@ -107,8 +107,8 @@ def class_priors(base_model: str, base_hash: str, class_prompt: str, config: dic
 
 def keep_compiles() -> None:
     """torch.compile's and Triton's caches in the workspace (see train_setup.keep_compiles): every GPU task of a
-    job compiles Triton kernels once per workspace (the captured step's optimizer and norms, the sampler's norms
-    and GEGLU gates) or a whole graph (a compile_mode), and no later job should pay for it again."""
+    job compiles Triton kernels once per workspace (the captured step's optimizer and norms, the sampler's norms)
+    or a whole graph (a compile_mode), and no later job should pay for it again."""
     from atelier.models.dreambooth.train_setup import keep_compiles as keep
 
     keep(settings().compile_cache)

@@ -317,11 +317,11 @@ def _transformer_class():
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     class ChannelsLastTransformer2DModel(Transformer2DModel):
-        """diffusers' Transformer2DModel whose output stays channels_last when its input is: diffusers makes the
-        attention's (batch, pixels, channels) result NCHW-contiguous before `proj_out` (a copy of the whole
-        activation), then adds the channels_last residual (an add over two layouts, without vectorised loads).
-        The (batch, pixels, channels) tensor viewed as NCHW already is a channels_last activation, so here no copy is
-        made. An NCHW input takes diffusers' path, unchanged."""
+        """diffusers' Transformer2DModel without the NCHW copy of its output on a channels_last model: diffusers
+        makes the attention's (batch, pixels, channels) result NCHW-contiguous before `proj_out` (a copy of the
+        whole activation, which the convolution then converts back to its channels_last weight's layout). That
+        tensor viewed as NCHW already is a channels_last activation, so here `proj_out` takes the view. An NCHW
+        input takes diffusers' path, unchanged."""
 
         def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
             if residual.is_contiguous() or not residual.is_contiguous(memory_format=torch.channels_last):
