@@ -20,30 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_ports
+
 ATELIER = str(Path(sys.executable).parent / "atelier")
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BUCKET = "atelier"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _free_port_run(count: int) -> int:
-    """The first of `count` free ports in a row (SeaweedFS's internal servers)."""
-    import random
-
-    for _ in range(200):
-        base = random.randint(20000, 60000)
-        free = True
-        for port in range(base, base + count):
-            with socket.socket() as sock:
-                free = free and sock.connect_ex(("127.0.0.1", port)) != 0
-        if free:
-            return base
-    raise RuntimeError("no run of free ports")
 
 
 def _postgres_up() -> bool:
@@ -56,15 +37,17 @@ class Stack:
     def __init__(self, root: Path) -> None:
         self.ws = root / "ws"
         self.prefix = f"atelier_it_{os.getpid()}"
+        internal = free_ports(7, consecutive=True)  # SeaweedFS's internal servers
+        prefect_port, mlflow_port, s3_port = free_ports(3, avoid=internal)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ATELIER_", "AWS_"))}
         base.update(
             {
                 "ATELIER_WORKSPACE": str(self.ws),
                 "ATELIER_STACK__DATABASE_PREFIX": self.prefix,
-                "ATELIER_STACK__PREFECT_PORT": str(_free_port()),
-                "ATELIER_STACK__MLFLOW_PORT": str(_free_port()),
-                "ATELIER_STACK__S3_PORT": str(_free_port()),
-                "ATELIER_STACK__S3_INTERNAL_PORT": str(_free_port_run(7)),
+                "ATELIER_STACK__PREFECT_PORT": str(prefect_port),
+                "ATELIER_STACK__MLFLOW_PORT": str(mlflow_port),
+                "ATELIER_STACK__S3_PORT": str(s3_port),
+                "ATELIER_STACK__S3_INTERNAL_PORT": str(internal[0]),
                 "ATELIER_STACK__WORKER_LIMIT": "1",
                 "PREFECT_LOGGING_LEVEL": "INFO",
             }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import container_engine
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
@@ -46,21 +46,11 @@ def engine():
         _skip_or_fail("docker-compose is missing (Debian: apt-get install docker-compose)")
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Compose:
     def __init__(self, root: Path) -> None:
         self.project = f"atelier_it{os.getpid()}"
         self.env_file = root / ".env"
-        self.prefect_port, self.mlflow_port, self.s3_port = _free_ports(3)
+        self.prefect_port, self.mlflow_port, self.s3_port = free_ports(3)
         done = subprocess.run(
             [
                 "python3",
