@@ -71,9 +71,9 @@ def graph_unet(pipe) -> None:
 
 VARIANTS = {
     "torch-norms": {"fused_norms": False},
-    "fused-unet": {"fused_norms": False, "unet_only": True},
+    "fused-unet": {"fused_norms": False, "fuse": "norms", "unet_only": True},
     "fused": {"fused_norms": True},
-    "fused-kernels": {"fused_norms": False, "kernels": True},
+    "fused-kernels": {"fused_norms": False, "fuse": "kernels"},
     "fused+graph": {"fused_norms": True, "graph": True},
 }
 
@@ -125,12 +125,13 @@ def run_variant(base: Path, variant: dict, images: int, do_profile: bool, do_ops
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pipe = load_pipeline(base, "dpmsolver++", fused_norms=variant["fused_norms"])
-    if variant.get("unet_only") or variant.get("kernels"):
+    if variant.get("fuse"):  # what load_pipeline's default does, with another swap or on the UNet only
         from atelier.models.dreambooth.fused_norm import fuse_group_norms, fuse_kernels
 
+        swap = fuse_kernels if variant["fuse"] == "kernels" else fuse_group_norms
         for model in (pipe.unet,) if variant.get("unet_only") else (pipe.unet, pipe.vae.decoder):
             model.to(memory_format=torch.channels_last)
-            (fuse_kernels if variant.get("kernels") else fuse_group_norms)(model)
+            swap(model)
     if variant.get("graph"):
         graph_unet(pipe)
     load = time.perf_counter() - t
